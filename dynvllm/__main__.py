@@ -1,0 +1,3 @@
+from dynvllm.cli import main
+
+main()

@@ -1,0 +1,42 @@
+"""The `dynvllm` command. Heavy imports (vLLM, torch, transformers) happen inside commands."""
+
+from __future__ import annotations
+
+import typer
+
+from dynvllm import __version__
+
+app = typer.Typer(
+    name="dynvllm",
+    help="Serve vLLM models as a distributed service: OpenAI frontend, KV-aware router, vLLM workers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dynvllm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+) -> None:
+    """dynvllm command line."""
+
+
+def _register() -> None:
+    from dynvllm.cli import model, plugins
+
+    plugins.register(app)
+    model.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,27 @@
+"""`dynvllm model ...`: model helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    model_app = typer.Typer(help="Model helpers.", no_args_is_help=True)
+    app.add_typer(model_app, name="model")
+
+    @model_app.command("tiny")
+    def tiny(
+        path: Path = typer.Argument(..., help="Folder to write the model into."),
+        seed: int = typer.Option(0, help="Seed for weights and tokenizer corpus."),
+        lora: bool = typer.Option(False, "--lora", help="Also write a LoRA adapter to PATH/lora."),
+    ) -> None:
+        """Build a tiny random Qwen2 model (and tokenizer) that vLLM runs in seconds."""
+        from dynvllm.models.tiny import build_tiny_lora, build_tiny_model
+
+        build_tiny_model(path, seed=seed)
+        typer.echo(f"tiny model written to {path}")
+        if lora:
+            build_tiny_lora(path, path / "lora", seed=seed)
+            typer.echo(f"tiny LoRA adapter written to {path / 'lora'}")

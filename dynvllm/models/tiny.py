@@ -1,0 +1,116 @@
+"""Tiny random models that real vLLM runs in seconds, for tests, demos and benchmarks.
+
+The weights use `initializer_range=1.0` and untied embeddings: with the default 0.02 a random
+model repeats one token forever and cannot tell a right prompt or KV cache from a wrong one.
+Everything is deterministic from the seed. Heavy imports happen inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_WORDS = (
+    "the a one two three red blue green cat dog bird fish tree house river mountain city road "
+    "runs jumps sleeps eats sees finds makes takes gives quick slow big small old new happy sad "
+    "and or but if then when where why how what who model token cache block prefix router "
+    "worker request stream decode prefill serve engine data value number zero seven nine"
+).split()
+
+
+def _corpus(seed: int, lines: int = 4000) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(lines):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 16))]
+        out.append(" ".join(words) + rng.choice([".", "?", "!", ",", " 42.", " 3.14"]))
+    return out
+
+
+def build_tokenizer(path: Path, seed: int = 0, vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=4096,
+    )
+    fast.save_pretrained(path)
+    return fast
+
+
+def build_tiny_model(path: str | Path, seed: int = 0, max_position_embeddings: int = 4096) -> Path:
+    """Write a tiny Qwen2 model (2 layers, hidden 128, head_dim 64) and its tokenizer to `path`."""
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(path, seed)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config = Qwen2Config(
+        vocab_size=max(512, len(tokenizer)),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=max_position_embeddings,
+        initializer_range=1.0,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="bfloat16",
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(path, safe_serialization=True)
+    GenerationConfig(eos_token_id=eos, bos_token_id=config.bos_token_id).save_pretrained(path)
+    return path
+
+
+def build_tiny_lora(model_path: str | Path, out: str | Path, seed: int = 0, rank: int = 8) -> Path:
+    """Write a random LoRA adapter for the tiny model; its std-0.5 weights visibly change output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                     init_lora_weights=False, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(base, cfg)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    peft_model.save_pretrained(out)
+    # vLLM reads the base model path from the adapter config only for display; keep it local.
+    cfg_file = out / "adapter_config.json"
+    data = json.loads(cfg_file.read_text())
+    data["base_model_name_or_path"] = str(model_path)
+    cfg_file.write_text(json.dumps(data, indent=2))
+    return out

@@ -1,0 +1,98 @@
+"""Child-process hygiene: no process dynvllm starts may outlive the process that started it."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+from typing import Optional
+
+_PR_SET_PDEATHSIG = 1
+
+
+def child_preexec() -> None:
+    """Run in a child before exec: die with SIGTERM when the parent dies (Linux), own group."""
+    os.setpgrp()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def become_group_leader() -> None:
+    """Lead a process group so every engine process we spawn can be killed as one group.
+
+    A process started from an interactive shell already leads its job's group; changing it
+    would detach it from the terminal's Ctrl-C, so only processes that don't lead one move.
+    """
+    if os.getpgrp() != os.getpid():
+        try:
+            os.setpgrp()
+        except OSError:
+            pass
+
+
+def start_group_reaper() -> Optional[subprocess.Popen]:
+    """Start a watcher that SIGKILLs our process group once we are gone, however we died.
+
+    vLLM's engine processes survive an abrupt exit of their parent (SIGKILL, os._exit) and keep
+    their ports; the watcher holds the read end of a pipe whose write end only we hold, so
+    end-of-file means we died, and it then kills every process left in our group.
+    """
+    if os.getpgrp() != os.getpid():
+        return None
+    read_fd, write_fd = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _REAPER, str(os.getpgrp())],
+        stdin=read_fd,
+        start_new_session=True,
+        close_fds=True,
+    )
+    os.close(read_fd)
+    os.set_inheritable(write_fd, False)
+    _keep.append(write_fd)
+    return proc
+
+
+_keep: list[int] = []
+_REAPER = """
+import os, signal, sys
+pgid = int(sys.argv[1])
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+try:
+    while os.read(0, 1024):
+        pass
+except OSError:
+    pass
+try:
+    os.killpg(pgid, signal.SIGKILL)
+except OSError:
+    pass
+"""
+
+
+def terminate(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM, wait, then SIGKILL the whole group the child leads."""
+    if proc.poll() is not None:
+        _kill_group(proc.pid)
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except OSError:
+        proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    _kill_group(proc.pid)
+    proc.wait()
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass

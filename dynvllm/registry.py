@@ -1,0 +1,76 @@
+"""Plugins are entry points; this module names the groups once and loads them on demand.
+
+Listing reads distribution metadata only; loading imports just the chosen plugin.
+`DYN_LOAD_PLUGINS=name,name` restricts which plugins are visible (all by default).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+# Loaded by worker processes to pick their role; the CLI lists it to build `serve` subcommands.
+ROLES = "dynvllm.roles"
+# Loaded by worker processes to build vLLM's KV-transfer configuration.
+CONNECTORS = "dynvllm.connectors"
+GROUPS = (ROLES, CONNECTORS)
+_KIND = {ROLES: "role", CONNECTORS: "connector"}
+
+
+class PluginError(Exception):
+    """A plugin could not be found or imported; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    group: str
+    name: str
+    target: str
+    distribution: str
+    version: str
+
+
+def _allowed(name: str) -> bool:
+    allow = os.environ.get("DYN_LOAD_PLUGINS")
+    return allow is None or name in {n.strip() for n in allow.split(",") if n.strip()}
+
+
+def _entry_points(group: str) -> list[EntryPoint]:
+    seen: dict[str, EntryPoint] = {}
+    for ep in entry_points(group=group):
+        if _allowed(ep.name):
+            seen.setdefault(ep.name, ep)
+    return sorted(seen.values(), key=lambda ep: ep.name)
+
+
+def installed(group: str) -> list[PluginInfo]:
+    """Every visible plugin of a group, without importing any of them."""
+    out = []
+    for ep in _entry_points(group):
+        dist = ep.dist
+        out.append(PluginInfo(group, ep.name, ep.value, dist.name if dist else "?", dist.version if dist else "?"))
+    return out
+
+
+def names(group: str) -> list[str]:
+    return [ep.name for ep in _entry_points(group)]
+
+
+def load(group: str, name: str) -> Any:
+    """Import and return one plugin object; errors name the cause and what is installed."""
+    kind = _KIND.get(group, group)
+    for ep in _entry_points(group):
+        if ep.name == name:
+            try:
+                return ep.load()
+            except Exception as exc:  # the plugin's own failure, shown with its cause
+                raise PluginError(
+                    f"{kind} plugin {name!r} ({ep.value}) failed to import: {type(exc).__name__}: {exc}"
+                ) from exc
+    available = ", ".join(names(group)) or "none"
+    raise PluginError(
+        f"no {kind} plugin named {name!r}; installed {kind}s: {available}. "
+        f"Install a package that provides it under the entry-point group {group!r}."
+    )

@@ -1,0 +1,1 @@
+"""The distributed runtime: NATS connection, discovery, streaming calls and events."""

@@ -1,0 +1,190 @@
+"""Discovery over NATS: instances announce themselves with heartbeats under a lease.
+
+Subjects under the namespace: `instances.hb` (an instance's full record, every heartbeat),
+`instances.bye` (graceful deregistration) and `instances.query` (a new watcher asks everyone to
+announce now). A watcher forgets an instance whose heartbeats stop for `lease_ttl` seconds, so a
+`kill -9` is noticed within lease_ttl plus one sweep; a NATS restart needs nothing special: the
+client reconnects and the next heartbeat re-registers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+import msgpack
+
+
+@dataclass
+class Instance:
+    id: str
+    component: str
+    role: str = ""
+    host: str = ""
+    port: int = 0
+    endpoints: list[str] = field(default_factory=list)
+    card: dict[str, Any] = field(default_factory=dict)
+    pid: int = 0
+    started: float = 0.0
+
+    @classmethod
+    def new(cls, component: str, **kw: Any) -> "Instance":
+        return cls(id=secrets.token_hex(6), component=component, pid=os.getpid(), started=time.time(), **kw)
+
+    def to_wire(self) -> bytes:
+        return msgpack.packb(asdict(self))
+
+    @classmethod
+    def from_wire(cls, data: bytes) -> "Instance":
+        obj = msgpack.unpackb(data, raw=False)
+        if not isinstance(obj, dict) or "id" not in obj or "component" not in obj:
+            raise ValueError("not an instance record")
+        known = {k: obj[k] for k in cls.__dataclass_fields__ if k in obj}
+        return cls(**known)
+
+
+def _subject(namespace: str, what: str) -> str:
+    return f"{namespace}.instances.{what}"
+
+
+class Lease:
+    """Keeps one instance registered while the process lives."""
+
+    def __init__(self, nc: Any, namespace: str, instance: Instance, interval: float = 0.5) -> None:
+        self.nc, self.namespace, self.instance, self.interval = nc, namespace, instance, interval
+        self._task: Optional[asyncio.Task] = None
+        self._sub: Any = None
+
+    async def start(self) -> None:
+        async def on_query(msg: Any) -> None:
+            await self.announce()
+
+        self._sub = await self.nc.subscribe(_subject(self.namespace, "query"), cb=on_query)
+        await self.announce()
+        self._task = asyncio.create_task(self._beat())
+
+    async def announce(self) -> None:
+        try:
+            await self.nc.publish(_subject(self.namespace, "hb"), self.instance.to_wire())
+        except Exception:
+            pass  # disconnected: the client buffers or the next beat retries
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.announce()
+
+    async def stop(self) -> None:
+        """Deregister now: watchers drop the instance without waiting for the lease."""
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception:
+                pass
+        try:
+            await self.nc.publish(_subject(self.namespace, "bye"), self.instance.id.encode())
+            await self.nc.flush(timeout=1)
+        except Exception:
+            pass
+
+
+Callback = Callable[[Instance], Any]
+
+
+class Watcher:
+    """Live view of the instances in a namespace, with add/remove callbacks."""
+
+    def __init__(self, nc: Any, namespace: str, lease_ttl: float = 2.0) -> None:
+        self.nc, self.namespace, self.lease_ttl = nc, namespace, lease_ttl
+        self._seen: dict[str, tuple[Instance, float]] = {}
+        self.on_add: list[Callback] = []
+        self.on_remove: list[Callback] = []
+        self.on_update: list[Callback] = []
+        self._subs: list[Any] = []
+        self._sweeper: Optional[asyncio.Task] = None
+        self._changed = asyncio.Event()
+
+    async def start(self) -> None:
+        self._subs.append(await self.nc.subscribe(_subject(self.namespace, "hb"), cb=self._on_hb))
+        self._subs.append(await self.nc.subscribe(_subject(self.namespace, "bye"), cb=self._on_bye))
+        await self.nc.publish(_subject(self.namespace, "query"), b"")
+        self._sweeper = asyncio.create_task(self._sweep())
+
+    async def stop(self) -> None:
+        if self._sweeper:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                pass
+
+    def instances(self, component: Optional[str] = None, role: Optional[str] = None) -> list[Instance]:
+        out = [i for i, _ in self._seen.values()]
+        if component:
+            out = [i for i in out if i.component == component]
+        if role:
+            out = [i for i in out if i.role == role]
+        return out
+
+    def get(self, instance_id: str) -> Optional[Instance]:
+        entry = self._seen.get(instance_id)
+        return entry[0] if entry else None
+
+    async def wait_for(self, predicate: Callable[["Watcher"], bool], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not predicate(self):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.25))
+            except asyncio.TimeoutError:
+                pass
+        return True
+
+    def _fire(self, callbacks: list[Callback], inst: Instance) -> None:
+        self._changed.set()
+        for cb in callbacks:
+            try:
+                res = cb(inst)
+                if asyncio.iscoroutine(res):
+                    asyncio.ensure_future(res)
+            except Exception:
+                pass
+
+    async def _on_hb(self, msg: Any) -> None:
+        try:
+            inst = Instance.from_wire(msg.data)
+        except Exception:
+            return  # a stray or malformed message must not break discovery
+        prev = self._seen.get(inst.id)
+        self._seen[inst.id] = (inst, time.monotonic())
+        if prev is None:
+            self._fire(self.on_add, inst)
+        elif prev[0] != inst:
+            self._fire(self.on_update, inst)
+
+    async def _on_bye(self, msg: Any) -> None:
+        entry = self._seen.pop(msg.data.decode(errors="replace"), None)
+        if entry:
+            self._fire(self.on_remove, entry[0])
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(min(0.25, self.lease_ttl / 4))
+            now = time.monotonic()
+            for iid, (inst, seen) in list(self._seen.items()):
+                if now - seen > self.lease_ttl:
+                    self._seen.pop(iid, None)
+                    self._fire(self.on_remove, inst)

@@ -1,0 +1,63 @@
+"""Typed publish/subscribe per namespace, for load metrics and KV events."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Awaitable, Callable, Generic, TypeVar
+
+import msgpack
+
+from dynvllm.runtime.names import validate_token
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass
+class LoadMetrics:
+    instance_id: str
+    running: int = 0
+    waiting: int = 0
+    kv_used_blocks: int = 0
+    kv_total_blocks: int = 0
+    timestamp: float = 0.0
+
+
+class EventTopic(Generic[T]):
+    """A named event kind carrying one dataclass type."""
+
+    def __init__(self, kind: str, cls: type[T]) -> None:
+        self.kind = validate_token(kind, "event kind")
+        self.cls = cls
+
+    def subject(self, namespace: str) -> str:
+        return f"{namespace}.events.{self.kind}"
+
+    def encode(self, event: T) -> bytes:
+        return msgpack.packb(dataclasses.asdict(event))  # type: ignore[call-overload]
+
+    def decode(self, data: bytes) -> T:
+        obj = msgpack.unpackb(data, raw=False)
+        return self.cls(**obj)
+
+
+LOAD = EventTopic("load", LoadMetrics)
+
+
+class EventBus:
+    def __init__(self, nc: Any, namespace: str) -> None:
+        self.nc, self.namespace = nc, namespace
+
+    async def publish(self, topic: EventTopic[T], event: T) -> None:
+        await self.nc.publish(topic.subject(self.namespace), topic.encode(event))
+
+    async def subscribe(self, topic: EventTopic[T], cb: Callable[[T], Awaitable[None] | None]) -> Any:
+        async def on_msg(msg: Any) -> None:
+            try:
+                event = topic.decode(msg.data)
+            except Exception:
+                return  # malformed events are dropped, never fatal to the subscriber
+            res = cb(event)
+            if res is not None:
+                await res
+
+        return await self.nc.subscribe(topic.subject(self.namespace), cb=on_msg)

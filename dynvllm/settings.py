@@ -1,0 +1,190 @@
+"""The single source of configuration.
+
+Every field has a `DYN_<FIELD>` environment twin and a `--<field>` CLI flag (see
+`dynvllm.cli.options`), so field names are unique across groups. Engine arguments dynvllm
+does not model pass through to vLLM's own parser (`engine_args` / extra CLI arguments).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "DYN_"
+ROUTER_POLICIES = ("round-robin", "random", "least-loaded")
+
+
+def _check_port(value: Optional[int], *, allow_zero: bool) -> Optional[int]:
+    low = 0 if allow_zero else 1
+    if value is not None and not (low <= value <= 65535):
+        raise ValueError(f"port {value} is outside the allowed range {low}-65535")
+    return value
+
+
+class _Group(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+    title = "Options"
+
+
+class RuntimeSettings(_Group):
+    title = "Runtime (NATS)"
+    nats_url: Optional[str] = Field(
+        None, description="NATS server to join; without it `serve` starts a private one."
+    )
+    nats_token: Optional[SecretStr] = Field(None, description="NATS auth token.")
+    nats_user: Optional[str] = Field(None, description="NATS user name.")
+    nats_password: Optional[SecretStr] = Field(None, description="NATS password.")
+    nats_tls_ca: Optional[Path] = Field(None, description="CA bundle to verify the NATS server.")
+    nats_tls_cert: Optional[Path] = Field(None, description="Client certificate for NATS mTLS.")
+    nats_tls_key: Optional[Path] = Field(None, description="Client key for NATS mTLS.")
+    namespace: str = Field("dynvllm", description="Namespace that isolates one service on a NATS cluster.")
+    lease_ttl: float = Field(2.0, gt=0, description="Seconds without heartbeat before an instance counts as gone.")
+    heartbeat_interval: float = Field(0.5, gt=0, description="Seconds between instance heartbeats.")
+    advertise_host: Optional[str] = Field(
+        None, description="Address other processes use to reach this one (default: loopback with a private NATS, else this host's address)."
+    )
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        from dynvllm.runtime.names import validate_token
+
+        return validate_token(v, "namespace")
+
+
+class FrontendSettings(_Group):
+    title = "Frontend (HTTP)"
+    http_host: str = Field("0.0.0.0", description="Address the OpenAI-compatible HTTP server binds.")
+    http_port: int = Field(8000, description="Port of the HTTP server (0 picks a free one).")
+    max_request_bytes: int = Field(8 * 1024 * 1024, gt=0, description="Largest accepted request body.")
+
+    @field_validator("http_port")
+    @classmethod
+    def _port(cls, v: int) -> int:
+        return _check_port(v, allow_zero=True)
+
+
+class RouterSettings(_Group):
+    title = "Router"
+    router: Literal["round-robin", "random", "least-loaded"] = Field(
+        "least-loaded", description="How the frontend picks a worker for each request."
+    )
+
+
+class WorkerSettings(_Group):
+    title = "Worker"
+    workers: int = Field(1, ge=1, le=256, description="Workers `serve` starts for the role.")
+    rpc_port: int = Field(0, description="Port of the worker's stream server (0 picks a free one).")
+    drain_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests get to finish on SIGTERM.")
+    health_check_interval: float = Field(10.0, gt=0, description="Seconds between engine health canaries.")
+
+    @field_validator("rpc_port")
+    @classmethod
+    def _port(cls, v: int) -> int:
+        return _check_port(v, allow_zero=True)
+
+
+class EngineSettings(_Group):
+    title = "Engine (vLLM)"
+    model: Optional[str] = Field(None, description="Hugging Face model id or local folder.")
+    served_model_name: Optional[str] = Field(None, description="Name clients use (default: --model).")
+    tokenizer: Optional[str] = Field(None, description="Tokenizer id or folder (default: the model).")
+    revision: Optional[str] = Field(None, description="Model revision to download from the hub.")
+    max_model_len: Optional[int] = Field(None, gt=0, description="Context length.")
+    block_size: Optional[int] = Field(None, gt=0, description="KV-cache block size in tokens.")
+    dtype: Optional[str] = Field(None, description="Weights dtype (auto, bfloat16, float16, float32).")
+    enforce_eager: Optional[bool] = Field(None, description="Skip graph capture/compilation (faster start).")
+    kv_cache_memory_bytes: Optional[int] = Field(None, gt=0, description="KV-cache size in bytes.")
+    gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1, description="Share of accelerator memory (host memory on CPU).")
+    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks across requests with a shared prefix.")
+    seed: Optional[int] = Field(None, description="Engine random seed.")
+    tensor_parallel_size: Optional[int] = Field(None, ge=1, description="Tensor-parallel degree.")
+    engine_args: str = Field("", description="More vLLM engine arguments, as on vLLM's command line.")
+
+
+GROUPS: dict[str, type[_Group]] = {
+    "runtime": RuntimeSettings,
+    "frontend": FrontendSettings,
+    "router": RouterSettings,
+    "worker": WorkerSettings,
+    "engine": EngineSettings,
+}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="forbid")
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    frontend: FrontendSettings = Field(default_factory=FrontendSettings)
+    router: RouterSettings = Field(default_factory=RouterSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    # Engine arguments given on the command line that dynvllm does not model.
+    extra_engine_args: list[str] = Field(default_factory=list)
+
+    def to_json(self) -> str:
+        """Serialise for a child process (secrets included: children need them)."""
+
+        def plain(group: BaseSettings) -> dict:
+            out = {}
+            for k, v in group.model_dump().items():
+                out[k] = v.get_secret_value() if isinstance(v, SecretStr) else (str(v) if isinstance(v, Path) else v)
+            return out
+
+        data = {name: plain(getattr(self, name)) for name in GROUPS}
+        data["extra_engine_args"] = self.extra_engine_args
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Settings":
+        data = json.loads(text)
+        groups = {name: GROUPS[name](**data[name]) for name in GROUPS}
+        return cls(**groups, extra_engine_args=data.get("extra_engine_args", []))
+
+    def vllm_argv(self) -> list[str]:
+        """vLLM command-line arguments for the engine, validated later by vLLM's own parser."""
+        eng = self.engine
+        argv: list[str] = []
+        if eng.model:
+            argv += ["--model", eng.model]
+        for name in ("served_model_name", "tokenizer", "revision", "max_model_len", "block_size",
+                     "dtype", "kv_cache_memory_bytes", "gpu_memory_utilization", "seed",
+                     "tensor_parallel_size"):
+            value = getattr(eng, name)
+            if value is not None:
+                argv += ["--" + name.replace("_", "-"), str(value)]
+        if eng.enforce_eager:
+            argv.append("--enforce-eager")
+        argv.append("--enable-prefix-caching" if eng.enable_prefix_caching else "--no-enable-prefix-caching")
+        argv += shlex.split(eng.engine_args)
+        argv += self.extra_engine_args
+        return argv
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def explain(err: ValidationError) -> str:
+    """Turn a pydantic error into lines naming the flag and environment variable to fix."""
+    lines = []
+    for e in err.errors():
+        field = str(e["loc"][-1]) if e["loc"] else "?"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"Invalid {flag_name(field)} / {env_name(field)}: {msg} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def build_settings(overrides: Optional[dict[str, dict]] = None, extra_engine_args: Optional[list[str]] = None) -> Settings:
+    """Settings from defaults < DYN_* environment < explicit overrides (CLI flags)."""
+    overrides = overrides or {}
+    groups = {name: cls(**overrides.get(name, {})) for name, cls in GROUPS.items()}
+    return Settings(**groups, extra_engine_args=list(extra_engine_args or []))

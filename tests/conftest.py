@@ -1,0 +1,50 @@
+"""Shared fixtures: a real nats-server, tiny models built once per session, free ports."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_state(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # Tests never read or write the user's record of a running service.
+    os.environ["DYN_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+@pytest.fixture(scope="session")
+def nats_url():
+    from dynvllm.runtime.nats import EmbeddedNats
+
+    server = EmbeddedNats()
+    server.start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dynvllm.models.tiny import build_tiny_lora, build_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    build_tiny_model(path, seed=0)
+    build_tiny_lora(path, path / "lora", seed=0)
+    return path
+
+
+def dynvllm_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dynvllm", *args]

@@ -1,0 +1,131 @@
+"""Streaming calls between real sockets: deltas, cancel, errors, back-pressure, lost instances."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from dynvllm.runtime.errors import BadRequest, InstanceLost, RemoteError, UnknownEndpoint
+from dynvllm.runtime.streams import WINDOW, Connection, StreamServer, unary
+
+
+class Probe:
+    def __init__(self) -> None:
+        self.cancelled_at: float | None = None
+        self.produced = 0
+
+    async def count(self, payload):
+        for i in range(payload["n"]):
+            yield {"i": i}
+
+    async def forever(self, payload):
+        try:
+            while True:
+                self.produced += 1
+                yield self.produced
+                await asyncio.sleep(0.001)
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled_at = time.monotonic()
+            raise
+
+    async def fast(self, payload):
+        while True:
+            self.produced += 1
+            yield self.produced
+
+    async def boom(self, payload):
+        yield 1
+        raise BadRequest("prompt is too long: 9000 > 2048")
+
+    async def crash(self, payload):
+        raise RuntimeError("kaput")
+        yield  # pragma: no cover
+
+    async def echo(self, payload):
+        return {"echo": payload}
+
+
+@pytest.fixture
+async def served():
+    probe = Probe()
+    server = StreamServer({
+        "count": probe.count, "forever": probe.forever, "fast": probe.fast,
+        "boom": probe.boom, "crash": probe.crash, "echo": probe.echo,
+    })
+    port = await server.start()
+    conn = Connection("127.0.0.1", port, "test")
+    await conn.open()
+    yield probe, server, conn, port
+    await conn.close()
+    await server.close()
+
+
+async def test_stream_and_unary(served):
+    probe, server, conn, _ = served
+    items = [x async for x in conn.call("count", {"n": 200})]
+    assert items == [{"i": i} for i in range(200)]
+    assert await unary(conn, "echo", [1, "a"]) == {"echo": [1, "a"]}
+
+
+async def test_cancel_reaches_handler_quickly(served):
+    probe, _, conn, _ = served
+    stream = conn.call("forever", None)
+    async for _ in stream:
+        if probe.produced > 5:
+            break
+    t0 = time.monotonic()
+    await stream.aclose()
+    for _ in range(100):
+        if probe.cancelled_at:
+            break
+        await asyncio.sleep(0.005)
+    assert probe.cancelled_at is not None
+    assert probe.cancelled_at - t0 < 0.1
+
+
+async def test_handler_errors_are_typed(served):
+    _, _, conn, _ = served
+    got = []
+    with pytest.raises(BadRequest, match="prompt is too long"):
+        async for x in conn.call("boom", None):
+            got.append(x)
+    assert got == [1]
+    with pytest.raises(RemoteError, match="kaput") as info:
+        async for _ in conn.call("crash", None):
+            pass
+    assert info.value.kind == "RuntimeError"
+    with pytest.raises(UnknownEndpoint, match="no endpoint 'nope'"):
+        await unary(conn, "nope", None)
+
+
+async def test_slow_consumer_applies_back_pressure(served):
+    probe, _, conn, _ = served
+    stream = conn.call("fast", None)
+    await stream.__anext__()
+    await asyncio.sleep(0.3)
+    # The handler may run at most one window ahead of what the client consumed.
+    assert probe.produced <= WINDOW + 2
+    await stream.aclose()
+
+
+async def test_malformed_bytes_close_only_that_connection(served):
+    _, _, conn, port = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"\xc1\xc1 definitely not msgpack")
+    assert await asyncio.wait_for(reader.read(10), 2) == b""  # the server hung up on the bad peer
+    writer.close()
+    assert [x async for x in conn.call("count", {"n": 3})] == [{"i": 0}, {"i": 1}, {"i": 2}]
+
+
+async def test_server_gone_mid_stream_is_instance_lost(served):
+    probe, server, conn, _ = served
+    stream = conn.call("forever", None)
+    await stream.__anext__()
+    t0 = time.monotonic()
+    await server.close()
+    with pytest.raises(InstanceLost):
+        async for _ in stream:
+            pass
+    assert time.monotonic() - t0 < 3
