@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shlex
 from pathlib import Path
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,11 +28,11 @@ def _check_port(value: Optional[int], *, allow_zero: bool) -> Optional[int]:
 
 class _Group(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
-    title = "Options"
+    title: ClassVar[str] = "Options"
 
 
 class RuntimeSettings(_Group):
-    title = "Runtime (NATS)"
+    title: ClassVar[str] = "Runtime (NATS)"
     nats_url: Optional[str] = Field(
         None, description="NATS server to join; without it `serve` starts a private one."
     )
@@ -58,7 +58,7 @@ class RuntimeSettings(_Group):
 
 
 class FrontendSettings(_Group):
-    title = "Frontend (HTTP)"
+    title: ClassVar[str] = "Frontend (HTTP)"
     http_host: str = Field("0.0.0.0", description="Address the OpenAI-compatible HTTP server binds.")
     http_port: int = Field(8000, description="Port of the HTTP server (0 picks a free one).")
     max_request_bytes: int = Field(8 * 1024 * 1024, gt=0, description="Largest accepted request body.")
@@ -70,14 +70,14 @@ class FrontendSettings(_Group):
 
 
 class RouterSettings(_Group):
-    title = "Router"
+    title: ClassVar[str] = "Router"
     router: Literal["round-robin", "random", "least-loaded"] = Field(
         "least-loaded", description="How the frontend picks a worker for each request."
     )
 
 
 class WorkerSettings(_Group):
-    title = "Worker"
+    title: ClassVar[str] = "Worker"
     workers: int = Field(1, ge=1, le=256, description="Workers `serve` starts for the role.")
     rpc_port: int = Field(0, description="Port of the worker's stream server (0 picks a free one).")
     drain_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests get to finish on SIGTERM.")
@@ -90,7 +90,7 @@ class WorkerSettings(_Group):
 
 
 class EngineSettings(_Group):
-    title = "Engine (vLLM)"
+    title: ClassVar[str] = "Engine (vLLM)"
     model: Optional[str] = Field(None, description="Hugging Face model id or local folder.")
     served_model_name: Optional[str] = Field(None, description="Name clients use (default: --model).")
     tokenizer: Optional[str] = Field(None, description="Tokenizer id or folder (default: the model).")

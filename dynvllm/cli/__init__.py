@@ -29,10 +29,13 @@ def _root(
 
 
 def _register() -> None:
-    from dynvllm.cli import model, plugins
+    from dynvllm.cli import frontend, model, plugins, serve, status
 
     plugins.register(app)
     model.register(app)
+    serve.register(app)
+    status.register(app)
+    frontend.register(app)
 
 
 _register()

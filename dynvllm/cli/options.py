@@ -29,9 +29,9 @@ def _option(group: str, name: str, field: Any) -> inspect.Parameter:
     typ = _cli_type(field.annotation)
     flag = S.flag_name(name)
     decls = [f"{flag}/--no-{flag[2:]}"] if typ is bool else [flag]
-    help_text = f"{field.description or ''} [env: {S.env_name(name)}]"
+    help_text = f"{field.description or ''} (env: {S.env_name(name)})"
     if field.default not in (None, "") and not isinstance(field.default, SecretStr):
-        help_text += f" [default: {field.default}]"
+        help_text += f" (default: {field.default})"
     return inspect.Parameter(
         f"{group}__{name}",
         inspect.Parameter.KEYWORD_ONLY,

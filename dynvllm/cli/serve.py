@@ -1,0 +1,122 @@
+"""`dynvllm serve ROLE`: one subcommand per installed role plugin (read from metadata)."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import typer
+
+from dynvllm.cli.options import with_settings
+from dynvllm.settings import Settings
+
+_EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _fail(message: str, code: int = 2) -> "typer.Exit":
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _check_engine_args(settings: Settings) -> None:
+    """Let vLLM's own parser judge the engine arguments before any process starts."""
+    from dynvllm.worker.engine_args import EngineArgsError, parse_engine_args
+
+    try:
+        parse_engine_args(settings)
+    except EngineArgsError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _serve_role(role_name: str, settings: Settings, no_frontend: bool) -> None:
+    from dynvllm import registry
+    from dynvllm.runtime import state
+
+    try:
+        role = registry.load(registry.ROLES, role_name)
+    except registry.PluginError as exc:
+        raise _fail(str(exc)) from None
+    if not settings.engine.model:
+        raise _fail("no model: pass --model (a Hugging Face id or a local folder) or set DYN_MODEL")
+    _check_engine_args(settings)
+    if role.standalone and not no_frontend:
+        _run_service(settings, role_name)
+        return
+    if not settings.runtime.nats_url:
+        try:
+            settings.runtime.nats_url = state.resolve_nats_url(None, settings.runtime.namespace)
+        except LookupError as exc:
+            raise _fail(f"`serve {role_name}` joins a running service: {exc}") from None
+    from dynvllm.worker.service import run_worker
+
+    raise typer.Exit(run_worker(settings, role_name))
+
+
+def _run_service(settings: Settings, role_name: str) -> None:
+    from rich.console import Console
+    from rich.panel import Panel
+
+    from dynvllm.models.hub import ModelNotFound, resolve_model
+    from dynvllm.supervisor import Service
+
+    console = Console(stderr=True)
+    eng = settings.engine
+    assert eng.model
+    try:
+        # Download once here, with a progress bar, so workers start from the local copy.
+        resolve_model(eng.model, eng.revision)
+    except ModelNotFound as exc:
+        raise _fail(str(exc)) from None
+    service = Service(settings, role_name)
+
+    def on_signal(signum: int, frame: object) -> None:
+        service.stop_requested = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    code = 0
+    try:
+        service.start()
+        with console.status(f"starting {settings.worker.workers} {role_name} worker(s) for {eng.model} ..."):
+            ready = service.wait_ready()
+        if ready:
+            name = eng.served_model_name or eng.model
+            console.print(Panel.fit(
+                f"[bold]OpenAI API[/]  {service.http_url()}/v1\n[bold]model[/]       {name}\n"
+                f"[bold]workers[/]     {len(service.workers)} x {role_name}\n[bold]NATS[/]        {settings.runtime.nats_url}\n"
+                f"[bold]router[/]      {settings.router.router}\n\nCtrl-C stops every process.",
+                title="dynvllm is serving", border_style="green"))
+            while not service.stop_requested and service.dead_child() is None:
+                time.sleep(0.3)
+        dead = service.dead_child()
+        if dead is not None and not service.stop_requested:
+            console.print(f"[bold red]a child process exited with code {dead.returncode}; stopping the service[/]")
+            code = 1
+    finally:
+        console.print("stopping ...")
+        service.stop()
+    raise typer.Exit(code)
+
+
+def register(app: typer.Typer) -> None:
+    from dynvllm import registry
+
+    serve_app = typer.Typer(help="Start a service or one worker role.", no_args_is_help=True)
+    app.add_typer(serve_app, name="serve")
+    for role_name in registry.names(registry.ROLES):
+        _add_role_command(serve_app, role_name)
+
+
+def _add_role_command(serve_app: typer.Typer, role_name: str) -> None:
+    @serve_app.command(role_name, context_settings=_EXTRA,
+                       help=f"Serve with `{role_name}` workers. A role that serves requests on its own starts "
+                            "NATS (unless --nats-url), the frontend and --workers workers; other roles, and "
+                            "--no-frontend, start one worker that joins a service. Unknown --options pass to vLLM.")
+    @with_settings("runtime", "frontend", "router", "worker", "engine")
+    def _cmd(ctx: typer.Context, settings: Settings,
+             no_frontend: bool = typer.Option(False, "--no-frontend", help="Start one worker only; join via --nats-url.")) -> None:
+        _serve_role(role_name, settings, no_frontend)
+
+

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible frontend: HTTP, templates and tokens, routing, detokenization."""

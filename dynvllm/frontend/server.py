@@ -1,0 +1,69 @@
+"""The frontend process: discovery + router + HTTP server on one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from dynvllm.frontend.app import FrontendApp
+from dynvllm.frontend.models import ModelRegistry
+from dynvllm.frontend.routing import Router
+from dynvllm.runtime import nats as natsrt
+from dynvllm.runtime.discovery import Watcher
+from dynvllm.runtime.streams import StreamClientPool
+from dynvllm.settings import Settings
+
+log = logging.getLogger("dynvllm.frontend")
+
+
+async def serve_frontend(settings: Settings) -> int:
+    import uvicorn
+
+    rt, fe = settings.runtime, settings.frontend
+    nc = await natsrt.connect(rt, name="dynvllm-frontend")
+    watcher = Watcher(nc, rt.namespace, rt.lease_ttl)
+    models = ModelRegistry(watcher)
+    pool = StreamClientPool()
+    router = Router(settings.router.router)
+
+    def gone(inst) -> None:
+        pool.drop(inst.id, "worker left discovery")
+        router.forget(inst.id)
+
+    watcher.on_remove.append(gone)
+    await watcher.start()
+    frontend = FrontendApp(models, pool, router, fe.max_request_bytes)
+    config = uvicorn.Config(frontend.app, host=fe.http_host, port=fe.http_port, log_level="warning",
+                            access_log=False, loop="none", http="httptools", timeout_graceful_shutdown=60,
+                            lifespan="off")
+    server = uvicorn.Server(config)
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        frontend.draining = True
+        server.should_exit = True
+
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    task = asyncio.create_task(server.serve())
+    while not server.started and not task.done():
+        await asyncio.sleep(0.02)
+    if server.started:
+        port = server.servers[0].sockets[0].getsockname()[1]
+        print(f"dynvllm frontend listening on http://{fe.http_host}:{port}", file=sys.stderr, flush=True)
+    await task
+    await watcher.stop()
+    await pool.close()
+    try:
+        await nc.drain()
+    except Exception:
+        pass
+    return 0
+
+
+def run_frontend(settings: Settings) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return int(natsrt.run(serve_frontend(settings)) or 0)

@@ -1,0 +1,103 @@
+"""Tokenizer and chat template from a model folder, without transformers or torch.
+
+Reads `tokenizer.json` with the `tokenizers` library and renders the chat template with a
+sandboxed Jinja environment configured as Hugging Face does, so prompts match what vLLM and
+transformers produce for the same model.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Optional
+
+
+class TokenizerError(RuntimeError):
+    pass
+
+
+def _token_text(value: Any) -> Optional[str]:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    def __init__(self, folder: str | Path) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.folder = Path(folder)
+        tj = self.folder / "tokenizer.json"
+        if not tj.exists():
+            raise TokenizerError(f"{self.folder} has no tokenizer.json (a fast tokenizer is required)")
+        self._tok = HFTokenizer.from_file(str(tj))
+        cfg_path = self.folder / "tokenizer_config.json"
+        self.config: dict = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        self.chat_template: Optional[str] = self._load_template()
+        self.eos_token = _token_text(self.config.get("eos_token"))
+        self.bos_token = _token_text(self.config.get("bos_token"))
+        self.special_ids = set(self._tok.get_added_tokens_decoder().keys())
+
+    def _load_template(self) -> Optional[str]:
+        jinja = self.folder / "chat_template.jinja"
+        if jinja.exists():
+            return jinja.read_text()
+        cj = self.folder / "chat_template.json"
+        if cj.exists():
+            return json.loads(cj.read_text()).get("chat_template")
+        tpl = self.config.get("chat_template")
+        if isinstance(tpl, list):  # named templates: use the default one
+            tpl = next((t["template"] for t in tpl if t.get("name") == "default"), None)
+        return tpl
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, tid: int) -> str:
+        return self._tok.id_to_token(tid) or ""
+
+    @cached_property
+    def _template(self) -> Any:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise TokenizerError(message)
+
+        def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False) -> str:
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        assert self.chat_template is not None
+        return env.from_string(self.chat_template)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
+        if not self.chat_template:
+            raise TokenizerError("this model has no chat template; use /v1/completions")
+        special = {k: _token_text(v) for k, v in self.config.items() if k.endswith("_token")}
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **special, **kwargs)
+
+    def decode_stream(self, skip_special_tokens: bool = True) -> "IncrementalText":
+        return IncrementalText(self, skip_special_tokens)
+
+
+class IncrementalText:
+    """Text deltas for a growing token sequence (multi-byte characters held until complete)."""
+
+    def __init__(self, tok: Tokenizer, skip_special_tokens: bool) -> None:
+        from tokenizers.decoders import DecodeStream
+
+        self._tok = tok._tok
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+
+    def step(self, token_id: int) -> str:
+        return self._stream.step(self._tok, token_id) or ""

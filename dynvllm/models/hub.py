@@ -1,0 +1,40 @@
+"""Resolve a model argument to a local folder, downloading from the Hugging Face hub if needed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+                   "special_tokens_map.json", "generation_config.json", "config.json"]
+
+
+class ModelNotFound(RuntimeError):
+    pass
+
+
+def is_local(model: str) -> bool:
+    return Path(model).expanduser().is_dir()
+
+
+def resolve_model(model: str, revision: Optional[str] = None, tokenizer_only: bool = False) -> str:
+    """A local folder for `model`; hub ids download with a progress bar (huggingface-hub's)."""
+    if is_local(model):
+        return str(Path(model).expanduser().resolve())
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    enable_progress_bars()
+    patterns = TOKENIZER_FILES if tokenizer_only else ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    try:
+        return snapshot_download(repo_id=model, revision=revision, allow_patterns=patterns)
+    except Exception as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (HF_HUB_OFFLINE=1 is set: only cached models are available)" if offline else ""
+        raise ModelNotFound(
+            f"model {model!r} is neither a local folder nor downloadable from the Hugging Face hub{hint}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    finally:
+        disable_progress_bars()

@@ -1,0 +1,1 @@
+"""Routing policies: which worker serves a request."""

@@ -1,0 +1,1 @@
+"""The worker process: one vLLM engine in a role, served over the runtime."""

@@ -1,0 +1,35 @@
+"""Engine arguments: dynvllm's settings plus pass-through flags, parsed by vLLM's own parser."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dynvllm.settings import Settings
+
+
+class EngineArgsError(ValueError):
+    """vLLM rejected an engine argument; the message is vLLM's own."""
+
+
+def parse_engine_args(settings: Settings, overrides: dict[str, Any] | None = None):
+    """AsyncEngineArgs from settings; `overrides` are set by roles/connectors after parsing."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    class _Parser(FlexibleArgumentParser):
+        def error(self, message: str):  # type: ignore[override]
+            raise EngineArgsError(f"vLLM engine arguments: {message}")
+
+        def exit(self, status: int = 0, message: str | None = None):  # type: ignore[override]
+            raise EngineArgsError(f"vLLM engine arguments: {message or 'exit ' + str(status)}")
+
+    parser = _Parser(prog="vllm engine arguments")
+    parser = AsyncEngineArgs.add_cli_args(parser)
+    argv = settings.vllm_argv()
+    if not settings.engine.model:
+        raise EngineArgsError("no model: pass --model (a Hugging Face id or a local folder) or set DYN_MODEL")
+    ns = parser.parse_args(argv)
+    args = AsyncEngineArgs.from_cli_args(ns)
+    for key, value in (overrides or {}).items():
+        setattr(args, key, value)
+    return args

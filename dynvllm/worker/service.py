@@ -1,0 +1,185 @@
+"""The worker process: one vLLM AsyncLLM in a role, registered in discovery, served over sockets.
+
+Lifecycle: build the engine, serve, register under a lease; on SIGTERM deregister first, let
+in-flight requests finish within `drain_timeout`, abort the rest, shut the engine down. A
+watcher process kills our process group if we die abruptly, so no engine process outlives us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from typing import Any, Optional
+
+from dynvllm import protocol
+from dynvllm.process import become_group_leader, start_group_reaper
+from dynvllm.runtime import nats as natsrt
+from dynvllm.runtime.discovery import Instance, Lease
+from dynvllm.runtime.errors import EngineDead
+from dynvllm.runtime.events import LOAD, EventBus, LoadMetrics
+from dynvllm.runtime.streams import StreamServer
+from dynvllm.settings import Settings
+from dynvllm.worker.generate import GenerateHandler, Tracker
+from dynvllm.worker.role import Role
+from dynvllm.worker.stats import SchedulerSnapshot, stat_logger_factory
+
+log = logging.getLogger("dynvllm.worker")
+COMPONENT = "worker"
+
+
+class Worker:
+    def __init__(self, settings: Settings, role_name: str, role: Role) -> None:
+        self.settings = settings
+        self.role_name = role_name
+        self.role = role
+        self.engine: Any = None
+        self.tracker = Tracker()
+        self.snapshot = SchedulerSnapshot()
+        self.server: Optional[StreamServer] = None
+        self.lease: Optional[Lease] = None
+        self.nc: Any = None
+        self.stopping = asyncio.Event()
+        self.engine_dead = False
+        self.last_canary: dict[str, Any] = {"ok": None, "at": 0.0, "seconds": None}
+        self.instance: Optional[Instance] = None
+
+    # ---- handlers shared by every role ------------------------------------------------
+    def generate_handler(self) -> GenerateHandler:
+        return GenerateHandler(self.engine, self.tracker)
+
+    async def health(self, payload: Any = None) -> dict:
+        return {"ok": not self.engine_dead and self.last_canary["ok"] is not False,
+                "canary": self.last_canary, "inflight": self.tracker.inflight,
+                "draining": self.stopping.is_set()}
+
+    async def stats(self, payload: Any = None) -> dict:
+        s = self.snapshot
+        return {"inflight": self.tracker.inflight, "running": s.running, "waiting": s.waiting,
+                "kv_usage": s.kv_usage, "prefix_queries": s.prefix_queries, "prefix_hits": s.prefix_hits}
+
+    # ---- lifecycle --------------------------------------------------------------------
+    def _build_engine(self) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from dynvllm.models.hub import resolve_model
+        from dynvllm.worker.engine_args import parse_engine_args
+
+        eng = self.settings.engine
+        assert eng.model
+        local = resolve_model(eng.model, eng.revision)
+        args = parse_engine_args(self.settings, {"model": local, **self.role.engine_overrides(self.settings)})
+        if not args.served_model_name:
+            args.served_model_name = [eng.served_model_name or eng.model]
+        self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger_factory(self.snapshot)])
+        self.local_model = local
+
+    def _card(self) -> dict:
+        cfg = self.engine.vllm_config
+        eng = self.settings.engine
+        return {
+            "model": eng.served_model_name or eng.model,
+            "source": eng.model,
+            "path": self.local_model,
+            "tokenizer": eng.tokenizer or self.local_model,
+            "context_length": cfg.model_config.max_model_len,
+            "block_size": cfg.cache_config.block_size,
+            "kv_blocks": getattr(cfg.cache_config, "num_gpu_blocks", None),
+            "role": self.role_name,
+            "loras": sorted(self.tracker.loras),
+        }
+
+    async def run(self) -> int:
+        become_group_leader()
+        start_group_reaper()
+        rt = self.settings.runtime
+        self._build_engine()
+        handlers = {protocol.HEALTH: self.health, protocol.STATS: self.stats, **self.role.handlers(self)}
+        self.server = StreamServer(handlers)
+        host = rt.advertise_host or natsrt.local_address_towards(rt.nats_url or "")
+        bind = "127.0.0.1" if host == "127.0.0.1" else "0.0.0.0"
+        port = await self.server.start(bind, self.settings.worker.rpc_port)
+        self.nc = await natsrt.connect(rt, name=f"dynvllm-worker-{self.role_name}")
+        self.instance = Instance.new(COMPONENT, role=self.role_name, host=host, port=port,
+                                     endpoints=sorted(handlers), card=self._card())
+        self.lease = Lease(self.nc, rt.namespace, self.instance, rt.heartbeat_interval)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        await self._canary()
+        await self.lease.start()
+        log.warning("worker %s (%s) serving %s on %s:%d", self.instance.id, self.role_name,
+                    self._card()["model"], host, port)
+        background = [asyncio.create_task(self._publish_load()), asyncio.create_task(self._watch_engine())]
+        await self.stopping.wait()
+        code = await self._shutdown()
+        for t in background:
+            t.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        return code
+
+    async def _shutdown(self) -> int:
+        assert self.lease is not None and self.server is not None
+        await self.lease.stop()
+        deadline = time.monotonic() + self.settings.worker.drain_timeout
+        while self.tracker.inflight and time.monotonic() < deadline and not self.engine_dead:
+            await asyncio.sleep(0.05)
+        await self.server.close()  # cancels what is left: each handler aborts its engine request
+        try:
+            await self.nc.drain()
+        except Exception:
+            pass
+        self.engine.shutdown()
+        return 1 if self.engine_dead else 0
+
+    async def _canary(self) -> None:
+        """A one-token generation proves the engine really serves (backs /health)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        t0 = time.monotonic()
+        try:
+            async for _ in self.engine.generate(TokensPrompt(prompt_token_ids=[0]), SamplingParams(max_tokens=1, detokenize=False),
+                                                request_id=f"canary-{os.getpid()}-{t0}"):
+                pass
+            self.last_canary = {"ok": True, "at": time.time(), "seconds": time.monotonic() - t0}
+        except Exception as exc:
+            self.last_canary = {"ok": False, "at": time.time(), "error": str(exc)}
+
+    async def _watch_engine(self) -> None:
+        interval = self.settings.worker.health_check_interval
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.5)
+            if self.engine.errored:
+                log.error("engine died; deregistering and exiting")
+                self.engine_dead = True
+                self.stopping.set()
+                return
+            if time.monotonic() - last > interval and self.tracker.inflight == 0:
+                await self._canary()
+                last = time.monotonic()
+
+    async def _publish_load(self) -> None:
+        bus = EventBus(self.nc, self.settings.runtime.namespace)
+        total = self._card().get("kv_blocks") or 0
+        while True:
+            s = self.snapshot
+            busy = self.tracker.inflight > 0 or s.running > 0
+            try:
+                await bus.publish(LOAD, LoadMetrics(self.instance.id if self.instance else "", s.running, s.waiting,
+                                                    int(s.kv_usage * total), total, time.time()))
+            except Exception:
+                pass
+            await asyncio.sleep(0.1 if busy else 1.0)
+
+
+def run_worker(settings: Settings, role_name: str) -> int:
+    from dynvllm import registry
+
+    role_cls = registry.load(registry.ROLES, role_name)
+    worker = Worker(settings, role_name, role_cls())
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return int(natsrt.run(worker.run()) or 0)

@@ -1,0 +1,42 @@
+"""Scheduler statistics from vLLM's stat-logger hook, kept for load metrics and health."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+class SchedulerSnapshot:
+    def __init__(self) -> None:
+        self.running = 0
+        self.waiting = 0
+        self.kv_usage = 0.0
+        self.updated = 0.0
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+
+
+def stat_logger_factory(snapshot: SchedulerSnapshot) -> Any:
+    """A vLLM StatLoggerFactory that copies each engine step's scheduler stats into `snapshot`."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class _Logger(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            pass
+
+        def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
+            if scheduler_stats is None:
+                return
+            snapshot.running = scheduler_stats.num_running_reqs
+            snapshot.waiting = scheduler_stats.num_waiting_reqs
+            snapshot.kv_usage = scheduler_stats.kv_cache_usage
+            pcs = getattr(scheduler_stats, "prefix_cache_stats", None)
+            if pcs is not None:
+                snapshot.prefix_queries += getattr(pcs, "queries", 0)
+                snapshot.prefix_hits += getattr(pcs, "hits", 0)
+            snapshot.updated = time.time()
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return _Logger
