@@ -1,0 +1,97 @@
+"""Process helpers for end-to-end tests: start dynvllm commands, wait, and prove cleanup."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+import psutil
+
+ENGINE_ARGS = ["--enforce-eager", "--kv-cache-memory-bytes", str(128 << 20), "--block-size", "32"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A dynvllm command in its own process group, with its output in a log file."""
+
+    def __init__(self, args: list[str], log: Path, env: Optional[dict] = None) -> None:
+        self.log = log
+        self.fh = open(log, "wb")
+        full_env = {**os.environ, **(env or {})}
+        self.p = subprocess.Popen([sys.executable, "-m", "dynvllm", *args], stdout=self.fh, stderr=subprocess.STDOUT,
+                                  env=full_env, start_new_session=True)
+        self.ps = psutil.Process(self.p.pid)
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return self.ps.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def tail(self, n: int = 4000) -> str:
+        self.fh.flush()
+        return self.log.read_bytes()[-n:].decode(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        self.p.send_signal(sig)
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, wait; on timeout SIGKILL the whole group so a failing test leaks nothing."""
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+        try:
+            return self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return self.kill_all()
+        finally:
+            self.fh.close()
+
+    def kill_all(self) -> int:
+        procs = [self.ps, *self.descendants()]
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        return self.p.wait()
+
+
+def wait_http(url: str, predicate, proc: Proc, timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if proc.p.poll() is not None:
+            raise AssertionError(f"process exited with {proc.p.returncode}:\n{proc.tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                last = json.load(r)
+                if predicate(last):
+                    return last
+        except Exception as exc:
+            last = exc
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {url} (last: {last}):\n{proc.tail()}")
+
+
+def wait_gone(pids: list[int], timeout: float = 30) -> list[int]:
+    """PIDs still alive after `timeout` seconds (zombies count as gone)."""
+    deadline = time.monotonic() + timeout
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        time.sleep(0.2)
+    return alive
