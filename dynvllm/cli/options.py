@@ -63,7 +63,7 @@ def with_settings(*groups: str) -> Callable:
                     if value is not None:
                         overrides.setdefault(group, {})[name] = value
             ctx = kwargs.get("ctx")
-            extra = list(ctx.args) if isinstance(ctx, typer.Context) else []
+            extra = list(getattr(ctx, "args", None) or [])
             try:
                 settings = S.build_settings(overrides, extra)
             except ValidationError as err:

@@ -1,0 +1,78 @@
+"""CLI: fast help without heavy imports, plugins listing, settings binding and clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from dynvllm.cli import app
+
+runner = CliRunner()
+
+
+def test_help_imports_neither_vllm_nor_torch():
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom dynvllm.cli import app\n"
+            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output\n"
+            "r = CliRunner().invoke(app, ['serve', 'agg', '--help']); assert r.exit_code == 0, r.output\n"
+            "r = CliRunner().invoke(app, ['plugins']); assert r.exit_code == 0, r.output\n"
+            "heavy = [m for m in ('vllm', 'torch', 'transformers') if m in sys.modules]\n"
+            "print('HEAVY', heavy)")
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-m", "dynvllm", "--help"], capture_output=True, check=True, timeout=60)
+    assert time.monotonic() - t0 < 3.0  # well under 1 s on an idle machine; generous under test load
+
+
+def test_plugins_json_lists_first_party_plugins():
+    r = runner.invoke(app, ["plugins", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)
+    names = {(p["group"], p["name"]) for p in rows}
+    assert ("dynvllm.roles", "agg") in names and ("dynvllm.connectors", "none") in names
+    agg = next(p for p in rows if p["name"] == "agg")
+    assert agg["target"] == "dynvllm_plugins.roles.agg:AggRole" and agg["distribution"] == "dynvllm"
+
+
+def test_serve_has_one_subcommand_per_role():
+    r = runner.invoke(app, ["serve", "--help"])
+    assert r.exit_code == 0 and "agg" in r.output
+
+
+def test_bad_port_names_flag_env_and_range():
+    r = runner.invoke(app, ["serve", "agg", "--model", "x", "--http-port", "70000"])
+    assert r.exit_code == 2
+    assert "--http-port" in r.output and "DYN_HTTP_PORT" in r.output and "0-65535" in r.output
+
+
+def test_bad_port_from_env(monkeypatch):
+    monkeypatch.setenv("DYN_RPC_PORT", "-5")
+    r = runner.invoke(app, ["serve", "agg", "--model", "x"])
+    assert r.exit_code == 2 and "DYN_RPC_PORT" in r.output and "0-65535" in r.output
+
+
+def test_unknown_vllm_argument_shows_vllms_message(tiny_model):
+    r = subprocess.run([sys.executable, "-m", "dynvllm", "serve", "agg", "--model", str(tiny_model),
+                        "--no-such-engine-flag", "3"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "unrecognized arguments: --no-such-engine-flag 3" in r.stderr
+
+
+def test_serve_without_model_is_a_clear_error():
+    r = runner.invoke(app, ["serve", "agg"], env={"DYN_MODEL": ""})
+    assert r.exit_code == 2 and "--model" in r.output
+
+
+def test_status_without_service_explains(monkeypatch, tmp_path):
+    monkeypatch.setenv("DYN_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("DYN_NATS_URL", raising=False)
+    r = runner.invoke(app, ["status"])
+    assert r.exit_code == 2 and "--nats-url" in r.output and "dynvllm serve" in r.output

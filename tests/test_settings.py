@@ -1,0 +1,91 @@
+"""Settings: one model, env twins, CLI flags bound to the same fields, pass-through to vLLM."""
+
+from __future__ import annotations
+
+import pytest
+import typer
+from pydantic import ValidationError
+
+from dynvllm import settings as S
+
+
+def test_every_field_has_a_unique_flag_and_env_twin():
+    seen = set()
+    for group in S.GROUPS.values():
+        for name in group.model_fields:
+            assert name not in seen, f"{name} appears in two groups"
+            seen.add(name)
+
+
+def test_env_twins(monkeypatch):
+    monkeypatch.setenv("DYN_NATS_URL", "nats://10.1.2.3:4222")
+    monkeypatch.setenv("DYN_HTTP_PORT", "9001")
+    monkeypatch.setenv("DYN_ROUTER", "round-robin")
+    monkeypatch.setenv("DYN_MAX_MODEL_LEN", "512")
+    s = S.build_settings()
+    assert s.runtime.nats_url == "nats://10.1.2.3:4222"
+    assert s.frontend.http_port == 9001
+    assert s.router.router == "round-robin"
+    assert s.engine.max_model_len == 512
+
+
+def test_cli_overrides_beat_env(monkeypatch):
+    monkeypatch.setenv("DYN_HTTP_PORT", "9001")
+    s = S.build_settings({"frontend": {"http_port": 9002}})
+    assert s.frontend.http_port == 9002
+
+
+def test_cli_flags_reach_settings():
+    from typer.testing import CliRunner
+
+    from dynvllm.cli.options import with_settings
+
+    seen = {}
+    app = typer.Typer()
+
+    @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    @with_settings("frontend", "engine", "runtime")
+    def cmd(ctx: typer.Context, settings: S.Settings) -> None:
+        seen["s"] = settings
+
+    r = CliRunner().invoke(app, ["--http-port", "1234", "--model", "m", "--no-enable-prefix-caching",
+                                 "--enforce-eager", "--nats-url", "nats://h:1", "--max-num-seqs", "7"])
+    assert r.exit_code == 0, r.output
+    s = seen["s"]
+    assert s.frontend.http_port == 1234 and s.engine.model == "m" and s.engine.enable_prefix_caching is False
+    assert s.engine.enforce_eager is True and s.runtime.nats_url == "nats://h:1"
+    assert s.extra_engine_args == ["--max-num-seqs", "7"]
+    argv = s.vllm_argv()
+    assert argv[:2] == ["--model", "m"] and "--no-enable-prefix-caching" in argv and argv[-2:] == ["--max-num-seqs", "7"]
+
+
+def test_pass_through_is_parsed_by_vllm(tiny_model):
+    from dynvllm.worker.engine_args import EngineArgsError, parse_engine_args
+
+    s = S.build_settings({"engine": {"model": str(tiny_model), "block_size": 64, "engine_args": "--max-num-seqs 9"}})
+    args = parse_engine_args(s)
+    assert args.block_size == 64 and args.max_num_seqs == 9 and args.enable_prefix_caching is True
+    bad = S.build_settings({"engine": {"model": str(tiny_model)}}, ["--max-num-seqs", "lots"])
+    with pytest.raises(EngineArgsError, match="invalid int value: 'lots'"):
+        parse_engine_args(bad)
+
+
+@pytest.mark.parametrize("group,field,value", [("frontend", "http_port", 65536), ("worker", "rpc_port", -1)])
+def test_bad_port_message(group, field, value):
+    with pytest.raises(ValidationError) as info:
+        S.build_settings({group: {field: value}})
+    msg = S.explain(info.value)
+    assert S.flag_name(field) in msg and S.env_name(field) in msg and "0-65535" in msg
+
+
+def test_round_trip_to_child_process():
+    s = S.build_settings({"runtime": {"nats_url": "nats://x:1", "nats_token": "sekret"}, "engine": {"model": "m"}},
+                         ["--foo"])
+    back = S.Settings.from_json(s.to_json())
+    assert back.runtime.nats_token.get_secret_value() == "sekret"
+    assert back.engine.model == "m" and back.extra_engine_args == ["--foo"]
+
+
+def test_bad_namespace():
+    with pytest.raises(ValidationError, match="invalid namespace"):
+        S.build_settings({"runtime": {"namespace": "a.b"}})
