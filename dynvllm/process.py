@@ -75,14 +75,11 @@ except OSError:
 
 
 def terminate(proc: subprocess.Popen, timeout: float) -> None:
-    """SIGTERM, wait, then SIGKILL the whole group the child leads."""
+    """SIGTERM the child, wait, then SIGKILL whatever is left of the group it leads."""
     if proc.poll() is not None:
         _kill_group(proc.pid)
         return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except OSError:
-        proc.terminate()
+    proc.terminate()
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:

@@ -88,9 +88,11 @@ class Service:
 
     def stop(self) -> None:
         grace = self.settings.worker.drain_timeout + 15
+        # SIGTERM to each worker process only: it drains and shuts its own engine down; the
+        # engine processes in its group must not get the signal before it has done so.
         for p in self.workers:
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
+                p.send_signal(signal.SIGTERM)
         for p in self.workers:
             terminate(p, grace)
         if self.frontend is not None:

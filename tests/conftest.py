@@ -26,8 +26,30 @@ def _isolated_state(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_leftover_processes():
+    """Every process a test started is gone by the end of the session (engines included)."""
+    import time
+
+    import psutil
+
+    yield
+    me = psutil.Process()
+    deadline = time.monotonic() + 20
+    left = []
+    while time.monotonic() < deadline:
+        left = [p for p in me.children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+        if not left:
+            return
+        time.sleep(0.5)
+    names = [(p.pid, p.name()) for p in left]
+    for p in left:
+        p.kill()
+    raise AssertionError(f"processes left behind by the tests: {names}")
+
+
 @pytest.fixture(scope="session")
-def nats_url():
+def nats_url(_no_leftover_processes):
     from dynvllm.runtime.nats import EmbeddedNats
 
     server = EmbeddedNats()

@@ -28,11 +28,10 @@ async def serve_frontend(settings: Settings) -> int:
     pool = StreamClientPool()
     router = Router(settings.router.router)
 
-    def gone(inst) -> None:
-        pool.drop(inst.id, "worker left discovery")
-        router.forget(inst.id)
-
-    watcher.on_remove.append(gone)
+    # A worker that says goodbye is draining: its open streams finish, new requests go elsewhere.
+    # One whose lease expired may be unreachable without a reset: fail its streams now.
+    watcher.on_remove.append(lambda inst: router.forget(inst.id))
+    watcher.on_expire.append(lambda inst: pool.drop(inst.id, "lease expired"))
     await watcher.start()
     frontend = FrontendApp(models, pool, router, fe.max_request_bytes)
     config = uvicorn.Config(frontend.app, host=fe.http_host, port=fe.http_port, log_level="warning",

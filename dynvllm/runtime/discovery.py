@@ -108,6 +108,8 @@ class Watcher:
         self.on_add: list[Callback] = []
         self.on_remove: list[Callback] = []
         self.on_update: list[Callback] = []
+        # Lease expiry only (not a graceful bye): the instance may be unreachable, not merely leaving.
+        self.on_expire: list[Callback] = []
         self._subs: list[Any] = []
         self._sweeper: Optional[asyncio.Task] = None
         self._changed = asyncio.Event()
@@ -188,3 +190,4 @@ class Watcher:
                 if now - seen > self.lease_ttl:
                     self._seen.pop(iid, None)
                     self._fire(self.on_remove, inst)
+                    self._fire(self.on_expire, inst)

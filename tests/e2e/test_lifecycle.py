@@ -1,0 +1,105 @@
+"""Worker and service lifecycles with real processes: drain on SIGTERM, no engine leftovers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import threading
+import time
+
+import httpx
+import psutil
+
+from dynvllm.runtime import nats as natsrt
+from dynvllm.runtime.discovery import Watcher
+from dynvllm.settings import RuntimeSettings
+from tests.helpers import ENGINE_ARGS, Proc, free_port, wait_gone, wait_http
+
+
+async def _wait_registered(url: str, namespace: str, present: bool, timeout: float) -> bool:
+    nc = await natsrt.connect(RuntimeSettings(nats_url=url))
+    w = Watcher(nc, namespace, lease_ttl=2.0)
+    await w.start()
+    try:
+        return await w.wait_for(lambda w: bool(w.instances("worker")) == present, timeout)
+    finally:
+        await w.stop()
+        await nc.close()
+
+
+def _engine_pids(proc: Proc) -> list[int]:
+    return [p.pid for p in proc.descendants() if "VLLM" in " ".join(p.cmdline()) or p.name().startswith("VLLM")]
+
+
+def _start_worker(tiny_model, nats_url, namespace, tmp_path) -> Proc:
+    proc = Proc(["serve", "agg", "--no-frontend", "--nats-url", nats_url, "--namespace", namespace,
+                 "--model", str(tiny_model), *ENGINE_ARGS], tmp_path / f"{namespace}.log")
+    assert natsrt.run(_wait_registered(nats_url, namespace, True, 240)), proc.tail()
+    return proc
+
+
+def test_sigkill_of_worker_leaves_no_engine_process(tiny_model, nats_url, tmp_path):
+    proc = _start_worker(tiny_model, nats_url, "lc-kill", tmp_path)
+    try:
+        everything = [p.pid for p in proc.descendants()]
+        assert _engine_pids(proc), [p.name() for p in proc.descendants()]
+        proc.p.send_signal(signal.SIGKILL)
+        proc.p.wait()
+        assert wait_gone(everything, 20) == []
+        assert natsrt.run(_wait_registered(nats_url, "lc-kill", False, 5))
+    finally:
+        proc.kill_all()
+
+
+def test_engine_death_deregisters_and_exits_nonzero(tiny_model, nats_url, tmp_path):
+    proc = _start_worker(tiny_model, nats_url, "lc-engine", tmp_path)
+    try:
+        everything = [p.pid for p in proc.descendants()]
+        core = [p for p in proc.descendants() if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())]
+        assert core
+        core[0].kill()
+        assert proc.p.wait(60) != 0
+        assert natsrt.run(_wait_registered(nats_url, "lc-engine", False, 5))
+        assert wait_gone(everything, 20) == []
+    finally:
+        proc.kill_all()
+
+
+def test_sigterm_during_stream_finishes_stream_then_nothing_remains(tiny_model, tmp_path):
+    port = free_port()
+    proc = Proc(["serve", "agg", "--model", str(tiny_model), "--served-model-name", "tiny", "--http-host", "127.0.0.1",
+                 "--http-port", str(port), "--namespace", "lc-term", *ENGINE_ARGS], tmp_path / "serve.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/health", lambda b: b.get("workers") == 1, proc)
+        everything = [proc.p.pid] + [p.pid for p in proc.descendants()]
+        chunks: list[dict] = []
+        done = threading.Event()
+        started = threading.Event()
+
+        def consume() -> None:
+            body = {"model": "tiny", "prompt": "the cat", "max_tokens": 1500, "temperature": 0, "stream": True,
+                    "ignore_eos": True}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        chunks.append(json.loads(line[6:]))
+                        started.set()
+                    elif line == "data: [DONE]":
+                        done.set()
+
+        t = threading.Thread(target=consume)
+        t.start()
+        assert started.wait(60)
+        proc.p.send_signal(signal.SIGTERM)
+        t.join(120)
+        assert done.is_set(), proc.tail()
+        assert "choices" in chunks[-1], chunks[-1]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        text = "".join(c["choices"][0]["text"] for c in chunks)
+        assert len(text) > 1000
+        assert proc.p.wait(120) == 0
+        assert wait_gone(everything, 20) == []
+    finally:
+        proc.kill_all()
