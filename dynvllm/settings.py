@@ -16,7 +16,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "DYN_"
-ROUTER_POLICIES = ("round-robin", "random", "least-loaded")
+ROUTER_POLICIES = ("kv", "kv-approx", "round-robin", "random", "least-loaded")
 
 
 def _check_port(value: Optional[int], *, allow_zero: bool) -> Optional[int]:
@@ -71,9 +71,13 @@ class FrontendSettings(_Group):
 
 class RouterSettings(_Group):
     title: ClassVar[str] = "Router"
-    router: Literal["round-robin", "random", "least-loaded"] = Field(
-        "least-loaded", description="How the frontend picks a worker for each request."
+    router: Literal["kv", "kv-approx", "round-robin", "random", "least-loaded"] = Field(
+        "kv", description="How the frontend picks a worker: kv (cached prefix from KV events, balanced against load), "
+        "kv-approx (predicts caches from its own decisions), round-robin, random, least-loaded."
     )
+    router_prefill_weight: float = Field(1.0, ge=0, description="Cost of one uncached prompt block relative to one active block.")
+    router_temperature: float = Field(0.0, ge=0, description="0 picks the cheapest worker; above 0 samples softmax(-cost/T).")
+    router_approx_ttl: float = Field(120.0, gt=0, description="Seconds kv-approx assumes a routed prefix stays cached.")
 
 
 class WorkerSettings(_Group):

@@ -182,7 +182,12 @@ class FrontendApp:
                    for i in range(gen.n)]
         body = {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
                 "created": created, "model": name, "choices": choices, "usage": gen.usage.as_dict()}
-        return JSONResponse(body, headers={"x-dynvllm-worker": gen.worker_id or ""})
+        return JSONResponse(body, headers=self._route_headers(gen))
+
+    @staticmethod
+    def _route_headers(gen: Generation) -> dict[str, str]:
+        return {"x-dynvllm-worker": gen.worker_id or "",
+                "x-dynvllm-predicted-cached-tokens": str(gen.overlap_blocks * gen.block_size)}
 
     def _account(self, gen: Generation, status: str) -> None:
         name = gen.entry.name

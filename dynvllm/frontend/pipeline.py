@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator, Optional
 
 from dynvllm import protocol
 from dynvllm.frontend.models import ModelEntry
+from dynvllm.frontend.routing import request_blocks
 from dynvllm.frontend.stops import StopMatcher
 from dynvllm.runtime.errors import BadRequest, InstanceLost
 from dynvllm.runtime.streams import StreamClientPool
@@ -56,12 +57,16 @@ class Generation:
         self.metrics = metrics
         self.t_start = time.monotonic()
         self.t_first: Optional[float] = None
+        self.lora: Optional[str] = None
+        self.block_size = int(entry.card.get("block_size") or 0)
+        self.overlap_blocks = 0
+        self.blocks = request_blocks(len(prompt_ids), self.block_size)
 
     def _pick(self, exclude: set[str]) -> Any:
         candidates = [i for i in self.entry.instances if i not in exclude]
         if not candidates:
             raise InstanceLost(f"no live worker serves model {self.entry.name!r}")
-        iid = self.router.choose(candidates)
+        iid, self.overlap_blocks = self.router.choose(candidates, self.prompt_ids, self.block_size, self.lora)
         return self.entry.instances[iid]
 
     async def _open(self) -> Any:
@@ -84,7 +89,7 @@ class Generation:
         attempts = 0
         while True:
             stream = await self._open()
-            self.router.started(self.worker_id)
+            self.router.started(self.worker_id, self.blocks)
             try:
                 async for d in stream:
                     started = True
@@ -107,7 +112,7 @@ class Generation:
                 if self.worker_id:
                     self.pool.drop(self.worker_id)
             finally:
-                self.router.finished(self.worker_id)
+                self.router.finished(self.worker_id, self.blocks)
                 await stream.aclose()
 
     def _delta(self, d: dict) -> Optional[ChoiceDelta]:

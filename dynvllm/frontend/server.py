@@ -26,13 +26,18 @@ async def serve_frontend(settings: Settings) -> int:
     watcher = Watcher(nc, rt.namespace, rt.lease_ttl)
     models = ModelRegistry(watcher)
     pool = StreamClientPool()
-    router = Router(settings.router.router)
+    router = Router(settings.router)
 
     # A worker that says goodbye is draining: its open streams finish, new requests go elsewhere.
     # One whose lease expired may be unreachable without a reset: fail its streams now.
     watcher.on_remove.append(lambda inst: router.forget(inst.id))
     watcher.on_expire.append(lambda inst: pool.drop(inst.id, "lease expired"))
     await watcher.start()
+    if router.kv:
+        from dynvllm.runtime.events import EventBus
+        from dynvllm.runtime.kv_topic import KV_EVENTS
+
+        await EventBus(nc, rt.namespace).subscribe(KV_EVENTS, router.on_kv_events)
     frontend = FrontendApp(models, pool, router, fe.max_request_bytes)
     config = uvicorn.Config(frontend.app, host=fe.http_host, port=fe.http_port, log_level="warning",
                             access_log=False, loop="none", http="httptools", timeout_graceful_shutdown=60,

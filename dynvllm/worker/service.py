@@ -45,6 +45,7 @@ class Worker:
         self.engine_dead = False
         self.last_canary: dict[str, Any] = {"ok": None, "at": 0.0, "seconds": None}
         self.instance: Optional[Instance] = None
+        self.relay: Any = None
 
     # ---- handlers shared by every role ------------------------------------------------
     def generate_handler(self) -> GenerateHandler:
@@ -58,7 +59,8 @@ class Worker:
     async def stats(self, payload: Any = None) -> dict:
         s = self.snapshot
         return {"inflight": self.tracker.inflight, "running": s.running, "waiting": s.waiting,
-                "kv_usage": s.kv_usage, "prefix_queries": s.prefix_queries, "prefix_hits": s.prefix_hits}
+                "kv_usage": s.kv_usage, "prefix_queries": s.prefix_queries, "prefix_hits": s.prefix_hits,
+                "kv_events_relayed": self.relay.relay_seq if self.relay else 0}
 
     # ---- lifecycle --------------------------------------------------------------------
     def _build_engine(self) -> None:
@@ -71,6 +73,18 @@ class Worker:
         assert eng.model
         local = resolve_model(eng.model, eng.revision)
         args = parse_engine_args(self.settings, {"model": local, **self.role.engine_overrides(self.settings)})
+        if args.enable_prefix_caching and args.kv_events_config is None:
+            from vllm.config import KVEventsConfig
+
+            from dynvllm.worker.kv_relay import KvEventRelay, free_tcp_port
+
+            # Loopback sockets on free ports; the relay forwards events to routers over NATS.
+            endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
+            replay = f"tcp://127.0.0.1:{free_tcp_port()}"
+            self.relay = KvEventRelay(EventBus(self.nc, self.settings.runtime.namespace), "", endpoint, replay)
+            self.relay.bind()
+            args.kv_events_config = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", topic="kv",
+                                                   endpoint=endpoint, replay_endpoint=replay)
         if not args.served_model_name:
             args.served_model_name = [eng.served_model_name or eng.model]
         self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger_factory(self.snapshot)])
@@ -95,19 +109,21 @@ class Worker:
         become_group_leader()
         start_group_reaper()
         rt = self.settings.runtime
+        self.nc = await natsrt.connect(rt, name=f"dynvllm-worker-{self.role_name}")
         self._build_engine()
         handlers = {protocol.HEALTH: self.health, protocol.STATS: self.stats, **self.role.handlers(self)}
         self.server = StreamServer(handlers)
         host = rt.advertise_host or natsrt.local_address_towards(rt.nats_url or "")
         bind = "127.0.0.1" if host == "127.0.0.1" else "0.0.0.0"
         port = await self.server.start(bind, self.settings.worker.rpc_port)
-        self.nc = await natsrt.connect(rt, name=f"dynvllm-worker-{self.role_name}")
         self.instance = Instance.new(COMPONENT, role=self.role_name, host=host, port=port,
                                      endpoints=sorted(handlers), card=self._card())
         self.lease = Lease(self.nc, rt.namespace, self.instance, rt.heartbeat_interval)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
+        if self.relay is not None:
+            self.relay.start(self.instance.id)
         await self._canary()
         await self.lease.start()
         log.warning("worker %s (%s) serving %s on %s:%d", self.instance.id, self.role_name,
@@ -127,6 +143,8 @@ class Worker:
         while self.tracker.inflight and time.monotonic() < deadline and not self.engine_dead:
             await asyncio.sleep(0.05)
         await self.server.close()  # cancels what is left: each handler aborts its engine request
+        if self.relay is not None:
+            await self.relay.stop()
         try:
             await self.nc.drain()
         except Exception:

@@ -76,3 +76,19 @@ def test_status_without_service_explains(monkeypatch, tmp_path):
     monkeypatch.delenv("DYN_NATS_URL", raising=False)
     r = runner.invoke(app, ["status"])
     assert r.exit_code == 2 and "--nats-url" in r.output and "dynvllm serve" in r.output
+
+
+@pytest.mark.parametrize("policy", ["kv", "kv-approx", "round-robin", "random", "least-loaded"])
+def test_every_router_policy_is_selectable(policy):
+    from dynvllm.frontend.routing import Router
+    from dynvllm.settings import build_settings
+
+    s = build_settings({"router": {"router": policy}})
+    router = Router(s.router)
+    iid, _ = router.choose(["w1", "w2"], list(range(64)), 32)
+    assert iid in ("w1", "w2") and router.policy_name == policy
+
+
+def test_unknown_router_policy_is_rejected():
+    r = runner.invoke(app, ["serve", "agg", "--model", "m", "--router", "fastest"])
+    assert r.exit_code == 2 and "--router" in r.output and "kv-approx" in r.output

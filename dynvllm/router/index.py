@@ -1,0 +1,105 @@
+"""Which worker holds which KV blocks (pure logic, single-threaded).
+
+Blocks are keyed by the router's own chain hashes (see `hashing`). Per worker, engine hashes
+map to keys so BlockRemoved events can be applied. `kv-approx` inserts predicted blocks with an
+expiry instead of learning from events.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Iterable, Optional
+
+from dynvllm.router import hashing
+
+Worker = tuple[str, int]  # (instance id, data-parallel rank)
+
+
+class KvIndex:
+    def __init__(self) -> None:
+        self.holders: dict[int, set[Worker]] = defaultdict(set)
+        self._engine_to_key: dict[Worker, dict[int, int]] = defaultdict(dict)
+        self._keys_of: dict[Worker, dict[int, float]] = defaultdict(dict)  # key -> expiry (inf: event-backed)
+
+    # ---- events ---------------------------------------------------------------
+    def apply(self, worker: Worker, event: tuple) -> None:
+        kind = event[0]
+        if kind == "stored":
+            _, hashes, parent, tokens, block_size, lora = event
+            parent_key = self._engine_to_key[worker].get(parent) if parent is not None else None
+            if parent is not None and parent_key is None:
+                return  # parent unknown (missed events): its children cannot be keyed
+            keys = hashing.chain(tokens, block_size, lora, parent_key)
+            for eh, key in zip(hashes, keys):
+                self._engine_to_key[worker][eh] = key
+                self._add(worker, key, float("inf"))
+        elif kind == "removed":
+            mapping = self._engine_to_key.get(worker, {})
+            for eh in event[1]:
+                key = mapping.pop(eh, None)
+                if key is not None:
+                    self._discard(worker, key)
+        elif kind == "cleared":
+            self.drop_worker(worker)
+
+    def _add(self, worker: Worker, key: int, expiry: float) -> None:
+        self.holders[key].add(worker)
+        self._keys_of[worker][key] = expiry
+
+    def _discard(self, worker: Worker, key: int) -> None:
+        self._keys_of[worker].pop(key, None)
+        s = self.holders.get(key)
+        if s is not None:
+            s.discard(worker)
+            if not s:
+                del self.holders[key]
+
+    def drop_worker(self, worker: Worker) -> None:
+        for key in list(self._keys_of.pop(worker, {})):
+            s = self.holders.get(key)
+            if s is not None:
+                s.discard(worker)
+                if not s:
+                    del self.holders[key]
+        self._engine_to_key.pop(worker, None)
+
+    def drop_instance(self, instance_id: str) -> None:
+        for w in [w for w in self._keys_of if w[0] == instance_id]:
+            self.drop_worker(w)
+
+    # ---- predictions (kv-approx) ---------------------------------------------
+    def predict(self, worker: Worker, keys: Iterable[int], ttl: float, now: Optional[float] = None) -> None:
+        expiry = (now if now is not None else time.monotonic()) + ttl
+        for key in keys:
+            self._add(worker, key, max(expiry, self._keys_of[worker].get(key, 0.0)))
+
+    def expire(self, now: Optional[float] = None) -> None:
+        now = now if now is not None else time.monotonic()
+        for worker, keys in list(self._keys_of.items()):
+            for key in [k for k, exp in keys.items() if exp <= now]:
+                self._discard(worker, key)
+
+    # ---- queries ---------------------------------------------------------------
+    def overlaps(self, keys: list[int]) -> dict[Worker, int]:
+        """For each worker, how many leading blocks of `keys` it holds."""
+        if not keys:
+            return {}
+        first = self.holders.get(keys[0])
+        if not first:
+            return {}
+        active = set(first)
+        result = {w: 1 for w in active}
+        for depth, key in enumerate(keys[1:], start=2):
+            have = self.holders.get(key)
+            if not have:
+                break
+            active &= have
+            if not active:
+                break
+            for w in active:
+                result[w] = depth
+        return result
+
+    def block_count(self) -> int:
+        return sum(len(k) for k in self._keys_of.values())

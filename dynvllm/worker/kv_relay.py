@@ -1,0 +1,113 @@
+"""Relays the engine's KV events (ZMQ) to routers (NATS), repairing sequence gaps by replay.
+
+vLLM publishes on a loopback PUB socket and keeps recent batches for a ROUTER replay socket.
+A missed sequence number is asked for again; what the replay cannot return is a gap the
+routers see in our own relay sequence, and they then drop and rebuild this worker's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Optional
+
+from dynvllm.router.kv_events import decode_batch
+from dynvllm.runtime.events import EventBus
+from dynvllm.runtime.kv_topic import KV_EVENTS, KvEventBatch
+
+log = logging.getLogger("dynvllm.worker.kv")
+END_SEQ = -1
+
+
+def free_tcp_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class KvEventRelay:
+    def __init__(self, bus: EventBus, instance_id: str, endpoint: str, replay_endpoint: Optional[str], topic: str = "kv") -> None:
+        self.bus, self.instance_id = bus, instance_id
+        self.endpoint, self.replay_endpoint, self.topic = endpoint, replay_endpoint, topic
+        # vLLM numbers batches from 0: anything before the first one we see is replayed too.
+        self.last_engine_seq: int = -1
+        self.relay_seq = 0
+        self.replayed = 0
+        self._task: Optional[asyncio.Task] = None
+
+    def bind(self) -> None:
+        """Bind the loopback SUB socket before the engine starts: vLLM's PUB connects to a
+        host-specific endpoint (it binds only wildcard ones), so nothing it sends is missed."""
+        import zmq
+        import zmq.asyncio
+
+        self._ctx = zmq.asyncio.Context()
+        self._sub = self._ctx.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.RCVHWM, 100_000)
+        self._sub.bind(self.endpoint)
+        self._sub.setsockopt(zmq.SUBSCRIBE, self.topic.encode())
+
+    def start(self, instance_id: str) -> None:
+        self.instance_id = instance_id
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _publish(self, payload: bytes) -> None:
+        dp, events = decode_batch(payload)
+        if not events:
+            return
+        self.relay_seq += 1
+        await self.bus.publish(KV_EVENTS, KvEventBatch(self.instance_id, dp, self.relay_seq, [list(e) for e in events]))
+
+    async def _replay(self, ctx: Any, start: int) -> None:
+        import zmq
+
+        if not self.replay_endpoint:
+            return
+        sock = ctx.socket(zmq.DEALER)
+        sock.connect(self.replay_endpoint)
+        try:
+            await sock.send_multipart([b"", start.to_bytes(8, "big")])
+            while True:
+                if not await sock.poll(2000):
+                    return
+                frames = await sock.recv_multipart()
+                seq = int.from_bytes(frames[-2], "big", signed=True)
+                if seq == END_SEQ:
+                    return
+                if seq > self.last_engine_seq:
+                    await self._publish(frames[-1])
+                    self.last_engine_seq = seq
+                    self.replayed += 1
+        finally:
+            sock.close(linger=0)
+
+    async def handle(self, ctx: Any, frames: list[bytes]) -> None:
+        seq = int.from_bytes(frames[1], "big", signed=True)
+        if seq > self.last_engine_seq + 1:
+            await self._replay(ctx, self.last_engine_seq + 1)
+        if seq <= self.last_engine_seq:
+            return  # already relayed through a replay
+        await self._publish(frames[2])
+        self.last_engine_seq = seq
+
+    async def _run(self) -> None:
+        ctx, sub = self._ctx, self._sub
+        try:
+            while True:
+                frames = await sub.recv_multipart()
+                if len(frames) != 3:
+                    continue
+                try:
+                    await self.handle(ctx, frames)
+                except Exception:
+                    log.exception("dropping a KV event batch that could not be relayed")
+        finally:
+            sub.close(linger=0)
+            ctx.term()

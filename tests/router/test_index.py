@@ -1,0 +1,123 @@
+"""The KV index and cost function against brute-force oracles (property-based)."""
+
+from __future__ import annotations
+
+import msgpack
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dynvllm.router import hashing
+from dynvllm.router.index import KvIndex
+from dynvllm.router.kv_events import decode_batch
+from dynvllm.router.kv_policy import KvPolicy
+
+BS = 4
+WORKERS = [("a", 0), ("b", 0), ("c", 0)]
+prompts = st.lists(st.integers(0, 2), min_size=BS, max_size=BS * 5)
+ops = st.lists(st.tuples(st.sampled_from(["store", "store", "store", "remove", "clear", "drop"]),
+                         st.sampled_from(WORKERS), prompts, st.integers(0, 100)), max_size=40)
+
+
+class Engine:
+    """What one engine would report: engine hashes private to it, parents referenced by hash."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.blocks: dict[tuple, int] = {}  # token prefix (full blocks) -> engine hash
+
+    def ehash(self, prefix: tuple) -> int:
+        return hash((self.name, "engine", prefix)) & ((1 << 63) - 1)
+
+    def store(self, tokens: list[int]) -> tuple | None:
+        n = len(tokens) // BS
+        prefixes = [tuple(tokens[: (i + 1) * BS]) for i in range(n)]
+        first_new = next((i for i, p in enumerate(prefixes) if p not in self.blocks), None)
+        if first_new is None:
+            return None
+        # vLLM stores a prompt's blocks in order; evicted ancestors come back before children.
+        new = prefixes[first_new:]
+        for p in new:
+            self.blocks[p] = self.ehash(p)
+        parent = self.blocks[prefixes[first_new - 1]] if first_new > 0 else None
+        return ("stored", [self.blocks[p] for p in new], parent, list(tokens[first_new * BS: n * BS]), BS, None)
+
+
+def oracle_overlap(held: set[tuple], tokens: list[int]) -> int:
+    n = 0
+    for i in range(len(tokens) // BS):
+        if tuple(tokens[: (i + 1) * BS]) in held:
+            n += 1
+        else:
+            break
+    return n
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops, st.lists(prompts, min_size=1, max_size=5))
+def test_overlaps_match_oracle(operations, queries):
+    index = KvIndex()
+    engines = {w: Engine(w[0]) for w in WORKERS}
+    for op, w, tokens, pick in operations:
+        eng = engines[w]
+        if op == "store":
+            ev = eng.store(tokens)
+            if ev:
+                index.apply(w, ev)
+        elif op == "remove" and eng.blocks:
+            # Evict a leaf (no stored child), as an LRU block pool does.
+            leaves = [p for p in eng.blocks if not any(q[: len(p)] == p and len(q) > len(p) for q in eng.blocks)]
+            victim = sorted(leaves)[pick % len(leaves)]
+            index.apply(w, ("removed", [eng.blocks.pop(victim)]))
+        elif op == "clear":
+            eng.blocks.clear()
+            index.apply(w, ("cleared",))
+        elif op == "drop":
+            eng.blocks.clear()
+            index.drop_worker(w)
+    for q in queries:
+        got = index.overlaps(hashing.chain(q, BS))
+        for w in WORKERS:
+            want = oracle_overlap(set(engines[w].blocks), q)
+            assert got.get(w, 0) == want, (w, q)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(prompts, min_size=1, max_size=6), prompts,
+       st.dictionaries(st.sampled_from(WORKERS), st.integers(0, 20)), st.floats(0, 4))
+def test_choice_is_the_brute_force_minimum(stored, query, load, weight):
+    index = KvIndex()
+    engines = {w: Engine(w[0]) for w in WORKERS}
+    for i, tokens in enumerate(stored):
+        w = WORKERS[i % len(WORKERS)]
+        ev = engines[w].store(tokens)
+        if ev:
+            index.apply(w, ev)
+    keys = hashing.chain(query, BS)
+    decision = KvPolicy(index, prefill_weight=weight).choose(WORKERS, keys, {k: float(v) for k, v in load.items()})
+    brute = {w: weight * (len(keys) - oracle_overlap(set(engines[w].blocks), query)) + load.get(w, 0) for w in WORKERS}
+    assert abs(decision.cost - min(brute.values())) < 1e-9
+    assert abs(brute[decision.worker] - min(brute.values())) < 1e-9
+
+
+def test_lora_keys_differ_and_expiry_forgets_predictions():
+    tokens = list(range(8))
+    assert hashing.chain(tokens, BS, "a") != hashing.chain(tokens, BS, None)
+    index = KvIndex()
+    index.predict(("x", 0), hashing.chain(tokens, BS), ttl=10, now=0)
+    assert index.overlaps(hashing.chain(tokens, BS)) == {("x", 0): 2}
+    index.expire(now=11)
+    assert index.overlaps(hashing.chain(tokens, BS)) == {}
+    assert index.block_count() == 0
+
+
+def test_decode_both_encodings():
+    new = msgpack.packb([1.0, [{"type": "BlockStored", "block_hashes": [11, 12], "parent_block_hash": None,
+                                 "token_ids": list(range(8)), "block_size": 4, "lora_name": None, "medium": "GPU"},
+                                {"type": "BlockRemoved", "block_hashes": [12], "medium": "GPU"},
+                                {"type": "AllBlocksCleared"}], 0])
+    old = msgpack.packb([1.0, [["BlockStored", [11, 12], None, list(range(8)), 4, None, "GPU"],
+                               ["BlockRemoved", [12], "GPU"], ["AllBlocksCleared"]], 0])
+    for payload in (new, old):
+        dp, events = decode_batch(payload)
+        assert dp == 0
+        assert events == [("stored", [11, 12], None, list(range(8)), 4, None), ("removed", [12]), ("cleared",)]
