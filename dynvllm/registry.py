@@ -15,8 +15,10 @@ from typing import Any
 ROLES = "dynvllm.roles"
 # Loaded by worker processes to build vLLM's KV-transfer configuration.
 CONNECTORS = "dynvllm.connectors"
-GROUPS = (ROLES, CONNECTORS)
-_KIND = {ROLES: "role", CONNECTORS: "connector"}
+# Loaded by worker processes to create their engine (real vLLM, or a simulated one).
+ENGINES = "dynvllm.engines"
+GROUPS = (ROLES, CONNECTORS, ENGINES)
+_KIND = {ROLES: "role", CONNECTORS: "connector", ENGINES: "engine"}
 
 
 class PluginError(Exception):

@@ -83,6 +83,7 @@ class RouterSettings(_Group):
 class WorkerSettings(_Group):
     title: ClassVar[str] = "Worker"
     workers: int = Field(1, ge=1, le=256, description="Workers `serve` starts for the role.")
+    engine: str = Field("vllm", description="Engine plugin: vllm (real) or sim (simulated, for routing experiments).")
     rpc_port: int = Field(0, description="Port of the worker's stream server (0 picks a free one).")
     drain_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests get to finish on SIGTERM.")
     health_check_interval: float = Field(10.0, gt=0, description="Seconds between engine health canaries.")

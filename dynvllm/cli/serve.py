@@ -21,12 +21,12 @@ def _fail(message: str, code: int = 2) -> "typer.Exit":
 
 
 def _check_engine_args(settings: Settings) -> None:
-    """Let vLLM's own parser judge the engine arguments before any process starts."""
-    from dynvllm.worker.engine_args import EngineArgsError, parse_engine_args
+    """Let the engine (vLLM's own parser, for vLLM) judge its arguments before any process starts."""
+    from dynvllm import registry
 
     try:
-        parse_engine_args(settings)
-    except EngineArgsError as exc:
+        registry.load(registry.ENGINES, settings.worker.engine)().check_args(settings)
+    except (registry.PluginError, ValueError) as exc:
         raise _fail(str(exc)) from None
 
 

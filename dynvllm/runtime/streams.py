@@ -83,9 +83,20 @@ class StreamServer:
         streams: dict[int, tuple[asyncio.Task, _Credit]] = {}
         unpacker = msgpack.Unpacker(raw=False)
         pack = msgpack.Packer().pack
+        # Frames produced in one event-loop turn (an engine step yields a delta for every
+        # running request) leave in one write: one syscall per turn, not one per delta.
+        pending: list[bytes] = []
+        loop = asyncio.get_running_loop()
+
+        def flush() -> None:
+            if pending and not writer.is_closing():
+                writer.write(b"".join(pending))
+            pending.clear()
 
         async def send(frame: list) -> None:
-            writer.write(pack(frame))
+            if not pending:
+                loop.call_soon(flush)
+            pending.append(pack(frame))
             if writer.transport.get_write_buffer_size() > _HIGH_WATER:
                 await writer.drain()
 
@@ -148,6 +159,7 @@ class StreamServer:
         finally:
             for task, _ in list(streams.values()):
                 task.cancel()
+            flush()
             writer.close()
             self._conns.discard(me)
 

@@ -7,6 +7,7 @@ from typing import Any, AsyncIterator
 
 from dynvllm import protocol
 from dynvllm.runtime.errors import BadRequest
+from dynvllm.worker.engine import Tracker
 
 
 def _check(payload: Any) -> tuple[str, list[int], dict]:
@@ -34,7 +35,7 @@ def _logprobs(token_ids: list[int], entries: Any, k: int) -> list:
 
 
 class GenerateHandler:
-    def __init__(self, engine: Any, tracker: "Tracker") -> None:
+    def __init__(self, engine: Any, tracker: Tracker) -> None:
         self.engine = engine
         self.tracker = tracker
 
@@ -73,19 +74,3 @@ class GenerateHandler:
             self.tracker.inflight -= 1
             if not finished:
                 await asyncio.shield(self.engine.abort(rid))
-
-
-class Tracker:
-    """Per-worker request accounting shared by handlers."""
-
-    def __init__(self) -> None:
-        self.inflight = 0
-        self.loras: dict[str, Any] = {}
-
-    def lora_request(self, name: Any) -> Any:
-        if name is None:
-            return None
-        req = self.loras.get(name)
-        if req is None:
-            raise BadRequest(f"adapter {name!r} is not loaded on this worker")
-        return req

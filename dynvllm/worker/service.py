@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import time
 from typing import Any, Optional
@@ -18,13 +17,11 @@ from dynvllm import protocol
 from dynvllm.process import become_group_leader, start_group_reaper
 from dynvllm.runtime import nats as natsrt
 from dynvllm.runtime.discovery import Instance, Lease
-from dynvllm.runtime.errors import EngineDead
 from dynvllm.runtime.events import LOAD, EventBus, LoadMetrics
 from dynvllm.runtime.streams import StreamServer
 from dynvllm.settings import Settings
-from dynvllm.worker.generate import GenerateHandler, Tracker
 from dynvllm.worker.role import Role
-from dynvllm.worker.stats import SchedulerSnapshot, stat_logger_factory
+from dynvllm.worker.stats import SchedulerSnapshot
 
 log = logging.getLogger("dynvllm.worker")
 COMPONENT = "worker"
@@ -36,7 +33,6 @@ class Worker:
         self.role_name = role_name
         self.role = role
         self.engine: Any = None
-        self.tracker = Tracker()
         self.snapshot = SchedulerSnapshot()
         self.server: Optional[StreamServer] = None
         self.lease: Optional[Lease] = None
@@ -48,62 +44,39 @@ class Worker:
         self.relay: Any = None
 
     # ---- handlers shared by every role ------------------------------------------------
-    def generate_handler(self) -> GenerateHandler:
-        return GenerateHandler(self.engine, self.tracker)
+    def generate_handler(self) -> Any:
+        return self.engine.generate
 
     async def health(self, payload: Any = None) -> dict:
         return {"ok": not self.engine_dead and self.last_canary["ok"] is not False,
-                "canary": self.last_canary, "inflight": self.tracker.inflight,
+                "canary": self.last_canary, "inflight": self.engine.tracker.inflight,
                 "draining": self.stopping.is_set()}
 
     async def stats(self, payload: Any = None) -> dict:
         s = self.snapshot
-        return {"inflight": self.tracker.inflight, "running": s.running, "waiting": s.waiting,
+        return {"inflight": self.engine.tracker.inflight, "running": s.running, "waiting": s.waiting,
                 "kv_usage": s.kv_usage, "prefix_queries": s.prefix_queries, "prefix_hits": s.prefix_hits,
                 "kv_events_relayed": self.relay.relay_seq if self.relay else 0}
 
     # ---- lifecycle --------------------------------------------------------------------
     def _build_engine(self) -> None:
-        from vllm.v1.engine.async_llm import AsyncLLM
+        from dynvllm import registry
+        from dynvllm.worker.kv_relay import KvEventRelay, free_tcp_port
 
-        from dynvllm.models.hub import resolve_model
-        from dynvllm.worker.engine_args import parse_engine_args
-
-        eng = self.settings.engine
-        assert eng.model
-        local = resolve_model(eng.model, eng.revision)
-        args = parse_engine_args(self.settings, {"model": local, **self.role.engine_overrides(self.settings)})
-        if args.enable_prefix_caching and args.kv_events_config is None:
-            from vllm.config import KVEventsConfig
-
-            from dynvllm.worker.kv_relay import KvEventRelay, free_tcp_port
-
+        self.engine = registry.load(registry.ENGINES, self.settings.worker.engine)()
+        endpoint = replay = None
+        if self.settings.engine.enable_prefix_caching:
             # Loopback sockets on free ports; the relay forwards events to routers over NATS.
             endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
             replay = f"tcp://127.0.0.1:{free_tcp_port()}"
             self.relay = KvEventRelay(EventBus(self.nc, self.settings.runtime.namespace), "", endpoint, replay)
             self.relay.bind()
-            args.kv_events_config = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", topic="kv",
-                                                   endpoint=endpoint, replay_endpoint=replay)
-        if not args.served_model_name:
-            args.served_model_name = [eng.served_model_name or eng.model]
-        self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger_factory(self.snapshot)])
-        self.local_model = local
+        self.engine.start(self.settings, self.role.engine_overrides(self.settings), self.snapshot, endpoint, replay)
 
     def _card(self) -> dict:
-        cfg = self.engine.vllm_config
         eng = self.settings.engine
-        return {
-            "model": eng.served_model_name or eng.model,
-            "source": eng.model,
-            "path": self.local_model,
-            "tokenizer": eng.tokenizer or self.local_model,
-            "context_length": cfg.model_config.max_model_len,
-            "block_size": cfg.cache_config.block_size,
-            "kv_blocks": getattr(cfg.cache_config, "num_gpu_blocks", None),
-            "role": self.role_name,
-            "loras": sorted(self.tracker.loras),
-        }
+        return {"model": eng.served_model_name or eng.model, "source": eng.model, **self.engine.card(),
+                "engine": self.engine.kind, "role": self.role_name, "loras": sorted(self.engine.tracker.loras)}
 
     async def run(self) -> int:
         become_group_leader()
@@ -140,7 +113,7 @@ class Worker:
         assert self.lease is not None and self.server is not None
         await self.lease.stop()
         deadline = time.monotonic() + self.settings.worker.drain_timeout
-        while self.tracker.inflight and time.monotonic() < deadline and not self.engine_dead:
+        while self.engine.tracker.inflight and time.monotonic() < deadline and not self.engine_dead:
             await asyncio.sleep(0.05)
         await self.server.close()  # cancels what is left: each handler aborts its engine request
         if self.relay is not None:
@@ -154,14 +127,9 @@ class Worker:
 
     async def _canary(self) -> None:
         """A one-token generation proves the engine really serves (backs /health)."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
         t0 = time.monotonic()
         try:
-            async for _ in self.engine.generate(TokensPrompt(prompt_token_ids=[0]), SamplingParams(max_tokens=1, detokenize=False),
-                                                request_id=f"canary-{os.getpid()}-{t0}"):
-                pass
+            await self.engine.canary()
             self.last_canary = {"ok": True, "at": time.time(), "seconds": time.monotonic() - t0}
         except Exception as exc:
             self.last_canary = {"ok": False, "at": time.time(), "error": str(exc)}
@@ -176,7 +144,7 @@ class Worker:
                 self.engine_dead = True
                 self.stopping.set()
                 return
-            if time.monotonic() - last > interval and self.tracker.inflight == 0:
+            if time.monotonic() - last > interval and self.engine.tracker.inflight == 0:
                 await self._canary()
                 last = time.monotonic()
 
@@ -185,7 +153,7 @@ class Worker:
         total = self._card().get("kv_blocks") or 0
         while True:
             s = self.snapshot
-            busy = self.tracker.inflight > 0 or s.running > 0
+            busy = self.engine.tracker.inflight > 0 or s.running > 0
             try:
                 await bus.publish(LOAD, LoadMetrics(self.instance.id if self.instance else "", s.running, s.waiting,
                                                     int(s.kv_usage * total), total, time.time()))

@@ -1,0 +1,64 @@
+"""What an engine plugin provides (entry-point group `dynvllm.engines`, loaded by workers).
+
+An engine turns wire generate requests into wire deltas and reports what a model card needs.
+`vllm` is the real engine; `sim` is a simulated one for routing experiments at scale.
+"""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator, Optional
+
+from dynvllm.runtime.errors import BadRequest
+from dynvllm.settings import Settings
+from dynvllm.worker.stats import SchedulerSnapshot
+
+
+class Tracker:
+    """Per-worker request accounting shared by handlers."""
+
+    def __init__(self) -> None:
+        self.inflight = 0
+        self.loras: dict[str, Any] = {}
+
+    def lora_request(self, name: Any) -> Any:
+        if name is None:
+            return None
+        req = self.loras.get(name)
+        if req is None:
+            raise BadRequest(f"adapter {name!r} is not loaded on this worker")
+        return req
+
+
+class Engine:
+    #: Shown in cards and `dynvllm status`, so a simulated engine is never mistaken for a real one.
+    kind = "engine"
+
+    def __init__(self) -> None:
+        self.tracker = Tracker()
+
+    def check_args(self, settings: Settings) -> None:
+        """Raise ValueError with a clear message if the settings cannot start this engine."""
+
+    def start(self, settings: Settings, overrides: dict[str, Any], snapshot: SchedulerSnapshot,
+              kv_endpoint: Optional[str], kv_replay: Optional[str]) -> None:
+        """Start; publish KV events to `kv_endpoint` (a ZMQ SUB the worker binds) if given."""
+        raise NotImplementedError
+
+    def card(self) -> dict[str, Any]:
+        """path, tokenizer, context_length, block_size, kv_blocks."""
+        raise NotImplementedError
+
+    def generate(self, payload: Any) -> AsyncIterator[dict]:
+        """Stream wire deltas (see `dynvllm.protocol.delta`) for one request."""
+        raise NotImplementedError
+
+    async def canary(self) -> None:
+        """Generate one token; raise if the engine cannot serve."""
+        raise NotImplementedError
+
+    @property
+    def errored(self) -> bool:
+        return False
+
+    def shutdown(self) -> None:
+        pass

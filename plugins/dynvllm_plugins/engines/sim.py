@@ -1,0 +1,258 @@
+"""A SIMULATED engine for routing experiments at scale (`--engine sim`); it runs no model.
+
+It behaves like vLLM where routing can see it: a scheduler with a running batch and a waiting
+queue, a prefix cache of fixed-size blocks with LRU eviction, a timing model (time per prefill
+token, time per decode step), KV events in vLLM's ZMQ format (with a replay socket) and the same
+load statistics. Dozens fit on two cores. Output tokens are a deterministic function of the
+context, not language. Flags (unknown ones are ignored): --sim-prefill-us-per-token,
+--sim-decode-ms-per-step, --sim-kv-blocks, --sim-max-num-seqs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shlex
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Optional
+
+import msgpack
+
+from dynvllm import protocol
+from dynvllm.router import hashing
+from dynvllm.runtime.errors import BadRequest
+from dynvllm.settings import Settings
+from dynvllm.worker.engine import Engine
+from dynvllm.worker.generate import _check
+
+
+def sim_args(settings: Settings) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="sim engine", add_help=False)
+    ap.add_argument("--sim-prefill-us-per-token", type=float, default=100.0)
+    ap.add_argument("--sim-decode-ms-per-step", type=float, default=10.0)
+    ap.add_argument("--sim-kv-blocks", type=int, default=2048)
+    ap.add_argument("--sim-max-num-seqs", type=int, default=64)
+    ns, _ = ap.parse_known_args(shlex.split(settings.engine.engine_args) + settings.extra_engine_args)
+    return ns
+
+
+@dataclass
+class _Req:
+    rid: str
+    tokens: list[int]
+    max_tokens: int
+    keys: list[int]
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)
+    held: list[int] = field(default_factory=list)  # cache keys this request pins
+    generated: int = 0
+    cached_tokens: int = 0
+    prefilled: bool = False
+
+
+class BlockCache:
+    """Prefix blocks with reference counts; unreferenced blocks are evicted least recently used."""
+
+    def __init__(self, capacity: int, salt: int) -> None:
+        self.capacity = capacity
+        self.salt = salt
+        self.ref: dict[int, int] = {}
+        self.engine_hash: dict[int, int] = {}
+        self.lru: OrderedDict[int, None] = OrderedDict()
+        self.events: list[dict] = []
+
+    def cached_prefix(self, keys: list[int]) -> int:
+        n = 0
+        for k in keys:
+            if k not in self.ref:
+                break
+            n += 1
+        return n
+
+    def acquire(self, keys: list[int], tokens: list[int], block_size: int) -> Optional[int]:
+        """Pin a prompt's blocks (storing new ones); None if they cannot fit right now."""
+        hits = self.cached_prefix(keys)
+        new = len(keys) - hits
+        free = self.capacity - len(self.ref)
+        if new > free + len(self.lru):
+            return None
+        for _ in range(max(0, new - free)):
+            victim, _ = self.lru.popitem(last=False)
+            del self.ref[victim]
+            self.events.append({"type": "BlockRemoved", "block_hashes": [self.engine_hash.pop(victim)], "medium": "GPU"})
+        for k in keys[:hits]:
+            if self.ref[k] == 0:
+                self.lru.pop(k, None)
+            self.ref[k] += 1
+        if new:
+            parent = self.engine_hash[keys[hits - 1]] if hits else None
+            hashes = []
+            for k in keys[hits:]:
+                self.ref[k] = 1
+                self.engine_hash[k] = hash((self.salt, k)) & ((1 << 63) - 1)
+                hashes.append(self.engine_hash[k])
+            self.events.append({"type": "BlockStored", "block_hashes": hashes, "parent_block_hash": parent,
+                                "token_ids": tokens[hits * block_size: len(keys) * block_size],
+                                "block_size": block_size, "lora_name": None, "medium": "GPU"})
+        return hits
+
+    def release(self, keys: list[int]) -> None:
+        for k in keys:
+            if k in self.ref:
+                self.ref[k] -= 1
+                if self.ref[k] == 0:
+                    self.lru[k] = None
+
+
+class SimEngine(Engine):
+    kind = "sim"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: deque[_Req] = deque()
+        self.running: dict[str, _Req] = {}
+        self._wake = asyncio.Event()
+        self._task: Optional[asyncio.Task] = None
+        self._pub: Any = None
+        self._replay: Any = None
+        self._seq = 0
+        self._buffer: deque[tuple[int, bytes]] = deque(maxlen=10_000)
+
+    def check_args(self, settings: Settings) -> None:
+        if not settings.engine.model:
+            raise ValueError("the sim engine still needs --model: a folder with a tokenizer and config.json")
+        sim_args(settings)
+
+    def start(self, settings: Settings, overrides: dict[str, Any], snapshot: Any,
+              kv_endpoint: Optional[str], kv_replay: Optional[str]) -> None:
+        from dynvllm.models.hub import resolve_model
+
+        self.args = sim_args(settings)
+        self.snapshot = snapshot
+        self.path = resolve_model(settings.engine.model or "", settings.engine.revision)
+        cfg = json.loads((Path(self.path) / "config.json").read_text())
+        self.vocab = int(cfg.get("vocab_size", 32000))
+        self.context_length = int(settings.engine.max_model_len or cfg.get("max_position_embeddings", 4096))
+        self.block_size = int(settings.engine.block_size or 32)
+        self.cache = BlockCache(self.args.sim_kv_blocks, salt=id(self))
+        if kv_endpoint:
+            import zmq
+
+            ctx = zmq.Context.instance()
+            self._pub = ctx.socket(zmq.PUB)
+            self._pub.connect(kv_endpoint)
+            if kv_replay:
+                self._replay = ctx.socket(zmq.ROUTER)
+                self._replay.bind(kv_replay)
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    def card(self) -> dict[str, Any]:
+        return {"path": self.path, "tokenizer": self.path, "context_length": self.context_length,
+                "block_size": self.block_size, "kv_blocks": self.args.sim_kv_blocks}
+
+    # ---- requests ------------------------------------------------------------------
+    async def generate(self, payload: Any) -> AsyncIterator[dict]:
+        rid, ids, sampling = _check(payload)
+        if int(sampling.get("n") or 1) != 1:
+            raise BadRequest("the sim engine supports n=1 only")
+        if len(ids) >= self.context_length:
+            raise BadRequest(f"prompt of {len(ids)} tokens exceeds the context length {self.context_length}")
+        req = _Req(rid, ids, int(sampling.get("max_tokens") or 16), hashing.chain(ids, self.block_size, payload.get("lora")))
+        self.waiting.append(req)
+        self.tracker.inflight += 1
+        self._wake.set()
+        try:
+            while True:
+                item = await req.out.get()
+                yield item
+                if item["finish_reason"] is not None:
+                    return
+        finally:
+            self.tracker.inflight -= 1
+            self._finish(req)
+
+    def _finish(self, req: _Req) -> None:
+        if self.running.pop(req.rid, None) is not None:
+            self.cache.release(req.held)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+
+    async def canary(self) -> None:
+        async for _ in self.generate({"request_id": f"canary-{time.monotonic()}", "token_ids": [0], "sampling": {"max_tokens": 1}}):
+            pass
+
+    # ---- the scheduler -----------------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            if not self.running and not self.waiting:
+                self._wake.clear()
+                await self._wake.wait()
+            prefill_tokens = self._admit()
+            self._publish_events()
+            self._serve_replay()
+            step = self.args.sim_decode_ms_per_step / 1000 + prefill_tokens * self.args.sim_prefill_us_per_token / 1e6
+            await asyncio.sleep(step)
+            for req in list(self.running.values()):
+                self._emit(req)
+            s = self.snapshot
+            s.running, s.waiting = len(self.running), len(self.waiting)
+            s.kv_usage = len(self.cache.ref) / max(1, self.cache.capacity)
+            s.updated = time.time()
+
+    def _admit(self) -> int:
+        tokens = 0
+        while self.waiting and len(self.running) < self.args.sim_max_num_seqs:
+            req = self.waiting[0]
+            hits = self.cache.acquire(req.keys, req.tokens, self.block_size)
+            if hits is None:
+                break  # no room until running requests finish
+            self.waiting.popleft()
+            req.held = list(req.keys)
+            req.cached_tokens = hits * self.block_size
+            self.snapshot.prefix_queries += len(req.tokens)
+            self.snapshot.prefix_hits += req.cached_tokens
+            tokens += len(req.tokens) - req.cached_tokens
+            self.running[req.rid] = req
+        return tokens
+
+    def _emit(self, req: _Req) -> None:
+        last = req.tokens[-3:]
+        tok = hash((tuple(last), len(req.tokens), req.generated)) % self.vocab
+        req.generated += 1
+        done = req.generated >= req.max_tokens
+        extra = {"prompt_tokens": len(req.tokens), "cached_tokens": req.cached_tokens} if req.generated == 1 else {}
+        req.out.put_nowait(protocol.delta(0, [tok], "length" if done else None, **extra))
+        if done:
+            self._finish(req)
+
+    def _publish_events(self) -> None:
+        if not self.cache.events:
+            return
+        events, self.cache.events = self.cache.events, []
+        if self._pub is None:
+            return
+        payload = msgpack.packb([time.time(), events, 0])
+        self._buffer.append((self._seq, payload))
+        self._pub.send_multipart([b"kv", self._seq.to_bytes(8, "big"), payload])
+        self._seq += 1
+
+    def _serve_replay(self) -> None:
+        """Answer replay requests the way vLLM's publisher does."""
+        if self._replay is None or not self._replay.poll(0):
+            return
+        client, _, start = self._replay.recv_multipart()
+        first = int.from_bytes(start, "big")
+        for seq, buf in self._buffer:
+            if seq >= first:
+                self._replay.send_multipart([client, b"", b"kv", seq.to_bytes(8, "big"), buf])
+        self._replay.send_multipart([client, b"", b"", (-1).to_bytes(8, "big", signed=True), b""])
+
+    def shutdown(self) -> None:
+        if self._task:
+            self._task.cancel()
+        for sock in (self._pub, self._replay):
+            if sock is not None:
+                sock.close(linger=0)

@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""dynvllm serve agg vs vLLM's own OpenAI server: same tiny model, same engine args, same load.
+
+Each system is started, loaded at concurrency 1, 8 and 32, and stopped, alternately, `--rounds`
+times in one run (the CPU engine busy-waits, so the two never run at once). Prints medians per
+system and the ratios. Run: .venv/bin/python scripts/bench_serve.py [--model PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import loadgen  # noqa: E402
+
+ENGINE = ["--enforce-eager", "--kv-cache-memory-bytes", str(256 << 20), "--block-size", "32", "--max-num-seqs", "64"]
+WORDS = "the a red blue cat dog tree river city road runs sees makes old new happy model cache".split()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(system: str, model: str, port: int, log) -> subprocess.Popen:
+    if system == "dynvllm":
+        cmd = [sys.executable, "-m", "dynvllm", "serve", "agg", "--model", model, "--served-model-name", "m",
+               "--http-host", "127.0.0.1", "--http-port", str(port), "--router", "round-robin", *ENGINE]
+    else:
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", "m",
+               "--host", "127.0.0.1", "--port", str(port), *ENGINE]
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("server exited during start-up")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as r:
+                if b'"m"' in r.read():
+                    return
+        except Exception:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("server did not start")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(60)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group (engine processes)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def bodies(n: int, max_tokens: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"model": "m", "prompt": " ".join(rng.choice(WORDS) for _ in range(100)), "max_tokens": max_tokens,
+             "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            for _ in range(n)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    args = ap.parse_args()
+    model = args.model
+    if not model:
+        from dynvllm.models.tiny import build_tiny_model
+
+        model = str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny"))
+    levels = [1, 8, 32]
+    table: dict[tuple[str, int], list[dict]] = {}
+    for rnd in range(args.rounds):
+        for system in ("dynvllm", "vllm"):
+            port = free_port()
+            with open(f"/tmp/bench_serve_{system}.log", "wb") as log:
+                proc = start(system, model, port, log)
+                try:
+                    wait_ready(port, proc)
+                    base = f"http://127.0.0.1:{port}"
+                    asyncio.run(loadgen.run(base, bodies(8, 8, 99), 8))  # warm-up
+                    for c in levels:
+                        res, elapsed = asyncio.run(loadgen.run(base, bodies(max(16, 2 * c), args.max_tokens, c), c))
+                        s = loadgen.summary(res, elapsed)
+                        table.setdefault((system, c), []).append(s)
+                        print(f"round {rnd} {system:8s} c={c:2d} " + " ".join(f"{k}={v:.1f}" for k, v in s.items()), flush=True)
+                finally:
+                    stop(proc)
+    print(f"\n{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cpus, tiny model, max_tokens {args.max_tokens}, "
+          f"medians of {args.rounds} rounds")
+    print("c   dynvllm tok/s   vllm tok/s   ratio   TTFT p50 d/v ms   TTFT p99 d/v ms   ITL p50 d/v ms")
+    for c in levels:
+        d = {k: statistics.median(x[k] for x in table[("dynvllm", c)]) for k in table[("dynvllm", c)][0]}
+        v = {k: statistics.median(x[k] for x in table[("vllm", c)]) for k in table[("vllm", c)][0]}
+        print(f"{c:<3d} {d['tok_s']:13.1f} {v['tok_s']:12.1f} {d['tok_s'] / v['tok_s']:7.2f}   "
+              f"{d['ttft_p50_ms']:6.1f}/{v['ttft_p50_ms']:<6.1f}     {d['ttft_p99_ms']:6.1f}/{v['ttft_p99_ms']:<6.1f}     "
+              f"{d['itl_p50_ms']:5.2f}/{v['itl_p50_ms']:<5.2f}")
+
+
+if __name__ == "__main__":
+    main()
