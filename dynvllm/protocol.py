@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 GENERATE = "generate"
+PREFILL = "prefill"
 HEALTH = "health"
 STATS = "stats"
 

@@ -12,7 +12,7 @@ import shlex
 from pathlib import Path
 from typing import ClassVar, Literal, Optional
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "DYN_"
@@ -78,6 +78,9 @@ class RouterSettings(_Group):
     router_prefill_weight: float = Field(1.0, ge=0, description="Cost of one uncached prompt block relative to one active block.")
     router_temperature: float = Field(0.0, ge=0, description="0 picks the cheapest worker; above 0 samples softmax(-cost/T).")
     router_approx_ttl: float = Field(120.0, gt=0, description="Seconds kv-approx assumes a routed prefix stays cached.")
+    disagg_min_prompt_tokens: int = Field(256, ge=0, description="Shorter prompts skip the prefill hop and run on the decode worker.")
+    disagg_max_cached_fraction: float = Field(
+        0.5, ge=0, le=1, description="Skip the prefill hop when the decode worker already caches more than this share of the prompt.")
 
 
 class WorkerSettings(_Group):
@@ -87,6 +90,20 @@ class WorkerSettings(_Group):
     rpc_port: int = Field(0, description="Port of the worker's stream server (0 picks a free one).")
     drain_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests get to finish on SIGTERM.")
     health_check_interval: float = Field(10.0, gt=0, description="Seconds between engine health canaries.")
+    connector: Optional[str] = Field(
+        None, description="KV connector(s) for prefill/decode roles, e.g. 'nixl' or 'nixl,lmcache' (default nixl).")
+    kv_transfer_config: Optional[str] = Field(None, description="vLLM KVTransferConfig as JSON; replaces --connector.")
+    prefill: int = Field(1, ge=0, le=256, description="Prefill workers `serve disagg` starts.")
+    decode: int = Field(1, ge=1, le=256, description="Decode workers `serve disagg` starts.")
+
+    @model_validator(mode="after")
+    def _one_kv_source(self) -> "WorkerSettings":
+        if self.connector is not None and self.kv_transfer_config is not None:
+            raise ValueError("give either --connector (DYN_CONNECTOR) or --kv-transfer-config (DYN_KV_TRANSFER_CONFIG), not both")
+        return self
+
+    def connectors(self) -> list[str]:
+        return [c for c in (self.connector or "nixl").replace(",", " ").split() if c]
 
     @field_validator("rpc_port")
     @classmethod
@@ -182,8 +199,11 @@ def explain(err: ValidationError) -> str:
     """Turn a pydantic error into lines naming the flag and environment variable to fix."""
     lines = []
     for e in err.errors():
-        field = str(e["loc"][-1]) if e["loc"] else "?"
         msg = e["msg"].removeprefix("Value error, ")
+        if not e["loc"]:  # a rule across fields: its message names the flags
+            lines.append(f"Invalid options: {msg}")
+            continue
+        field = str(e["loc"][-1])
         lines.append(f"Invalid {flag_name(field)} / {env_name(field)}: {msg} (got {e.get('input')!r})")
     return "\n".join(lines)
 

@@ -26,15 +26,16 @@ from dynvllm.settings import Settings
 @dataclass
 class Service:
     settings: Settings
-    role: str
+    roles: list[tuple[str, int]]  # (role, how many workers)
     with_frontend: bool = True
     nats: Optional[EmbeddedNats] = None
     frontend: Optional[subprocess.Popen] = None
     workers: list[subprocess.Popen] = field(default_factory=list)
     stop_requested: bool = False
 
-    def _spawn(self, *args: str) -> subprocess.Popen:
+    def _spawn(self, *args: str, env_extra: Optional[dict[str, str]] = None) -> subprocess.Popen:
         env = dict(os.environ)
+        env.update(env_extra or {})
         env[SETTINGS_ENV] = self.settings.to_json()
         return subprocess.Popen([sys.executable, "-m", "dynvllm.child", *args], env=env, preexec_fn=child_preexec)
 
@@ -52,8 +53,16 @@ class Service:
         state.record(rt.namespace, nats_url=rt.nats_url, http_port=self.settings.frontend.http_port if self.with_frontend else None)
         if self.with_frontend:
             self.frontend = self._spawn("frontend")
-        for _ in range(self.settings.worker.workers):
-            self.workers.append(self._spawn("worker", self.role))
+        total = sum(n for _, n in self.roles)
+        cores = sorted(os.sched_getaffinity(0))
+        for role, count in self.roles:
+            for _ in range(count):
+                extra = {}
+                if total > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+                    # vLLM's CPU backend binds every engine to the same automatically chosen core;
+                    # spread the workers of one host over its cores instead (GPU builds ignore it).
+                    extra["VLLM_CPU_OMP_THREADS_BIND"] = str(cores[len(self.workers) % len(cores)])
+                self.workers.append(self._spawn("worker", role, env_extra=extra))
 
     def http_url(self) -> str:
         fe = self.settings.frontend
@@ -79,6 +88,14 @@ class Service:
                 pass
             time.sleep(0.3)
         return False
+
+    def dead_workers(self) -> list[subprocess.Popen]:
+        return [p for p in self.workers if p.poll() is not None]
+
+    def fatal(self) -> bool:
+        """The service cannot serve any more: its frontend or all of its workers are gone."""
+        frontend_dead = self.frontend is not None and self.frontend.poll() is not None
+        return frontend_dead or len(self.dead_workers()) == len(self.workers)
 
     def dead_child(self) -> Optional[subprocess.Popen]:
         for p in [self.frontend, *self.workers]:

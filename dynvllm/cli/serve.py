@@ -31,18 +31,11 @@ def _check_engine_args(settings: Settings) -> None:
 
 
 def _serve_role(role_name: str, settings: Settings, no_frontend: bool) -> None:
-    from dynvllm import registry
     from dynvllm.runtime import state
 
-    try:
-        role = registry.load(registry.ROLES, role_name)
-    except registry.PluginError as exc:
-        raise _fail(str(exc)) from None
-    if not settings.engine.model:
-        raise _fail("no model: pass --model (a Hugging Face id or a local folder) or set DYN_MODEL")
-    _check_engine_args(settings)
+    role = _checked_roles(settings, [role_name])[0]
     if role.standalone and not no_frontend:
-        _run_service(settings, role_name)
+        _run_service(settings, [(role_name, settings.worker.workers)])
         return
     if not settings.runtime.nats_url:
         try:
@@ -54,7 +47,25 @@ def _serve_role(role_name: str, settings: Settings, no_frontend: bool) -> None:
     raise typer.Exit(run_worker(settings, role_name))
 
 
-def _run_service(settings: Settings, role_name: str) -> None:
+def _checked_roles(settings: Settings, names: list[str]) -> list:
+    """Load the roles and let them, the engine and vLLM judge the settings before anything starts."""
+    from dynvllm import registry
+
+    if not settings.engine.model:
+        raise _fail("no model: pass --model (a Hugging Face id or a local folder) or set DYN_MODEL")
+    roles = []
+    for name in names:
+        try:
+            role = registry.load(registry.ROLES, name)()
+            role.check(settings)
+        except (registry.PluginError, ValueError) as exc:
+            raise _fail(str(exc)) from None
+        roles.append(role)
+    _check_engine_args(settings)
+    return roles
+
+
+def _run_service(settings: Settings, roles: list[tuple[str, int]]) -> None:
     from rich.console import Console
     from rich.panel import Panel
 
@@ -69,7 +80,8 @@ def _run_service(settings: Settings, role_name: str) -> None:
         resolve_model(eng.model, eng.revision)
     except ModelNotFound as exc:
         raise _fail(str(exc)) from None
-    service = Service(settings, role_name)
+    service = Service(settings, roles)
+    what = " + ".join(f"{n} x {r}" for r, n in roles)
 
     def on_signal(signum: int, frame: object) -> None:
         service.stop_requested = True
@@ -79,20 +91,29 @@ def _run_service(settings: Settings, role_name: str) -> None:
     code = 0
     try:
         service.start()
-        with console.status(f"starting {settings.worker.workers} {role_name} worker(s) for {eng.model} ..."):
+        with console.status(f"starting {what} worker(s) for {eng.model} ..."):
             ready = service.wait_ready()
         if ready:
             name = eng.served_model_name or eng.model
             console.print(Panel.fit(
                 f"[bold]OpenAI API[/]  {service.http_url()}/v1\n[bold]model[/]       {name}\n"
-                f"[bold]workers[/]     {len(service.workers)} x {role_name}\n[bold]NATS[/]        {settings.runtime.nats_url}\n"
+                f"[bold]workers[/]     {what}\n[bold]NATS[/]        {settings.runtime.nats_url}\n"
                 f"[bold]router[/]      {settings.router.router}\n\nCtrl-C stops every process.",
                 title="dynvllm is serving", border_style="green"))
-            while not service.stop_requested and service.dead_child() is None:
+            reported: set[int] = set()
+            while not service.stop_requested:
                 time.sleep(0.3)
-        dead = service.dead_child()
-        if dead is not None and not service.stop_requested:
-            console.print(f"[bold red]a child process exited with code {dead.returncode}; stopping the service[/]")
+                for dead in service.dead_workers():
+                    if dead.pid not in reported:
+                        reported.add(dead.pid)
+                        console.print(f"[bold yellow]worker pid {dead.pid} exited with code {dead.returncode}; "
+                                      f"{len(service.workers) - len(reported)} worker(s) still serve[/]")
+                if service.fatal():
+                    console.print("[bold red]the frontend or every worker is gone; stopping the service[/]")
+                    code = 1
+                    break
+        elif not service.stop_requested:
+            console.print("[bold red]a process died during start-up; stopping the service[/]")
             code = 1
     finally:
         console.print("stopping ...")
@@ -107,6 +128,14 @@ def register(app: typer.Typer) -> None:
     app.add_typer(serve_app, name="serve")
     for role_name in registry.names(registry.ROLES):
         _add_role_command(serve_app, role_name)
+
+    @serve_app.command("disagg", context_settings=_EXTRA,
+                       help="Disaggregated service: NATS (unless --nats-url), the frontend, --prefill prefill workers and "
+                            "--decode decode workers exchanging KV through --connector. Unknown --options pass to vLLM.")
+    @with_settings("runtime", "frontend", "router", "worker", "engine")
+    def _disagg(ctx: typer.Context, settings: Settings) -> None:
+        _checked_roles(settings, ["prefill", "decode"])
+        _run_service(settings, [("prefill", settings.worker.prefill), ("decode", settings.worker.decode)])
 
 
 def _add_role_command(serve_app: typer.Typer, role_name: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from typing import Any, AsyncIterator, Optional
 
 from starlette.applications import Starlette
@@ -15,7 +14,7 @@ from starlette.routing import Route
 from dynvllm.frontend import openai_api as oa
 from dynvllm.frontend.metrics import FrontendMetrics
 from dynvllm.frontend.models import ModelEntry, ModelRegistry
-from dynvllm.frontend.pipeline import ChoiceDelta, Generation
+from dynvllm.frontend.pipeline import Generation
 from dynvllm.frontend.routing import Router
 from dynvllm.runtime.errors import BadRequest, InstanceLost, RemoteError
 from dynvllm.runtime.streams import StreamClientPool
@@ -187,7 +186,8 @@ class FrontendApp:
     @staticmethod
     def _route_headers(gen: Generation) -> dict[str, str]:
         return {"x-dynvllm-worker": gen.worker_id or "",
-                "x-dynvllm-predicted-cached-tokens": str(gen.overlap_blocks * gen.block_size)}
+                "x-dynvllm-predicted-cached-tokens": str(gen.overlap_blocks * gen.block_size),
+                "x-dynvllm-prefill": gen.prefill_outcome + (f":{gen.prefill_worker}" if gen.prefill_worker else "")}
 
     def _account(self, gen: Generation, status: str) -> None:
         name = gen.entry.name

@@ -18,6 +18,8 @@ class FrontendMetrics:
         self.output_tokens = Counter("dynvllm_output_tokens", "Generated tokens", ["model"], registry=r)
         self.prompt_tokens = Counter("dynvllm_prompt_tokens", "Prompt tokens", ["model"], registry=r)
         self.cached_tokens = Counter("dynvllm_cached_prompt_tokens", "Prompt tokens served from a prefix cache", ["model"], registry=r)
+        self.prefill = Counter("dynvllm_disagg_prefill", "Prefill hops by outcome (remote, skipped_short, "
+                               "skipped_cached, no_prefill_worker, failed, ...)", ["model", "outcome"], registry=r)
         self.routed = Counter("dynvllm_routed_requests", "Requests routed to each worker", ["model", "worker"], registry=r)
 
     def render(self) -> bytes:

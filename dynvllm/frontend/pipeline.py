@@ -6,6 +6,8 @@ gone, all choices stopped) cancels the worker stream, which aborts the engine re
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -15,8 +17,10 @@ from dynvllm import protocol
 from dynvllm.frontend.models import ModelEntry
 from dynvllm.frontend.routing import request_blocks
 from dynvllm.frontend.stops import StopMatcher
-from dynvllm.runtime.errors import BadRequest, InstanceLost
-from dynvllm.runtime.streams import StreamClientPool
+from dynvllm.runtime.errors import BadRequest, InstanceLost, RemoteError
+from dynvllm.runtime.streams import StreamClientPool, unary
+
+log = logging.getLogger("dynvllm.frontend")
 
 
 @dataclass
@@ -61,27 +65,72 @@ class Generation:
         self.block_size = int(entry.card.get("block_size") or 0)
         self.overlap_blocks = 0
         self.blocks = request_blocks(len(prompt_ids), self.block_size)
+        self.prefill_worker: Optional[str] = None
+        self.prefill_outcome = ""
 
-    def _pick(self, exclude: set[str]) -> Any:
-        candidates = [i for i in self.entry.instances if i not in exclude]
-        if not candidates:
-            raise InstanceLost(f"no live worker serves model {self.entry.name!r}")
-        iid, self.overlap_blocks = self.router.choose(candidates, self.prompt_ids, self.block_size, self.lora)
-        return self.entry.instances[iid]
+    def _serving(self, endpoint: str, exclude: set[str]) -> list[str]:
+        return [i for i, inst in self.entry.instances.items() if endpoint in inst.endpoints and i not in exclude]
 
-    async def _open(self) -> Any:
+    async def _connect(self, endpoint: str) -> tuple[Any, Any, int]:
+        """(instance, connection, predicted cached blocks) of the worker the router picks."""
         tried: set[str] = set()
         while True:
-            inst = self._pick(tried)
-            tried.add(inst.id)
+            candidates = self._serving(endpoint, tried)
+            if not candidates:
+                raise InstanceLost(f"no live worker serves {endpoint!r} for model {self.entry.name!r}")
+            iid, overlap = self.router.choose(candidates, self.prompt_ids, self.block_size, self.lora)
+            inst = self.entry.instances[iid]
+            tried.add(iid)
             try:
-                conn = await self.pool.get(inst.id, inst.host, inst.port)
+                return inst, await self.pool.get(inst.id, inst.host, inst.port), overlap
             except InstanceLost:
                 self.pool.drop(inst.id)
-                continue
-            self.worker_id = inst.id
-            req = protocol.generate_request(self.request_id, self.prompt_ids, self.sampling)
-            return conn.call(protocol.GENERATE, req)
+
+    async def _prefill(self, decode_overlap: int) -> Optional[dict]:
+        """kv_transfer_params from a prefill worker, or None: the decode worker computes the prompt.
+
+        Short prompts, prompts the decode worker mostly caches already, no prefill worker, and
+        a prefill that fails all fall back to the decode worker instead of failing the request.
+        """
+        rs = self.router.settings
+        outcome = "remote"
+        try:
+            if not self._serving(protocol.PREFILL, set()):
+                outcome = "no_prefill_worker"
+            elif len(self.prompt_ids) < rs.disagg_min_prompt_tokens:
+                outcome = "skipped_short"
+            elif decode_overlap * self.block_size > rs.disagg_max_cached_fraction * len(self.prompt_ids):
+                outcome = "skipped_cached"
+            if outcome != "remote":
+                return None
+            inst, conn, _ = await self._connect(protocol.PREFILL)
+            self.router.started(inst.id, self.blocks)
+            try:
+                req = protocol.generate_request(self.request_id + "-p", self.prompt_ids, self.sampling, self.lora)
+                result = await unary(conn, protocol.PREFILL, req, timeout=120)
+            finally:
+                self.router.finished(inst.id, self.blocks)
+            self.prefill_worker = inst.id
+            params = (result or {}).get("kv_transfer_params")
+            if not params:
+                outcome = "no_transfer_params"
+            return params
+        except (RemoteError, asyncio.TimeoutError) as exc:
+            outcome = "failed"
+            log.warning("prefill failed, the decode worker computes the prompt: %s", exc)
+            return None
+        finally:
+            self.prefill_outcome = outcome
+            self.metrics.prefill.labels(self.entry.name, outcome).inc()
+
+    async def _open(self) -> Any:
+        inst, conn, self.overlap_blocks = await self._connect(protocol.GENERATE)
+        self.worker_id = inst.id
+        kv_params = await self._prefill(self.overlap_blocks)
+        req = protocol.generate_request(self.request_id, self.prompt_ids, self.sampling, self.lora)
+        if kv_params:
+            req["kv_transfer_params"] = kv_params
+        return conn.call(protocol.GENERATE, req)
 
     async def run(self) -> AsyncIterator[ChoiceDelta]:
         done = [False] * self.n

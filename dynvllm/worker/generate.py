@@ -45,8 +45,11 @@ class GenerateHandler:
         from vllm.sampling_params import RequestOutputKind
 
         rid, ids, sampling = _check(payload)
+        kv_params = payload.get("kv_transfer_params")
+        extra_args = {"kv_transfer_params": kv_params} if kv_params else None
         try:
-            params = SamplingParams(**protocol.sampling_kwargs(sampling), output_kind=RequestOutputKind.DELTA)
+            params = SamplingParams(**protocol.sampling_kwargs(sampling), output_kind=RequestOutputKind.DELTA,
+                                    extra_args=extra_args)
         except (TypeError, ValueError) as exc:
             raise BadRequest(f"invalid sampling options: {exc}") from None
         lora = self.tracker.lora_request(payload.get("lora"))
@@ -64,6 +67,8 @@ class GenerateHandler:
                         first = False
                     if c.finish_reason is not None:
                         extra["stop_reason"] = c.stop_reason
+                        if out.kv_transfer_params:
+                            extra["kv_transfer_params"] = out.kv_transfer_params
                     lp = _logprobs(list(c.token_ids), c.logprobs, k) if k is not None else None
                     yield protocol.delta(c.index, list(c.token_ids), c.finish_reason, lp, **extra)
                 finished = out.finished

@@ -6,7 +6,7 @@ name. Role modules must not import vLLM at module level: the CLI may import them
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 if TYPE_CHECKING:
     from dynvllm.settings import Settings
@@ -20,10 +20,39 @@ class Role:
     standalone: bool = False
     #: Short description shown in `dynvllm serve --help`.
     description: str = ""
+    #: vLLM KV-transfer role ("kv_producer", "kv_consumer") when the role moves KV between engines.
+    kv_role: Optional[str] = None
+
+    def check(self, settings: "Settings") -> None:
+        """Raise ValueError if the settings cannot run this role (called before any process starts)."""
+        if self.kv_role:
+            from dynvllm.worker.connector import transfer_config
+
+            transfer_config(settings.worker.connectors(), self.kv_role, settings)
 
     def engine_overrides(self, settings: "Settings") -> dict[str, Any]:
-        """AsyncEngineArgs attributes this role sets (e.g. KV transfer configuration)."""
-        return {}
+        """AsyncEngineArgs attributes this role sets: the KV-transfer configuration, if any.
+
+        Also sets the environment the connectors need (side-channel ports): this runs in the
+        worker process right before its engine starts, and the engine processes inherit it.
+        """
+        if not self.kv_role:
+            return {}
+        import os
+
+        from vllm.config import KVTransferConfig
+
+        from dynvllm.worker.connector import transfer_config
+
+        cfg, env, _ = transfer_config(settings.worker.connectors(), self.kv_role, settings)
+        os.environ.update(env)
+        if cfg is None:
+            return {}
+        overrides: dict[str, Any] = {"kv_transfer_config": KVTransferConfig(**cfg)}
+        if (settings.engine.tensor_parallel_size or 1) == 1 and "--distributed-executor-backend" not in settings.vllm_argv():
+            # NIXL's hand-shake stalls behind the GIL with the in-process executor.
+            overrides["distributed_executor_backend"] = "mp"
+        return overrides
 
     def handlers(self, worker: "Worker") -> dict[str, Callable]:
         """Endpoints this role serves, by name."""

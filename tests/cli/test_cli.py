@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -92,3 +91,36 @@ def test_every_router_policy_is_selectable(policy):
 def test_unknown_router_policy_is_rejected():
     r = runner.invoke(app, ["serve", "agg", "--model", "m", "--router", "fastest"])
     assert r.exit_code == 2 and "--router" in r.output and "kv-approx" in r.output
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--kv-transfer-config", "{bad"], ["--kv-transfer-config", "not valid JSON"]),
+    (["--connector", "nixl", "--kv-transfer-config", "{}"], ["--connector", "--kv-transfer-config", "not both"]),
+    (["--connector", "warp"], ["no connector plugin named 'warp'", "nixl", "lmcache"]),
+    (["--connector", "lmcache"], ["lmcache", "pip install lmcache"]),
+    (["--connector", "kvbm"], ["kvbm", "pip install kvbm"]),
+])
+def test_kv_connector_errors_are_clear(args, needles):
+    r = runner.invoke(app, ["serve", "prefill", "--model", "m", "--nats-url", "nats://127.0.0.1:1", *args])
+    assert r.exit_code == 2, r.output
+    flat = " ".join(r.output.split())
+    for needle in needles:
+        assert needle in flat, flat
+
+
+def test_connectors_build_vllm_transfer_configs():
+    from dynvllm.settings import build_settings
+    from dynvllm.worker.connector import transfer_config
+
+    s = build_settings({"worker": {"connector": "nixl"}})
+    cfg, env, produces = transfer_config(s.worker.connectors(), "kv_producer", s)
+    assert cfg == {"kv_connector": "NixlConnector", "kv_role": "kv_producer", "kv_buffer_device": "cpu"}
+    assert produces and int(env["VLLM_NIXL_SIDE_CHANNEL_PORT"]) > 0
+    s = build_settings({"worker": {"connector": "nixl,example"}})
+    cfg, _, _ = transfer_config(s.worker.connectors(), "kv_consumer", s)
+    assert cfg["kv_connector"] == "MultiConnector"
+    assert [c["kv_connector"] for c in cfg["kv_connector_extra_config"]["connectors"]] == ["NixlConnector", "ExampleConnector"]
+    s = build_settings({"worker": {"connector": "none"}})
+    assert transfer_config(s.worker.connectors(), "kv_consumer", s)[0] is None
+    s = build_settings({"worker": {"kv_transfer_config": '{"kv_connector": "X", "kv_role": "kv_both"}'}})
+    assert transfer_config(s.worker.connectors(), "kv_producer", s)[0] == {"kv_connector": "X", "kv_role": "kv_both"}

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import threading
-import time
 
 import httpx
-import psutil
 
 from dynvllm.runtime import nats as natsrt
 from dynvllm.runtime.discovery import Watcher

@@ -1,13 +1,12 @@
-"""No KV transfer: the engine computes every prompt itself."""
+"""No KV transfer: each engine computes its prompts itself."""
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
+from dynvllm.worker.connector import Connector
 
-class NoConnector:
-    produces_transfer_params = False
-    package: Optional[str] = None
 
-    def kv_transfer_config(self, kv_role: str, settings: Any) -> Optional[dict]:
+class NoConnector(Connector):
+    def vllm_config(self, kv_role: str, settings: Any) -> Optional[dict]:
         return None

@@ -1,0 +1,39 @@
+"""NIXL: prefill engines hand KV blocks to decode engines (UCX; CPU buffers on CPU hosts)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+from dynvllm.worker.connector import Connector
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+class NixlConnector(Connector):
+    produces_transfer_params = True
+    package = "nixl"
+    install_hint = "nixl==1.5.1 nixl-cu12==1.5.1 --no-deps"
+
+    def vllm_config(self, kv_role: str, settings: Any) -> Optional[dict]:
+        return {"kv_connector": "NixlConnector", "kv_role": kv_role,
+                "kv_buffer_device": "cuda" if _has_gpu() else "cpu"}
+
+    def worker_env(self, kv_role: str) -> dict[str, str]:
+        # Each engine needs its own side channel; pick a free one unless the operator fixed it.
+        return {"VLLM_NIXL_SIDE_CHANNEL_PORT": os.environ.get("VLLM_NIXL_SIDE_CHANNEL_PORT") or str(_free_port())}

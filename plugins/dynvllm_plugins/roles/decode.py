@@ -1,0 +1,17 @@
+"""Decode role: generates from KV a prefill worker computed (KV consumer); computes the prompt
+itself when no prefill result comes with the request."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from dynvllm import protocol
+from dynvllm.worker.role import Role
+
+
+class DecodeRole(Role):
+    description = "Decode worker: generates from KV handed over by prefill workers."
+    kv_role = "kv_consumer"
+
+    def handlers(self, worker: Any) -> dict[str, Callable]:
+        return {protocol.GENERATE: worker.generate_handler()}

@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""Router cost: KV-event ingest rate and decision latency at scale (pure router code).
+
+Builds an index of --workers workers holding --blocks blocks in total (prefix trees of shared
+system prompts plus unique tails, as BlockStored events), then times decisions for --prompt-token
+prompts, half of which share a cached prefix. Run: .venv/bin/python scripts/bench_router_cost.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import time
+
+from dynvllm.frontend.routing import Router
+from dynvllm.runtime.kv_topic import KvEventBatch
+from dynvllm.settings import RouterSettings
+
+BS = 32
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workers", type=int, default=1024)
+    ap.add_argument("--blocks", type=int, default=1_000_000)
+    ap.add_argument("--prompt-tokens", type=int, default=4096)
+    ap.add_argument("--decisions", type=int, default=2000)
+    args = ap.parse_args()
+    rng = random.Random(0)
+    router = Router(RouterSettings(router="kv"))
+    shared = [[rng.randrange(500) for _ in range(2048)] for _ in range(64)]  # system prompts
+    per_event = args.prompt_tokens // BS
+    batches = []
+    blocks = 0
+    seq: dict[str, int] = {}
+    while blocks < args.blocks:
+        w = f"w{rng.randrange(args.workers)}"
+        base = shared[rng.randrange(len(shared))][: BS * rng.randrange(1, 64)]
+        tokens = base + [rng.randrange(500) for _ in range(args.prompt_tokens - len(base))]
+        n = len(tokens) // BS
+        hashes = [rng.getrandbits(63) for _ in range(n)]
+        seq[w] = seq.get(w, 0) + 1
+        batches.append(KvEventBatch(w, 0, seq[w], [["stored", hashes, None, tokens[: n * BS], BS, None]]))
+        blocks += n
+    t0 = time.perf_counter()
+    for b in batches:
+        router.on_kv_events(b)
+    ingest = blocks / (time.perf_counter() - t0)
+    candidates = [f"w{i}" for i in range(args.workers)]
+    for c in candidates:
+        router.active_blocks[c] = rng.randrange(0, 200)
+    lat = []
+    for i in range(args.decisions):
+        if i % 2:
+            base = shared[rng.randrange(len(shared))][: BS * 40]
+        else:
+            base = []
+        prompt = base + [rng.randrange(500) for _ in range(args.prompt_tokens - len(base))]
+        t = time.perf_counter()
+        router.choose(candidates, prompt, BS)
+        lat.append((time.perf_counter() - t) * 1000)
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cpus: {args.workers} workers, "
+          f"{router.index.block_count():,} indexed blocks, {args.prompt_tokens}-token prompts")
+    print(f"ingest {ingest:,.0f} blocks/s; decision p50 {pct(lat, 0.5):.3f} ms, p99 {pct(lat, 0.99):.3f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Disaggregated serving with real vLLM-CPU engines and real NIXL transfers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from dynvllm.cli.status import collect
+from dynvllm.runtime import nats as natsrt
+from dynvllm.runtime import state
+from dynvllm.settings import build_settings
+from tests.helpers import ENGINE_ARGS, Proc, free_port, wait_gone, wait_http
+
+_S = [
+    "the cat sees a dog and the bird finds a tree near the old river where the city road runs and the model cache",
+    "why is the router slow when the worker makes a new stream and the engine takes nine blocks of the prefix data",
+    "red blue green fish jump over the happy mountain then the small house sleeps while seven old birds eat",
+]
+# Each well over the 40-token threshold the tests set for the prefill hop.
+LONG = [" ".join(_S[i:] + _S[:i]) for i in range(3)]
+SHORT = "the cat"
+
+
+def reference(model: Path, prompts: list[str], max_tokens: int = 16) -> list[str]:
+    reqs = [{"kind": "completion", "input": p, "params": {"max_tokens": max_tokens, "temperature": 0}} for p in prompts]
+    script = Path(__file__).resolve().parents[1] / "offline_reference.py"
+    res = subprocess.run([sys.executable, str(script), str(model), json.dumps(reqs)], capture_output=True, text=True,
+                         timeout=600)
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("REFERENCE ")]
+    assert line, res.stderr[-3000:]
+    return [texts[0] for texts in json.loads(line[0][len("REFERENCE "):])]
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model):
+    return dict(zip(LONG + [SHORT], reference(tiny_model, LONG + [SHORT])))
+
+
+@pytest.fixture(scope="module")
+def disagg(tiny_model, tmp_path_factory, expected):
+    # `expected` first: vLLM's offline reference runs before the service's engines take the cores.
+    port = free_port()
+    proc = Proc(["serve", "disagg", "--model", str(tiny_model), "--served-model-name", "tiny", "--prefill", "1",
+                 "--decode", "1", "--connector", "nixl", "--disagg-min-prompt-tokens", "40", "--http-host", "127.0.0.1",
+                 "--http-port", str(port), "--namespace", "dis", *ENGINE_ARGS], tmp_path_factory.mktemp("dis") / "serve.log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", lambda b: b.get("workers") == 2, proc, timeout=400)
+        yield f"http://127.0.0.1:{port}", proc
+    finally:
+        proc.stop()
+
+
+def _complete(url: str, prompt: str, **kw) -> httpx.Response:
+    r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 16,
+                                                  "temperature": 0, **kw}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r
+
+
+def test_disagg_equals_agg_token_for_token(disagg, expected):
+    url, _ = disagg
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    for prompt in LONG:
+        r = _complete(url, prompt)
+        assert r.headers["x-dynvllm-prefill"].startswith("remote:")
+        assert r.json()["choices"][0]["text"] == expected[prompt]
+        stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in stream if c.choices) == expected[prompt]
+
+
+def test_short_prompt_bypasses_prefill(disagg, expected):
+    url, _ = disagg
+    r = _complete(url, SHORT)
+    assert r.headers["x-dynvllm-prefill"] == "skipped_short"
+    assert r.json()["choices"][0]["text"] == expected[SHORT]
+    metrics = httpx.get(url + "/metrics").text
+    assert 'dynvllm_disagg_prefill_total{model="tiny",outcome="skipped_short"}' in metrics
+    assert 'dynvllm_disagg_prefill_total{model="tiny",outcome="remote"}' in metrics
+
+
+def test_16_concurrent_streams(disagg, expected):
+    url, _ = disagg
+    prompts = [LONG[i % 3] for i in range(16)]
+
+    async def main() -> list[str]:
+        ac = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+
+        async def one(p: str) -> str:
+            s = await ac.completions.create(model="tiny", prompt=p, max_tokens=16, temperature=0, stream=True)
+            return "".join([c.choices[0].text async for c in s if c.choices])
+
+        try:
+            return await asyncio.gather(*(one(p) for p in prompts))
+        finally:
+            await ac.close()
+
+    assert asyncio.run(main()) == [expected[p] for p in prompts]
+
+
+def test_killing_the_prefill_worker_under_load_falls_back(disagg, expected):
+    url, _ = disagg
+    rows = natsrt.run(collect(build_settings({"runtime": {"nats_url": state.resolve_nats_url(None, "dis"),
+                                                            "namespace": "dis"}}), wait=0.6))
+    prefill = [r for r in rows if r["role"] == "prefill"]
+    assert len(prefill) == 1
+    victim = psutil.Process(prefill[0]["pid"])
+    family = [victim.pid] + [c.pid for c in victim.children(recursive=True)]
+    results: list = []
+
+    def load() -> None:
+        for i in range(6):
+            p = LONG[i % 3]
+            try:
+                r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": p, "max_tokens": 16,
+                                                              "temperature": 0}, timeout=120)
+                results.append((p, r.status_code, r.json()))
+            except Exception as exc:  # recorded, asserted below
+                results.append((p, 0, str(exc)))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    while len(results) < 2:
+        threading.Event().wait(0.05)
+    victim.send_signal(signal.SIGKILL)
+    for t in threads:
+        t.join(300)
+    assert len(results) == 24
+    for p, status, body in results:
+        assert status == 200, body
+        assert body["choices"][0]["text"] == expected[p]
+    assert wait_gone(family, 20) == []
+    after = _complete(url, LONG[0])  # the decode worker computes prompts itself now
+    assert after.headers["x-dynvllm-prefill"] in ("no_prefill_worker", "failed")
+    assert after.json()["choices"][0]["text"] == expected[LONG[0]]
