@@ -33,9 +33,8 @@ class Service:
     workers: list[subprocess.Popen] = field(default_factory=list)
     stop_requested: bool = False
 
-    def _spawn(self, *args: str, env_extra: Optional[dict[str, str]] = None) -> subprocess.Popen:
+    def _spawn(self, *args: str) -> subprocess.Popen:
         env = dict(os.environ)
-        env.update(env_extra or {})
         env[SETTINGS_ENV] = self.settings.to_json()
         return subprocess.Popen([sys.executable, "-m", "dynvllm.child", *args], env=env, preexec_fn=child_preexec)
 
@@ -53,16 +52,9 @@ class Service:
         state.record(rt.namespace, nats_url=rt.nats_url, http_port=self.settings.frontend.http_port if self.with_frontend else None)
         if self.with_frontend:
             self.frontend = self._spawn("frontend")
-        total = sum(n for _, n in self.roles)
-        cores = sorted(os.sched_getaffinity(0))
         for role, count in self.roles:
             for _ in range(count):
-                extra = {}
-                if total > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-                    # vLLM's CPU backend binds every engine to the same automatically chosen core;
-                    # spread the workers of one host over its cores instead (GPU builds ignore it).
-                    extra["VLLM_CPU_OMP_THREADS_BIND"] = str(cores[len(self.workers) % len(cores)])
-                self.workers.append(self._spawn("worker", role, env_extra=extra))
+                self.workers.append(self._spawn("worker", role))
 
     def http_url(self) -> str:
         fe = self.settings.frontend

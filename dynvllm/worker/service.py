@@ -56,7 +56,7 @@ class Worker:
         s = self.snapshot
         return {"inflight": self.engine.tracker.inflight, "running": s.running, "waiting": s.waiting,
                 "kv_usage": s.kv_usage, "prefix_queries": s.prefix_queries, "prefix_hits": s.prefix_hits,
-                "kv_events_relayed": self.relay.relay_seq if self.relay else 0}
+                "kv_events_relayed": self.relay.relay_seq if self.relay else 0, "kv_transfer": s.kv_transfer}
 
     # ---- lifecycle --------------------------------------------------------------------
     def _build_engine(self) -> None:

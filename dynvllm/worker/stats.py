@@ -14,6 +14,21 @@ class SchedulerSnapshot:
         self.updated = 0.0
         self.prefix_queries = 0
         self.prefix_hits = 0
+        # KV-connector counters (e.g. NIXL transfers), summed over engine steps: key -> [count, sum].
+        self.kv_transfer: dict[str, list[float]] = {}
+
+    def add_connector_stats(self, stats: Any) -> None:
+        """Accumulate every numeric series a connector reports, whatever its name or nesting."""
+        if isinstance(stats, dict):
+            for key, value in stats.items():
+                if isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
+                    entry = self.kv_transfer.setdefault(str(key), [0, 0.0])
+                    entry[0] += len(value)
+                    entry[1] += float(sum(value))
+                else:
+                    self.add_connector_stats(value)
+        elif hasattr(stats, "data"):
+            self.add_connector_stats(stats.data)
 
 
 def stat_logger_factory(snapshot: SchedulerSnapshot) -> Any:
@@ -34,6 +49,8 @@ def stat_logger_factory(snapshot: SchedulerSnapshot) -> Any:
             if pcs is not None:
                 snapshot.prefix_queries += getattr(pcs, "queries", 0)
                 snapshot.prefix_hits += getattr(pcs, "hits", 0)
+            if getattr(scheduler_stats, "kv_connector_stats", None):
+                snapshot.add_connector_stats(scheduler_stats.kv_connector_stats)
             snapshot.updated = time.time()
 
         def log_engine_initialized(self) -> None:

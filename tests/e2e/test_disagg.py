@@ -78,6 +78,39 @@ def test_disagg_equals_agg_token_for_token(disagg, expected):
         assert "".join(c.choices[0].text for c in stream if c.choices) == expected[prompt]
 
 
+def _decode_transfers(url: str) -> dict:
+    from dynvllm.runtime.streams import Connection, unary
+
+    async def main() -> dict:
+        s = build_settings({"runtime": {"nats_url": state.resolve_nats_url(None, "dis"), "namespace": "dis"}})
+        row = next(r for r in await collect(s, wait=0.5) if r["role"] == "decode")
+        host, port = row["address"].split(":")
+        conn = Connection(host, int(port), row["id"])
+        await conn.open()
+        try:
+            return (await unary(conn, "stats", None))["kv_transfer"]
+        finally:
+            await conn.close()
+
+    return natsrt.run(main())
+
+
+def test_kv_really_moves_through_nixl(disagg, expected):
+    """NIXL's own transfer counters on the decode engine grow with remote prefills only."""
+    url, _ = disagg
+    before = _decode_transfers(url)
+    fresh = " ".join(reversed(LONG[1].split()))  # shares no prefix with anything cached so far
+    r = _complete(url, fresh)
+    assert r.headers["x-dynvllm-prefill"].startswith("remote:")
+    middle = _decode_transfers(url)
+    moved = middle["bytes_transferred"][1] - before.get("bytes_transferred", [0, 0.0])[1]
+    assert moved > 0 and middle["transfer_duration"][0] > before.get("transfer_duration", [0, 0])[0]
+    _complete(url, SHORT)  # bypass: nothing may move
+    after = _decode_transfers(url)
+    assert after["bytes_transferred"] == middle["bytes_transferred"]
+    assert after.get("num_failed_transfers", [0, 0])[0] == 0
+
+
 def test_short_prompt_bypasses_prefill(disagg, expected):
     url, _ = disagg
     r = _complete(url, SHORT)
