@@ -104,48 +104,48 @@ class FrontendApp:
             raise oa.APIError(400, f"token id {bad[0]} is out of range for a vocabulary of {vocab}", param="prompt")
 
     async def chat(self, request: Request) -> Response:
-        model = "?"
-        try:
-            req = oa.parse(oa.ChatRequest, await self._body(request))
-            model = req.model
-            entry = await self._entry(req.model)
-            tok = entry.tokenizer
-            assert tok is not None
-            try:
-                text = tok.apply_chat_template([{"role": m.role, "content": m.text()} for m in req.messages],
-                                               add_generation_prompt=req.add_generation_prompt)
-            except oa.APIError:
-                raise
-            except Exception as exc:
-                raise oa.APIError(400, f"cannot apply the chat template: {exc}", param="messages") from None
-            ids = tok.encode(text, add_special_tokens=False)
-            self._check_tokens(entry, ids)
-            max_tokens = self._budget(entry, len(ids), req.wanted_max_tokens())
-            gen = self._generation(entry, ids, req, max_tokens)
-        except oa.APIError as exc:
-            self.metrics.requests.labels(model, str(exc.status)).inc()
-            return _error(exc)
-        return await self._respond(gen, req, "chat")
+        return await self._serve(request, oa.ChatRequest, "chat", self._chat_ids)
 
     async def completions(self, request: Request) -> Response:
+        return await self._serve(request, oa.CompletionRequest, "completion", self._completion_ids)
+
+    @staticmethod
+    def _chat_ids(entry: ModelEntry, req: oa.ChatRequest) -> list[int]:
+        tok = entry.tokenizer
+        assert tok is not None
+        try:
+            text = tok.apply_chat_template([{"role": m.role, "content": m.text()} for m in req.messages],
+                                           add_generation_prompt=req.add_generation_prompt)
+        except oa.APIError:
+            raise
+        except Exception as exc:
+            raise oa.APIError(400, f"cannot apply the chat template: {exc}", param="messages") from None
+        return tok.encode(text, add_special_tokens=False)
+
+    @staticmethod
+    def _completion_ids(entry: ModelEntry, req: oa.CompletionRequest) -> list[int]:
+        prompts = req.prompts()
+        if len(prompts) != 1:
+            raise oa.APIError(400, "send one prompt per request (batched prompts are not supported)", param="prompt")
+        p = prompts[0]
+        assert entry.tokenizer is not None
+        return entry.tokenizer.encode(p) if isinstance(p, str) else list(p)
+
+    async def _serve(self, request: Request, model_cls: type, kind: str, to_ids: Any) -> Response:
+        """Parse, tokenize, check and budget a request, then stream or answer it."""
         model = "?"
         try:
-            req = oa.parse(oa.CompletionRequest, await self._body(request))
+            req = oa.parse(model_cls, await self._body(request))
             model = req.model
             entry = await self._entry(req.model)
-            prompts = req.prompts()
-            if len(prompts) != 1:
-                raise oa.APIError(400, "send one prompt per request (batched prompts are not supported)", param="prompt")
-            p = prompts[0]
-            assert entry.tokenizer is not None
-            ids = entry.tokenizer.encode(p) if isinstance(p, str) else list(p)
+            ids = to_ids(entry, req)
             self._check_tokens(entry, ids)
             max_tokens = self._budget(entry, len(ids), req.wanted_max_tokens())
             gen = self._generation(entry, ids, req, max_tokens)
         except oa.APIError as exc:
             self.metrics.requests.labels(model, str(exc.status)).inc()
             return _error(exc)
-        return await self._respond(gen, req, "completion")
+        return await self._respond(gen, req, kind)
 
     def _generation(self, entry: ModelEntry, ids: list[int], req: Any, max_tokens: int) -> Generation:
         return Generation(self.pool, self.router, entry, ids, req.sampling(max_tokens), req.stops(),
