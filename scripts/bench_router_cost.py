@@ -14,6 +14,7 @@ import random
 import time
 
 from dynvllm.frontend.routing import Router
+from dynvllm.router.index import tune_gc
 from dynvllm.runtime.kv_topic import KvEventBatch
 from dynvllm.settings import RouterSettings
 
@@ -33,6 +34,7 @@ def main() -> None:
     ap.add_argument("--decisions", type=int, default=2000)
     args = ap.parse_args()
     rng = random.Random(0)
+    tune_gc()  # as the frontend does when it routes by KV
     router = Router(RouterSettings(router="kv"))
     shared = [[rng.randrange(500) for _ in range(2048)] for _ in range(64)]  # system prompts
     per_event = args.prompt_tokens // BS

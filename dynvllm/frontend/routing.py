@@ -45,8 +45,7 @@ class Router:
             if now >= self._next_expiry:
                 self.index.expire(now)
                 self._next_expiry = now + 1.0
-        load = {(c, 0): self.active_blocks.get(c, 0.0) for c in candidates}
-        decision = self.kv_policy.choose([(c, 0) for c in candidates], keys, load)
+        decision = self.kv_policy.choose([(c, 0) for c in candidates], keys, self.active_blocks)
         iid = decision.worker[0]
         if self.policy_name == "kv-approx":
             self.index.predict(decision.worker, keys, self.settings.router_approx_ttl)

@@ -27,6 +27,10 @@ async def serve_frontend(settings: Settings) -> int:
     models = ModelRegistry(watcher)
     pool = StreamClientPool()
     router = Router(settings.router)
+    if router.kv:
+        from dynvllm.router.index import tune_gc
+
+        tune_gc()
 
     # A worker that says goodbye is draining: its open streams finish, new requests go elsewhere.
     # One whose lease expired may be unreachable without a reset: fail its streams now.

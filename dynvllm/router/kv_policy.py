@@ -31,23 +31,22 @@ class KvPolicy:
         self._rng = random.Random(seed)
         self._rr = itertools.count()
 
-    def costs(self, candidates: Sequence[Worker], keys: list[int], load_blocks: dict[Worker, float]) -> dict[Worker, tuple[float, int]]:
+    def choose(self, candidates: Sequence[Worker], keys: list[int], load_blocks: dict[str, float]) -> Decision:
+        """`load_blocks` is keyed by instance id (a worker's first element). One pass over the
+        candidates: this runs for every request, with up to thousands of workers."""
         overlaps = self.index.overlaps(keys)
-        n = len(keys)
-        return {w: (self.prefill_weight * (n - overlaps.get(w, 0)) + load_blocks.get(w, 0.0), overlaps.get(w, 0))
-                for w in candidates}
-
-    def choose(self, candidates: Sequence[Worker], keys: list[int], load_blocks: dict[Worker, float]) -> Decision:
-        costs = self.costs(candidates, keys, load_blocks)
+        n, weight = len(keys), self.prefill_weight
+        get_overlap, get_load = overlaps.get, load_blocks.get
+        costs = [weight * (n - get_overlap(w, 0)) + get_load(w[0], 0.0) for w in candidates]
         if self.temperature > 0:
-            low = min(c for c, _ in costs.values())
-            weights = [math.exp(-(costs[w][0] - low) / self.temperature) for w in candidates]
-            w = self._rng.choices(list(candidates), weights)[0]
-            return Decision(w, costs[w][1], costs[w][0])
-        best = min(c for c, _ in costs.values())
-        tied = [w for w in candidates if costs[w][0] == best]
+            low = min(costs)
+            weights = [math.exp(-(c - low) / self.temperature) for c in costs]
+            i = self._rng.choices(range(len(candidates)), weights)[0]
+            return Decision(candidates[i], get_overlap(candidates[i], 0), costs[i])
+        best = min(costs)
+        tied = [i for i, c in enumerate(costs) if c == best]
         if len(tied) > 1:
-            least = min(load_blocks.get(w, 0.0) for w in tied)
-            tied = sorted(w for w in tied if load_blocks.get(w, 0.0) == least)
-        w = tied[next(self._rr) % len(tied)]
-        return Decision(w, costs[w][1], costs[w][0])
+            least = min(get_load(candidates[i][0], 0.0) for i in tied)
+            tied = sorted((i for i in tied if get_load(candidates[i][0], 0.0) == least), key=lambda i: candidates[i])
+        i = tied[next(self._rr) % len(tied)]
+        return Decision(candidates[i], get_overlap(candidates[i], 0), costs[i])

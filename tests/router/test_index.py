@@ -93,7 +93,7 @@ def test_choice_is_the_brute_force_minimum(stored, query, load, weight):
         if ev:
             index.apply(w, ev)
     keys = hashing.chain(query, BS)
-    decision = KvPolicy(index, prefill_weight=weight).choose(WORKERS, keys, {k: float(v) for k, v in load.items()})
+    decision = KvPolicy(index, prefill_weight=weight).choose(WORKERS, keys, {k[0]: float(v) for k, v in load.items()})
     brute = {w: weight * (len(keys) - oracle_overlap(set(engines[w].blocks), query)) + load.get(w, 0) for w in WORKERS}
     assert abs(decision.cost - min(brute.values())) < 1e-9
     assert abs(brute[decision.worker] - min(brute.values())) < 1e-9
