@@ -37,7 +37,6 @@ def main() -> None:
     tune_gc()  # as the frontend does when it routes by KV
     router = Router(RouterSettings(router="kv"))
     shared = [[rng.randrange(500) for _ in range(2048)] for _ in range(64)]  # system prompts
-    per_event = args.prompt_tokens // BS
     batches = []
     blocks = 0
     seq: dict[str, int] = {}

@@ -82,6 +82,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=8.0, help="Poisson arrivals per second")
     ap.add_argument("--model")
     ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--kv-blocks", type=int, default=512,
+                    help="KV capacity per worker in 32-token blocks: below the working set, routing decides hits")
     args = ap.parse_args()
     model = args.model
     if not model:
@@ -91,8 +93,10 @@ def main() -> None:
     vocab = 500
     ns = f"bench{os.getpid()}"
     port = free_port()
-    engine_args = (["--enforce-eager", "--kv-cache-memory-bytes", str(96 << 20), "--block-size", "32"]
-                   if args.engine == "vllm" else ["--block-size", "32", "--sim-kv-blocks", "512"])
+    # Tiny model: 2 layers x (K+V) x 1 KV head x 64 dims x 2 bytes = 512 bytes per token.
+    engine_args = (["--enforce-eager", "--kv-cache-memory-bytes", str(args.kv_blocks * 32 * 512), "--block-size", "32",
+                    "--max-model-len", "2048"]
+                   if args.engine == "vllm" else ["--block-size", "32", "--sim-kv-blocks", str(args.kv_blocks)])
     log = open("/tmp/bench_routing_serve.log", "wb")
     serve = subprocess.Popen([sys.executable, "-m", "dynvllm", "serve", "agg", "--model", model, "--served-model-name", "m",
                               "--workers", str(args.workers), "--engine", args.engine, "--namespace", ns,
@@ -134,6 +138,7 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             os.killpg(serve.pid, signal.SIGKILL)
     print(f"\n{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cpus, engine {args.engine} x {args.workers}, "
+          f"{args.kv_blocks} KV blocks each, "
           f"{args.groups} groups x {args.prefix}+{args.suffix} tokens, {args.requests} requests at {args.rate}/s (Poisson)")
     rr = next((r for r in rows if r["policy"] == "round-robin"), None)
     print("policy        ok   hit rate  of oracle  TTFT p50 ms  TTFT p99 ms  p50 vs round-robin")

@@ -24,6 +24,13 @@ class Result:
 
 
 async def one(session, url: str, body: dict) -> Result:
+    try:
+        return await _one(session, url, body)
+    except Exception:  # a failed request counts as not ok; the run goes on
+        return Result()
+
+
+async def _one(session, url: str, body: dict) -> Result:
     res = Result()
     t0 = time.perf_counter()
     last = None

@@ -45,6 +45,7 @@ async def serve_frontend(settings: Settings) -> int:
     frontend = FrontendApp(models, pool, router, fe.max_request_bytes)
     config = uvicorn.Config(frontend.app, host=fe.http_host, port=fe.http_port, log_level="warning",
                             access_log=False, loop="none", http="httptools", timeout_graceful_shutdown=60,
+                            timeout_keep_alive=75,  # outlive typical client pools; 5 s races with reuse
                             lifespan="off")
     server = uvicorn.Server(config)
     loop = asyncio.get_running_loop()
