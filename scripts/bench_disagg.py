@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import loadgen  # noqa: E402
 from bench_routing import wait_workers  # noqa: E402
-from bench_serve import free_port  # noqa: E402
+from bench_serve import free_port, stop  # noqa: E402
 
 ENGINE = ["--enforce-eager", "--kv-cache-memory-bytes", str(256 << 20), "--block-size", "32"]
 
@@ -55,22 +55,18 @@ def start(args: list[str], ns: str, port: int, log) -> subprocess.Popen:
                              "--http-port", str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def stop(p: subprocess.Popen) -> None:
-    p.send_signal(signal.SIGINT)
-    try:
-        p.wait(120)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model")
     ap.add_argument("--long", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
-    model = args.model or str(__import__("dynvllm.models.tiny", fromlist=["x"]).build_tiny_model(Path(tempfile.mkdtemp()) / "t"))
+    if args.model:
+        model = args.model
+    else:
+        from dynvllm.models.tiny import build_tiny_model
+
+        model = str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny"))
     log = open("/tmp/bench_disagg.log", "wb")
     results: dict[str, list[dict]] = {"agg": [], "disagg": []}
     for rnd in range(args.rounds):
