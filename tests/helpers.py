@@ -14,6 +14,8 @@ from typing import Optional
 
 import psutil
 
+from dynvllm.process import child_preexec  # own group, and SIGTERM if the test runner dies
+
 ENGINE_ARGS = ["--enforce-eager", "--kv-cache-memory-bytes", str(128 << 20), "--block-size", "32"]
 
 
@@ -33,7 +35,7 @@ class Proc:
         self.fh = open(log, "wb")
         full_env = {**os.environ, **(env or {})}
         self.p = subprocess.Popen([sys.executable, "-m", "dynvllm", *args], stdout=self.fh, stderr=subprocess.STDOUT,
-                                  env=full_env, start_new_session=True)
+                                  env=full_env, preexec_fn=child_preexec)
         self.ps = psutil.Process(self.p.pid)
 
     def descendants(self) -> list[psutil.Process]:
