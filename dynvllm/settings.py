@@ -16,7 +16,6 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "DYN_"
-ROUTER_POLICIES = ("kv", "kv-approx", "round-robin", "random", "least-loaded")
 
 
 def _check_port(value: Optional[int], *, allow_zero: bool) -> Optional[int]:

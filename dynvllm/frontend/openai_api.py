@@ -165,7 +165,3 @@ def length_error(ctx: int, prompt: int, completion: Optional[int]) -> APIError:
         msg = (f"This model's maximum context length is {ctx} tokens. However, you requested {prompt + completion} "
                f"tokens ({prompt} in the prompt, {completion} for the completion). Reduce the prompt or max_tokens.")
     return APIError(400, msg, param="messages" if completion is None else "max_tokens", code="context_length_exceeded")
-
-
-def finish_reason(reason: Optional[str]) -> Optional[str]:
-    return {"abort": "stop"}.get(reason or "", reason) if reason else None

@@ -7,7 +7,6 @@ JetStream on, on a free loopback port, in a temporary folder: one code path for 
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import shutil
 import ssl
@@ -161,4 +160,4 @@ def run(coro) -> object:
         return asyncio.run(coro)
 
 
-__all__ = ["EmbeddedNats", "NatsUnavailable", "connect", "local_address_towards", "nats_server_binary", "run", "os"]
+__all__ = ["EmbeddedNats", "NatsUnavailable", "connect", "local_address_towards", "nats_server_binary", "run"]
