@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-from typing import Optional
 
 _PR_SET_PDEATHSIG = 1
 
@@ -34,7 +33,7 @@ def become_group_leader() -> None:
             pass
 
 
-def start_group_reaper() -> Optional[subprocess.Popen]:
+def start_group_reaper() -> subprocess.Popen | None:
     """Start a watcher that SIGKILLs our process group once we are gone, however we died.
 
     vLLM's engine processes survive an abrupt exit of their parent (SIGKILL, os._exit) and keep

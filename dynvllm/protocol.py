@@ -5,7 +5,7 @@ Nothing here imports vLLM: the frontend builds requests, the worker turns them i
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 GENERATE = "generate"
 PREFILL = "prefill"
@@ -14,14 +14,27 @@ STATS = "stats"
 
 # Sampling options the worker forwards to vLLM's SamplingParams, by the same name.
 SAMPLING_FIELDS = (
-    "n", "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
-    "presence_penalty", "frequency_penalty", "repetition_penalty", "stop_token_ids",
-    "ignore_eos", "logprobs", "skip_special_tokens",
+    "n",
+    "max_tokens",
+    "min_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "stop_token_ids",
+    "ignore_eos",
+    "logprobs",
+    "skip_special_tokens",
 )
 
 
-def generate_request(request_id: str, token_ids: list[int], sampling: dict[str, Any],
-                     lora: Optional[str] = None) -> dict[str, Any]:
+def generate_request(
+    request_id: str, token_ids: list[int], sampling: dict[str, Any], lora: str | None = None
+) -> dict[str, Any]:
     return {"request_id": request_id, "token_ids": token_ids, "sampling": sampling, "lora": lora}
 
 
@@ -36,8 +49,13 @@ def sampling_kwargs(sampling: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def delta(index: int, token_ids: list[int], finish_reason: Optional[str] = None,
-          logprobs: Optional[list] = None, **extra: Any) -> dict[str, Any]:
+def delta(
+    index: int,
+    token_ids: list[int],
+    finish_reason: str | None = None,
+    logprobs: list | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     out: dict[str, Any] = {"index": index, "token_ids": token_ids, "finish_reason": finish_reason}
     if logprobs is not None:
         out["logprobs"] = logprobs

@@ -52,7 +52,9 @@ def installed(group: str) -> list[PluginInfo]:
     out = []
     for ep in _entry_points(group):
         dist = ep.dist
-        out.append(PluginInfo(group, ep.name, ep.value, dist.name if dist else "?", dist.version if dist else "?"))
+        out.append(
+            PluginInfo(group, ep.name, ep.value, dist.name if dist else "?", dist.version if dist else "?")
+        )
     return out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shlex
 from pathlib import Path
-from typing import ClassVar, Literal, Optional
+from typing import ClassVar, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 ENV_PREFIX = "DYN_"
 
 
-def _check_port(value: Optional[int], *, allow_zero: bool) -> Optional[int]:
+def _check_port(value: int | None, *, allow_zero: bool) -> int | None:
     low = 0 if allow_zero else 1
     if value is not None and not (low <= value <= 65535):
         raise ValueError(f"port {value} is outside the allowed range {low}-65535")
@@ -32,20 +32,24 @@ class _Group(BaseSettings):
 
 class RuntimeSettings(_Group):
     title: ClassVar[str] = "Runtime (NATS)"
-    nats_url: Optional[str] = Field(
+    nats_url: str | None = Field(
         None, description="NATS server to join; without it `serve` starts a private one."
     )
-    nats_token: Optional[SecretStr] = Field(None, description="NATS auth token.")
-    nats_user: Optional[str] = Field(None, description="NATS user name.")
-    nats_password: Optional[SecretStr] = Field(None, description="NATS password.")
-    nats_tls_ca: Optional[Path] = Field(None, description="CA bundle to verify the NATS server.")
-    nats_tls_cert: Optional[Path] = Field(None, description="Client certificate for NATS mTLS.")
-    nats_tls_key: Optional[Path] = Field(None, description="Client key for NATS mTLS.")
+    nats_token: SecretStr | None = Field(None, description="NATS auth token.")
+    nats_user: str | None = Field(None, description="NATS user name.")
+    nats_password: SecretStr | None = Field(None, description="NATS password.")
+    nats_tls_ca: Path | None = Field(None, description="CA bundle to verify the NATS server.")
+    nats_tls_cert: Path | None = Field(None, description="Client certificate for NATS mTLS.")
+    nats_tls_key: Path | None = Field(None, description="Client key for NATS mTLS.")
     namespace: str = Field("dynvllm", description="Namespace that isolates one service on a NATS cluster.")
-    lease_ttl: float = Field(2.0, gt=0, description="Seconds without heartbeat before an instance counts as gone.")
+    lease_ttl: float = Field(
+        2.0, gt=0, description="Seconds without heartbeat before an instance counts as gone."
+    )
     heartbeat_interval: float = Field(0.5, gt=0, description="Seconds between instance heartbeats.")
-    advertise_host: Optional[str] = Field(
-        None, description="Address other processes use to reach this one (default: loopback with a private NATS, else this host's address)."
+    advertise_host: str | None = Field(
+        None,
+        description="Address other processes use to reach this one "
+        "(default: loopback with a private NATS, else this host's address).",
     )
 
     @field_validator("namespace")
@@ -71,34 +75,60 @@ class FrontendSettings(_Group):
 class RouterSettings(_Group):
     title: ClassVar[str] = "Router"
     router: Literal["kv", "kv-approx", "round-robin", "random", "least-loaded"] = Field(
-        "kv", description="How the frontend picks a worker: kv (cached prefix from KV events, balanced against load), "
-        "kv-approx (predicts caches from its own decisions), round-robin, random, least-loaded."
+        "kv",
+        description="How the frontend picks a worker: "
+        "kv (cached prefix from KV events, balanced against load), "
+        "kv-approx (predicts caches from its own decisions), round-robin, random, least-loaded.",
     )
-    router_prefill_weight: float = Field(1.0, ge=0, description="Cost of one uncached prompt block relative to one active block.")
-    router_temperature: float = Field(0.0, ge=0, description="0 picks the cheapest worker; above 0 samples softmax(-cost/T).")
-    router_approx_ttl: float = Field(120.0, gt=0, description="Seconds kv-approx assumes a routed prefix stays cached.")
-    disagg_min_prompt_tokens: int = Field(256, ge=0, description="Shorter prompts skip the prefill hop and run on the decode worker.")
+    router_prefill_weight: float = Field(
+        1.0, ge=0, description="Cost of one uncached prompt block relative to one active block."
+    )
+    router_temperature: float = Field(
+        0.0, ge=0, description="0 picks the cheapest worker; above 0 samples softmax(-cost/T)."
+    )
+    router_approx_ttl: float = Field(
+        120.0, gt=0, description="Seconds kv-approx assumes a routed prefix stays cached."
+    )
+    disagg_min_prompt_tokens: int = Field(
+        256, ge=0, description="Shorter prompts skip the prefill hop and run on the decode worker."
+    )
     disagg_max_cached_fraction: float = Field(
-        0.5, ge=0, le=1, description="Skip the prefill hop when the decode worker already caches more than this share of the prompt.")
+        0.5,
+        ge=0,
+        le=1,
+        description="Skip the prefill hop when the decode worker already caches more than this share "
+        "of the prompt.",
+    )
 
 
 class WorkerSettings(_Group):
     title: ClassVar[str] = "Worker"
     workers: int = Field(1, ge=1, le=256, description="Workers `serve` starts for the role.")
-    engine: str = Field("vllm", description="Engine plugin: vllm (real) or sim (simulated, for routing experiments).")
+    engine: str = Field(
+        "vllm", description="Engine plugin: vllm (real) or sim (simulated, for routing experiments)."
+    )
     rpc_port: int = Field(0, description="Port of the worker's stream server (0 picks a free one).")
-    drain_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests get to finish on SIGTERM.")
+    drain_timeout: float = Field(
+        30.0, ge=0, description="Seconds in-flight requests get to finish on SIGTERM."
+    )
     health_check_interval: float = Field(10.0, gt=0, description="Seconds between engine health canaries.")
-    connector: Optional[str] = Field(
-        None, description="KV connector(s) for prefill/decode roles, e.g. 'nixl' or 'nixl,lmcache' (default nixl).")
-    kv_transfer_config: Optional[str] = Field(None, description="vLLM KVTransferConfig as JSON; replaces --connector.")
+    connector: str | None = Field(
+        None,
+        description="KV connector(s) for prefill/decode roles, e.g. 'nixl' or 'nixl,lmcache' (default nixl).",
+    )
+    kv_transfer_config: str | None = Field(
+        None, description="vLLM KVTransferConfig as JSON; replaces --connector."
+    )
     prefill: int = Field(1, ge=0, le=256, description="Prefill workers `serve disagg` starts.")
     decode: int = Field(1, ge=1, le=256, description="Decode workers `serve disagg` starts.")
 
     @model_validator(mode="after")
-    def _one_kv_source(self) -> "WorkerSettings":
+    def _one_kv_source(self) -> WorkerSettings:
         if self.connector is not None and self.kv_transfer_config is not None:
-            raise ValueError("give either --connector (DYN_CONNECTOR) or --kv-transfer-config (DYN_KV_TRANSFER_CONFIG), not both")
+            raise ValueError(
+                "give either --connector (DYN_CONNECTOR) or --kv-transfer-config "
+                "(DYN_KV_TRANSFER_CONFIG), not both"
+            )
         return self
 
     def connectors(self) -> list[str]:
@@ -112,19 +142,23 @@ class WorkerSettings(_Group):
 
 class EngineSettings(_Group):
     title: ClassVar[str] = "Engine (vLLM)"
-    model: Optional[str] = Field(None, description="Hugging Face model id or local folder.")
-    served_model_name: Optional[str] = Field(None, description="Name clients use (default: --model).")
-    tokenizer: Optional[str] = Field(None, description="Tokenizer id or folder (default: the model).")
-    revision: Optional[str] = Field(None, description="Model revision to download from the hub.")
-    max_model_len: Optional[int] = Field(None, gt=0, description="Context length.")
-    block_size: Optional[int] = Field(None, gt=0, description="KV-cache block size in tokens.")
-    dtype: Optional[str] = Field(None, description="Weights dtype (auto, bfloat16, float16, float32).")
-    enforce_eager: Optional[bool] = Field(None, description="Skip graph capture/compilation (faster start).")
-    kv_cache_memory_bytes: Optional[int] = Field(None, gt=0, description="KV-cache size in bytes.")
-    gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1, description="Share of accelerator memory (host memory on CPU).")
-    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks across requests with a shared prefix.")
-    seed: Optional[int] = Field(None, description="Engine random seed.")
-    tensor_parallel_size: Optional[int] = Field(None, ge=1, description="Tensor-parallel degree.")
+    model: str | None = Field(None, description="Hugging Face model id or local folder.")
+    served_model_name: str | None = Field(None, description="Name clients use (default: --model).")
+    tokenizer: str | None = Field(None, description="Tokenizer id or folder (default: the model).")
+    revision: str | None = Field(None, description="Model revision to download from the hub.")
+    max_model_len: int | None = Field(None, gt=0, description="Context length.")
+    block_size: int | None = Field(None, gt=0, description="KV-cache block size in tokens.")
+    dtype: str | None = Field(None, description="Weights dtype (auto, bfloat16, float16, float32).")
+    enforce_eager: bool | None = Field(None, description="Skip graph capture/compilation (faster start).")
+    kv_cache_memory_bytes: int | None = Field(None, gt=0, description="KV-cache size in bytes.")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="Share of accelerator memory (host memory on CPU)."
+    )
+    enable_prefix_caching: bool = Field(
+        True, description="Reuse KV blocks across requests with a shared prefix."
+    )
+    seed: int | None = Field(None, description="Engine random seed.")
+    tensor_parallel_size: int | None = Field(None, ge=1, description="Tensor-parallel degree.")
     engine_args: str = Field("", description="More vLLM engine arguments, as on vLLM's command line.")
 
 
@@ -153,7 +187,11 @@ class Settings(BaseSettings):
         def plain(group: BaseSettings) -> dict:
             out = {}
             for k, v in group.model_dump().items():
-                out[k] = v.get_secret_value() if isinstance(v, SecretStr) else (str(v) if isinstance(v, Path) else v)
+                out[k] = (
+                    v.get_secret_value()
+                    if isinstance(v, SecretStr)
+                    else (str(v) if isinstance(v, Path) else v)
+                )
             return out
 
         data = {name: plain(getattr(self, name)) for name in GROUPS}
@@ -161,7 +199,7 @@ class Settings(BaseSettings):
         return json.dumps(data)
 
     @classmethod
-    def from_json(cls, text: str) -> "Settings":
+    def from_json(cls, text: str) -> Settings:
         data = json.loads(text)
         groups = {name: GROUPS[name](**data[name]) for name in GROUPS}
         return cls(**groups, extra_engine_args=data.get("extra_engine_args", []))
@@ -172,9 +210,18 @@ class Settings(BaseSettings):
         argv: list[str] = []
         if eng.model:
             argv += ["--model", eng.model]
-        for name in ("served_model_name", "tokenizer", "revision", "max_model_len", "block_size",
-                     "dtype", "kv_cache_memory_bytes", "gpu_memory_utilization", "seed",
-                     "tensor_parallel_size"):
+        for name in (
+            "served_model_name",
+            "tokenizer",
+            "revision",
+            "max_model_len",
+            "block_size",
+            "dtype",
+            "kv_cache_memory_bytes",
+            "gpu_memory_utilization",
+            "seed",
+            "tensor_parallel_size",
+        ):
             value = getattr(eng, name)
             if value is not None:
                 argv += ["--" + name.replace("_", "-"), str(value)]
@@ -207,7 +254,9 @@ def explain(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def build_settings(overrides: Optional[dict[str, dict]] = None, extra_engine_args: Optional[list[str]] = None) -> Settings:
+def build_settings(
+    overrides: dict[str, dict] | None = None, extra_engine_args: list[str] | None = None
+) -> Settings:
     """Settings from defaults < DYN_* environment < explicit overrides (CLI flags)."""
     overrides = overrides or {}
     groups = {name: cls(**overrides.get(name, {})) for name, cls in GROUPS.items()}

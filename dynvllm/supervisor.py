@@ -14,7 +14,6 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Optional
 
 from dynvllm.child import SETTINGS_ENV
 from dynvllm.process import child_preexec, terminate
@@ -28,15 +27,17 @@ class Service:
     settings: Settings
     roles: list[tuple[str, int]]  # (role, how many workers)
     with_frontend: bool = True
-    nats: Optional[EmbeddedNats] = None
-    frontend: Optional[subprocess.Popen] = None
+    nats: EmbeddedNats | None = None
+    frontend: subprocess.Popen | None = None
     workers: list[subprocess.Popen] = field(default_factory=list)
     stop_requested: bool = False
 
     def _spawn(self, *args: str) -> subprocess.Popen:
         env = dict(os.environ)
         env[SETTINGS_ENV] = self.settings.to_json()
-        return subprocess.Popen([sys.executable, "-m", "dynvllm.child", *args], env=env, preexec_fn=child_preexec)
+        return subprocess.Popen(
+            [sys.executable, "-m", "dynvllm.child", *args], env=env, preexec_fn=child_preexec
+        )
 
     def start(self) -> None:
         rt = self.settings.runtime
@@ -49,7 +50,11 @@ class Service:
             with socket.socket() as sock:
                 sock.bind((self.settings.frontend.http_host, 0))
                 self.settings.frontend.http_port = sock.getsockname()[1]
-        state.record(rt.namespace, nats_url=rt.nats_url, http_port=self.settings.frontend.http_port if self.with_frontend else None)
+        state.record(
+            rt.namespace,
+            nats_url=rt.nats_url,
+            http_port=self.settings.frontend.http_port if self.with_frontend else None,
+        )
         if self.with_frontend:
             self.frontend = self._spawn("frontend")
         for role, count in self.roles:
@@ -89,7 +94,7 @@ class Service:
         frontend_dead = self.frontend is not None and self.frontend.poll() is not None
         return frontend_dead or len(self.dead_workers()) == len(self.workers)
 
-    def dead_child(self) -> Optional[subprocess.Popen]:
+    def dead_child(self) -> subprocess.Popen | None:
         for p in [self.frontend, *self.workers]:
             if p is not None and p.poll() is not None:
                 return p

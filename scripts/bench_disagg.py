@@ -25,16 +25,23 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-import loadgen  # noqa: E402
-from bench_routing import wait_workers  # noqa: E402
-from bench_serve import free_port, stop  # noqa: E402
+import loadgen
+from bench_routing import wait_workers
+from bench_serve import free_port, stop
 
 ENGINE = ["--enforce-eager", "--kv-cache-memory-bytes", str(256 << 20), "--block-size", "32"]
 
 
 def body(prompt: list[int], max_tokens: int) -> dict:
-    return {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+    return {
+        "model": "m",
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
 
 
 async def mixed(base: str, long_len: int, seed: int) -> dict:
@@ -43,16 +50,35 @@ async def mixed(base: str, long_len: int, seed: int) -> dict:
     longs = [body([rng.randrange(3, 500) for _ in range(long_len)], 8) for _ in range(12)]
     arrivals = [0.0] * len(decodes) + [0.5 + 0.4 * i for i in range(len(longs))]
     res, _ = await loadgen.run(base, decodes + longs, 64, arrivals)
-    d, lg = res[: len(decodes)], res[len(decodes):]
+    d, lg = res[: len(decodes)], res[len(decodes) :]
     itl = [x for r in d for x in r.itls]
-    return {"decode_itl_p50_ms": loadgen.pct(itl, 0.5) * 1000, "decode_itl_p99_ms": loadgen.pct(itl, 0.99) * 1000,
-            "long_ttft_p50_ms": loadgen.pct([r.ttft for r in lg], 0.5) * 1000,
-            "long_ttft_p99_ms": loadgen.pct([r.ttft for r in lg], 0.99) * 1000, "ok": sum(r.ok for r in res)}
+    return {
+        "decode_itl_p50_ms": loadgen.pct(itl, 0.5) * 1000,
+        "decode_itl_p99_ms": loadgen.pct(itl, 0.99) * 1000,
+        "long_ttft_p50_ms": loadgen.pct([r.ttft for r in lg], 0.5) * 1000,
+        "long_ttft_p99_ms": loadgen.pct([r.ttft for r in lg], 0.99) * 1000,
+        "ok": sum(r.ok for r in res),
+    }
 
 
 def start(args: list[str], ns: str, port: int, log) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "dynvllm", *args, "--namespace", ns, "--http-host", "127.0.0.1",
-                             "--http-port", str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dynvllm",
+            *args,
+            "--namespace",
+            ns,
+            "--http-host",
+            "127.0.0.1",
+            "--http-port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def main() -> None:
@@ -72,8 +98,20 @@ def main() -> None:
     for rnd in range(args.rounds):
         for mode in ("agg", "disagg"):
             ns, port = f"bd{os.getpid()}{mode}{rnd}", free_port()
-            cmd = (["serve", "agg", "--workers", "2"] if mode == "agg" else
-                   ["serve", "disagg", "--prefill", "1", "--decode", "1", "--disagg-min-prompt-tokens", "256"])
+            cmd = (
+                ["serve", "agg", "--workers", "2"]
+                if mode == "agg"
+                else [
+                    "serve",
+                    "disagg",
+                    "--prefill",
+                    "1",
+                    "--decode",
+                    "1",
+                    "--disagg-min-prompt-tokens",
+                    "256",
+                ]
+            )
             p = start([*cmd, "--model", model, "--served-model-name", "m", *ENGINE], ns, port, log)
             try:
                 base = f"http://127.0.0.1:{port}"
@@ -85,10 +123,16 @@ def main() -> None:
                     transfer_vs_recompute(model, ns, log)
             finally:
                 stop(p)
-    print(f"\n{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cpus, tiny model, medians of {args.rounds} rounds")
+    print(
+        f"\n{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cpus, tiny model, "
+        f"medians of {args.rounds} rounds"
+    )
     keys = list(results["agg"][0])
     for mode in ("agg", "disagg"):
-        print(f"{mode:7s} " + "  ".join(f"{k}={statistics.median(r[k] for r in results[mode]):.1f}" for k in keys))
+        print(
+            f"{mode:7s} "
+            + "  ".join(f"{k}={statistics.median(r[k] for r in results[mode]):.1f}" for k in keys)
+        )
 
 
 def transfer_vs_recompute(model: str, ns: str, log) -> None:
@@ -96,10 +140,30 @@ def transfer_vs_recompute(model: str, ns: str, log) -> None:
 
     url = state.resolve_nats_url(None, ns)
     ports = {"transfer": free_port(), "recompute": free_port()}
-    fes = {k: subprocess.Popen([sys.executable, "-m", "dynvllm", "frontend", "--nats-url", url, "--namespace", ns,
-                                "--disagg-min-prompt-tokens", "0" if k == "transfer" else "1000000",
-                                "--http-host", "127.0.0.1", "--http-port", str(port)],
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True) for k, port in ports.items()}
+    fes = {
+        k: subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dynvllm",
+                "frontend",
+                "--nats-url",
+                url,
+                "--namespace",
+                ns,
+                "--disagg-min-prompt-tokens",
+                "0" if k == "transfer" else "1000000",
+                "--http-host",
+                "127.0.0.1",
+                "--http-port",
+                str(port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        for k, port in ports.items()
+    }
     try:
         for k, port in ports.items():
             wait_workers(f"http://127.0.0.1:{port}", 2, fes[k], 60)
@@ -111,8 +175,11 @@ def transfer_vs_recompute(model: str, ns: str, log) -> None:
                 res, _ = asyncio.run(loadgen.run(f"http://127.0.0.1:{port}", [body(prompt, 2)], 1))
                 ttft[k].append(res[0].ttft * 1000)
         t, r = statistics.median(ttft["transfer"]), statistics.median(ttft["recompute"])
-        print(f"1,000-token prompt TTFT: prefill hop + NIXL transfer {t:.1f} ms, decode recomputes {r:.1f} ms, "
-              f"difference {t - r:+.1f} ms", flush=True)
+        print(
+            f"1,000-token prompt TTFT: prefill hop + NIXL transfer {t:.1f} ms, decode recomputes {r:.1f} ms, "
+            f"difference {t - r:+.1f} ms",
+            flush=True,
+        )
     finally:
         for p in fes.values():
             p.send_signal(signal.SIGTERM)

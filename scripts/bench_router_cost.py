@@ -58,16 +58,15 @@ def main() -> None:
         router.active_blocks[c] = rng.randrange(0, 200)
     lat = []
     for i in range(args.decisions):
-        if i % 2:
-            base = shared[rng.randrange(len(shared))][: BS * 40]
-        else:
-            base = []
+        base = shared[rng.randrange(len(shared))][: BS * 40] if i % 2 else []
         prompt = base + [rng.randrange(500) for _ in range(args.prompt_tokens - len(base))]
         t = time.perf_counter()
         router.choose(candidates, prompt, BS)
         lat.append((time.perf_counter() - t) * 1000)
-    print(f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cpus: {args.workers} workers, "
-          f"{router.index.block_count():,} indexed blocks, {args.prompt_tokens}-token prompts")
+    print(
+        f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cpus: {args.workers} workers, "
+        f"{router.index.block_count():,} indexed blocks, {args.prompt_tokens}-token prompts"
+    )
     print(f"ingest {ingest:,.0f} blocks/s; decision p50 {pct(lat, 0.5):.3f} ms, p99 {pct(lat, 0.99):.3f} ms")
 
 

@@ -26,8 +26,8 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-import loadgen  # noqa: E402
-from bench_serve import free_port  # noqa: E402
+import loadgen
+from bench_serve import free_port
 
 POLICIES = ["kv", "kv-approx", "least-loaded", "round-robin", "random"]
 
@@ -39,8 +39,18 @@ def workload(seed: int, groups: int, prefix: int, suffix: int, n: int, rate: flo
     for _ in range(n):
         g = rng.randrange(groups)
         prompt = prefixes[g] + [rng.randrange(3, vocab) for _ in range(suffix)]
-        bodies.append({"model": "m", "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
-                       "stream": True, "stream_options": {"include_usage": True}, "_group": g})
+        bodies.append(
+            {
+                "model": "m",
+                "prompt": prompt,
+                "max_tokens": 8,
+                "temperature": 0,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "_group": g,
+            }
+        )
         t += rng.expovariate(rate)
         arrivals.append(t)
     return bodies, arrivals
@@ -82,8 +92,12 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=8.0, help="Poisson arrivals per second")
     ap.add_argument("--model")
     ap.add_argument("--policies", default=",".join(POLICIES))
-    ap.add_argument("--kv-blocks", type=int, default=512,
-                    help="KV capacity per worker in 32-token blocks: below the working set, routing decides hits")
+    ap.add_argument(
+        "--kv-blocks",
+        type=int,
+        default=512,
+        help="KV capacity per worker in 32-token blocks: below the working set, routing decides hits",
+    )
     args = ap.parse_args()
     model = args.model
     if not model:
@@ -94,14 +108,47 @@ def main() -> None:
     ns = f"bench{os.getpid()}"
     port = free_port()
     # Tiny model: 2 layers x (K+V) x 1 KV head x 64 dims x 2 bytes = 512 bytes per token.
-    engine_args = (["--enforce-eager", "--kv-cache-memory-bytes", str(args.kv_blocks * 32 * 512), "--block-size", "32",
-                    "--max-model-len", "2048"]
-                   if args.engine == "vllm" else ["--block-size", "32", "--sim-kv-blocks", str(args.kv_blocks)])
+    engine_args = (
+        [
+            "--enforce-eager",
+            "--kv-cache-memory-bytes",
+            str(args.kv_blocks * 32 * 512),
+            "--block-size",
+            "32",
+            "--max-model-len",
+            "2048",
+        ]
+        if args.engine == "vllm"
+        else ["--block-size", "32", "--sim-kv-blocks", str(args.kv_blocks)]
+    )
     log = open("/tmp/bench_routing_serve.log", "wb")
-    serve = subprocess.Popen([sys.executable, "-m", "dynvllm", "serve", "agg", "--model", model, "--served-model-name", "m",
-                              "--workers", str(args.workers), "--engine", args.engine, "--namespace", ns,
-                              "--http-host", "127.0.0.1", "--http-port", str(port), *engine_args],
-                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    serve = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dynvllm",
+            "serve",
+            "agg",
+            "--model",
+            model,
+            "--served-model-name",
+            "m",
+            "--workers",
+            str(args.workers),
+            "--engine",
+            args.engine,
+            "--namespace",
+            ns,
+            "--http-host",
+            "127.0.0.1",
+            "--http-port",
+            str(port),
+            *engine_args,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     rows = []
     try:
         wait_workers(f"http://127.0.0.1:{port}", args.workers, serve)
@@ -110,22 +157,47 @@ def main() -> None:
         nats_url = state.resolve_nats_url(None, ns)
         for i, policy in enumerate(args.policies.split(",")):
             fport = free_port()
-            fe = subprocess.Popen([sys.executable, "-m", "dynvllm", "frontend", "--nats-url", nats_url, "--namespace", ns,
-                                   "--router", policy, "--http-host", "127.0.0.1", "--http-port", str(fport)],
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            fe = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "dynvllm",
+                    "frontend",
+                    "--nats-url",
+                    nats_url,
+                    "--namespace",
+                    ns,
+                    "--router",
+                    policy,
+                    "--http-host",
+                    "127.0.0.1",
+                    "--http-port",
+                    str(fport),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             try:
                 base = f"http://127.0.0.1:{fport}"
                 wait_workers(base, args.workers, fe, 120)
-                bodies, arrivals = workload(1000 + i, args.groups, args.prefix, args.suffix, args.requests, args.rate, vocab)
+                bodies, arrivals = workload(
+                    1000 + i, args.groups, args.prefix, args.suffix, args.requests, args.rate, vocab
+                )
                 clean = [{k: v for k, v in b.items() if not k.startswith("_")} for b in bodies]
                 res, elapsed = asyncio.run(loadgen.run(base, clean, 256, arrivals))
                 s = loadgen.summary(res, elapsed)
                 prompt_tokens = sum(len(b["prompt"]) for b in bodies)
                 cached = sum(r.cached for r in res if r.ok)
                 oracle = oracle_cached(bodies, args.prefix, 32)
-                row = {"policy": policy, "ok": s["ok"], "hit_rate": cached / prompt_tokens,
-                       "of_oracle": cached / oracle if oracle else float("nan"),
-                       "ttft_p50_ms": s["ttft_p50_ms"], "ttft_p99_ms": s["ttft_p99_ms"]}
+                row = {
+                    "policy": policy,
+                    "ok": s["ok"],
+                    "hit_rate": cached / prompt_tokens,
+                    "of_oracle": cached / oracle if oracle else float("nan"),
+                    "ttft_p50_ms": s["ttft_p50_ms"],
+                    "ttft_p99_ms": s["ttft_p99_ms"],
+                }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             finally:
@@ -137,15 +209,21 @@ def main() -> None:
             serve.wait(120)
         except subprocess.TimeoutExpired:
             os.killpg(serve.pid, signal.SIGKILL)
-    print(f"\n{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cpus, engine {args.engine} x {args.workers}, "
-          f"{args.kv_blocks} KV blocks each, "
-          f"{args.groups} groups x {args.prefix}+{args.suffix} tokens, {args.requests} requests at {args.rate}/s (Poisson)")
+    print(
+        f"\n{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cpus, engine {args.engine} x {args.workers}, "
+        f"{args.kv_blocks} KV blocks each, "
+        f"{args.groups} groups x {args.prefix}+{args.suffix} tokens, "
+        f"{args.requests} requests at {args.rate}/s (Poisson)"
+    )
     rr = next((r for r in rows if r["policy"] == "round-robin"), None)
     print("policy        ok   hit rate  of oracle  TTFT p50 ms  TTFT p99 ms  p50 vs round-robin")
     for r in rows:
         speed = rr["ttft_p50_ms"] / r["ttft_p50_ms"] if rr else float("nan")
-        print(f"{r['policy']:12s} {r['ok']:4d}   {r['hit_rate']:7.1%}   {r['of_oracle']:7.1%}   {r['ttft_p50_ms']:10.1f}   "
-              f"{r['ttft_p99_ms']:10.1f}   {speed:6.2f}x")
+        print(
+            f"{r['policy']:12s} {r['ok']:4d}   {r['hit_rate']:7.1%}   {r['of_oracle']:7.1%}   "
+            f"{r['ttft_p50_ms']:10.1f}   "
+            f"{r['ttft_p99_ms']:10.1f}   {speed:6.2f}x"
+        )
 
 
 if __name__ == "__main__":

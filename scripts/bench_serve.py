@@ -23,10 +23,37 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-import loadgen  # noqa: E402
+import loadgen
 
-ENGINE = ["--enforce-eager", "--kv-cache-memory-bytes", str(256 << 20), "--block-size", "32", "--max-num-seqs", "64"]
-WORDS = "the a red blue cat dog tree river city road runs sees makes old new happy model cache".split()
+ENGINE = [
+    "--enforce-eager",
+    "--kv-cache-memory-bytes",
+    str(256 << 20),
+    "--block-size",
+    "32",
+    "--max-num-seqs",
+    "64",
+]
+WORDS = [
+    "the",
+    "a",
+    "red",
+    "blue",
+    "cat",
+    "dog",
+    "tree",
+    "river",
+    "city",
+    "road",
+    "runs",
+    "sees",
+    "makes",
+    "old",
+    "new",
+    "happy",
+    "model",
+    "cache",
+]
 
 
 def free_port() -> int:
@@ -37,11 +64,39 @@ def free_port() -> int:
 
 def start(system: str, model: str, port: int, log) -> subprocess.Popen:
     if system == "dynvllm":
-        cmd = [sys.executable, "-m", "dynvllm", "serve", "agg", "--model", model, "--served-model-name", "m",
-               "--http-host", "127.0.0.1", "--http-port", str(port), "--router", "round-robin", *ENGINE]
+        cmd = [
+            sys.executable,
+            "-m",
+            "dynvllm",
+            "serve",
+            "agg",
+            "--model",
+            model,
+            "--served-model-name",
+            "m",
+            "--http-host",
+            "127.0.0.1",
+            "--http-port",
+            str(port),
+            "--router",
+            "round-robin",
+            *ENGINE,
+        ]
     else:
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", "m",
-               "--host", "127.0.0.1", "--port", str(port), *ENGINE]
+        cmd = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            model,
+            "--served-model-name",
+            "m",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *ENGINE,
+        ]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -75,9 +130,18 @@ def stop(proc: subprocess.Popen) -> None:
 
 def bodies(n: int, max_tokens: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    return [{"model": "m", "prompt": " ".join(rng.choice(WORDS) for _ in range(100)), "max_tokens": max_tokens,
-             "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-            for _ in range(n)]
+    return [
+        {
+            "model": "m",
+            "prompt": " ".join(rng.choice(WORDS) for _ in range(100)),
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        for _ in range(n)
+    ]
 
 
 def main() -> None:
@@ -103,21 +167,32 @@ def main() -> None:
                     base = f"http://127.0.0.1:{port}"
                     asyncio.run(loadgen.run(base, bodies(8, 8, 99), 8))  # warm-up
                     for c in levels:
-                        res, elapsed = asyncio.run(loadgen.run(base, bodies(max(16, 2 * c), args.max_tokens, c), c))
+                        res, elapsed = asyncio.run(
+                            loadgen.run(base, bodies(max(16, 2 * c), args.max_tokens, c), c)
+                        )
                         s = loadgen.summary(res, elapsed)
                         table.setdefault((system, c), []).append(s)
-                        print(f"round {rnd} {system:8s} c={c:2d} " + " ".join(f"{k}={v:.1f}" for k, v in s.items()), flush=True)
+                        print(
+                            f"round {rnd} {system:8s} c={c:2d} "
+                            + " ".join(f"{k}={v:.1f}" for k, v in s.items()),
+                            flush=True,
+                        )
                 finally:
                     stop(proc)
-    print(f"\n{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cpus, tiny model, max_tokens {args.max_tokens}, "
-          f"medians of {args.rounds} rounds")
+    print(
+        f"\n{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cpus, tiny model, "
+        f"max_tokens {args.max_tokens}, medians of {args.rounds} rounds"
+    )
     print("c   dynvllm tok/s   vllm tok/s   ratio   TTFT p50 d/v ms   TTFT p99 d/v ms   ITL p50 d/v ms")
     for c in levels:
         d = {k: statistics.median(x[k] for x in table[("dynvllm", c)]) for k in table[("dynvllm", c)][0]}
         v = {k: statistics.median(x[k] for x in table[("vllm", c)]) for k in table[("vllm", c)][0]}
-        print(f"{c:<3d} {d['tok_s']:13.1f} {v['tok_s']:12.1f} {d['tok_s'] / v['tok_s']:7.2f}   "
-              f"{d['ttft_p50_ms']:6.1f}/{v['ttft_p50_ms']:<6.1f}     {d['ttft_p99_ms']:6.1f}/{v['ttft_p99_ms']:<6.1f}     "
-              f"{d['itl_p50_ms']:5.2f}/{v['itl_p50_ms']:<5.2f}")
+        print(
+            f"{c:<3d} {d['tok_s']:13.1f} {v['tok_s']:12.1f} {d['tok_s'] / v['tok_s']:7.2f}   "
+            f"{d['ttft_p50_ms']:6.1f}/{v['ttft_p50_ms']:<6.1f}     "
+            f"{d['ttft_p99_ms']:6.1f}/{v['ttft_p99_ms']:<6.1f}     "
+            f"{d['itl_p50_ms']:5.2f}/{v['itl_p50_ms']:<5.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def pct(xs: list[float], q: float) -> float:
 async def socket_stream(conn, n: int, lat: list[float], gap: float = 0) -> float:
     t0 = time.perf_counter_ns()
     first = None
-    async for i, sent in conn.call("deltas", {"n": n, "gap": gap}):
+    async for _i, sent in conn.call("deltas", {"n": n, "gap": gap}):
         now = time.perf_counter_ns()
         first = first or now
         lat.append((now - sent) / 1000)
@@ -83,7 +83,7 @@ async def nats_stream(nc, n: int, lat: list[float], gap: float = 0) -> float:
         data = await queue.get()
         if not data:
             break
-        i, sent = msgpack.unpackb(data)
+        _i, sent = msgpack.unpackb(data)
         now = time.perf_counter_ns()
         first = first or now
         lat.append((now - sent) / 1000)
@@ -105,9 +105,15 @@ async def measure(name: str, one, deltas: int) -> dict:
     await asyncio.gather(*(one(deltas // 8, []) for _ in range(32)))
     conc = 32 * (deltas // 8) / (time.perf_counter() - t0)
     await asyncio.gather(*(one(500, lat32, 0.001) for _ in range(32)))
-    return {"transport": name, "deltas_per_s_1": single, "deltas_per_s_32": conc,
-            "p50_us": pct(lat, 0.5), "p99_us": pct(lat, 0.99), "p50_us_32": pct(lat32, 0.5),
-            "setup_p50_us": statistics.median(setups)}
+    return {
+        "transport": name,
+        "deltas_per_s_1": single,
+        "deltas_per_s_32": conc,
+        "p50_us": pct(lat, 0.5),
+        "p99_us": pct(lat, 0.99),
+        "p50_us_32": pct(lat32, 0.5),
+        "setup_p50_us": statistics.median(setups),
+    }
 
 
 async def main() -> None:
@@ -128,20 +134,38 @@ async def main() -> None:
             nc = await natsrt.connect(RuntimeSettings(nats_url=server.url))
             rows = []
             for _ in range(args.repeat):
-                rows.append(await measure("socket", lambda n, lat, gap=0: socket_stream(conn, n, lat, gap), args.deltas))
-                rows.append(await measure("nats", lambda n, lat, gap=0: nats_stream(nc, n, lat, gap), args.deltas))
+                rows.append(
+                    await measure(
+                        "socket", lambda n, lat, gap=0: socket_stream(conn, n, lat, gap), args.deltas
+                    )
+                )
+                rows.append(
+                    await measure("nats", lambda n, lat, gap=0: nats_stream(nc, n, lat, gap), args.deltas)
+                )
             await conn.close()
             await nc.close()
         finally:
             proc.kill()
             proc.wait()
-    print(f"date {time.strftime('%Y-%m-%d %H:%M')} cpus {os.cpu_count()} deltas/stream {args.deltas} repeats {args.repeat}")
+    print(
+        f"date {time.strftime('%Y-%m-%d %H:%M')} cpus {os.cpu_count()} "
+        f"deltas/stream {args.deltas} repeats {args.repeat}"
+    )
     keys = ["deltas_per_s_1", "deltas_per_s_32", "p50_us", "p99_us", "p50_us_32", "setup_p50_us"]
     med = {}
     for t in ("socket", "nats"):
         med[t] = {k: statistics.median(r[k] for r in rows if r["transport"] == t) for k in keys}
-        spread = {k: (min(r[k] for r in rows if r["transport"] == t), max(r[k] for r in rows if r["transport"] == t)) for k in keys}
-        print(f"{t:7s} " + "  ".join(f"{k}={med[t][k]:,.0f} [{spread[k][0]:,.0f}-{spread[k][1]:,.0f}]" for k in keys))
+        spread = {
+            k: (
+                min(r[k] for r in rows if r["transport"] == t),
+                max(r[k] for r in rows if r["transport"] == t),
+            )
+            for k in keys
+        }
+        print(
+            f"{t:7s} "
+            + "  ".join(f"{k}={med[t][k]:,.0f} [{spread[k][0]:,.0f}-{spread[k][1]:,.0f}]" for k in keys)
+        )
     print("ratio socket/nats  " + "  ".join(f"{k}={med['socket'][k] / med['nats'][k]:.2f}" for k in keys))
 
 

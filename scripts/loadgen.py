@@ -58,7 +58,9 @@ async def _one(session, url: str, body: dict) -> Result:
     return res
 
 
-async def run(base: str, bodies: list[dict], concurrency: int, arrivals: list[float] | None = None) -> tuple[list[Result], float]:
+async def run(
+    base: str, bodies: list[dict], concurrency: int, arrivals: list[float] | None = None
+) -> tuple[list[Result], float]:
     """Send every body; `arrivals` (seconds from start) schedules them, else a closed loop."""
     import aiohttp
 
@@ -89,6 +91,12 @@ def pct(xs: list[float], q: float) -> float:
 def summary(results: list[Result], elapsed: float) -> dict:
     ok = [r for r in results if r.ok]
     itls = [x for r in ok for x in r.itls]
-    return {"ok": len(ok), "n": len(results), "tok_s": sum(r.tokens for r in ok) / elapsed,
-            "ttft_p50_ms": pct([r.ttft for r in ok], 0.5) * 1000, "ttft_p99_ms": pct([r.ttft for r in ok], 0.99) * 1000,
-            "itl_p50_ms": pct(itls, 0.5) * 1000, "itl_mean_ms": (statistics.mean(itls) * 1000) if itls else float("nan")}
+    return {
+        "ok": len(ok),
+        "n": len(results),
+        "tok_s": sum(r.tokens for r in ok) / elapsed,
+        "ttft_p50_ms": pct([r.ttft for r in ok], 0.5) * 1000,
+        "ttft_p99_ms": pct([r.ttft for r in ok], 0.99) * 1000,
+        "itl_p50_ms": pct(itls, 0.5) * 1000,
+        "itl_mean_ms": (statistics.mean(itls) * 1000) if itls else float("nan"),
+    }

@@ -10,7 +10,6 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Optional
 
 import psutil
 
@@ -30,12 +29,17 @@ def free_port() -> int:
 class Proc:
     """A dynvllm command in its own process group, with its output in a log file."""
 
-    def __init__(self, args: list[str], log: Path, env: Optional[dict] = None) -> None:
+    def __init__(self, args: list[str], log: Path, env: dict | None = None) -> None:
         self.log = log
         self.fh = open(log, "wb")
         full_env = {**os.environ, **(env or {})}
-        self.p = subprocess.Popen([sys.executable, "-m", "dynvllm", *args], stdout=self.fh, stderr=subprocess.STDOUT,
-                                  env=full_env, preexec_fn=child_preexec)
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "dynvllm", *args],
+            stdout=self.fh,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            preexec_fn=child_preexec,
+        )
         self.ps = psutil.Process(self.p.pid)
 
     def descendants(self) -> list[psutil.Process]:
@@ -94,6 +98,10 @@ def wait_gone(pids: list[int], timeout: float = 30) -> list[int]:
     deadline = time.monotonic() + timeout
     alive = list(pids)
     while alive and time.monotonic() < deadline:
-        alive = [pid for pid in alive if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        alive = [
+            pid
+            for pid in alive
+            if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        ]
         time.sleep(0.2)
     return alive

@@ -19,11 +19,13 @@ def fake_dist(tmp_path, monkeypatch):
     info = tmp_path / "fakeplugins-1.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fakeplugins\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(textwrap.dedent("""
+    (info / "entry_points.txt").write_text(
+        textwrap.dedent("""
         [dynvllm.roles]
         goodrole = goodrole:Role
         badrole = badrole:Role
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     return tmp_path
 
@@ -43,13 +45,17 @@ def test_load_imports_only_the_chosen_plugin(fake_dist):
 
 
 def test_import_error_inside_plugin_is_shown(fake_dist):
-    with pytest.raises(registry.PluginError, match="failed to import: RuntimeError: missing CUDA toolkit 99") as info:
+    with pytest.raises(
+        registry.PluginError, match="failed to import: RuntimeError: missing CUDA toolkit 99"
+    ) as info:
         registry.load(registry.ROLES, "badrole")
     assert isinstance(info.value.__cause__, RuntimeError)
 
 
 def test_unknown_plugin_lists_installed(fake_dist):
-    with pytest.raises(registry.PluginError, match="no role plugin named 'nope'.*installed roles: .*agg.*goodrole"):
+    with pytest.raises(
+        registry.PluginError, match=r"no role plugin named 'nope'.*installed roles: .*agg.*goodrole"
+    ):
         registry.load(registry.ROLES, "nope")
 
 
@@ -59,8 +65,17 @@ def test_allowlist(fake_dist, monkeypatch):
 
 
 def test_first_party_plugins_are_not_imported_by_core():
-    r = subprocess.run([sys.executable, "-m", "importlinter.cli", "--config", "pyproject.toml"] if False else
-                       [sys.executable, "-c", "from importlinter.cli import lint_imports_command; lint_imports_command()"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "importlinter.cli", "--config", "pyproject.toml"]
+        if False
+        else [
+            sys.executable,
+            "-c",
+            "from importlinter.cli import lint_imports_command; lint_imports_command()",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "KEPT" in r.stdout

@@ -48,21 +48,40 @@ def test_cli_flags_reach_settings():
     def cmd(ctx: typer.Context, settings: S.Settings) -> None:
         seen["s"] = settings
 
-    r = CliRunner().invoke(app, ["--http-port", "1234", "--model", "m", "--no-enable-prefix-caching",
-                                 "--enforce-eager", "--nats-url", "nats://h:1", "--max-num-seqs", "7"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "--http-port",
+            "1234",
+            "--model",
+            "m",
+            "--no-enable-prefix-caching",
+            "--enforce-eager",
+            "--nats-url",
+            "nats://h:1",
+            "--max-num-seqs",
+            "7",
+        ],
+    )
     assert r.exit_code == 0, r.output
     s = seen["s"]
     assert s.frontend.http_port == 1234 and s.engine.model == "m" and s.engine.enable_prefix_caching is False
     assert s.engine.enforce_eager is True and s.runtime.nats_url == "nats://h:1"
     assert s.extra_engine_args == ["--max-num-seqs", "7"]
     argv = s.vllm_argv()
-    assert argv[:2] == ["--model", "m"] and "--no-enable-prefix-caching" in argv and argv[-2:] == ["--max-num-seqs", "7"]
+    assert (
+        argv[:2] == ["--model", "m"]
+        and "--no-enable-prefix-caching" in argv
+        and argv[-2:] == ["--max-num-seqs", "7"]
+    )
 
 
 def test_pass_through_is_parsed_by_vllm(tiny_model):
     from dynvllm.worker.engine_args import EngineArgsError, parse_engine_args
 
-    s = S.build_settings({"engine": {"model": str(tiny_model), "block_size": 64, "engine_args": "--max-num-seqs 9"}})
+    s = S.build_settings(
+        {"engine": {"model": str(tiny_model), "block_size": 64, "engine_args": "--max-num-seqs 9"}}
+    )
     args = parse_engine_args(s)
     assert args.block_size == 64 and args.max_num_seqs == 9 and args.enable_prefix_caching is True
     bad = S.build_settings({"engine": {"model": str(tiny_model)}}, ["--max-num-seqs", "lots"])
@@ -79,8 +98,9 @@ def test_bad_port_message(group, field, value):
 
 
 def test_round_trip_to_child_process():
-    s = S.build_settings({"runtime": {"nats_url": "nats://x:1", "nats_token": "sekret"}, "engine": {"model": "m"}},
-                         ["--foo"])
+    s = S.build_settings(
+        {"runtime": {"nats_url": "nats://x:1", "nats_token": "sekret"}, "engine": {"model": "m"}}, ["--foo"]
+    )
     back = S.Settings.from_json(s.to_json())
     assert back.runtime.nats_token.get_secret_value() == "sekret"
     assert back.engine.model == "m" and back.extra_engine_args == ["--foo"]

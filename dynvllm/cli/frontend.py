@@ -18,7 +18,9 @@ def register(app: typer.Typer) -> None:
         from dynvllm.runtime import state
 
         try:
-            settings.runtime.nats_url = state.resolve_nats_url(settings.runtime.nats_url, settings.runtime.namespace)
+            settings.runtime.nats_url = state.resolve_nats_url(
+                settings.runtime.nats_url, settings.runtime.namespace
+            )
         except LookupError as exc:
             raise _fail(str(exc)) from None
         raise typer.Exit(run_frontend(settings))

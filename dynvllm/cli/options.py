@@ -8,8 +8,9 @@ from __future__ import annotations
 import functools
 import inspect
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import typer
 from pydantic import SecretStr, ValidationError
@@ -35,9 +36,10 @@ def _option(group: str, name: str, field: Any) -> inspect.Parameter:
     return inspect.Parameter(
         f"{group}__{name}",
         inspect.Parameter.KEYWORD_ONLY,
-        default=typer.Option(None, *decls, help=help_text, show_default=False,
-                             rich_help_panel=S.GROUPS[group].title),
-        annotation=Optional[typ],
+        default=typer.Option(
+            None, *decls, help=help_text, show_default=False, rich_help_panel=S.GROUPS[group].title
+        ),
+        annotation=typ | None,
     )
 
 

@@ -13,7 +13,7 @@ from dynvllm.settings import Settings
 _EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
-def _fail(message: str, code: int = 2) -> "typer.Exit":
+def _fail(message: str, code: int = 2) -> typer.Exit:
     from rich.console import Console
 
     Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
@@ -95,19 +95,25 @@ def _run_service(settings: Settings, roles: list[tuple[str, int]]) -> None:
             ready = service.wait_ready()
         if ready:
             name = eng.served_model_name or eng.model
-            console.print(Panel.fit(
-                f"[bold]OpenAI API[/]  {service.http_url()}/v1\n[bold]model[/]       {name}\n"
-                f"[bold]workers[/]     {what}\n[bold]NATS[/]        {settings.runtime.nats_url}\n"
-                f"[bold]router[/]      {settings.router.router}\n\nCtrl-C stops every process.",
-                title="dynvllm is serving", border_style="green"))
+            console.print(
+                Panel.fit(
+                    f"[bold]OpenAI API[/]  {service.http_url()}/v1\n[bold]model[/]       {name}\n"
+                    f"[bold]workers[/]     {what}\n[bold]NATS[/]        {settings.runtime.nats_url}\n"
+                    f"[bold]router[/]      {settings.router.router}\n\nCtrl-C stops every process.",
+                    title="dynvllm is serving",
+                    border_style="green",
+                )
+            )
             reported: set[int] = set()
             while not service.stop_requested:
                 time.sleep(0.3)
                 for dead in service.dead_workers():
                     if dead.pid not in reported:
                         reported.add(dead.pid)
-                        console.print(f"[bold yellow]worker pid {dead.pid} exited with code {dead.returncode}; "
-                                      f"{len(service.workers) - len(reported)} worker(s) still serve[/]")
+                        console.print(
+                            f"[bold yellow]worker pid {dead.pid} exited with code {dead.returncode}; "
+                            f"{len(service.workers) - len(reported)} worker(s) still serve[/]"
+                        )
                 if service.fatal():
                     console.print("[bold red]the frontend or every worker is gone; stopping the service[/]")
                     code = 1
@@ -129,9 +135,12 @@ def register(app: typer.Typer) -> None:
     for role_name in registry.names(registry.ROLES):
         _add_role_command(serve_app, role_name)
 
-    @serve_app.command("disagg", context_settings=_EXTRA,
-                       help="Disaggregated service: NATS (unless --nats-url), the frontend, --prefill prefill workers and "
-                            "--decode decode workers exchanging KV through --connector. Unknown --options pass to vLLM.")
+    @serve_app.command(
+        "disagg",
+        context_settings=_EXTRA,
+        help="Disaggregated service: NATS (unless --nats-url), the frontend, --prefill prefill workers and "
+        "--decode decode workers exchanging KV through --connector. Unknown --options pass to vLLM.",
+    )
     @with_settings("runtime", "frontend", "router", "worker", "engine")
     def _disagg(ctx: typer.Context, settings: Settings) -> None:
         _checked_roles(settings, ["prefill", "decode"])
@@ -139,13 +148,19 @@ def register(app: typer.Typer) -> None:
 
 
 def _add_role_command(serve_app: typer.Typer, role_name: str) -> None:
-    @serve_app.command(role_name, context_settings=_EXTRA,
-                       help=f"Serve with `{role_name}` workers. A role that serves requests on its own starts "
-                            "NATS (unless --nats-url), the frontend and --workers workers; other roles, and "
-                            "--no-frontend, start one worker that joins a service. Unknown --options pass to vLLM.")
+    @serve_app.command(
+        role_name,
+        context_settings=_EXTRA,
+        help=f"Serve with `{role_name}` workers. A role that serves requests on its own starts "
+        "NATS (unless --nats-url), the frontend and --workers workers; other roles, and "
+        "--no-frontend, start one worker that joins a service. Unknown --options pass to vLLM.",
+    )
     @with_settings("runtime", "frontend", "router", "worker", "engine")
-    def _cmd(ctx: typer.Context, settings: Settings,
-             no_frontend: bool = typer.Option(False, "--no-frontend", help="Start one worker only; join via --nats-url.")) -> None:
+    def _cmd(
+        ctx: typer.Context,
+        settings: Settings,
+        no_frontend: bool = typer.Option(
+            False, "--no-frontend", help="Start one worker only; join via --nats-url."
+        ),
+    ) -> None:
         _serve_role(role_name, settings, no_frontend)
-
-

@@ -23,8 +23,12 @@ async def collect(settings: Settings, wait: float = 1.2) -> list[dict]:
         load: dict[str, dict] = {}
 
         async def on_load(ev) -> None:
-            load[ev.instance_id] = {"running": ev.running, "waiting": ev.waiting,
-                                    "kv_used_blocks": ev.kv_used_blocks, "kv_total_blocks": ev.kv_total_blocks}
+            load[ev.instance_id] = {
+                "running": ev.running,
+                "waiting": ev.waiting,
+                "kv_used_blocks": ev.kv_used_blocks,
+                "kv_total_blocks": ev.kv_total_blocks,
+            }
 
         watcher = Watcher(nc, rt.namespace, rt.lease_ttl)
         await EventBus(nc, rt.namespace).subscribe(LOAD, on_load)
@@ -33,9 +37,18 @@ async def collect(settings: Settings, wait: float = 1.2) -> list[dict]:
         await watcher.stop()
         rows = []
         for inst in sorted(watcher.instances(), key=lambda i: (i.component, i.role, i.id)):
-            rows.append({"id": inst.id, "component": inst.component, "role": inst.role,
-                         "address": f"{inst.host}:{inst.port}", "model": inst.card.get("model"),
-                         "loras": inst.card.get("loras", []), "pid": inst.pid, "load": load.get(inst.id, {})})
+            rows.append(
+                {
+                    "id": inst.id,
+                    "component": inst.component,
+                    "role": inst.role,
+                    "address": f"{inst.host}:{inst.port}",
+                    "model": inst.card.get("model"),
+                    "loras": inst.card.get("loras", []),
+                    "pid": inst.pid,
+                    "load": load.get(inst.id, {}),
+                }
+            )
         return rows
     finally:
         await nc.close()
@@ -44,14 +57,18 @@ async def collect(settings: Settings, wait: float = 1.2) -> list[dict]:
 def register(app: typer.Typer) -> None:
     @app.command("status")
     @with_settings("runtime")
-    def status_cmd(settings: Settings, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    def status_cmd(
+        settings: Settings, as_json: bool = typer.Option(False, "--json", help="Print JSON.")
+    ) -> None:
         """Show the instances of a running service (found via --nats-url or this machine's `serve`)."""
         from dynvllm.cli.serve import _fail
         from dynvllm.runtime import nats as natsrt
         from dynvllm.runtime import state
 
         try:
-            settings.runtime.nats_url = state.resolve_nats_url(settings.runtime.nats_url, settings.runtime.namespace)
+            settings.runtime.nats_url = state.resolve_nats_url(
+                settings.runtime.nats_url, settings.runtime.namespace
+            )
             rows = natsrt.run(collect(settings))
         except (LookupError, natsrt.NatsUnavailable) as exc:
             raise _fail(str(exc)) from None
@@ -61,13 +78,30 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table("role", "id", "model", "adapters", "address", "running", "waiting", "kv blocks",
-                      title=f"dynvllm @ {settings.runtime.nats_url} (namespace {settings.runtime.namespace})")
+        table = Table(
+            "role",
+            "id",
+            "model",
+            "adapters",
+            "address",
+            "running",
+            "waiting",
+            "kv blocks",
+            title=f"dynvllm @ {settings.runtime.nats_url} (namespace {settings.runtime.namespace})",
+        )
         for r in rows:
             ld = r["load"]
             kv = f"{ld.get('kv_used_blocks', '-')}/{ld.get('kv_total_blocks', '-')}" if ld else "-"
-            table.add_row(r["role"] or r["component"], r["id"], r["model"] or "-", ",".join(r["loras"]) or "-",
-                          r["address"], str(ld.get("running", "-")), str(ld.get("waiting", "-")), kv)
+            table.add_row(
+                r["role"] or r["component"],
+                r["id"],
+                r["model"] or "-",
+                ",".join(r["loras"]) or "-",
+                r["address"],
+                str(ld.get("running", "-")),
+                str(ld.get("waiting", "-")),
+                kv,
+            )
         Console().print(table)
         if not rows:
             Console().print("no instances registered")

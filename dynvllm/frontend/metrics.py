@@ -11,16 +11,34 @@ class FrontendMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("dynvllm_requests", "HTTP inference requests by model and status", ["model", "status"], registry=r)
+        self.requests = Counter(
+            "dynvllm_requests", "HTTP inference requests by model and status", ["model", "status"], registry=r
+        )
         self.inflight = Gauge("dynvllm_inflight_requests", "Requests in progress", ["model"], registry=r)
-        self.ttft = Histogram("dynvllm_time_to_first_token_seconds", "Time to first token", ["model"], buckets=_LAT, registry=r)
-        self.itl = Histogram("dynvllm_inter_token_latency_seconds", "Time between streamed tokens", ["model"], buckets=_LAT, registry=r)
+        self.ttft = Histogram(
+            "dynvllm_time_to_first_token_seconds", "Time to first token", ["model"], buckets=_LAT, registry=r
+        )
+        self.itl = Histogram(
+            "dynvllm_inter_token_latency_seconds",
+            "Time between streamed tokens",
+            ["model"],
+            buckets=_LAT,
+            registry=r,
+        )
         self.output_tokens = Counter("dynvllm_output_tokens", "Generated tokens", ["model"], registry=r)
         self.prompt_tokens = Counter("dynvllm_prompt_tokens", "Prompt tokens", ["model"], registry=r)
-        self.cached_tokens = Counter("dynvllm_cached_prompt_tokens", "Prompt tokens served from a prefix cache", ["model"], registry=r)
-        self.prefill = Counter("dynvllm_disagg_prefill", "Prefill hops by outcome (remote, skipped_short, "
-                               "skipped_cached, no_prefill_worker, failed, ...)", ["model", "outcome"], registry=r)
-        self.routed = Counter("dynvllm_routed_requests", "Requests routed to each worker", ["model", "worker"], registry=r)
+        self.cached_tokens = Counter(
+            "dynvllm_cached_prompt_tokens", "Prompt tokens served from a prefix cache", ["model"], registry=r
+        )
+        self.prefill = Counter(
+            "dynvllm_disagg_prefill",
+            "Prefill hops by outcome (remote, skipped_short, skipped_cached, no_prefill_worker, failed, ...)",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.routed = Counter(
+            "dynvllm_routed_requests", "Requests routed to each worker", ["model", "worker"], registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

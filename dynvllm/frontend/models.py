@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from dynvllm.frontend.tokenizer import Tokenizer
 from dynvllm.runtime.discovery import Instance, Watcher
@@ -18,7 +18,7 @@ class ModelEntry:
     name: str
     card: dict[str, Any]
     instances: dict[str, Instance] = field(default_factory=dict)
-    tokenizer: Optional[Tokenizer] = None
+    tokenizer: Tokenizer | None = None
 
     @property
     def context_length(self) -> int:
@@ -71,7 +71,7 @@ class ModelRegistry:
             tok = self._tokenizers[where] = Tokenizer(where)
         return tok
 
-    async def ready(self, name: str) -> Optional[ModelEntry]:
+    async def ready(self, name: str) -> ModelEntry | None:
         entry = self.models.get(name)
         if entry is not None and entry.tokenizer is None:
             entry.tokenizer = await asyncio.to_thread(self.tokenizer_for, entry.card)

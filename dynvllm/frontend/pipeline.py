@@ -6,12 +6,12 @@ gone, all choices stopped) cancels the worker stream, which aborts the engine re
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Optional
+from typing import Any
 
 from dynvllm import protocol
 from dynvllm.frontend.models import ModelEntry
@@ -28,8 +28,8 @@ class ChoiceDelta:
     index: int
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    logprobs: Optional[list] = None  # [[token_text, logprob, [[top_text, top_logprob], ...]], ...]
-    finish_reason: Optional[str] = None
+    logprobs: list | None = None  # [[token_text, logprob, [[top_text, top_logprob], ...]], ...]
+    finish_reason: str | None = None
 
 
 @dataclass
@@ -39,14 +39,27 @@ class Usage:
     cached_tokens: int = 0
 
     def as_dict(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
 
 
 class Generation:
-    def __init__(self, pool: StreamClientPool, router: Any, entry: ModelEntry, prompt_ids: list[int],
-                 sampling: dict, stops: list[str], include_stop: bool, skip_special: bool, metrics: Any) -> None:
+    def __init__(
+        self,
+        pool: StreamClientPool,
+        router: Any,
+        entry: ModelEntry,
+        prompt_ids: list[int],
+        sampling: dict,
+        stops: list[str],
+        include_stop: bool,
+        skip_special: bool,
+        metrics: Any,
+    ) -> None:
         self.pool, self.router, self.entry = pool, router, entry
         self.prompt_ids, self.sampling = prompt_ids, sampling
         self.n = int(sampling.get("n") or 1)
@@ -57,19 +70,21 @@ class Generation:
         self.texts = [tok.decode_stream(skip_special) for _ in range(self.n)]
         self.usage = Usage(prompt_tokens=len(prompt_ids))
         self.request_id = uuid.uuid4().hex
-        self.worker_id: Optional[str] = None
+        self.worker_id: str | None = None
         self.metrics = metrics
         self.t_start = time.monotonic()
-        self.t_first: Optional[float] = None
-        self.lora: Optional[str] = None
+        self.t_first: float | None = None
+        self.lora: str | None = None
         self.block_size = int(entry.card.get("block_size") or 0)
         self.overlap_blocks = 0
         self.blocks = request_blocks(len(prompt_ids), self.block_size)
-        self.prefill_worker: Optional[str] = None
+        self.prefill_worker: str | None = None
         self.prefill_outcome = ""
 
     def _serving(self, endpoint: str, exclude: set[str]) -> list[str]:
-        return [i for i, inst in self.entry.instances.items() if endpoint in inst.endpoints and i not in exclude]
+        return [
+            i for i, inst in self.entry.instances.items() if endpoint in inst.endpoints and i not in exclude
+        ]
 
     async def _connect(self, endpoint: str) -> tuple[Any, Any, int]:
         """(instance, connection, predicted cached blocks) of the worker the router picks."""
@@ -86,7 +101,7 @@ class Generation:
             except InstanceLost:
                 self.pool.drop(inst.id)
 
-    async def _prefill(self, decode_overlap: int) -> Optional[dict]:
+    async def _prefill(self, decode_overlap: int) -> dict | None:
         """kv_transfer_params from a prefill worker, or None: the decode worker computes the prompt.
 
         Short prompts, prompts the decode worker mostly caches already, no prefill worker, and
@@ -106,7 +121,9 @@ class Generation:
             inst, conn, _ = await self._connect(protocol.PREFILL)
             self.router.started(inst.id, self.blocks)
             try:
-                req = protocol.generate_request(self.request_id + "-p", self.prompt_ids, self.sampling, self.lora)
+                req = protocol.generate_request(
+                    self.request_id + "-p", self.prompt_ids, self.sampling, self.lora
+                )
                 result = await unary(conn, protocol.PREFILL, req, timeout=120)
             finally:
                 self.router.finished(inst.id, self.blocks)
@@ -115,7 +132,7 @@ class Generation:
             if not params:
                 outcome = "no_transfer_params"
             return params
-        except (RemoteError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, RemoteError) as exc:
             outcome = "failed"
             log.warning("prefill failed, the decode worker computes the prompt: %s", exc)
             return None
@@ -164,7 +181,7 @@ class Generation:
                 self.router.finished(self.worker_id, self.blocks)
                 await stream.aclose()
 
-    def _delta(self, d: dict) -> Optional[ChoiceDelta]:
+    def _delta(self, d: dict) -> ChoiceDelta | None:
         i = int(d.get("index", 0))
         if i >= self.n:
             raise BadRequest(f"worker sent choice {i} of {self.n}")
@@ -192,7 +209,12 @@ class Generation:
         lps = None
         raw = d.get("logprobs")
         if raw is not None:
-            lps = [[self.tok.decode([tid], skip_special_tokens=False), lp,
-                    [[self.tok.decode([t], skip_special_tokens=False), tlp] for t, tlp in top]]
-                   for tid, (lp, top) in zip(ids, raw)]
+            lps = [
+                [
+                    self.tok.decode([tid], skip_special_tokens=False),
+                    lp,
+                    [[self.tok.decode([t], skip_special_tokens=False), tlp] for t, tlp in top],
+                ]
+                for tid, (lp, top) in zip(ids, raw, strict=False)
+            ]
         return ChoiceDelta(i, emitted, list(ids), lps, finish)

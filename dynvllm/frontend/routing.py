@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from dynvllm.router import hashing
 from dynvllm.router.index import KvIndex
@@ -33,8 +33,13 @@ class Router:
         self._next_expiry = 0.0
         self.gaps = 0
 
-    def choose(self, candidates: Sequence[str], tokens: Sequence[int] = (), block_size: int = 0,
-               lora: Optional[str] = None) -> tuple[str, int]:
+    def choose(
+        self,
+        candidates: Sequence[str],
+        tokens: Sequence[int] = (),
+        block_size: int = 0,
+        lora: str | None = None,
+    ) -> tuple[str, int]:
         """(instance id, predicted cached blocks) for a request."""
         if not self.kv or block_size <= 0:
             policy = self.load_policy or make_policy("least-loaded")
@@ -51,12 +56,12 @@ class Router:
             self.index.predict(decision.worker, keys, self.settings.router_approx_ttl)
         return iid, decision.overlap_blocks
 
-    def started(self, worker_id: Optional[str], blocks: float = 1.0) -> None:
+    def started(self, worker_id: str | None, blocks: float = 1.0) -> None:
         if worker_id:
             self.inflight[worker_id] += 1
             self.active_blocks[worker_id] += blocks
 
-    def finished(self, worker_id: Optional[str], blocks: float = 1.0) -> None:
+    def finished(self, worker_id: str | None, blocks: float = 1.0) -> None:
         if worker_id and self.inflight.get(worker_id, 0) > 0:
             self.inflight[worker_id] -= 1
             self.active_blocks[worker_id] = max(0.0, self.active_blocks[worker_id] - blocks)

@@ -43,10 +43,18 @@ async def serve_frontend(settings: Settings) -> int:
 
         await EventBus(nc, rt.namespace).subscribe(KV_EVENTS, router.on_kv_events)
     frontend = FrontendApp(models, pool, router, fe.max_request_bytes)
-    config = uvicorn.Config(frontend.app, host=fe.http_host, port=fe.http_port, log_level="warning",
-                            access_log=False, loop="none", http="httptools", timeout_graceful_shutdown=60,
-                            timeout_keep_alive=75,  # outlive typical client pools; 5 s races with reuse
-                            lifespan="off")
+    config = uvicorn.Config(
+        frontend.app,
+        host=fe.http_host,
+        port=fe.http_port,
+        log_level="warning",
+        access_log=False,
+        loop="none",
+        http="httptools",
+        timeout_graceful_shutdown=60,
+        timeout_keep_alive=75,  # outlive typical client pools; 5 s races with reuse
+        lifespan="off",
+    )
     server = uvicorn.Server(config)
     loop = asyncio.get_running_loop()
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 
 class StopMatcher:
     def __init__(self, stops: list[str], include_stop: bool = False) -> None:
@@ -11,7 +9,7 @@ class StopMatcher:
         self.include_stop = include_stop
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self._pending = ""
-        self.matched: Optional[str] = None
+        self.matched: str | None = None
 
     def feed(self, text: str) -> str:
         """Text now safe to emit; after a match `matched` is set and the rest is dropped."""
@@ -20,7 +18,7 @@ class StopMatcher:
         if not self.stops:
             return text
         buf = self._pending + text
-        best: Optional[tuple[int, str]] = None
+        best: tuple[int, str] | None = None
         for s in self.stops:
             i = buf.find(s)
             if i >= 0 and (best is None or i < best[0]):
@@ -31,7 +29,7 @@ class StopMatcher:
             self._pending = ""
             return buf[: i + len(s)] if self.include_stop else buf[:i]
         keep = min(self.hold, len(buf))
-        out, self._pending = buf[: len(buf) - keep], buf[len(buf) - keep:]
+        out, self._pending = buf[: len(buf) - keep], buf[len(buf) - keep :]
         return out
 
     def flush(self) -> str:

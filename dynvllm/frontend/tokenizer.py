@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 
 class TokenizerError(RuntimeError):
     pass
 
 
-def _token_text(value: Any) -> Optional[str]:
+def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value
@@ -34,12 +34,12 @@ class Tokenizer:
         self._tok = HFTokenizer.from_file(str(tj))
         cfg_path = self.folder / "tokenizer_config.json"
         self.config: dict = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-        self.chat_template: Optional[str] = self._load_template()
+        self.chat_template: str | None = self._load_template()
         self.eos_token = _token_text(self.config.get("eos_token"))
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.special_ids = set(self._tok.get_added_tokens_decoder().keys())
 
-    def _load_template(self) -> Optional[str]:
+    def _load_template(self) -> str | None:
         jinja = self.folder / "chat_template.jinja"
         if jinja.exists():
             return jinja.read_text()
@@ -71,22 +71,36 @@ class Tokenizer:
         def raise_exception(message: str) -> None:
             raise TokenizerError(message)
 
-        def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False) -> str:
-            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        def tojson(
+            x: Any,
+            ensure_ascii: bool = False,
+            indent: Any = None,
+            separators: Any = None,
+            sort_keys: bool = False,
+        ) -> str:
+            return json.dumps(
+                x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+            )
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
         assert self.chat_template is not None
         return env.from_string(self.chat_template)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
         if not self.chat_template:
             raise TokenizerError("this model has no chat template; use /v1/completions")
         special = {k: _token_text(v) for k, v in self.config.items() if k.endswith("_token")}
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **special, **kwargs)
+        return self._template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **special, **kwargs
+        )
 
-    def decode_stream(self, skip_special_tokens: bool = True) -> "IncrementalText":
+    def decode_stream(self, skip_special_tokens: bool = True) -> IncrementalText:
         return IncrementalText(self, skip_special_tokens)
 
 

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
-                   "special_tokens_map.json", "generation_config.json", "config.json"]
+TOKENIZER_FILES = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "config.json",
+]
 
 
 class ModelNotFound(RuntimeError):
@@ -18,7 +24,7 @@ def is_local(model: str) -> bool:
     return Path(model).expanduser().is_dir()
 
 
-def resolve_model(model: str, revision: Optional[str] = None, tokenizer_only: bool = False) -> str:
+def resolve_model(model: str, revision: str | None = None, tokenizer_only: bool = False) -> str:
     """A local folder for `model`; hub ids download with a progress bar (huggingface-hub's)."""
     if is_local(model):
         return str(Path(model).expanduser().resolve())
@@ -26,7 +32,11 @@ def resolve_model(model: str, revision: Optional[str] = None, tokenizer_only: bo
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
     enable_progress_bars()
-    patterns = TOKENIZER_FILES if tokenizer_only else ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    patterns = (
+        TOKENIZER_FILES
+        if tokenizer_only
+        else ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    )
     try:
         return snapshot_download(repo_id=model, revision=revision, allow_patterns=patterns)
     except Exception as exc:

@@ -17,12 +17,73 @@ CHAT_TEMPLATE = (
     "{{ message['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-_WORDS = (
-    "the a one two three red blue green cat dog bird fish tree house river mountain city road "
-    "runs jumps sleeps eats sees finds makes takes gives quick slow big small old new happy sad "
-    "and or but if then when where why how what who model token cache block prefix router "
-    "worker request stream decode prefill serve engine data value number zero seven nine"
-).split()
+_WORDS = [
+    "the",
+    "a",
+    "one",
+    "two",
+    "three",
+    "red",
+    "blue",
+    "green",
+    "cat",
+    "dog",
+    "bird",
+    "fish",
+    "tree",
+    "house",
+    "river",
+    "mountain",
+    "city",
+    "road",
+    "runs",
+    "jumps",
+    "sleeps",
+    "eats",
+    "sees",
+    "finds",
+    "makes",
+    "takes",
+    "gives",
+    "quick",
+    "slow",
+    "big",
+    "small",
+    "old",
+    "new",
+    "happy",
+    "sad",
+    "and",
+    "or",
+    "but",
+    "if",
+    "then",
+    "when",
+    "where",
+    "why",
+    "how",
+    "what",
+    "who",
+    "model",
+    "token",
+    "cache",
+    "block",
+    "prefix",
+    "router",
+    "worker",
+    "request",
+    "stream",
+    "decode",
+    "prefill",
+    "serve",
+    "engine",
+    "data",
+    "value",
+    "number",
+    "zero",
+    "seven",
+    "nine",
+]
 
 
 def _corpus(seed: int, lines: int = 4000) -> list[str]:
@@ -99,8 +160,13 @@ def build_tiny_lora(model_path: str | Path, out: str | Path, seed: int = 0, rank
 
     out = Path(out)
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                     init_lora_weights=False, task_type="CAUSAL_LM")
+    cfg = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(base, cfg)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():

@@ -7,16 +7,18 @@ and hashes request prompts the same way, so both sides meet on these keys.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 ROOT = 0x5EED
 
 
-def chain(tokens: Sequence[int], block_size: int, lora: Optional[str] = None, parent: Optional[int] = None) -> list[int]:
+def chain(
+    tokens: Sequence[int], block_size: int, lora: str | None = None, parent: int | None = None
+) -> list[int]:
     """Keys of each full block of `tokens`, continuing from `parent` (a prefix's last key)."""
     h = parent if parent is not None else hash((ROOT, lora))
     out = []
     for start in range(0, len(tokens) - block_size + 1, block_size):
-        h = hash((h, tuple(tokens[start:start + block_size])))
+        h = hash((h, tuple(tokens[start : start + block_size])))
         out.append(h)
     return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 from dynvllm.router import hashing
 
@@ -45,7 +45,7 @@ class KvIndex:
             if parent is not None and parent_key is None:
                 return  # parent unknown (missed events): its children cannot be keyed
             keys = hashing.chain(tokens, block_size, lora, parent_key)
-            for eh, key in zip(hashes, keys):
+            for eh, key in zip(hashes, keys, strict=False):
                 self._engine_to_key[worker][eh] = key
                 self._add(worker, key, float("inf"))
         elif kind == "removed":
@@ -83,12 +83,12 @@ class KvIndex:
             self.drop_worker(w)
 
     # ---- predictions (kv-approx) ---------------------------------------------
-    def predict(self, worker: Worker, keys: Iterable[int], ttl: float, now: Optional[float] = None) -> None:
+    def predict(self, worker: Worker, keys: Iterable[int], ttl: float, now: float | None = None) -> None:
         expiry = (now if now is not None else time.monotonic()) + ttl
         for key in keys:
             self._add(worker, key, max(expiry, self._keys_of[worker].get(key, 0.0)))
 
-    def expire(self, now: Optional[float] = None) -> None:
+    def expire(self, now: float | None = None) -> None:
         now = now if now is not None else time.monotonic()
         for worker, keys in list(self._keys_of.items()):
             for key in [k for k, exp in keys.items() if exp <= now]:

@@ -10,7 +10,7 @@ in older releases; both decode to the same small tuples:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import msgpack
 
@@ -24,17 +24,30 @@ def _hash(value: Any) -> int:
     return int(value)
 
 
-def _stored(block_hashes: list, parent: Any, token_ids: list, block_size: int, lora_name: Optional[str]) -> Event:
-    return ("stored", [_hash(h) for h in block_hashes], None if parent is None else _hash(parent),
-            list(token_ids), int(block_size), lora_name)
+def _stored(
+    block_hashes: list, parent: Any, token_ids: list, block_size: int, lora_name: str | None
+) -> Event:
+    return (
+        "stored",
+        [_hash(h) for h in block_hashes],
+        None if parent is None else _hash(parent),
+        list(token_ids),
+        int(block_size),
+        lora_name,
+    )
 
 
-def decode_event(raw: Any) -> Optional[Event]:
+def decode_event(raw: Any) -> Event | None:
     if isinstance(raw, dict):
         kind = raw.get("type")
         if kind == "BlockStored":
-            return _stored(raw["block_hashes"], raw.get("parent_block_hash"), raw.get("token_ids") or [],
-                           raw.get("block_size") or 0, raw.get("lora_name"))
+            return _stored(
+                raw["block_hashes"],
+                raw.get("parent_block_hash"),
+                raw.get("token_ids") or [],
+                raw.get("block_size") or 0,
+                raw.get("lora_name"),
+            )
         if kind == "BlockRemoved":
             return ("removed", [_hash(h) for h in raw["block_hashes"]])
         if kind == "AllBlocksCleared":

@@ -9,8 +9,8 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 from dynvllm.router.index import KvIndex, Worker
 
@@ -23,15 +23,22 @@ class Decision:
 
 
 class KvPolicy:
-    def __init__(self, index: KvIndex, prefill_weight: float = 1.0, temperature: float = 0.0,
-                 seed: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        index: KvIndex,
+        prefill_weight: float = 1.0,
+        temperature: float = 0.0,
+        seed: int | None = None,
+    ) -> None:
         self.index = index
         self.prefill_weight = prefill_weight
         self.temperature = temperature
         self._rng = random.Random(seed)
         self._rr = itertools.count()
 
-    def choose(self, candidates: Sequence[Worker], keys: list[int], load_blocks: dict[str, float]) -> Decision:
+    def choose(
+        self, candidates: Sequence[Worker], keys: list[int], load_blocks: dict[str, float]
+    ) -> Decision:
         """`load_blocks` is keyed by instance id (a worker's first element). One pass over the
         candidates: this runs for every request, with up to thousands of workers."""
         overlaps = self.index.overlaps(keys)
@@ -47,6 +54,8 @@ class KvPolicy:
         tied = [i for i, c in enumerate(costs) if c == best]
         if len(tied) > 1:
             least = min(get_load(candidates[i][0], 0.0) for i in tied)
-            tied = sorted((i for i in tied if get_load(candidates[i][0], 0.0) == least), key=lambda i: candidates[i])
+            tied = sorted(
+                (i for i in tied if get_load(candidates[i][0], 0.0) == least), key=lambda i: candidates[i]
+            )
         i = tied[next(self._rr) % len(tied)]
         return Decision(candidates[i], get_overlap(candidates[i], 0), costs[i])

@@ -13,8 +13,9 @@ import asyncio
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import msgpack
 
@@ -32,14 +33,14 @@ class Instance:
     started: float = 0.0
 
     @classmethod
-    def new(cls, component: str, **kw: Any) -> "Instance":
+    def new(cls, component: str, **kw: Any) -> Instance:
         return cls(id=secrets.token_hex(6), component=component, pid=os.getpid(), started=time.time(), **kw)
 
     def to_wire(self) -> bytes:
         return msgpack.packb(asdict(self))
 
     @classmethod
-    def from_wire(cls, data: bytes) -> "Instance":
+    def from_wire(cls, data: bytes) -> Instance:
         obj = msgpack.unpackb(data, raw=False)
         if not isinstance(obj, dict) or "id" not in obj or "component" not in obj:
             raise ValueError("not an instance record")
@@ -56,7 +57,7 @@ class Lease:
 
     def __init__(self, nc: Any, namespace: str, instance: Instance, interval: float = 0.5) -> None:
         self.nc, self.namespace, self.instance, self.interval = nc, namespace, instance, interval
-        self._task: Optional[asyncio.Task] = None
+        self._task: asyncio.Task | None = None
         self._sub: Any = None
 
     async def start(self) -> None:
@@ -111,7 +112,7 @@ class Watcher:
         # Lease expiry only (not a graceful bye): the instance may be unreachable, not merely leaving.
         self.on_expire: list[Callback] = []
         self._subs: list[Any] = []
-        self._sweeper: Optional[asyncio.Task] = None
+        self._sweeper: asyncio.Task | None = None
         self._changed = asyncio.Event()
 
     async def start(self) -> None:
@@ -130,7 +131,7 @@ class Watcher:
             except Exception:
                 pass
 
-    def instances(self, component: Optional[str] = None, role: Optional[str] = None) -> list[Instance]:
+    def instances(self, component: str | None = None, role: str | None = None) -> list[Instance]:
         out = [i for i, _ in self._seen.values()]
         if component:
             out = [i for i in out if i.component == component]
@@ -138,11 +139,11 @@ class Watcher:
             out = [i for i in out if i.role == role]
         return out
 
-    def get(self, instance_id: str) -> Optional[Instance]:
+    def get(self, instance_id: str) -> Instance | None:
         entry = self._seen.get(instance_id)
         return entry[0] if entry else None
 
-    async def wait_for(self, predicate: Callable[["Watcher"], bool], timeout: float) -> bool:
+    async def wait_for(self, predicate: Callable[[Watcher], bool], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while not predicate(self):
             remaining = deadline - time.monotonic()
@@ -151,7 +152,7 @@ class Watcher:
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), min(remaining, 0.25))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         return True
 

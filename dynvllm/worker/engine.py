@@ -6,7 +6,8 @@ An engine turns wire generate requests into wire deltas and reports what a model
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Optional
+from collections.abc import AsyncIterator
+from typing import Any
 
 from dynvllm.runtime.errors import BadRequest
 from dynvllm.settings import Settings
@@ -39,8 +40,14 @@ class Engine:
     def check_args(self, settings: Settings) -> None:
         """Raise ValueError with a clear message if the settings cannot start this engine."""
 
-    def start(self, settings: Settings, overrides: dict[str, Any], snapshot: SchedulerSnapshot,
-              kv_endpoint: Optional[str], kv_replay: Optional[str]) -> None:
+    def start(
+        self,
+        settings: Settings,
+        overrides: dict[str, Any],
+        snapshot: SchedulerSnapshot,
+        kv_endpoint: str | None,
+        kv_replay: str | None,
+    ) -> None:
         """Start; publish KV events to `kv_endpoint` (a ZMQ SUB the worker binds) if given."""
         raise NotImplementedError
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from dynvllm import protocol
 from dynvllm.runtime.errors import BadRequest
@@ -26,7 +27,7 @@ def _check(payload: Any) -> tuple[str, list[int], dict]:
 def _logprobs(token_ids: list[int], entries: Any, k: int) -> list:
     """[[token_logprob, [[top_id, top_logprob], ...]], ...] for each new token."""
     out = []
-    for tid, entry in zip(token_ids, entries or []):
+    for tid, entry in zip(token_ids, entries or [], strict=False):
         chosen = entry.get(tid)
         ranked = sorted(entry.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)
         top = [[t, float(lp.logprob)] for t, lp in ranked if lp.rank is not None and lp.rank <= k][:k]
@@ -48,8 +49,11 @@ class GenerateHandler:
         kv_params = payload.get("kv_transfer_params")
         extra_args = {"kv_transfer_params": kv_params} if kv_params else None
         try:
-            params = SamplingParams(**protocol.sampling_kwargs(sampling), output_kind=RequestOutputKind.DELTA,
-                                    extra_args=extra_args)
+            params = SamplingParams(
+                **protocol.sampling_kwargs(sampling),
+                output_kind=RequestOutputKind.DELTA,
+                extra_args=extra_args,
+            )
         except (TypeError, ValueError) as exc:
             raise BadRequest(f"invalid sampling options: {exc}") from None
         lora = self.tracker.lora_request(payload.get("lora"))
@@ -58,7 +62,9 @@ class GenerateHandler:
         first = True
         self.tracker.inflight += 1
         try:
-            stream = self.engine.generate(TokensPrompt(prompt_token_ids=ids), params, request_id=rid, lora_request=lora)
+            stream = self.engine.generate(
+                TokensPrompt(prompt_token_ids=ids), params, request_id=rid, lora_request=lora
+            )
             async for out in stream:
                 for c in out.outputs:
                     extra: dict[str, Any] = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Optional
+from typing import Any
 
 from dynvllm.router.kv_events import decode_batch
 from dynvllm.runtime.events import EventBus
@@ -28,14 +28,21 @@ def free_tcp_port() -> int:
 
 
 class KvEventRelay:
-    def __init__(self, bus: EventBus, instance_id: str, endpoint: str, replay_endpoint: Optional[str], topic: str = "kv") -> None:
+    def __init__(
+        self,
+        bus: EventBus,
+        instance_id: str,
+        endpoint: str,
+        replay_endpoint: str | None,
+        topic: str = "kv",
+    ) -> None:
         self.bus, self.instance_id = bus, instance_id
         self.endpoint, self.replay_endpoint, self.topic = endpoint, replay_endpoint, topic
         # vLLM numbers batches from 0: anything before the first one we see is replayed too.
         self.last_engine_seq: int = -1
         self.relay_seq = 0
         self.replayed = 0
-        self._task: Optional[asyncio.Task] = None
+        self._task: asyncio.Task | None = None
 
     def bind(self) -> None:
         """Bind the loopback SUB socket before the engine starts: vLLM's PUB connects to a
@@ -63,7 +70,9 @@ class KvEventRelay:
         if not events:
             return
         self.relay_seq += 1
-        await self.bus.publish(KV_EVENTS, KvEventBatch(self.instance_id, dp, self.relay_seq, [list(e) for e in events]))
+        await self.bus.publish(
+            KV_EVENTS, KvEventBatch(self.instance_id, dp, self.relay_seq, [list(e) for e in events])
+        )
 
     async def _replay(self, ctx: Any, start: int) -> None:
         import zmq

@@ -6,7 +6,8 @@ name. Role modules must not import vLLM at module level: the CLI may import them
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from dynvllm.settings import Settings
@@ -21,16 +22,16 @@ class Role:
     #: Short description shown in `dynvllm serve --help`.
     description: str = ""
     #: vLLM KV-transfer role ("kv_producer", "kv_consumer") when the role moves KV between engines.
-    kv_role: Optional[str] = None
+    kv_role: str | None = None
 
-    def check(self, settings: "Settings") -> None:
+    def check(self, settings: Settings) -> None:
         """Raise ValueError if the settings cannot run this role (called before any process starts)."""
         if self.kv_role:
             from dynvllm.worker.connector import transfer_config
 
             transfer_config(settings.worker.connectors(), self.kv_role, settings)
 
-    def engine_overrides(self, settings: "Settings") -> dict[str, Any]:
+    def engine_overrides(self, settings: Settings) -> dict[str, Any]:
         """AsyncEngineArgs attributes this role sets: the KV-transfer configuration, if any.
 
         Also sets the environment the connectors need (side-channel ports): this runs in the
@@ -49,11 +50,13 @@ class Role:
         if cfg is None:
             return {}
         overrides: dict[str, Any] = {"kv_transfer_config": KVTransferConfig(**cfg)}
-        if (settings.engine.tensor_parallel_size or 1) == 1 and "--distributed-executor-backend" not in settings.vllm_argv():
+        if (
+            settings.engine.tensor_parallel_size or 1
+        ) == 1 and "--distributed-executor-backend" not in settings.vllm_argv():
             # NIXL's hand-shake stalls behind the GIL with the in-process executor.
             overrides["distributed_executor_backend"] = "mp"
         return overrides
 
-    def handlers(self, worker: "Worker") -> dict[str, Callable]:
+    def handlers(self, worker: Worker) -> dict[str, Callable]:
         """Endpoints this role serves, by name."""
         raise NotImplementedError

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import signal
 import time
-from typing import Any, Optional
+from typing import Any
 
 from dynvllm import protocol
 from dynvllm.process import become_group_leader, start_group_reaper
@@ -34,13 +34,13 @@ class Worker:
         self.role = role
         self.engine: Any = None
         self.snapshot = SchedulerSnapshot()
-        self.server: Optional[StreamServer] = None
-        self.lease: Optional[Lease] = None
+        self.server: StreamServer | None = None
+        self.lease: Lease | None = None
         self.nc: Any = None
         self.stopping = asyncio.Event()
         self.engine_dead = False
         self.last_canary: dict[str, Any] = {"ok": None, "at": 0.0, "seconds": None}
-        self.instance: Optional[Instance] = None
+        self.instance: Instance | None = None
         self.relay: Any = None
 
     # ---- handlers shared by every role ------------------------------------------------
@@ -48,15 +48,25 @@ class Worker:
         return self.engine.generate
 
     async def health(self, payload: Any = None) -> dict:
-        return {"ok": not self.engine_dead and self.last_canary["ok"] is not False,
-                "canary": self.last_canary, "inflight": self.engine.tracker.inflight,
-                "draining": self.stopping.is_set()}
+        return {
+            "ok": not self.engine_dead and self.last_canary["ok"] is not False,
+            "canary": self.last_canary,
+            "inflight": self.engine.tracker.inflight,
+            "draining": self.stopping.is_set(),
+        }
 
     async def stats(self, payload: Any = None) -> dict:
         s = self.snapshot
-        return {"inflight": self.engine.tracker.inflight, "running": s.running, "waiting": s.waiting,
-                "kv_usage": s.kv_usage, "prefix_queries": s.prefix_queries, "prefix_hits": s.prefix_hits,
-                "kv_events_relayed": self.relay.relay_seq if self.relay else 0, "kv_transfer": s.kv_transfer}
+        return {
+            "inflight": self.engine.tracker.inflight,
+            "running": s.running,
+            "waiting": s.waiting,
+            "kv_usage": s.kv_usage,
+            "prefix_queries": s.prefix_queries,
+            "prefix_hits": s.prefix_hits,
+            "kv_events_relayed": self.relay.relay_seq if self.relay else 0,
+            "kv_transfer": s.kv_transfer,
+        }
 
     # ---- lifecycle --------------------------------------------------------------------
     def _build_engine(self) -> None:
@@ -69,14 +79,24 @@ class Worker:
             # Loopback sockets on free ports; the relay forwards events to routers over NATS.
             endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
             replay = f"tcp://127.0.0.1:{free_tcp_port()}"
-            self.relay = KvEventRelay(EventBus(self.nc, self.settings.runtime.namespace), "", endpoint, replay)
+            self.relay = KvEventRelay(
+                EventBus(self.nc, self.settings.runtime.namespace), "", endpoint, replay
+            )
             self.relay.bind()
-        self.engine.start(self.settings, self.role.engine_overrides(self.settings), self.snapshot, endpoint, replay)
+        self.engine.start(
+            self.settings, self.role.engine_overrides(self.settings), self.snapshot, endpoint, replay
+        )
 
     def _card(self) -> dict:
         eng = self.settings.engine
-        return {"model": eng.served_model_name or eng.model, "source": eng.model, **self.engine.card(),
-                "engine": self.engine.kind, "role": self.role_name, "loras": sorted(self.engine.tracker.loras)}
+        return {
+            "model": eng.served_model_name or eng.model,
+            "source": eng.model,
+            **self.engine.card(),
+            "engine": self.engine.kind,
+            "role": self.role_name,
+            "loras": sorted(self.engine.tracker.loras),
+        }
 
     async def run(self) -> int:
         become_group_leader()
@@ -89,8 +109,14 @@ class Worker:
         host = rt.advertise_host or natsrt.local_address_towards(rt.nats_url or "")
         bind = "127.0.0.1" if host == "127.0.0.1" else "0.0.0.0"
         port = await self.server.start(bind, self.settings.worker.rpc_port)
-        self.instance = Instance.new(COMPONENT, role=self.role_name, host=host, port=port,
-                                     endpoints=sorted(handlers), card=self._card())
+        self.instance = Instance.new(
+            COMPONENT,
+            role=self.role_name,
+            host=host,
+            port=port,
+            endpoints=sorted(handlers),
+            card=self._card(),
+        )
         self.lease = Lease(self.nc, rt.namespace, self.instance, rt.heartbeat_interval)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -99,8 +125,14 @@ class Worker:
             self.relay.start(self.instance.id)
         await self._canary()
         await self.lease.start()
-        log.warning("worker %s (%s) serving %s on %s:%d", self.instance.id, self.role_name,
-                    self._card()["model"], host, port)
+        log.warning(
+            "worker %s (%s) serving %s on %s:%d",
+            self.instance.id,
+            self.role_name,
+            self._card()["model"],
+            host,
+            port,
+        )
         background = [asyncio.create_task(self._publish_load()), asyncio.create_task(self._watch_engine())]
         await self.stopping.wait()
         code = await self._shutdown()
@@ -155,8 +187,17 @@ class Worker:
             s = self.snapshot
             busy = self.engine.tracker.inflight > 0 or s.running > 0
             try:
-                await bus.publish(LOAD, LoadMetrics(self.instance.id if self.instance else "", s.running, s.waiting,
-                                                    int(s.kv_usage * total), total, time.time()))
+                await bus.publish(
+                    LOAD,
+                    LoadMetrics(
+                        self.instance.id if self.instance else "",
+                        s.running,
+                        s.waiting,
+                        int(s.kv_usage * total),
+                        total,
+                        time.time(),
+                    ),
+                )
             except Exception:
                 pass
             await asyncio.sleep(0.1 if busy else 1.0)

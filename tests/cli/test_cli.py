@@ -16,12 +16,14 @@ runner = CliRunner()
 
 
 def test_help_imports_neither_vllm_nor_torch():
-    code = ("import sys\nfrom typer.testing import CliRunner\nfrom dynvllm.cli import app\n"
-            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output\n"
-            "r = CliRunner().invoke(app, ['serve', 'agg', '--help']); assert r.exit_code == 0, r.output\n"
-            "r = CliRunner().invoke(app, ['plugins']); assert r.exit_code == 0, r.output\n"
-            "heavy = [m for m in ('vllm', 'torch', 'transformers') if m in sys.modules]\n"
-            "print('HEAVY', heavy)")
+    code = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom dynvllm.cli import app\n"
+        "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output\n"
+        "r = CliRunner().invoke(app, ['serve', 'agg', '--help']); assert r.exit_code == 0, r.output\n"
+        "r = CliRunner().invoke(app, ['plugins']); assert r.exit_code == 0, r.output\n"
+        "heavy = [m for m in ('vllm', 'torch', 'transformers') if m in sys.modules]\n"
+        "print('HEAVY', heavy)"
+    )
     t0 = time.monotonic()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -59,8 +61,22 @@ def test_bad_port_from_env(monkeypatch):
 
 
 def test_unknown_vllm_argument_shows_vllms_message(tiny_model):
-    r = subprocess.run([sys.executable, "-m", "dynvllm", "serve", "agg", "--model", str(tiny_model),
-                        "--no-such-engine-flag", "3"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dynvllm",
+            "serve",
+            "agg",
+            "--model",
+            str(tiny_model),
+            "--no-such-engine-flag",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert "unrecognized arguments: --no-such-engine-flag 3" in r.stderr
 
@@ -93,13 +109,19 @@ def test_unknown_router_policy_is_rejected():
     assert r.exit_code == 2 and "--router" in r.output and "kv-approx" in r.output
 
 
-@pytest.mark.parametrize("args,needles", [
-    (["--kv-transfer-config", "{bad"], ["--kv-transfer-config", "not valid JSON"]),
-    (["--connector", "nixl", "--kv-transfer-config", "{}"], ["--connector", "--kv-transfer-config", "not both"]),
-    (["--connector", "warp"], ["no connector plugin named 'warp'", "nixl", "lmcache"]),
-    (["--connector", "lmcache"], ["lmcache", "pip install lmcache"]),
-    (["--connector", "kvbm"], ["kvbm", "pip install kvbm"]),
-])
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        (["--kv-transfer-config", "{bad"], ["--kv-transfer-config", "not valid JSON"]),
+        (
+            ["--connector", "nixl", "--kv-transfer-config", "{}"],
+            ["--connector", "--kv-transfer-config", "not both"],
+        ),
+        (["--connector", "warp"], ["no connector plugin named 'warp'", "nixl", "lmcache"]),
+        (["--connector", "lmcache"], ["lmcache", "pip install lmcache"]),
+        (["--connector", "kvbm"], ["kvbm", "pip install kvbm"]),
+    ],
+)
 def test_kv_connector_errors_are_clear(args, needles):
     r = runner.invoke(app, ["serve", "prefill", "--model", "m", "--nats-url", "nats://127.0.0.1:1", *args])
     assert r.exit_code == 2, r.output
@@ -119,8 +141,14 @@ def test_connectors_build_vllm_transfer_configs():
     s = build_settings({"worker": {"connector": "nixl,example"}})
     cfg, _, _ = transfer_config(s.worker.connectors(), "kv_consumer", s)
     assert cfg["kv_connector"] == "MultiConnector"
-    assert [c["kv_connector"] for c in cfg["kv_connector_extra_config"]["connectors"]] == ["NixlConnector", "ExampleConnector"]
+    assert [c["kv_connector"] for c in cfg["kv_connector_extra_config"]["connectors"]] == [
+        "NixlConnector",
+        "ExampleConnector",
+    ]
     s = build_settings({"worker": {"connector": "none"}})
     assert transfer_config(s.worker.connectors(), "kv_consumer", s)[0] is None
     s = build_settings({"worker": {"kv_transfer_config": '{"kv_connector": "X", "kv_role": "kv_both"}'}})
-    assert transfer_config(s.worker.connectors(), "kv_producer", s)[0] == {"kv_connector": "X", "kv_role": "kv_both"}
+    assert transfer_config(s.worker.connectors(), "kv_producer", s)[0] == {
+        "kv_connector": "X",
+        "kv_role": "kv_both",
+    }

@@ -14,8 +14,10 @@ import openai
 import pytest
 
 PROMPTS = ["the cat sees a dog and", "red river runs where the old mountain", "why is the model slow?"]
-CHAT = [[{"role": "user", "content": "the quick bird finds a tree"}],
-        [{"role": "system", "content": "you are a router"}, {"role": "user", "content": "where is the cache?"}]]
+CHAT = [
+    [{"role": "user", "content": "the quick bird finds a tree"}],
+    [{"role": "system", "content": "you are a router"}, {"role": "user", "content": "where is the cache?"}],
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,15 +29,27 @@ def client(agg_service):
 @pytest.fixture(scope="module")
 def reference(tiny_model):
     """vLLM's offline greedy output for the same prompts and parameters."""
-    reqs = [{"kind": "completion", "input": p, "params": {"max_tokens": 24, "temperature": 0}} for p in PROMPTS]
+    reqs = [
+        {"kind": "completion", "input": p, "params": {"max_tokens": 24, "temperature": 0}} for p in PROMPTS
+    ]
     reqs += [{"kind": "chat", "input": m, "params": {"max_tokens": 24, "temperature": 0}} for m in CHAT]
-    reqs += [{"kind": "completion", "input": PROMPTS[0], "params": {"max_tokens": 24, "temperature": 0, "stop": ["e"]}}]
+    reqs += [
+        {
+            "kind": "completion",
+            "input": PROMPTS[0],
+            "params": {"max_tokens": 24, "temperature": 0, "stop": ["e"]},
+        }
+    ]
     script = Path(__file__).resolve().parents[1] / "offline_reference.py"
-    res = subprocess.run([sys.executable, str(script), str(tiny_model), json.dumps(reqs)],
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, str(script), str(tiny_model), json.dumps(reqs)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("REFERENCE ")]
     assert line, res.stderr[-3000:]
-    return json.loads(line[0][len("REFERENCE "):])
+    return json.loads(line[0][len("REFERENCE ") :])
 
 
 def test_models_lists_served_name(client):
@@ -49,7 +63,9 @@ def test_completions_equal_vllm_offline(client, reference):
         assert r.choices[0].text == reference[i][0]
         assert r.usage.completion_tokens == 24
         assert r.choices[0].finish_reason == "length"
-        streamed = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0, stream=True)
+        streamed = client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=24, temperature=0, stream=True
+        )
         assert "".join(c.choices[0].text for c in streamed if c.choices) == reference[i][0]
 
 
@@ -59,8 +75,16 @@ def test_chat_equal_vllm_offline(client, reference):
         r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0)
         assert r.choices[0].message.content == want
         assert r.choices[0].message.role == "assistant"
-        chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0,
-                                                     stream=True, stream_options={"include_usage": True}))
+        chunks = list(
+            client.chat.completions.create(
+                model="tiny",
+                messages=messages,
+                max_tokens=24,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
         usage = chunks[-1].usage
         assert usage.completion_tokens == 24 and usage.prompt_tokens == r.usage.prompt_tokens > 5
@@ -74,8 +98,9 @@ def test_stop_string_matches_vllm(client, reference):
 
 
 def test_max_tokens_and_usage(client):
-    r = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=3, temperature=0,
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model="tiny", prompt=PROMPTS[1], max_tokens=3, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert r.usage.completion_tokens == 3
     assert r.usage.total_tokens == r.usage.prompt_tokens + 3
 
@@ -83,10 +108,13 @@ def test_max_tokens_and_usage(client):
 def test_n_and_seed_and_logprobs(client):
     r = client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=8, temperature=1.0, seed=7, n=2)
     assert len(r.choices) == 2 and {c.index for c in r.choices} == {0, 1}
-    again = client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=8, temperature=1.0, seed=7, n=2)
+    again = client.completions.create(
+        model="tiny", prompt=PROMPTS[2], max_tokens=8, temperature=1.0, seed=7, n=2
+    )
     assert sorted(c.text for c in r.choices) == sorted(c.text for c in again.choices)
-    c = client.chat.completions.create(model="tiny", messages=CHAT[0], max_tokens=4, temperature=0,
-                                       logprobs=True, top_logprobs=3)
+    c = client.chat.completions.create(
+        model="tiny", messages=CHAT[0], max_tokens=4, temperature=0, logprobs=True, top_logprobs=3
+    )
     content = c.choices[0].logprobs.content
     assert len(content) == 4
     for item in content:
@@ -98,11 +126,15 @@ def test_n_and_seed_and_logprobs(client):
 def test_32_concurrent_streams_are_each_correct(agg_service, client):
     url, _ = agg_service
     prompts = [f"{PROMPTS[i % 3]} {i}" for i in range(32)]
-    expected = [client.completions.create(model="tiny", prompt=p, max_tokens=16, temperature=0).choices[0].text
-                for p in prompts[:4]]
+    expected = [
+        client.completions.create(model="tiny", prompt=p, max_tokens=16, temperature=0).choices[0].text
+        for p in prompts[:4]
+    ]
 
     async def one(ac: openai.AsyncOpenAI, p: str) -> str:
-        stream = await ac.completions.create(model="tiny", prompt=p, max_tokens=16, temperature=0, stream=True)
+        stream = await ac.completions.create(
+            model="tiny", prompt=p, max_tokens=16, temperature=0, stream=True
+        )
         return "".join([c.choices[0].text async for c in stream if c.choices])
 
     async def main() -> list[str]:
@@ -115,15 +147,17 @@ def test_32_concurrent_streams_are_each_correct(agg_service, client):
     got = asyncio.run(main())
     assert got[:4] == expected
     assert all(len(t) > 0 for t in got)
-    singles = [client.completions.create(model="tiny", prompt=p, max_tokens=16, temperature=0).choices[0].text
-               for p in prompts[4:8]]
+    singles = [
+        client.completions.create(model="tiny", prompt=p, max_tokens=16, temperature=0).choices[0].text
+        for p in prompts[4:8]
+    ]
     assert got[4:8] == singles
 
 
 def _worker_stats(url: str) -> dict:
+    from dynvllm.cli.status import collect
     from dynvllm.runtime import nats as natsrt
     from dynvllm.runtime.streams import Connection, unary
-    from dynvllm.cli.status import collect
     from dynvllm.settings import build_settings
 
     async def main() -> dict:
@@ -148,8 +182,14 @@ def _nats_url() -> str:
 
 def test_client_disconnect_frees_engine_request(agg_service):
     url, _ = agg_service
-    body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 2000, "temperature": 0, "stream": True,
-            "ignore_eos": True}
+    body = {
+        "model": "tiny",
+        "prompt": PROMPTS[0],
+        "max_tokens": 2000,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
     with httpx.Client(timeout=30) as h:
         with h.stream("POST", url + "/v1/completions", json=body) as r:
             assert r.status_code == 200
@@ -167,18 +207,43 @@ def test_client_disconnect_frees_engine_request(agg_service):
     assert stats["inflight"] == 0 and stats["running"] == 0, stats
 
 
-@pytest.mark.parametrize("path,body,status,needle", [
-    ("/v1/chat/completions", b"{not json", 400, "not valid JSON"),
-    ("/v1/chat/completions", {"model": "tiny"}, 400, "messages"),
-    ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "does not exist"),
-    ("/v1/completions", {"model": "tiny", "prompt": list(range(1, 400)) * 12}, 400, "maximum context length"),
-    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
-    ("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": "hot"}, 400, "temperature"),
-    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 5000}, 400, "maximum context length"),
-    ("/v1/completions", {"model": "tiny", "prompt": [99999]}, 400, "out of range"),
-    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
-])
-def test_bad_input_gets_openai_error_and_service_keeps_serving(agg_service, client, path, body, status, needle):
+@pytest.mark.parametrize(
+    "path,body,status,needle",
+    [
+        ("/v1/chat/completions", b"{not json", 400, "not valid JSON"),
+        ("/v1/chat/completions", {"model": "tiny"}, 400, "messages"),
+        (
+            "/v1/chat/completions",
+            {"model": "nope", "messages": [{"role": "user", "content": "x"}]},
+            404,
+            "does not exist",
+        ),
+        (
+            "/v1/completions",
+            {"model": "tiny", "prompt": list(range(1, 400)) * 12},
+            400,
+            "maximum context length",
+        ),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": "hot"}, 400, "temperature"),
+        (
+            "/v1/completions",
+            {"model": "tiny", "prompt": "x", "max_tokens": 5000},
+            400,
+            "maximum context length",
+        ),
+        ("/v1/completions", {"model": "tiny", "prompt": [99999]}, 400, "out of range"),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]},
+            400,
+            "role",
+        ),
+    ],
+)
+def test_bad_input_gets_openai_error_and_service_keeps_serving(
+    agg_service, client, path, body, status, needle
+):
     url, _ = agg_service
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     r = httpx.post(url + path, content=content, headers={"content-type": "application/json"}, timeout=30)

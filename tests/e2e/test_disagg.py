@@ -22,8 +22,8 @@ from dynvllm.settings import build_settings
 from tests.helpers import ENGINE_ARGS, Proc, free_port, wait_gone, wait_http
 
 _S = [
-    "the cat sees a dog and the bird finds a tree near the old river where the city road runs and the model cache",
-    "why is the router slow when the worker makes a new stream and the engine takes nine blocks of the prefix data",
+    "the cat sees a dog and the bird finds a tree near the old river where the city road runs and the model cache",  # noqa: E501
+    "why is the router slow when the worker makes a new stream and the engine takes nine blocks of the prefix data",  # noqa: E501
     "red blue green fish jump over the happy mountain then the small house sleeps while seven old birds eat",
 ]
 # Each well over the 40-token threshold the tests set for the prefill hop.
@@ -32,27 +32,57 @@ SHORT = "the cat"
 
 
 def reference(model: Path, prompts: list[str], max_tokens: int = 16) -> list[str]:
-    reqs = [{"kind": "completion", "input": p, "params": {"max_tokens": max_tokens, "temperature": 0}} for p in prompts]
+    reqs = [
+        {"kind": "completion", "input": p, "params": {"max_tokens": max_tokens, "temperature": 0}}
+        for p in prompts
+    ]
     script = Path(__file__).resolve().parents[1] / "offline_reference.py"
-    res = subprocess.run([sys.executable, str(script), str(model), json.dumps(reqs)], capture_output=True, text=True,
-                         timeout=600)
+    res = subprocess.run(
+        [sys.executable, str(script), str(model), json.dumps(reqs)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("REFERENCE ")]
     assert line, res.stderr[-3000:]
-    return [texts[0] for texts in json.loads(line[0][len("REFERENCE "):])]
+    return [texts[0] for texts in json.loads(line[0][len("REFERENCE ") :])]
 
 
 @pytest.fixture(scope="module")
 def expected(tiny_model):
-    return dict(zip(LONG + [SHORT], reference(tiny_model, LONG + [SHORT])))
+    return dict(zip(LONG + [SHORT], reference(tiny_model, LONG + [SHORT]), strict=False))
 
 
 @pytest.fixture(scope="module")
 def disagg(tiny_model, tmp_path_factory, expected):
     # `expected` first: vLLM's offline reference runs before the service's engines take the cores.
     port = free_port()
-    proc = Proc(["serve", "disagg", "--model", str(tiny_model), "--served-model-name", "tiny", "--prefill", "1",
-                 "--decode", "1", "--connector", "nixl", "--disagg-min-prompt-tokens", "40", "--http-host", "127.0.0.1",
-                 "--http-port", str(port), "--namespace", "dis", *ENGINE_ARGS], tmp_path_factory.mktemp("dis") / "serve.log")
+    proc = Proc(
+        [
+            "serve",
+            "disagg",
+            "--model",
+            str(tiny_model),
+            "--served-model-name",
+            "tiny",
+            "--prefill",
+            "1",
+            "--decode",
+            "1",
+            "--connector",
+            "nixl",
+            "--disagg-min-prompt-tokens",
+            "40",
+            "--http-host",
+            "127.0.0.1",
+            "--http-port",
+            str(port),
+            "--namespace",
+            "dis",
+            *ENGINE_ARGS,
+        ],
+        tmp_path_factory.mktemp("dis") / "serve.log",
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/health", lambda b: b.get("workers") == 2, proc, timeout=400)
         yield f"http://127.0.0.1:{port}", proc
@@ -61,8 +91,11 @@ def disagg(tiny_model, tmp_path_factory, expected):
 
 
 def _complete(url: str, prompt: str, **kw) -> httpx.Response:
-    r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 16,
-                                                  "temperature": 0, **kw}, timeout=120)
+    r = httpx.post(
+        url + "/v1/completions",
+        json={"model": "tiny", "prompt": prompt, "max_tokens": 16, "temperature": 0, **kw},
+        timeout=120,
+    )
     assert r.status_code == 200, r.text
     return r
 
@@ -74,7 +107,9 @@ def test_disagg_equals_agg_token_for_token(disagg, expected):
         r = _complete(url, prompt)
         assert r.headers["x-dynvllm-prefill"].startswith("remote:")
         assert r.json()["choices"][0]["text"] == expected[prompt]
-        stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0, stream=True)
+        stream = client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=16, temperature=0, stream=True
+        )
         assert "".join(c.choices[0].text for c in stream if c.choices) == expected[prompt]
 
 
@@ -142,8 +177,14 @@ def test_16_concurrent_streams(disagg, expected):
 
 def test_killing_the_prefill_worker_under_load_falls_back(disagg, expected):
     url, _ = disagg
-    rows = natsrt.run(collect(build_settings({"runtime": {"nats_url": state.resolve_nats_url(None, "dis"),
-                                                            "namespace": "dis"}}), wait=0.6))
+    rows = natsrt.run(
+        collect(
+            build_settings(
+                {"runtime": {"nats_url": state.resolve_nats_url(None, "dis"), "namespace": "dis"}}
+            ),
+            wait=0.6,
+        )
+    )
     prefill = [r for r in rows if r["role"] == "prefill"]
     assert len(prefill) == 1
     victim = psutil.Process(prefill[0]["pid"])
@@ -154,8 +195,11 @@ def test_killing_the_prefill_worker_under_load_falls_back(disagg, expected):
         for i in range(6):
             p = LONG[i % 3]
             try:
-                r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": p, "max_tokens": 16,
-                                                              "temperature": 0}, timeout=120)
+                r = httpx.post(
+                    url + "/v1/completions",
+                    json={"model": "tiny", "prompt": p, "max_tokens": 16, "temperature": 0},
+                    timeout=120,
+                )
                 results.append((p, r.status_code, r.json()))
             except Exception as exc:  # recorded, asserted below
                 results.append((p, 0, str(exc)))

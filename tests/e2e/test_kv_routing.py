@@ -15,9 +15,28 @@ from tests.helpers import ENGINE_ARGS, Proc, free_port, wait_http
 def two_workers(tiny_model, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("kv") / "serve.log"
-    proc = Proc(["serve", "agg", "--model", str(tiny_model), "--served-model-name", "tiny", "--workers", "2",
-                 "--router", "kv", "--http-host", "127.0.0.1", "--http-port", str(port), "--namespace", "kv2",
-                 *ENGINE_ARGS], log)
+    proc = Proc(
+        [
+            "serve",
+            "agg",
+            "--model",
+            str(tiny_model),
+            "--served-model-name",
+            "tiny",
+            "--workers",
+            "2",
+            "--router",
+            "kv",
+            "--http-host",
+            "127.0.0.1",
+            "--http-port",
+            str(port),
+            "--namespace",
+            "kv2",
+            *ENGINE_ARGS,
+        ],
+        log,
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/health", lambda b: b.get("workers") == 2, proc, timeout=400)
         yield f"http://127.0.0.1:{port}", proc
@@ -26,12 +45,18 @@ def two_workers(tiny_model, tmp_path_factory):
 
 
 def _complete(url: str, prompt: list[int]) -> tuple[str, int, str]:
-    r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 4, "temperature": 0},
-                   timeout=60)
+    r = httpx.post(
+        url + "/v1/completions",
+        json={"model": "tiny", "prompt": prompt, "max_tokens": 4, "temperature": 0},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     body = r.json()
-    return r.headers["x-dynvllm-worker"], body["usage"]["prompt_tokens_details"]["cached_tokens"], \
-        r.headers["x-dynvllm-predicted-cached-tokens"]
+    return (
+        r.headers["x-dynvllm-worker"],
+        body["usage"]["prompt_tokens_details"]["cached_tokens"],
+        r.headers["x-dynvllm-predicted-cached-tokens"],
+    )
 
 
 def test_same_prefix_lands_on_the_caching_worker(two_workers):
@@ -54,10 +79,24 @@ def test_same_prefix_lands_on_the_caching_worker(two_workers):
 
 
 def test_round_robin_frontend_on_the_same_workers_spreads_them(two_workers, tmp_path):
-    url, _ = two_workers
+    _url, _ = two_workers
     port = free_port()
-    fe = Proc(["frontend", "--nats-url", state.resolve_nats_url(None, "kv2"), "--namespace", "kv2",
-               "--router", "round-robin", "--http-host", "127.0.0.1", "--http-port", str(port)], tmp_path / "fe.log")
+    fe = Proc(
+        [
+            "frontend",
+            "--nats-url",
+            state.resolve_nats_url(None, "kv2"),
+            "--namespace",
+            "kv2",
+            "--router",
+            "round-robin",
+            "--http-host",
+            "127.0.0.1",
+            "--http-port",
+            str(port),
+        ],
+        tmp_path / "fe.log",
+    )
     try:
         rr = f"http://127.0.0.1:{port}"
         wait_http(rr + "/health", lambda b: b.get("workers") == 2, fe, timeout=60)

@@ -26,12 +26,27 @@ async def _wait_registered(url: str, namespace: str, present: bool, timeout: flo
 
 
 def _engine_pids(proc: Proc) -> list[int]:
-    return [p.pid for p in proc.descendants() if "VLLM" in " ".join(p.cmdline()) or p.name().startswith("VLLM")]
+    return [
+        p.pid for p in proc.descendants() if "VLLM" in " ".join(p.cmdline()) or p.name().startswith("VLLM")
+    ]
 
 
 def _start_worker(tiny_model, nats_url, namespace, tmp_path) -> Proc:
-    proc = Proc(["serve", "agg", "--no-frontend", "--nats-url", nats_url, "--namespace", namespace,
-                 "--model", str(tiny_model), *ENGINE_ARGS], tmp_path / f"{namespace}.log")
+    proc = Proc(
+        [
+            "serve",
+            "agg",
+            "--no-frontend",
+            "--nats-url",
+            nats_url,
+            "--namespace",
+            namespace,
+            "--model",
+            str(tiny_model),
+            *ENGINE_ARGS,
+        ],
+        tmp_path / f"{namespace}.log",
+    )
     assert natsrt.run(_wait_registered(nats_url, namespace, True, 240)), proc.tail()
     return proc
 
@@ -53,7 +68,9 @@ def test_engine_death_deregisters_and_exits_nonzero(tiny_model, nats_url, tmp_pa
     proc = _start_worker(tiny_model, nats_url, "lc-engine", tmp_path)
     try:
         everything = [p.pid for p in proc.descendants()]
-        core = [p for p in proc.descendants() if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())]
+        core = [
+            p for p in proc.descendants() if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())
+        ]
         assert core
         core[0].kill()
         assert proc.p.wait(60) != 0
@@ -65,8 +82,24 @@ def test_engine_death_deregisters_and_exits_nonzero(tiny_model, nats_url, tmp_pa
 
 def test_sigterm_during_stream_finishes_stream_then_nothing_remains(tiny_model, tmp_path):
     port = free_port()
-    proc = Proc(["serve", "agg", "--model", str(tiny_model), "--served-model-name", "tiny", "--http-host", "127.0.0.1",
-                 "--http-port", str(port), "--namespace", "lc-term", *ENGINE_ARGS], tmp_path / "serve.log")
+    proc = Proc(
+        [
+            "serve",
+            "agg",
+            "--model",
+            str(tiny_model),
+            "--served-model-name",
+            "tiny",
+            "--http-host",
+            "127.0.0.1",
+            "--http-port",
+            str(port),
+            "--namespace",
+            "lc-term",
+            *ENGINE_ARGS,
+        ],
+        tmp_path / "serve.log",
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url + "/health", lambda b: b.get("workers") == 1, proc)
@@ -76,8 +109,14 @@ def test_sigterm_during_stream_finishes_stream_then_nothing_remains(tiny_model, 
         started = threading.Event()
 
         def consume() -> None:
-            body = {"model": "tiny", "prompt": "the cat", "max_tokens": 1500, "temperature": 0, "stream": True,
-                    "ignore_eos": True}
+            body = {
+                "model": "tiny",
+                "prompt": "the cat",
+                "max_tokens": 1500,
+                "temperature": 0,
+                "stream": True,
+                "ignore_eos": True,
+            }
             with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
                 for line in r.iter_lines():
                     if line.startswith("data: ") and line != "data: [DONE]":

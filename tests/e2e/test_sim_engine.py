@@ -15,21 +15,53 @@ from tests.helpers import Proc, free_port, wait_http
 
 def test_sim_workers_emit_kv_events_that_steer_the_router(tiny_model, tmp_path):
     port = free_port()
-    proc = Proc(["serve", "agg", "--model", str(tiny_model), "--served-model-name", "tiny", "--engine", "sim",
-                 "--workers", "4", "--router", "kv", "--http-host", "127.0.0.1", "--http-port", str(port),
-                 "--namespace", "sim4", "--block-size", "32", "--sim-decode-ms-per-step", "2"], tmp_path / "sim.log")
+    proc = Proc(
+        [
+            "serve",
+            "agg",
+            "--model",
+            str(tiny_model),
+            "--served-model-name",
+            "tiny",
+            "--engine",
+            "sim",
+            "--workers",
+            "4",
+            "--router",
+            "kv",
+            "--http-host",
+            "127.0.0.1",
+            "--http-port",
+            str(port),
+            "--namespace",
+            "sim4",
+            "--block-size",
+            "32",
+            "--sim-decode-ms-per-step",
+            "2",
+        ],
+        tmp_path / "sim.log",
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url + "/health", lambda b: b.get("workers") == 4, proc, timeout=180)
-        rows = natsrt.run(collect(build_settings({"runtime": {"nats_url": state.resolve_nats_url(None, "sim4"),
-                                                                "namespace": "sim4"}}), wait=0.6))
+        rows = natsrt.run(
+            collect(
+                build_settings(
+                    {"runtime": {"nats_url": state.resolve_nats_url(None, "sim4"), "namespace": "sim4"}}
+                ),
+                wait=0.6,
+            )
+        )
         assert len(rows) == 4
         rng = random.Random(3)
         prompts = [[rng.randrange(3, 500) for _ in range(200)] for _ in range(4)]
         first: dict[int, str] = {}
         for rnd in range(3):
             for i, p in enumerate(prompts):
-                r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": p, "max_tokens": 3}, timeout=30)
+                r = httpx.post(
+                    url + "/v1/completions", json={"model": "tiny", "prompt": p, "max_tokens": 3}, timeout=30
+                )
                 assert r.status_code == 200, r.text
                 worker = r.headers["x-dynvllm-worker"]
                 cached = r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]

@@ -24,10 +24,12 @@ def test_build_is_deterministic(tmp_path):
 
 def test_vllm_runs_it_greedy_varies_and_lora_changes_output(tiny_model):
     script = Path(__file__).with_name("tiny_check.py")
-    res = subprocess.run([sys.executable, str(script), str(tiny_model)], capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, str(script), str(tiny_model)], capture_output=True, text=True, timeout=600
+    )
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
     assert line, res.stderr[-3000:]
-    out = json.loads(line[0][len("RESULT "):])
+    out = json.loads(line[0][len("RESULT ") :])
     first, second, lora = out["first"], out["second"], out["lora"]
     assert first == second  # stable across runs
     assert first[0] != first[1]  # two prompts, two different continuations

@@ -14,8 +14,15 @@ from dynvllm.router.kv_policy import KvPolicy
 BS = 4
 WORKERS = [("a", 0), ("b", 0), ("c", 0)]
 prompts = st.lists(st.integers(0, 2), min_size=BS, max_size=BS * 5)
-ops = st.lists(st.tuples(st.sampled_from(["store", "store", "store", "remove", "clear", "drop"]),
-                         st.sampled_from(WORKERS), prompts, st.integers(0, 100)), max_size=40)
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["store", "store", "store", "remove", "clear", "drop"]),
+        st.sampled_from(WORKERS),
+        prompts,
+        st.integers(0, 100),
+    ),
+    max_size=40,
+)
 
 
 class Engine:
@@ -39,7 +46,14 @@ class Engine:
         for p in new:
             self.blocks[p] = self.ehash(p)
         parent = self.blocks[prefixes[first_new - 1]] if first_new > 0 else None
-        return ("stored", [self.blocks[p] for p in new], parent, list(tokens[first_new * BS: n * BS]), BS, None)
+        return (
+            "stored",
+            [self.blocks[p] for p in new],
+            parent,
+            list(tokens[first_new * BS : n * BS]),
+            BS,
+            None,
+        )
 
 
 def oracle_overlap(held: set[tuple], tokens: list[int]) -> int:
@@ -65,7 +79,9 @@ def test_overlaps_match_oracle(operations, queries):
                 index.apply(w, ev)
         elif op == "remove" and eng.blocks:
             # Evict a leaf (no stored child), as an LRU block pool does.
-            leaves = [p for p in eng.blocks if not any(q[: len(p)] == p and len(q) > len(p) for q in eng.blocks)]
+            leaves = [
+                p for p in eng.blocks if not any(q[: len(p)] == p and len(q) > len(p) for q in eng.blocks)
+            ]
             victim = sorted(leaves)[pick % len(leaves)]
             index.apply(w, ("removed", [eng.blocks.pop(victim)]))
         elif op == "clear":
@@ -82,8 +98,12 @@ def test_overlaps_match_oracle(operations, queries):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(prompts, min_size=1, max_size=6), prompts,
-       st.dictionaries(st.sampled_from(WORKERS), st.integers(0, 20)), st.floats(0, 4))
+@given(
+    st.lists(prompts, min_size=1, max_size=6),
+    prompts,
+    st.dictionaries(st.sampled_from(WORKERS), st.integers(0, 20)),
+    st.floats(0, 4),
+)
 def test_choice_is_the_brute_force_minimum(stored, query, load, weight):
     index = KvIndex()
     engines = {w: Engine(w[0]) for w in WORKERS}
@@ -93,8 +113,13 @@ def test_choice_is_the_brute_force_minimum(stored, query, load, weight):
         if ev:
             index.apply(w, ev)
     keys = hashing.chain(query, BS)
-    decision = KvPolicy(index, prefill_weight=weight).choose(WORKERS, keys, {k[0]: float(v) for k, v in load.items()})
-    brute = {w: weight * (len(keys) - oracle_overlap(set(engines[w].blocks), query)) + load.get(w, 0) for w in WORKERS}
+    decision = KvPolicy(index, prefill_weight=weight).choose(
+        WORKERS, keys, {k[0]: float(v) for k, v in load.items()}
+    )
+    brute = {
+        w: weight * (len(keys) - oracle_overlap(set(engines[w].blocks), query)) + load.get(w, 0)
+        for w in WORKERS
+    }
     assert abs(decision.cost - min(brute.values())) < 1e-9
     assert abs(brute[decision.worker] - min(brute.values())) < 1e-9
 
@@ -111,13 +136,41 @@ def test_lora_keys_differ_and_expiry_forgets_predictions():
 
 
 def test_decode_both_encodings():
-    new = msgpack.packb([1.0, [{"type": "BlockStored", "block_hashes": [11, 12], "parent_block_hash": None,
-                                 "token_ids": list(range(8)), "block_size": 4, "lora_name": None, "medium": "GPU"},
-                                {"type": "BlockRemoved", "block_hashes": [12], "medium": "GPU"},
-                                {"type": "AllBlocksCleared"}], 0])
-    old = msgpack.packb([1.0, [["BlockStored", [11, 12], None, list(range(8)), 4, None, "GPU"],
-                               ["BlockRemoved", [12], "GPU"], ["AllBlocksCleared"]], 0])
+    new = msgpack.packb(
+        [
+            1.0,
+            [
+                {
+                    "type": "BlockStored",
+                    "block_hashes": [11, 12],
+                    "parent_block_hash": None,
+                    "token_ids": list(range(8)),
+                    "block_size": 4,
+                    "lora_name": None,
+                    "medium": "GPU",
+                },
+                {"type": "BlockRemoved", "block_hashes": [12], "medium": "GPU"},
+                {"type": "AllBlocksCleared"},
+            ],
+            0,
+        ]
+    )
+    old = msgpack.packb(
+        [
+            1.0,
+            [
+                ["BlockStored", [11, 12], None, list(range(8)), 4, None, "GPU"],
+                ["BlockRemoved", [12], "GPU"],
+                ["AllBlocksCleared"],
+            ],
+            0,
+        ]
+    )
     for payload in (new, old):
         dp, events = decode_batch(payload)
         assert dp == 0
-        assert events == [("stored", [11, 12], None, list(range(8)), 4, None), ("removed", [12]), ("cleared",)]
+        assert events == [
+            ("stored", [11, 12], None, list(range(8)), 4, None),
+            ("removed", [12]),
+            ("cleared",),
+        ]

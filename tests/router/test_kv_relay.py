@@ -16,8 +16,15 @@ from dynvllm.worker.kv_relay import KvEventRelay, free_tcp_port
 def _stored(i: int):
     from vllm.distributed.kv_events import BlockStored
 
-    return BlockStored(block_hashes=[1000 + i], parent_block_hash=(999 + i) if i else None,
-                       token_ids=list(range(i * 4, i * 4 + 4)), block_size=4, lora_id=None, medium="GPU", lora_name=None)
+    return BlockStored(
+        block_hashes=[1000 + i],
+        parent_block_hash=(999 + i) if i else None,
+        token_ids=list(range(i * 4, i * 4 + 4)),
+        block_size=4,
+        lora_id=None,
+        medium="GPU",
+        lora_name=None,
+    )
 
 
 async def test_gap_is_repaired_from_vllms_replay_socket(nats_url):

@@ -21,8 +21,14 @@ async def main(url: str, namespace: str) -> None:
     server = StreamServer({"ticks": ticks})
     port = await server.start()
     nc = await natsrt.connect(RuntimeSettings(nats_url=url))
-    inst = Instance.new("worker", role="test", host="127.0.0.1", port=port, endpoints=["ticks"],
-                        card={"model": "m", "context_length": 128})
+    inst = Instance.new(
+        "worker",
+        role="test",
+        host="127.0.0.1",
+        port=port,
+        endpoints=["ticks"],
+        card={"model": "m", "context_length": 128},
+    )
     lease = Lease(nc, namespace, inst, interval=0.2)
     await lease.start()
     print("READY", inst.id, flush=True)

@@ -50,10 +50,16 @@ class Probe:
 @pytest.fixture
 async def served():
     probe = Probe()
-    server = StreamServer({
-        "count": probe.count, "forever": probe.forever, "fast": probe.fast,
-        "boom": probe.boom, "crash": probe.crash, "echo": probe.echo,
-    })
+    server = StreamServer(
+        {
+            "count": probe.count,
+            "forever": probe.forever,
+            "fast": probe.fast,
+            "boom": probe.boom,
+            "crash": probe.crash,
+            "echo": probe.echo,
+        }
+    )
     port = await server.start()
     conn = Connection("127.0.0.1", port, "test")
     await conn.open()
@@ -63,7 +69,7 @@ async def served():
 
 
 async def test_stream_and_unary(served):
-    probe, server, conn, _ = served
+    _probe, _server, conn, _ = served
     items = [x async for x in conn.call("count", {"n": 200})]
     assert items == [{"i": i} for i in range(200)]
     assert await unary(conn, "echo", [1, "a"]) == {"echo": [1, "a"]}
@@ -120,7 +126,7 @@ async def test_malformed_bytes_close_only_that_connection(served):
 
 
 async def test_server_gone_mid_stream_is_instance_lost(served):
-    probe, server, conn, _ = served
+    _probe, server, conn, _ = served
     stream = conn.call("forever", None)
     await stream.__anext__()
     t0 = time.monotonic()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any, Optional
+from typing import Any
 
 from dynvllm.worker.connector import Connector
 
@@ -12,7 +12,12 @@ from dynvllm.worker.connector import Connector
 class ExampleConnector(Connector):
     produces_transfer_params = False
 
-    def vllm_config(self, kv_role: str, settings: Any) -> Optional[dict]:
-        folder = os.environ.get("DYN_EXAMPLE_CONNECTOR_PATH") or os.path.join(tempfile.gettempdir(), "dynvllm-kv")
-        return {"kv_connector": "ExampleConnector", "kv_role": kv_role,
-                "kv_connector_extra_config": {"shared_storage_path": folder}}
+    def vllm_config(self, kv_role: str, settings: Any) -> dict | None:
+        folder = os.environ.get("DYN_EXAMPLE_CONNECTOR_PATH") or os.path.join(
+            tempfile.gettempdir(), "dynvllm-kv"
+        )
+        return {
+            "kv_connector": "ExampleConnector",
+            "kv_role": kv_role,
+            "kv_connector_extra_config": {"shared_storage_path": folder},
+        }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from dynvllm.worker.connector import Connector
 
@@ -12,6 +12,9 @@ class KvbmConnector(Connector):
     package = "kvbm"
     install_hint = "kvbm"
 
-    def vllm_config(self, kv_role: str, settings: Any) -> Optional[dict]:
-        return {"kv_connector": "DynamoConnector", "kv_role": kv_role,
-                "kv_connector_module_path": "kvbm.vllm_integration.connector"}
+    def vllm_config(self, kv_role: str, settings: Any) -> dict | None:
+        return {
+            "kv_connector": "DynamoConnector",
+            "kv_role": kv_role,
+            "kv_connector_module_path": "kvbm.vllm_integration.connector",
+        }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from dynvllm.worker.connector import Connector
 
@@ -12,5 +12,5 @@ class LMCacheConnector(Connector):
     package = "lmcache"
     install_hint = "lmcache"
 
-    def vllm_config(self, kv_role: str, settings: Any) -> Optional[dict]:
+    def vllm_config(self, kv_role: str, settings: Any) -> dict | None:
         return {"kv_connector": "LMCacheConnectorV1", "kv_role": kv_role}

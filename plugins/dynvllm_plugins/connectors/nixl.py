@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any
 
 from dynvllm.worker.connector import Connector
 
@@ -30,10 +30,15 @@ class NixlConnector(Connector):
     package = "nixl"
     install_hint = "nixl==1.5.1 nixl-cu12==1.5.1 --no-deps"
 
-    def vllm_config(self, kv_role: str, settings: Any) -> Optional[dict]:
-        return {"kv_connector": "NixlConnector", "kv_role": kv_role,
-                "kv_buffer_device": "cuda" if _has_gpu() else "cpu"}
+    def vllm_config(self, kv_role: str, settings: Any) -> dict | None:
+        return {
+            "kv_connector": "NixlConnector",
+            "kv_role": kv_role,
+            "kv_buffer_device": "cuda" if _has_gpu() else "cpu",
+        }
 
     def worker_env(self, kv_role: str) -> dict[str, str]:
         # Each engine needs its own side channel; pick a free one unless the operator fixed it.
-        return {"VLLM_NIXL_SIDE_CHANNEL_PORT": os.environ.get("VLLM_NIXL_SIDE_CHANNEL_PORT") or str(_free_port())}
+        return {
+            "VLLM_NIXL_SIDE_CHANNEL_PORT": os.environ.get("VLLM_NIXL_SIDE_CHANNEL_PORT") or str(_free_port())
+        }

@@ -16,9 +16,10 @@ import json
 import shlex
 import time
 from collections import OrderedDict, deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional
+from typing import Any
 
 import msgpack
 
@@ -72,7 +73,7 @@ class BlockCache:
             n += 1
         return n
 
-    def acquire(self, keys: list[int], tokens: list[int], block_size: int) -> Optional[int]:
+    def acquire(self, keys: list[int], tokens: list[int], block_size: int) -> int | None:
         """Pin a prompt's blocks (storing new ones); None if they cannot fit right now."""
         hits = self.cached_prefix(keys)
         new = len(keys) - hits
@@ -82,7 +83,9 @@ class BlockCache:
         for _ in range(max(0, new - free)):
             victim, _ = self.lru.popitem(last=False)
             del self.ref[victim]
-            self.events.append({"type": "BlockRemoved", "block_hashes": [self.engine_hash.pop(victim)], "medium": "GPU"})
+            self.events.append(
+                {"type": "BlockRemoved", "block_hashes": [self.engine_hash.pop(victim)], "medium": "GPU"}
+            )
         for k in keys[:hits]:
             if self.ref[k] == 0:
                 self.lru.pop(k, None)
@@ -94,9 +97,17 @@ class BlockCache:
                 self.ref[k] = 1
                 self.engine_hash[k] = hash((self.salt, k)) & ((1 << 63) - 1)
                 hashes.append(self.engine_hash[k])
-            self.events.append({"type": "BlockStored", "block_hashes": hashes, "parent_block_hash": parent,
-                                "token_ids": tokens[hits * block_size: len(keys) * block_size],
-                                "block_size": block_size, "lora_name": None, "medium": "GPU"})
+            self.events.append(
+                {
+                    "type": "BlockStored",
+                    "block_hashes": hashes,
+                    "parent_block_hash": parent,
+                    "token_ids": tokens[hits * block_size : len(keys) * block_size],
+                    "block_size": block_size,
+                    "lora_name": None,
+                    "medium": "GPU",
+                }
+            )
         return hits
 
     def release(self, keys: list[int]) -> None:
@@ -115,7 +126,7 @@ class SimEngine(Engine):
         self.waiting: deque[_Req] = deque()
         self.running: dict[str, _Req] = {}
         self._wake = asyncio.Event()
-        self._task: Optional[asyncio.Task] = None
+        self._task: asyncio.Task | None = None
         self._pub: Any = None
         self._replay: Any = None
         self._seq = 0
@@ -126,8 +137,14 @@ class SimEngine(Engine):
             raise ValueError("the sim engine still needs --model: a folder with a tokenizer and config.json")
         sim_args(settings)
 
-    def start(self, settings: Settings, overrides: dict[str, Any], snapshot: Any,
-              kv_endpoint: Optional[str], kv_replay: Optional[str]) -> None:
+    def start(
+        self,
+        settings: Settings,
+        overrides: dict[str, Any],
+        snapshot: Any,
+        kv_endpoint: str | None,
+        kv_replay: str | None,
+    ) -> None:
         from dynvllm.models.hub import resolve_model
 
         self.args = sim_args(settings)
@@ -150,8 +167,13 @@ class SimEngine(Engine):
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     def card(self) -> dict[str, Any]:
-        return {"path": self.path, "tokenizer": self.path, "context_length": self.context_length,
-                "block_size": self.block_size, "kv_blocks": self.args.sim_kv_blocks}
+        return {
+            "path": self.path,
+            "tokenizer": self.path,
+            "context_length": self.context_length,
+            "block_size": self.block_size,
+            "kv_blocks": self.args.sim_kv_blocks,
+        }
 
     # ---- requests ------------------------------------------------------------------
     async def generate(self, payload: Any) -> AsyncIterator[dict]:
@@ -160,7 +182,12 @@ class SimEngine(Engine):
             raise BadRequest("the sim engine supports n=1 only")
         if len(ids) >= self.context_length:
             raise BadRequest(f"prompt of {len(ids)} tokens exceeds the context length {self.context_length}")
-        req = _Req(rid, ids, int(sampling.get("max_tokens") or 16), hashing.chain(ids, self.block_size, payload.get("lora")))
+        req = _Req(
+            rid,
+            ids,
+            int(sampling.get("max_tokens") or 16),
+            hashing.chain(ids, self.block_size, payload.get("lora")),
+        )
         self.waiting.append(req)
         self.tracker.inflight += 1
         self._wake.set()
@@ -181,7 +208,9 @@ class SimEngine(Engine):
             self.waiting.remove(req)
 
     async def canary(self) -> None:
-        async for _ in self.generate({"request_id": f"canary-{time.monotonic()}", "token_ids": [0], "sampling": {"max_tokens": 1}}):
+        async for _ in self.generate(
+            {"request_id": f"canary-{time.monotonic()}", "token_ids": [0], "sampling": {"max_tokens": 1}}
+        ):
             pass
 
     # ---- the scheduler -----------------------------------------------------------------
@@ -193,7 +222,10 @@ class SimEngine(Engine):
             prefill_tokens = self._admit()
             self._publish_events()
             self._serve_replay()
-            step = self.args.sim_decode_ms_per_step / 1000 + prefill_tokens * self.args.sim_prefill_us_per_token / 1e6
+            step = (
+                self.args.sim_decode_ms_per_step / 1000
+                + prefill_tokens * self.args.sim_prefill_us_per_token / 1e6
+            )
             await asyncio.sleep(step)
             for req in list(self.running.values()):
                 self._emit(req)
@@ -223,7 +255,11 @@ class SimEngine(Engine):
         tok = hash((tuple(last), len(req.tokens), req.generated)) % self.vocab
         req.generated += 1
         done = req.generated >= req.max_tokens
-        extra = {"prompt_tokens": len(req.tokens), "cached_tokens": req.cached_tokens} if req.generated == 1 else {}
+        extra = (
+            {"prompt_tokens": len(req.tokens), "cached_tokens": req.cached_tokens}
+            if req.generated == 1
+            else {}
+        )
         req.out.put_nowait(protocol.delta(0, [tok], "length" if done else None, **extra))
         if done:
             self._finish(req)

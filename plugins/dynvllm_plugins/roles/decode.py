@@ -3,7 +3,8 @@ itself when no prefill result comes with the request."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from dynvllm import protocol
 from dynvllm.worker.role import Role

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from dynvllm import protocol
 from dynvllm.runtime.errors import BadRequest
@@ -21,8 +22,13 @@ class PrefillRole(Role):
             if not isinstance(payload, dict):
                 raise BadRequest("prefill expects a generate request")
             request = dict(payload)
-            request["sampling"] = {**(payload.get("sampling") or {}), "max_tokens": 1, "n": 1, "min_tokens": None,
-                                   "logprobs": None}
+            request["sampling"] = {
+                **(payload.get("sampling") or {}),
+                "max_tokens": 1,
+                "n": 1,
+                "min_tokens": None,
+                "logprobs": None,
+            }
             request["kv_transfer_params"] = {"do_remote_decode": True}
             last: dict = {}
             async for d in generate(request):
