@@ -5,10 +5,13 @@ Nothing here imports vLLM: the frontend builds requests, the worker turns them i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+from dynvllm.runtime.errors import BadRequest
+
+# Every chain of stages ends in this endpoint: it streams the tokens the client sees.
 GENERATE = "generate"
-PREFILL = "prefill"
 HEALTH = "health"
 STATS = "stats"
 
@@ -32,10 +35,43 @@ SAMPLING_FIELDS = (
 )
 
 
-def generate_request(
-    request_id: str, token_ids: list[int], sampling: dict[str, Any], lora: str | None = None
-) -> dict[str, Any]:
-    return {"request_id": request_id, "token_ids": token_ids, "sampling": sampling, "lora": lora}
+@dataclass(frozen=True)
+class GenerateRequest:
+    """A generate call as an engine receives it, checked."""
+
+    request_id: str
+    token_ids: list[int]
+    sampling: dict[str, Any]
+    # What earlier stages handed on (e.g. a KV connector's transfer parameters), passed to the engine.
+    kv_transfer_params: dict[str, Any] | None = None
+
+
+def generate_request(request_id: str, token_ids: list[int], sampling: dict[str, Any], **handoff: Any) -> dict:
+    return {"request_id": request_id, "token_ids": token_ids, "sampling": sampling, **handoff}
+
+
+def parse_generate(payload: Any) -> GenerateRequest:
+    """Check a wire generate request; what is wrong is the caller's fault (BadRequest)."""
+    if not isinstance(payload, dict):
+        raise BadRequest("generate expects a map with request_id, token_ids and sampling")
+    rid, ids = payload.get("request_id"), payload.get("token_ids")
+    sampling = payload.get("sampling") or {}
+    if not isinstance(rid, str) or not rid:
+        raise BadRequest("request_id must be a non-empty string")
+    if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and t >= 0 for t in ids):
+        raise BadRequest("token_ids must be a non-empty list of non-negative integers")
+    if not isinstance(sampling, dict):
+        raise BadRequest("sampling must be a map")
+    unknown = set(payload) - _REQUEST_KEYS
+    if unknown:
+        raise BadRequest(f"generate request has fields this worker does not implement: {sorted(unknown)}")
+    kv = payload.get("kv_transfer_params")
+    if kv is not None and not isinstance(kv, dict):
+        raise BadRequest("kv_transfer_params must be a map")
+    return GenerateRequest(rid, ids, sampling, kv)
+
+
+_REQUEST_KEYS = {"request_id", "token_ids", "sampling", "kv_transfer_params"}
 
 
 def sampling_kwargs(sampling: dict[str, Any]) -> dict[str, Any]:

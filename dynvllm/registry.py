@@ -17,8 +17,10 @@ ROLES = "dynvllm.roles"
 CONNECTORS = "dynvllm.connectors"
 # Loaded by worker processes to create their engine (real vLLM, or a simulated one).
 ENGINES = "dynvllm.engines"
-GROUPS = (ROLES, CONNECTORS, ENGINES)
-_KIND = {ROLES: "role", CONNECTORS: "connector", ENGINES: "engine"}
+# Loaded by the CLI to build `serve NAME` subcommands for named topologies (e.g. disagg).
+PRESETS = "dynvllm.presets"
+GROUPS = (ROLES, CONNECTORS, ENGINES, PRESETS)
+_KIND = {ROLES: "role", CONNECTORS: "connector", ENGINES: "engine", PRESETS: "preset"}
 
 
 class PluginError(Exception):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shlex
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -74,7 +74,7 @@ class FrontendSettings(_Group):
 
 class RouterSettings(_Group):
     title: ClassVar[str] = "Router"
-    router: Literal["kv", "kv-approx", "round-robin", "random", "least-loaded"] = Field(
+    router: str = Field(
         "kv",
         description="How the frontend picks a worker: "
         "kv (cached prefix from KV events, balanced against load), "
@@ -100,6 +100,34 @@ class RouterSettings(_Group):
         "of the prompt.",
     )
 
+    @field_validator("router")
+    @classmethod
+    def _known_policy(cls, v: str) -> str:
+        from dynvllm.router.policies import POLICIES
+
+        if v not in POLICIES:
+            raise ValueError(f"unknown router policy {v!r}; choose one of {', '.join(POLICIES)}")
+        return v
+
+
+def parse_roles(text: str) -> list[tuple[str, int]]:
+    """'prefill=1,decode=2' -> [("prefill", 1), ("decode", 2)]; a role named twice is an error."""
+    out: dict[str, int] = {}
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        name, sep, count = part.partition("=")
+        if not sep or not name or not count.isdigit():
+            raise ValueError(f"{part!r} is not ROLE=COUNT (e.g. 'prefill=1,decode=2')")
+        if name in out:
+            raise ValueError(f"role {name!r} is named twice")
+        if not 0 <= int(count) <= 256:
+            raise ValueError(f"{name}={count}: a count is between 0 and 256")
+        out[name] = int(count)
+    if not any(out.values()):
+        raise ValueError("the topology starts no worker")
+    return list(out.items())
+
 
 class WorkerSettings(_Group):
     title: ClassVar[str] = "Worker"
@@ -114,13 +142,27 @@ class WorkerSettings(_Group):
     health_check_interval: float = Field(10.0, gt=0, description="Seconds between engine health canaries.")
     connector: str | None = Field(
         None,
-        description="KV connector(s) for prefill/decode roles, e.g. 'nixl' or 'nixl,lmcache' (default nixl).",
+        description="KV connector(s) for roles that move KV, e.g. 'nixl' or 'nixl,lmcache' "
+        "(default: the role's own choice).",
     )
     kv_transfer_config: str | None = Field(
         None, description="vLLM KVTransferConfig as JSON; replaces --connector."
     )
-    prefill: int = Field(1, ge=0, le=256, description="Prefill workers `serve disagg` starts.")
-    decode: int = Field(1, ge=1, le=256, description="Decode workers `serve disagg` starts.")
+    roles: str | None = Field(
+        None,
+        description="Topology `serve` starts, as role counts: 'prefill=1,decode=2' "
+        "(default: the command's role with --workers, or the preset's counts).",
+    )
+
+    @field_validator("roles")
+    @classmethod
+    def _roles(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_roles(v)
+        return v
+
+    def topology(self) -> list[tuple[str, int]] | None:
+        return parse_roles(self.roles) if self.roles else None
 
     @model_validator(mode="after")
     def _one_kv_source(self) -> WorkerSettings:
@@ -132,7 +174,8 @@ class WorkerSettings(_Group):
         return self
 
     def connectors(self) -> list[str]:
-        return [c for c in (self.connector or "nixl").replace(",", " ").split() if c]
+        """The connectors asked for; empty means each role's default."""
+        return [c for c in (self.connector or "").replace(",", " ").split() if c]
 
     @field_validator("rpc_port")
     @classmethod

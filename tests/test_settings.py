@@ -109,3 +109,12 @@ def test_round_trip_to_child_process():
 def test_bad_namespace():
     with pytest.raises(ValidationError, match="invalid namespace"):
         S.build_settings({"runtime": {"namespace": "a.b"}})
+
+
+def test_topology_is_role_counts():
+    s = S.build_settings({"worker": {"roles": "prefill=2, decode=1"}})
+    assert s.worker.topology() == [("prefill", 2), ("decode", 1)]
+    assert S.build_settings().worker.topology() is None
+    for bad, needle in [("prefill", "ROLE=COUNT"), ("a=1,a=2", "named twice"), ("a=0", "no worker")]:
+        with pytest.raises(ValidationError, match=needle):
+            S.build_settings({"worker": {"roles": bad}})

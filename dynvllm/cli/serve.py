@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import signal
 import time
+from typing import Any
 
 import typer
 
@@ -35,7 +37,9 @@ def _serve_role(role_name: str, settings: Settings, no_frontend: bool) -> None:
 
     role = _checked_roles(settings, [role_name])[0]
     if role.standalone and not no_frontend:
-        _run_service(settings, [(role_name, settings.worker.workers)])
+        topology = settings.worker.topology() or [(role_name, settings.worker.workers)]
+        _checked_roles(settings, [name for name, _ in topology])
+        _run_service(settings, topology)
         return
     if not settings.runtime.nats_url:
         try:
@@ -134,17 +138,13 @@ def register(app: typer.Typer) -> None:
     app.add_typer(serve_app, name="serve")
     for role_name in registry.names(registry.ROLES):
         _add_role_command(serve_app, role_name)
-
-    @serve_app.command(
-        "disagg",
-        context_settings=_EXTRA,
-        help="Disaggregated service: NATS (unless --nats-url), the frontend, --prefill prefill workers and "
-        "--decode decode workers exchanging KV through --connector. Unknown --options pass to vLLM.",
-    )
-    @with_settings("runtime", "frontend", "router", "worker", "engine")
-    def _disagg(ctx: typer.Context, settings: Settings) -> None:
-        _checked_roles(settings, ["prefill", "decode"])
-        _run_service(settings, [("prefill", settings.worker.prefill), ("decode", settings.worker.decode)])
+    for preset_name in registry.names(registry.PRESETS):
+        try:
+            preset = registry.load(registry.PRESETS, preset_name)
+        except registry.PluginError as exc:  # one broken preset must not take the CLI down
+            typer.echo(f"warning: {exc}", err=True)
+            continue
+        _add_preset_command(serve_app, preset_name, preset)
 
 
 def _add_role_command(serve_app: typer.Typer, role_name: str) -> None:
@@ -152,8 +152,9 @@ def _add_role_command(serve_app: typer.Typer, role_name: str) -> None:
         role_name,
         context_settings=_EXTRA,
         help=f"Serve with `{role_name}` workers. A role that serves requests on its own starts "
-        "NATS (unless --nats-url), the frontend and --workers workers; other roles, and "
-        "--no-frontend, start one worker that joins a service. Unknown --options pass to vLLM.",
+        "NATS (unless --nats-url), the frontend and --workers workers (or the --roles topology); "
+        "other roles, and --no-frontend, start one worker that joins a service. "
+        "Unknown --options pass to vLLM.",
     )
     @with_settings("runtime", "frontend", "router", "worker", "engine")
     def _cmd(
@@ -164,3 +165,45 @@ def _add_role_command(serve_app: typer.Typer, role_name: str) -> None:
         ),
     ) -> None:
         _serve_role(role_name, settings, no_frontend)
+
+
+def _count_key(role: str) -> str:
+    return "count_" + role.replace("-", "_")
+
+
+def _add_preset_command(serve_app: typer.Typer, preset_name: str, preset: Any) -> None:
+    """`serve NAME` for a preset: its roles with a `--ROLE N` count flag each (CLI sugar over --roles)."""
+    counts = [
+        inspect.Parameter(
+            _count_key(role),
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(
+                None, f"--{role}", min=0, max=256, help=f"{role} workers (default {n}).", show_default=False
+            ),
+            annotation=int | None,
+        )
+        for role, n in preset.roles.items()
+    ]
+
+    def _cmd(ctx: typer.Context, settings: Settings, **flags: Any) -> None:
+        def count(role: str, default: int) -> int:
+            given = flags.get(_count_key(role))
+            return default if given is None else given
+
+        topology = settings.worker.topology() or [(r, count(r, n)) for r, n in preset.roles.items()]
+        _checked_roles(settings, [name for name, _ in topology])
+        _run_service(settings, topology)
+
+    own = [
+        inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+        inspect.Parameter("settings", inspect.Parameter.KEYWORD_ONLY, annotation=Settings),
+    ]
+    _cmd.__signature__ = inspect.Signature(own + counts)  # type: ignore[attr-defined]
+    command = with_settings("runtime", "frontend", "router", "worker", "engine")(_cmd)
+    serve_app.command(
+        preset_name,
+        context_settings=_EXTRA,
+        help=f"{preset.description} Roles: "
+        + ", ".join(f"{r} x {n}" for r, n in preset.roles.items())
+        + ". --roles replaces the counts. Unknown --options pass to vLLM.",
+    )(command)

@@ -1,4 +1,4 @@
-"""`dynvllm status`: instances by role, their models and adapters, and their load."""
+"""`dynvllm status`: instances by role, their models and stages, and their load."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ async def collect(settings: Settings, wait: float = 1.2) -> list[dict]:
                     "role": inst.role,
                     "address": f"{inst.host}:{inst.port}",
                     "model": inst.card.get("model"),
-                    "loras": inst.card.get("loras", []),
+                    "stage": inst.card.get("stage"),
                     "pid": inst.pid,
                     "load": load.get(inst.id, {}),
                 }
@@ -82,7 +82,7 @@ def register(app: typer.Typer) -> None:
             "role",
             "id",
             "model",
-            "adapters",
+            "stage",
             "address",
             "running",
             "waiting",
@@ -96,7 +96,7 @@ def register(app: typer.Typer) -> None:
                 r["role"] or r["component"],
                 r["id"],
                 r["model"] or "-",
-                ",".join(r["loras"]) or "-",
+                r["stage"] or "-",
                 r["address"],
                 str(ld.get("running", "-")),
                 str(ld.get("waiting", "-")),

@@ -1,4 +1,8 @@
-"""HTTP routes of the OpenAI-compatible API (Starlette), formatting what the pipeline yields."""
+"""HTTP routes of the OpenAI-compatible API (Starlette): one request path for every endpoint.
+
+A request is parsed and tokenized by its endpoint's formatter, dispatched (`Dispatch`: workers,
+stages, streams), post-processed (`PostProcessor`: text, stops, logprobs, usage) and formatted.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +17,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from dynvllm.frontend import openai_api as oa
+from dynvllm.frontend.dispatch import Dispatch
+from dynvllm.frontend.formatters import CHAT, COMPLETION, Formatter
 from dynvllm.frontend.metrics import FrontendMetrics
 from dynvllm.frontend.models import ModelEntry, ModelRegistry
-from dynvllm.frontend.pipeline import Generation
+from dynvllm.frontend.postprocess import ChoiceDelta, PostProcessor
 from dynvllm.frontend.routing import Router
 from dynvllm.runtime.errors import BadRequest, InstanceLost, RemoteError
 from dynvllm.runtime.streams import StreamClientPool
@@ -35,6 +41,31 @@ def _remote_to_api(exc: RemoteError) -> oa.APIError:
     if isinstance(exc, InstanceLost):
         return oa.APIError(503, f"no worker could serve the request: {exc.message}", "service_unavailable")
     return oa.APIError(500, f"worker error ({exc.kind}): {exc.message}", "internal_error")
+
+
+async def _deltas(dispatch: Dispatch, post: PostProcessor) -> AsyncIterator[ChoiceDelta]:
+    """Client-visible deltas; stops the worker stream as soon as every choice has finished."""
+    source = dispatch.stream()
+    try:
+        async for d in source:
+            out = post.feed(d)
+            if out is not None:
+                yield out
+            if post.done:
+                return
+    finally:
+        await source.aclose()
+
+
+class _Request:
+    """One admitted request: its formatter, parsed body, dispatch and post-processor."""
+
+    def __init__(self, fmt: Formatter, req: Any, dispatch: Dispatch, post: PostProcessor) -> None:
+        self.fmt, self.req, self.dispatch, self.post = fmt, req, dispatch, post
+        self.model = dispatch.entry.name
+        self.id = fmt.id_prefix + dispatch.request_id
+        self.created = int(time.time())
+        self.want_logprobs = dispatch.sampling.get("logprobs") is not None
 
 
 class FrontendApp:
@@ -85,6 +116,12 @@ class FrontendApp:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
     # ---- inference -----------------------------------------------------------------
+    async def chat(self, request: Request) -> Response:
+        return await self._serve(request, CHAT)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._serve(request, COMPLETION)
+
     async def _body(self, request: Request) -> bytes:
         body = await request.body()
         if len(body) > self.max_body:
@@ -103,7 +140,8 @@ class FrontendApp:
             )
         return entry
 
-    def _budget(self, entry: ModelEntry, prompt_len: int, wanted: int | None) -> int:
+    @staticmethod
+    def _budget(entry: ModelEntry, prompt_len: int, wanted: int | None) -> int:
         ctx = entry.context_length
         if prompt_len >= ctx:
             raise oa.length_error(ctx, prompt_len, None)
@@ -113,7 +151,8 @@ class FrontendApp:
             raise oa.length_error(ctx, prompt_len, wanted)
         return wanted
 
-    def _check_tokens(self, entry: ModelEntry, ids: list[int]) -> None:
+    @staticmethod
+    def _check_tokens(entry: ModelEntry, ids: list[int]) -> None:
         assert entry.tokenizer is not None
         vocab = entry.tokenizer.vocab_size
         if not ids:
@@ -124,84 +163,49 @@ class FrontendApp:
                 400, f"token id {bad[0]} is out of range for a vocabulary of {vocab}", param="prompt"
             )
 
-    async def chat(self, request: Request) -> Response:
-        return await self._serve(request, oa.ChatRequest, "chat", self._chat_ids)
-
-    async def completions(self, request: Request) -> Response:
-        return await self._serve(request, oa.CompletionRequest, "completion", self._completion_ids)
-
-    @staticmethod
-    def _chat_ids(entry: ModelEntry, req: oa.ChatRequest) -> list[int]:
-        tok = entry.tokenizer
-        assert tok is not None
-        try:
-            text = tok.apply_chat_template(
-                [{"role": m.role, "content": m.text()} for m in req.messages],
-                add_generation_prompt=req.add_generation_prompt,
-            )
-        except oa.APIError:
-            raise
-        except Exception as exc:
-            raise oa.APIError(400, f"cannot apply the chat template: {exc}", param="messages") from None
-        return tok.encode(text, add_special_tokens=False)
-
-    @staticmethod
-    def _completion_ids(entry: ModelEntry, req: oa.CompletionRequest) -> list[int]:
-        prompts = req.prompts()
-        if len(prompts) != 1:
-            raise oa.APIError(
-                400, "send one prompt per request (batched prompts are not supported)", param="prompt"
-            )
-        p = prompts[0]
+    async def _admit(self, req: Any, fmt: Formatter) -> _Request:
+        """Tokenize, check and budget a parsed request (an APIError says what is wrong)."""
+        entry = await self._entry(req.model)
+        ids = fmt.prompt_ids(entry, req)
+        self._check_tokens(entry, ids)
+        max_tokens = self._budget(entry, len(ids), req.wanted_max_tokens())
+        sampling = req.sampling(max_tokens)
+        dispatch = Dispatch(self.pool, self.router, entry, ids, sampling, self.metrics)
         assert entry.tokenizer is not None
-        return entry.tokenizer.encode(p) if isinstance(p, str) else list(p)
-
-    async def _serve(self, request: Request, model_cls: type, kind: str, to_ids: Any) -> Response:
-        """Parse, tokenize, check and budget a request, then stream or answer it."""
-        model = "?"
-        try:
-            req = oa.parse(model_cls, await self._body(request))
-            model = req.model
-            entry = await self._entry(req.model)
-            ids = to_ids(entry, req)
-            self._check_tokens(entry, ids)
-            max_tokens = self._budget(entry, len(ids), req.wanted_max_tokens())
-            gen = self._generation(entry, ids, req, max_tokens)
-        except oa.APIError as exc:
-            self.metrics.requests.labels(model, str(exc.status)).inc()
-            return _error(exc)
-        return await self._respond(gen, req, kind)
-
-    def _generation(self, entry: ModelEntry, ids: list[int], req: Any, max_tokens: int) -> Generation:
-        return Generation(
-            self.pool,
-            self.router,
-            entry,
-            ids,
-            req.sampling(max_tokens),
+        post = PostProcessor(
+            entry.tokenizer,
+            req.n,
+            len(ids),
             req.stops(),
             req.include_stop_str_in_output,
             req.skip_special_tokens,
-            self.metrics,
         )
+        return _Request(fmt, req, dispatch, post)
 
-    async def _respond(self, gen: Generation, req: Any, kind: str) -> Response:
-        name = gen.entry.name
-        self.metrics.prompt_tokens.labels(name).inc(len(gen.prompt_ids))
-        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + gen.request_id
-        created = int(time.time())
-        if req.stream:
-            return StreamingResponse(
-                self._stream(gen, req, kind, rid, created),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
-            )
-        self.metrics.inflight.labels(name).inc()
+    async def _serve(self, request: Request, fmt: Formatter) -> Response:
+        model = "?"
         try:
-            texts = [""] * gen.n
-            finish: list[str | None] = [None] * gen.n
-            lps: list[list] = [[] for _ in range(gen.n)]
-            async for d in gen.run():
+            req = oa.parse(fmt.request_model, await self._body(request))
+            model = req.model
+            r = await self._admit(req, fmt)
+        except oa.APIError as exc:
+            self.metrics.requests.labels(model, str(exc.status)).inc()
+            return _error(exc)
+        self.metrics.prompt_tokens.labels(r.model).inc(len(r.dispatch.prompt_ids))
+        if r.req.stream:
+            return StreamingResponse(
+                self._stream(r), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
+        return await self._complete(r)
+
+    async def _complete(self, r: _Request) -> Response:
+        n = r.post.n
+        texts = [""] * n
+        finish: list[str | None] = [None] * n
+        lps: list[list] = [[] for _ in range(n)]
+        self.metrics.inflight.labels(r.model).inc()
+        try:
+            async for d in _deltas(r.dispatch, r.post):
                 texts[d.index] += d.text
                 if d.logprobs:
                     lps[d.index] += d.logprobs
@@ -209,116 +213,47 @@ class FrontendApp:
                     finish[d.index] = d.finish_reason
         except RemoteError as exc:
             err = _remote_to_api(exc)
-            self.metrics.requests.labels(name, str(err.status)).inc()
+            self.metrics.requests.labels(r.model, str(err.status)).inc()
             return _error(err)
         finally:
-            self.metrics.inflight.labels(name).dec()
-        self._account(gen, "200")
+            self.metrics.inflight.labels(r.model).dec()
+        self._account(r, "200")
         choices = [
-            self._choice(
-                kind,
-                i,
-                texts[i],
-                finish[i] or "stop",
-                lps[i] if gen.sampling.get("logprobs") is not None else None,
-                stream=False,
-            )
-            for i in range(gen.n)
+            r.fmt.choice(i, texts[i], finish[i] or "stop", lps[i] if r.want_logprobs else None)
+            for i in range(n)
         ]
         body = {
-            "id": rid,
-            "object": "chat.completion" if kind == "chat" else "text_completion",
-            "created": created,
-            "model": name,
+            "id": r.id,
+            "object": r.fmt.object_name,
+            "created": r.created,
+            "model": r.model,
             "choices": choices,
-            "usage": gen.usage.as_dict(),
+            "usage": r.post.usage.as_dict(),
         }
-        return JSONResponse(body, headers=self._route_headers(gen))
+        return JSONResponse(body, headers=r.dispatch.headers())
 
-    @staticmethod
-    def _route_headers(gen: Generation) -> dict[str, str]:
-        return {
-            "x-dynvllm-worker": gen.worker_id or "",
-            "x-dynvllm-predicted-cached-tokens": str(gen.overlap_blocks * gen.block_size),
-            "x-dynvllm-prefill": gen.prefill_outcome
-            + (f":{gen.prefill_worker}" if gen.prefill_worker else ""),
-        }
-
-    def _account(self, gen: Generation, status: str) -> None:
-        name = gen.entry.name
+    def _account(self, r: _Request, status: str) -> None:
+        name, usage = r.model, r.post.usage
         self.metrics.requests.labels(name, status).inc()
-        self.metrics.output_tokens.labels(name).inc(gen.usage.completion_tokens)
-        self.metrics.cached_tokens.labels(name).inc(gen.usage.cached_tokens)
-        if gen.worker_id:
-            self.metrics.routed.labels(name, gen.worker_id).inc()
+        self.metrics.output_tokens.labels(name).inc(usage.completion_tokens)
+        self.metrics.cached_tokens.labels(name).inc(usage.cached_tokens)
+        if r.dispatch.worker_id:
+            self.metrics.routed.labels(name, r.dispatch.worker_id).inc()
 
-    @staticmethod
-    def _logprobs(kind: str, entries: list) -> Any:
-        if kind == "chat":
-            return {
-                "content": [
-                    {
-                        "token": t,
-                        "logprob": lp,
-                        "bytes": list(t.encode()),
-                        "top_logprobs": [
-                            {"token": tt, "logprob": tlp, "bytes": list(tt.encode())} for tt, tlp in top
-                        ],
-                    }
-                    for t, lp, top in entries
-                ]
-            }
-        return {
-            "tokens": [t for t, _, _ in entries],
-            "token_logprobs": [lp for _, lp, _ in entries],
-            "top_logprobs": [{tt: tlp for tt, tlp in top} for _, _, top in entries],
-            "text_offset": [],
-        }
-
-    def _choice(
-        self, kind: str, index: int, text: str, finish: str | None, lps: list | None, stream: bool
-    ) -> dict:
-        logprobs = self._logprobs(kind, lps) if lps is not None else None
-        if kind == "chat":
-            key = "delta" if stream else "message"
-            msg: dict = {"content": text} if stream else {"role": "assistant", "content": text}
-            return {"index": index, key: msg, "logprobs": logprobs, "finish_reason": finish}
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-
-    async def _stream(
-        self, gen: Generation, req: Any, kind: str, rid: str, created: int
-    ) -> AsyncIterator[bytes]:
-        name = gen.entry.name
-        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-        base = {"id": rid, "object": obj, "created": created, "model": name}
-        want_lp = gen.sampling.get("logprobs") is not None
-        self.metrics.inflight.labels(name).inc()
+    async def _stream(self, r: _Request) -> AsyncIterator[bytes]:
+        base = {"id": r.id, "object": r.fmt.chunk_object, "created": r.created, "model": r.model}
+        self.metrics.inflight.labels(r.model).inc()
         status = "200"
         try:
-            if kind == "chat":
-                for i in range(gen.n):
-                    yield _sse(
-                        {
-                            **base,
-                            "choices": [
-                                {
-                                    "index": i,
-                                    "delta": {"role": "assistant", "content": ""},
-                                    "logprobs": None,
-                                    "finish_reason": None,
-                                }
-                            ],
-                        }
-                    )
-            async for d in gen.run():
+            for choice in r.fmt.opening(r.post.n):
+                yield _sse({**base, "choices": [choice]})
+            async for d in _deltas(r.dispatch, r.post):
                 if not d.text and d.finish_reason is None and not d.logprobs:
                     continue
-                choice = self._choice(
-                    kind, d.index, d.text, d.finish_reason, d.logprobs if want_lp else None, stream=True
-                )
+                choice = r.fmt.chunk_choice(d, d.logprobs if r.want_logprobs else None)
                 yield _sse({**base, "choices": [choice]})
-            if req.include_usage():
-                yield _sse({**base, "choices": [], "usage": gen.usage.as_dict()})
+            if r.req.include_usage():
+                yield _sse({**base, "choices": [], "usage": r.post.usage.as_dict()})
         except RemoteError as exc:
             err = _remote_to_api(exc)
             status = str(err.status)
@@ -327,6 +262,6 @@ class FrontendApp:
             status = "499"  # the client went away; the worker stream was cancelled
             raise
         finally:
-            self.metrics.inflight.labels(name).dec()
-            self._account(gen, status)
+            self.metrics.inflight.labels(r.model).dec()
+            self._account(r, status)
         yield b"data: [DONE]\n\n"

@@ -30,15 +30,20 @@ class FrontendMetrics:
         self.cached_tokens = Counter(
             "dynvllm_cached_prompt_tokens", "Prompt tokens served from a prefix cache", ["model"], registry=r
         )
-        self.prefill = Counter(
-            "dynvllm_disagg_prefill",
-            "Prefill hops by outcome (remote, skipped_short, skipped_cached, no_prefill_worker, failed, ...)",
-            ["model", "outcome"],
-            registry=r,
-        )
+        self._stages: dict[str, Counter] = {}
         self.routed = Counter(
             "dynvllm_routed_requests", "Requests routed to each worker", ["model", "worker"], registry=r
         )
+
+    def stage(self, name: str, help_text: str) -> Counter:
+        """The outcome counter a stage declares (created when the stage first runs)."""
+        counter = self._stages.get(name)
+        if counter is None:
+            counter = Counter(
+                name, help_text or f"{name} by outcome", ["model", "outcome"], registry=self.registry
+            )
+            self._stages[name] = counter
+        return counter
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from dynvllm.frontend.stages import Stage
 from dynvllm.frontend.tokenizer import Tokenizer
 from dynvllm.runtime.discovery import Instance, Watcher
 
@@ -19,6 +20,11 @@ class ModelEntry:
     card: dict[str, Any]
     instances: dict[str, Instance] = field(default_factory=dict)
     tokenizer: Tokenizer | None = None
+    #: Roles seen serving this model; their stages stay in the chain while workers come and go,
+    #: so a stage can tell "no worker right now" from "not part of this service".
+    roles: set[str] = field(default_factory=set)
+    #: The stages before generation, in order (from the roles' plugins).
+    stages: list[Stage] = field(default_factory=list)
 
     @property
     def context_length(self) -> int:
@@ -30,6 +36,7 @@ class ModelRegistry:
         self.watcher = watcher
         self.models: dict[str, ModelEntry] = {}
         self._tokenizers: dict[str, Tokenizer] = {}
+        self._loading: set[asyncio.Future] = set()
         watcher.on_add.append(self._add)
         watcher.on_update.append(self._add)
         watcher.on_remove.append(self._remove)
@@ -41,11 +48,29 @@ class ModelRegistry:
         entry = self.models.get(name)
         if entry is None:
             entry = self.models[name] = ModelEntry(name, inst.card)
-            asyncio.ensure_future(self._load_tokenizer(entry))
+            task = asyncio.ensure_future(self._load_tokenizer(entry))
+            self._loading.add(task)
+            task.add_done_callback(self._loading.discard)
         for other in self.models.values():
             if other is not entry:
                 other.instances.pop(inst.id, None)
         entry.instances[inst.id] = inst
+        if inst.role and inst.role not in entry.roles:
+            entry.roles.add(inst.role)
+            stage = self._stage_of(inst.role)
+            if stage is not None:
+                entry.stages = sorted([*entry.stages, stage], key=lambda s: s.order)
+
+    def _stage_of(self, role_name: str) -> Stage | None:
+        """The request stage a role plugin declares; a plugin that fails to load is logged and
+        its workers get no requests for that stage (the stage's fallback is not available)."""
+        from dynvllm import registry
+
+        try:
+            return registry.load(registry.ROLES, role_name)().request_stage()
+        except Exception:
+            log.exception("cannot load the stage of role %r; requests skip it", role_name)
+            return None
 
     def _remove(self, inst: Instance) -> None:
         for name, entry in list(self.models.items()):

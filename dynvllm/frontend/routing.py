@@ -1,20 +1,14 @@
-"""The frontend's router: a policy, the load it has sent to each worker, and the KV index."""
+"""The frontend's router: a policy (from `dynvllm.router.policies`) and the load it has sent out."""
 
 from __future__ import annotations
 
 import math
-import time
-from collections import defaultdict
 from collections.abc import Sequence
 
-from dynvllm.router import hashing
 from dynvllm.router.index import KvIndex
-from dynvllm.router.kv_policy import KvPolicy
-from dynvllm.router.policies import make_policy
+from dynvllm.router.policies import Load, make_policy
 from dynvllm.runtime.kv_topic import KvEventBatch
 from dynvllm.settings import RouterSettings
-
-KV_POLICIES = ("kv", "kv-approx")
 
 
 class Router:
@@ -23,15 +17,18 @@ class Router:
             settings = RouterSettings(router=settings)
         self.settings = settings
         self.policy_name = settings.router
-        self.kv = settings.router in KV_POLICIES
-        self.index = KvIndex()
-        self.kv_policy = KvPolicy(self.index, settings.router_prefill_weight, settings.router_temperature)
-        self.load_policy = None if self.kv else make_policy(settings.router)
-        self.inflight: dict[str, float] = defaultdict(float)
-        self.active_blocks: dict[str, float] = defaultdict(float)
-        self._relay_seq: dict[str, int] = {}
-        self._next_expiry = 0.0
-        self.gaps = 0
+        self.policy = make_policy(settings)
+        self.load = Load()
+        self.inflight = self.load.inflight
+        self.active_blocks = self.load.active_blocks
+
+    @property
+    def index(self) -> KvIndex | None:
+        return self.policy.index
+
+    @property
+    def gaps(self) -> int:
+        return getattr(self.policy, "gaps", 0)
 
     def choose(
         self,
@@ -41,20 +38,7 @@ class Router:
         lora: str | None = None,
     ) -> tuple[str, int]:
         """(instance id, predicted cached blocks) for a request."""
-        if not self.kv or block_size <= 0:
-            policy = self.load_policy or make_policy("least-loaded")
-            return policy.choose(candidates, self.inflight), 0
-        keys = hashing.chain(tokens, block_size, lora)
-        if self.policy_name == "kv-approx":
-            now = time.monotonic()
-            if now >= self._next_expiry:
-                self.index.expire(now)
-                self._next_expiry = now + 1.0
-        decision = self.kv_policy.choose([(c, 0) for c in candidates], keys, self.active_blocks)
-        iid = decision.worker[0]
-        if self.policy_name == "kv-approx":
-            self.index.predict(decision.worker, keys, self.settings.router_approx_ttl)
-        return iid, decision.overlap_blocks
+        return self.policy.choose(candidates, tokens, block_size, lora, self.load)
 
     def started(self, worker_id: str | None, blocks: float = 1.0) -> None:
         if worker_id:
@@ -69,21 +53,10 @@ class Router:
     def forget(self, worker_id: str) -> None:
         self.inflight.pop(worker_id, None)
         self.active_blocks.pop(worker_id, None)
-        self._relay_seq.pop(worker_id, None)
-        self.index.drop_instance(worker_id)
+        self.policy.forget(worker_id)
 
     def on_kv_events(self, batch: KvEventBatch) -> None:
-        """Apply relayed engine events; a gap in the relay sequence drops that worker's state."""
-        if self.policy_name != "kv":
-            return
-        last = self._relay_seq.get(batch.instance_id)
-        if last is not None and batch.seq != last + 1:
-            self.gaps += 1
-            self.index.drop_instance(batch.instance_id)
-        self._relay_seq[batch.instance_id] = batch.seq
-        worker = (batch.instance_id, batch.dp_rank)
-        for ev in batch.events:
-            self.index.apply(worker, tuple(ev))
+        self.policy.on_kv_events(batch)
 
 
 def request_blocks(prompt_len: int, block_size: int) -> float:

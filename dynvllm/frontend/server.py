@@ -27,7 +27,7 @@ async def serve_frontend(settings: Settings) -> int:
     models = ModelRegistry(watcher)
     pool = StreamClientPool()
     router = Router(settings.router)
-    if router.kv:
+    if router.policy.keeps_index:
         from dynvllm.router.index import tune_gc
 
         tune_gc()
@@ -37,7 +37,7 @@ async def serve_frontend(settings: Settings) -> int:
     watcher.on_remove.append(lambda inst: router.forget(inst.id))
     watcher.on_expire.append(lambda inst: pool.drop(inst.id, "lease expired"))
     await watcher.start()
-    if router.kv:
+    if router.policy.uses_kv_events:
         from dynvllm.runtime.events import EventBus
         from dynvllm.runtime.kv_topic import KV_EVENTS
 
@@ -74,10 +74,7 @@ async def serve_frontend(settings: Settings) -> int:
     await task
     await watcher.stop()
     await pool.close()
-    try:
-        await nc.drain()
-    except Exception:
-        pass
+    await natsrt.close(nc)
     return 0
 
 

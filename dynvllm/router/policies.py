@@ -1,50 +1,158 @@
-"""Load-based policies. Pure logic: candidates and their load in, one choice out."""
+"""Routing policies, one table: the frontend's `--router NAME` picks an entry of `POLICIES`.
+
+Pure logic: candidates, the prompt and the load the frontend has sent in, one choice out. A policy
+that keeps a KV index says so (`uses_kv_events`, `keeps_index`); the frontend never tests names.
+"""
 
 from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Sequence
-from typing import Protocol
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from dynvllm.router import hashing
+from dynvllm.router.index import KvIndex
+from dynvllm.router.kv_policy import KvPolicy
+from dynvllm.runtime.kv_topic import KvEventBatch
+from dynvllm.settings import RouterSettings
 
 
-class Policy(Protocol):
-    def choose(self, candidates: Sequence[str], load: dict[str, float]) -> str: ...
+@dataclass
+class Load:
+    """What the frontend has in flight on each worker: requests and their prompt blocks."""
+
+    inflight: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    active_blocks: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
-class RoundRobin:
-    def __init__(self) -> None:
+class Policy:
+    #: Reads the KV events workers relay (the frontend subscribes only for such policies).
+    uses_kv_events = False
+    #: Keeps a block index (the frontend tunes the garbage collector for it).
+    keeps_index = False
+    index: KvIndex | None = None
+
+    def choose(
+        self, candidates: Sequence[str], tokens: Sequence[int], block_size: int, lora: str | None, load: Load
+    ) -> tuple[str, int]:
+        """(instance id, predicted cached blocks) for a request."""
+        raise NotImplementedError
+
+    def on_kv_events(self, batch: KvEventBatch) -> None:
+        pass
+
+    def forget(self, worker_id: str) -> None:
+        pass
+
+
+class RoundRobin(Policy):
+    def __init__(self, settings: RouterSettings | None = None) -> None:
         self._n = itertools.count()
 
-    def choose(self, candidates: Sequence[str], load: dict[str, float]) -> str:
-        return sorted(candidates)[next(self._n) % len(candidates)]
+    def choose(self, candidates, tokens, block_size, lora, load):  # type: ignore[override]
+        return sorted(candidates)[next(self._n) % len(candidates)], 0
 
 
-class Random:
-    def __init__(self, seed: int | None = None) -> None:
+class Random(Policy):
+    def __init__(self, settings: RouterSettings | None = None, seed: int | None = None) -> None:
         self._rng = random.Random(seed)
 
-    def choose(self, candidates: Sequence[str], load: dict[str, float]) -> str:
-        return self._rng.choice(list(candidates))
+    def choose(self, candidates, tokens, block_size, lora, load):  # type: ignore[override]
+        return self._rng.choice(list(candidates)), 0
 
 
-class LeastLoaded:
+class LeastLoaded(Policy):
     """Fewest in-flight requests; ties rotate so equal workers share the load."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: RouterSettings | None = None) -> None:
         self._n = itertools.count()
 
-    def choose(self, candidates: Sequence[str], load: dict[str, float]) -> str:
-        low = min(load.get(c, 0.0) for c in candidates)
-        best = sorted(c for c in candidates if load.get(c, 0.0) == low)
-        return best[next(self._n) % len(best)]
+    def choose(self, candidates, tokens, block_size, lora, load):  # type: ignore[override]
+        inflight = load.inflight
+        low = min(inflight.get(c, 0.0) for c in candidates)
+        best = sorted(c for c in candidates if inflight.get(c, 0.0) == low)
+        return best[next(self._n) % len(best)], 0
 
 
-POLICIES = {"round-robin": RoundRobin, "random": Random, "least-loaded": LeastLoaded}
+class KvRouting(Policy):
+    """Cached prefix from the engines' KV events, balanced against active blocks."""
+
+    uses_kv_events = True
+    keeps_index = True
+
+    def __init__(self, settings: RouterSettings) -> None:
+        self.settings = settings
+        self.index = KvIndex()
+        self.cost = KvPolicy(self.index, settings.router_prefill_weight, settings.router_temperature)
+        self._fallback = LeastLoaded()
+        self._relay_seq: dict[str, int] = {}
+        self.gaps = 0
+
+    def choose(self, candidates, tokens, block_size, lora, load):  # type: ignore[override]
+        if block_size <= 0:
+            return self._fallback.choose(candidates, tokens, block_size, lora, load)
+        keys = hashing.chain(tokens, block_size, lora)
+        decision = self._decide(candidates, keys, load)
+        return decision.worker[0], decision.overlap_blocks
+
+    def _decide(self, candidates, keys, load):  # type: ignore[no-untyped-def]
+        return self.cost.choose([(c, 0) for c in candidates], keys, load.active_blocks)
+
+    def on_kv_events(self, batch: KvEventBatch) -> None:
+        """Apply relayed engine events; a gap in the relay sequence drops that worker's state."""
+        last = self._relay_seq.get(batch.instance_id)
+        if last is not None and batch.seq != last + 1:
+            self.gaps += 1
+            self.index.drop_instance(batch.instance_id)
+        self._relay_seq[batch.instance_id] = batch.seq
+        worker = (batch.instance_id, batch.dp_rank)
+        for ev in batch.events:
+            self.index.apply(worker, tuple(ev))
+
+    def forget(self, worker_id: str) -> None:
+        self._relay_seq.pop(worker_id, None)
+        self.index.drop_instance(worker_id)
 
 
-def make_policy(name: str) -> Policy:
+class KvApprox(KvRouting):
+    """No events: predicts that a routed prefix stays cached on its worker for a while."""
+
+    uses_kv_events = False
+
+    def __init__(self, settings: RouterSettings) -> None:
+        super().__init__(settings)
+        self._next_expiry = 0.0
+
+    def _decide(self, candidates, keys, load):  # type: ignore[no-untyped-def]
+        now = time.monotonic()
+        if now >= self._next_expiry:
+            self.index.expire(now)
+            self._next_expiry = now + 1.0
+        decision = super()._decide(candidates, keys, load)
+        self.index.predict(decision.worker, keys, self.settings.router_approx_ttl)
+        return decision
+
+    def on_kv_events(self, batch: KvEventBatch) -> None:
+        pass  # predictions only: real events would mix two sources of truth
+
+
+POLICIES: dict[str, Callable[[RouterSettings], Policy]] = {
+    "kv": KvRouting,
+    "kv-approx": KvApprox,
+    "round-robin": RoundRobin,
+    "random": Random,
+    "least-loaded": LeastLoaded,
+}
+
+
+def make_policy(settings: RouterSettings) -> Policy:
     try:
-        return POLICIES[name]()
+        factory = POLICIES[settings.router]
     except KeyError:
-        raise ValueError(f"unknown router policy {name!r}; choose one of {', '.join(POLICIES)}") from None
+        raise ValueError(
+            f"unknown router policy {settings.router!r}; choose one of {', '.join(POLICIES)}"
+        ) from None
+    return factory(settings)

@@ -10,6 +10,7 @@ client reconnects and the next heartbeat re-registers.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import time
@@ -18,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import msgpack
+
+log = logging.getLogger("dynvllm.discovery")
 
 
 @dataclass
@@ -71,8 +74,8 @@ class Lease:
     async def announce(self) -> None:
         try:
             await self.nc.publish(_subject(self.namespace, "hb"), self.instance.to_wire())
-        except Exception:
-            pass  # disconnected: the client buffers or the next beat retries
+        except Exception as exc:  # disconnected: the client buffers or the next beat retries
+            log.debug("heartbeat of %s not sent: %s", self.instance.id, exc)
 
     async def _beat(self) -> None:
         while True:
@@ -86,18 +89,22 @@ class Lease:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         if self._sub is not None:
-            try:
-                await self._sub.unsubscribe()
-            except Exception:
-                pass
+            await _unsubscribe(self._sub)
         try:
             await self.nc.publish(_subject(self.namespace, "bye"), self.instance.id.encode())
             await self.nc.flush(timeout=1)
-        except Exception:
-            pass
+        except Exception as exc:  # watchers then see the lease expire instead
+            log.warning("could not announce that %s leaves: %s", self.instance.id, exc)
 
 
 Callback = Callable[[Instance], Any]
+
+
+async def _unsubscribe(sub: Any) -> None:
+    try:
+        await sub.unsubscribe()
+    except Exception as exc:  # the connection is already closed: nothing left to undo
+        log.debug("unsubscribe failed: %s", exc)
 
 
 class Watcher:
@@ -114,6 +121,7 @@ class Watcher:
         self._subs: list[Any] = []
         self._sweeper: asyncio.Task | None = None
         self._changed = asyncio.Event()
+        self._tasks: set[asyncio.Future] = set()
 
     async def start(self) -> None:
         self._subs.append(await self.nc.subscribe(_subject(self.namespace, "hb"), cb=self._on_hb))
@@ -126,10 +134,7 @@ class Watcher:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
         for sub in self._subs:
-            try:
-                await sub.unsubscribe()
-            except Exception:
-                pass
+            await _unsubscribe(sub)
 
     def instances(self, component: str | None = None, role: str | None = None) -> list[Instance]:
         out = [i for i, _ in self._seen.values()]
@@ -157,20 +162,29 @@ class Watcher:
         return True
 
     def _fire(self, callbacks: list[Callback], inst: Instance) -> None:
+        """Run callbacks; one that fails is logged with its traceback and the others still run."""
         self._changed.set()
         for cb in callbacks:
             try:
                 res = cb(inst)
                 if asyncio.iscoroutine(res):
-                    asyncio.ensure_future(res)
+                    task = asyncio.ensure_future(res)
+                    self._tasks.add(task)
+                    task.add_done_callback(self._callback_done)
             except Exception:
-                pass
+                log.exception("discovery callback %r failed for instance %s", cb, inst.id)
+
+    def _callback_done(self, task: asyncio.Future) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("discovery callback failed", exc_info=task.exception())
 
     async def _on_hb(self, msg: Any) -> None:
         try:
             inst = Instance.from_wire(msg.data)
-        except Exception:
-            return  # a stray or malformed message must not break discovery
+        except Exception as exc:  # a stray or malformed message must not break discovery
+            log.debug("ignoring a malformed heartbeat: %s", exc)
+            return
         prev = self._seen.get(inst.id)
         self._seen[inst.id] = (inst, time.monotonic())
         if prev is None:

@@ -34,15 +34,7 @@ class UnknownEndpoint(RemoteError):
     kind = "UnknownEndpoint"
 
 
-class Overloaded(RemoteError):
-    kind = "Overloaded"
-
-
-class EngineDead(RemoteError):
-    kind = "EngineDead"
-
-
-_BY_KIND = {c.kind: c for c in (InstanceLost, BadRequest, UnknownEndpoint, Overloaded, EngineDead)}
+_BY_KIND = {c.kind: c for c in (InstanceLost, BadRequest, UnknownEndpoint)}
 
 
 def from_wire(kind: str, message: str) -> RemoteError:

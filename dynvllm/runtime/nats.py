@@ -7,6 +7,7 @@ JetStream on, on a free loopback port, in a temporary folder: one code path for 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import shutil
 import ssl
@@ -15,8 +16,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from dynvllm.settings import RuntimeSettings
+
+log = logging.getLogger("dynvllm.nats")
 
 
 class NatsUnavailable(RuntimeError):
@@ -128,13 +132,21 @@ async def connect(rt: RuntimeSettings, url: str | None = None, name: str = "dynv
 
     async def _quiet(exc: Exception) -> None:
         # Disconnections are expected during a server restart; nats-py retries on its own.
-        pass
+        log.debug("NATS connection error (retrying): %s", exc)
 
     opts["error_cb"] = _quiet
     try:
         return await nats.connect(**opts)
     except Exception as exc:
         raise NatsUnavailable(f"cannot connect to NATS at {url}: {type(exc).__name__}: {exc}") from exc
+
+
+async def close(nc: Any) -> None:
+    """Drain and close; a connection already lost has nothing left to flush."""
+    try:
+        await nc.drain()
+    except Exception as exc:
+        log.info("NATS drain on shutdown failed: %s", exc)
 
 
 def local_address_towards(url: str) -> str:
@@ -163,4 +175,12 @@ def run(coro) -> object:
         return asyncio.run(coro)
 
 
-__all__ = ["EmbeddedNats", "NatsUnavailable", "connect", "local_address_towards", "nats_server_binary", "run"]
+__all__ = [
+    "EmbeddedNats",
+    "NatsUnavailable",
+    "close",
+    "connect",
+    "local_address_towards",
+    "nats_server_binary",
+    "run",
+]

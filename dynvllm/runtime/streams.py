@@ -1,31 +1,25 @@
 """One-hop streaming calls over a direct TCP socket that each instance advertises in discovery.
 
-Frames are msgpack arrays on a persistent, multiplexed connection:
-    client -> server  [CALL, sid, endpoint, payload] [CANCEL, sid] [CREDIT, sid, n]
-    server -> client  [DATA, sid, payload] [END, sid] [ERROR, sid, kind, message]
-Per-stream credits bound buffering: a slow consumer stalls only its own handler. A dropped
-connection fails every open stream with InstanceLost at once; a lease that expires while the
-connection still looks open does the same through `StreamClientPool.drop`.
+The protocol (frames, credits, cancellation) is `dynvllm.runtime.wire`; this module only moves
+bytes and runs handlers. A dropped connection fails every open stream with InstanceLost at once;
+a lease that expires while the connection still looks open does the same through
+`StreamClientPool.drop`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-import itertools
 import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import msgpack
-
-from dynvllm.runtime.errors import BadRequest, InstanceLost, RemoteError, UnknownEndpoint, from_wire, kind_of
+from dynvllm.runtime.errors import InstanceLost, RemoteError, UnknownEndpoint, kind_of
+from dynvllm.runtime.wire import CALL, CANCEL, DATA, END, ERROR, WINDOW, ClientWire, ProtocolError, ServerWire
 
 log = logging.getLogger(__name__)
 
-CALL, CANCEL, CREDIT, DATA, END, ERROR = range(6)
-WINDOW = 64
 _HIGH_WATER = 1 << 20
 
 Handler = Callable[[Any], AsyncIterator[Any] | Awaitable[Any]]
@@ -37,29 +31,47 @@ def _nodelay(writer: asyncio.StreamWriter) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-class _Credit:
-    __slots__ = ("event", "n")
+class Inflight:
+    """Calls being served, counted in one place for every handler (drain and health read it)."""
 
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.event = asyncio.Event()
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
-    def add(self, n: int) -> None:
-        self.n += n
-        self.event.set()
+    def enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
 
-    async def take(self) -> None:
-        while self.n <= 0:
-            self.event.clear()
-            await self.event.wait()
-        self.n -= 1
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True once nothing is in flight; False if `timeout` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
 
 
 class StreamServer:
-    """Serves named endpoints; a handler is an async generator (stream) or coroutine (unary)."""
+    """Serves named endpoints; a handler is an async generator (stream) or coroutine (unary).
 
-    def __init__(self, handlers: dict[str, Handler]) -> None:
+    Every call passes through one wrapper here: in-flight accounting, cancellation when the
+    caller cancels or goes away, and typed errors back to the caller (unexpected ones logged
+    with their traceback).
+    """
+
+    def __init__(
+        self, handlers: dict[str, Handler], inflight: Inflight | None = None, counted: set[str] | None = None
+    ) -> None:
         self.handlers = dict(handlers)
+        self.inflight = inflight or Inflight()
+        #: Endpoints whose calls count as in flight (None: all); probes such as health do not.
+        self.counted = counted
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[asyncio.Task] = set()
         self.port = 0
@@ -77,94 +89,117 @@ class StreamServer:
         await asyncio.gather(*self._conns, return_exceptions=True)
 
     async def _serve_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        _nodelay(writer)
         me = asyncio.current_task()
         assert me is not None
         self._conns.add(me)
-        streams: dict[int, tuple[asyncio.Task, _Credit]] = {}
-        unpacker = msgpack.Unpacker(raw=False)
-        pack = msgpack.Packer().pack
+        try:
+            await _ServerConnection(self, writer).run(reader)
+        finally:
+            self._conns.discard(me)
+
+
+class _ServerConnection:
+    """One client connection: reads frames, runs a task per call, writes coalesced replies."""
+
+    def __init__(self, server: StreamServer, writer: asyncio.StreamWriter) -> None:
+        self.server = server
+        self.writer = writer
+        self.wire = ServerWire()
+        self.tasks: dict[int, asyncio.Task] = {}
+        self.wakeups: dict[int, asyncio.Event] = {}
+        self.pending: list[bytes] = []
+        self.loop = asyncio.get_running_loop()
+        _nodelay(writer)
+
+    def _flush(self) -> None:
+        if self.pending and not self.writer.is_closing():
+            self.writer.write(b"".join(self.pending))
+        self.pending.clear()
+
+    async def _send(self, frame: bytes) -> None:
         # Frames produced in one event-loop turn (an engine step yields a delta for every
         # running request) leave in one write: one syscall per turn, not one per delta.
-        pending: list[bytes] = []
-        loop = asyncio.get_running_loop()
+        if not self.pending:
+            self.loop.call_soon(self._flush)
+        self.pending.append(frame)
+        if self.writer.transport.get_write_buffer_size() > _HIGH_WATER:
+            await self.writer.drain()
 
-        def flush() -> None:
-            if pending and not writer.is_closing():
-                writer.write(b"".join(pending))
-            pending.clear()
+    async def _send_data(self, sid: int, item: Any) -> None:
+        wire = self.wire
+        while not wire.can_send(sid):
+            if not wire.is_open(sid):
+                raise asyncio.CancelledError
+            wake = self.wakeups.setdefault(sid, asyncio.Event())
+            wake.clear()
+            await wake.wait()
+        await self._send(wire.data(sid, item))
 
-        async def send(frame: list) -> None:
-            if not pending:
-                loop.call_soon(flush)
-            pending.append(pack(frame))
-            if writer.transport.get_write_buffer_size() > _HIGH_WATER:
-                await writer.drain()
-
-        async def run(sid: int, endpoint: str, payload: Any, credit: _Credit) -> None:
-            try:
-                handler = self.handlers.get(endpoint)
-                if handler is None:
-                    raise UnknownEndpoint(
-                        f"no endpoint {endpoint!r}; this instance serves {sorted(self.handlers)}"
-                    )
-                result = handler(payload)
-                if inspect.isasyncgen(result):
-                    try:
-                        async for item in result:
-                            await credit.take()
-                            await send([DATA, sid, item])
-                    finally:
-                        await result.aclose()
-                else:
-                    await send([DATA, sid, await result])
-                await send([END, sid])
-            except asyncio.CancelledError:
-                pass
-            except Exception as exc:  # every handler failure reaches the caller, typed
-                if not isinstance(exc, RemoteError):
-                    log.exception("handler %s failed", endpoint)
+    async def _call(self, sid: int, endpoint: str, payload: Any) -> None:
+        counted = self.server.counted
+        inflight = self.server.inflight if counted is None or endpoint in counted else None
+        if inflight is not None:
+            inflight.enter()
+        try:
+            handler = self.server.handlers.get(endpoint)
+            if handler is None:
+                known = sorted(self.server.handlers)
+                raise UnknownEndpoint(f"no endpoint {endpoint!r}; this instance serves {known}")
+            result = handler(payload)
+            if inspect.isasyncgen(result):
                 try:
-                    await send([ERROR, sid, kind_of(exc), str(exc)])
-                except Exception:
-                    pass
-            finally:
-                streams.pop(sid, None)
+                    async for item in result:
+                        await self._send_data(sid, item)
+                finally:
+                    await result.aclose()
+            else:
+                await self._send_data(sid, await result)
+            await self._send(self.wire.end(sid))
+        except asyncio.CancelledError:
+            pass  # the caller cancelled or went away; the handler's own cleanup has run
+        except Exception as exc:
+            if not isinstance(exc, RemoteError):
+                log.exception("handler %s failed", endpoint)
+            if self.wire.is_open(sid):
+                await self._send(self.wire.error(sid, kind_of(exc), str(exc)))
+        finally:
+            if inflight is not None:
+                inflight.leave()
+            self.tasks.pop(sid, None)
+            self.wakeups.pop(sid, None)
 
+    def _cancel(self, sid: int) -> None:
+        task = self.tasks.pop(sid, None)
+        if task is not None:
+            task.cancel()
+
+    async def run(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
                 data = await reader.read(1 << 16)
                 if not data:
                     break
-                unpacker.feed(data)
-                for frame in unpacker:
-                    if not isinstance(frame, list) or len(frame) < 2 or not isinstance(frame[1], int):
-                        raise ValueError(f"malformed frame {frame!r:.80}")
-                    op, sid = frame[0], frame[1]
-                    if op == CALL and len(frame) == 4:
-                        credit = _Credit(WINDOW)
-                        task = asyncio.create_task(run(sid, frame[2], frame[3], credit))
-                        streams[sid] = (task, credit)
+                for event in self.wire.receive(data):
+                    op, sid = event[0], event[1]
+                    if op == CALL:
+                        self.tasks[sid] = asyncio.create_task(self._call(sid, event[2], event[3]))
                     elif op == CANCEL:
-                        entry = streams.pop(sid, None)
-                        if entry:
-                            entry[0].cancel()
-                    elif op == CREDIT and len(frame) == 3:
-                        entry = streams.get(sid)
-                        if entry:
-                            entry[1].add(int(frame[2]))
-                    else:
-                        raise ValueError(f"malformed frame {frame!r:.80}")
-        except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData) as exc:
-            log.warning("closing connection after a malformed frame: %s", exc)
+                        self._cancel(sid)
+                    else:  # CREDIT
+                        wake = self.wakeups.get(sid)
+                        if wake is not None:
+                            wake.set()
+        except ProtocolError as exc:
+            log.warning("closing a connection after a malformed frame: %s", exc)
         except (ConnectionError, asyncio.CancelledError):
-            pass
+            pass  # the client went away or the server is closing: the streams end below
         finally:
-            for task, _ in list(streams.values()):
+            for sid in self.wire.close():
+                self._cancel(sid)
+            for task in list(self.tasks.values()):
                 task.cancel()
-            flush()
-            writer.close()
-            self._conns.discard(me)
+            self._flush()
+            self.writer.close()
 
 
 class ResponseStream:
@@ -174,7 +209,6 @@ class ResponseStream:
         self._conn = conn
         self._sid = sid
         self._queue: asyncio.Queue = asyncio.Queue()
-        self._consumed = 0
         self.done = False
 
     def __aiter__(self) -> ResponseStream:
@@ -185,13 +219,9 @@ class ResponseStream:
             raise StopAsyncIteration
         op, value = await self._queue.get()
         if op == DATA:
-            self._consumed += 1
-            if self._consumed >= WINDOW // 2:
-                self._conn._send([CREDIT, self._sid, self._consumed])
-                self._consumed = 0
+            self._conn._write(self._conn.wire.consumed(self._sid))
             return value
         self.done = True
-        self._conn._streams.pop(self._sid, None)
         if op == END:
             raise StopAsyncIteration
         raise value
@@ -201,7 +231,7 @@ class ResponseStream:
         if not self.done:
             self.done = True
             self._conn._streams.pop(self._sid, None)
-            self._conn._send([CANCEL, self._sid])
+            self._conn._write(self._conn.wire.cancel(self._sid))
 
     async def __aenter__(self) -> ResponseStream:
         return self
@@ -218,11 +248,10 @@ class Connection:
 
     def __init__(self, host: str, port: int, instance_id: str = "") -> None:
         self.host, self.port, self.instance_id = host, port, instance_id
+        self.wire = ClientWire()
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task | None = None
         self._streams: dict[int, ResponseStream] = {}
-        self._ids = itertools.count(1)
-        self._pack = msgpack.Packer().pack
         self.closed = False
 
     async def open(self, timeout: float = 3.0) -> None:
@@ -230,47 +259,41 @@ class Connection:
             reader, self._writer = await asyncio.wait_for(
                 asyncio.open_connection(self.host, self.port, limit=1 << 20), timeout
             )
-        except (TimeoutError, OSError) as exc:
+        except (OSError, TimeoutError) as exc:
             self.closed = True
-            raise InstanceLost(
-                f"cannot reach instance {self.instance_id} at {self.host}:{self.port}: {exc}"
-            ) from exc
+            where = f"{self.host}:{self.port}"
+            raise InstanceLost(f"cannot reach instance {self.instance_id} at {where}: {exc}") from exc
         _nodelay(self._writer)
         self._reader_task = asyncio.create_task(self._read(reader))
 
-    def _send(self, frame: list) -> None:
-        if self._writer is not None and not self.closed:
-            self._writer.write(self._pack(frame))
+    def _write(self, frame: bytes | None) -> None:
+        if frame is not None and self._writer is not None and not self.closed:
+            self._writer.write(frame)
 
     def call(self, endpoint: str, payload: Any) -> ResponseStream:
         if self.closed:
             raise InstanceLost(f"instance {self.instance_id} at {self.host}:{self.port} is gone")
-        sid = next(self._ids)
+        sid, frame = self.wire.call(endpoint, payload)
         stream = ResponseStream(self, sid)
         self._streams[sid] = stream
-        self._send([CALL, sid, endpoint, payload])
+        self._write(frame)
         return stream
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
-        unpacker = msgpack.Unpacker(raw=False)
         reason = "connection closed"
+        streams = self._streams
         try:
             while True:
                 data = await reader.read(1 << 16)
                 if not data:
                     break
-                unpacker.feed(data)
-                for frame in unpacker:
-                    stream = self._streams.get(frame[1])
-                    if stream is None:
-                        continue
-                    op = frame[0]
-                    if op == DATA:
-                        stream._push(DATA, frame[2])
-                    elif op == END:
-                        stream._push(END, None)
-                    elif op == ERROR:
-                        stream._push(ERROR, from_wire(frame[2], frame[3]))
+                for op, sid, value in self.wire.receive(data):
+                    stream = streams.get(sid) if op == DATA else streams.pop(sid, None)
+                    if stream is not None:
+                        stream._push(op, value)
+        except ProtocolError as exc:
+            reason = f"the instance sent a malformed frame: {exc}"
+            log.warning("instance %s: %s", self.instance_id, reason)
         except (ConnectionError, OSError) as exc:
             reason = str(exc) or type(exc).__name__
         except asyncio.CancelledError:
@@ -281,6 +304,7 @@ class Connection:
     def fail(self, reason: str) -> None:
         """Fail every open stream with InstanceLost and close the socket."""
         self.closed = True
+        self.wire.close()
         for stream in list(self._streams.values()):
             stream._push(ERROR, InstanceLost(f"instance {self.instance_id} lost: {reason}"))
         self._streams.clear()
@@ -318,7 +342,7 @@ class StreamClientPool:
             return conn
         except BaseException as exc:
             fut.set_exception(exc)
-            fut.exception()  # mark retrieved
+            fut.exception()  # retrieved here, so a failure no one else awaited is not reported twice
             raise
         finally:
             self._opening.pop(instance_id, None)
@@ -335,7 +359,7 @@ class StreamClientPool:
 
 
 async def unary(conn: Connection, endpoint: str, payload: Any, timeout: float = 30.0) -> Any:
-    """Call an endpoint that answers once (admin operations)."""
+    """Call an endpoint that answers once (admin operations, stage hops)."""
     stream = conn.call(endpoint, payload)
     try:
         async with asyncio.timeout(timeout):
@@ -347,4 +371,4 @@ async def unary(conn: Connection, endpoint: str, payload: Any, timeout: float = 
         await stream.aclose()
 
 
-__all__ = ["BadRequest", "Connection", "ResponseStream", "StreamClientPool", "StreamServer", "unary"]
+__all__ = ["WINDOW", "Connection", "Inflight", "ResponseStream", "StreamClientPool", "StreamServer", "unary"]

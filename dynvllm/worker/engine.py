@@ -1,7 +1,9 @@
 """What an engine plugin provides (entry-point group `dynvllm.engines`, loaded by workers).
 
 An engine turns wire generate requests into wire deltas and reports what a model card needs.
-`vllm` is the real engine; `sim` is a simulated one for routing experiments at scale.
+`vllm` is the real engine; `sim` is a simulated one for routing experiments at scale. In-flight
+accounting, cancellation and error reporting are the worker's, around every call; an engine
+only has to abort its own request when its generator is closed early.
 """
 
 from __future__ import annotations
@@ -9,33 +11,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from dynvllm.runtime.errors import BadRequest
 from dynvllm.settings import Settings
 from dynvllm.worker.stats import SchedulerSnapshot
-
-
-class Tracker:
-    """Per-worker request accounting shared by handlers."""
-
-    def __init__(self) -> None:
-        self.inflight = 0
-        self.loras: dict[str, Any] = {}
-
-    def lora_request(self, name: Any) -> Any:
-        if name is None:
-            return None
-        req = self.loras.get(name)
-        if req is None:
-            raise BadRequest(f"adapter {name!r} is not loaded on this worker")
-        return req
 
 
 class Engine:
     #: Shown in cards and `dynvllm status`, so a simulated engine is never mistaken for a real one.
     kind = "engine"
-
-    def __init__(self) -> None:
-        self.tracker = Tracker()
 
     def check_args(self, settings: Settings) -> None:
         """Raise ValueError with a clear message if the settings cannot start this engine."""
@@ -56,7 +38,8 @@ class Engine:
         raise NotImplementedError
 
     def generate(self, payload: Any) -> AsyncIterator[dict]:
-        """Stream wire deltas (see `dynvllm.protocol.delta`) for one request."""
+        """Stream wire deltas (see `dynvllm.protocol.delta`) for one request; check the payload
+        with `dynvllm.protocol.parse_generate`."""
         raise NotImplementedError
 
     async def canary(self) -> None:

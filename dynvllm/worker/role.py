@@ -1,17 +1,30 @@
 """What a role plugin provides (entry-point group `dynvllm.roles`).
 
 A role is a class; the worker instantiates it and asks it questions instead of testing its
-name. Role modules must not import vLLM at module level: the CLI may import them to run them.
+name. A role serves one stage of a request's chain (its `stage`, published in the model card);
+a role whose stage runs before generation also gives the frontend the `Stage` that decides
+when to call it. Role modules must not import vLLM at module level: the CLI and the frontend
+import them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from dynvllm import protocol
+
 if TYPE_CHECKING:
+    from dynvllm.frontend.stages import Stage
     from dynvllm.settings import Settings
-    from dynvllm.worker.service import Worker
+
+
+@dataclass(frozen=True)
+class EngineHandle:
+    """What a role may use of its worker's engine."""
+
+    generate: Callable[[Any], AsyncIterator[dict]]
 
 
 class Role:
@@ -21,15 +34,22 @@ class Role:
     standalone: bool = False
     #: Short description shown in `dynvllm serve --help`.
     description: str = ""
+    #: The stage of a request's chain this role serves: the endpoint the frontend calls.
+    stage: str = protocol.GENERATE
     #: vLLM KV-transfer role ("kv_producer", "kv_consumer") when the role moves KV between engines.
     kv_role: str | None = None
+    #: KV connectors used when --connector is not given (roles with a kv_role only).
+    default_connectors: tuple[str, ...] = ()
 
     def check(self, settings: Settings) -> None:
         """Raise ValueError if the settings cannot run this role (called before any process starts)."""
         if self.kv_role:
             from dynvllm.worker.connector import transfer_config
 
-            transfer_config(settings.worker.connectors(), self.kv_role, settings)
+            transfer_config(self.connectors(settings), self.kv_role, settings)
+
+    def connectors(self, settings: Settings) -> list[str]:
+        return settings.worker.connectors() or list(self.default_connectors)
 
     def engine_overrides(self, settings: Settings) -> dict[str, Any]:
         """AsyncEngineArgs attributes this role sets: the KV-transfer configuration, if any.
@@ -45,18 +65,29 @@ class Role:
 
         from dynvllm.worker.connector import transfer_config
 
-        cfg, env, _ = transfer_config(settings.worker.connectors(), self.kv_role, settings)
+        cfg, env, _ = transfer_config(self.connectors(settings), self.kv_role, settings)
         os.environ.update(env)
         if cfg is None:
             return {}
         overrides: dict[str, Any] = {"kv_transfer_config": KVTransferConfig(**cfg)}
-        if (
-            settings.engine.tensor_parallel_size or 1
-        ) == 1 and "--distributed-executor-backend" not in settings.vllm_argv():
+        single = (settings.engine.tensor_parallel_size or 1) == 1
+        if single and "--distributed-executor-backend" not in settings.vllm_argv():
             # NIXL's hand-shake stalls behind the GIL with the in-process executor.
             overrides["distributed_executor_backend"] = "mp"
         return overrides
 
-    def handlers(self, worker: Worker) -> dict[str, Callable]:
-        """Endpoints this role serves, by name."""
-        raise NotImplementedError
+    def handlers(self, engine: EngineHandle) -> dict[str, Callable]:
+        """Endpoints this role serves, by name; the stage's endpoint among them."""
+        return {self.stage: engine.generate}
+
+    def request_stage(self) -> Stage | None:
+        """The frontend's side of a stage that runs before generation (None for generate roles)."""
+        return None
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named topology (entry-point group `dynvllm.presets`): `serve NAME` starts these roles."""
+
+    description: str
+    roles: dict[str, int]

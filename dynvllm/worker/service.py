@@ -18,9 +18,9 @@ from dynvllm.process import become_group_leader, start_group_reaper
 from dynvllm.runtime import nats as natsrt
 from dynvllm.runtime.discovery import Instance, Lease
 from dynvllm.runtime.events import LOAD, EventBus, LoadMetrics
-from dynvllm.runtime.streams import StreamServer
+from dynvllm.runtime.streams import Inflight, StreamServer
 from dynvllm.settings import Settings
-from dynvllm.worker.role import Role
+from dynvllm.worker.role import EngineHandle, Role
 from dynvllm.worker.stats import SchedulerSnapshot
 
 log = logging.getLogger("dynvllm.worker")
@@ -42,23 +42,21 @@ class Worker:
         self.last_canary: dict[str, Any] = {"ok": None, "at": 0.0, "seconds": None}
         self.instance: Instance | None = None
         self.relay: Any = None
+        self.inflight = Inflight()
 
     # ---- handlers shared by every role ------------------------------------------------
-    def generate_handler(self) -> Any:
-        return self.engine.generate
-
     async def health(self, payload: Any = None) -> dict:
         return {
             "ok": not self.engine_dead and self.last_canary["ok"] is not False,
             "canary": self.last_canary,
-            "inflight": self.engine.tracker.inflight,
+            "inflight": self.inflight.count,
             "draining": self.stopping.is_set(),
         }
 
     async def stats(self, payload: Any = None) -> dict:
         s = self.snapshot
         return {
-            "inflight": self.engine.tracker.inflight,
+            "inflight": self.inflight.count,
             "running": s.running,
             "waiting": s.waiting,
             "kv_usage": s.kv_usage,
@@ -95,7 +93,7 @@ class Worker:
             **self.engine.card(),
             "engine": self.engine.kind,
             "role": self.role_name,
-            "loras": sorted(self.engine.tracker.loras),
+            "stage": self.role.stage,
         }
 
     async def run(self) -> int:
@@ -104,8 +102,9 @@ class Worker:
         rt = self.settings.runtime
         self.nc = await natsrt.connect(rt, name=f"dynvllm-worker-{self.role_name}")
         self._build_engine()
-        handlers = {protocol.HEALTH: self.health, protocol.STATS: self.stats, **self.role.handlers(self)}
-        self.server = StreamServer(handlers)
+        role_handlers = self.role.handlers(EngineHandle(generate=self.engine.generate))
+        handlers = {protocol.HEALTH: self.health, protocol.STATS: self.stats, **role_handlers}
+        self.server = StreamServer(handlers, self.inflight, counted=set(role_handlers))
         host = rt.advertise_host or natsrt.local_address_towards(rt.nats_url or "")
         bind = "127.0.0.1" if host == "127.0.0.1" else "0.0.0.0"
         port = await self.server.start(bind, self.settings.worker.rpc_port)
@@ -145,15 +144,13 @@ class Worker:
         assert self.lease is not None and self.server is not None
         await self.lease.stop()
         deadline = time.monotonic() + self.settings.worker.drain_timeout
-        while self.engine.tracker.inflight and time.monotonic() < deadline and not self.engine_dead:
-            await asyncio.sleep(0.05)
+        while not self.engine_dead and time.monotonic() < deadline:
+            if await self.inflight.wait_idle(min(0.5, deadline - time.monotonic())):
+                break
         await self.server.close()  # cancels what is left: each handler aborts its engine request
         if self.relay is not None:
             await self.relay.stop()
-        try:
-            await self.nc.drain()
-        except Exception:
-            pass
+        await natsrt.close(self.nc)
         self.engine.shutdown()
         return 1 if self.engine_dead else 0
 
@@ -176,7 +173,7 @@ class Worker:
                 self.engine_dead = True
                 self.stopping.set()
                 return
-            if time.monotonic() - last > interval and self.engine.tracker.inflight == 0:
+            if time.monotonic() - last > interval and self.inflight.count == 0:
                 await self._canary()
                 last = time.monotonic()
 
@@ -185,7 +182,7 @@ class Worker:
         total = self._card().get("kv_blocks") or 0
         while True:
             s = self.snapshot
-            busy = self.engine.tracker.inflight > 0 or s.running > 0
+            busy = self.inflight.count > 0 or s.running > 0
             try:
                 await bus.publish(
                     LOAD,
@@ -198,8 +195,8 @@ class Worker:
                         time.time(),
                     ),
                 )
-            except Exception:
-                pass
+            except Exception as exc:  # NATS reconnecting: the next report goes out
+                log.debug("load report not sent: %s", exc)
             await asyncio.sleep(0.1 if busy else 1.0)
 
 

@@ -2,25 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from dynvllm import protocol
+from dynvllm.runtime.errors import BadRequest
 from dynvllm.settings import Settings
 from dynvllm.worker.engine import Engine
-from dynvllm.worker.generate import GenerateHandler
 from dynvllm.worker.stats import SchedulerSnapshot, stat_logger_factory
+
+
+def _logprobs(token_ids: list[int], entries: Any, k: int) -> list:
+    """[[token_logprob, [[top_id, top_logprob], ...]], ...] for each new token."""
+    out = []
+    for tid, entry in zip(token_ids, entries or [], strict=False):
+        chosen = entry.get(tid)
+        ranked = sorted(entry.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)
+        top = [[t, float(lp.logprob)] for t, lp in ranked if lp.rank is not None and lp.rank <= k][:k]
+        out.append([float(chosen.logprob) if chosen else float("-inf"), top])
+    return out
 
 
 class VllmEngine(Engine):
     kind = "vllm"
 
     def __init__(self) -> None:
-        super().__init__()
         self.llm: Any = None
         self.local_model = ""
-        self._handler: GenerateHandler | None = None
         self._tokenizer: str | None = None
 
     def check_args(self, settings: Settings) -> None:
@@ -36,10 +47,11 @@ class VllmEngine(Engine):
         kv_endpoint: str | None,
         kv_replay: str | None,
     ) -> None:
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from dynvllm.models.hub import resolve_model
-        from dynvllm.worker.engine_args import parse_engine_args
+        from dynvllm.worker.engine_args import parse_engine_args, vllm_config
 
         eng = settings.engine
         assert eng.model
@@ -58,8 +70,14 @@ class VllmEngine(Engine):
             )
         if not args.served_model_name:
             args.served_model_name = [eng.served_model_name or eng.model]
-        self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger_factory(snapshot)])
-        self._handler = GenerateHandler(self.llm, self.tracker)
+        # Built as vLLM's OpenAI server builds its engine, so a user gets the engine `vllm serve` gives.
+        self.llm = AsyncLLM.from_vllm_config(
+            vllm_config(args),
+            usage_context=UsageContext.OPENAI_API_SERVER,
+            stat_loggers=[stat_logger_factory(snapshot)],
+            enable_log_requests=args.enable_log_requests,
+            disable_log_stats=args.disable_log_stats,
+        )
 
     def card(self) -> dict[str, Any]:
         cfg = self.llm.vllm_config
@@ -69,20 +87,61 @@ class VllmEngine(Engine):
             "context_length": cfg.model_config.max_model_len,
             "block_size": cfg.cache_config.block_size,
             "kv_blocks": getattr(cfg.cache_config, "num_gpu_blocks", None),
+            "max_num_seqs": cfg.scheduler_config.max_num_seqs,
+            "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
         }
 
-    def generate(self, payload: Any) -> AsyncIterator[dict]:
-        assert self._handler is not None
-        return self._handler(payload)
+    async def generate(self, payload: Any) -> AsyncIterator[dict]:
+        """One vLLM request, its output deltas mapped to wire deltas as they come."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        req = protocol.parse_generate(payload)
+        extra_args = {"kv_transfer_params": req.kv_transfer_params} if req.kv_transfer_params else None
+        try:
+            params = SamplingParams(
+                **protocol.sampling_kwargs(req.sampling),
+                output_kind=RequestOutputKind.DELTA,
+                extra_args=extra_args,
+            )
+        except (TypeError, ValueError) as exc:
+            raise BadRequest(f"invalid sampling options: {exc}") from None
+        rid, n_prompt = req.request_id, len(req.token_ids)
+        k = req.sampling.get("logprobs")
+        finished = False
+        first = True
+        try:
+            async for out in self.llm.generate(
+                TokensPrompt(prompt_token_ids=req.token_ids), params, request_id=rid
+            ):
+                for c in out.outputs:
+                    extra: dict[str, Any] = {}
+                    if first:
+                        extra = {"prompt_tokens": n_prompt, "cached_tokens": out.num_cached_tokens or 0}
+                        first = False
+                    if c.finish_reason is not None:
+                        extra["stop_reason"] = c.stop_reason
+                        if out.kv_transfer_params:
+                            extra["kv_transfer_params"] = out.kv_transfer_params
+                    ids = list(c.token_ids)
+                    lp = _logprobs(ids, c.logprobs, k) if k is not None else None
+                    yield protocol.delta(c.index, ids, c.finish_reason, lp, **extra)
+                finished = out.finished
+        except ValueError as exc:
+            # vLLM validates prompts (length, token ids) with ValueError: the caller's fault.
+            raise BadRequest(str(exc)) from None
+        finally:
+            if not finished:
+                await asyncio.shield(self.llm.abort(rid))
 
     async def canary(self) -> None:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         rid = f"canary-{os.getpid()}-{time.monotonic()}"
-        async for _ in self.llm.generate(
-            TokensPrompt(prompt_token_ids=[0]), SamplingParams(max_tokens=1, detokenize=False), request_id=rid
-        ):
+        params = SamplingParams(max_tokens=1, detokenize=False)
+        async for _ in self.llm.generate(TokensPrompt(prompt_token_ids=[0]), params, request_id=rid):
             pass
 
     @property

@@ -28,7 +28,6 @@ from dynvllm.router import hashing
 from dynvllm.runtime.errors import BadRequest
 from dynvllm.settings import Settings
 from dynvllm.worker.engine import Engine
-from dynvllm.worker.generate import _check
 
 
 def sim_args(settings: Settings) -> argparse.Namespace:
@@ -122,7 +121,6 @@ class SimEngine(Engine):
     kind = "sim"
 
     def __init__(self) -> None:
-        super().__init__()
         self.waiting: deque[_Req] = deque()
         self.running: dict[str, _Req] = {}
         self._wake = asyncio.Event()
@@ -177,7 +175,8 @@ class SimEngine(Engine):
 
     # ---- requests ------------------------------------------------------------------
     async def generate(self, payload: Any) -> AsyncIterator[dict]:
-        rid, ids, sampling = _check(payload)
+        checked = protocol.parse_generate(payload)
+        rid, ids, sampling = checked.request_id, checked.token_ids, checked.sampling
         if int(sampling.get("n") or 1) != 1:
             raise BadRequest("the sim engine supports n=1 only")
         if len(ids) >= self.context_length:
@@ -186,10 +185,9 @@ class SimEngine(Engine):
             rid,
             ids,
             int(sampling.get("max_tokens") or 16),
-            hashing.chain(ids, self.block_size, payload.get("lora")),
+            hashing.chain(ids, self.block_size),
         )
         self.waiting.append(req)
-        self.tracker.inflight += 1
         self._wake.set()
         try:
             while True:
@@ -198,7 +196,6 @@ class SimEngine(Engine):
                 if item["finish_reason"] is not None:
                     return
         finally:
-            self.tracker.inflight -= 1
             self._finish(req)
 
     def _finish(self, req: _Req) -> None:

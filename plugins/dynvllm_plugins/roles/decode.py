@@ -3,16 +3,10 @@ itself when no prefill result comes with the request."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
-from dynvllm import protocol
 from dynvllm.worker.role import Role
 
 
 class DecodeRole(Role):
     description = "Decode worker: generates from KV handed over by prefill workers."
     kv_role = "kv_consumer"
-
-    def handlers(self, worker: Any) -> dict[str, Callable]:
-        return {protocol.GENERATE: worker.generate_handler()}
+    default_connectors = ("nixl",)

@@ -1,38 +1,78 @@
-"""Prefill role: computes a prompt's KV cache and hands it to a decode worker (KV producer)."""
+"""Prefill role: computes a prompt's KV cache and hands it to a decode worker (KV producer).
+
+The worker side serves `prefill` (one token with `do_remote_decode`); the frontend side is
+`PrefillStage`, which decides per request whether the hop pays off and falls back to the decode
+worker computing the prompt whenever it does not or fails.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
-from dynvllm import protocol
-from dynvllm.runtime.errors import BadRequest
-from dynvllm.worker.role import Role
+from dynvllm.frontend.stages import Stage, StageContext
+from dynvllm.runtime.errors import BadRequest, RemoteError
+from dynvllm.worker.role import EngineHandle, Role
+
+log = logging.getLogger("dynvllm.prefill")
+PREFILL = "prefill"
 
 
 class PrefillRole(Role):
     description = "Prefill worker: computes prompts, hands KV to decode workers."
+    stage = PREFILL
     kv_role = "kv_producer"
+    default_connectors = ("nixl",)
 
-    def handlers(self, worker: Any) -> dict[str, Callable]:
-        generate = worker.generate_handler()
+    def handlers(self, engine: EngineHandle) -> dict[str, Callable]:
+        generate = engine.generate
 
         async def prefill(payload: Any) -> dict:
             """One token with `do_remote_decode`: the reply's kv_transfer_params point at our blocks."""
             if not isinstance(payload, dict):
                 raise BadRequest("prefill expects a generate request")
             request = dict(payload)
-            request["sampling"] = {
-                **(payload.get("sampling") or {}),
-                "max_tokens": 1,
-                "n": 1,
-                "min_tokens": None,
-                "logprobs": None,
-            }
+            sampling = {**(payload.get("sampling") or {}), "max_tokens": 1, "n": 1}
+            request["sampling"] = {**sampling, "min_tokens": None, "logprobs": None}
             request["kv_transfer_params"] = {"do_remote_decode": True}
             last: dict = {}
             async for d in generate(request):
                 last.update(d)
             return last
 
-        return {protocol.PREFILL: prefill}
+        return {PREFILL: prefill}
+
+    def request_stage(self) -> Stage:
+        return PrefillStage()
+
+
+class PrefillStage(Stage):
+    """Runs after the generate (decode) worker is chosen, so it can see what that worker caches."""
+
+    name = PREFILL
+    order = 50
+    metric = "dynvllm_disagg_prefill"
+    metric_help = (
+        "Prefill hops by outcome (remote, skipped_short, skipped_cached, no_prefill_worker, failed, ...)"
+    )
+
+    async def run(self, ctx: StageContext) -> str:
+        rs = ctx.settings
+        n = len(ctx.prompt_ids)
+        if not ctx.serving(PREFILL):
+            return "no_prefill_worker"
+        if n < rs.disagg_min_prompt_tokens:
+            return "skipped_short"
+        if ctx.target_cached_blocks * ctx.block_size > rs.disagg_max_cached_fraction * n:
+            return "skipped_cached"
+        try:
+            result = await ctx.call(PREFILL, ctx.request(suffix="-p"), timeout=120)
+        except (RemoteError, TimeoutError) as exc:
+            log.warning("prefill failed, the decode worker computes the prompt: %s", exc)
+            return "failed"
+        params = (result or {}).get("kv_transfer_params")
+        if not params:
+            return "no_transfer_params"
+        ctx.handoff["kv_transfer_params"] = params
+        return "remote"

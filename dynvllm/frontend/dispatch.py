@@ -1,0 +1,145 @@
+"""Dispatch of one request: choose workers, run the stages, open the generate stream, retry.
+
+All of a request's I/O lives here; what the tokens become is `PostProcessor`'s business.
+Leaving `stream()` early (client gone, all choices stopped) cancels the worker stream, which
+aborts the engine request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from dynvllm import protocol
+from dynvllm.frontend.metrics import FrontendMetrics
+from dynvllm.frontend.models import ModelEntry
+from dynvllm.frontend.routing import Router, request_blocks
+from dynvllm.frontend.stages import StageContext
+from dynvllm.runtime.errors import InstanceLost
+from dynvllm.runtime.streams import Connection, StreamClientPool, unary
+
+log = logging.getLogger("dynvllm.frontend")
+
+#: Times a request that has streamed nothing yet is re-sent to another worker.
+RETRIES = 3
+
+
+class Dispatch:
+    def __init__(
+        self,
+        pool: StreamClientPool,
+        router: Router,
+        entry: ModelEntry,
+        prompt_ids: list[int],
+        sampling: dict[str, Any],
+        metrics: FrontendMetrics,
+    ) -> None:
+        self.pool, self.router, self.entry, self.metrics = pool, router, entry, metrics
+        self.prompt_ids, self.sampling = prompt_ids, sampling
+        self.request_id = uuid.uuid4().hex
+        self.block_size = int(entry.card.get("block_size") or 0)
+        self.blocks = request_blocks(len(prompt_ids), self.block_size)
+        self.worker_id: str | None = None
+        self.overlap_blocks = 0
+        #: Stage name -> "outcome" or "outcome:worker", for the response headers.
+        self.stage_outcomes: dict[str, str] = {}
+        self.t_start = time.monotonic()
+        self._t_last: float | None = None
+
+    def _serving(self, endpoint: str, exclude: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
+        return [
+            i for i, inst in self.entry.instances.items() if endpoint in inst.endpoints and i not in exclude
+        ]
+
+    async def _connect(self, endpoint: str) -> tuple[str, Connection, int]:
+        """(instance id, connection, predicted cached blocks) of the worker the router picks."""
+        tried: set[str] = set()
+        while True:
+            candidates = self._serving(endpoint, tried)
+            if not candidates:
+                raise InstanceLost(f"no live worker serves {endpoint!r} for model {self.entry.name!r}")
+            iid, overlap = self.router.choose(candidates, self.prompt_ids, self.block_size)
+            inst = self.entry.instances[iid]
+            tried.add(iid)
+            try:
+                return iid, await self.pool.get(inst.id, inst.host, inst.port), overlap
+            except InstanceLost:
+                self.pool.drop(inst.id)
+
+    async def _stage_call(self, endpoint: str, payload: Any, timeout: float) -> tuple[str, Any]:
+        iid, conn, _ = await self._connect(endpoint)
+        self.router.started(iid, self.blocks)
+        try:
+            return iid, await unary(conn, endpoint, payload, timeout=timeout)
+        finally:
+            self.router.finished(iid, self.blocks)
+
+    async def _run_stages(self) -> dict[str, Any]:
+        """The chain's stages before generation; what they hand on goes into the generate request."""
+        ctx = StageContext(
+            self.request_id,
+            self.prompt_ids,
+            self.sampling,
+            self.block_size,
+            self.router.settings,
+            self.overlap_blocks,
+            lambda endpoint: bool(self._serving(endpoint)),
+            self._stage_call,
+        )
+        for stage in self.entry.stages:
+            outcome = await stage.run(ctx)
+            worker = ctx.workers.get(stage.name)
+            self.stage_outcomes[stage.name] = f"{outcome}:{worker}" if worker else outcome
+            if stage.metric:
+                self.metrics.stage(stage.metric, stage.metric_help).labels(self.entry.name, outcome).inc()
+        return ctx.handoff
+
+    async def stream(self) -> AsyncIterator[dict]:
+        """Wire deltas from the generate worker. A worker lost before anything streamed is
+        replaced (stages run again for the new one); once tokens flowed, the loss is raised."""
+        started = False
+        attempts = 0
+        while True:
+            self.worker_id, conn, self.overlap_blocks = await self._connect(protocol.GENERATE)
+            handoff = await self._run_stages()
+            req = protocol.generate_request(self.request_id, self.prompt_ids, self.sampling, **handoff)
+            stream = conn.call(protocol.GENERATE, req)
+            self.router.started(self.worker_id, self.blocks)
+            try:
+                async for d in stream:
+                    started = True
+                    ids = d.get("token_ids")
+                    if ids:
+                        self._observe_timing(len(ids))
+                    yield d
+                return
+            except InstanceLost:
+                attempts += 1
+                if started or attempts > RETRIES:
+                    raise
+                log.warning("worker %s lost before streaming; retrying elsewhere", self.worker_id)
+                self.pool.drop(self.worker_id)
+            finally:
+                self.router.finished(self.worker_id, self.blocks)
+                await stream.aclose()
+
+    def _observe_timing(self, tokens: int) -> None:
+        now = time.monotonic()
+        name = self.entry.name
+        if self._t_last is None:
+            self.metrics.ttft.labels(name).observe(now - self.t_start)
+        else:
+            self.metrics.itl.labels(name).observe((now - self._t_last) / tokens)
+        self._t_last = now
+
+    def headers(self) -> dict[str, str]:
+        out = {
+            "x-dynvllm-worker": self.worker_id or "",
+            "x-dynvllm-predicted-cached-tokens": str(self.overlap_blocks * self.block_size),
+        }
+        for name, outcome in self.stage_outcomes.items():
+            out[f"x-dynvllm-{name}"] = outcome
+        return out

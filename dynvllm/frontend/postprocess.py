@@ -1,0 +1,101 @@
+"""Post-processing of one request's token stream: detokenize, stop strings, logprobs, usage.
+
+Pure: wire deltas in, `ChoiceDelta`s out, no I/O and no clock. Its state (text so far, stop
+matcher, usage) belongs to the request, not to a worker, so it carries on unchanged when the
+dispatcher moves the request to another worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from dynvllm.frontend.stops import StopMatcher
+from dynvllm.frontend.tokenizer import Tokenizer
+from dynvllm.runtime.errors import BadRequest
+
+
+@dataclass
+class ChoiceDelta:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list | None = None  # [[token_text, logprob, [[top_text, top_logprob], ...]], ...]
+    finish_reason: str | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    def as_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
+
+
+class PostProcessor:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        n: int,
+        prompt_tokens: int,
+        stops: list[str],
+        include_stop: bool = False,
+        skip_special: bool = True,
+    ) -> None:
+        self.tok = tokenizer
+        self.n = n
+        self.stops = [StopMatcher(stops, include_stop) for _ in range(n)]
+        self.texts = [tokenizer.decode_stream(skip_special) for _ in range(n)]
+        self.usage = Usage(prompt_tokens=prompt_tokens)
+        self.finished = [False] * n
+        #: Token ids generated so far for each choice (what a new worker must continue from).
+        self.generated: list[list[int]] = [[] for _ in range(n)]
+
+    @property
+    def done(self) -> bool:
+        return all(self.finished)
+
+    def feed(self, d: dict[str, Any]) -> ChoiceDelta | None:
+        """The client-visible delta for one wire delta, or None when a stopped choice sends more."""
+        if "prompt_tokens" in d:
+            self.usage.cached_tokens = int(d.get("cached_tokens") or 0)
+        i = int(d.get("index", 0))
+        if not 0 <= i < self.n:
+            raise BadRequest(f"worker sent choice {i} of {self.n}")
+        matcher = self.stops[i]
+        if matcher.matched is not None:
+            return None
+        ids = d.get("token_ids") or []
+        self.usage.completion_tokens += len(ids)
+        self.generated[i].extend(ids)
+        stream = self.texts[i]
+        emitted = matcher.feed("".join([stream.step(t) for t in ids]))
+        finish = d.get("finish_reason")
+        if matcher.matched is not None:
+            finish = "stop"
+        elif finish is not None:
+            emitted += matcher.flush()
+            finish = "stop" if finish == "abort" else finish
+        if finish is not None:
+            self.finished[i] = True
+        raw = d.get("logprobs")
+        lps = self._logprobs(ids, raw) if raw is not None else None
+        return ChoiceDelta(i, emitted, list(ids), lps, finish)
+
+    def _logprobs(self, ids: list[int], raw: list) -> list:
+        decode = self.tok.decode
+        return [
+            [
+                decode([tid], skip_special_tokens=False),
+                lp,
+                [[decode([t], skip_special_tokens=False), tlp] for t, tlp in top],
+            ]
+            for tid, (lp, top) in zip(ids, raw, strict=False)
+        ]

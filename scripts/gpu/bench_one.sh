@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# bench_one.sh vllm|dynvllm LABEL -- device side, after assemble.sh + env.sh and /tmp/m built.
+# Starts one server on 127.0.0.1:8300 with the same engine arguments, runs scripts/gpu/loadgen.py
+# (loadgen.py beside this script; ISL 1000 / OSL 200, streaming chat, ignore_eos) at c=1 (12 requests) and c=16,64,256 (256 each),
+# then stops it. JSON lines go to $OUT/gpu_bench.jsonl.
+set -uo pipefail
+W=$1; LABEL=$2; HERE=$(cd "$(dirname "$0")" && pwd); LOADGEN=${LOADGEN:-$HERE/loadgen.py}; M=/tmp/m; P=8300
+ENG=(--max-model-len 4096 --gpu-memory-utilization 0.80 ${EXTRA:-})
+export PATH=/tmp/site/bin:$PATH
+if [ "$W" = vllm ]; then
+  setsid python3 -m vllm.entrypoints.openai.api_server --model $M --served-model-name m --host 127.0.0.1 --port $P \
+    --disable-uvicorn-access-log "${ENG[@]}" > /tmp/srv_$LABEL.log 2>&1 &
+else
+  setsid python3 -m dynvllm serve agg --model $M --served-model-name m --http-host 127.0.0.1 --http-port $P \
+    "${ENG[@]}" > /tmp/srv_$LABEL.log 2>&1 &
+fi
+PID=$!; t0=$(date +%s); ok=0
+for i in $(seq 1 300); do
+  curl -sf http://127.0.0.1:$P/v1/models | grep -q '"m"' && { ok=1; break; }
+  kill -0 $PID 2>/dev/null || break; sleep 1
+done
+echo "[$LABEL] ready=$ok after $(( $(date +%s)-t0 )) s"
+if [ $ok = 1 ]; then
+  LG=(python3 $LOADGEN --url http://127.0.0.1:$P --model m --tokenizer $M --input-tokens 1000
+      --output-tokens 200 --ignore-eos --label "$LABEL" --out ${OUT:-/tmp}/gpu_bench.jsonl --timeout 300)
+  if [ "$W" = vllm ]; then CP=(--cpu-pid api=$PID); else
+    CP=(--cpu-pid frontend=$(pgrep -f "dynvllm.child frontend" | head -1) --cpu-pid worker=$(pgrep -f "dynvllm.child worker" | head -1)); fi
+  LG+=("${CP[@]}")
+  "${LG[@]}" --concurrency 1 --requests 12 --warmup 2
+  "${LG[@]}" --concurrency ${LEVELS:-16,64,256} --requests 256
+fi
+kill -INT -- -$PID 2>/dev/null; for i in $(seq 1 30); do kill -0 $PID 2>/dev/null || break; sleep 1; done
+kill -KILL -- -$PID 2>/dev/null
+grep -E "Traceback|Error|error" /tmp/srv_$LABEL.log | grep -v -i "warning" | head -8
+cp /tmp/srv_$LABEL.log ${OUT:-/tmp}/ 2>/dev/null; true
