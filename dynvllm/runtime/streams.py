@@ -109,6 +109,7 @@ class _ServerConnection:
         self.wakeups: dict[int, asyncio.Event] = {}
         self.pending: list[bytes] = []
         self.loop = asyncio.get_running_loop()
+        self._buffered = writer.transport.get_write_buffer_size
         _nodelay(writer)
 
     def _flush(self) -> None:
@@ -122,18 +123,25 @@ class _ServerConnection:
         if not self.pending:
             self.loop.call_soon(self._flush)
         self.pending.append(frame)
-        if self.writer.transport.get_write_buffer_size() > _HIGH_WATER:
+        if self._buffered() > _HIGH_WATER:
             await self.writer.drain()
 
     async def _send_data(self, sid: int, item: Any) -> None:
         wire = self.wire
-        while not wire.can_send(sid):
+        frame = wire.data(sid, item)
+        while frame is None:  # out of credit: wait until the client reads (or cancels)
             if not wire.is_open(sid):
                 raise asyncio.CancelledError
             wake = self.wakeups.setdefault(sid, asyncio.Event())
             wake.clear()
             await wake.wait()
-        await self._send(wire.data(sid, item))
+            frame = wire.data(sid, item)
+        pending = self.pending
+        if not pending:
+            self.loop.call_soon(self._flush)
+        pending.append(frame)
+        if self._buffered() > _HIGH_WATER:
+            await self.writer.drain()
 
     async def _call(self, sid: int, endpoint: str, payload: Any) -> None:
         counted = self.server.counted
@@ -209,6 +217,8 @@ class ResponseStream:
         self._conn = conn
         self._sid = sid
         self._queue: asyncio.Queue = asyncio.Queue()
+        self._consumed = 0
+        self._half = conn.wire.half_window
         self.done = False
 
     def __aiter__(self) -> ResponseStream:
@@ -219,7 +229,10 @@ class ResponseStream:
             raise StopAsyncIteration
         op, value = await self._queue.get()
         if op == DATA:
-            self._conn._write(self._conn.wire.consumed(self._sid))
+            self._consumed += 1
+            if self._consumed >= self._half:
+                self._conn._write(self._conn.wire.credit(self._sid, self._consumed))
+                self._consumed = 0
             return value
         self.done = True
         if op == END:
@@ -287,10 +300,15 @@ class Connection:
                 data = await reader.read(1 << 16)
                 if not data:
                     break
-                for op, sid, value in self.wire.receive(data):
-                    stream = streams.get(sid) if op == DATA else streams.pop(sid, None)
-                    if stream is not None:
-                        stream._push(op, value)
+                for frame in self.wire.receive(data):
+                    if frame[0] == DATA:
+                        stream = streams.get(frame[1])
+                        if stream is not None:
+                            stream._queue.put_nowait((DATA, frame[2]))
+                    else:
+                        stream = streams.pop(frame[1], None)
+                        if stream is not None:
+                            stream._push(frame[0], frame[2] if len(frame) > 2 else None)
         except ProtocolError as exc:
             reason = f"the instance sent a malformed frame: {exc}"
             log.warning("instance %s: %s", self.instance_id, reason)

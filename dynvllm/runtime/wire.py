@@ -72,9 +72,13 @@ class ServerWire:
     def can_send(self, sid: int) -> bool:
         return self.credits.get(sid, 0) > 0
 
-    def data(self, sid: int, payload: Any) -> bytes:
-        """A DATA frame; spends one credit. Callers check `can_send` first."""
-        self.credits[sid] -= 1
+    def data(self, sid: int, payload: Any) -> bytes | None:
+        """A DATA frame, spending one credit; None while the stream has no credit left."""
+        credits = self.credits
+        n = credits.get(sid, 0)
+        if n <= 0:
+            return None
+        credits[sid] = n - 1
         return self._pack([DATA, sid, payload])
 
     def end(self, sid: int) -> bytes:
@@ -96,57 +100,67 @@ class ClientWire:
 
     def __init__(self, window: int = WINDOW) -> None:
         self.window = window
+        self.half_window = max(1, window // 2)
         self._ids = itertools.count(1)
-        self._consumed: dict[int, int] = {}
+        self._open: set[int] = set()
         self._unpacker = msgpack.Unpacker(raw=False)
         self._pack = msgpack.Packer().pack
 
     def call(self, endpoint: str, payload: Any) -> tuple[int, bytes]:
         sid = next(self._ids)
-        self._consumed[sid] = 0
+        self._open.add(sid)
         return sid, self._pack([CALL, sid, endpoint, payload])
 
     def cancel(self, sid: int) -> bytes | None:
         """A CANCEL frame if the stream is still open (the server may still be producing)."""
-        if self._consumed.pop(sid, None) is None:
+        if sid not in self._open:
             return None
+        self._open.discard(sid)
         return self._pack([CANCEL, sid])
 
-    def consumed(self, sid: int) -> bytes | None:
-        """Count one item read by the consumer; a CREDIT frame once half the window is read."""
-        n = self._consumed.get(sid)
-        if n is None:
+    def credit(self, sid: int, n: int) -> bytes | None:
+        """A CREDIT frame for `n` items the consumer has read, if the stream is still open.
+        Consumers return credits every `half_window` items: the server never runs dry while
+        the consumer keeps up, and never holds more than `window` unread frames."""
+        if sid not in self._open:
             return None
-        n += 1
-        if n >= self.window // 2:
-            self._consumed[sid] = 0
-            return self._pack([CREDIT, sid, n])
-        self._consumed[sid] = n
-        return None
+        return self._pack([CREDIT, sid, n])
 
-    def receive(self, data: bytes) -> list[tuple[int, int, Any]]:
-        """(op, sid, value) for frames of open streams: DATA payload, END None, ERROR a RemoteError.
-        END and ERROR close the stream. Frames of streams already closed are dropped."""
-        out: list[tuple[int, int, Any]] = []
-        consumed = self._consumed
-        for frame in _frames(self._unpacker, data):
-            if not isinstance(frame, list) or len(frame) < 2:
-                raise ProtocolError(f"malformed frame {frame!r:.80}")
-            op, sid = frame[0], frame[1]
-            if sid not in consumed:
-                continue
-            if op == DATA and len(frame) == 3:
-                out.append((DATA, sid, frame[2]))
-            elif op == END:
-                del consumed[sid]
-                out.append((END, sid, None))
-            elif op == ERROR and len(frame) == 4:
-                del consumed[sid]
-                out.append((ERROR, sid, from_wire(str(frame[2]), str(frame[3]))))
-            else:
-                raise ProtocolError(f"malformed frame {frame!r:.80}")
+    def receive(self, data: bytes) -> list[list]:
+        """Frames of open streams: [DATA, sid, payload], [END, sid], [ERROR, sid, RemoteError].
+        END and ERROR close the stream; frames of streams already closed are dropped."""
+        out: list[list] = []
+        live = self._open
+        unpacker = self._unpacker
+        unpacker.feed(data)
+        try:
+            for frame in unpacker:
+                op, sid = frame[0], frame[1]
+                if sid not in live:
+                    continue
+                if op == DATA and len(frame) == 3:
+                    out.append(frame)
+                elif op == END:
+                    live.discard(sid)
+                    out.append(frame)
+                elif op == ERROR and len(frame) == 4:
+                    live.discard(sid)
+                    out.append([ERROR, sid, from_wire(str(frame[2]), str(frame[3]))])
+                else:
+                    raise ProtocolError(f"malformed frame {frame!r:.80}")
+        except (
+            ValueError,
+            TypeError,
+            KeyError,
+            IndexError,
+            msgpack.UnpackException,
+            msgpack.ExtraData,
+        ) as exc:
+            if isinstance(exc, ProtocolError):
+                raise
+            raise ProtocolError(f"undecodable bytes or frame: {exc}") from None
         return out
 
     def close(self) -> list[int]:
-        sids, self._consumed = list(self._consumed), {}
+        sids, self._open = list(self._open), set()
         return sids

@@ -24,7 +24,7 @@ def test_a_call_round_trips_through_both_sides():
     sid, frame = client.call("generate", {"token_ids": [1, 2]})
     assert server.receive(frame) == [[CALL, sid, "generate", {"token_ids": [1, 2]}]]
     out = client.receive(server.data(sid, {"t": 1}) + server.end(sid))
-    assert out == [(DATA, sid, {"t": 1}), (END, sid, None)]
+    assert out == [[DATA, sid, {"t": 1}], [END, sid]]
     assert not server.is_open(sid) and client.cancel(sid) is None  # nothing left to cancel
 
 
@@ -47,9 +47,9 @@ def test_credits_bound_what_the_server_may_send():
     sent = []
     while server.can_send(sid):
         sent.append(server.data(sid, len(sent)))
-    assert len(sent) == 4
-    credits = [c for c in (client.consumed(sid) for _ in range(4)) if c is not None]
-    assert len(credits) == 2  # returned every half window
+    assert len(sent) == 4 and server.data(sid, "more") is None
+    assert client.half_window == 2
+    credits = [client.credit(sid, 2), client.credit(sid, 2)]  # a consumer returns half windows
     assert server.receive(b"".join(credits)) == [[CREDIT, sid], [CREDIT, sid]]
     assert server.credits[sid] == 4
 
@@ -70,12 +70,12 @@ def test_errors_arrive_typed():
     client, server = ClientWire(), ServerWire()
     sid, frame = client.call("generate", None)
     server.receive(frame)
-    [(op, got_sid, exc)] = client.receive(server.error(sid, "BadRequest", "prompt is too long"))
+    [[op, got_sid, exc]] = client.receive(server.error(sid, "BadRequest", "prompt is too long"))
     assert (op, got_sid) == (ERROR, sid) and isinstance(exc, BadRequest)
     assert exc.message == "prompt is too long"
     sid2, frame = client.call("x", None)
     server.receive(frame)
-    [(_, _, other)] = client.receive(server.error(sid2, "KeyError", "boom"))
+    [[_, _, other]] = client.receive(server.error(sid2, "KeyError", "boom"))
     assert type(other) is RemoteError and other.kind == "KeyError"
 
 
