@@ -19,8 +19,18 @@ CONNECTORS = "dynvllm.connectors"
 ENGINES = "dynvllm.engines"
 # Loaded by the CLI to build `serve NAME` subcommands for named topologies (e.g. disagg).
 PRESETS = "dynvllm.presets"
-GROUPS = (ROLES, CONNECTORS, ENGINES, PRESETS)
-_KIND = {ROLES: "role", CONNECTORS: "connector", ENGINES: "engine", PRESETS: "preset"}
+# Loaded by the frontend: --tool-call-parser and --reasoning-parser.
+TOOL_PARSERS = "dynvllm.tool_parsers"
+REASONING_PARSERS = "dynvllm.reasoning_parsers"
+GROUPS = (ROLES, CONNECTORS, ENGINES, PRESETS, TOOL_PARSERS, REASONING_PARSERS)
+_KIND = {
+    ROLES: "role",
+    CONNECTORS: "connector",
+    ENGINES: "engine",
+    PRESETS: "preset",
+    TOOL_PARSERS: "tool parser",
+    REASONING_PARSERS: "reasoning parser",
+}
 
 
 class PluginError(Exception):

@@ -62,9 +62,32 @@ class RuntimeSettings(_Group):
 
 class FrontendSettings(_Group):
     title: ClassVar[str] = "Frontend (HTTP)"
-    http_host: str = Field("0.0.0.0", description="Address the OpenAI-compatible HTTP server binds.")
-    http_port: int = Field(8000, description="Port of the HTTP server (0 picks a free one).")
+    http_host: str = Field(
+        "0.0.0.0",
+        description="Address the OpenAI-compatible HTTP server binds.",
+        json_schema_extra={"aliases": ["--host"]},
+    )
+    http_port: int = Field(
+        8000,
+        description="Port of the HTTP server (0 picks a free one).",
+        json_schema_extra={"aliases": ["--port"]},
+    )
     max_request_bytes: int = Field(8 * 1024 * 1024, gt=0, description="Largest accepted request body.")
+    api_key: SecretStr | None = Field(
+        None,
+        description="Bearer key(s) clients must send on /v1/* and /tokenize, /detokenize; several "
+        "comma-separated. /health, /live, /metrics and /version stay open.",
+    )
+    tool_call_parser: str | None = Field(
+        None, description="Parser that turns model text into tool calls for tool_choice=auto (e.g. hermes)."
+    )
+    reasoning_parser: str | None = Field(
+        None, description="Parser that splits <think> content into reasoning_content (e.g. qwen3)."
+    )
+
+    def api_keys(self) -> list[str]:
+        raw = self.api_key.get_secret_value() if self.api_key else ""
+        return [k.strip() for k in raw.split(",") if k.strip()]
 
     @field_validator("http_port")
     @classmethod

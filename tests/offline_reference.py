@@ -1,7 +1,9 @@
 """vLLM's own offline output for given prompts, in a child process: the reference for equality.
 
-Usage: python tests/offline_reference.py MODEL REQUESTS_JSON -> prints a JSON list of texts.
-Each request is {"kind": "chat"|"completion", "input": messages|prompt, "params": {...}}.
+Usage: python tests/offline_reference.py MODEL REQUESTS_JSON [LLM_KWARGS_JSON] -> a JSON list of texts.
+Each request is {"kind": "chat"|"completion", "input": messages|prompt, "params": {...}}; a
+"structured_outputs" param becomes vLLM's StructuredOutputsParams. With "prompt_logprobs" the
+entry is {"texts": [...], "prompt_logprobs": [logprob of each prompt token or None]}.
 """
 
 import json
@@ -10,17 +12,30 @@ import sys
 
 def main() -> None:
     from vllm import LLM, SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
 
     model, requests = sys.argv[1], json.loads(sys.argv[2])
-    llm = LLM(model=model, enforce_eager=True, kv_cache_memory_bytes=128 << 20, block_size=32)
+    extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}  # more LLM() arguments
+    llm = LLM(model=model, enforce_eager=True, kv_cache_memory_bytes=128 << 20, block_size=32, **extra)
     out = []
     for r in requests:
-        params = SamplingParams(**r["params"])
+        kwargs = dict(r["params"])
+        if "structured_outputs" in kwargs:
+            kwargs["structured_outputs"] = StructuredOutputsParams(**kwargs["structured_outputs"])
+        params = SamplingParams(**kwargs)
         if r["kind"] == "chat":
             res = llm.chat(r["input"], params, use_tqdm=False)
         else:
             res = llm.generate(r["input"], params, use_tqdm=False)
-        out.append([o.text for o in res[0].outputs])
+        texts = [o.text for o in res[0].outputs]
+        if kwargs.get("prompt_logprobs") is not None:
+            ids = res[0].prompt_token_ids
+            lps = [
+                None if e is None else e[t].logprob for t, e in zip(ids, res[0].prompt_logprobs, strict=True)
+            ]
+            out.append({"texts": texts, "prompt_logprobs": lps, "prompt_token_ids": ids})
+        else:
+            out.append(texts)
     llm.llm_engine.engine_core.shutdown()
     print("REFERENCE " + json.dumps(out), flush=True)
 

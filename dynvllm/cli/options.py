@@ -30,6 +30,8 @@ def _option(group: str, name: str, field: Any) -> inspect.Parameter:
     typ = _cli_type(field.annotation)
     flag = S.flag_name(name)
     decls = [f"{flag}/--no-{flag[2:]}"] if typ is bool else [flag]
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    decls += list(extra.get("aliases", []))  # e.g. --host and --port, as `vllm serve` users type them
     help_text = f"{field.description or ''} (env: {S.env_name(name)})"
     if field.default not in (None, "") and not isinstance(field.default, SecretStr):
         help_text += f" (default: {field.default})"

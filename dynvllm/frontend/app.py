@@ -6,25 +6,30 @@ stages, streams), post-processed (`PostProcessor`: text, stops, logprobs, usage)
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from dynvllm import registry
 from dynvllm.frontend import openai_api as oa
+from dynvllm.frontend.auth import OPEN_PATHS, ApiKeyMiddleware
 from dynvllm.frontend.dispatch import Dispatch
-from dynvllm.frontend.formatters import CHAT, COMPLETION, Formatter
+from dynvllm.frontend.formatters import ChatFormatter, CompletionFormatter, Formatter, Part
 from dynvllm.frontend.metrics import FrontendMetrics
 from dynvllm.frontend.models import ModelEntry, ModelRegistry
-from dynvllm.frontend.postprocess import ChoiceDelta, PostProcessor
+from dynvllm.frontend.postprocess import ChoiceDelta, PostProcessor, Usage
 from dynvllm.frontend.routing import Router
 from dynvllm.runtime.errors import BadRequest, InstanceLost, RemoteError
 from dynvllm.runtime.streams import StreamClientPool
+from dynvllm.settings import FrontendSettings
 
 
 def _error(exc: oa.APIError) -> JSONResponse:
@@ -58,45 +63,122 @@ async def _deltas(dispatch: Dispatch, post: PostProcessor) -> AsyncIterator[Choi
 
 
 class _Request:
-    """One admitted request: its formatter, parsed body, dispatch and post-processor."""
+    """One admitted request: its formatter, parsed body, parts (one per prompt) and shaper."""
 
-    def __init__(self, fmt: Formatter, req: Any, dispatch: Dispatch, post: PostProcessor) -> None:
-        self.fmt, self.req, self.dispatch, self.post = fmt, req, dispatch, post
-        self.model = dispatch.entry.name
-        self.id = fmt.id_prefix + dispatch.request_id
+    def __init__(self, fmt: Formatter, req: Any, dispatches: list[Dispatch], parts: list[Part]) -> None:
+        self.fmt, self.req, self.dispatches, self.parts = fmt, req, dispatches, parts
+        self.dispatch = dispatches[0]
+        self.model = self.dispatch.entry.name
+        self.id = fmt.id_prefix + self.dispatch.request_id
         self.created = int(time.time())
-        self.want_logprobs = dispatch.sampling.get("logprobs") is not None
+        self.n = req.n
+        self.shaper = fmt.shaper(req, parts, req.n)
+
+    def usage(self) -> dict:
+        total = Usage()
+        for part in self.parts:
+            u = part.post.usage
+            total.prompt_tokens += u.prompt_tokens
+            total.completion_tokens += u.completion_tokens
+            total.cached_tokens += u.cached_tokens
+        return total.as_dict()
+
+    async def deltas(self) -> AsyncIterator[tuple[int, Part, ChoiceDelta]]:
+        """(client choice index, part, delta) from every part; prompt-major indices."""
+        if len(self.parts) == 1:
+            part = self.parts[0]
+            async for d in _deltas(self.dispatch, part.post):
+                yield d.index, part, d
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(k: int) -> None:
+            part = self.parts[k]
+            try:
+                async for d in _deltas(self.dispatches[k], part.post):
+                    queue.put_nowait((k * self.n + d.index, part, d))
+            except BaseException as exc:
+                queue.put_nowait(exc)
+                raise
+            finally:
+                queue.put_nowait(None)
+
+        tasks = [asyncio.create_task(pump(k)) for k in range(len(self.parts))]
+        try:
+            left = len(tasks)
+            while left:
+                item = await queue.get()
+                if item is None:
+                    left -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class FrontendApp:
-    def __init__(self, models: ModelRegistry, pool: StreamClientPool, router: Router, max_body: int) -> None:
-        self.models, self.pool, self.router, self.max_body = models, pool, router, max_body
+    def __init__(
+        self, models: ModelRegistry, pool: StreamClientPool, router: Router, settings: FrontendSettings
+    ) -> None:
+        self.models, self.pool, self.router = models, pool, router
+        self.max_body = settings.max_request_bytes
         self.metrics = FrontendMetrics()
         self.draining = False
-        self.app = Starlette(
-            routes=[
-                Route("/v1/chat/completions", self.chat, methods=["POST"]),
-                Route("/v1/completions", self.completions, methods=["POST"]),
-                Route("/v1/models", self.list_models, methods=["GET"]),
-                Route("/health", self.health, methods=["GET"]),
-                Route("/live", self.live, methods=["GET"]),
-                Route("/metrics", self.prom, methods=["GET"]),
-            ]
+        self.chat_fmt = ChatFormatter(
+            _load_parser(registry.TOOL_PARSERS, settings.tool_call_parser),
+            _load_parser(registry.REASONING_PARSERS, settings.reasoning_parser),
         )
+        self.completion_fmt = CompletionFormatter()
+        routes = [
+            Route("/v1/chat/completions", self.chat, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/models", self.list_models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", self.get_model, methods=["GET"]),
+            Route("/tokenize", self.tokenize, methods=["POST"]),
+            Route("/detokenize", self.detokenize, methods=["POST"]),
+            Route("/version", self.version, methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+            Route("/live", self.live, methods=["GET"]),
+            Route("/metrics", self.prom, methods=["GET"]),
+        ]
+        middleware = []
+        keys = settings.api_keys()
+        if keys:
+            middleware.append(Middleware(ApiKeyMiddleware, keys=keys, open_paths=OPEN_PATHS))
+        self.app = Starlette(routes=routes, middleware=middleware)
 
     # ---- simple endpoints ----------------------------------------------------------
+    @staticmethod
+    def _model_card(name: str, e: ModelEntry) -> dict:
+        return {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "dynvllm",
+            "root": e.card.get("source") or name,
+            "parent": None,
+            "max_model_len": e.context_length,
+        }
+
     async def list_models(self, request: Request) -> Response:
-        data = [
-            {
-                "id": name,
-                "object": "model",
-                "created": 0,
-                "owned_by": "dynvllm",
-                "max_model_len": e.context_length,
-            }
-            for name, e in sorted(self.models.models.items())
-        ]
+        data = [self._model_card(name, e) for name, e in sorted(self.models.models.items())]
         return JSONResponse({"object": "list", "data": data})
+
+    async def get_model(self, request: Request) -> Response:
+        name = request.path_params["model_id"]
+        entry = self.models.models.get(name)
+        if entry is None:
+            return _error(self._unknown_model(name))
+        return JSONResponse(self._model_card(name, entry))
+
+    async def version(self, request: Request) -> Response:
+        from importlib.metadata import version
+
+        return JSONResponse({"version": version("dynvllm")})
 
     async def live(self, request: Request) -> Response:
         return JSONResponse({"status": "alive"})
@@ -115,12 +197,48 @@ class FrontendApp:
     async def prom(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    async def tokenize(self, request: Request) -> Response:
+        """vLLM's /tokenize: a prompt, or chat messages through the chat template."""
+        try:
+            data = _json_object(await self._body(request))
+            entry = await self._entry(str(data.get("model", "")))
+            tok = entry.tokenizer
+            assert tok is not None
+            if "messages" in data:
+                req = oa.parse(oa.ChatRequest, json.dumps({**data, "max_tokens": None}).encode())
+                ids = self.chat_fmt.prompts(entry, req)[0][0]
+            elif isinstance(data.get("prompt"), str):
+                add_special = data.get("add_special_tokens", True)
+                ids = tok.encode(data["prompt"], add_special_tokens=bool(add_special))
+            else:
+                raise oa.APIError(400, "send a prompt (string) or messages", param="prompt")
+        except oa.APIError as exc:
+            return _error(exc)
+        body: dict[str, Any] = {"count": len(ids), "max_model_len": entry.context_length, "tokens": ids}
+        body["token_strs"] = [tok.id_to_token(t) for t in ids] if data.get("return_token_strs") else None
+        return JSONResponse(body)
+
+    async def detokenize(self, request: Request) -> Response:
+        try:
+            data = _json_object(await self._body(request))
+            entry = await self._entry(str(data.get("model", "")))
+            ids = data.get("tokens")
+            if not isinstance(ids, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in ids
+            ):
+                raise oa.APIError(400, "tokens must be a list of token ids", param="tokens")
+            self._check_tokens(entry, ids, allow_empty=True)
+            assert entry.tokenizer is not None
+            return JSONResponse({"prompt": entry.tokenizer.decode(ids)})
+        except oa.APIError as exc:
+            return _error(exc)
+
     # ---- inference -----------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
-        return await self._serve(request, CHAT)
+        return await self._serve(request, self.chat_fmt)
 
     async def completions(self, request: Request) -> Response:
-        return await self._serve(request, COMPLETION)
+        return await self._serve(request, self.completion_fmt)
 
     async def _body(self, request: Request) -> bytes:
         body = await request.body()
@@ -128,16 +246,19 @@ class FrontendApp:
             raise oa.APIError(413, f"request body is {len(body)} bytes; the limit is {self.max_body}")
         return body
 
+    def _unknown_model(self, name: str) -> oa.APIError:
+        known = ", ".join(sorted(self.models.models)) or "none"
+        return oa.APIError(
+            404,
+            f"The model {name!r} does not exist. Available models: {known}",
+            param="model",
+            code="model_not_found",
+        )
+
     async def _entry(self, name: str) -> ModelEntry:
         entry = await self.models.ready(name)
         if entry is None or not entry.instances:
-            known = ", ".join(sorted(self.models.models)) or "none"
-            raise oa.APIError(
-                404,
-                f"The model {name!r} does not exist. Available models: {known}",
-                param="model",
-                code="model_not_found",
-            )
+            raise self._unknown_model(name)
         return entry
 
     @staticmethod
@@ -152,10 +273,10 @@ class FrontendApp:
         return wanted
 
     @staticmethod
-    def _check_tokens(entry: ModelEntry, ids: list[int]) -> None:
+    def _check_tokens(entry: ModelEntry, ids: list[int], allow_empty: bool = False) -> None:
         assert entry.tokenizer is not None
         vocab = entry.tokenizer.vocab_size
-        if not ids:
+        if not ids and not allow_empty:
             raise oa.APIError(400, "the prompt is empty", param="prompt")
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
@@ -166,21 +287,19 @@ class FrontendApp:
     async def _admit(self, req: Any, fmt: Formatter) -> _Request:
         """Tokenize, check and budget a parsed request (an APIError says what is wrong)."""
         entry = await self._entry(req.model)
-        ids = fmt.prompt_ids(entry, req)
-        self._check_tokens(entry, ids)
-        max_tokens = self._budget(entry, len(ids), req.wanted_max_tokens())
-        sampling = req.sampling(max_tokens)
-        dispatch = Dispatch(self.pool, self.router, entry, ids, sampling, self.metrics)
-        assert entry.tokenizer is not None
-        post = PostProcessor(
-            entry.tokenizer,
-            req.n,
-            len(ids),
-            req.stops(),
-            req.include_stop_str_in_output,
-            req.skip_special_tokens,
-        )
-        return _Request(fmt, req, dispatch, post)
+        tok = entry.tokenizer
+        assert tok is not None
+        dispatches, parts = [], []
+        for ids, text in fmt.prompts(entry, req):
+            self._check_tokens(entry, ids)
+            max_tokens = self._budget(entry, len(ids), req.wanted_max_tokens())
+            sampling = req.sampling(max_tokens, tok.vocab_size)
+            dispatches.append(Dispatch(self.pool, self.router, entry, ids, sampling, self.metrics))
+            post = PostProcessor(
+                tok, req.n, len(ids), req.stops(), req.include_stop_str_in_output, req.skip_special_tokens
+            )
+            parts.append(Part(ids, text, post))
+        return _Request(fmt, req, dispatches, parts)
 
     async def _serve(self, request: Request, fmt: Formatter) -> Response:
         model = "?"
@@ -191,7 +310,7 @@ class FrontendApp:
         except oa.APIError as exc:
             self.metrics.requests.labels(model, str(exc.status)).inc()
             return _error(exc)
-        self.metrics.prompt_tokens.labels(r.model).inc(len(r.dispatch.prompt_ids))
+        self.metrics.prompt_tokens.labels(r.model).inc(sum(len(p.prompt_ids) for p in r.parts))
         if r.req.stream:
             return StreamingResponse(
                 self._stream(r), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
@@ -199,18 +318,10 @@ class FrontendApp:
         return await self._complete(r)
 
     async def _complete(self, r: _Request) -> Response:
-        n = r.post.n
-        texts = [""] * n
-        finish: list[str | None] = [None] * n
-        lps: list[list] = [[] for _ in range(n)]
         self.metrics.inflight.labels(r.model).inc()
         try:
-            async for d in _deltas(r.dispatch, r.post):
-                texts[d.index] += d.text
-                if d.logprobs:
-                    lps[d.index] += d.logprobs
-                if d.finish_reason:
-                    finish[d.index] = d.finish_reason
+            async for index, part, d in r.deltas():
+                r.shaper.chunk(index, part, d)
         except RemoteError as exc:
             err = _remote_to_api(exc)
             self.metrics.requests.labels(r.model, str(err.status)).inc()
@@ -218,42 +329,37 @@ class FrontendApp:
         finally:
             self.metrics.inflight.labels(r.model).dec()
         self._account(r, "200")
-        choices = [
-            r.fmt.choice(i, texts[i], finish[i] or "stop", lps[i] if r.want_logprobs else None)
-            for i in range(n)
-        ]
         body = {
             "id": r.id,
             "object": r.fmt.object_name,
             "created": r.created,
             "model": r.model,
-            "choices": choices,
-            "usage": r.post.usage.as_dict(),
+            "choices": r.shaper.choices(),
+            "usage": r.usage(),
         }
         return JSONResponse(body, headers=r.dispatch.headers())
 
     def _account(self, r: _Request, status: str) -> None:
-        name, usage = r.model, r.post.usage
+        name = r.model
         self.metrics.requests.labels(name, status).inc()
-        self.metrics.output_tokens.labels(name).inc(usage.completion_tokens)
-        self.metrics.cached_tokens.labels(name).inc(usage.cached_tokens)
-        if r.dispatch.worker_id:
-            self.metrics.routed.labels(name, r.dispatch.worker_id).inc()
+        for part, dispatch in zip(r.parts, r.dispatches, strict=True):
+            self.metrics.output_tokens.labels(name).inc(part.post.usage.completion_tokens)
+            self.metrics.cached_tokens.labels(name).inc(part.post.usage.cached_tokens)
+            if dispatch.worker_id:
+                self.metrics.routed.labels(name, dispatch.worker_id).inc()
 
     async def _stream(self, r: _Request) -> AsyncIterator[bytes]:
         base = {"id": r.id, "object": r.fmt.chunk_object, "created": r.created, "model": r.model}
         self.metrics.inflight.labels(r.model).inc()
         status = "200"
         try:
-            for choice in r.fmt.opening(r.post.n):
+            for choice in r.shaper.opening():
                 yield _sse({**base, "choices": [choice]})
-            async for d in _deltas(r.dispatch, r.post):
-                if not d.text and d.finish_reason is None and not d.logprobs:
-                    continue
-                choice = r.fmt.chunk_choice(d, d.logprobs if r.want_logprobs else None)
-                yield _sse({**base, "choices": [choice]})
+            async for index, part, d in r.deltas():
+                for choice in r.shaper.chunk(index, part, d):
+                    yield _sse({**base, "choices": [choice]})
             if r.req.include_usage():
-                yield _sse({**base, "choices": [], "usage": r.post.usage.as_dict()})
+                yield _sse({**base, "choices": [], "usage": r.usage()})
         except RemoteError as exc:
             err = _remote_to_api(exc)
             status = str(err.status)
@@ -265,3 +371,19 @@ class FrontendApp:
             self.metrics.inflight.labels(r.model).dec()
             self._account(r, status)
         yield b"data: [DONE]\n\n"
+
+
+def _json_object(raw: bytes) -> dict:
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise oa.APIError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise oa.APIError(400, "request body must be a JSON object")
+    return data
+
+
+def _load_parser(group: str, name: str | None) -> Any:
+    if not name:
+        return None
+    return registry.load(group, name)()

@@ -1,13 +1,43 @@
-"""One formatter per OpenAI endpoint: how its request becomes prompt tokens and how choices,
-chunks and logprobs look on the wire. The request path itself is shared (`app.FrontendApp`)."""
+"""One formatter per OpenAI endpoint: how its request becomes prompts, and how choices, chunks
+and logprobs look on the wire. The request path itself is shared (`app.FrontendApp`).
+
+A formatter makes a `Shaper` per request: the state that turns client deltas into chunk choices
+(streaming) and complete choices (not streaming). A request has one or more parts (batched
+completion prompts); choice indices run prompt-major, as vLLM numbers them.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from dynvllm.frontend import openai_api as oa
+from dynvllm.frontend.chat_output import ChatDelta, ChoiceOutput
 from dynvllm.frontend.models import ModelEntry
-from dynvllm.frontend.postprocess import ChoiceDelta
+from dynvllm.frontend.parsers import ReasoningParser, ToolCall, ToolParser
+from dynvllm.frontend.postprocess import ChoiceDelta, PostProcessor
+
+
+@dataclass
+class Part:
+    """One prompt of a request and the post-processor of its choices."""
+
+    prompt_ids: list[int]
+    prompt_text: str | None
+    post: PostProcessor
+
+
+class Shaper:
+    """Per-request output state; `index` is the client-visible choice index."""
+
+    def opening(self) -> list[dict]:
+        return []
+
+    def chunk(self, index: int, part: Part, d: ChoiceDelta) -> list[dict]:
+        raise NotImplementedError
+
+    def choices(self) -> list[dict]:
+        raise NotImplementedError
 
 
 class Formatter:
@@ -16,18 +46,171 @@ class Formatter:
     chunk_object: str
     id_prefix: str
 
-    def prompt_ids(self, entry: ModelEntry, req: Any) -> list[int]:
+    def prompts(self, entry: ModelEntry, req: Any) -> list[tuple[list[int], str | None]]:
+        """(token ids, text) of each prompt."""
         raise NotImplementedError
 
-    def opening(self, n: int) -> list[dict]:
-        """Choices streamed before any token (chat announces the assistant's role)."""
-        return []
-
-    def chunk_choice(self, d: ChoiceDelta, logprobs: list | None) -> dict:
+    def shaper(self, req: Any, parts: list[Part], n: int) -> Shaper:
         raise NotImplementedError
 
-    def choice(self, index: int, text: str, finish: str, logprobs: list | None) -> dict:
-        raise NotImplementedError
+
+def _chat_logprobs(entries: list | None) -> dict | None:
+    if entries is None:
+        return None
+    return {
+        "content": [
+            {
+                "token": t,
+                "logprob": lp,
+                "bytes": list(t.encode()),
+                "top_logprobs": [
+                    {"token": tt, "logprob": tlp, "bytes": list(tt.encode())} for tt, tlp in top
+                ],
+            }
+            for t, lp, top in entries
+        ]
+    }
+
+
+def prompt_logprobs_json(part: Part) -> list | None:
+    """vLLM's `prompt_logprobs` shape: per prompt token None (the first) or {token_id: {logprob,
+    decoded_token}} for the prompt's own token and the top ones."""
+    raw = part.post.prompt_logprobs
+    if raw is None:
+        return None
+    decode = part.post.tok.decode
+    out: list = []
+    for tid, entry in zip(part.prompt_ids, raw, strict=False):
+        if entry is None:
+            out.append(None)
+            continue
+        lp, top = entry
+        pos = {
+            str(t): {"logprob": tlp, "decoded_token": decode([t], skip_special_tokens=False)}
+            for t, tlp in top
+        }
+        pos[str(tid)] = {"logprob": lp, "decoded_token": decode([tid], skip_special_tokens=False)}
+        out.append(pos)
+    return out
+
+
+def _tool_call_json(call: ToolCall, index: int | None = None) -> dict:
+    out = {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+    return out if index is None else {"index": index, **out}
+
+
+class _ChatShaper(Shaper):
+    def __init__(self, fmt: ChatFormatter, req: oa.ChatRequest, n: int, want_logprobs: bool) -> None:
+        choice = req.effective_tool_choice()
+        forced = None
+        forced_name = None
+        if isinstance(choice, oa.structured.NamedToolChoice):
+            forced, forced_name = "named", choice.function.name
+        elif choice == "required":
+            forced = "required"
+        tools = fmt.tool_parser if choice == "auto" and req.tools else None
+        self.plain = fmt.reasoning_parser is None and tools is None and forced is None
+        self.with_reasoning = fmt.reasoning_parser is not None
+        self.outputs = [ChoiceOutput(fmt.reasoning_parser, tools, forced, forced_name) for _ in range(n)]
+        self.n, self.want_logprobs = n, want_logprobs
+        self.acc = [ChatDelta() for _ in range(n)]
+        self.finish: list[str | None] = [None] * n
+        self.lps: list[list] = [[] for _ in range(n)]
+        self.calls_sent = [0] * n
+        self.prompt_logprobs = req.prompt_logprobs is not None
+        self.part: Part | None = None
+
+    def opening(self) -> list[dict]:
+        return [
+            {
+                "index": i,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+            for i in range(self.n)
+        ]
+
+    def _finish_reason(self, i: int, finish: str) -> str:
+        return "tool_calls" if self.outputs[i].called and finish == "stop" else finish
+
+    def _delta(self, i: int, out: ChatDelta) -> dict:
+        delta: dict[str, Any] = {}
+        if out.reasoning:
+            delta["reasoning_content"] = delta["reasoning"] = out.reasoning
+        if out.content or (self.plain and not out.tool_calls):
+            delta["content"] = out.content
+        if out.tool_calls:
+            first = self.calls_sent[i]
+            delta["tool_calls"] = [_tool_call_json(c, first + k) for k, c in enumerate(out.tool_calls)]
+            self.calls_sent[i] += len(out.tool_calls)
+        return delta
+
+    def _accumulate(self, i: int, out: ChatDelta, d: ChoiceDelta) -> None:
+        acc = self.acc[i]
+        acc.content += out.content
+        acc.reasoning += out.reasoning
+        acc.tool_calls += out.tool_calls
+        if d.logprobs:
+            self.lps[i] += d.logprobs
+        if d.finish_reason:
+            self.finish[i] = d.finish_reason
+
+    def chunk(self, index: int, part: Part, d: ChoiceDelta) -> list[dict]:
+        i = index
+        self.part = part
+        out = self.outputs[i].feed(d.text) if d.text else ChatDelta()
+        if d.finish_reason is not None:
+            tail = self.outputs[i].finish()
+            out = ChatDelta(out.content + tail.content, out.reasoning + tail.reasoning, tail.tool_calls)
+        self._accumulate(i, out, d)
+        lps = d.logprobs if self.want_logprobs else None
+        if not out and d.finish_reason is None and not lps:
+            return []
+        finish = self._finish_reason(i, d.finish_reason) if d.finish_reason else None
+        if self.plain:
+            return [
+                {
+                    "index": i,
+                    "delta": {"content": out.content},
+                    "logprobs": _chat_logprobs(lps),
+                    "finish_reason": finish,
+                }
+            ]
+        choices = []
+        if out or lps:
+            choices.append(
+                {
+                    "index": i,
+                    "delta": self._delta(i, out),
+                    "logprobs": _chat_logprobs(lps),
+                    "finish_reason": None,
+                }
+            )
+        if finish is not None:
+            choices.append({"index": i, "delta": {}, "logprobs": None, "finish_reason": finish})
+        return choices
+
+    def choices(self) -> list[dict]:
+        out = []
+        for i in range(self.n):
+            acc = self.acc[i]
+            message: dict[str, Any] = {"role": "assistant", "content": acc.content}
+            if self.with_reasoning:
+                message["reasoning_content"] = message["reasoning"] = acc.reasoning or None
+            if acc.tool_calls:
+                message["tool_calls"] = [_tool_call_json(c) for c in acc.tool_calls]
+                message["content"] = acc.content or None
+            choice = {
+                "index": i,
+                "message": message,
+                "logprobs": _chat_logprobs(self.lps[i] if self.want_logprobs else None),
+                "finish_reason": self._finish_reason(i, self.finish[i] or "stop"),
+            }
+            if self.prompt_logprobs and self.part is not None:
+                choice["prompt_logprobs"] = prompt_logprobs_json(self.part)
+            out.append(choice)
+        return out
 
 
 class ChatFormatter(Formatter):
@@ -36,62 +219,125 @@ class ChatFormatter(Formatter):
     chunk_object = "chat.completion.chunk"
     id_prefix = "chatcmpl-"
 
-    def prompt_ids(self, entry: ModelEntry, req: oa.ChatRequest) -> list[int]:
+    def __init__(
+        self, tool_parser: ToolParser | None = None, reasoning_parser: ReasoningParser | None = None
+    ):
+        self.tool_parser = tool_parser
+        self.reasoning_parser = reasoning_parser
+
+    def check(self, req: oa.ChatRequest) -> None:
+        if req.tools and req.effective_tool_choice() == "auto" and self.tool_parser is None:
+            raise oa.APIError(
+                400,
+                'tool_choice "auto" needs a tool-call parser: start the server with --tool-call-parser NAME '
+                "(hermes, llama3_json, mistral, pythonic), or send tool_choice required, none or a function",
+                param="tool_choice",
+            )
+
+    def prompts(self, entry: ModelEntry, req: oa.ChatRequest) -> list[tuple[list[int], str | None]]:
+        self.check(req)
         tok = entry.tokenizer
         assert tok is not None
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        messages = [m.for_template() for m in req.messages]
+        kwargs = dict(req.chat_template_kwargs or {})
+        if req.tools and req.effective_tool_choice() != "none":
+            kwargs["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
         try:
-            text = tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+            text = tok.apply_chat_template(
+                messages, add_generation_prompt=req.add_generation_prompt, **kwargs
+            )
         except oa.APIError:
             raise
         except Exception as exc:
             raise oa.APIError(400, f"cannot apply the chat template: {exc}", param="messages") from None
-        return tok.encode(text, add_special_tokens=False)
+        add_special = bool(req.add_special_tokens)
+        return [(tok.encode(text, add_special_tokens=add_special), None)]
 
-    def opening(self, n: int) -> list[dict]:
-        return [
-            {
-                "index": i,
-                "delta": {"role": "assistant", "content": ""},
-                "logprobs": None,
-                "finish_reason": None,
-            }
-            for i in range(n)
-        ]
+    def shaper(self, req: oa.ChatRequest, parts: list[Part], n: int) -> Shaper:
+        return _ChatShaper(self, req, n, req.logprobs)
 
-    @staticmethod
-    def _logprobs(entries: list | None) -> dict | None:
+
+class _CompletionShaper(Shaper):
+    def __init__(self, req: oa.CompletionRequest, parts: list[Part], n: int) -> None:
+        self.req, self.parts, self.n = req, parts, n
+        total = n * len(parts)
+        self.texts = [""] * total
+        self.finish: list[str | None] = [None] * total
+        self.stop_reason: list[Any] = [None] * total
+        self.lps: list[list] = [[] for _ in range(total)]
+        self.echoed = [False] * total
+        self.offsets = [0] * total
+        self.only_echo = req.max_tokens == 0
+        self.prompt_lps_sent: set[int] = set()
+
+    def _echo(self, index: int, part: Part) -> tuple[str, list]:
+        """The prompt's text and logprob entries, once per choice, when echo is on."""
+        if not self.req.echo or self.echoed[index]:
+            return "", []
+        self.echoed[index] = True
+        text = part.prompt_text if part.prompt_text is not None else part.post.tok.decode(part.prompt_ids)
+        entries = part.post.prompt_logprob_entries(part.prompt_ids) if self.req.logprobs is not None else []
+        return text, entries
+
+    def _logprobs(self, index: int, entries: list | None) -> dict | None:
         if entries is None:
             return None
+        offsets = []
+        for text, _, _ in entries:
+            offsets.append(self.offsets[index])
+            self.offsets[index] += len(text)
         return {
-            "content": [
-                {
-                    "token": t,
-                    "logprob": lp,
-                    "bytes": list(t.encode()),
-                    "top_logprobs": [
-                        {"token": tt, "logprob": tlp, "bytes": list(tt.encode())} for tt, tlp in top
-                    ],
-                }
-                for t, lp, top in entries
-            ]
+            "tokens": [t for t, _, _ in entries],
+            "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [dict(top) if top is not None else None for _, _, top in entries],
+            "text_offset": offsets,
         }
 
-    def chunk_choice(self, d: ChoiceDelta, logprobs: list | None) -> dict:
-        return {
-            "index": d.index,
-            "delta": {"content": d.text},
-            "logprobs": self._logprobs(logprobs),
+    def _take(self, index: int, part: Part, d: ChoiceDelta) -> tuple[str, list | None]:
+        echo_text, echo_lps = self._echo(index, part)
+        text = d.text if not self.only_echo else ""
+        gen_lps = (d.logprobs or []) if not self.only_echo else []
+        entries = (echo_lps + gen_lps) if self.req.logprobs is not None else None
+        self.texts[index] += echo_text + text
+        if entries:
+            self.lps[index] += entries
+        if d.finish_reason:
+            self.finish[index] = d.finish_reason
+            self.stop_reason[index] = d.stop_reason
+        return echo_text + text, entries
+
+    def chunk(self, index: int, part: Part, d: ChoiceDelta) -> list[dict]:
+        text, entries = self._take(index, part, d)
+        if not text and d.finish_reason is None and not entries:
+            return []
+        choice = {
+            "index": index,
+            "text": text,
+            "logprobs": self._logprobs(index, entries),
             "finish_reason": d.finish_reason,
         }
+        if d.finish_reason is not None:
+            choice["stop_reason"] = d.stop_reason
+        if self.req.prompt_logprobs is not None and index not in self.prompt_lps_sent:
+            self.prompt_lps_sent.add(index)
+            choice["prompt_logprobs"] = prompt_logprobs_json(part)
+        return [choice]
 
-    def choice(self, index: int, text: str, finish: str, logprobs: list | None) -> dict:
-        return {
-            "index": index,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": self._logprobs(logprobs),
-            "finish_reason": finish,
-        }
+    def choices(self) -> list[dict]:
+        out = []
+        for i in range(len(self.texts)):
+            self.offsets[i] = 0
+            choice = {
+                "index": i,
+                "text": self.texts[i],
+                "logprobs": self._logprobs(i, self.lps[i]) if self.req.logprobs is not None else None,
+                "finish_reason": self.finish[i] or "stop",
+                "stop_reason": self.stop_reason[i],
+            }
+            if self.req.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = prompt_logprobs_json(self.parts[i // self.n])
+            out.append(choice)
+        return out
 
 
 class CompletionFormatter(Formatter):
@@ -100,33 +346,16 @@ class CompletionFormatter(Formatter):
     chunk_object = "text_completion"
     id_prefix = "cmpl-"
 
-    def prompt_ids(self, entry: ModelEntry, req: oa.CompletionRequest) -> list[int]:
-        prompts = req.prompts()
-        if len(prompts) != 1:
-            raise oa.APIError(
-                400, "send one prompt per request (batched prompts are not supported)", param="prompt"
+    def prompts(self, entry: ModelEntry, req: oa.CompletionRequest) -> list[tuple[list[int], str | None]]:
+        tok = entry.tokenizer
+        assert tok is not None
+        add_special = True if req.add_special_tokens is None else req.add_special_tokens
+        out: list[tuple[list[int], str | None]] = []
+        for p in req.prompts():
+            out.append(
+                (tok.encode(p, add_special_tokens=add_special), p) if isinstance(p, str) else (list(p), None)
             )
-        p = prompts[0]
-        assert entry.tokenizer is not None
-        return entry.tokenizer.encode(p) if isinstance(p, str) else list(p)
+        return out
 
-    @staticmethod
-    def _logprobs(entries: list | None) -> dict | None:
-        if entries is None:
-            return None
-        return {
-            "tokens": [t for t, _, _ in entries],
-            "token_logprobs": [lp for _, lp, _ in entries],
-            "top_logprobs": [dict(top) for _, _, top in entries],
-            "text_offset": [],
-        }
-
-    def chunk_choice(self, d: ChoiceDelta, logprobs: list | None) -> dict:
-        return self.choice(d.index, d.text, d.finish_reason, logprobs)  # type: ignore[arg-type]
-
-    def choice(self, index: int, text: str, finish: str | None, logprobs: list | None) -> dict:
-        return {"index": index, "text": text, "logprobs": self._logprobs(logprobs), "finish_reason": finish}
-
-
-CHAT = ChatFormatter()
-COMPLETION = CompletionFormatter()
+    def shaper(self, req: oa.CompletionRequest, parts: list[Part], n: int) -> Shaper:
+        return _CompletionShaper(req, parts, n)

@@ -1,11 +1,21 @@
-"""OpenAI request models, error bodies and the mapping to wire sampling options (pure logic)."""
+"""OpenAI request models, error bodies and the mapping to wire sampling options (pure logic).
+
+Rule for request fields: a field of OpenAI's or vLLM's request schema is either implemented end
+to end or refused with a 400 that names it (`REFUSED`); nothing a client asks for is dropped
+silently. Fields neither schema knows are ignored, as vLLM does, and logged once per name.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dynvllm.frontend import structured
+
+log = logging.getLogger("dynvllm.frontend")
 
 
 class APIError(Exception):
@@ -33,6 +43,41 @@ def from_validation(err: ValidationError) -> APIError:
     return APIError(400, "; ".join(parts), param=param)
 
 
+# Known fields dynvllm does not implement, with the values that mean "not asked for".
+_UNSET = (None, False, [], {}, "")
+REFUSED: dict[str, tuple] = {
+    "use_beam_search": _UNSET,
+    "length_penalty": (*_UNSET, 1, 1.0),
+    "truncate_prompt_tokens": _UNSET,
+    "priority": (*_UNSET, 0),
+    "spaces_between_special_tokens": (None, True),
+    "return_tokens_as_token_ids": _UNSET,
+    "return_token_ids": _UNSET,
+    "cache_salt": _UNSET,
+    "kv_transfer_params": _UNSET,
+    "vllm_xargs": _UNSET,
+    "request_id": _UNSET,
+    "mm_processor_kwargs": _UNSET,
+    "documents": _UNSET,
+    "chat_template": _UNSET,
+    "continue_final_message": _UNSET,
+    "functions": _UNSET,
+    "function_call": _UNSET,
+    "audio": _UNSET,
+    "prediction": _UNSET,
+    "store": _UNSET,
+    "metadata": _UNSET,
+    "reasoning_effort": _UNSET,
+    "web_search_options": _UNSET,
+    "service_tier": (*_UNSET, "auto", "default"),
+    "modalities": (*_UNSET, ["text"]),
+    "suffix": _UNSET,
+    "logprob_token_ids": _UNSET,
+    "structural_tag": _UNSET,
+}
+_SEEN_UNKNOWN: set[str] = set()
+
+
 class _Req(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -42,8 +87,9 @@ class _Req(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     n: int = Field(1, ge=1, le=16)
+    best_of: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
@@ -51,11 +97,47 @@ class _Req(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)
+    logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    prompt_logprobs: int | None = Field(None, ge=-1, le=20)
+    response_format: structured.ResponseFormat | None = None
+    structured_outputs: structured.StructuredOutputs | None = None
+    guided_json: str | dict | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    add_special_tokens: bool | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     user: str | None = None
+
+    @model_validator(mode="after")
+    def _common(self) -> _Req:
+        if self.best_of not in (None, 1) and self.best_of != self.n:
+            raise ValueError("best_of is not supported (it must equal n)")
+        for key, value in (self.logit_bias or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"logit_bias keys are token ids; got {key!r}")
+            if not -100 <= value <= 100:
+                raise ValueError(f"logit_bias values lie in [-100, 100]; got {value} for token {key}")
+        return self
+
+    def refuse_unsupported(self) -> None:
+        """400 naming the first known field this server does not implement; log unknown ones."""
+        for name, value in (self.model_extra or {}).items():
+            if name in REFUSED:
+                if value not in REFUSED[name]:
+                    raise APIError(
+                        400,
+                        f"'{name}' is not supported by this server; remove it from the request",
+                        param=name,
+                    )
+            elif name not in _SEEN_UNKNOWN:
+                _SEEN_UNKNOWN.add(name)
+                log.warning("ignoring the unknown request field %r (logged once)", name)
 
     def stops(self) -> list[str]:
         if self.stop is None:
@@ -68,7 +150,26 @@ class _Req(BaseModel):
     def top_logprobs_count(self) -> int | None:
         raise NotImplementedError
 
-    def sampling(self, max_tokens: int) -> dict[str, Any]:
+    def constraint(self) -> dict | None:
+        """The structured-output constraint the request asks for (wire form), or None."""
+        try:
+            return structured.from_request(self)
+        except structured.ConstraintError as exc:
+            raise APIError(400, str(exc), param=exc.param) from None
+
+    def sampling(self, max_tokens: int, vocab_size: int) -> dict[str, Any]:
+        bias = None
+        if self.logit_bias:
+            bias = []  # [[token id, bias], ...]: msgpack maps take string keys only
+            for key, value in self.logit_bias.items():
+                tid = int(key)
+                if not 0 <= tid < vocab_size:
+                    raise APIError(
+                        400,
+                        f"logit_bias token id {tid} is outside the vocabulary (0-{vocab_size - 1})",
+                        param="logit_bias",
+                    )
+                bias.append([tid, value])
         return {
             "n": self.n,
             "max_tokens": max_tokens,
@@ -84,6 +185,11 @@ class _Req(BaseModel):
             "stop_token_ids": self.stop_token_ids,
             "ignore_eos": self.ignore_eos or None,
             "logprobs": self.top_logprobs_count(),
+            "prompt_logprobs": self.prompt_logprobs,
+            "logit_bias": bias,
+            "allowed_token_ids": self.allowed_token_ids,
+            "bad_words": self.bad_words,
+            "structured_outputs": self.constraint(),
         }
 
 
@@ -91,6 +197,10 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -106,6 +216,29 @@ class ChatMessage(BaseModel):
             parts.append(str(p.get("text", "")))
         return "".join(parts)
 
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates expect it (tool calls with parsed arguments)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            calls = []
+            for call in self.tool_calls:
+                fn = dict(call.get("function") or {})
+                args = fn.get("arguments")
+                if isinstance(args, str):
+                    try:
+                        fn["arguments"] = json.loads(args)
+                    except ValueError:
+                        pass  # templates that print arguments verbatim still get the text
+                calls.append({**call, "function": fn})
+            out["tool_calls"] = calls
+        if self.reasoning_content is not None:
+            out["reasoning_content"] = self.reasoning_content
+        return out
+
 
 class ChatRequest(_Req):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -113,6 +246,10 @@ class ChatRequest(_Req):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
+    tools: list[structured.Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | structured.NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ChatRequest:
@@ -126,31 +263,39 @@ class ChatRequest(_Req):
     def top_logprobs_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    def effective_tool_choice(self) -> str | structured.NamedToolChoice:
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
 
 class CompletionRequest(_Req):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
 
     @model_validator(mode="after")
     def _check(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo is not supported")
-        if self.suffix:
-            raise ValueError("suffix is not supported")
-        if self.best_of not in (None, 1) and self.best_of != self.n:
-            raise ValueError("best_of is not supported")
         if isinstance(self.prompt, list) and len(self.prompt) == 0:
             raise ValueError("prompt must not be empty")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 is allowed only with echo=true")
         return self
 
     def wanted_max_tokens(self) -> int | None:
+        if self.max_tokens == 0:
+            return 1  # echo only: the engine computes the prompt's logprobs with one token
         return self.max_tokens if self.max_tokens is not None else 16
 
     def top_logprobs_count(self) -> int | None:
         return self.logprobs
+
+    def sampling(self, max_tokens: int, vocab_size: int) -> dict[str, Any]:
+        out = super().sampling(max_tokens, vocab_size)
+        if self.echo and self.logprobs is not None and out["prompt_logprobs"] is None:
+            out["prompt_logprobs"] = self.logprobs  # echoed prompt tokens carry logprobs too
+        return out
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -169,9 +314,12 @@ def parse(model: type[BaseModel], raw: bytes) -> Any:
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object")
     try:
-        return model.model_validate(data)
+        req = model.model_validate(data)
     except ValidationError as err:
         raise from_validation(err) from None
+    if isinstance(req, _Req):
+        req.refuse_unsupported()
+    return req
 
 
 def length_error(ctx: int, prompt: int, completion: int | None) -> APIError:

@@ -22,6 +22,8 @@ class ChoiceDelta:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list | None = None  # [[token_text, logprob, [[top_text, top_logprob], ...]], ...]
     finish_reason: str | None = None
+    #: What stopped the choice: the matched stop string, a stop token id, or None (EOS, length).
+    stop_reason: str | int | None = None
 
 
 @dataclass
@@ -57,6 +59,8 @@ class PostProcessor:
         self.finished = [False] * n
         #: Token ids generated so far for each choice (what a new worker must continue from).
         self.generated: list[list[int]] = [[] for _ in range(n)]
+        #: The engine's prompt logprobs, when asked for: [None | [logprob, [[id, logprob], ...]], ...].
+        self.prompt_logprobs: list | None = None
 
     @property
     def done(self) -> bool:
@@ -66,6 +70,8 @@ class PostProcessor:
         """The client-visible delta for one wire delta, or None when a stopped choice sends more."""
         if "prompt_tokens" in d:
             self.usage.cached_tokens = int(d.get("cached_tokens") or 0)
+            if "prompt_logprobs" in d:
+                self.prompt_logprobs = d["prompt_logprobs"]
         i = int(d.get("index", 0))
         if not 0 <= i < self.n:
             raise BadRequest(f"worker sent choice {i} of {self.n}")
@@ -78,16 +84,32 @@ class PostProcessor:
         stream = self.texts[i]
         emitted = matcher.feed("".join([stream.step(t) for t in ids]))
         finish = d.get("finish_reason")
+        stop_reason = None
         if matcher.matched is not None:
-            finish = "stop"
+            finish, stop_reason = "stop", matcher.matched
         elif finish is not None:
             emitted += matcher.flush()
             finish = "stop" if finish == "abort" else finish
+            stop_reason = d.get("stop_reason")
         if finish is not None:
             self.finished[i] = True
         raw = d.get("logprobs")
         lps = self._logprobs(ids, raw) if raw is not None else None
-        return ChoiceDelta(i, emitted, list(ids), lps, finish)
+        return ChoiceDelta(i, emitted, list(ids), lps, finish, stop_reason)
+
+    def prompt_logprob_entries(self, prompt_ids: list[int]) -> list:
+        """[[token_text, logprob | None, [[top_text, logprob], ...] | None], ...] for the prompt."""
+        decode = self.tok.decode
+        raw = self.prompt_logprobs or [None] * len(prompt_ids)
+        out = []
+        for tid, entry in zip(prompt_ids, raw, strict=False):
+            text = decode([tid], skip_special_tokens=False)
+            if entry is None:
+                out.append([text, None, None])
+            else:
+                lp, top = entry
+                out.append([text, lp, [[decode([t], skip_special_tokens=False), tlp] for t, tlp in top]])
+        return out
 
     def _logprobs(self, ids: list[int], raw: list) -> list:
         decode = self.tok.decode

@@ -42,7 +42,7 @@ async def serve_frontend(settings: Settings) -> int:
         from dynvllm.runtime.kv_topic import KV_EVENTS
 
         await EventBus(nc, rt.namespace).subscribe(KV_EVENTS, router.on_kv_events)
-    frontend = FrontendApp(models, pool, router, fe.max_request_bytes)
+    frontend = FrontendApp(models, pool, router, fe)
     config = uvicorn.Config(
         frontend.app,
         host=fe.http_host,

@@ -16,14 +16,41 @@ from dynvllm.worker.stats import SchedulerSnapshot, stat_logger_factory
 
 
 def _logprobs(token_ids: list[int], entries: Any, k: int) -> list:
-    """[[token_logprob, [[top_id, top_logprob], ...]], ...] for each new token."""
-    out = []
+    """[[token_logprob, [[top_id, top_logprob], ...]], ...] for each token (None where vLLM has
+    none: the first prompt token)."""
+    out: list = []
     for tid, entry in zip(token_ids, entries or [], strict=False):
+        if entry is None:
+            out.append(None)
+            continue
         chosen = entry.get(tid)
         ranked = sorted(entry.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)
         top = [[t, float(lp.logprob)] for t, lp in ranked if lp.rank is not None and lp.rank <= k][:k]
         out.append([float(chosen.logprob) if chosen else float("-inf"), top])
     return out
+
+
+def _client_errors() -> tuple[type[BaseException], ...]:
+    """What vLLM raises for a request's own faults: ValueError, and (newer vLLM) VLLMClientError."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:
+        return (ValueError, TypeError)
+    return (ValueError, TypeError, VLLMClientError)
+
+
+def _vllm_sampling(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Wire sampling options in vLLM's types: structured outputs as StructuredOutputsParams,
+    logit bias as {token id: bias} (pairs on the wire, where map keys must be strings)."""
+    so = kwargs.pop("structured_outputs", None)
+    if so:
+        from vllm.sampling_params import StructuredOutputsParams
+
+        kwargs["structured_outputs"] = StructuredOutputsParams(**so)
+    bias = kwargs.get("logit_bias")
+    if bias:
+        kwargs["logit_bias"] = {int(t): float(b) for t, b in bias}
+    return kwargs
 
 
 class VllmEngine(Engine):
@@ -100,15 +127,13 @@ class VllmEngine(Engine):
         req = protocol.parse_generate(payload)
         extra_args = {"kv_transfer_params": req.kv_transfer_params} if req.kv_transfer_params else None
         try:
-            params = SamplingParams(
-                **protocol.sampling_kwargs(req.sampling),
-                output_kind=RequestOutputKind.DELTA,
-                extra_args=extra_args,
-            )
-        except (TypeError, ValueError) as exc:
+            kwargs = _vllm_sampling(protocol.sampling_kwargs(req.sampling))
+            params = SamplingParams(**kwargs, output_kind=RequestOutputKind.DELTA, extra_args=extra_args)
+        except _client_errors() as exc:
             raise BadRequest(f"invalid sampling options: {exc}") from None
         rid, n_prompt = req.request_id, len(req.token_ids)
         k = req.sampling.get("logprobs")
+        pk = req.sampling.get("prompt_logprobs")
         finished = False
         first = True
         try:
@@ -119,6 +144,9 @@ class VllmEngine(Engine):
                     extra: dict[str, Any] = {}
                     if first:
                         extra = {"prompt_tokens": n_prompt, "cached_tokens": out.num_cached_tokens or 0}
+                        if pk is not None:
+                            k_prompt = pk if pk >= 0 else 1 << 30
+                            extra["prompt_logprobs"] = _logprobs(req.token_ids, out.prompt_logprobs, k_prompt)
                         first = False
                     if c.finish_reason is not None:
                         extra["stop_reason"] = c.stop_reason
@@ -128,8 +156,8 @@ class VllmEngine(Engine):
                     lp = _logprobs(ids, c.logprobs, k) if k is not None else None
                     yield protocol.delta(c.index, ids, c.finish_reason, lp, **extra)
                 finished = out.finished
-        except ValueError as exc:
-            # vLLM validates prompts (length, token ids) with ValueError: the caller's fault.
+        except _client_errors() as exc:
+            # vLLM validates prompts and constraints (length, token ids, grammars): the caller's fault.
             raise BadRequest(str(exc)) from None
         finally:
             if not finished:

@@ -1,0 +1,1 @@
+"""First-party tool-call and reasoning parsers (pure text processing)."""
