@@ -13,6 +13,8 @@ from dynvllm.runtime.errors import BadRequest
 # Every chain of stages ends in this endpoint: it streams the tokens the client sees.
 GENERATE = "generate"
 HEALTH = "health"
+# Worker endpoints for LoRA adapters (admin calls; the payload carries the admin token).
+LORA_LOAD, LORA_UNLOAD, LORA_LIST = "lora_load", "lora_unload", "lora_list"
 STATS = "stats"
 
 # Sampling options the worker forwards to vLLM's SamplingParams, by the same name.
@@ -49,6 +51,8 @@ class GenerateRequest:
     sampling: dict[str, Any]
     # What earlier stages handed on (e.g. a KV connector's transfer parameters), passed to the engine.
     kv_transfer_params: dict[str, Any] | None = None
+    #: The LoRA adapter to apply, by name (None: the base model).
+    lora: str | None = None
 
 
 def generate_request(request_id: str, token_ids: list[int], sampling: dict[str, Any], **handoff: Any) -> dict:
@@ -73,10 +77,13 @@ def parse_generate(payload: Any) -> GenerateRequest:
     kv = payload.get("kv_transfer_params")
     if kv is not None and not isinstance(kv, dict):
         raise BadRequest("kv_transfer_params must be a map")
-    return GenerateRequest(rid, ids, sampling, kv)
+    lora = payload.get("lora")
+    if lora is not None and not isinstance(lora, str):
+        raise BadRequest("lora must be an adapter name")
+    return GenerateRequest(rid, ids, sampling, kv, lora)
 
 
-_REQUEST_KEYS = {"request_id", "token_ids", "sampling", "kv_transfer_params"}
+_REQUEST_KEYS = {"request_id", "token_ids", "sampling", "kv_transfer_params", "lora"}
 
 
 def sampling_kwargs(sampling: dict[str, Any]) -> dict[str, Any]:

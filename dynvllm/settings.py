@@ -46,6 +46,11 @@ class RuntimeSettings(_Group):
         2.0, gt=0, description="Seconds without heartbeat before an instance counts as gone."
     )
     heartbeat_interval: float = Field(0.5, gt=0, description="Seconds between instance heartbeats.")
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Token that state-changing operations (LoRA load/unload, ...) must carry; "
+        "the CLI and the frontend pass it on.",
+    )
     advertise_host: str | None = Field(
         None,
         description="Address other processes use to reach this one "
@@ -171,6 +176,15 @@ class WorkerSettings(_Group):
     kv_transfer_config: str | None = Field(
         None, description="vLLM KVTransferConfig as JSON; replaces --connector."
     )
+    lora_roots: str | None = Field(
+        None,
+        description="Local folders LoRA adapters may be loaded from, comma-separated (links and '..' "
+        "are resolved before the check); without it local adapter sources are refused.",
+    )
+    lora_schemes: str = Field("file,hf", description="Adapter source schemes allowed: file, hf, s3.")
+    lora_cache_dir: str | None = Field(
+        None, description="Where remote adapters are downloaded (default: hub cache)."
+    )
     roles: str | None = Field(
         None,
         description="Topology `serve` starts, as role counts: 'prefill=1,decode=2' "
@@ -183,6 +197,12 @@ class WorkerSettings(_Group):
         if v is not None:
             parse_roles(v)
         return v
+
+    def lora_root_list(self) -> list[str]:
+        return [r.strip() for r in (self.lora_roots or "").split(",") if r.strip()]
+
+    def lora_scheme_list(self) -> list[str]:
+        return [r.strip() for r in self.lora_schemes.split(",") if r.strip()]
 
     def topology(self) -> list[tuple[str, int]] | None:
         return parse_roles(self.roles) if self.roles else None

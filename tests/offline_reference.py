@@ -2,7 +2,8 @@
 
 Usage: python tests/offline_reference.py MODEL REQUESTS_JSON [LLM_KWARGS_JSON] -> a JSON list of texts.
 Each request is {"kind": "chat"|"completion", "input": messages|prompt, "params": {...}}; a
-"structured_outputs" param becomes vLLM's StructuredOutputsParams. With "prompt_logprobs" the
+"structured_outputs" param becomes vLLM's StructuredOutputsParams; "lora": FOLDER applies an
+adapter. With "prompt_logprobs" the
 entry is {"texts": [...], "prompt_logprobs": [logprob of each prompt token or None]}.
 """
 
@@ -23,10 +24,15 @@ def main() -> None:
         if "structured_outputs" in kwargs:
             kwargs["structured_outputs"] = StructuredOutputsParams(**kwargs["structured_outputs"])
         params = SamplingParams(**kwargs)
+        lora = None
+        if r.get("lora"):  # an adapter folder; the LLM needs enable_lora in LLM_KWARGS_JSON
+            from vllm.lora.request import LoRARequest
+
+            lora = LoRARequest("adapter", 1, r["lora"])
         if r["kind"] == "chat":
-            res = llm.chat(r["input"], params, use_tqdm=False)
+            res = llm.chat(r["input"], params, use_tqdm=False, lora_request=lora)
         else:
-            res = llm.generate(r["input"], params, use_tqdm=False)
+            res = llm.generate(r["input"], params, use_tqdm=False, lora_request=lora)
         texts = [o.text for o in res[0].outputs]
         if kwargs.get("prompt_logprobs") is not None:
             ids = res[0].prompt_token_ids

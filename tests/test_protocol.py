@@ -27,7 +27,8 @@ def test_a_request_round_trips_with_its_handoff():
         ({"request_id": "r", "token_ids": []}, "token_ids"),
         ({"request_id": "r", "token_ids": [1, -2]}, "token_ids"),
         ({"request_id": "r", "token_ids": [1], "sampling": [1]}, "sampling"),
-        ({"request_id": "r", "token_ids": [1], "lora": "x"}, "does not implement: ['lora']"),
+        ({"request_id": "r", "token_ids": [1], "lora_name": "x"}, "does not implement: ['lora_name']"),
+        ({"request_id": "r", "token_ids": [1], "lora": 3}, "adapter name"),
         ({"request_id": "r", "token_ids": [1], "kv_transfer_params": 3}, "kv_transfer_params"),
     ],
 )

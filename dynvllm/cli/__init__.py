@@ -31,13 +31,14 @@ def _root(
 
 
 def _register() -> None:
-    from dynvllm.cli import frontend, model, plugins, serve, status
+    from dynvllm.cli import frontend, lora, model, plugins, serve, status
 
     plugins.register(app)
     model.register(app)
     serve.register(app)
     status.register(app)
     frontend.register(app)
+    lora.register(app)
 
 
 _register()

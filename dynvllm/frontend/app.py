@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from dynvllm import registry
 from dynvllm.frontend import openai_api as oa
+from dynvllm.frontend.admin import AdminCalls
 from dynvllm.frontend.auth import OPEN_PATHS, ApiKeyMiddleware
 from dynvllm.frontend.dispatch import Dispatch
 from dynvllm.frontend.formatters import ChatFormatter, CompletionFormatter, Formatter, Part
@@ -68,7 +69,7 @@ class _Request:
     def __init__(self, fmt: Formatter, req: Any, dispatches: list[Dispatch], parts: list[Part]) -> None:
         self.fmt, self.req, self.dispatches, self.parts = fmt, req, dispatches, parts
         self.dispatch = dispatches[0]
-        self.model = self.dispatch.entry.name
+        self.model = req.model  # an adapter answers under its own name
         self.id = fmt.id_prefix + self.dispatch.request_id
         self.created = int(time.time())
         self.n = req.n
@@ -122,10 +123,16 @@ class _Request:
 
 class FrontendApp:
     def __init__(
-        self, models: ModelRegistry, pool: StreamClientPool, router: Router, settings: FrontendSettings
+        self,
+        models: ModelRegistry,
+        pool: StreamClientPool,
+        router: Router,
+        settings: FrontendSettings,
+        admin_token: str | None = None,
     ) -> None:
         self.models, self.pool, self.router = models, pool, router
         self.max_body = settings.max_request_bytes
+        self.admin = AdminCalls(models, pool, admin_token)
         self.metrics = FrontendMetrics()
         self.draining = False
         self.chat_fmt = ChatFormatter(
@@ -141,6 +148,8 @@ class FrontendApp:
             Route("/tokenize", self.tokenize, methods=["POST"]),
             Route("/detokenize", self.detokenize, methods=["POST"]),
             Route("/version", self.version, methods=["GET"]),
+            Route("/v1/load_lora_adapter", self.load_lora, methods=["POST"]),
+            Route("/v1/unload_lora_adapter", self.unload_lora, methods=["POST"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/live", self.live, methods=["GET"]),
             Route("/metrics", self.prom, methods=["GET"]),
@@ -164,16 +173,28 @@ class FrontendApp:
             "max_model_len": e.context_length,
         }
 
+    def _cards(self) -> dict[str, dict]:
+        cards = {name: self._model_card(name, e) for name, e in self.models.models.items()}
+        for name, (base, _) in self.models.adapters().items():
+            cards.setdefault(name, {**self._model_card(name, base), "root": name, "parent": base.name})
+        return cards
+
     async def list_models(self, request: Request) -> Response:
-        data = [self._model_card(name, e) for name, e in sorted(self.models.models.items())]
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse({"object": "list", "data": [c for _, c in sorted(self._cards().items())]})
 
     async def get_model(self, request: Request) -> Response:
         name = request.path_params["model_id"]
-        entry = self.models.models.get(name)
-        if entry is None:
+        card = self._cards().get(name)
+        if card is None:
             return _error(self._unknown_model(name))
-        return JSONResponse(self._model_card(name, entry))
+        return JSONResponse(card)
+
+    async def load_lora(self, request: Request) -> Response:
+        """vLLM's dynamic LoRA route: load on every worker of the base model."""
+        return await self.admin.lora(request, await self._body(request), load=True)
+
+    async def unload_lora(self, request: Request) -> Response:
+        return await self.admin.lora(request, await self._body(request), load=False)
 
     async def version(self, request: Request) -> Response:
         from importlib.metadata import version
@@ -256,10 +277,15 @@ class FrontendApp:
         )
 
     async def _entry(self, name: str) -> ModelEntry:
-        entry = await self.models.ready(name)
+        entry, _ = await self._resolve(name)
+        return entry
+
+    async def _resolve(self, name: str) -> tuple[ModelEntry, str | None]:
+        """The model's entry, and the adapter when the name is one (404 when nothing serves it)."""
+        entry, lora = await self.models.resolve(name)
         if entry is None or not entry.instances:
             raise self._unknown_model(name)
-        return entry
+        return entry, lora
 
     @staticmethod
     def _budget(entry: ModelEntry, prompt_len: int, wanted: int | None) -> int:
@@ -286,7 +312,7 @@ class FrontendApp:
 
     async def _admit(self, req: Any, fmt: Formatter) -> _Request:
         """Tokenize, check and budget a parsed request (an APIError says what is wrong)."""
-        entry = await self._entry(req.model)
+        entry, lora = await self._resolve(req.model)
         tok = entry.tokenizer
         assert tok is not None
         dispatches, parts = [], []
@@ -294,7 +320,7 @@ class FrontendApp:
             self._check_tokens(entry, ids)
             max_tokens = self._budget(entry, len(ids), req.wanted_max_tokens())
             sampling = req.sampling(max_tokens, tok.vocab_size)
-            dispatches.append(Dispatch(self.pool, self.router, entry, ids, sampling, self.metrics))
+            dispatches.append(Dispatch(self.pool, self.router, entry, ids, sampling, self.metrics, lora))
             post = PostProcessor(
                 tok, req.n, len(ids), req.stops(), req.include_stop_str_in_output, req.skip_special_tokens
             )

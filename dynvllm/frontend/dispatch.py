@@ -36,8 +36,10 @@ class Dispatch:
         prompt_ids: list[int],
         sampling: dict[str, Any],
         metrics: FrontendMetrics,
+        lora: str | None = None,
     ) -> None:
         self.pool, self.router, self.entry, self.metrics = pool, router, entry, metrics
+        self.lora = lora
         self.prompt_ids, self.sampling = prompt_ids, sampling
         self.request_id = uuid.uuid4().hex
         self.block_size = int(entry.card.get("block_size") or 0)
@@ -60,8 +62,9 @@ class Dispatch:
         while True:
             candidates = self._serving(endpoint, tried)
             if not candidates:
-                raise InstanceLost(f"no live worker serves {endpoint!r} for model {self.entry.name!r}")
-            iid, overlap = self.router.choose(candidates, self.prompt_ids, self.block_size)
+                what = f"adapter {self.lora!r} of " if self.lora else ""
+                raise InstanceLost(f"no live worker serves {endpoint!r} for {what}model {self.entry.name!r}")
+            iid, overlap = self.router.choose(candidates, self.prompt_ids, self.block_size, self.lora)
             inst = self.entry.instances[iid]
             tried.add(iid)
             try:
@@ -89,6 +92,8 @@ class Dispatch:
             lambda endpoint: bool(self._serving(endpoint)),
             self._stage_call,
         )
+        if self.lora:
+            ctx.handoff["lora"] = self.lora  # every hop applies the adapter
         for stage in self.entry.stages:
             outcome = await stage.run(ctx)
             worker = ctx.workers.get(stage.name)

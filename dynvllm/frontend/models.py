@@ -96,6 +96,25 @@ class ModelRegistry:
             tok = self._tokenizers[where] = Tokenizer(where)
         return tok
 
+    def adapters(self) -> dict[str, tuple[ModelEntry, list[str]]]:
+        """Adapter name -> (its base model's entry, ids of the workers that hold it)."""
+        out: dict[str, tuple[ModelEntry, list[str]]] = {}
+        for entry in self.models.values():
+            for iid, inst in entry.instances.items():
+                for name in inst.card.get("loras") or ():
+                    out.setdefault(name, (entry, []))[1].append(iid)
+        return out
+
+    async def resolve(self, name: str) -> tuple[ModelEntry | None, str | None]:
+        """(entry, adapter) for a model name: a base model, or an adapter some worker holds."""
+        entry = await self.ready(name)
+        if entry is not None:
+            return entry, None
+        held = self.adapters().get(name)
+        if held is None:
+            return None, None
+        return await self.ready(held[0].name), name
+
     async def ready(self, name: str) -> ModelEntry | None:
         entry = self.models.get(name)
         if entry is not None and entry.tokenizer is None:

@@ -42,7 +42,8 @@ async def serve_frontend(settings: Settings) -> int:
         from dynvllm.runtime.kv_topic import KV_EVENTS
 
         await EventBus(nc, rt.namespace).subscribe(KV_EVENTS, router.on_kv_events)
-    frontend = FrontendApp(models, pool, router, fe)
+    admin = rt.admin_token.get_secret_value() if rt.admin_token else None
+    frontend = FrontendApp(models, pool, router, fe, admin)
     config = uvicorn.Config(
         frontend.app,
         host=fe.http_host,

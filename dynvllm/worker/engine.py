@@ -46,6 +46,17 @@ class Engine:
         """Generate one token; raise if the engine cannot serve."""
         raise NotImplementedError
 
+    def adapter_capacity(self) -> int:
+        """How many LoRA adapters the engine can hold at once (0: none)."""
+        return 0
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        raise NotImplementedError
+
+    async def unload_adapter(self, name: str) -> None:
+        """Remove an adapter once the requests using it have finished; new ones are refused."""
+        raise NotImplementedError
+
     @property
     def errored(self) -> bool:
         return False

@@ -20,6 +20,7 @@ from dynvllm.runtime.discovery import Instance, Lease
 from dynvllm.runtime.events import LOAD, EventBus, LoadMetrics
 from dynvllm.runtime.streams import Inflight, StreamServer
 from dynvllm.settings import Settings
+from dynvllm.worker.adapters import AdapterManager
 from dynvllm.worker.role import EngineHandle, Role
 from dynvllm.worker.stats import SchedulerSnapshot
 
@@ -43,6 +44,7 @@ class Worker:
         self.instance: Instance | None = None
         self.relay: Any = None
         self.inflight = Inflight()
+        self.adapters: AdapterManager | None = None
 
     # ---- handlers shared by every role ------------------------------------------------
     async def health(self, payload: Any = None) -> dict:
@@ -94,6 +96,8 @@ class Worker:
             "engine": self.engine.kind,
             "role": self.role_name,
             "stage": self.role.stage,
+            "loras": sorted(self.adapters.loaded) if self.adapters else [],
+            "lora_capacity": self.engine.adapter_capacity(),
         }
 
     async def run(self) -> int:
@@ -103,7 +107,13 @@ class Worker:
         self.nc = await natsrt.connect(rt, name=f"dynvllm-worker-{self.role_name}")
         self._build_engine()
         role_handlers = self.role.handlers(EngineHandle(generate=self.engine.generate))
-        handlers = {protocol.HEALTH: self.health, protocol.STATS: self.stats, **role_handlers}
+        self.adapters = AdapterManager(self.engine, self.settings, self._republish)
+        handlers = {
+            protocol.HEALTH: self.health,
+            protocol.STATS: self.stats,
+            **self.adapters.handlers(),
+            **role_handlers,
+        }
         self.server = StreamServer(handlers, self.inflight, counted=set(role_handlers))
         host = rt.advertise_host or natsrt.local_address_towards(rt.nats_url or "")
         bind = "127.0.0.1" if host == "127.0.0.1" else "0.0.0.0"
@@ -153,6 +163,12 @@ class Worker:
         await natsrt.close(self.nc)
         self.engine.shutdown()
         return 1 if self.engine_dead else 0
+
+    async def _republish(self) -> None:
+        """Announce the card again (adapters changed): routers see it with the next heartbeat."""
+        if self.instance is not None and self.lease is not None:
+            self.instance.card = self._card()
+            await self.lease.announce()
 
     async def _canary(self) -> None:
         """A one-token generation proves the engine really serves (backs /health)."""

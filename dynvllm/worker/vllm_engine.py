@@ -60,6 +60,10 @@ class VllmEngine(Engine):
         self.llm: Any = None
         self.local_model = ""
         self._tokenizer: str | None = None
+        self._loras: dict[str, Any] = {}  # name -> LoRARequest
+        self._lora_ids = 0
+        self._lora_inflight: dict[str, int] = {}
+        self._lora_closing: set[str] = set()
 
     def check_args(self, settings: Settings) -> None:
         from dynvllm.worker.engine_args import parse_engine_args
@@ -134,12 +138,14 @@ class VllmEngine(Engine):
         rid, n_prompt = req.request_id, len(req.token_ids)
         k = req.sampling.get("logprobs")
         pk = req.sampling.get("prompt_logprobs")
+        lora = self._lora_request(req.lora)
+        if lora is not None:
+            self._lora_inflight[req.lora] = self._lora_inflight.get(req.lora, 0) + 1
         finished = False
         first = True
+        prompt = TokensPrompt(prompt_token_ids=req.token_ids)
         try:
-            async for out in self.llm.generate(
-                TokensPrompt(prompt_token_ids=req.token_ids), params, request_id=rid
-            ):
+            async for out in self.llm.generate(prompt, params, request_id=rid, lora_request=lora):
                 for c in out.outputs:
                     extra: dict[str, Any] = {}
                     if first:
@@ -160,8 +166,43 @@ class VllmEngine(Engine):
             # vLLM validates prompts and constraints (length, token ids, grammars): the caller's fault.
             raise BadRequest(str(exc)) from None
         finally:
+            if lora is not None:
+                self._lora_inflight[req.lora] -= 1
             if not finished:
                 await asyncio.shield(self.llm.abort(rid))
+
+    def adapter_capacity(self) -> int:
+        lora = getattr(self.llm.vllm_config, "lora_config", None)
+        return int(lora.max_loras) if lora is not None else 0
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        from vllm.lora.request import LoRARequest
+
+        self._lora_ids += 1
+        req = LoRARequest(name, self._lora_ids, path)
+        try:
+            await self.llm.add_lora(req)
+        except Exception as exc:  # a bad adapter (rank, modules, files): the caller's to fix
+            raise BadRequest(f"vLLM could not load adapter {name!r} from {path}: {exc}") from None
+        self._loras[name] = req
+
+    async def unload_adapter(self, name: str) -> None:
+        self._lora_closing.add(name)
+        try:
+            while self._lora_inflight.get(name):
+                await asyncio.sleep(0.05)
+            req = self._loras.pop(name)
+            await self.llm.remove_lora(req.lora_int_id)
+        finally:
+            self._lora_closing.discard(name)
+
+    def _lora_request(self, name: str | None) -> Any:
+        if name is None:
+            return None
+        req = self._loras.get(name)
+        if req is None or name in self._lora_closing:
+            raise BadRequest(f"adapter {name!r} is not loaded on this worker")
+        return req
 
     async def canary(self) -> None:
         from vllm import SamplingParams

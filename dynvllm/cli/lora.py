@@ -1,0 +1,172 @@
+"""`dynvllm lora load|unload|list`: LoRA adapters on a running service's workers.
+
+Exit codes: 0 done everywhere asked; 1 at least one worker refused or failed (each says why);
+2 usage or connection errors (no service, no such worker, no worker holds the adapter).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import typer
+
+from dynvllm.cli.options import with_settings
+from dynvllm.settings import Settings
+
+lora_app = typer.Typer(help="Load, unload and list LoRA adapters on a running service.", no_args_is_help=True)
+
+
+async def _call_workers(settings: Settings, endpoint: str, payload: dict, pick: Any) -> list[tuple[Any, Any]]:
+    """(instance, result or error message) for each worker `pick(instances)` returns."""
+    import asyncio
+
+    from dynvllm.runtime import nats as natsrt
+    from dynvllm.runtime.discovery import Watcher
+    from dynvllm.runtime.errors import RemoteError
+    from dynvllm.runtime.streams import StreamClientPool, unary
+
+    rt = settings.runtime
+    nc = await natsrt.connect(rt, name="dynvllm-lora")
+    pool = StreamClientPool()
+    try:
+        watcher = Watcher(nc, rt.namespace, rt.lease_ttl)
+        await watcher.start()
+        await asyncio.sleep(0.6)  # one announce round
+        await watcher.stop()
+        workers = [i for i in watcher.instances("worker") if endpoint in i.endpoints]
+        targets = pick(workers)
+
+        async def one(inst: Any) -> tuple[Any, Any]:
+            try:
+                conn = await pool.get(inst.id, inst.host, inst.port)
+                return inst, await unary(conn, endpoint, payload, timeout=900)
+            except RemoteError as exc:
+                return inst, f"{exc.kind}: {exc.message}"
+            except TimeoutError:
+                return inst, "timed out"
+
+        return list(await asyncio.gather(*(one(i) for i in targets)))
+    finally:
+        await pool.close()
+        await natsrt.close(nc)
+
+
+def _run(settings: Settings, endpoint: str, payload: dict, pick: Any) -> list[tuple[Any, Any]]:
+    from dynvllm.cli.serve import _fail
+    from dynvllm.runtime import nats as natsrt
+    from dynvllm.runtime import state
+
+    try:
+        settings.runtime.nats_url = state.resolve_nats_url(
+            settings.runtime.nats_url, settings.runtime.namespace
+        )
+        token = settings.runtime.admin_token
+        payload = {**payload, "admin_token": token.get_secret_value() if token else None}
+        return natsrt.run(_call_workers(settings, endpoint, payload, pick))  # type: ignore[return-value]
+    except (LookupError, natsrt.NatsUnavailable) as exc:
+        raise _fail(str(exc)) from None
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _report(results: list[tuple[Any, Any]], as_json: bool) -> None:
+    failed = [r for _, r in results if isinstance(r, str)]
+    if as_json:
+        typer.echo(json.dumps([{"worker": i.id, "result": r} for i, r in results], indent=2))
+    else:
+        for inst, r in results:
+            line = r if isinstance(r, str) else f"{r.get('status')} {r.get('name')}"
+            typer.echo(f"{inst.id}: {line}", err=isinstance(r, str))
+    raise typer.Exit(1 if failed else 0)
+
+
+def _targets(worker: str | None, all_workers: bool):  # type: ignore[no-untyped-def]
+    def pick(workers: list[Any]) -> list[Any]:
+        if worker:
+            chosen = [w for w in workers if w.id == worker]
+            if not chosen:
+                known = ", ".join(w.id for w in workers) or "none"
+                raise ValueError(f"no worker {worker!r} serves adapters; workers: {known}")
+            return chosen
+        if not workers:
+            raise ValueError("no worker of this service serves adapters")
+        return workers
+
+    if worker and all_workers:
+        raise typer.BadParameter("give --worker ID or --all, not both")
+    return pick
+
+
+@lora_app.command("load")
+@with_settings("runtime")
+def load_cmd(
+    settings: Settings,
+    name: str = typer.Argument(..., help="Adapter name; clients use it as the model."),
+    source: str = typer.Option(
+        ..., "--source", help="Folder, file://, hf://org/repo[@rev] or s3://bucket/prefix."
+    ),
+    worker: str | None = typer.Option(None, "--worker", help="Load on this worker only."),
+    all_workers: bool = typer.Option(False, "--all", help="Load on every worker (the default)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Load an adapter on workers (every worker unless --worker)."""
+    from dynvllm import protocol
+
+    results = _run(
+        settings, protocol.LORA_LOAD, {"name": name, "source": source}, _targets(worker, all_workers)
+    )
+    _report(results, as_json)
+
+
+@lora_app.command("unload")
+@with_settings("runtime")
+def unload_cmd(
+    settings: Settings,
+    name: str = typer.Argument(..., help="Adapter name."),
+    worker: str | None = typer.Option(None, "--worker", help="Unload on this worker only."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Unload an adapter from the workers that hold it (requests using it finish first)."""
+    from dynvllm import protocol
+
+    def pick(workers: list[Any]) -> list[Any]:
+        holders = [
+            w for w in workers if name in (w.card.get("loras") or ()) and (not worker or w.id == worker)
+        ]
+        if not holders:
+            raise ValueError(f"no worker holds adapter {name!r}")
+        return holders
+
+    _report(_run(settings, protocol.LORA_UNLOAD, {"name": name}, pick), as_json)
+
+
+@lora_app.command("list")
+@with_settings("runtime")
+def list_cmd(settings: Settings, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Adapters on every worker, with where each came from."""
+    from dynvllm import protocol
+
+    results = _run(settings, protocol.LORA_LIST, {}, lambda workers: workers)
+    rows = [
+        {"name": a["name"], "worker": inst.id, "model": inst.card.get("model"), "source": a.get("source")}
+        for inst, adapters in results
+        if isinstance(adapters, list)
+        for a in adapters
+    ]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("adapter", "worker", "base model", "source", title="LoRA adapters")
+    for r in rows:
+        table.add_row(r["name"], r["worker"], str(r["model"]), str(r["source"]))
+    Console().print(table)
+    if not rows:
+        Console().print("no adapters loaded")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(lora_app, name="lora")

@@ -1,0 +1,92 @@
+"""State-changing calls the frontend fans out to workers (LoRA load/unload), guarded by the
+admin token when one is configured (`X-Admin-Token` header; workers check it again)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from dynvllm import protocol
+from dynvllm.frontend.models import ModelRegistry
+from dynvllm.runtime.errors import RemoteError
+from dynvllm.runtime.streams import StreamClientPool, unary
+
+LORA_LOAD, LORA_UNLOAD = protocol.LORA_LOAD, protocol.LORA_UNLOAD
+
+
+def _err(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+class AdminCalls:
+    def __init__(self, models: ModelRegistry, pool: StreamClientPool, token: str | None) -> None:
+        self.models, self.pool, self.token = models, pool, token
+
+    def _authorized(self, request: Request) -> bool:
+        if self.token is None:
+            return True
+        given = request.headers.get("x-admin-token", "")
+        return hmac.compare_digest(given.encode(), self.token.encode())
+
+    async def lora(self, request: Request, body: bytes, load: bool) -> Response:
+        if not self._authorized(request):
+            return _err(
+                401, "this route needs the admin token: send X-Admin-Token", code="invalid_admin_token"
+            )
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return _err(400, "request body is not valid JSON")
+        if not isinstance(data, dict) or not isinstance(data.get("lora_name"), str):
+            return _err(400, "lora_name is required", param="lora_name")
+        name = data["lora_name"]
+        if load and not isinstance(data.get("lora_path"), str):
+            return _err(400, "lora_path is required", param="lora_path")
+        targets = self._workers(data.get("model"), name, load)
+        if not targets:
+            what = "no worker holds it" if not load else "no worker serves the base model"
+            return _err(404, f"adapter {name!r}: {what}", param="lora_name", code="model_not_found")
+        payload: dict[str, Any] = {"name": name, "admin_token": self.token}
+        if load:
+            payload["source"] = data["lora_path"]
+        endpoint = LORA_LOAD if load else LORA_UNLOAD
+        results = await asyncio.gather(*(self._call(inst, endpoint, payload) for inst in targets))
+        failed = {iid: r for iid, r in results if isinstance(r, str)}
+        if failed:
+            detail = "; ".join(f"{iid}: {msg}" for iid, msg in sorted(failed.items()))
+            return _err(
+                400, f"adapter {name!r} failed on {len(failed)} of {len(results)} worker(s): {detail}"
+            )
+        verb = "added" if load else "removed"
+        return JSONResponse(
+            {"status": f"Success: LoRA adapter '{name}' {verb} successfully.", "workers": dict(results)}
+        )
+
+    def _workers(self, model: Any, name: str, load: bool) -> list[Any]:
+        if not load:
+            held = self.models.adapters().get(name)
+            if held is None:
+                return []
+            entry, ids = held
+            return [entry.instances[i] for i in ids if i in entry.instances]
+        entries = list(self.models.models.values())
+        if isinstance(model, str):
+            entries = [e for e in entries if e.name == model]
+        elif len(entries) > 1:
+            return []  # several base models: the request must name one
+        return [inst for e in entries for inst in e.instances.values() if LORA_LOAD in inst.endpoints]
+
+    async def _call(self, inst: Any, endpoint: str, payload: dict) -> tuple[str, Any]:
+        try:
+            conn = await self.pool.get(inst.id, inst.host, inst.port)
+            return inst.id, await unary(conn, endpoint, payload, timeout=600)
+        except RemoteError as exc:
+            return inst.id, exc.message
+        except TimeoutError:
+            return inst.id, "timed out"

@@ -1,0 +1,275 @@
+"""LoRA adapters at run time against `serve agg --workers 2` on real vLLM: CLI load/list/unload,
+adapters as models, routing to holders only, equality with vLLM offline, locks, limits and
+errors, and an unload during a stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.helpers import ENGINE_ARGS, Proc, free_port, wait_http
+
+TOKEN = "admin-secret"
+PROMPTS = ["the cat sees a dog", "blue river and old city"]
+LORA_ARGS = ["--enable-lora", "--max-loras", "2", "--max-lora-rank", "8"]
+
+
+@pytest.fixture(scope="module")
+def roots(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    for name in ("a1", "a2", "a3"):
+        shutil.copytree(tiny_model / "lora", root / name)
+    outside = tmp_path_factory.mktemp("outside")
+    shutil.copytree(tiny_model / "lora", outside / "x")
+    (root / "escape").symlink_to(outside / "x")
+    return root, outside
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model, roots, tmp_path_factory):
+    root, _ = roots
+    port = free_port()
+    log = tmp_path_factory.mktemp("lora") / "serve.log"
+    env = {"DYN_ADMIN_TOKEN": TOKEN, "DYN_LORA_ROOTS": str(root), "DYN_NAMESPACE": "lora"}
+    proc = Proc(
+        [
+            "serve",
+            "agg",
+            "--model",
+            str(tiny_model),
+            "--served-model-name",
+            "tiny",
+            "--workers",
+            "2",
+            "--http-host",
+            "127.0.0.1",
+            "--http-port",
+            str(port),
+            *ENGINE_ARGS,
+            *LORA_ARGS,
+        ],
+        log,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/health", lambda b: b.get("workers") == 2, proc)
+        yield url, env
+    finally:
+        proc.stop()
+
+
+def cli(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dynvllm", "lora", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **env},
+    )
+
+
+def workers(env: dict) -> list[str]:
+    out = subprocess.run(
+        [sys.executable, "-m", "dynvllm", "status", "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
+    return sorted(i["id"] for i in json.loads(out.stdout)["instances"] if i["component"] == "worker")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, roots):
+    root, _ = roots
+    reqs = [
+        {"kind": "completion", "input": p, "params": {"max_tokens": 16, "temperature": 0}} for p in PROMPTS
+    ]
+    reqs += [
+        {
+            "kind": "completion",
+            "input": p,
+            "params": {"max_tokens": 16, "temperature": 0},
+            "lora": str(root / "a1"),
+        }
+        for p in PROMPTS
+    ]
+    script = Path(__file__).resolve().parents[1] / "offline_reference.py"
+    kw = json.dumps({"enable_lora": True, "max_loras": 1, "max_lora_rank": 8})
+    res = subprocess.run(
+        [sys.executable, str(script), str(tiny_model), json.dumps(reqs), kw],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("REFERENCE ")]
+    assert line, res.stderr[-3000:]
+    return json.loads(line[0][len("REFERENCE ") :])
+
+
+def _wait_models(url: str, want: set[str], timeout: float = 10) -> set[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        ids = {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]}
+        if want <= ids or time.monotonic() > deadline:
+            return ids
+        time.sleep(0.2)
+
+
+def test_load_on_one_worker_routes_only_there_and_equals_offline(service, roots, reference):
+    url, env = service
+    root, _ = roots
+    w1, _w2 = workers(env)
+    r = cli(env, "load", "a1", "--source", str(root / "a1"), "--worker", w1)
+    assert r.returncode == 0, r.stderr
+    assert f"{w1}: loaded a1" in r.stdout
+    listed = json.loads(cli(env, "list", "--json").stdout)
+    assert [(x["name"], x["worker"]) for x in listed] == [("a1", w1)]
+    models = (
+        {m["id"]: m for m in httpx.get(url + "/v1/models").json()["data"]}
+        if _wait_models(url, {"a1"})
+        else {}
+    )
+    assert models["a1"]["parent"] == "tiny" and models["tiny"]["parent"] is None
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    for i, p in enumerate(PROMPTS):
+        raw = client.completions.with_raw_response.create(model="a1", prompt=p, max_tokens=16, temperature=0)
+        assert raw.headers["x-dynvllm-worker"] == w1
+        text = raw.parse().choices[0].text
+        assert text == reference[2 + i][0] != reference[i][0]
+        base = client.completions.create(model="tiny", prompt=p, max_tokens=16, temperature=0)
+        assert base.choices[0].text == reference[i][0]
+
+
+def test_concurrent_loads_of_one_name_load_once(service, roots):
+    _url, env = service
+    root, _ = roots
+    _, w2 = workers(env)
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dynvllm",
+                "lora",
+                "load",
+                "a2",
+                "--source",
+                str(root / "a2"),
+                "--worker",
+                w2,
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **env},
+        )
+        for _ in range(2)
+    ]
+    outs = [json.loads(p.communicate(timeout=300)[0])[0]["result"]["status"] for p in procs]
+    assert sorted(outs) == ["already loaded", "loaded"]
+
+
+def test_errors_are_clear(service, roots):
+    url, env = service
+    root, outside = roots
+    w1, w2 = workers(env)
+    cases = [
+        (["load", "bad", "--source", str(root / "missing"), "--worker", w1], "no adapter_config.json"),
+        (
+            ["load", "bad", "--source", str(root / ".." / outside.name / "x"), "--worker", w1],
+            "outside the allowed roots",
+        ),
+        (["load", "bad", "--source", str(root / "escape"), "--worker", w1], "outside the allowed roots"),
+        (["load", "bad", "--source", "ftp://host/x", "--worker", w1], "unsupported adapter source scheme"),
+    ]
+    for args, needle in cases:
+        r = cli(env, *args)
+        assert r.returncode == 1 and needle in r.stderr, (args, r.stderr)
+    r = cli({**env, "DYN_ADMIN_TOKEN": "wrong"}, "load", "a3", "--source", str(root / "a3"), "--worker", w1)
+    assert r.returncode == 1 and "admin token" in r.stderr
+    # w2 holds a2; a3 fits (max_loras 2), a further one does not.
+    assert cli(env, "load", "a3", "--source", str(root / "a3"), "--worker", w2).returncode == 0
+    r = cli(env, "load", "a1", "--source", str(root / "a1"), "--worker", w2)
+    assert r.returncode == 1 and "max_loras" in r.stderr
+    r = cli(env, "unload", "nothing-here")
+    assert r.returncode == 2 and "no worker holds adapter 'nothing-here'" in r.stderr
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nothing-here", prompt="x", max_tokens=2)
+
+
+def test_http_admin_routes_need_the_token(service, roots):
+    url, _env = service
+    root, _ = roots
+    body = {"lora_name": "a3", "lora_path": str(root / "a3")}
+    assert httpx.post(url + "/v1/load_lora_adapter", json=body).status_code == 401
+    r = httpx.post(
+        url + "/v1/unload_lora_adapter",
+        json={"lora_name": "a3"},
+        headers={"X-Admin-Token": TOKEN},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 10
+    while "a3" in {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]}:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    r = httpx.post(
+        url + "/v1/unload_lora_adapter", json={"lora_name": "a3"}, headers={"X-Admin-Token": TOKEN}
+    )
+    assert r.status_code == 404
+
+
+def test_unload_during_a_stream_lets_it_finish(service):
+    url, env = service
+    tokens = 1500  # the stream outlasts the CLI's start-up and its unload call by seconds
+
+    async def run() -> tuple[str | None, int, float, float]:
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        stream = await client.completions.create(
+            model="a1",
+            prompt=PROMPTS[0],
+            max_tokens=tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        chunks, finish, usage = 0, None, 0
+        unloading = None
+
+        def unload() -> float:
+            done = cli(env, "unload", "a1")
+            assert done.returncode == 0, done.stderr
+            return time.monotonic()
+
+        async for chunk in stream:
+            chunks += 1
+            if chunks == 3:
+                unloading = asyncio.create_task(asyncio.to_thread(unload))
+            for c in chunk.choices:
+                finish = c.finish_reason or finish
+            if chunk.usage:
+                usage = chunk.usage.completion_tokens
+        ended = time.monotonic()
+        assert unloading is not None
+        return finish, usage, ended, await unloading
+
+    finish, usage, ended, unloaded = asyncio.run(run())
+    assert (finish, usage) == ("length", tokens)
+    assert unloaded >= ended - 0.5, "the unload returned while a request still used the adapter"
+    deadline = time.monotonic() + 10
+    while "a1" in {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]}:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
