@@ -117,6 +117,11 @@ class RouterSettings(_Group):
     router_approx_ttl: float = Field(
         120.0, gt=0, description="Seconds kv-approx assumes a routed prefix stays cached."
     )
+    lora_on_demand: bool = Field(
+        False,
+        description="A request for a known adapter that no live worker holds loads it on the least-loaded "
+        "worker with room (evicting that worker's least recently used adapter when full) instead of a 404.",
+    )
     disagg_min_prompt_tokens: int = Field(
         256, ge=0, description="Shorter prompts skip the prefill hop and run on the decode worker."
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 from typing import Any
 
 from starlette.requests import Request
@@ -17,6 +18,7 @@ from dynvllm.runtime.errors import RemoteError
 from dynvllm.runtime.streams import StreamClientPool, unary
 
 LORA_LOAD, LORA_UNLOAD = protocol.LORA_LOAD, protocol.LORA_UNLOAD
+log = logging.getLogger("dynvllm.frontend")
 
 
 def _err(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
@@ -83,10 +85,81 @@ class AdminCalls:
         return [inst for e in entries for inst in e.instances.values() if LORA_LOAD in inst.endpoints]
 
     async def _call(self, inst: Any, endpoint: str, payload: dict) -> tuple[str, Any]:
-        try:
-            conn = await self.pool.get(inst.id, inst.host, inst.port)
-            return inst.id, await unary(conn, endpoint, payload, timeout=600)
-        except RemoteError as exc:
-            return inst.id, exc.message
-        except TimeoutError:
-            return inst.id, "timed out"
+        return await call_worker(self.pool, inst, endpoint, payload)
+
+
+async def call_worker(pool: StreamClientPool, inst: Any, endpoint: str, payload: dict) -> tuple[str, Any]:
+    """(worker id, result), or (worker id, error message) when the worker refused or failed."""
+    try:
+        conn = await pool.get(inst.id, inst.host, inst.port)
+        return inst.id, await unary(conn, endpoint, payload, timeout=600)
+    except RemoteError as exc:
+        return inst.id, exc.message
+    except TimeoutError:
+        return inst.id, "timed out"
+
+
+class OnDemandAdapters:
+    """--lora-on-demand: load a known adapter that no live worker holds on the least-loaded worker
+    with room, evicting that worker's least recently used adapter when every worker is full."""
+
+    def __init__(self, models: ModelRegistry, pool: StreamClientPool, load: Any, token: str | None) -> None:
+        self.models, self.pool, self.load, self.token = models, pool, load, token
+        self.last_used: dict[tuple[str, str], float] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def used(self, worker: str, adapter: str) -> None:
+        import time
+
+        self.last_used[(worker, adapter)] = time.monotonic()
+
+    async def ensure(self, name: str) -> bool:
+        """True once some live worker holds the adapter; False if it is unknown or cannot load."""
+        if name in self.models.adapters():
+            return True
+        known = self.models.adapter_sources.get(name)
+        if known is None:
+            return False  # never seen on any worker: a plain 404
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            if name in self.models.adapters():
+                return True
+            base, source = known
+            entry = self.models.models.get(base)
+            if entry is None:
+                return False
+            workers = [i for i in entry.instances.values() if LORA_LOAD in i.endpoints]
+            if not workers:
+                return False
+            target, victim = self._place(workers)
+            payload: dict[str, Any] = {"admin_token": self.token}
+            if victim is not None:
+                await self._call(target, LORA_UNLOAD, {**payload, "name": victim})
+            log.warning("loading adapter %s on demand on worker %s (evicting %s)", name, target.id, victim)
+            _, result = await self._call(target, LORA_LOAD, {**payload, "name": name, "source": source})
+            if isinstance(result, str):
+                log.warning("on-demand load of adapter %s on %s failed: %s", name, target.id, result)
+                return False
+            for _ in range(100):  # the worker re-announces its card at once
+                if name in self.models.adapters():
+                    return True
+                await asyncio.sleep(0.05)
+            return False
+
+    def _place(self, workers: list[Any]) -> tuple[Any, str | None]:
+        load = self.load
+
+        def room(w: Any) -> int:
+            return int(w.card.get("lora_capacity") or 0) - len(w.card.get("loras") or ())
+
+        with_room = [w for w in workers if room(w) > 0]
+        if with_room:
+            return min(with_room, key=lambda w: (load.get(w.id, 0.0), w.id)), None
+        target = min(
+            (w for w in workers if w.card.get("lora_capacity")), key=lambda w: (load.get(w.id, 0.0), w.id)
+        )
+        victim = min(target.card.get("loras") or [], key=lambda a: self.last_used.get((target.id, a), 0.0))
+        return target, victim
+
+    async def _call(self, inst: Any, endpoint: str, payload: dict) -> tuple[str, Any]:
+        return await call_worker(self.pool, inst, endpoint, payload)

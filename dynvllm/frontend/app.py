@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from dynvllm import registry
 from dynvllm.frontend import openai_api as oa
-from dynvllm.frontend.admin import AdminCalls
+from dynvllm.frontend.admin import AdminCalls, OnDemandAdapters
 from dynvllm.frontend.auth import OPEN_PATHS, ApiKeyMiddleware
 from dynvllm.frontend.dispatch import Dispatch
 from dynvllm.frontend.formatters import ChatFormatter, CompletionFormatter, Formatter, Part
@@ -129,10 +129,14 @@ class FrontendApp:
         router: Router,
         settings: FrontendSettings,
         admin_token: str | None = None,
+        lora_on_demand: bool = False,
     ) -> None:
         self.models, self.pool, self.router = models, pool, router
         self.max_body = settings.max_request_bytes
         self.admin = AdminCalls(models, pool, admin_token)
+        self.on_demand = (
+            OnDemandAdapters(models, pool, router.inflight, admin_token) if lora_on_demand else None
+        )
         self.metrics = FrontendMetrics()
         self.draining = False
         self.chat_fmt = ChatFormatter(
@@ -283,6 +287,8 @@ class FrontendApp:
     async def _resolve(self, name: str) -> tuple[ModelEntry, str | None]:
         """The model's entry, and the adapter when the name is one (404 when nothing serves it)."""
         entry, lora = await self.models.resolve(name)
+        if entry is None and self.on_demand is not None and await self.on_demand.ensure(name):
+            entry, lora = await self.models.resolve(name)
         if entry is None or not entry.instances:
             raise self._unknown_model(name)
         return entry, lora
@@ -373,6 +379,8 @@ class FrontendApp:
             self.metrics.cached_tokens.labels(name).inc(part.post.usage.cached_tokens)
             if dispatch.worker_id:
                 self.metrics.routed.labels(name, dispatch.worker_id).inc()
+                if dispatch.lora and self.on_demand is not None:
+                    self.on_demand.used(dispatch.worker_id, dispatch.lora)
 
     async def _stream(self, r: _Request) -> AsyncIterator[bytes]:
         base = {"id": r.id, "object": r.fmt.chunk_object, "created": r.created, "model": r.model}

@@ -52,8 +52,13 @@ class Dispatch:
         self._t_last: float | None = None
 
     def _serving(self, endpoint: str, exclude: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
+        lora = self.lora
         return [
-            i for i, inst in self.entry.instances.items() if endpoint in inst.endpoints and i not in exclude
+            i
+            for i, inst in self.entry.instances.items()
+            if endpoint in inst.endpoints
+            and i not in exclude
+            and (lora is None or lora in (inst.card.get("loras") or ()))
         ]
 
     async def _connect(self, endpoint: str) -> tuple[str, Connection, int]:

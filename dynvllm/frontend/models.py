@@ -37,6 +37,8 @@ class ModelRegistry:
         self.models: dict[str, ModelEntry] = {}
         self._tokenizers: dict[str, Tokenizer] = {}
         self._loading: set[asyncio.Future] = set()
+        #: Every adapter seen in a card: name -> (base model, source). Kept after workers drop it.
+        self.adapter_sources: dict[str, tuple[str, str]] = {}
         watcher.on_add.append(self._add)
         watcher.on_update.append(self._add)
         watcher.on_remove.append(self._remove)
@@ -55,6 +57,8 @@ class ModelRegistry:
             if other is not entry:
                 other.instances.pop(inst.id, None)
         entry.instances[inst.id] = inst
+        for adapter, source in (inst.card.get("lora_sources") or {}).items():
+            self.adapter_sources[adapter] = (name, source)
         if inst.role and inst.role not in entry.roles:
             entry.roles.add(inst.role)
             stage = self._stage_of(inst.role)

@@ -46,6 +46,9 @@ class AdapterManager:
         self.settings = settings
         self.on_change = on_change
         self.loaded: dict[str, dict[str, Any]] = {}
+        #: Every adapter this worker has loaded, unloaded ones included: name -> source. Published
+        #: in the card, so a frontend started later can load it again on demand.
+        self.known: dict[str, str] = {}
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     def handlers(self) -> dict[str, Callable]:
@@ -93,6 +96,7 @@ class AdapterManager:
                 raise BadRequest(str(exc)) from None
             await self.engine.load_adapter(name, str(path))
             self.loaded[name] = {"source": source, "path": str(path), "loaded_at": time.time()}
+            self.known[name] = source
             seconds = time.monotonic() - t0
         log.warning("adapter %s loaded from %s in %.2f s", name, source, seconds)
         await self.on_change()

@@ -97,6 +97,8 @@ class Worker:
             "role": self.role_name,
             "stage": self.role.stage,
             "loras": sorted(self.adapters.loaded) if self.adapters else [],
+            # Where each came from, so any frontend can load it again elsewhere (--lora-on-demand).
+            "lora_sources": dict(self.adapters.known) if self.adapters else {},
             "lora_capacity": self.engine.adapter_capacity(),
         }
 

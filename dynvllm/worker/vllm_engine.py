@@ -201,7 +201,8 @@ class VllmEngine(Engine):
             return None
         req = self._loras.get(name)
         if req is None or name in self._lora_closing:
-            raise BadRequest(f"adapter {name!r} is not loaded on this worker")
+            held = sorted(set(self._loras) - self._lora_closing)
+            raise BadRequest(f"adapter {name!r} is not loaded on this worker (it holds {held})")
         return req
 
     async def canary(self) -> None:

@@ -142,7 +142,8 @@ def test_load_on_one_worker_routes_only_there_and_equals_offline(service, roots,
     )
     assert models["a1"]["parent"] == "tiny" and models["tiny"]["parent"] is None
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-    for i, p in enumerate(PROMPTS):
+    for i, p in enumerate(PROMPTS * 3):
+        i %= len(PROMPTS)
         raw = client.completions.with_raw_response.create(model="a1", prompt=p, max_tokens=16, temperature=0)
         assert raw.headers["x-dynvllm-worker"] == w1
         text = raw.parse().choices[0].text
@@ -273,3 +274,40 @@ def test_unload_during_a_stream_lets_it_finish(service):
     while "a1" in {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]}:
         assert time.monotonic() < deadline
         time.sleep(0.2)
+
+
+def test_on_demand_loads_a_known_adapter_evicting_the_least_recently_used(service, roots, reference):
+    _, env = service
+    root, _ = roots
+    w1, w2 = workers(env)
+    for name in {x["name"] for x in json.loads(cli(env, "list", "--json").stdout)}:
+        assert cli(env, "unload", name).returncode == 0
+    # a1 becomes known (loaded once) but held by none; a2 and a3 fill both workers (max_loras 2).
+    assert cli(env, "load", "a1", "--source", str(root / "a1"), "--worker", w1).returncode == 0
+    assert cli(env, "unload", "a1").returncode == 0
+    for w in (w1, w2):
+        for name in ("a2", "a3"):
+            r = cli(env, "load", name, "--source", str(root / name), "--worker", w)
+            assert r.returncode == 0, r.stderr
+    port = free_port()
+    fe = Proc(
+        ["frontend", "--http-host", "127.0.0.1", "--http-port", str(port), "--lora-on-demand"],
+        Path(root) / "fe.log",
+        env=env,
+    )
+    try:
+        fe_url = f"http://127.0.0.1:{port}"
+        wait_http(fe_url + "/health", lambda b: b.get("workers") == 2, fe)
+        client = openai.OpenAI(base_url=fe_url + "/v1", api_key="none", max_retries=0)
+        client.completions.create(model="a2", prompt="x", max_tokens=2)  # a2 used recently, a3 not
+        r = client.completions.with_raw_response.create(
+            model="a1", prompt=PROMPTS[0], max_tokens=16, temperature=0
+        )
+        assert r.parse().choices[0].text == reference[2][0]
+        holder = r.headers["x-dynvllm-worker"]
+        held = {x["name"] for x in json.loads(cli(env, "list", "--json").stdout) if x["worker"] == holder}
+        assert held == {"a1", "a2"}  # a3, the least recently used there, made room
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="never-loaded", prompt="x", max_tokens=2)
+    finally:
+        fe.stop()
