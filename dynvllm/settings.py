@@ -117,6 +117,12 @@ class RouterSettings(_Group):
     router_approx_ttl: float = Field(
         120.0, gt=0, description="Seconds kv-approx assumes a routed prefix stays cached."
     )
+    migration_limit: int = Field(
+        3,
+        ge=0,
+        le=100,
+        description="Times a stream moves to another worker when its worker dies mid-stream (0: never).",
+    )
     lora_on_demand: bool = Field(
         False,
         description="A request for a known adapter that no live worker holds loads it on the least-loaded "

@@ -105,3 +105,39 @@ def wait_gone(pids: list[int], timeout: float = 30) -> list[int]:
         ]
         time.sleep(0.2)
     return alive
+
+
+def start_agg(model: Path, log: Path, namespace: str, *extra: str, workers: int = 1, env: dict | None = None):
+    """`dynvllm serve agg` on the tiny model under the served name "tiny": (base URL, Proc)."""
+    port = free_port()
+    args = [
+        "serve",
+        "agg",
+        "--model",
+        str(model),
+        "--served-model-name",
+        "tiny",
+        "--workers",
+        str(workers),
+        "--http-host",
+        "127.0.0.1",
+        "--http-port",
+        str(port),
+        "--namespace",
+        namespace,
+        *ENGINE_ARGS,
+        *extra,
+    ]
+    return f"http://127.0.0.1:{port}", Proc(args, log, env=env)
+
+
+def offline_reference(model: Path, requests: list[dict], llm_kwargs: dict | None = None) -> list:
+    """vLLM's own offline outputs for `requests` (see tests/offline_reference.py), in a child."""
+    script = Path(__file__).resolve().parent / "offline_reference.py"
+    argv = [sys.executable, str(script), str(model), json.dumps(requests)]
+    if llm_kwargs:
+        argv.append(json.dumps(llm_kwargs))
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("REFERENCE ")]
+    assert line, res.stderr[-3000:]
+    return json.loads(line[0][len("REFERENCE ") :])

@@ -178,7 +178,9 @@ class FrontendApp:
         }
 
     def _cards(self) -> dict[str, dict]:
-        cards = {name: self._model_card(name, e) for name, e in self.models.models.items()}
+        # A model is listed once a worker that serves requests end to end (generate) is registered:
+        # clients that poll /v1/models for readiness never see a model they cannot use yet.
+        cards = {name: self._model_card(name, e) for name, e in self.models.models.items() if e.servable}
         for name, (base, _) in self.models.adapters().items():
             cards.setdefault(name, {**self._model_card(name, base), "root": name, "parent": base.name})
         return cards
@@ -209,12 +211,21 @@ class FrontendApp:
         return JSONResponse({"status": "alive"})
 
     async def health(self, request: Request) -> Response:
-        workers = sum(len(e.instances) for e in self.models.models.values())
-        ok = workers > 0 and not self.draining
+        """200 when some model can serve requests end to end; counts workers per model and role."""
+        entries = self.models.models.values()
+        workers = sum(len(e.instances) for e in entries)
+        ready = sorted(e.name for e in entries if e.servable)
+        ok = bool(ready) and not self.draining
+        roles: dict[str, dict[str, int]] = {}
+        for e in entries:
+            for inst in e.instances.values():
+                per_model = roles.setdefault(e.name, {})
+                per_model[inst.role] = per_model.get(inst.role, 0) + 1
         body = {
             "status": "healthy" if ok else "unhealthy",
             "workers": workers,
-            "models": sorted(self.models.models),
+            "models": ready,
+            "roles": roles,
             "draining": self.draining,
         }
         return JSONResponse(body, status_code=200 if ok else 503)

@@ -45,6 +45,8 @@ class Dispatch:
         self.block_size = int(entry.card.get("block_size") or 0)
         self.blocks = request_blocks(len(prompt_ids), self.block_size)
         self.worker_id: str | None = None
+        #: Workers this request lost; they may stay in discovery until their lease expires.
+        self.lost: set[str] = set()
         self.overlap_blocks = 0
         #: Stage name -> "outcome" or "outcome:worker", for the response headers.
         self.stage_outcomes: dict[str, str] = {}
@@ -61,15 +63,16 @@ class Dispatch:
             and (lora is None or lora in (inst.card.get("loras") or ()))
         ]
 
-    async def _connect(self, endpoint: str) -> tuple[str, Connection, int]:
+    async def _connect(self, endpoint: str, prompt: list[int] | None = None) -> tuple[str, Connection, int]:
         """(instance id, connection, predicted cached blocks) of the worker the router picks."""
-        tried: set[str] = set()
+        tried: set[str] = set(self.lost)
+        prompt = prompt if prompt is not None else self.prompt_ids
         while True:
             candidates = self._serving(endpoint, tried)
             if not candidates:
                 what = f"adapter {self.lora!r} of " if self.lora else ""
                 raise InstanceLost(f"no live worker serves {endpoint!r} for {what}model {self.entry.name!r}")
-            iid, overlap = self.router.choose(candidates, self.prompt_ids, self.block_size, self.lora)
+            iid, overlap = self.router.choose(candidates, prompt, self.block_size, self.lora)
             inst = self.entry.instances[iid]
             tried.add(iid)
             try:
@@ -107,16 +110,41 @@ class Dispatch:
                 self.metrics.stage(stage.metric, stage.metric_help).labels(self.entry.name, outcome).inc()
         return ctx.handoff
 
+    def _continued(self, done: int) -> dict[str, Any]:
+        """Sampling for the rest of a migrated request: the budget less what was generated."""
+        s = dict(self.sampling)
+        s["max_tokens"] = int(s["max_tokens"]) - done
+        if s.get("min_tokens"):
+            s["min_tokens"] = max(0, int(s["min_tokens"]) - done)
+        s["prompt_logprobs"] = None  # the client has them from the first worker
+        return s
+
     async def stream(self) -> AsyncIterator[dict]:
         """Wire deltas from the generate worker. A worker lost before anything streamed is
-        replaced (stages run again for the new one); once tokens flowed, the loss is raised."""
+        replaced (stages run again for the new one). One lost mid-stream is replaced too, up to
+        --migration-limit times: the request goes on elsewhere with the tokens generated so far
+        appended to its prompt, so the client's stream continues without a visible break."""
         started = False
         attempts = 0
+        migrations = 0
+        generated: list[int] = []
+        single = int(self.sampling.get("n") or 1) == 1
+        limit = self.router.settings.migration_limit if single else 0
         while True:
-            self.worker_id, conn, self.overlap_blocks = await self._connect(protocol.GENERATE)
-            handoff = await self._run_stages()
-            req = protocol.generate_request(self.request_id, self.prompt_ids, self.sampling, **handoff)
-            stream = conn.call(protocol.GENERATE, req)
+            prompt = self.prompt_ids + generated if generated else self.prompt_ids
+            self.worker_id, conn, self.overlap_blocks = await self._connect(protocol.GENERATE, prompt)
+            if generated:
+                if len(generated) >= int(self.sampling["max_tokens"]):
+                    yield protocol.delta(0, [], "length")  # lost after the last token, before its end
+                    return
+                # The prompt and the tokens so far are computed again on the new worker.
+                handoff = {"lora": self.lora} if self.lora else {}
+                sampling = self._continued(len(generated))
+                rid = f"{self.request_id}-m{migrations}"
+            else:
+                handoff = await self._run_stages()
+                sampling, rid = self.sampling, self.request_id
+            stream = conn.call(protocol.GENERATE, protocol.generate_request(rid, prompt, sampling, **handoff))
             self.router.started(self.worker_id, self.blocks)
             try:
                 async for d in stream:
@@ -124,14 +152,31 @@ class Dispatch:
                     ids = d.get("token_ids")
                     if ids:
                         self._observe_timing(len(ids))
+                        if single:
+                            generated.extend(ids)
                     yield d
                 return
-            except InstanceLost:
-                attempts += 1
-                if started or attempts > RETRIES:
-                    raise
-                log.warning("worker %s lost before streaming; retrying elsewhere", self.worker_id)
+            except InstanceLost as exc:
+                self.lost.add(self.worker_id)
                 self.pool.drop(self.worker_id)
+                if not started:
+                    attempts += 1
+                    if attempts > RETRIES:
+                        raise
+                    log.warning("worker %s lost before streaming; retrying elsewhere", self.worker_id)
+                    continue
+                if migrations >= limit:
+                    raise
+                migrations += 1
+                self.metrics.migrations.labels(self.entry.name).inc()
+                log.warning(
+                    "worker %s lost mid-stream (%s); migrating after %d tokens (%d of %d)",
+                    self.worker_id,
+                    exc.message,
+                    len(generated),
+                    migrations,
+                    limit,
+                )
             finally:
                 self.router.finished(self.worker_id, self.blocks)
                 await stream.aclose()

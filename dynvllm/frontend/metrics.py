@@ -30,6 +30,12 @@ class FrontendMetrics:
         self.cached_tokens = Counter(
             "dynvllm_cached_prompt_tokens", "Prompt tokens served from a prefix cache", ["model"], registry=r
         )
+        self.migrations = Counter(
+            "dynvllm_migrations",
+            "Streams moved to another worker after theirs was lost",
+            ["model"],
+            registry=r,
+        )
         self._stages: dict[str, Counter] = {}
         self.routed = Counter(
             "dynvllm_routed_requests", "Requests routed to each worker", ["model", "worker"], registry=r

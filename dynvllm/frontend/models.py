@@ -9,6 +9,7 @@ from typing import Any
 
 from dynvllm.frontend.stages import Stage
 from dynvllm.frontend.tokenizer import Tokenizer
+from dynvllm.protocol import GENERATE
 from dynvllm.runtime.discovery import Instance, Watcher
 
 log = logging.getLogger("dynvllm.frontend")
@@ -25,6 +26,11 @@ class ModelEntry:
     roles: set[str] = field(default_factory=set)
     #: The stages before generation, in order (from the roles' plugins).
     stages: list[Stage] = field(default_factory=list)
+
+    @property
+    def servable(self) -> bool:
+        """Some live worker serves the generate stage (the end of every chain)."""
+        return any(GENERATE in inst.endpoints for inst in self.instances.values())
 
     @property
     def context_length(self) -> int:

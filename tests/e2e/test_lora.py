@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import ENGINE_ARGS, Proc, free_port, wait_http
+from tests.helpers import Proc, free_port, offline_reference, start_agg, wait_http
 
 TOKEN = "admin-secret"
 PROMPTS = ["the cat sees a dog", "blue river and old city"]
@@ -38,30 +38,9 @@ def roots(tiny_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def service(tiny_model, roots, tmp_path_factory):
     root, _ = roots
-    port = free_port()
-    log = tmp_path_factory.mktemp("lora") / "serve.log"
     env = {"DYN_ADMIN_TOKEN": TOKEN, "DYN_LORA_ROOTS": str(root), "DYN_NAMESPACE": "lora"}
-    proc = Proc(
-        [
-            "serve",
-            "agg",
-            "--model",
-            str(tiny_model),
-            "--served-model-name",
-            "tiny",
-            "--workers",
-            "2",
-            "--http-host",
-            "127.0.0.1",
-            "--http-port",
-            str(port),
-            *ENGINE_ARGS,
-            *LORA_ARGS,
-        ],
-        log,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("lora") / "serve.log"
+    url, proc = start_agg(tiny_model, log, "lora", *LORA_ARGS, workers=2, env=env)
     try:
         wait_http(url + "/health", lambda b: b.get("workers") == 2, proc)
         yield url, env
@@ -104,17 +83,7 @@ def reference(tiny_model, roots):
         }
         for p in PROMPTS
     ]
-    script = Path(__file__).resolve().parents[1] / "offline_reference.py"
-    kw = json.dumps({"enable_lora": True, "max_loras": 1, "max_lora_rank": 8})
-    res = subprocess.run(
-        [sys.executable, str(script), str(tiny_model), json.dumps(reqs), kw],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    line = [ln for ln in res.stdout.splitlines() if ln.startswith("REFERENCE ")]
-    assert line, res.stderr[-3000:]
-    return json.loads(line[0][len("REFERENCE ") :])
+    return offline_reference(tiny_model, reqs, {"enable_lora": True, "max_loras": 1, "max_lora_rank": 8})
 
 
 def _wait_models(url: str, want: set[str], timeout: float = 10) -> set[str]:

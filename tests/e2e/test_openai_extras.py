@@ -5,16 +5,13 @@ endpoints, the field rule and API keys. Greedy outputs are compared with vLLM of
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import httpx
 import jsonschema
 import openai
 import pytest
 
-from tests.helpers import ENGINE_ARGS, Proc, free_port, wait_http
+from tests.helpers import offline_reference, start_agg, wait_http
 
 KEY = "sk-test-2"
 SCHEMA = {
@@ -65,34 +62,18 @@ COMPACT = {"backend": "xgrammar", "disable_any_whitespace": True}
 
 @pytest.fixture(scope="module")
 def service(tiny_model, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("extras") / "serve.log"
-    proc = Proc(
-        [
-            "serve",
-            "agg",
-            "--model",
-            str(tiny_model),
-            "--served-model-name",
-            "tiny",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--namespace",
-            "extras",
-            "--tool-call-parser",
-            "hermes",
-            "--reasoning-parser",
-            "qwen3",
-            *ENGINE_ARGS,
-            "--structured-outputs-config",
-            json.dumps(COMPACT),
-        ],
-        log,
+    url, proc = start_agg(
+        tiny_model,
+        tmp_path_factory.mktemp("extras") / "serve.log",
+        "extras",
+        "--tool-call-parser",
+        "hermes",
+        "--reasoning-parser",
+        "qwen3",
+        "--structured-outputs-config",
+        json.dumps(COMPACT),
         env={"DYN_API_KEY": f"sk-test-1,{KEY}"},
     )
-    url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url + "/health", lambda b: b.get("workers") == 1, proc)
         yield url
@@ -103,20 +84,6 @@ def service(tiny_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(service):
     return openai.OpenAI(base_url=service + "/v1", api_key=KEY, max_retries=0)
-
-
-def _offline(model: Path, reqs: list[dict]) -> list:
-    script = Path(__file__).resolve().parents[1] / "offline_reference.py"
-    llm_kwargs = json.dumps({"structured_outputs_config": COMPACT})
-    res = subprocess.run(
-        [sys.executable, str(script), str(model), json.dumps(reqs), llm_kwargs],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    line = [ln for ln in res.stdout.splitlines() if ln.startswith("REFERENCE ")]
-    assert line, res.stderr[-3000:]
-    return json.loads(line[0][len("REFERENCE ") :])
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +107,7 @@ def reference(tiny_model):
             "params": {"max_tokens": 1, "temperature": 0, "prompt_logprobs": 2},
         }
     ]
-    return _offline(tiny_model, reqs)
+    return offline_reference(tiny_model, reqs, {"structured_outputs_config": COMPACT})
 
 
 def _chat(client, content: str, **kw):

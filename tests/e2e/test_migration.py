@@ -1,0 +1,122 @@
+"""Resilience on real vLLM with two workers: readiness from the first moment, and a stream whose
+worker is killed with SIGKILL continues on the other worker with the same greedy text."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import openai
+import pytest
+
+from tests.helpers import start_agg, wait_gone
+
+NS = "migrate"
+PROMPT = "the cat sees a dog and the old river runs"
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model, tmp_path_factory):
+    """`serve agg --workers 2`, with a request sent the moment the model is listed."""
+    url, proc = start_agg(tiny_model, tmp_path_factory.mktemp("migrate") / "serve.log", NS, workers=2)
+    first_ok = None
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and first_ok is None:
+            assert proc.p.poll() is None, proc.tail()
+            try:
+                with urllib.request.urlopen(url + "/v1/models", timeout=2) as r:
+                    listed = [m["id"] for m in json.load(r)["data"]]
+            except OSError:
+                listed = []
+            if "tiny" in listed:  # readiness: usable the moment it is listed
+                client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+                first_ok = client.completions.create(model="tiny", prompt="hi", max_tokens=2).choices[0].text
+            time.sleep(0.05)
+        assert first_ok is not None, proc.tail()
+        while json.load(urllib.request.urlopen(url + "/health"))["workers"] < 2:
+            time.sleep(0.2)
+        yield url, proc
+    finally:
+        proc.stop()
+
+
+def _workers() -> list[dict]:
+    out = subprocess.run(
+        [sys.executable, "-m", "dynvllm", "status", "--json", "--namespace", NS],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [i for i in json.loads(out.stdout)["instances"] if i["component"] == "worker"]
+
+
+def _busy_worker(workers: list[dict]) -> dict:
+    from dynvllm.runtime import nats as natsrt
+    from dynvllm.runtime.streams import Connection, unary
+
+    async def inflight(w: dict) -> int:
+        host, port = w["address"].split(":")
+        conn = Connection(host, int(port), w["id"])
+        await conn.open()
+        try:
+            return (await unary(conn, "stats", None))["inflight"]
+        finally:
+            await conn.close()
+
+    async def main() -> dict:
+        counts = await asyncio.gather(*(inflight(w) for w in workers))
+        busy = [w for w, n in zip(workers, counts, strict=True) if n]
+        assert len(busy) == 1, counts
+        return busy[0]
+
+    return natsrt.run(main())  # type: ignore[return-value]
+
+
+def test_health_reports_roles(service):
+    url, _ = service
+    body = json.load(urllib.request.urlopen(url + "/health"))
+    assert body["roles"] == {"tiny": {"agg": 2}} and body["models"] == ["tiny"]
+
+
+def test_a_stream_survives_its_worker_being_killed(service):
+    url, _ = service
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    tokens = 400
+    kw = {
+        "model": "tiny",
+        "prompt": PROMPT,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True},
+    }
+    expected = client.completions.create(**kw).choices[0].text
+    workers = _workers()
+    stream = client.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    text, finish, usage, killed = "", None, None, None
+    for i, chunk in enumerate(stream):
+        for c in chunk.choices:
+            text += c.text
+            finish = c.finish_reason or finish
+        if chunk.usage:
+            usage = chunk.usage
+        if i == 20:
+            killed = _busy_worker(workers)
+            os.kill(killed["pid"], signal.SIGKILL)
+    assert killed is not None
+    assert text == expected  # greedy: the same text as an uninterrupted run
+    assert finish == "length" and usage.completion_tokens == tokens
+    assert (
+        usage.prompt_tokens
+        == client.completions.create(model="tiny", prompt=PROMPT, max_tokens=1).usage.prompt_tokens
+    )
+    metrics = urllib.request.urlopen(url + "/metrics").read().decode()
+    assert 'dynvllm_migrations_total{model="tiny"} 1.0' in metrics
+    assert not wait_gone([killed["pid"]], timeout=10)
+    assert client.completions.create(model="tiny", prompt="after", max_tokens=2).choices[0].finish_reason
