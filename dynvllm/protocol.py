@@ -15,6 +15,7 @@ GENERATE = "generate"
 HEALTH = "health"
 # Worker endpoints for LoRA adapters (admin calls; the payload carries the admin token).
 LORA_LOAD, LORA_UNLOAD, LORA_LIST = "lora_load", "lora_unload", "lora_list"
+CLEAR_KV, SLEEP, WAKE = "clear_kv", "sleep", "wake"
 STATS = "stats"
 
 # Sampling options the worker forwards to vLLM's SamplingParams, by the same name.

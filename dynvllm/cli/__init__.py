@@ -31,7 +31,7 @@ def _root(
 
 
 def _register() -> None:
-    from dynvllm.cli import frontend, lora, model, plugins, serve, status
+    from dynvllm.cli import frontend, lora, model, operations, plugins, serve, status
 
     plugins.register(app)
     model.register(app)
@@ -39,6 +39,7 @@ def _register() -> None:
     status.register(app)
     frontend.register(app)
     lora.register(app)
+    operations.register(app)
 
 
 _register()

@@ -11,74 +11,12 @@ from typing import Any
 
 import typer
 
+from dynvllm.cli.calls import report as _report
+from dynvllm.cli.calls import run as _run
 from dynvllm.cli.options import with_settings
 from dynvllm.settings import Settings
 
 lora_app = typer.Typer(help="Load, unload and list LoRA adapters on a running service.", no_args_is_help=True)
-
-
-async def _call_workers(settings: Settings, endpoint: str, payload: dict, pick: Any) -> list[tuple[Any, Any]]:
-    """(instance, result or error message) for each worker `pick(instances)` returns."""
-    import asyncio
-
-    from dynvllm.runtime import nats as natsrt
-    from dynvllm.runtime.discovery import Watcher
-    from dynvllm.runtime.errors import RemoteError
-    from dynvllm.runtime.streams import StreamClientPool, unary
-
-    rt = settings.runtime
-    nc = await natsrt.connect(rt, name="dynvllm-lora")
-    pool = StreamClientPool()
-    try:
-        watcher = Watcher(nc, rt.namespace, rt.lease_ttl)
-        await watcher.start()
-        await asyncio.sleep(0.6)  # one announce round
-        await watcher.stop()
-        workers = [i for i in watcher.instances("worker") if endpoint in i.endpoints]
-        targets = pick(workers)
-
-        async def one(inst: Any) -> tuple[Any, Any]:
-            try:
-                conn = await pool.get(inst.id, inst.host, inst.port)
-                return inst, await unary(conn, endpoint, payload, timeout=900)
-            except RemoteError as exc:
-                return inst, f"{exc.kind}: {exc.message}"
-            except TimeoutError:
-                return inst, "timed out"
-
-        return list(await asyncio.gather(*(one(i) for i in targets)))
-    finally:
-        await pool.close()
-        await natsrt.close(nc)
-
-
-def _run(settings: Settings, endpoint: str, payload: dict, pick: Any) -> list[tuple[Any, Any]]:
-    from dynvllm.cli.serve import _fail
-    from dynvllm.runtime import nats as natsrt
-    from dynvllm.runtime import state
-
-    try:
-        settings.runtime.nats_url = state.resolve_nats_url(
-            settings.runtime.nats_url, settings.runtime.namespace
-        )
-        token = settings.runtime.admin_token
-        payload = {**payload, "admin_token": token.get_secret_value() if token else None}
-        return natsrt.run(_call_workers(settings, endpoint, payload, pick))  # type: ignore[return-value]
-    except (LookupError, natsrt.NatsUnavailable) as exc:
-        raise _fail(str(exc)) from None
-    except ValueError as exc:
-        raise _fail(str(exc)) from None
-
-
-def _report(results: list[tuple[Any, Any]], as_json: bool) -> None:
-    failed = [r for _, r in results if isinstance(r, str)]
-    if as_json:
-        typer.echo(json.dumps([{"worker": i.id, "result": r} for i, r in results], indent=2))
-    else:
-        for inst, r in results:
-            line = r if isinstance(r, str) else f"{r.get('status')} {r.get('name')}"
-            typer.echo(f"{inst.id}: {line}", err=isinstance(r, str))
-    raise typer.Exit(1 if failed else 0)
 
 
 def _targets(worker: str | None, all_workers: bool):  # type: ignore[no-untyped-def]

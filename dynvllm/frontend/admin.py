@@ -70,6 +70,28 @@ class AdminCalls:
             {"status": f"Success: LoRA adapter '{name}' {verb} successfully.", "workers": dict(results)}
         )
 
+    async def clear_kv(self, request: Request, forget: Any) -> Response:
+        """Clear every worker's prefix cache; the router's index forgets the workers that cleared."""
+        if not self._authorized(request):
+            return _err(
+                401, "this route needs the admin token: send X-Admin-Token", code="invalid_admin_token"
+            )
+        workers = [
+            inst
+            for e in self.models.models.values()
+            for inst in e.instances.values()
+            if protocol.CLEAR_KV in inst.endpoints
+        ]
+        payload = {"admin_token": self.token}
+        results = await asyncio.gather(
+            *(call_worker(self.pool, i, protocol.CLEAR_KV, payload) for i in workers)
+        )
+        cleared = sorted(iid for iid, r in results if not isinstance(r, str))
+        for iid in cleared:
+            forget(iid)
+        failed = {iid: r for iid, r in results if isinstance(r, str)}
+        return JSONResponse({"cleared": cleared, "failed": failed}, status_code=200 if not failed else 500)
+
     def _workers(self, model: Any, name: str, load: bool) -> list[Any]:
         if not load:
             held = self.models.adapters().get(name)

@@ -153,6 +153,7 @@ class FrontendApp:
             Route("/detokenize", self.detokenize, methods=["POST"]),
             Route("/version", self.version, methods=["GET"]),
             Route("/v1/load_lora_adapter", self.load_lora, methods=["POST"]),
+            Route("/clear_kv_blocks", self.clear_kv, methods=["POST"]),
             Route("/v1/unload_lora_adapter", self.unload_lora, methods=["POST"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/live", self.live, methods=["GET"]),
@@ -198,6 +199,14 @@ class FrontendApp:
     async def load_lora(self, request: Request) -> Response:
         """vLLM's dynamic LoRA route: load on every worker of the base model."""
         return await self.admin.lora(request, await self._body(request), load=True)
+
+    async def clear_kv(self, request: Request) -> Response:
+        return await self.admin.clear_kv(request, self._forget_cache)
+
+    def _forget_cache(self, worker_id: str) -> None:
+        index = self.router.index
+        if index is not None:
+            index.drop_instance(worker_id)
 
     async def unload_lora(self, request: Request) -> Response:
         return await self.admin.lora(request, await self._body(request), load=False)

@@ -60,6 +60,7 @@ class Dispatch:
             for i, inst in self.entry.instances.items()
             if endpoint in inst.endpoints
             and i not in exclude
+            and not inst.card.get("sleeping")
             and (lora is None or lora in (inst.card.get("loras") or ()))
         ]
 

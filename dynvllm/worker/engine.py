@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from dynvllm.runtime.errors import BadRequest
 from dynvllm.settings import Settings
 from dynvllm.worker.stats import SchedulerSnapshot
 
@@ -56,6 +57,16 @@ class Engine:
     async def unload_adapter(self, name: str) -> None:
         """Remove an adapter once the requests using it have finished; new ones are refused."""
         raise NotImplementedError
+
+    async def clear_kv(self) -> None:
+        """Drop every cached prefix block (routers are told through the engine's KV events)."""
+        raise BadRequest(f"the {self.kind} engine cannot clear its KV cache")
+
+    async def sleep(self, level: int) -> None:
+        raise BadRequest(f"the {self.kind} engine cannot sleep")
+
+    async def wake(self) -> None:
+        raise BadRequest(f"the {self.kind} engine cannot sleep")
 
     @property
     def errored(self) -> bool:

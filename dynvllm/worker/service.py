@@ -21,6 +21,7 @@ from dynvllm.runtime.events import LOAD, EventBus, LoadMetrics
 from dynvllm.runtime.streams import Inflight, StreamServer
 from dynvllm.settings import Settings
 from dynvllm.worker.adapters import AdapterManager
+from dynvllm.worker.operations import EngineOperations
 from dynvllm.worker.role import EngineHandle, Role
 from dynvllm.worker.stats import SchedulerSnapshot
 
@@ -45,6 +46,7 @@ class Worker:
         self.relay: Any = None
         self.inflight = Inflight()
         self.adapters: AdapterManager | None = None
+        self.operations: EngineOperations | None = None
 
     # ---- handlers shared by every role ------------------------------------------------
     async def health(self, payload: Any = None) -> dict:
@@ -100,6 +102,7 @@ class Worker:
             # Where each came from, so any frontend can load it again elsewhere (--lora-on-demand).
             "lora_sources": dict(self.adapters.known) if self.adapters else {},
             "lora_capacity": self.engine.adapter_capacity(),
+            "sleeping": self.operations.sleeping if self.operations else 0,
         }
 
     async def run(self) -> int:
@@ -110,10 +113,12 @@ class Worker:
         self._build_engine()
         role_handlers = self.role.handlers(EngineHandle(generate=self.engine.generate))
         self.adapters = AdapterManager(self.engine, self.settings, self._republish)
+        self.operations = EngineOperations(self.engine, self.settings, self._republish)
         handlers = {
             protocol.HEALTH: self.health,
             protocol.STATS: self.stats,
             **self.adapters.handlers(),
+            **self.operations.handlers(),
             **role_handlers,
         }
         self.server = StreamServer(handlers, self.inflight, counted=set(role_handlers))

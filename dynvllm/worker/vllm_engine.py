@@ -171,6 +171,16 @@ class VllmEngine(Engine):
             if not finished:
                 await asyncio.shield(self.llm.abort(rid))
 
+    async def clear_kv(self) -> None:
+        if await self.llm.reset_prefix_cache() is False:  # older vLLM returns None
+            raise BadRequest("vLLM could not clear the prefix cache now (requests still hold blocks); retry")
+
+    async def sleep(self, level: int) -> None:
+        await self.llm.sleep(level)
+
+    async def wake(self) -> None:
+        await self.llm.wake_up()
+
     def adapter_capacity(self) -> int:
         lora = getattr(self.llm.vllm_config, "lora_config", None)
         return int(lora.max_loras) if lora is not None else 0

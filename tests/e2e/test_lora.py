@@ -1,6 +1,7 @@
-"""LoRA adapters at run time against `serve agg --workers 2` on real vLLM: CLI load/list/unload,
-adapters as models, routing to holders only, equality with vLLM offline, locks, limits and
-errors, and an unload during a stream."""
+"""Operator commands against `serve agg --workers 2` on real vLLM, with an admin token. LoRA:
+CLI load/list/unload, adapters as models, routing to holders only, equality with vLLM offline,
+locks, limits and errors, an unload during a stream, on-demand loading. Engine operations:
+clear-KV (CLI and HTTP) and sleep/wake."""
 
 from __future__ import annotations
 
@@ -280,3 +281,50 @@ def test_on_demand_loads_a_known_adapter_evicting_the_least_recently_used(servic
             client.completions.create(model="never-loaded", prompt="x", max_tokens=2)
     finally:
         fe.stop()
+
+
+def test_clear_kv_and_sleep_wake(service):
+    url, env = service
+    w1, w2 = workers(env)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    prompt = " ".join(["the old river runs where the city road meets the blue mountain"] * 8)
+
+    def ask(p: str):
+        raw = client.completions.with_raw_response.create(model="tiny", prompt=p, max_tokens=2, temperature=0)
+        return raw.parse().usage.prompt_tokens_details.cached_tokens, raw.headers
+
+    ask(prompt)
+    cached, headers = ask(prompt)
+    assert cached >= 64 and int(headers["x-dynvllm-predicted-cached-tokens"]) >= 64
+    r = subprocess.run(
+        [sys.executable, "-m", "dynvllm", "kv", "clear", "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert sorted(x["worker"] for x in json.loads(r.stdout)) == [w1, w2]
+    assert httpx.post(url + "/clear_kv_blocks").status_code == 401  # admin token required
+    body = httpx.post(url + "/clear_kv_blocks", headers={"X-Admin-Token": TOKEN}, timeout=60).json()
+    assert body == {"cleared": [w1, w2], "failed": {}}
+    cached, headers = ask(prompt)
+    assert cached == 0 and headers["x-dynvllm-predicted-cached-tokens"] == "0"
+
+    def op(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "dynvllm", "worker", *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+            timeout=120,
+        )
+
+    assert op("sleep", w1).returncode == 0
+    time.sleep(0.5)  # the card saying so reaches the frontend with the next announce
+    assert {ask(f"sleepy prompt {i}")[1]["x-dynvllm-worker"] for i in range(6)} == {w2}
+    assert op("wake", w1).returncode == 0
+    time.sleep(0.5)
+    assert w1 in {ask(f"awake prompt number {i}")[1]["x-dynvllm-worker"] for i in range(8)}
+    bad = op("sleep", "no-such-worker")
+    assert bad.returncode == 2 and "no worker 'no-such-worker'" in bad.stderr
