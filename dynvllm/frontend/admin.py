@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 from typing import Any
 
@@ -14,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 
 from dynvllm import protocol
 from dynvllm.frontend.models import ModelRegistry
+from dynvllm.frontend.openai_api import APIError, json_object
 from dynvllm.runtime.errors import RemoteError
 from dynvllm.runtime.streams import StreamClientPool, unary
 
@@ -22,8 +22,7 @@ log = logging.getLogger("dynvllm.frontend")
 
 
 def _err(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(APIError(status, message, param=param, code=code).body(), status_code=status)
 
 
 class AdminCalls:
@@ -42,10 +41,10 @@ class AdminCalls:
                 401, "this route needs the admin token: send X-Admin-Token", code="invalid_admin_token"
             )
         try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return _err(400, "request body is not valid JSON")
-        if not isinstance(data, dict) or not isinstance(data.get("lora_name"), str):
+            data = json_object(body)
+        except APIError as exc:
+            return _err(exc.status, exc.message)
+        if not isinstance(data.get("lora_name"), str):
             return _err(400, "lora_name is required", param="lora_name")
         name = data["lora_name"]
         if load and not isinstance(data.get("lora_path"), str):
@@ -58,7 +57,7 @@ class AdminCalls:
         if load:
             payload["source"] = data["lora_path"]
         endpoint = LORA_LOAD if load else LORA_UNLOAD
-        results = await asyncio.gather(*(self._call(inst, endpoint, payload) for inst in targets))
+        results = await asyncio.gather(*(call_worker(self.pool, inst, endpoint, payload) for inst in targets))
         failed = {iid: r for iid, r in results if isinstance(r, str)}
         if failed:
             detail = "; ".join(f"{iid}: {msg}" for iid, msg in sorted(failed.items()))
@@ -105,9 +104,6 @@ class AdminCalls:
         elif len(entries) > 1:
             return []  # several base models: the request must name one
         return [inst for e in entries for inst in e.instances.values() if LORA_LOAD in inst.endpoints]
-
-    async def _call(self, inst: Any, endpoint: str, payload: dict) -> tuple[str, Any]:
-        return await call_worker(self.pool, inst, endpoint, payload)
 
 
 async def call_worker(pool: StreamClientPool, inst: Any, endpoint: str, payload: dict) -> tuple[str, Any]:
@@ -156,9 +152,11 @@ class OnDemandAdapters:
             target, victim = self._place(workers)
             payload: dict[str, Any] = {"admin_token": self.token}
             if victim is not None:
-                await self._call(target, LORA_UNLOAD, {**payload, "name": victim})
+                await call_worker(self.pool, target, LORA_UNLOAD, {**payload, "name": victim})
             log.warning("loading adapter %s on demand on worker %s (evicting %s)", name, target.id, victim)
-            _, result = await self._call(target, LORA_LOAD, {**payload, "name": name, "source": source})
+            _, result = await call_worker(
+                self.pool, target, LORA_LOAD, {**payload, "name": name, "source": source}
+            )
             if isinstance(result, str):
                 log.warning("on-demand load of adapter %s on %s failed: %s", name, target.id, result)
                 return False
@@ -182,6 +180,3 @@ class OnDemandAdapters:
         )
         victim = min(target.card.get("loras") or [], key=lambda a: self.last_used.get((target.id, a), 0.0))
         return target, victim
-
-    async def _call(self, inst: Any, endpoint: str, payload: dict) -> tuple[str, Any]:
-        return await call_worker(self.pool, inst, endpoint, payload)

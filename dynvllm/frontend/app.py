@@ -245,12 +245,12 @@ class FrontendApp:
     async def tokenize(self, request: Request) -> Response:
         """vLLM's /tokenize: a prompt, or chat messages through the chat template."""
         try:
-            data = _json_object(await self._body(request))
+            data = oa.json_object(await self._body(request))
             entry = await self._entry(str(data.get("model", "")))
             tok = entry.tokenizer
             assert tok is not None
             if "messages" in data:
-                req = oa.parse(oa.ChatRequest, json.dumps({**data, "max_tokens": None}).encode())
+                req = oa.validate(oa.ChatRequest, {**data, "max_tokens": None})
                 ids = self.chat_fmt.prompts(entry, req)[0][0]
             elif isinstance(data.get("prompt"), str):
                 add_special = data.get("add_special_tokens", True)
@@ -265,7 +265,7 @@ class FrontendApp:
 
     async def detokenize(self, request: Request) -> Response:
         try:
-            data = _json_object(await self._body(request))
+            data = oa.json_object(await self._body(request))
             entry = await self._entry(str(data.get("model", "")))
             ids = data.get("tokens")
             if not isinstance(ids, list) or not all(
@@ -425,16 +425,6 @@ class FrontendApp:
             self.metrics.inflight.labels(r.model).dec()
             self._account(r, status)
         yield b"data: [DONE]\n\n"
-
-
-def _json_object(raw: bytes) -> dict:
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise oa.APIError(400, f"request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise oa.APIError(400, "request body must be a JSON object")
-    return data
 
 
 def _load_parser(group: str, name: str | None) -> Any:

@@ -7,6 +7,8 @@ import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from dynvllm.frontend.openai_api import APIError
+
 #: Routes that stay open: probes and metrics scrapers carry no key.
 OPEN_PATHS = frozenset({"/health", "/live", "/metrics", "/version"})
 
@@ -35,16 +37,10 @@ class ApiKeyMiddleware:
         if self._allowed(header):
             await self.app(scope, receive, send)
             return
-        body = json.dumps(
-            {
-                "error": {
-                    "message": "Incorrect or missing API key: send Authorization: Bearer <key>",
-                    "type": "invalid_request_error",
-                    "param": None,
-                    "code": "invalid_api_key",
-                }
-            }
-        ).encode()
+        error = APIError(
+            401, "Incorrect or missing API key: send Authorization: Bearer <key>", code="invalid_api_key"
+        )
+        body = json.dumps(error.body()).encode()
         await send(
             {
                 "type": "http.response.start",

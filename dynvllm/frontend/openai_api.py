@@ -306,13 +306,23 @@ class CompletionRequest(_Req):
         return list(p)  # type: ignore[arg-type]
 
 
-def parse(model: type[BaseModel], raw: bytes) -> Any:
+def json_object(raw: bytes) -> dict:
+    """A request body as a JSON object, or the 400 that says why it is not one."""
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise APIError(400, f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object")
+    return data
+
+
+def parse(model: type[BaseModel], raw: bytes) -> Any:
+    return validate(model, json_object(raw))
+
+
+def validate(model: type[BaseModel], data: dict) -> Any:
+    """A request model from a JSON object: pydantic's errors and refused fields become 400s."""
     try:
         req = model.model_validate(data)
     except ValidationError as err:
