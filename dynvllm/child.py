@@ -9,6 +9,8 @@ import os
 import sys
 
 SETTINGS_ENV = "DYN_INTERNAL_SETTINGS_JSON"
+# How many times `serve` restarted this child's slot after a crash (worker metrics show it).
+RESTARTS_ENV = "DYNVLLM_RESTARTS"
 
 
 def main(argv: list[str]) -> int:

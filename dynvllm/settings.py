@@ -175,6 +175,17 @@ class WorkerSettings(_Group):
         "vllm", description="Engine plugin: vllm (real) or sim (simulated, for routing experiments)."
     )
     rpc_port: int = Field(0, description="Port of the worker's stream server (0 picks a free one).")
+    metrics_port: int = Field(
+        0,
+        description="Port of the worker's Prometheus endpoint, vLLM's engine metrics included "
+        "(0 picks a free one and announces it in discovery; -1 turns it off).",
+    )
+    max_restarts: int = Field(
+        5,
+        ge=0,
+        description="Times `serve` restarts a crashed worker (with back-off; the count resets after "
+        "10 minutes of service); 0 leaves crashed workers down.",
+    )
     drain_timeout: float = Field(
         30.0, ge=0, description="Seconds in-flight requests get to finish on SIGTERM."
     )
@@ -235,6 +246,11 @@ class WorkerSettings(_Group):
     @classmethod
     def _port(cls, v: int) -> int:
         return _check_port(v, allow_zero=True)
+
+    @field_validator("metrics_port")
+    @classmethod
+    def _metrics_port(cls, v: int) -> int:
+        return v if v == -1 else _check_port(v, allow_zero=True)
 
 
 class EngineSettings(_Group):

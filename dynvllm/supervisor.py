@@ -1,12 +1,15 @@
-"""`dynvllm serve`: start NATS (unless joining one), the frontend and workers; stop them all.
+"""`dynvllm serve`: start NATS (unless joining one), the frontend and workers; keep them running;
+stop them all.
 
 Children get PDEATHSIG so they die with us even if we are killed; each worker also guards its
-own engine processes. Shutdown order keeps streams whole: workers drain first, then the
-frontend stops, then the private NATS server.
+own engine processes. A child that crashes after start-up is restarted with back-off
+(`RestartPolicy`); one that exits cleanly (drained on request) stays down. Shutdown order keeps
+streams whole: workers drain first, then the frontend stops, then the private NATS server.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,11 +18,29 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
-from dynvllm.child import SETTINGS_ENV
+from dynvllm.child import RESTARTS_ENV, SETTINGS_ENV
 from dynvllm.process import child_preexec, terminate
+from dynvllm.restarts import RestartPolicy, SlotState
 from dynvllm.runtime import state
 from dynvllm.runtime.nats import EmbeddedNats
 from dynvllm.settings import Settings
+
+
+@dataclass
+class Slot:
+    name: str  # "frontend" or the worker's role
+    args: tuple[str, ...]
+    proc: subprocess.Popen | None = None
+    state: SlotState = field(default_factory=SlotState)
+    reported: bool = False
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def down_for_good(self) -> bool:
+        return not self.alive and self.state.restart_at is None and (self.reported or self.proc is None)
 
 
 @dataclass
@@ -28,16 +49,22 @@ class Service:
     roles: list[tuple[str, int]]  # (role, how many workers)
     with_frontend: bool = True
     nats: EmbeddedNats | None = None
-    frontend: subprocess.Popen | None = None
-    workers: list[subprocess.Popen] = field(default_factory=list)
+    frontend: Slot | None = None
+    workers: list[Slot] = field(default_factory=list)
     stop_requested: bool = False
+    policy: RestartPolicy = field(default_factory=RestartPolicy)
 
-    def _spawn(self, *args: str) -> subprocess.Popen:
+    def __post_init__(self) -> None:
+        self.policy = RestartPolicy(max_restarts=self.settings.worker.max_restarts)
+
+    def _spawn(self, slot: Slot) -> None:
         env = dict(os.environ)
         env[SETTINGS_ENV] = self.settings.to_json()
-        return subprocess.Popen(
-            [sys.executable, "-m", "dynvllm.child", *args], env=env, preexec_fn=child_preexec
+        env[RESTARTS_ENV] = str(slot.state.restarts)
+        slot.proc = subprocess.Popen(
+            [sys.executable, "-m", "dynvllm.child", *slot.args], env=env, preexec_fn=child_preexec
         )
+        slot.reported = False
 
     def start(self) -> None:
         rt = self.settings.runtime
@@ -55,11 +82,18 @@ class Service:
             nats_url=rt.nats_url,
             http_port=self.settings.frontend.http_port if self.with_frontend else None,
         )
+        now = time.monotonic()
         if self.with_frontend:
-            self.frontend = self._spawn("frontend")
+            self.frontend = Slot("frontend", ("frontend",), state=SlotState(started_at=now))
+            self._spawn(self.frontend)
         for role, count in self.roles:
             for _ in range(count):
-                self.workers.append(self._spawn("worker", role))
+                slot = Slot(role, ("worker", role), state=SlotState(started_at=now))
+                self._spawn(slot)
+                self.workers.append(slot)
+
+    def slots(self) -> list[Slot]:
+        return ([self.frontend] if self.frontend else []) + self.workers
 
     def http_url(self) -> str:
         fe = self.settings.frontend
@@ -68,12 +102,10 @@ class Service:
 
     def wait_ready(self, timeout: float = 600) -> bool:
         """True once the frontend reports every worker healthy; False if a child died first."""
-        import json
-
         deadline = time.monotonic() + timeout
         want = len(self.workers)
         while time.monotonic() < deadline and not self.stop_requested:
-            if self.dead_child():
+            if any(not s.alive for s in self.slots()):
                 return False
             if not self.with_frontend:
                 return True
@@ -86,31 +118,51 @@ class Service:
             time.sleep(0.3)
         return False
 
-    def dead_workers(self) -> list[subprocess.Popen]:
-        return [p for p in self.workers if p.poll() is not None]
+    def supervise(self, now: float | None = None) -> list[str]:
+        """One supervision round: notice exits, restart what is due. Returns console lines."""
+        now = time.monotonic() if now is None else now
+        lines = []
+        for slot in self.slots():
+            if slot.proc is None:
+                continue
+            code = slot.proc.poll()
+            if code is not None and not slot.reported:
+                slot.reported = True
+                what = f"{slot.name} (pid {slot.proc.pid}) exited with code {code}"
+                decision = slot.state.on_exit(self.policy, code, now)
+                if decision == "restart":
+                    wait = slot.state.restart_at - now  # type: ignore[operator]
+                    lines.append(
+                        f"[yellow]{what}; restarting in {wait:.0f} s "
+                        f"(restart {slot.state.restarts + 1} of {self.policy.max_restarts})[/]"
+                    )
+                elif decision == "done":
+                    lines.append(f"[yellow]{what} after draining; not restarted[/]")
+                else:
+                    lines.append(f"[bold red]{what}; restart limit reached, leaving it down[/]")
+            if slot.state.due(now):
+                slot.state.restarted(now)
+                self._spawn(slot)
+                lines.append(f"[green]{slot.name} restarted as pid {slot.proc.pid}[/]")
+        return lines
 
     def fatal(self) -> bool:
-        """The service cannot serve any more: its frontend or all of its workers are gone."""
-        frontend_dead = self.frontend is not None and self.frontend.poll() is not None
-        return frontend_dead or len(self.dead_workers()) == len(self.workers)
-
-    def dead_child(self) -> subprocess.Popen | None:
-        for p in [self.frontend, *self.workers]:
-            if p is not None and p.poll() is not None:
-                return p
-        return None
+        """The service cannot serve any more: its frontend or every worker is down for good."""
+        frontend_gone = self.frontend is not None and self.frontend.down_for_good
+        return frontend_gone or all(s.down_for_good for s in self.workers)
 
     def stop(self) -> None:
         grace = self.settings.worker.drain_timeout + 15
+        workers = [s.proc for s in self.workers if s.proc is not None]
         # SIGTERM to each worker process only: it drains and shuts its own engine down; the
         # engine processes in its group must not get the signal before it has done so.
-        for p in self.workers:
+        for p in workers:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        for p in self.workers:
+        for p in workers:
             terminate(p, grace)
-        if self.frontend is not None:
-            terminate(self.frontend, 10)
+        if self.frontend is not None and self.frontend.proc is not None:
+            terminate(self.frontend.proc, 10)
         if self.nats is not None:
             self.nats.stop()
         state.forget(self.settings.runtime.namespace)

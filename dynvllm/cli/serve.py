@@ -108,16 +108,10 @@ def _run_service(settings: Settings, roles: list[tuple[str, int]]) -> None:
                     border_style="green",
                 )
             )
-            reported: set[int] = set()
             while not service.stop_requested:
                 time.sleep(0.3)
-                for dead in service.dead_workers():
-                    if dead.pid not in reported:
-                        reported.add(dead.pid)
-                        console.print(
-                            f"[bold yellow]worker pid {dead.pid} exited with code {dead.returncode}; "
-                            f"{len(service.workers) - len(reported)} worker(s) still serve[/]"
-                        )
+                for line in service.supervise():
+                    console.print(line, highlight=False)
                 if service.fatal():
                     console.print("[bold red]the frontend or every worker is gone; stopping the service[/]")
                     code = 1

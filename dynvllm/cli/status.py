@@ -46,12 +46,25 @@ async def collect(settings: Settings, wait: float = 1.2) -> list[dict]:
                     "model": inst.card.get("model"),
                     "stage": inst.card.get("stage"),
                     "pid": inst.pid,
+                    "metrics": f"{inst.host}:{inst.card['metrics_port']}"
+                    if inst.card.get("metrics_port")
+                    else None,
+                    "restarts": inst.card.get("restarts", 0),
                     "load": load.get(inst.id, {}),
                 }
             )
         return rows
     finally:
         await nc.close()
+
+
+def kv_used(load: dict) -> str:
+    """'37% (120/324)' from a load report: blocks in use of the engine's KV cache."""
+    total = load.get("kv_total_blocks")
+    if not total:
+        return "-"
+    used = load.get("kv_used_blocks", 0)
+    return f"{100 * used / total:.0f}% ({used}/{total})"
 
 
 def register(app: typer.Typer) -> None:
@@ -76,31 +89,34 @@ def register(app: typer.Typer) -> None:
             typer.echo(json.dumps({"nats_url": settings.runtime.nats_url, "instances": rows}, indent=2))
             return
         from rich.console import Console
-        from rich.table import Table
+        from rich.table import Column, Table
 
+        # Narrow terminals fold cells onto more lines; ids and addresses are never cut short.
         table = Table(
             "role",
-            "id",
-            "model",
+            Column("id", overflow="fold"),
+            Column("model", overflow="fold"),
             "stage",
-            "address",
-            "running",
-            "waiting",
-            "kv blocks",
+            Column("address", overflow="fold"),
+            Column("metrics", overflow="fold"),
+            "run",
+            "wait",
+            "kv used",
+            "restarts",
             title=f"dynvllm @ {settings.runtime.nats_url} (namespace {settings.runtime.namespace})",
         )
         for r in rows:
-            ld = r["load"]
-            kv = f"{ld.get('kv_used_blocks', '-')}/{ld.get('kv_total_blocks', '-')}" if ld else "-"
             table.add_row(
                 r["role"] or r["component"],
                 r["id"],
                 r["model"] or "-",
                 r["stage"] or "-",
                 r["address"],
-                str(ld.get("running", "-")),
-                str(ld.get("waiting", "-")),
-                kv,
+                r["metrics"] or "-",
+                str(r["load"].get("running", "-")),
+                str(r["load"].get("waiting", "-")),
+                kv_used(r["load"]),
+                str(r["restarts"]),
             )
         Console().print(table)
         if not rows:

@@ -138,6 +138,13 @@ class FrontendApp:
             OnDemandAdapters(models, pool, router.inflight, admin_token) if lora_on_demand else None
         )
         self.metrics = FrontendMetrics()
+        self.metrics.watch_workers(
+            lambda: [
+                (e.name, inst.role, int(inst.card.get("restarts") or 0))
+                for e in list(self.models.models.values())
+                for inst in list(e.instances.values())
+            ]
+        )
         self.draining = False
         self.chat_fmt = ChatFormatter(
             _load_parser(registry.TOOL_PARSERS, settings.tool_call_parser),

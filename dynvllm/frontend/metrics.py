@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LAT = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -41,6 +44,11 @@ class FrontendMetrics:
             "dynvllm_routed_requests", "Requests routed to each worker", ["model", "worker"], registry=r
         )
 
+    def watch_workers(self, rows: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
+        """Worker gauges read from discovery at scrape time: `rows()` yields (model, role,
+        restarts) per live worker."""
+        self.registry.register(_WorkerGauges(rows))  # type: ignore[arg-type]
+
     def stage(self, name: str, help_text: str) -> Counter:
         """The outcome counter a stage declares (created when the stage first runs)."""
         counter = self._stages.get(name)
@@ -53,3 +61,30 @@ class FrontendMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _WorkerGauges:
+    def __init__(self, rows: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
+        self._rows = rows
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        count: dict[tuple[str, str], int] = {}
+        restarts: dict[tuple[str, str], int] = {}
+        for model, role, n in self._rows():
+            count[(model, role)] = count.get((model, role), 0) + 1
+            restarts[(model, role)] = restarts.get((model, role), 0) + n
+        workers = GaugeMetricFamily(
+            "dynvllm_workers", "Live workers by model and role", labels=["model", "role"]
+        )
+        again = GaugeMetricFamily(
+            "dynvllm_worker_restarts",
+            "Crash restarts by `serve` of the live workers' slots",
+            labels=["model", "role"],
+        )
+        for key in sorted(count):
+            workers.add_metric(list(key), count[key])
+            again.add_metric(list(key), restarts[key])
+        yield workers
+        yield again

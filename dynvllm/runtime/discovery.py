@@ -198,9 +198,23 @@ class Watcher:
             self._fire(self.on_remove, entry[0])
 
     async def _sweep(self) -> None:
+        blind = False
         while True:
             await asyncio.sleep(min(0.25, self.lease_ttl / 4))
             now = time.monotonic()
+            if not getattr(self.nc, "is_connected", True):
+                # Our link to NATS is down: missing heartbeats say nothing about the instances
+                # (their streams still work), so no lease expires until we hear again.
+                blind = True
+                continue
+            if blind:
+                blind = False
+                self._seen = {iid: (inst, now) for iid, (inst, _) in self._seen.items()}
+                try:
+                    await self.nc.publish(_subject(self.namespace, "query"), b"")
+                except Exception as exc:  # flapping again: heartbeats will still come
+                    log.debug("discovery query not sent: %s", exc)
+                continue
             for iid, (inst, seen) in list(self._seen.items()):
                 if now - seen > self.lease_ttl:
                     self._seen.pop(iid, None)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from typing import Any
 
 from dynvllm import protocol
+from dynvllm.child import RESTARTS_ENV
 from dynvllm.process import become_group_leader, start_group_reaper
 from dynvllm.runtime import nats as natsrt
 from dynvllm.runtime.discovery import Instance, Lease
@@ -47,6 +49,9 @@ class Worker:
         self.inflight = Inflight()
         self.adapters: AdapterManager | None = None
         self.operations: EngineOperations | None = None
+        self.restarts = int(os.environ.get(RESTARTS_ENV, "0") or 0)
+        self.metrics_server: Any = None
+        self.metrics_port: int | None = None
 
     # ---- handlers shared by every role ------------------------------------------------
     async def health(self, payload: Any = None) -> dict:
@@ -58,6 +63,10 @@ class Worker:
         }
 
     async def stats(self, payload: Any = None) -> dict:
+        return self.stats_now()
+
+    def stats_now(self) -> dict:
+        """Plain reads only: the metrics thread calls it too."""
         s = self.snapshot
         return {
             "inflight": self.inflight.count,
@@ -68,6 +77,9 @@ class Worker:
             "prefix_hits": s.prefix_hits,
             "kv_events_relayed": self.relay.relay_seq if self.relay else 0,
             "kv_transfer": s.kv_transfer,
+            "draining": int(self.stopping.is_set()),
+            "sleeping": self.operations.sleeping if self.operations else 0,
+            "restarts": self.restarts,
         }
 
     # ---- lifecycle --------------------------------------------------------------------
@@ -103,7 +115,20 @@ class Worker:
             "lora_sources": dict(self.adapters.known) if self.adapters else {},
             "lora_capacity": self.engine.adapter_capacity(),
             "sleeping": self.operations.sleeping if self.operations else 0,
+            "metrics_port": self.metrics_port,
+            "restarts": self.restarts,
         }
+
+    def _serve_metrics(self, bind: str) -> None:
+        port = self.settings.worker.metrics_port
+        if port < 0:
+            return
+        from dynvllm.worker.metrics import WorkerCollector, serve_metrics
+
+        eng = self.settings.engine
+        labels = {"role": self.role_name, "model": eng.served_model_name or eng.model or ""}
+        collector = WorkerCollector(self.stats_now, labels)
+        self.metrics_server, self.metrics_port = serve_metrics(bind, port, collector)
 
     async def run(self) -> int:
         become_group_leader()
@@ -125,6 +150,7 @@ class Worker:
         host = rt.advertise_host or natsrt.local_address_towards(rt.nats_url or "")
         bind = "127.0.0.1" if host == "127.0.0.1" else "0.0.0.0"
         port = await self.server.start(bind, self.settings.worker.rpc_port)
+        self._serve_metrics(bind)
         self.instance = Instance.new(
             COMPONENT,
             role=self.role_name,
@@ -168,6 +194,8 @@ class Worker:
         if self.relay is not None:
             await self.relay.stop()
         await natsrt.close(self.nc)
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
         self.engine.shutdown()
         return 1 if self.engine_dead else 0
 

@@ -85,6 +85,18 @@ def test_health_reports_roles(service):
     assert body["roles"] == {"tiny": {"agg": 2}} and body["models"] == ["tiny"]
 
 
+def test_each_worker_serves_vllm_engine_metrics(service):
+    workers = _workers()
+    assert len(workers) == 2
+    for w in workers:
+        assert w["metrics"].split(":")[0] == w["address"].split(":")[0]
+        text = urllib.request.urlopen(f"http://{w['metrics']}/metrics", timeout=5).read().decode()
+        # vLLM's own engine metrics (re-exported from the worker's process) and dynvllm's.
+        assert "vllm:kv_cache_usage_perc{" in text and "vllm:num_requests_running{" in text
+        assert "vllm:prefix_cache_queries_total{" in text
+        assert 'dynvllm_worker_kv_usage_ratio{model="tiny",role="agg"}' in text
+
+
 def test_a_stream_survives_its_worker_being_killed(service):
     url, _ = service
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)

@@ -51,6 +51,7 @@ class _Req:
     generated: int = 0
     cached_tokens: int = 0
     prefilled: bool = False
+    tail: list[int] = field(default_factory=list)  # the context's last tokens, generated included
 
 
 class BlockCache:
@@ -248,8 +249,11 @@ class SimEngine(Engine):
         return tokens
 
     def _emit(self, req: _Req) -> None:
-        last = req.tokens[-3:]
-        tok = hash((tuple(last), len(req.tokens), req.generated)) % self.vocab
+        # A function of the context alone (its last tokens and length), like greedy decoding: a
+        # request resent with its generated tokens appended continues with the same tokens.
+        tail = req.tail or req.tokens[-3:]
+        tok = hash((tuple(tail), len(req.tokens) + req.generated)) % self.vocab
+        req.tail = [*tail, tok][-3:]
         req.generated += 1
         done = req.generated >= req.max_tokens
         extra = (
