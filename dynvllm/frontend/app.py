@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -170,7 +171,11 @@ class FrontendApp:
         keys = settings.api_keys()
         if keys:
             middleware.append(Middleware(ApiKeyMiddleware, keys=keys, open_paths=OPEN_PATHS))
-        self.app = Starlette(routes=routes, middleware=middleware)
+        self.app = Starlette(
+            routes=routes,
+            middleware=middleware,
+            exception_handlers={HTTPException: _http_error, Exception: _internal_error},
+        )
 
     # ---- simple endpoints ----------------------------------------------------------
     @staticmethod
@@ -438,3 +443,19 @@ def _load_parser(group: str, name: str | None) -> Any:
     if not name:
         return None
     return registry.load(group, name)()
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (unknown route, wrong method) in OpenAI's shape, not as plain text."""
+    assert isinstance(exc, HTTPException)
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    body = oa.APIError(
+        exc.status_code, message, "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    )
+    return JSONResponse(body.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    """A bug of ours still answers in OpenAI's shape (the traceback goes to the log)."""
+    err = oa.APIError(500, f"internal error: {type(exc).__name__}", "internal_server_error")
+    return JSONResponse(err.body(), status_code=500)

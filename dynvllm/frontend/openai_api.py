@@ -312,9 +312,30 @@ def json_object(raw: bytes) -> dict:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise APIError(400, f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise APIError(400, "request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object")
+    if b"\\ud" in raw or b"\\uD" in raw:  # only escapes can smuggle in a lone surrogate
+        _no_lone_surrogates(data)
     return data
+
+
+def _no_lone_surrogates(value: Any) -> None:
+    """JSON allows escaped lone surrogates (\\ud800) that are not text: refuse them up front."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise APIError(400, "request body has a string with an unpaired surrogate escape") from None
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
 
 
 def parse(model: type[BaseModel], raw: bytes) -> Any:
