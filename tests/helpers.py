@@ -76,7 +76,7 @@ class Proc:
         return self.p.wait()
 
 
-def wait_http(url: str, predicate, proc: Proc, timeout: float = 240) -> dict:
+def wait_http(url: str, predicate, proc: Proc, timeout: float = 240, interval: float = 0.5) -> dict:
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -89,7 +89,7 @@ def wait_http(url: str, predicate, proc: Proc, timeout: float = 240) -> dict:
                     return last
         except Exception as exc:
             last = exc
-        time.sleep(0.5)
+        time.sleep(interval)
     raise AssertionError(f"timed out waiting for {url} (last: {last}):\n{proc.tail()}")
 
 

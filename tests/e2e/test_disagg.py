@@ -83,9 +83,17 @@ def disagg(tiny_model, tmp_path_factory, expected):
         ],
         tmp_path_factory.mktemp("dis") / "serve.log",
     )
+    url = f"http://127.0.0.1:{port}"
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", lambda b: b.get("workers") == 2, proc, timeout=400)
-        yield f"http://127.0.0.1:{port}", proc
+        # Readiness, polled from the first moment: a request sent as soon as the model is listed
+        # must succeed, whichever of the two workers registered first.
+        wait_http(url + "/v1/models", lambda b: any(m["id"] == "tiny" for m in b["data"]), proc, 400, 0.05)
+        first = httpx.post(
+            url + "/v1/completions", json={"model": "tiny", "prompt": "ready " * 60, "max_tokens": 4}, timeout=120
+        )
+        assert first.status_code == 200, first.text
+        wait_http(url + "/health", lambda b: b.get("workers") == 2, proc, timeout=400)
+        yield url, proc
     finally:
         proc.stop()
 
