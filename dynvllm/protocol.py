@@ -54,6 +54,8 @@ class GenerateRequest:
     kv_transfer_params: dict[str, Any] | None = None
     #: The LoRA adapter to apply, by name (None: the base model).
     lora: str | None = None
+    #: The data-parallel rank to run on (None: the engine balances its ranks itself).
+    dp_rank: int | None = None
 
 
 def generate_request(request_id: str, token_ids: list[int], sampling: dict[str, Any], **handoff: Any) -> dict:
@@ -81,10 +83,13 @@ def parse_generate(payload: Any) -> GenerateRequest:
     lora = payload.get("lora")
     if lora is not None and not isinstance(lora, str):
         raise BadRequest("lora must be an adapter name")
-    return GenerateRequest(rid, ids, sampling, kv, lora)
+    rank = payload.get("dp_rank")
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 0):
+        raise BadRequest("dp_rank must be a non-negative integer")
+    return GenerateRequest(rid, ids, sampling, kv, lora, rank)
 
 
-_REQUEST_KEYS = {"request_id", "token_ids", "sampling", "kv_transfer_params", "lora"}
+_REQUEST_KEYS = {"request_id", "token_ids", "sampling", "kv_transfer_params", "lora", "dp_rank"}
 
 
 def sampling_kwargs(sampling: dict[str, Any]) -> dict[str, Any]:

@@ -50,12 +50,45 @@ async def collect(settings: Settings, wait: float = 1.2) -> list[dict]:
                     if inst.card.get("metrics_port")
                     else None,
                     "restarts": inst.card.get("restarts", 0),
+                    "ranks": int(inst.card.get("dp_size") or 1),
                     "load": load.get(inst.id, {}),
                 }
             )
         return rows
     finally:
         await nc.close()
+
+
+_HEADERS = (
+    "role",
+    "id",
+    "model",
+    "stage",
+    "address",
+    "metrics",
+    "run",
+    "wait",
+    "kv used",
+    "ranks",
+    "restarts",
+)
+_TABLE_WIDTH = 150  # below this a table would squeeze ids and addresses
+
+
+def _cells(r: dict) -> list[str]:
+    return [
+        r["role"] or r["component"],
+        r["id"],
+        r["model"] or "-",
+        r["stage"] or "-",
+        r["address"],
+        r["metrics"] or "-",
+        str(r["load"].get("running", "-")),
+        str(r["load"].get("waiting", "-")),
+        kv_used(r["load"]),
+        str(r["ranks"]),
+        str(r["restarts"]),
+    ]
 
 
 def kv_used(load: dict) -> str:
@@ -91,33 +124,19 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Column, Table
 
-        # Narrow terminals fold cells onto more lines; ids and addresses are never cut short.
-        table = Table(
-            "role",
-            Column("id", overflow="fold"),
-            Column("model", overflow="fold"),
-            "stage",
-            Column("address", overflow="fold"),
-            Column("metrics", overflow="fold"),
-            "run",
-            "wait",
-            "kv used",
-            "restarts",
-            title=f"dynvllm @ {settings.runtime.nats_url} (namespace {settings.runtime.namespace})",
-        )
-        for r in rows:
-            table.add_row(
-                r["role"] or r["component"],
-                r["id"],
-                r["model"] or "-",
-                r["stage"] or "-",
-                r["address"],
-                r["metrics"] or "-",
-                str(r["load"].get("running", "-")),
-                str(r["load"].get("waiting", "-")),
-                kv_used(r["load"]),
-                str(r["restarts"]),
-            )
-        Console().print(table)
+        console = Console()
+        title = f"dynvllm @ {settings.runtime.nats_url} (namespace {settings.runtime.namespace})"
+        cells = [_cells(r) for r in rows]
+        if console.width >= _TABLE_WIDTH:
+            table = Table(*(Column(h, overflow="fold") for h in _HEADERS), title=title)
+            for c in cells:
+                table.add_row(*c)
+            console.print(table)
+        else:  # too narrow for a table: one block per instance, nothing cut short
+            console.print(title, highlight=False)
+            for c in cells:
+                console.print()
+                for h, v in zip(_HEADERS, c, strict=True):
+                    console.print(f"  [bold]{h:>8}[/] {v}", highlight=False, overflow="fold")
         if not rows:
-            Console().print("no instances registered")
+            console.print("no instances registered")

@@ -18,6 +18,7 @@ from dynvllm.frontend.metrics import FrontendMetrics
 from dynvllm.frontend.models import ModelEntry
 from dynvllm.frontend.routing import Router, request_blocks
 from dynvllm.frontend.stages import StageContext
+from dynvllm.router.policies import Pick
 from dynvllm.runtime.errors import InstanceLost
 from dynvllm.runtime.streams import Connection, StreamClientPool, unary
 
@@ -45,6 +46,7 @@ class Dispatch:
         self.block_size = int(entry.card.get("block_size") or 0)
         self.blocks = request_blocks(len(prompt_ids), self.block_size)
         self.worker_id: str | None = None
+        self.rank: int | None = None
         #: Workers this request lost; they may stay in discovery until their lease expires.
         self.lost: set[str] = set()
         self.overlap_blocks = 0
@@ -64,8 +66,8 @@ class Dispatch:
             and (lora is None or lora in (inst.card.get("loras") or ()))
         ]
 
-    async def _connect(self, endpoint: str, prompt: list[int] | None = None) -> tuple[str, Connection, int]:
-        """(instance id, connection, predicted cached blocks) of the worker the router picks."""
+    async def _connect(self, endpoint: str, prompt: list[int] | None = None) -> tuple[Pick, Connection]:
+        """The router's pick (instance, predicted cached blocks, rank) and a connection to it."""
         tried: set[str] = set(self.lost)
         prompt = prompt if prompt is not None else self.prompt_ids
         while True:
@@ -73,21 +75,23 @@ class Dispatch:
             if not candidates:
                 what = f"adapter {self.lora!r} of " if self.lora else ""
                 raise InstanceLost(f"no live worker serves {endpoint!r} for {what}model {self.entry.name!r}")
-            iid, overlap = self.router.choose(candidates, prompt, self.block_size, self.lora)
-            inst = self.entry.instances[iid]
-            tried.add(iid)
+            pick = self.router.choose(candidates, prompt, self.block_size, self.lora)
+            inst = self.entry.instances[pick.worker]
+            tried.add(pick.worker)
             try:
-                return iid, await self.pool.get(inst.id, inst.host, inst.port), overlap
+                return pick, await self.pool.get(inst.id, inst.host, inst.port)
             except InstanceLost:
                 self.pool.drop(inst.id)
 
     async def _stage_call(self, endpoint: str, payload: Any, timeout: float) -> tuple[str, Any]:
-        iid, conn, _ = await self._connect(endpoint)
-        self.router.started(iid, self.blocks)
+        pick, conn = await self._connect(endpoint)
+        if pick.rank is not None:
+            payload = {**payload, "dp_rank": pick.rank}
+        self.router.started(pick.worker, self.blocks, pick.rank)
         try:
-            return iid, await unary(conn, endpoint, payload, timeout=timeout)
+            return pick.worker, await unary(conn, endpoint, payload, timeout=timeout)
         finally:
-            self.router.finished(iid, self.blocks)
+            self.router.finished(pick.worker, self.blocks, pick.rank)
 
     async def _run_stages(self) -> dict[str, Any]:
         """The chain's stages before generation; what they hand on goes into the generate request."""
@@ -133,7 +137,8 @@ class Dispatch:
         limit = self.router.settings.migration_limit if single else 0
         while True:
             prompt = self.prompt_ids + generated if generated else self.prompt_ids
-            self.worker_id, conn, self.overlap_blocks = await self._connect(protocol.GENERATE, prompt)
+            pick, conn = await self._connect(protocol.GENERATE, prompt)
+            self.worker_id, self.overlap_blocks, self.rank = pick
             if generated:
                 if len(generated) >= int(self.sampling["max_tokens"]):
                     yield protocol.delta(0, [], "length")  # lost after the last token, before its end
@@ -145,8 +150,10 @@ class Dispatch:
             else:
                 handoff = await self._run_stages()
                 sampling, rid = self.sampling, self.request_id
+            if self.rank is not None:
+                handoff["dp_rank"] = self.rank
             stream = conn.call(protocol.GENERATE, protocol.generate_request(rid, prompt, sampling, **handoff))
-            self.router.started(self.worker_id, self.blocks)
+            self.router.started(self.worker_id, self.blocks, self.rank)
             try:
                 async for d in stream:
                     started = True
@@ -179,7 +186,7 @@ class Dispatch:
                     limit,
                 )
             finally:
-                self.router.finished(self.worker_id, self.blocks)
+                self.router.finished(self.worker_id, self.blocks, self.rank)
                 await stream.aclose()
 
     def _observe_timing(self, tokens: int) -> None:
@@ -194,6 +201,7 @@ class Dispatch:
     def headers(self) -> dict[str, str]:
         out = {
             "x-dynvllm-worker": self.worker_id or "",
+            **({"x-dynvllm-rank": str(self.rank)} if self.rank is not None else {}),
             "x-dynvllm-predicted-cached-tokens": str(self.overlap_blocks * self.block_size),
         }
         for name, outcome in self.stage_outcomes.items():

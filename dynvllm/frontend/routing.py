@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 
 from dynvllm.router.index import KvIndex
-from dynvllm.router.policies import Load, make_policy
+from dynvllm.router.policies import Load, Pick, make_policy
 from dynvllm.runtime.kv_topic import KvEventBatch
 from dynvllm.settings import RouterSettings
 
@@ -36,23 +36,36 @@ class Router:
         tokens: Sequence[int] = (),
         block_size: int = 0,
         lora: str | None = None,
-    ) -> tuple[str, int]:
-        """(instance id, predicted cached blocks) for a request."""
+    ) -> Pick:
+        """The worker (and rank, where the policy picks one) for a request."""
         return self.policy.choose(candidates, tokens, block_size, lora, self.load)
 
-    def started(self, worker_id: str | None, blocks: float = 1.0) -> None:
+    def set_ranks(self, worker_id: str, first: int, count: int) -> None:
+        """A data-parallel instance: its ranks are routing targets of their own."""
+        if count > 1:
+            self.load.ranks[worker_id] = (first, count)
+        else:
+            self.load.ranks.pop(worker_id, None)
+
+    def started(self, worker_id: str | None, blocks: float = 1.0, rank: int | None = None) -> None:
         if worker_id:
             self.inflight[worker_id] += 1
             self.active_blocks[worker_id] += blocks
+            self.load.rank_blocks[(worker_id, rank or 0)] += blocks
 
-    def finished(self, worker_id: str | None, blocks: float = 1.0) -> None:
+    def finished(self, worker_id: str | None, blocks: float = 1.0, rank: int | None = None) -> None:
         if worker_id and self.inflight.get(worker_id, 0) > 0:
             self.inflight[worker_id] -= 1
             self.active_blocks[worker_id] = max(0.0, self.active_blocks[worker_id] - blocks)
+            key = (worker_id, rank or 0)
+            self.load.rank_blocks[key] = max(0.0, self.load.rank_blocks[key] - blocks)
 
     def forget(self, worker_id: str) -> None:
         self.inflight.pop(worker_id, None)
         self.active_blocks.pop(worker_id, None)
+        self.load.ranks.pop(worker_id, None)
+        for key in [k for k in self.load.rank_blocks if k[0] == worker_id]:
+            del self.load.rank_blocks[key]
         self.policy.forget(worker_id)
 
     def on_kv_events(self, batch: KvEventBatch) -> None:

@@ -35,6 +35,14 @@ async def serve_frontend(settings: Settings) -> int:
     # A worker that says goodbye is draining: its open streams finish, new requests go elsewhere.
     # One whose lease expired may be unreachable without a reset: fail its streams now.
     watcher.on_remove.append(lambda inst: router.forget(inst.id))
+
+    def ranks(inst) -> None:  # type: ignore[no-untyped-def]
+        router.set_ranks(
+            inst.id, int(inst.card.get("dp_start_rank") or 0), int(inst.card.get("dp_size") or 1)
+        )
+
+    watcher.on_add.append(ranks)
+    watcher.on_update.append(ranks)
     watcher.on_expire.append(lambda inst: pool.drop(inst.id, "lease expired"))
     await watcher.start()
     if router.policy.uses_kv_events:

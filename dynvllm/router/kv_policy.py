@@ -37,14 +37,25 @@ class KvPolicy:
         self._rr = itertools.count()
 
     def choose(
-        self, candidates: Sequence[Worker], keys: list[int], load_blocks: dict[str, float]
+        self,
+        candidates: Sequence[Worker],
+        keys: list[int],
+        load_blocks: dict[str, float] | dict[Worker, float],
+        per_rank: bool = False,
     ) -> Decision:
-        """`load_blocks` is keyed by instance id (a worker's first element). One pass over the
-        candidates: this runs for every request, with up to thousands of workers."""
+        """`load_blocks` is keyed by instance id (a worker's first element), or by the whole
+        (instance, rank) worker with `per_rank`. One pass over the candidates: this runs for every
+        request, with up to thousands of workers."""
         overlaps = self.index.overlaps(keys)
         n, weight = len(keys), self.prefill_weight
-        get_overlap, get_load = overlaps.get, load_blocks.get
-        costs = [weight * (n - get_overlap(w, 0)) + get_load(w[0], 0.0) for w in candidates]
+        get_overlap, get = overlaps.get, load_blocks.get
+        # Two loops rather than a key function: a call per candidate would cost more than the rest.
+        loads = (
+            [get(w, 0.0) for w in candidates]  # type: ignore[call-overload]
+            if per_rank
+            else [get(w[0], 0.0) for w in candidates]  # type: ignore[call-overload]
+        )
+        costs = [weight * (n - get_overlap(w, 0)) + ld for w, ld in zip(candidates, loads, strict=True)]
         if self.temperature > 0:
             low = min(costs)
             weights = [math.exp(-(c - low) / self.temperature) for c in costs]
@@ -53,9 +64,7 @@ class KvPolicy:
         best = min(costs)
         tied = [i for i, c in enumerate(costs) if c == best]
         if len(tied) > 1:
-            least = min(get_load(candidates[i][0], 0.0) for i in tied)
-            tied = sorted(
-                (i for i in tied if get_load(candidates[i][0], 0.0) == least), key=lambda i: candidates[i]
-            )
+            least = min(loads[i] for i in tied)
+            tied = sorted((i for i in tied if loads[i] == least), key=lambda i: candidates[i])
         i = tied[next(self._rr) % len(tied)]
         return Decision(candidates[i], get_overlap(candidates[i], 0), costs[i])

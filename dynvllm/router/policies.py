@@ -12,6 +12,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from dynvllm.router import hashing
 from dynvllm.router.index import KvIndex
@@ -22,10 +23,22 @@ from dynvllm.settings import RouterSettings
 
 @dataclass
 class Load:
-    """What the frontend has in flight on each worker: requests and their prompt blocks."""
+    """What the frontend has in flight on each worker: requests and their prompt blocks, per
+    instance and per (instance, data-parallel rank); and how many ranks each instance has."""
 
     inflight: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     active_blocks: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    rank_blocks: dict[tuple[str, int], float] = field(default_factory=lambda: defaultdict(float))
+    #: Instance id -> its data-parallel ranks (first rank, count); absent means one engine.
+    ranks: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+class Pick(NamedTuple):
+    worker: str
+    #: Prompt blocks the policy expects to find cached there.
+    overlap: int = 0
+    #: The data-parallel rank to run on; None lets the instance choose.
+    rank: int | None = None
 
 
 class Policy:
@@ -37,8 +50,8 @@ class Policy:
 
     def choose(
         self, candidates: Sequence[str], tokens: Sequence[int], block_size: int, lora: str | None, load: Load
-    ) -> tuple[str, int]:
-        """(instance id, predicted cached blocks) for a request."""
+    ) -> Pick:
+        """The instance (and, for policies that see ranks, the rank) for a request."""
         raise NotImplementedError
 
     def on_kv_events(self, batch: KvEventBatch) -> None:
@@ -53,7 +66,7 @@ class RoundRobin(Policy):
         self._n = itertools.count()
 
     def choose(self, candidates, tokens, block_size, lora, load):  # type: ignore[override]
-        return sorted(candidates)[next(self._n) % len(candidates)], 0
+        return Pick(sorted(candidates)[next(self._n) % len(candidates)])
 
 
 class Random(Policy):
@@ -61,7 +74,7 @@ class Random(Policy):
         self._rng = random.Random(seed)
 
     def choose(self, candidates, tokens, block_size, lora, load):  # type: ignore[override]
-        return self._rng.choice(list(candidates)), 0
+        return Pick(self._rng.choice(list(candidates)))
 
 
 class LeastLoaded(Policy):
@@ -74,7 +87,7 @@ class LeastLoaded(Policy):
         inflight = load.inflight
         low = min(inflight.get(c, 0.0) for c in candidates)
         best = sorted(c for c in candidates if inflight.get(c, 0.0) == low)
-        return best[next(self._n) % len(best)], 0
+        return Pick(best[next(self._n) % len(best)])
 
 
 class KvRouting(Policy):
@@ -88,7 +101,7 @@ class KvRouting(Policy):
         self.index = KvIndex()
         self.cost = KvPolicy(self.index, settings.router_prefill_weight, settings.router_temperature)
         self._fallback = LeastLoaded()
-        self._relay_seq: dict[str, int] = {}
+        self._relay_seq: dict[tuple[str, int], int] = {}
         self.gaps = 0
 
     def choose(self, candidates, tokens, block_size, lora, load):  # type: ignore[override]
@@ -96,24 +109,34 @@ class KvRouting(Policy):
             return self._fallback.choose(candidates, tokens, block_size, lora, load)
         keys = hashing.chain(tokens, block_size, lora)
         decision = self._decide(candidates, keys, load)
-        return decision.worker[0], decision.overlap_blocks
+        iid, rank = decision.worker
+        return Pick(iid, decision.overlap_blocks, rank if iid in load.ranks else None)
 
     def _decide(self, candidates, keys, load):  # type: ignore[no-untyped-def]
-        return self.cost.choose([(c, 0) for c in candidates], keys, load.active_blocks)
+        ranks = load.ranks
+        if not ranks:
+            return self.cost.choose([(c, 0) for c in candidates], keys, load.active_blocks)
+        # Data-parallel instances: each rank has its own KV cache and queue, so each is a target.
+        targets = []
+        for c in candidates:
+            first, count = ranks.get(c, (0, 1))
+            targets.extend((c, r) for r in range(first, first + count))
+        return self.cost.choose(targets, keys, load.rank_blocks, per_rank=True)
 
     def on_kv_events(self, batch: KvEventBatch) -> None:
-        """Apply relayed engine events; a gap in the relay sequence drops that worker's state."""
-        last = self._relay_seq.get(batch.instance_id)
+        """Apply relayed engine events; a gap in a rank's relay sequence drops that rank's state."""
+        worker = (batch.instance_id, batch.dp_rank)
+        last = self._relay_seq.get(worker)
         if last is not None and batch.seq != last + 1:
             self.gaps += 1
-            self.index.drop_instance(batch.instance_id)
-        self._relay_seq[batch.instance_id] = batch.seq
-        worker = (batch.instance_id, batch.dp_rank)
+            self.index.drop_worker(worker)
+        self._relay_seq[worker] = batch.seq
         for ev in batch.events:
             self.index.apply(worker, tuple(ev))
 
     def forget(self, worker_id: str) -> None:
-        self._relay_seq.pop(worker_id, None)
+        for worker in [w for w in self._relay_seq if w[0] == worker_id]:
+            del self._relay_seq[worker]
         self.index.drop_instance(worker_id)
 
 

@@ -34,8 +34,14 @@ class Engine:
         """Start; publish KV events to `kv_endpoint` (a ZMQ SUB the worker binds) if given."""
         raise NotImplementedError
 
+    def local_ranks(self, settings: Settings) -> range:
+        """The data-parallel ranks this process's engine runs (each publishes its own KV events
+        on the KV endpoint's port + rank)."""
+        return range(1)
+
     def card(self) -> dict[str, Any]:
-        """path, tokenizer, context_length, block_size, kv_blocks."""
+        """path, tokenizer, context_length, block_size, kv_blocks (and dp_size, dp_start_rank
+        for a data-parallel engine)."""
         raise NotImplementedError
 
     def generate(self, payload: Any) -> AsyncIterator[dict]:

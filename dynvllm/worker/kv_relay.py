@@ -27,6 +27,33 @@ def free_tcp_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_run(count: int) -> int:
+    """A port P with P .. P+count-1 all free on loopback (count 1: any free port)."""
+    import socket
+
+    for _ in range(100):
+        base = free_tcp_port()
+        socks = []
+        try:
+            for i in range(1, count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no run of {count} free ports on loopback")
+
+
+def offset_port(endpoint: str, rank: int) -> str:
+    """tcp://host:P -> tcp://host:P+rank, as vLLM offsets a data-parallel rank's KV endpoints."""
+    host, port = endpoint.rsplit(":", 1)
+    return f"{host}:{int(port) + rank}"
+
+
 class KvEventRelay:
     def __init__(
         self,

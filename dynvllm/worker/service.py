@@ -45,7 +45,7 @@ class Worker:
         self.engine_dead = False
         self.last_canary: dict[str, Any] = {"ok": None, "at": 0.0, "seconds": None}
         self.instance: Instance | None = None
-        self.relay: Any = None
+        self.relays: list[Any] = []
         self.inflight = Inflight()
         self.adapters: AdapterManager | None = None
         self.operations: EngineOperations | None = None
@@ -75,7 +75,8 @@ class Worker:
             "kv_usage": s.kv_usage,
             "prefix_queries": s.prefix_queries,
             "prefix_hits": s.prefix_hits,
-            "kv_events_relayed": self.relay.relay_seq if self.relay else 0,
+            "kv_events_relayed": sum(r.relay_seq for r in self.relays),
+            "ranks": s.ranks_view(),
             "kv_transfer": s.kv_transfer,
             "draining": int(self.stopping.is_set()),
             "sleeping": self.operations.sleeping if self.operations else 0,
@@ -85,18 +86,22 @@ class Worker:
     # ---- lifecycle --------------------------------------------------------------------
     def _build_engine(self) -> None:
         from dynvllm import registry
-        from dynvllm.worker.kv_relay import KvEventRelay, free_tcp_port
+        from dynvllm.worker.kv_relay import KvEventRelay, free_port_run, offset_port
 
         self.engine = registry.load(registry.ENGINES, self.settings.worker.engine)()
         endpoint = replay = None
         if self.settings.engine.enable_prefix_caching:
-            # Loopback sockets on free ports; the relay forwards events to routers over NATS.
-            endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
-            replay = f"tcp://127.0.0.1:{free_tcp_port()}"
-            self.relay = KvEventRelay(
-                EventBus(self.nc, self.settings.runtime.namespace), "", endpoint, replay
-            )
-            self.relay.bind()
+            # Loopback sockets on free ports; relays forward events to routers over NATS. Each
+            # data-parallel rank publishes on the base port + its rank (vLLM's convention).
+            ranks = self.engine.local_ranks(self.settings)
+            span = ranks.stop
+            endpoint = f"tcp://127.0.0.1:{free_port_run(span)}"
+            replay = f"tcp://127.0.0.1:{free_port_run(span)}"
+            bus = EventBus(self.nc, self.settings.runtime.namespace)
+            for rank in ranks:
+                relay = KvEventRelay(bus, "", offset_port(endpoint, rank), offset_port(replay, rank))
+                relay.bind()
+                self.relays.append(relay)
         self.engine.start(
             self.settings, self.role.engine_overrides(self.settings), self.snapshot, endpoint, replay
         )
@@ -163,8 +168,8 @@ class Worker:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        if self.relay is not None:
-            self.relay.start(self.instance.id)
+        for relay in self.relays:
+            relay.start(self.instance.id)
         await self._canary()
         await self.lease.start()
         log.warning(
@@ -191,8 +196,8 @@ class Worker:
             if await self.inflight.wait_idle(min(0.5, deadline - time.monotonic())):
                 break
         await self.server.close()  # cancels what is left: each handler aborts its engine request
-        if self.relay is not None:
-            await self.relay.stop()
+        for relay in self.relays:
+            await relay.stop()
         await natsrt.close(self.nc)
         if self.metrics_server is not None:
             self.metrics_server.shutdown()

@@ -16,6 +16,21 @@ class SchedulerSnapshot:
         self.prefix_hits = 0
         # KV-connector counters (e.g. NIXL transfers), summed over engine steps: key -> [count, sum].
         self.kv_transfer: dict[str, list[float]] = {}
+        #: Data-parallel rank -> (running, waiting, kv_usage); the fields above sum (or average) them.
+        self.per_rank: dict[int, tuple[int, int, float]] = {}
+
+    def set_rank(self, rank: int, running: int, waiting: int, kv_usage: float) -> None:
+        self.per_rank[rank] = (running, waiting, kv_usage)
+        values = self.per_rank.values()
+        self.running = sum(v[0] for v in values)
+        self.waiting = sum(v[1] for v in values)
+        self.kv_usage = sum(v[2] for v in values) / len(self.per_rank)
+
+    def ranks_view(self) -> dict[str, dict]:
+        return {
+            str(r): {"running": v[0], "waiting": v[1], "kv_usage": v[2]}
+            for r, v in sorted(self.per_rank.items())
+        }
 
     def add_connector_stats(self, stats: Any) -> None:
         """Accumulate every numeric series a connector reports, whatever its name or nesting."""
@@ -37,16 +52,19 @@ def stat_logger_factory(snapshot: SchedulerSnapshot) -> Any:
 
     class _Logger(StatLoggerBase):
         def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
-            pass
+            self.rank = engine_index
 
         def record(
             self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0
         ) -> None:
             if scheduler_stats is None:
                 return
-            snapshot.running = scheduler_stats.num_running_reqs
-            snapshot.waiting = scheduler_stats.num_waiting_reqs
-            snapshot.kv_usage = scheduler_stats.kv_cache_usage
+            snapshot.set_rank(
+                self.rank,
+                scheduler_stats.num_running_reqs,
+                scheduler_stats.num_waiting_reqs,
+                scheduler_stats.kv_cache_usage,
+            )
             pcs = getattr(scheduler_stats, "prefix_cache_stats", None)
             if pcs is not None:
                 snapshot.prefix_queries += getattr(pcs, "queries", 0)

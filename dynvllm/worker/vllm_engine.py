@@ -70,6 +70,15 @@ class VllmEngine(Engine):
 
         parse_engine_args(settings)
 
+    def local_ranks(self, settings: Settings) -> range:
+        from dynvllm.worker.engine_args import parse_engine_args
+
+        args = parse_engine_args(settings)
+        size = args.data_parallel_size
+        local = args.data_parallel_size_local or size
+        first = args.data_parallel_start_rank or 0
+        return range(first, first + local)
+
     def start(
         self,
         settings: Settings,
@@ -120,7 +129,15 @@ class VllmEngine(Engine):
             "kv_blocks": getattr(cfg.cache_config, "num_gpu_blocks", None),
             "max_num_seqs": cfg.scheduler_config.max_num_seqs,
             "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
+            **self._ranks_card(cfg.parallel_config),
         }
+
+    @staticmethod
+    def _ranks_card(pc: Any) -> dict[str, Any]:
+        if pc.data_parallel_size <= 1:
+            return {}
+        local = pc.data_parallel_size_local or pc.data_parallel_size
+        return {"dp_size": local, "dp_start_rank": pc.data_parallel_rank, "dp_world": pc.data_parallel_size}
 
     async def generate(self, payload: Any) -> AsyncIterator[dict]:
         """One vLLM request, its output deltas mapped to wire deltas as they come."""
@@ -145,7 +162,10 @@ class VllmEngine(Engine):
         first = True
         prompt = TokensPrompt(prompt_token_ids=req.token_ids)
         try:
-            async for out in self.llm.generate(prompt, params, request_id=rid, lora_request=lora):
+            stream = self.llm.generate(
+                prompt, params, request_id=rid, lora_request=lora, data_parallel_rank=req.dp_rank
+            )
+            async for out in stream:
                 for c in out.outputs:
                     extra: dict[str, Any] = {}
                     if first:

@@ -100,7 +100,7 @@ def test_every_router_policy_is_selectable(policy):
 
     s = build_settings({"router": {"router": policy}})
     router = Router(s.router)
-    iid, _ = router.choose(["w1", "w2"], list(range(64)), 32)
+    iid = router.choose(["w1", "w2"], list(range(64)), 32).worker
     assert iid in ("w1", "w2") and router.policy_name == policy
 
 

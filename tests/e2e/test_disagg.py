@@ -89,7 +89,9 @@ def disagg(tiny_model, tmp_path_factory, expected):
         # must succeed, whichever of the two workers registered first.
         wait_http(url + "/v1/models", lambda b: any(m["id"] == "tiny" for m in b["data"]), proc, 400, 0.05)
         first = httpx.post(
-            url + "/v1/completions", json={"model": "tiny", "prompt": "ready " * 60, "max_tokens": 4}, timeout=120
+            url + "/v1/completions",
+            json={"model": "tiny", "prompt": "ready " * 60, "max_tokens": 4},
+            timeout=120,
         )
         assert first.status_code == 200, first.text
         wait_http(url + "/health", lambda b: b.get("workers") == 2, proc, timeout=400)

@@ -21,10 +21,10 @@ def test_least_loaded_follows_the_load_the_router_sent():
     router.started("a")
     router.started("a")
     router.started("b")
-    assert router.choose(["a", "b", "c"]) == ("c", 0)
+    assert router.choose(["a", "b", "c"]) == ("c", 0, None)
     router.finished("a")
     router.finished("a")
-    assert router.choose(["a", "b"]) == ("a", 0)
+    assert router.choose(["a", "b"]) == ("a", 0, None)
 
 
 def test_round_robin_cycles():
@@ -35,10 +35,10 @@ def test_round_robin_cycles():
 def test_kv_approx_predicts_from_its_own_decisions():
     router = Router(RouterSettings(router="kv-approx"))
     prompt = list(range(96))
-    first, overlap = router.choose(["a", "b"], prompt, 32)
+    first, overlap, _ = router.choose(["a", "b"], prompt, 32)
     assert overlap == 0
-    again, overlap = router.choose(["a", "b"], prompt, 32)
-    assert (again, overlap) == (first, 3)
+    again, overlap, rank = router.choose(["a", "b"], prompt, 32)
+    assert (again, overlap, rank) == (first, 3, None)
 
 
 def test_only_event_policies_subscribe():
@@ -50,3 +50,35 @@ def test_only_event_policies_subscribe():
         "random": False,
         "least-loaded": False,
     }
+
+
+def _stored(iid: str, rank: int, seq: int, tokens: list[int]):
+    """vLLM's BlockStored for `tokens` (engine block hashes are opaque: 1, 2, 3 ...)."""
+    from dynvllm.runtime.kv_topic import KvEventBatch
+
+    hashes = list(range(1, len(tokens) // 32 + 1))
+    return KvEventBatch(iid, rank, seq, [["stored", hashes, None, tokens, 32, None]] if tokens else [])
+
+
+def test_kv_router_targets_data_parallel_ranks():
+    """Each rank of a data-parallel worker has its own cache: the router picks (worker, rank)."""
+    from dynvllm.router import hashing
+
+    router = Router(RouterSettings(router="kv"))
+    router.set_ranks("dp", 0, 2)
+    prompt = list(range(96))
+    keys = hashing.chain(prompt, 32, None)
+    router.on_kv_events(_stored("dp", 1, 1, prompt))  # rank 1 holds the prefix
+    assert router.choose(["dp", "solo"], prompt, 32) == ("dp", 3, 1)
+    # Load is per rank: rank 0 busy, rank 1 busy, so a new prefix goes to the idle single worker.
+    router.started("dp", 5, 0)
+    router.started("dp", 5, 1)
+    assert router.choose(["dp", "solo"], list(range(500, 596)), 32) == ("solo", 0, None)
+    router.finished("dp", 5, 0)
+    assert router.choose(["dp", "solo"], list(range(700, 796)), 32).rank in (0, None)
+    # A gap in one rank's relay sequence drops that rank only.
+    router.on_kv_events(_stored("dp", 0, 1, prompt))
+    router.on_kv_events(_stored("dp", 1, 5, []))
+    assert router.index.overlaps(keys) == {("dp", 0): 3}
+    router.forget("dp")
+    assert router.choose(["solo"], prompt, 32) == ("solo", 0, None) and not router.load.ranks

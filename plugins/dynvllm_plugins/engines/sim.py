@@ -177,6 +177,8 @@ class SimEngine(Engine):
     # ---- requests ------------------------------------------------------------------
     async def generate(self, payload: Any) -> AsyncIterator[dict]:
         checked = protocol.parse_generate(payload)
+        if checked.dp_rank:
+            raise BadRequest("the sim engine has one data-parallel rank (0)")
         rid, ids, sampling = checked.request_id, checked.token_ids, checked.sampling
         if int(sampling.get("n") or 1) != 1:
             raise BadRequest("the sim engine supports n=1 only")
