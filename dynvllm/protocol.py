@@ -56,6 +56,8 @@ class GenerateRequest:
     lora: str | None = None
     #: The data-parallel rank to run on (None: the engine balances its ranks itself).
     dp_rank: int | None = None
+    #: Encoded images (PNG, JPEG ... bytes as the client sent them), in prompt order.
+    images: list[bytes] | None = None
 
 
 def generate_request(request_id: str, token_ids: list[int], sampling: dict[str, Any], **handoff: Any) -> dict:
@@ -86,10 +88,21 @@ def parse_generate(payload: Any) -> GenerateRequest:
     rank = payload.get("dp_rank")
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 0):
         raise BadRequest("dp_rank must be a non-negative integer")
-    return GenerateRequest(rid, ids, sampling, kv, lora, rank)
+    mm = payload.get("mm")
+    images = None
+    if mm is not None:
+        images = mm.get("image") if isinstance(mm, dict) else None
+        if (
+            not isinstance(mm, dict)
+            or set(mm) - {"image"}
+            or not isinstance(images, list)
+            or not all(isinstance(i, bytes) for i in images)
+        ):
+            raise BadRequest("mm must be a map {'image': [image bytes, ...]}")
+    return GenerateRequest(rid, ids, sampling, kv, lora, rank, images)
 
 
-_REQUEST_KEYS = {"request_id", "token_ids", "sampling", "kv_transfer_params", "lora", "dp_rank"}
+_REQUEST_KEYS = {"request_id", "token_ids", "sampling", "kv_transfer_params", "lora", "dp_rank", "mm"}
 
 
 def sampling_kwargs(sampling: dict[str, Any]) -> dict[str, Any]:

@@ -89,6 +89,25 @@ class FrontendSettings(_Group):
     reasoning_parser: str | None = Field(
         None, description="Parser that splits <think> content into reasoning_content (e.g. qwen3)."
     )
+    mm_prompt_template: str | None = Field(
+        None,
+        description="Prompt for image requests to models whose chat template does not place images, "
+        "with <prompt> where the user's text goes, e.g. 'Question: <prompt> Answer:'.",
+    )
+    allowed_local_media_path: str | None = Field(
+        None,
+        description="Folders (comma-separated) that file:// image URLs may read from; without it "
+        "local files are refused.",
+    )
+    allow_private_media_urls: bool = Field(
+        False, description="Let image URLs point at private, loopback and link-local addresses."
+    )
+    media_max_bytes: int = Field(20 * 1024 * 1024, gt=0, description="Largest image accepted, in bytes.")
+    media_fetch_timeout: float = Field(10.0, gt=0, description="Seconds to fetch one image URL.")
+    max_images_per_request: int = Field(8, ge=0, description="Images one request may carry.")
+
+    def media_roots(self) -> list[str]:
+        return [r.strip() for r in (self.allowed_local_media_path or "").split(",") if r.strip()]
 
     def api_keys(self) -> list[str]:
         raw = self.api_key.get_secret_value() if self.api_key else ""
@@ -206,6 +225,14 @@ class WorkerSettings(_Group):
     lora_schemes: str = Field("file,hf", description="Adapter source schemes allowed: file, hf, s3.")
     lora_cache_dir: str | None = Field(
         None, description="Where remote adapters are downloaded (default: hub cache)."
+    )
+    encoder_cache_dir: str | None = Field(
+        None,
+        description="Folder where encode workers leave image embeddings for language workers "
+        "(shared by both; `serve` picks one when it starts an encode role).",
+    )
+    encoder_cache_entries: int = Field(
+        4096, gt=0, description="Image embeddings an encode worker keeps before dropping the oldest."
     )
     roles: str | None = Field(
         None,

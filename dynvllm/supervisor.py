@@ -166,3 +166,8 @@ class Service:
         if self.nats is not None:
             self.nats.stop()
         state.forget(self.settings.runtime.namespace)
+        folder = self.settings.worker.encoder_cache_dir
+        if folder and os.path.basename(folder).startswith("dynvllm-encoder-cache-"):
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)  # the private one `serve` made

@@ -3,7 +3,7 @@
 Usage: python tests/offline_reference.py MODEL REQUESTS_JSON [LLM_KWARGS_JSON] -> a JSON list of texts.
 Each request is {"kind": "chat"|"completion", "input": messages|prompt, "params": {...}}; a
 "structured_outputs" param becomes vLLM's StructuredOutputsParams; "lora": FOLDER applies an
-adapter. With "prompt_logprobs" the
+adapter; "image": FILE sends a completion's prompt with that image. With "prompt_logprobs" the
 entry is {"texts": [...], "prompt_logprobs": [logprob of each prompt token or None]}.
 """
 
@@ -31,6 +31,14 @@ def main() -> None:
             lora = LoRARequest("adapter", 1, r["lora"])
         if r["kind"] == "chat":
             res = llm.chat(r["input"], params, use_tqdm=False, lora_request=lora)
+        elif r.get("image"):
+            from PIL import Image
+
+            prompt = {
+                "prompt": r["input"],
+                "multi_modal_data": {"image": Image.open(r["image"]).convert("RGB")},
+            }
+            res = llm.generate(prompt, params, use_tqdm=False)
         else:
             res = llm.generate(r["input"], params, use_tqdm=False, lora_request=lora)
         texts = [o.text for o in res[0].outputs]

@@ -16,10 +16,21 @@ def register(app: typer.Typer) -> None:
         path: Path = typer.Argument(..., help="Folder to write the model into."),
         seed: int = typer.Option(0, help="Seed for weights and tokenizer corpus."),
         lora: bool = typer.Option(False, "--lora", help="Also write a LoRA adapter to PATH/lora."),
+        vision: bool = typer.Option(
+            False, "--vision", help="A tiny BLIP-2 (images in, text out) instead of the text model."
+        ),
     ) -> None:
         """Build a tiny random Qwen2 model (and tokenizer) that vLLM runs in seconds."""
         from dynvllm.models.tiny import build_tiny_lora, build_tiny_model
 
+        if vision:
+            if lora:
+                raise typer.BadParameter("--lora goes with the text model only", param_hint="--lora")
+            from dynvllm.models.tiny_vision import build_tiny_vision_model
+
+            build_tiny_vision_model(path, seed=seed)
+            typer.echo(f"tiny vision model (BLIP-2) written to {path}")
+            return
         build_tiny_model(path, seed=seed)
         typer.echo(f"tiny model written to {path}")
         if lora:

@@ -33,14 +33,20 @@ def _check_engine_args(settings: Settings) -> None:
 
 
 def _serve_role(role_name: str, settings: Settings, no_frontend: bool) -> None:
+    from dynvllm import registry
     from dynvllm.runtime import state
 
-    role = _checked_roles(settings, [role_name])[0]
-    if role.standalone and not no_frontend:
+    try:
+        standalone = registry.load(registry.ROLES, role_name).standalone
+    except registry.PluginError as exc:
+        raise _fail(str(exc)) from None
+    if standalone and not no_frontend:
         topology = settings.worker.topology() or [(role_name, settings.worker.workers)]
-        _checked_roles(settings, [name for name, _ in topology])
+        _shared_folders(settings, [name for name, _ in topology])
+        _check_topology(_checked_roles(settings, [name for name, _ in topology]), topology)
         _run_service(settings, topology)
         return
+    _checked_roles(settings, [role_name])
     if not settings.runtime.nats_url:
         try:
             settings.runtime.nats_url = state.resolve_nats_url(None, settings.runtime.namespace)
@@ -49,6 +55,30 @@ def _serve_role(role_name: str, settings: Settings, no_frontend: bool) -> None:
     from dynvllm.worker.service import run_worker
 
     raise typer.Exit(run_worker(settings, role_name))
+
+
+def _shared_folders(settings: Settings, names: list[str]) -> None:
+    """Roles that hand image embeddings over (an encode role) need a folder the others share."""
+    from dynvllm import registry
+
+    if settings.worker.encoder_cache_dir:
+        return
+    try:
+        producers = [n for n in names if getattr(registry.load(registry.ROLES, n), "ec_role", None)]
+    except registry.PluginError:
+        return  # _checked_roles reports it
+    if producers:
+        import tempfile
+
+        settings.worker.encoder_cache_dir = tempfile.mkdtemp(prefix="dynvllm-encoder-cache-")
+
+
+def _check_topology(roles: list, topology: list[tuple[str, int]]) -> None:
+    from dynvllm import protocol
+
+    if not any(r.stage == protocol.GENERATE for r, (_, n) in zip(roles, topology, strict=True) if n > 0):
+        names = ", ".join(f"{name}={n}" for name, n in topology)
+        raise _fail(f"no role of the topology ({names}) generates: add agg, or decode, workers")
 
 
 def _checked_roles(settings: Settings, names: list[str]) -> list:
@@ -185,7 +215,8 @@ def _add_preset_command(serve_app: typer.Typer, preset_name: str, preset: Any) -
             return default if given is None else given
 
         topology = settings.worker.topology() or [(r, count(r, n)) for r, n in preset.roles.items()]
-        _checked_roles(settings, [name for name, _ in topology])
+        _shared_folders(settings, [name for name, _ in topology])
+        _check_topology(_checked_roles(settings, [name for name, _ in topology]), topology)
         _run_service(settings, topology)
 
     own = [

@@ -25,6 +25,7 @@ from dynvllm.frontend.admin import AdminCalls, OnDemandAdapters
 from dynvllm.frontend.auth import OPEN_PATHS, ApiKeyMiddleware
 from dynvllm.frontend.dispatch import Dispatch
 from dynvllm.frontend.formatters import ChatFormatter, CompletionFormatter, Formatter, Part
+from dynvllm.frontend.media import MediaPolicy, fetch_all
 from dynvllm.frontend.metrics import FrontendMetrics
 from dynvllm.frontend.models import ModelEntry, ModelRegistry
 from dynvllm.frontend.postprocess import ChoiceDelta, PostProcessor, Usage
@@ -150,7 +151,9 @@ class FrontendApp:
         self.chat_fmt = ChatFormatter(
             _load_parser(registry.TOOL_PARSERS, settings.tool_call_parser),
             _load_parser(registry.REASONING_PARSERS, settings.reasoning_parser),
+            settings.mm_prompt_template,
         )
+        self.media = MediaPolicy.from_settings(settings)
         self.completion_fmt = CompletionFormatter()
         routes = [
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
@@ -353,17 +356,31 @@ class FrontendApp:
         entry, lora = await self._resolve(req.model)
         tok = entry.tokenizer
         assert tok is not None
+        images = await self._images(entry, req)
         dispatches, parts = [], []
         for ids, text in fmt.prompts(entry, req):
             self._check_tokens(entry, ids)
             max_tokens = self._budget(entry, len(ids), req.wanted_max_tokens())
             sampling = req.sampling(max_tokens, tok.vocab_size)
-            dispatches.append(Dispatch(self.pool, self.router, entry, ids, sampling, self.metrics, lora))
+            dispatch = Dispatch(self.pool, self.router, entry, ids, sampling, self.metrics, lora)
+            dispatch.images = images
+            dispatches.append(dispatch)
             post = PostProcessor(
                 tok, req.n, len(ids), req.stops(), req.include_stop_str_in_output, req.skip_special_tokens
             )
             parts.append(Part(ids, text, post))
         return _Request(fmt, req, dispatches, parts)
+
+    async def _images(self, entry: ModelEntry, req: Any) -> list[bytes] | None:
+        """The request's images, fetched and checked (chat requests only)."""
+        urls = [u for m in getattr(req, "messages", ()) for u in m.image_urls()]
+        if not urls:
+            return None
+        if not entry.card.get("multimodal"):
+            raise oa.APIError(
+                400, f"model {entry.name!r} takes text only; it cannot read images", param="messages"
+            )
+        return await fetch_all(urls, self.media)
 
     async def _serve(self, request: Request, fmt: Formatter) -> Response:
         model = "?"

@@ -47,6 +47,8 @@ class Dispatch:
         self.blocks = request_blocks(len(prompt_ids), self.block_size)
         self.worker_id: str | None = None
         self.rank: int | None = None
+        #: Images of the request (encoded bytes), sent with every hop.
+        self.images: list[bytes] | None = None
         #: Workers this request lost; they may stay in discovery until their lease expires.
         self.lost: set[str] = set()
         self.overlap_blocks = 0
@@ -105,8 +107,7 @@ class Dispatch:
             lambda endpoint: bool(self._serving(endpoint)),
             self._stage_call,
         )
-        if self.lora:
-            ctx.handoff["lora"] = self.lora  # every hop applies the adapter
+        ctx.handoff.update(self._every_hop())
         for stage in self.entry.stages:
             outcome = await stage.run(ctx)
             worker = ctx.workers.get(stage.name)
@@ -114,6 +115,15 @@ class Dispatch:
             if stage.metric:
                 self.metrics.stage(stage.metric, stage.metric_help).labels(self.entry.name, outcome).inc()
         return ctx.handoff
+
+    def _every_hop(self) -> dict[str, Any]:
+        """What every worker a request meets must apply: its adapter, its images."""
+        out: dict[str, Any] = {}
+        if self.lora:
+            out["lora"] = self.lora
+        if self.images:
+            out["mm"] = {"image": self.images}
+        return out
 
     def _continued(self, done: int) -> dict[str, Any]:
         """Sampling for the rest of a migrated request: the budget less what was generated."""
@@ -144,7 +154,7 @@ class Dispatch:
                     yield protocol.delta(0, [], "length")  # lost after the last token, before its end
                     return
                 # The prompt and the tokens so far are computed again on the new worker.
-                handoff = {"lora": self.lora} if self.lora else {}
+                handoff = self._every_hop()
                 sampling = self._continued(len(generated))
                 rid = f"{self.request_id}-m{migrations}"
             else:

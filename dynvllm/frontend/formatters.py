@@ -220,10 +220,14 @@ class ChatFormatter(Formatter):
     id_prefix = "chatcmpl-"
 
     def __init__(
-        self, tool_parser: ToolParser | None = None, reasoning_parser: ReasoningParser | None = None
+        self,
+        tool_parser: ToolParser | None = None,
+        reasoning_parser: ReasoningParser | None = None,
+        mm_prompt_template: str | None = None,
     ):
         self.tool_parser = tool_parser
         self.reasoning_parser = reasoning_parser
+        self.mm_prompt_template = mm_prompt_template
 
     def check(self, req: oa.ChatRequest) -> None:
         if req.tools and req.effective_tool_choice() == "auto" and self.tool_parser is None:
@@ -238,7 +242,24 @@ class ChatFormatter(Formatter):
         self.check(req)
         tok = entry.tokenizer
         assert tok is not None
-        messages = [m.for_template() for m in req.messages]
+        with_images = any(m.image_urls() for m in req.messages)
+        if with_images:
+            own = _places_images(tok.chat_template)
+            if not own and self.mm_prompt_template:
+                # A plain-prompt model (BLIP-2 style): the user's text goes into the template;
+                # the engine's processor adds the image tokens itself.
+                user = "\n".join(m.text() for m in req.messages if m.role == "user")
+                text = self.mm_prompt_template.replace("<prompt>", user)
+                add = True if req.add_special_tokens is None else bool(req.add_special_tokens)
+                return [(tok.encode(text, add_special_tokens=add), None)]
+            if not own:
+                raise oa.APIError(
+                    400,
+                    f"model {entry.name!r} has no chat template that places images: start the server "
+                    "with --mm-prompt-template (e.g. 'Question: <prompt> Answer:')",
+                    param="messages",
+                )
+        messages = [m.for_template(with_images) for m in req.messages]
         kwargs = dict(req.chat_template_kwargs or {})
         if req.tools and req.effective_tool_choice() != "none":
             kwargs["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
@@ -359,3 +380,8 @@ class CompletionFormatter(Formatter):
 
     def shaper(self, req: oa.CompletionRequest, parts: list[Part], n: int) -> Shaper:
         return _CompletionShaper(req, parts, n)
+
+
+def _places_images(template: str | None) -> bool:
+    """A chat template that handles image content parts itself (Qwen2-VL, LLaVA ...)."""
+    return bool(template) and "image" in (template or "")

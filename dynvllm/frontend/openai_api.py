@@ -203,22 +203,48 @@ class ChatMessage(BaseModel):
     reasoning_content: str | None = None
 
     def text(self) -> str:
+        """The text parts joined (image parts are collected by `image_urls`)."""
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         parts = []
         for p in self.content:
-            if p.get("type") != "text":
+            kind = p.get("type")
+            if kind == "image_url":
+                continue
+            if kind != "text":
                 raise APIError(
                     400,
-                    f"content part type {p.get('type')!r} is not supported by this model; send text",
+                    f"content part type {kind!r} is not supported; send text or image_url parts",
                     param="messages.content",
                 )
             parts.append(str(p.get("text", "")))
         return "".join(parts)
 
-    def for_template(self) -> dict[str, Any]:
-        """The message as chat templates expect it (tool calls with parsed arguments)."""
-        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+    def image_urls(self) -> list[str]:
+        if not isinstance(self.content, list):
+            return []
+        urls = []
+        for p in self.content:
+            if p.get("type") == "image_url":
+                ref = p.get("image_url")
+                url = ref.get("url") if isinstance(ref, dict) else ref
+                if not isinstance(url, str) or not url:
+                    raise APIError(400, "an image_url part needs {'url': ...}", param="messages.content")
+                urls.append(url)
+        return urls
+
+    def for_template(self, with_images: bool = False) -> dict[str, Any]:
+        """The message as chat templates expect it (tool calls with parsed arguments); with
+        `with_images`, content is a list of image and text parts for templates that place images."""
+        content: Any = self.text()
+        if with_images and isinstance(self.content, list):
+            content = [
+                {"type": "image"}
+                if p.get("type") == "image_url"
+                else {"type": "text", "text": p.get("text", "")}
+                for p in self.content
+            ]
+        out: dict[str, Any] = {"role": self.role, "content": content}
         if self.name is not None:
             out["name"] = self.name
         if self.tool_call_id is not None:

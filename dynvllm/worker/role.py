@@ -40,6 +40,9 @@ class Role:
     kv_role: str | None = None
     #: KV connectors used when --connector is not given (roles with a kv_role only).
     default_connectors: tuple[str, ...] = ()
+    #: vLLM encoder-cache role: "ec_producer" for roles that encode images for others. Other roles
+    #: read what producers left (ec_consumer) whenever --encoder-cache-dir is set.
+    ec_role: str | None = None
 
     def check(self, settings: Settings) -> None:
         """Raise ValueError if the settings cannot run this role (called before any process starts)."""
@@ -57,8 +60,9 @@ class Role:
         Also sets the environment the connectors need (side-channel ports): this runs in the
         worker process right before its engine starts, and the engine processes inherit it.
         """
+        overrides = self._encoder_cache(settings)
         if not self.kv_role:
-            return {}
+            return overrides
         import os
 
         from vllm.config import KVTransferConfig
@@ -68,13 +72,30 @@ class Role:
         cfg, env, _ = transfer_config(self.connectors(settings), self.kv_role, settings)
         os.environ.update(env)
         if cfg is None:
-            return {}
-        overrides: dict[str, Any] = {"kv_transfer_config": KVTransferConfig(**cfg)}
+            return overrides
+        overrides["kv_transfer_config"] = KVTransferConfig(**cfg)
         single = (settings.engine.tensor_parallel_size or 1) == 1
         if single and "--distributed-executor-backend" not in settings.vllm_argv():
             # NIXL's hand-shake stalls behind the GIL with the in-process executor.
             overrides["distributed_executor_backend"] = "mp"
         return overrides
+
+    def _encoder_cache(self, settings: Settings) -> dict[str, Any]:
+        """vLLM's encoder-cache connector over a shared folder: producers store image embeddings
+        by content hash, consumers load them instead of running the vision encoder (and run it
+        themselves when an embedding is not there)."""
+        folder = settings.worker.encoder_cache_dir
+        if not folder:
+            return {}
+        from vllm.config import ECTransferConfig
+
+        return {
+            "ec_transfer_config": ECTransferConfig(
+                ec_connector="ECExampleConnector",
+                ec_role=self.ec_role or "ec_consumer",
+                ec_connector_extra_config={"shared_storage_path": folder},
+            )
+        }
 
     def handlers(self, engine: EngineHandle) -> dict[str, Callable]:
         """Endpoints this role serves, by name; the stage's endpoint among them."""

@@ -30,6 +30,19 @@ def _logprobs(token_ids: list[int], entries: Any, k: int) -> list:
     return out
 
 
+def _decode_images(blobs: list[bytes]) -> Any:
+    """PIL images for vLLM's processor (one image alone, as single-image models expect it)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        images = [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs]
+    except Exception as exc:
+        raise BadRequest(f"an image cannot be decoded: {exc}") from None
+    return images[0] if len(images) == 1 else images
+
+
 def _client_errors() -> tuple[type[BaseException], ...]:
     """What vLLM raises for a request's own faults: ValueError, and (newer vLLM) VLLMClientError."""
     try:
@@ -129,6 +142,7 @@ class VllmEngine(Engine):
             "kv_blocks": getattr(cfg.cache_config, "num_gpu_blocks", None),
             "max_num_seqs": cfg.scheduler_config.max_num_seqs,
             "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
+            "multimodal": bool(cfg.model_config.is_multimodal_model),
             **self._ranks_card(cfg.parallel_config),
         }
 
@@ -161,6 +175,8 @@ class VllmEngine(Engine):
         finished = False
         first = True
         prompt = TokensPrompt(prompt_token_ids=req.token_ids)
+        if req.images:
+            prompt["multi_modal_data"] = {"image": _decode_images(req.images)}
         try:
             stream = self.llm.generate(
                 prompt, params, request_id=rid, lora_request=lora, data_parallel_rank=req.dp_rank
@@ -169,6 +185,8 @@ class VllmEngine(Engine):
                 for c in out.outputs:
                     extra: dict[str, Any] = {}
                     if first:
+                        # The engine's processor may add tokens (image placeholders): count its prompt.
+                        n_prompt = len(out.prompt_token_ids or req.token_ids)
                         extra = {"prompt_tokens": n_prompt, "cached_tokens": out.num_cached_tokens or 0}
                         if pk is not None:
                             k_prompt = pk if pk >= 0 else 1 << 30

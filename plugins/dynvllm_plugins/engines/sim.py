@@ -179,6 +179,8 @@ class SimEngine(Engine):
         checked = protocol.parse_generate(payload)
         if checked.dp_rank:
             raise BadRequest("the sim engine has one data-parallel rank (0)")
+        if checked.images:
+            raise BadRequest("the sim engine takes text only")
         rid, ids, sampling = checked.request_id, checked.token_ids, checked.sampling
         if int(sampling.get("n") or 1) != 1:
             raise BadRequest("the sim engine supports n=1 only")

@@ -1,0 +1,126 @@
+"""Encode role: runs a multimodal model's vision encoder on its own engine, so image encoding
+scales apart from the language model.
+
+The worker side serves `encode`: vLLM (as an encoder-cache producer) runs the request up to the
+embeddings and stores them by content hash in the shared --encoder-cache-dir; the language
+worker's engine (a consumer) then loads them instead of encoding. The frontend side is
+`EncodeStage`: requests without images skip it, and with no encode worker alive (or a failed
+hop) the language worker encodes itself. Images already encoded are not sent again (a bounded
+content-hash record), and the folder keeps at most --encoder-cache-entries embeddings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dynvllm.frontend.stages import Stage, StageContext
+from dynvllm.runtime.errors import BadRequest, RemoteError
+from dynvllm.worker.role import EngineHandle, Role
+
+log = logging.getLogger("dynvllm.encode")
+ENCODE = "encode"
+
+
+def is_multimodal(model: str) -> bool | None:
+    """From a local model folder's config (None when the model is not on disk yet)."""
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return None
+    data = json.loads(config.read_text())
+    return any(k in data for k in ("vision_config", "vision_tower", "visual", "image_token_index"))
+
+
+class EncodeRole(Role):
+    description = "Encode worker: runs the vision encoder of a multimodal model for language workers."
+    stage = ENCODE
+    ec_role = "ec_producer"
+    limit = 4096
+    folder: str | None = None
+
+    def engine_overrides(self, settings: Any) -> dict[str, Any]:
+        self.limit = settings.worker.encoder_cache_entries
+        self.folder = settings.worker.encoder_cache_dir
+        return super().engine_overrides(settings)
+
+    def check(self, settings: Any) -> None:
+        super().check(settings)
+        model = settings.engine.model or ""
+        if is_multimodal(model) is False:
+            raise ValueError(f"the encode role needs a multimodal model; {model} takes text only")
+        if settings.worker.engine != "vllm":
+            raise ValueError(
+                f"the encode role runs vLLM's vision encoder; --engine {settings.worker.engine} has none"
+            )
+        if not settings.worker.encoder_cache_dir:
+            raise ValueError(
+                "the encode role needs --encoder-cache-dir: a folder it shares with the language workers "
+                "(`serve` picks one when it starts both)"
+            )
+
+    def handlers(self, engine: EngineHandle) -> dict[str, Callable]:
+        generate = engine.generate
+        seen: OrderedDict[str, None] = OrderedDict()
+
+        async def encode(payload: Any) -> dict:
+            if not isinstance(payload, dict) or not (payload.get("mm") or {}).get("image"):
+                raise BadRequest("encode expects a generate request with images (mm)")
+            images = payload["mm"]["image"]
+            key = hashlib.sha256(b"".join(hashlib.sha256(i).digest() for i in images)).hexdigest()
+            if key in seen:
+                seen.move_to_end(key)
+                return {"cached": True}
+            request = {k: v for k, v in payload.items() if k != "lora"}  # the encoder has no adapters
+            request["sampling"] = {"max_tokens": 1, "n": 1, "temperature": 0.0}
+            async for _ in generate(request):
+                pass
+            seen[key] = None
+            if len(seen) > self.limit:
+                while len(seen) > self.limit:
+                    seen.popitem(last=False)
+                _trim(self.folder, self.limit)
+            return {"cached": False}
+
+        return {ENCODE: encode}
+
+    def request_stage(self) -> Stage:
+        return EncodeStage()
+
+
+def _trim(folder: str | None, limit: int) -> None:
+    """Keep the newest `limit` embeddings in the shared folder."""
+    if not folder:
+        return
+    entries = [p for p in Path(folder).iterdir() if p.is_dir()]
+    if len(entries) <= limit:
+        return
+    entries.sort(key=lambda p: p.stat().st_mtime)
+    for p in entries[: len(entries) - limit]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+class EncodeStage(Stage):
+    """Before prefill and generation: have an encode worker turn the images into embeddings."""
+
+    name = ENCODE
+    order = 10
+    metric = "dynvllm_encode"
+    metric_help = "Encode hops by outcome (remote, cached, no_images, no_encode_worker, failed)"
+
+    async def run(self, ctx: StageContext) -> str:
+        if not ctx.handoff.get("mm"):
+            return "no_images"
+        if not ctx.serving(ENCODE):
+            return "no_encode_worker"
+        try:
+            result = await ctx.call(ENCODE, ctx.request(suffix="-e"), timeout=120)
+        except (RemoteError, TimeoutError) as exc:
+            log.warning("encode failed, the language worker encodes the images: %s", exc)
+            return "failed"
+        return "cached" if (result or {}).get("cached") else "remote"
