@@ -89,6 +89,13 @@ class FrontendSettings(_Group):
     reasoning_parser: str | None = Field(
         None, description="Parser that splits <think> content into reasoning_content (e.g. qwen3)."
     )
+    http_workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Frontend processes sharing the HTTP port (each with its own router, fed by the "
+        "same KV events); more use more cores for high request rates.",
+    )
     mm_prompt_template: str | None = Field(
         None,
         description="Prompt for image requests to models whose chat template does not place images, "

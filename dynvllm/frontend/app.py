@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -232,7 +233,7 @@ class FrontendApp:
         return JSONResponse({"version": version("dynvllm")})
 
     async def live(self, request: Request) -> Response:
-        return JSONResponse({"status": "alive"})
+        return JSONResponse({"status": "alive", "pid": os.getpid()})
 
     async def health(self, request: Request) -> Response:
         """200 when some model can serve requests end to end; counts workers per model and role."""

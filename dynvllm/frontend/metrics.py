@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -17,7 +18,14 @@ class FrontendMetrics:
         self.requests = Counter(
             "dynvllm_requests", "HTTP inference requests by model and status", ["model", "status"], registry=r
         )
-        self.inflight = Gauge("dynvllm_inflight_requests", "Requests in progress", ["model"], registry=r)
+        self.inflight = Gauge(
+            "dynvllm_inflight_requests",
+            "Requests in progress",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",  # summed over --http-workers processes
+        )
+        self._live: list[Any] = []
         self.ttft = Histogram(
             "dynvllm_time_to_first_token_seconds", "Time to first token", ["model"], buckets=_LAT, registry=r
         )
@@ -47,7 +55,9 @@ class FrontendMetrics:
     def watch_workers(self, rows: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
         """Worker gauges read from discovery at scrape time: `rows()` yields (model, role,
         restarts) per live worker."""
-        self.registry.register(_WorkerGauges(rows))  # type: ignore[arg-type]
+        gauges = _WorkerGauges(rows)
+        self._live.append(gauges)
+        self.registry.register(gauges)  # type: ignore[arg-type]
 
     def stage(self, name: str, help_text: str) -> Counter:
         """The outcome counter a stage declares (created when the stage first runs)."""
@@ -60,7 +70,18 @@ class FrontendMetrics:
         return counter
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not folder:
+            return generate_latest(self.registry)
+        # Several frontend processes: request metrics summed from every process's files; the
+        # discovery gauges are the same in each, so this process's own are shown.
+        from prometheus_client import multiprocess
+
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, folder)
+        for collector in self._live:
+            merged.register(collector)
+        return generate_latest(merged)
 
 
 class _WorkerGauges:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 
 from dynvllm.frontend.app import FrontendApp
 from dynvllm.frontend.models import ModelRegistry
+from dynvllm.frontend.processes import REUSEPORT_ENV, reuseport_socket, run_processes
 from dynvllm.frontend.routing import Router
 from dynvllm.runtime import nats as natsrt
 from dynvllm.runtime.discovery import Watcher
@@ -74,7 +76,10 @@ async def serve_frontend(settings: Settings) -> int:
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
-    task = asyncio.create_task(server.serve())
+    sockets = None
+    if os.environ.get(REUSEPORT_ENV):
+        sockets = [reuseport_socket(fe.http_host, fe.http_port)]
+    task = asyncio.create_task(server.serve(sockets=sockets))
     while not server.started and not task.done():
         await asyncio.sleep(0.02)
     if server.started:
@@ -88,5 +93,7 @@ async def serve_frontend(settings: Settings) -> int:
 
 
 def run_frontend(settings: Settings) -> int:
+    if settings.frontend.http_workers > 1:
+        return run_processes(settings)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return int(natsrt.run(serve_frontend(settings)) or 0)

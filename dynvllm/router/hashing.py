@@ -17,8 +17,10 @@ def chain(
 ) -> list[int]:
     """Keys of each full block of `tokens`, continuing from `parent` (a prefix's last key)."""
     h = parent if parent is not None else hash((ROOT, lora))
+    t = tokens if isinstance(tokens, tuple) else tuple(tokens)  # slices of a tuple are tuples
     out = []
-    for start in range(0, len(tokens) - block_size + 1, block_size):
-        h = hash((h, tuple(tokens[start : start + block_size])))
-        out.append(h)
+    append = out.append
+    for start in range(0, len(t) - block_size + 1, block_size):
+        h = hash((h, t[start : start + block_size]))
+        append(h)
     return out

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bench_one.sh vllm|dynvllm LABEL -- device side, after assemble.sh + env.sh and /tmp/m built.
 # Starts one server on 127.0.0.1:8300 with the same engine arguments, runs scripts/gpu/loadgen.py
-# (loadgen.py beside this script; ISL 1000 / OSL 200, streaming chat, ignore_eos) at c=1 (12 requests) and c=16,64,256 (256 each),
+# (loadgen.py beside this script; ISL $ISL / OSL $OSL, default 1000 / 200, streaming chat, ignore_eos) at c=1
+# (12 requests) and c=$LEVELS (default 16,64,256; 256 each),
 # then stops it. JSON lines go to $OUT/gpu_bench.jsonl.
 set -uo pipefail
 W=$1; LABEL=$2; HERE=$(cd "$(dirname "$0")" && pwd); LOADGEN=${LOADGEN:-$HERE/loadgen.py}; M=/tmp/m; P=8300
@@ -21,8 +22,8 @@ for i in $(seq 1 300); do
 done
 echo "[$LABEL] ready=$ok after $(( $(date +%s)-t0 )) s"
 if [ $ok = 1 ]; then
-  LG=(python3 $LOADGEN --url http://127.0.0.1:$P --model m --tokenizer $M --input-tokens 1000
-      --output-tokens 200 --ignore-eos --label "$LABEL" --out ${OUT:-/tmp}/gpu_bench.jsonl --timeout 300)
+  LG=(python3 $LOADGEN --url http://127.0.0.1:$P --model m --tokenizer $M --input-tokens ${ISL:-1000}
+      --output-tokens ${OSL:-200} --ignore-eos --label "$LABEL" --out ${OUT:-/tmp}/gpu_bench.jsonl --timeout 300)
   if [ "$W" = vllm ]; then CP=(--cpu-pid api=$PID); else
     CP=(--cpu-pid frontend=$(pgrep -f "dynvllm.child frontend" | head -1) --cpu-pid worker=$(pgrep -f "dynvllm.child worker" | head -1)); fi
   LG+=("${CP[@]}")

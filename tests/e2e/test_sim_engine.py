@@ -74,3 +74,66 @@ def test_sim_workers_emit_kv_events_that_steer_the_router(tiny_model, tmp_path):
         assert len(set(first.values())) >= 2  # distinct prefixes spread over the idle workers
     finally:
         proc.stop()
+
+
+def test_http_workers_share_one_port_and_sum_their_metrics(tiny_model, tmp_path):
+    """`--http-workers 2`: two frontend processes on one port, new connections spread over them,
+    metrics summed across them, a killed one restarted."""
+    import os
+    import signal
+    import time
+
+    port = free_port()
+    proc = Proc(
+        [
+            "serve",
+            "agg",
+            "--model",
+            str(tiny_model),
+            "--served-model-name",
+            "tiny",
+            "--engine",
+            "sim",
+            "--http-workers",
+            "2",
+            "--http-host",
+            "127.0.0.1",
+            "--http-port",
+            str(port),
+            "--namespace",
+            "httpw",
+            "--sim-decode-ms-per-step",
+            "1",
+        ],
+        tmp_path / "httpw.log",
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/health", lambda b: b.get("workers") == 1, proc, timeout=180)
+
+        def pids(n: int) -> set[int]:
+            seen = set()
+            for _ in range(n):  # a new connection each time: the kernel picks a process
+                with httpx.Client() as c:
+                    seen.add(c.get(url + "/live").json()["pid"])
+            return seen
+
+        deadline = time.monotonic() + 60
+        while len(served := pids(40)) < 2:  # both processes up and accepting
+            assert time.monotonic() < deadline, served
+        for i in range(20):
+            r = httpx.post(
+                url + "/v1/completions", json={"model": "tiny", "prompt": f"p {i}", "max_tokens": 3}
+            )
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        metrics = httpx.get(url + "/metrics").text
+        assert 'dynvllm_requests_total{model="tiny",status="200"} 20.0' in metrics  # summed over both
+        victim = sorted(served)[0]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while victim in (now := pids(20)) or len(now) < 2:  # replaced by a new process
+            assert time.monotonic() < deadline, now
+        r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "again", "max_tokens": 3})
+        assert r.status_code == 200
+    finally:
+        assert proc.stop() == 0
