@@ -33,7 +33,9 @@ def tune_gc() -> None:
 
 class KvIndex:
     def __init__(self) -> None:
-        self.holders: dict[int, set[Worker]] = defaultdict(set)
+        #: key -> its holder, or a set when several hold it: most blocks live on one worker, and a
+        #: tuple per key instead of a set saves memory and time at a million blocks.
+        self.holders: dict[int, Worker | set[Worker]] = {}
         self._engine_to_key: dict[Worker, dict[int, int]] = defaultdict(dict)
         self._keys_of: dict[Worker, dict[int, float]] = defaultdict(dict)  # key -> expiry (inf: event-backed)
 
@@ -57,9 +59,12 @@ class KvIndex:
             for key in keys:
                 have = holders.get(key)
                 if have is None:
-                    holders[key] = {worker}
+                    holders[key] = worker
+                elif have.__class__ is tuple:
+                    if have != worker:
+                        holders[key] = {have, worker}  # type: ignore[arg-type]
                 else:
-                    have.add(worker)
+                    have.add(worker)  # type: ignore[union-attr]
         elif kind == "removed":
             mapping = self._engine_to_key.get(worker, {})
             for eh in event[1]:
@@ -70,24 +75,43 @@ class KvIndex:
             self.drop_worker(worker)
 
     def _add(self, worker: Worker, key: int, expiry: float) -> None:
-        self.holders[key].add(worker)
+        have = self.holders.get(key)
+        if have is None:
+            self.holders[key] = worker
+        elif have.__class__ is tuple:
+            if have != worker:
+                self.holders[key] = {have, worker}  # type: ignore[arg-type]
+        else:
+            have.add(worker)  # type: ignore[union-attr]
         self._keys_of[worker][key] = expiry
+
+    def _unhold(self, worker: Worker, key: int) -> None:
+        have = self.holders.get(key)
+        if have is None:
+            return
+        if have.__class__ is tuple:
+            if have == worker:
+                del self.holders[key]
+            return
+        have.discard(worker)  # type: ignore[union-attr]
+        if len(have) == 1:  # type: ignore[arg-type]
+            self.holders[key] = next(iter(have))  # type: ignore[call-overload]
+        elif not have:
+            del self.holders[key]
+
+    def holders_of(self, key: int) -> set[Worker]:
+        have = self.holders.get(key)
+        if have is None:
+            return set()
+        return {have} if have.__class__ is tuple else set(have)  # type: ignore[arg-type]
 
     def _discard(self, worker: Worker, key: int) -> None:
         self._keys_of[worker].pop(key, None)
-        s = self.holders.get(key)
-        if s is not None:
-            s.discard(worker)
-            if not s:
-                del self.holders[key]
+        self._unhold(worker, key)
 
     def drop_worker(self, worker: Worker) -> None:
         for key in list(self._keys_of.pop(worker, {})):
-            s = self.holders.get(key)
-            if s is not None:
-                s.discard(worker)
-                if not s:
-                    del self.holders[key]
+            self._unhold(worker, key)
         self._engine_to_key.pop(worker, None)
 
     def drop_instance(self, instance_id: str) -> None:
@@ -111,18 +135,24 @@ class KvIndex:
         """For each worker, how many leading blocks of `keys` it holds."""
         if not keys:
             return {}
-        first = self.holders.get(keys[0])
+        holders = self.holders
+        first = holders.get(keys[0])
         if not first:
             return {}
         # Set operations run in C; Python only touches a worker when it drops out of the prefix.
         result: dict[Worker, int] = {}
-        active = set(first)
+        active = {first} if first.__class__ is tuple else set(first)  # type: ignore[arg-type]
         depth = 1
         for key in keys[1:]:
-            have = self.holders.get(key)
+            have = holders.get(key)
             if not have:
                 break
-            still = active & have
+            if have.__class__ is not tuple:
+                still = active & have  # type: ignore[operator]
+            elif have in active:
+                still = {have}
+            else:
+                break
             if not still:
                 break
             for w in active - still:
