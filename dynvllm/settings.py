@@ -206,6 +206,12 @@ class WorkerSettings(_Group):
         description="Port of the worker's Prometheus endpoint, vLLM's engine metrics included "
         "(0 picks a free one and announces it in discovery; -1 turns it off).",
     )
+    headless: bool = Field(
+        False,
+        description="Run only this host's data-parallel ranks of an engine led by a worker elsewhere "
+        "(with --data-parallel-size, --data-parallel-size-local, --data-parallel-start-rank, "
+        "--data-parallel-address, --data-parallel-rpc-port); needs --no-frontend.",
+    )
     max_restarts: int = Field(
         5,
         ge=0,

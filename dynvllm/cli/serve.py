@@ -40,6 +40,8 @@ def _serve_role(role_name: str, settings: Settings, no_frontend: bool) -> None:
         standalone = registry.load(registry.ROLES, role_name).standalone
     except registry.PluginError as exc:
         raise _fail(str(exc)) from None
+    if settings.worker.headless and not no_frontend:
+        raise _fail("--headless starts engine ranks for a leader elsewhere: add --no-frontend and --nats-url")
     if standalone and not no_frontend:
         topology = settings.worker.topology() or [(role_name, settings.worker.workers)]
         _shared_folders(settings, [name for name, _ in topology])

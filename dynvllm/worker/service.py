@@ -260,6 +260,10 @@ def run_worker(settings: Settings, role_name: str) -> int:
     from dynvllm import registry
 
     role_cls = registry.load(registry.ROLES, role_name)
-    worker = Worker(settings, role_name, role_cls())
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if settings.worker.headless:
+        from dynvllm.worker.headless import HeadlessRanks
+
+        return int(natsrt.run(HeadlessRanks(settings, role_cls()).run()) or 0)
+    worker = Worker(settings, role_name, role_cls())
     return int(natsrt.run(worker.run()) or 0)

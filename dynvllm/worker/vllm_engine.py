@@ -150,8 +150,14 @@ class VllmEngine(Engine):
     def _ranks_card(pc: Any) -> dict[str, Any]:
         if pc.data_parallel_size <= 1:
             return {}
-        local = pc.data_parallel_size_local or pc.data_parallel_size
-        return {"dp_size": local, "dp_start_rank": pc.data_parallel_rank, "dp_world": pc.data_parallel_size}
+        # The leader routes to every rank, its own and those headless hosts run for it.
+        return {
+            "dp_size": pc.data_parallel_size,
+            "dp_start_rank": 0,
+            "dp_local": pc.data_parallel_size_local or pc.data_parallel_size,
+            "dp_address": pc.data_parallel_master_ip,
+            "dp_rpc_port": pc.data_parallel_rpc_port,
+        }
 
     async def generate(self, payload: Any) -> AsyncIterator[dict]:
         """One vLLM request, its output deltas mapped to wire deltas as they come."""
