@@ -1,0 +1,85 @@
+"""dp_probe.py URL LABEL OUT -- shared-prefix load against a running service: 8 system prompts of
+~900 tokens x 8 questions, c=16, then the same 64 again. Prints req/s, where requests went
+(worker and rank headers), the share of prompt tokens served from cache, and writes the greedy
+texts of the first 8 requests (for comparing TP=1 with TP=2) as one JSON line to OUT."""
+
+import asyncio
+import collections
+import json
+import random
+import sys
+import time
+
+import aiohttp
+
+URL, LABEL, OUT = sys.argv[1], sys.argv[2], sys.argv[3]
+rng = random.Random(0)
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "river",
+    "mountain",
+    "city",
+    "road",
+    "tree",
+    "house",
+    "cat",
+    "dog",
+    "bird",
+    "fish",
+]
+SYSTEMS = [" ".join(rng.choice(WORDS) for _ in range(450)) for _ in range(8)]
+QUESTIONS = [f"question {i}: " + " ".join(rng.choice(WORDS) for _ in range(30)) for i in range(8)]
+
+
+async def one(session, system, question):
+    body = {
+        "model": "m",
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+        "max_tokens": 32,
+        "temperature": 0,
+    }
+    async with session.post(URL + "/v1/chat/completions", json=body) as r:
+        data = await r.json()
+        where = (r.headers.get("x-dynvllm-worker", "?"), r.headers.get("x-dynvllm-rank", "-"))
+        usage = data["usage"]
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        return where, usage["prompt_tokens"], cached, data["choices"][0]["message"]["content"]
+
+
+async def wave(session, pairs):
+    sem = asyncio.Semaphore(16)
+
+    async def run(p):
+        async with sem:
+            return await one(session, *p)
+
+    t0 = time.perf_counter()
+    res = await asyncio.gather(*(run(p) for p in pairs))
+    return res, len(pairs) / (time.perf_counter() - t0)
+
+
+async def main():
+    pairs = [(s, q) for s in SYSTEMS for q in QUESTIONS]
+    random.Random(1).shuffle(pairs)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        await one(session, "warm up", "hello")
+        out = {"label": LABEL}
+        for name in ("first", "again"):
+            res, rate = await wave(session, pairs)
+            spread = collections.Counter(f"{w[:6]}/{r}" for (w, r), *_ in res)
+            prompt = sum(p for _, p, _, _ in res)
+            cached = sum(c for _, _, c, _ in res)
+            print(
+                f"[{LABEL}] {name}: {rate:.1f} req/s, cached {cached / prompt:.1%} of prompt tokens, spread {dict(spread)}"
+            )
+            out[name] = {"req_s": rate, "cached_share": cached / prompt, "spread": dict(spread)}
+        texts, _ = await wave(session, pairs[:8])
+        out["texts"] = [t for *_, t in texts]
+    with open(OUT, "a") as f:
+        f.write(json.dumps(out) + "\n")
+
+
+asyncio.run(main())
