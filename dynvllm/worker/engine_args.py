@@ -35,8 +35,24 @@ def parse_engine_args(settings: Settings, overrides: dict[str, Any] | None = Non
     return args
 
 
-def vllm_config(args: Any) -> Any:
-    """The engine configuration `vllm serve` builds from the same arguments.
+def publish_kv_events(args: Any, endpoint: str | None, replay: str | None) -> None:
+    """Have the engine publish its KV events to the worker's relay (`endpoint`, and `replay` for
+    missed batches), unless caching is off or the user configured KV events themselves."""
+    if endpoint and args.enable_prefix_caching and args.kv_events_config is None:
+        from vllm.config import KVEventsConfig
+
+        args.kv_events_config = KVEventsConfig(
+            enable_kv_cache_events=True,
+            publisher="zmq",
+            topic="kv",
+            endpoint=endpoint,
+            replay_endpoint=replay,
+        )
+
+
+def vllm_config(args: Any, headless: bool = False) -> Any:
+    """The engine configuration `vllm serve` builds from the same arguments (`headless`: for
+    engine ranks whose leader runs elsewhere).
 
     vLLM picks defaults by usage context (token budget per step, sequences per batch, and with
     them the CUDA-graph capture sizes): without the server's context an engine gets the smaller
@@ -44,4 +60,4 @@ def vllm_config(args: Any) -> Any:
     """
     from vllm.usage.usage_lib import UsageContext
 
-    return args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+    return args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER, headless=headless)

@@ -21,7 +21,7 @@ from dynvllm.runtime import nats as natsrt
 from dynvllm.runtime.discovery import Instance, Lease, Watcher
 from dynvllm.runtime.events import EventBus
 from dynvllm.settings import Settings
-from dynvllm.worker.kv_relay import KvEventRelay, free_port_run, offset_port
+from dynvllm.worker.kv_relay import KvEventRelay, bind_relays
 
 log = logging.getLogger("dynvllm.worker")
 COMPONENT = "engine"
@@ -48,14 +48,12 @@ class HeadlessRanks:
         self.stopping = asyncio.Event()
 
     def _start_engines(self, kv_endpoint: str | None, kv_replay: str | None) -> Any:
-        from vllm.config import KVEventsConfig
-        from vllm.usage.usage_lib import UsageContext
         from vllm.utils.network_utils import get_tcp_uri
         from vllm.v1.engine.utils import CoreEngineProcManager
         from vllm.v1.executor import Executor
 
         from dynvllm.models.hub import resolve_model
-        from dynvllm.worker.engine_args import parse_engine_args
+        from dynvllm.worker.engine_args import parse_engine_args, publish_kv_events, vllm_config
 
         eng = self.settings.engine
         assert eng.model
@@ -63,15 +61,8 @@ class HeadlessRanks:
             self.settings,
             {"model": resolve_model(eng.model, eng.revision), **self.role.engine_overrides(self.settings)},
         )
-        if kv_endpoint and args.enable_prefix_caching:
-            args.kv_events_config = KVEventsConfig(
-                enable_kv_cache_events=True,
-                publisher="zmq",
-                topic="kv",
-                endpoint=kv_endpoint,
-                replay_endpoint=kv_replay,
-            )
-        cfg = args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER, headless=True)
+        publish_kv_events(args, kv_endpoint, kv_replay)
+        cfg = vllm_config(args, headless=True)
         pc = cfg.parallel_config
         self.first_rank, self.count = pc.data_parallel_rank, pc.data_parallel_size_local
         self.address, self.rpc_port = pc.data_parallel_master_ip, pc.data_parallel_rpc_port
@@ -94,16 +85,10 @@ class HeadlessRanks:
         start_group_reaper()
         rt = self.settings.runtime
         nc = await natsrt.connect(rt, name="dynvllm-headless")
-        ranks = VllmEngine().local_ranks(self.settings)
         endpoint = replay = None
         if self.settings.engine.enable_prefix_caching:
-            endpoint = f"tcp://127.0.0.1:{free_port_run(ranks.stop)}"
-            replay = f"tcp://127.0.0.1:{free_port_run(ranks.stop)}"
-            bus = EventBus(nc, rt.namespace)
-            for rank in ranks:
-                relay = KvEventRelay(bus, "", offset_port(endpoint, rank), offset_port(replay, rank))
-                relay.bind()
-                self.relays.append(relay)
+            ranks = VllmEngine().local_ranks(self.settings)
+            endpoint, replay, self.relays = bind_relays(EventBus(nc, rt.namespace), ranks)
         self.manager = self._start_engines(endpoint, replay)
         died = threading.Event()
 

@@ -54,6 +54,20 @@ def offset_port(endpoint: str, rank: int) -> str:
     return f"{host}:{int(port) + rank}"
 
 
+def bind_relays(bus: EventBus, ranks: range) -> tuple[str, str, list[KvEventRelay]]:
+    """Loopback KV-event and replay endpoints for an engine, and one bound relay per data-parallel
+    rank (vLLM publishes rank r on the endpoints' ports + r). Relays start once the instance id
+    they speak for is known."""
+    endpoint = f"tcp://127.0.0.1:{free_port_run(ranks.stop)}"
+    replay = f"tcp://127.0.0.1:{free_port_run(ranks.stop)}"
+    relays = []
+    for rank in ranks:
+        relay = KvEventRelay(bus, "", offset_port(endpoint, rank), offset_port(replay, rank))
+        relay.bind()
+        relays.append(relay)
+    return endpoint, replay, relays
+
+
 class KvEventRelay:
     def __init__(
         self,

@@ -86,22 +86,14 @@ class Worker:
     # ---- lifecycle --------------------------------------------------------------------
     def _build_engine(self) -> None:
         from dynvllm import registry
-        from dynvllm.worker.kv_relay import KvEventRelay, free_port_run, offset_port
+        from dynvllm.worker.kv_relay import bind_relays
 
         self.engine = registry.load(registry.ENGINES, self.settings.worker.engine)()
         endpoint = replay = None
         if self.settings.engine.enable_prefix_caching:
-            # Loopback sockets on free ports; relays forward events to routers over NATS. Each
-            # data-parallel rank publishes on the base port + its rank (vLLM's convention).
-            ranks = self.engine.local_ranks(self.settings)
-            span = ranks.stop
-            endpoint = f"tcp://127.0.0.1:{free_port_run(span)}"
-            replay = f"tcp://127.0.0.1:{free_port_run(span)}"
+            # Relays forward the engine's events to routers over NATS.
             bus = EventBus(self.nc, self.settings.runtime.namespace)
-            for rank in ranks:
-                relay = KvEventRelay(bus, "", offset_port(endpoint, rank), offset_port(replay, rank))
-                relay.bind()
-                self.relays.append(relay)
+            endpoint, replay, self.relays = bind_relays(bus, self.engine.local_ranks(self.settings))
         self.engine.start(
             self.settings, self.role.engine_overrides(self.settings), self.snapshot, endpoint, replay
         )
