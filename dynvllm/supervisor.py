@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dynvllm.child import RESTARTS_ENV, SETTINGS_ENV
@@ -42,6 +43,46 @@ class Slot:
     def down_for_good(self) -> bool:
         return not self.alive and self.state.restart_at is None and (self.reported or self.proc is None)
 
+    def launch(self, env: dict[str, str]) -> None:
+        """Start (or restart) the child: `python -m dynvllm.child ARGS`, told its restart count."""
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dynvllm.child", *self.args],
+            env={**env, RESTARTS_ENV: str(self.state.restarts)},
+            preexec_fn=child_preexec,
+        )
+        self.reported = False
+
+
+def supervise(
+    slots: list[Slot], policy: RestartPolicy, spawn: Callable[[Slot], None], now: float
+) -> list[str]:
+    """One supervision round over `slots`: notice exits, restart what is due (through `spawn`).
+    Returns console lines (rich markup)."""
+    lines = []
+    for slot in slots:
+        if slot.proc is None:
+            continue
+        code = slot.proc.poll()
+        if code is not None and not slot.reported:
+            slot.reported = True
+            what = f"{slot.name} (pid {slot.proc.pid}) exited with code {code}"
+            decision = slot.state.on_exit(policy, code, now)
+            if decision == "restart":
+                wait = slot.state.restart_at - now  # type: ignore[operator]
+                lines.append(
+                    f"[yellow]{what}; restarting in {wait:.0f} s "
+                    f"(restart {slot.state.restarts + 1} of {policy.max_restarts})[/]"
+                )
+            elif decision == "done":
+                lines.append(f"[yellow]{what} after draining; not restarted[/]")
+            else:
+                lines.append(f"[bold red]{what}; restart limit reached, leaving it down[/]")
+        if slot.state.due(now):
+            slot.state.restarted(now)
+            spawn(slot)
+            lines.append(f"[green]{slot.name} restarted as pid {slot.proc.pid}[/]")
+    return lines
+
 
 @dataclass
 class Service:
@@ -52,19 +93,13 @@ class Service:
     frontend: Slot | None = None
     workers: list[Slot] = field(default_factory=list)
     stop_requested: bool = False
-    policy: RestartPolicy = field(default_factory=RestartPolicy)
+    policy: RestartPolicy = field(init=False)
 
     def __post_init__(self) -> None:
         self.policy = RestartPolicy(max_restarts=self.settings.worker.max_restarts)
 
     def _spawn(self, slot: Slot) -> None:
-        env = dict(os.environ)
-        env[SETTINGS_ENV] = self.settings.to_json()
-        env[RESTARTS_ENV] = str(slot.state.restarts)
-        slot.proc = subprocess.Popen(
-            [sys.executable, "-m", "dynvllm.child", *slot.args], env=env, preexec_fn=child_preexec
-        )
-        slot.reported = False
+        slot.launch({**os.environ, SETTINGS_ENV: self.settings.to_json()})
 
     def start(self) -> None:
         rt = self.settings.runtime
@@ -118,33 +153,9 @@ class Service:
             time.sleep(0.3)
         return False
 
-    def supervise(self, now: float | None = None) -> list[str]:
-        """One supervision round: notice exits, restart what is due. Returns console lines."""
-        now = time.monotonic() if now is None else now
-        lines = []
-        for slot in self.slots():
-            if slot.proc is None:
-                continue
-            code = slot.proc.poll()
-            if code is not None and not slot.reported:
-                slot.reported = True
-                what = f"{slot.name} (pid {slot.proc.pid}) exited with code {code}"
-                decision = slot.state.on_exit(self.policy, code, now)
-                if decision == "restart":
-                    wait = slot.state.restart_at - now  # type: ignore[operator]
-                    lines.append(
-                        f"[yellow]{what}; restarting in {wait:.0f} s "
-                        f"(restart {slot.state.restarts + 1} of {self.policy.max_restarts})[/]"
-                    )
-                elif decision == "done":
-                    lines.append(f"[yellow]{what} after draining; not restarted[/]")
-                else:
-                    lines.append(f"[bold red]{what}; restart limit reached, leaving it down[/]")
-            if slot.state.due(now):
-                slot.state.restarted(now)
-                self._spawn(slot)
-                lines.append(f"[green]{slot.name} restarted as pid {slot.proc.pid}[/]")
-        return lines
+    def supervise(self) -> list[str]:
+        """One supervision round over the frontend and workers (see `supervise`)."""
+        return supervise(self.slots(), self.policy, self._spawn, time.monotonic())
 
     def fatal(self) -> bool:
         """The service cannot serve any more: its frontend or every worker is down for good."""

@@ -9,13 +9,11 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 
 from dynvllm.child import SETTINGS_ENV
-from dynvllm.process import child_preexec, terminate
+from dynvllm.process import terminate
 from dynvllm.restarts import RestartPolicy, SlotState
 from dynvllm.settings import Settings
 
@@ -36,6 +34,10 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
 
 
 def run_processes(settings: Settings) -> int:
+    from rich.console import Console
+
+    from dynvllm.supervisor import Slot, supervise
+
     fe = settings.frontend
     n = fe.http_workers
     if fe.http_port == 0:
@@ -47,13 +49,14 @@ def run_processes(settings: Settings) -> int:
     prom_dir = tempfile.mkdtemp(prefix="dynvllm-metrics-")
     env = {**os.environ, SETTINGS_ENV: child.to_json(), REUSEPORT_ENV: "1", PROM_DIR_ENV: prom_dir}
     policy = RestartPolicy(max_restarts=settings.worker.max_restarts)
-    slots: list[tuple[SlotState, subprocess.Popen]] = []
+    slots = [
+        Slot("frontend process", ("frontend",), state=SlotState(started_at=time.monotonic()))
+        for _ in range(n)
+    ]
     stopping = False
 
-    def spawn() -> subprocess.Popen:
-        return subprocess.Popen(
-            [sys.executable, "-m", "dynvllm.child", "frontend"], env=env, preexec_fn=child_preexec
-        )
+    def spawn(slot: Slot) -> None:
+        slot.launch(env)
 
     def on_signal(signum: int, frame: object) -> None:
         nonlocal stopping
@@ -61,30 +64,28 @@ def run_processes(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    for _ in range(n):
-        slots.append((SlotState(started_at=time.monotonic()), spawn()))
-    print(f"dynvllm frontend: {n} processes on port {fe.http_port}", file=sys.stderr, flush=True)
+    for slot in slots:
+        spawn(slot)
+    console = Console(stderr=True)
+    console.print(f"dynvllm frontend: {n} processes on port {fe.http_port}", highlight=False)
     code = 0
     try:
         while not stopping:
             time.sleep(0.2)
-            now = time.monotonic()
-            for i, (slot, proc) in enumerate(slots):
-                if proc.poll() is not None and slot.restart_at is None and not slot.given_up:
-                    _mark_dead(proc.pid)
-                    if slot.on_exit(policy, proc.returncode, now) != "restart":
-                        print(f"frontend process {proc.pid} exited ({proc.returncode})", file=sys.stderr)
-                if slot.due(now):
-                    slot.restarted(now)
-                    slots[i] = (slot, spawn())
-            if all(p.poll() is not None and (s.given_up or s.restart_at is None) for s, p in slots):
+            for slot in slots:
+                if slot.proc is not None and slot.proc.poll() is not None and not slot.reported:
+                    _mark_dead(slot.proc.pid)  # its live gauges leave the sums
+            for line in supervise(slots, policy, spawn, time.monotonic()):
+                console.print(line, highlight=False)
+            if all(slot.down_for_good for slot in slots):
                 code = 1
                 break
     finally:
-        for _, proc in slots:
+        procs = [slot.proc for slot in slots if slot.proc is not None]
+        for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for _, proc in slots:
+        for proc in procs:
             terminate(proc, 70)
         import shutil
 
