@@ -26,6 +26,9 @@ from dynvllm.runtime import state
 from dynvllm.runtime.nats import EmbeddedNats
 from dynvllm.settings import Settings
 
+#: Prefix of the encoder-cache folder `serve` makes for an encode role (and removes at stop).
+PRIVATE_ENCODER_CACHE = "dynvllm-encoder-cache-"
+
 
 @dataclass
 class Slot:
@@ -178,7 +181,7 @@ class Service:
             self.nats.stop()
         state.forget(self.settings.runtime.namespace)
         folder = self.settings.worker.encoder_cache_dir
-        if folder and os.path.basename(folder).startswith("dynvllm-encoder-cache-"):
+        if folder and os.path.basename(folder).startswith(PRIVATE_ENCODER_CACHE):
             import shutil
 
             shutil.rmtree(folder, ignore_errors=True)  # the private one `serve` made

@@ -72,7 +72,9 @@ def _shared_folders(settings: Settings, names: list[str]) -> None:
     if producers:
         import tempfile
 
-        settings.worker.encoder_cache_dir = tempfile.mkdtemp(prefix="dynvllm-encoder-cache-")
+        from dynvllm.supervisor import PRIVATE_ENCODER_CACHE
+
+        settings.worker.encoder_cache_dir = tempfile.mkdtemp(prefix=PRIVATE_ENCODER_CACHE)
 
 
 def _check_topology(roles: list, topology: list[tuple[str, int]]) -> None:

@@ -363,9 +363,9 @@ class FrontendApp:
             self._check_tokens(entry, ids)
             max_tokens = self._budget(entry, len(ids), req.wanted_max_tokens())
             sampling = req.sampling(max_tokens, tok.vocab_size)
-            dispatch = Dispatch(self.pool, self.router, entry, ids, sampling, self.metrics, lora)
-            dispatch.images = images
-            dispatches.append(dispatch)
+            dispatches.append(
+                Dispatch(self.pool, self.router, entry, ids, sampling, self.metrics, lora, images)
+            )
             post = PostProcessor(
                 tok, req.n, len(ids), req.stops(), req.include_stop_str_in_output, req.skip_special_tokens
             )

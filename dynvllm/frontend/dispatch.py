@@ -38,6 +38,7 @@ class Dispatch:
         sampling: dict[str, Any],
         metrics: FrontendMetrics,
         lora: str | None = None,
+        images: list[bytes] | None = None,
     ) -> None:
         self.pool, self.router, self.entry, self.metrics = pool, router, entry, metrics
         self.lora = lora
@@ -48,7 +49,7 @@ class Dispatch:
         self.worker_id: str | None = None
         self.rank: int | None = None
         #: Images of the request (encoded bytes), sent with every hop.
-        self.images: list[bytes] | None = None
+        self.images = images
         #: Workers this request lost; they may stay in discovery until their lease expires.
         self.lost: set[str] = set()
         self.overlap_blocks = 0

@@ -99,12 +99,6 @@ class KvIndex:
         elif not have:
             del self.holders[key]
 
-    def holders_of(self, key: int) -> set[Worker]:
-        have = self.holders.get(key)
-        if have is None:
-            return set()
-        return {have} if have.__class__ is tuple else set(have)  # type: ignore[arg-type]
-
     def _discard(self, worker: Worker, key: int) -> None:
         self._keys_of[worker].pop(key, None)
         self._unhold(worker, key)

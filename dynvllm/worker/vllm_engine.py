@@ -145,7 +145,6 @@ class VllmEngine(Engine):
         return {
             "dp_size": pc.data_parallel_size,
             "dp_start_rank": 0,
-            "dp_local": pc.data_parallel_size_local or pc.data_parallel_size,
             "dp_address": pc.data_parallel_master_ip,
             "dp_rpc_port": pc.data_parallel_rpc_port,
         }
