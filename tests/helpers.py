@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
@@ -107,8 +108,20 @@ def wait_gone(pids: list[int], timeout: float = 30) -> list[int]:
     return alive
 
 
-def start_agg(model: Path, log: Path, namespace: str, *extra: str, workers: int = 1, env: dict | None = None):
-    """`dynvllm serve agg` on the tiny model under the served name "tiny": (base URL, Proc)."""
+SIM = ("--engine", "sim")  # engine_args of start_agg for simulated workers
+
+
+def start_agg(
+    model: Path,
+    log: Path,
+    namespace: str,
+    *extra: str,
+    workers: int = 1,
+    env: dict | None = None,
+    engine_args: Sequence[str] = ENGINE_ARGS,
+):
+    """`dynvllm serve agg` on the tiny model under the served name "tiny": (base URL, Proc).
+    `engine_args`: the real engine's test arguments by default, `SIM` for the sim engine."""
     port = free_port()
     args = [
         "serve",
@@ -125,7 +138,7 @@ def start_agg(model: Path, log: Path, namespace: str, *extra: str, workers: int 
         str(port),
         "--namespace",
         namespace,
-        *ENGINE_ARGS,
+        *engine_args,
         *extra,
     ]
     return f"http://127.0.0.1:{port}", Proc(args, log, env=env)

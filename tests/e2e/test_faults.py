@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 from dynvllm.runtime.nats import EmbeddedNats
-from tests.helpers import Proc, free_port, wait_gone, wait_http
+from tests.helpers import SIM, Proc, free_port, start_agg, wait_gone, wait_http
 
 NS = "faults"
 TOKENS = 150  # x 10 ms per decode step: streams last ~1.5 s
@@ -36,37 +36,21 @@ def cluster(tiny_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("faults")
     nats = EmbeddedNats(port=free_port(), store_dir=str(tmp / "js"))
     nats_url = nats.start()
-    port = free_port()
-    proc = Proc(
-        [
-            "serve",
-            "agg",
-            "--model",
-            str(tiny_model),
-            "--served-model-name",
-            "tiny",
-            "--engine",
-            "sim",
-            "--workers",
-            "3",
-            "--migration-limit",
-            "2",
-            "--drain-timeout",
-            "1",
-            "--nats-url",
-            nats_url,
-            "--namespace",
-            NS,
-            "--http-host",
-            "127.0.0.1",
-            "--http-port",
-            str(port),
-            "--sim-decode-ms-per-step",
-            "10",
-        ],
+    url, proc = start_agg(
+        tiny_model,
         tmp / "serve.log",
+        NS,
+        "--migration-limit",
+        "2",
+        "--drain-timeout",
+        "1",
+        "--nats-url",
+        nats_url,
+        "--sim-decode-ms-per-step",
+        "10",
+        workers=3,
+        engine_args=SIM,
     )
-    url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url + "/health", lambda b: b.get("workers") == 3, proc, timeout=180)
         yield {"url": url, "proc": proc, "nats": nats}

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import Proc, free_port, wait_http
+from tests.helpers import SIM, start_agg, wait_http
 
 ADMIN = "fuzz-admin"
 POST_ROUTES = [
@@ -31,33 +31,18 @@ SENT: dict[str, int] = {"count": 0}
 
 @pytest.fixture(scope="module")
 def service(tiny_model, tmp_path_factory):
-    port = free_port()
-    proc = Proc(
-        [
-            "serve",
-            "agg",
-            "--model",
-            str(tiny_model),
-            "--served-model-name",
-            "tiny",
-            "--engine",
-            "sim",
-            "--namespace",
-            "fuzz",
-            "--http-host",
-            "127.0.0.1",
-            "--http-port",
-            str(port),
-            "--admin-token",
-            ADMIN,
-            "--sim-decode-ms-per-step",
-            "0.2",
-            "--sim-prefill-us-per-token",
-            "1",
-        ],
+    url, proc = start_agg(
+        tiny_model,
         tmp_path_factory.mktemp("fuzz") / "serve.log",
+        "fuzz",
+        "--admin-token",
+        ADMIN,
+        "--sim-decode-ms-per-step",
+        "0.2",
+        "--sim-prefill-us-per-token",
+        "1",
+        engine_args=SIM,
     )
-    url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url + "/health", lambda b: b.get("workers") == 1, proc, timeout=120)
         with httpx.Client(base_url=url, timeout=60) as client:

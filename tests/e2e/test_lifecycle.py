@@ -11,7 +11,7 @@ import httpx
 from dynvllm.runtime import nats as natsrt
 from dynvllm.runtime.discovery import Watcher
 from dynvllm.settings import RuntimeSettings
-from tests.helpers import ENGINE_ARGS, Proc, free_port, wait_gone, wait_http
+from tests.helpers import ENGINE_ARGS, Proc, start_agg, wait_gone, wait_http
 
 
 async def _wait_registered(url: str, namespace: str, present: bool, timeout: float) -> bool:
@@ -81,26 +81,7 @@ def test_engine_death_deregisters_and_exits_nonzero(tiny_model, nats_url, tmp_pa
 
 
 def test_sigterm_during_stream_finishes_stream_then_nothing_remains(tiny_model, tmp_path):
-    port = free_port()
-    proc = Proc(
-        [
-            "serve",
-            "agg",
-            "--model",
-            str(tiny_model),
-            "--served-model-name",
-            "tiny",
-            "--http-host",
-            "127.0.0.1",
-            "--http-port",
-            str(port),
-            "--namespace",
-            "lc-term",
-            *ENGINE_ARGS,
-        ],
-        tmp_path / "serve.log",
-    )
-    url = f"http://127.0.0.1:{port}"
+    url, proc = start_agg(tiny_model, tmp_path / "serve.log", "lc-term")
     try:
         wait_http(url + "/health", lambda b: b.get("workers") == 1, proc)
         everything = [proc.p.pid] + [p.pid for p in proc.descendants()]

@@ -10,39 +10,23 @@ from dynvllm.cli.status import collect
 from dynvllm.runtime import nats as natsrt
 from dynvllm.runtime import state
 from dynvllm.settings import build_settings
-from tests.helpers import Proc, free_port, wait_http
+from tests.helpers import SIM, start_agg, wait_http
 
 
 def test_sim_workers_emit_kv_events_that_steer_the_router(tiny_model, tmp_path):
-    port = free_port()
-    proc = Proc(
-        [
-            "serve",
-            "agg",
-            "--model",
-            str(tiny_model),
-            "--served-model-name",
-            "tiny",
-            "--engine",
-            "sim",
-            "--workers",
-            "4",
-            "--router",
-            "kv",
-            "--http-host",
-            "127.0.0.1",
-            "--http-port",
-            str(port),
-            "--namespace",
-            "sim4",
-            "--block-size",
-            "32",
-            "--sim-decode-ms-per-step",
-            "2",
-        ],
+    url, proc = start_agg(
+        tiny_model,
         tmp_path / "sim.log",
+        "sim4",
+        "--router",
+        "kv",
+        "--block-size",
+        "32",
+        "--sim-decode-ms-per-step",
+        "2",
+        workers=4,
+        engine_args=SIM,
     )
-    url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url + "/health", lambda b: b.get("workers") == 4, proc, timeout=180)
         rows = natsrt.run(
@@ -83,31 +67,16 @@ def test_http_workers_share_one_port_and_sum_their_metrics(tiny_model, tmp_path)
     import signal
     import time
 
-    port = free_port()
-    proc = Proc(
-        [
-            "serve",
-            "agg",
-            "--model",
-            str(tiny_model),
-            "--served-model-name",
-            "tiny",
-            "--engine",
-            "sim",
-            "--http-workers",
-            "2",
-            "--http-host",
-            "127.0.0.1",
-            "--http-port",
-            str(port),
-            "--namespace",
-            "httpw",
-            "--sim-decode-ms-per-step",
-            "1",
-        ],
+    url, proc = start_agg(
+        tiny_model,
         tmp_path / "httpw.log",
+        "httpw",
+        "--http-workers",
+        "2",
+        "--sim-decode-ms-per-step",
+        "1",
+        engine_args=SIM,
     )
-    url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url + "/health", lambda b: b.get("workers") == 1, proc, timeout=180)
 
