@@ -374,7 +374,9 @@ class FrontendApp:
 
     async def _images(self, entry: ModelEntry, req: Any) -> list[bytes] | None:
         """The request's images, fetched and checked (chat requests only)."""
-        urls = [u for m in getattr(req, "messages", ()) for u in m.image_urls()]
+        if not isinstance(req, oa.ChatRequest):  # a completion's unknown "messages" is not chat
+            return None
+        urls = [u for m in req.messages for u in m.image_urls()]
         if not urls:
             return None
         if not entry.card.get("multimodal"):

@@ -152,6 +152,7 @@ def _check(r: httpx.Response) -> None:
     max_examples=1100,
     deadline=None,
     database=None,
+    derandomize=True,  # the same 1,100 requests every run: the count checks below are stable
     suppress_health_check=list(HealthCheck),
 )
 @given(
@@ -174,7 +175,9 @@ def test_every_route_answers_hostile_bodies_with_openai_errors(service, route, b
     _check(r)
 
 
-@settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=60, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+)
 @given(route=st.sampled_from(GET_ROUTES), query=st.text(max_size=30))
 def test_get_routes_with_odd_queries(service, route, query):
     client, _ = service
