@@ -326,6 +326,13 @@ GROUPS: dict[str, type[_Group]] = {
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="forbid")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, **sources):  # type: ignore[override]
+        # The groups read DYN_* themselves; left to its defaults this model would also parse a
+        # user's unrelated ROUTER, ENGINE or WORKER variable as a whole group and fail on it.
+        return (init_settings,)
+
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     frontend: FrontendSettings = Field(default_factory=FrontendSettings)
     router: RouterSettings = Field(default_factory=RouterSettings)

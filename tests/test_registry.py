@@ -79,3 +79,22 @@ def test_first_party_plugins_are_not_imported_by_core():
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "KEPT" in r.stdout
+
+
+def test_vllm_loads_the_amx_request_in_its_processes():
+    # vLLM's own loader, as its engine and model-worker processes call it; on a CPU with AMX the
+    # process may then use AMX tiles (a one-token first step no longer dies with SIGILL).
+    code = textwrap.dedent(
+        """
+        from vllm.plugins import load_plugins_by_group
+        plugins = load_plugins_by_group("vllm.general_plugins")
+        assert "dynvllm_amx" in plugins, sorted(plugins)
+        plugins["dynvllm_amx"]()
+        import torch
+        if torch.cpu._is_amx_tile_supported():
+            assert torch.cpu._init_amx()
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]

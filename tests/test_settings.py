@@ -29,6 +29,15 @@ def test_env_twins(monkeypatch):
     assert s.engine.max_model_len == 512
 
 
+def test_unprefixed_variables_are_not_read(monkeypatch):
+    # Names of the groups themselves, as an operator's shell may hold them (launch scripts do).
+    for name in ("ROUTER", "ENGINE", "WORKER", "RUNTIME", "FRONTEND", "EXTRA_ENGINE_ARGS", "HTTP_PORT"):
+        monkeypatch.setenv(name, "kv")
+    s = S.build_settings()
+    assert s.router.router == "kv" and s.frontend.http_port == S.FrontendSettings().http_port
+    assert s.extra_engine_args == []
+
+
 def test_cli_overrides_beat_env(monkeypatch):
     monkeypatch.setenv("DYN_HTTP_PORT", "9001")
     s = S.build_settings({"frontend": {"http_port": 9002}})
