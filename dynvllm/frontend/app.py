@@ -200,6 +200,9 @@ class FrontendApp:
         cards = {name: self._model_card(name, e) for name, e in self.models.models.items() if e.servable}
         for name, (base, _) in self.models.adapters().items():
             cards.setdefault(name, {**self._model_card(name, base), "root": name, "parent": base.name})
+        for alias, model in self.models.aliases.items():
+            if model in cards:
+                cards.setdefault(alias, {**cards[model], "id": alias})
         return cards
 
     async def list_models(self, request: Request) -> Response:

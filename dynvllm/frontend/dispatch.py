@@ -182,7 +182,9 @@ class Dispatch:
                     attempts += 1
                     if attempts > RETRIES:
                         raise
-                    log.warning("worker %s lost before streaming; retrying elsewhere", self.worker_id)
+                    log.warning(
+                        "worker %s lost before streaming (%s); retrying elsewhere", self.worker_id, exc.message
+                    )
                     continue
                 if migrations >= limit:
                     raise

@@ -38,8 +38,10 @@ class ModelEntry:
 
 
 class ModelRegistry:
-    def __init__(self, watcher: Watcher) -> None:
+    def __init__(self, watcher: Watcher, aliases: dict[str, str] | None = None) -> None:
         self.watcher = watcher
+        #: Other names for served models (alias -> model); a model of the same name wins.
+        self.aliases = dict(aliases or {})
         self.models: dict[str, ModelEntry] = {}
         self._tokenizers: dict[str, Tokenizer] = {}
         self._loading: set[asyncio.Future] = set()
@@ -118,6 +120,8 @@ class ModelRegistry:
     async def resolve(self, name: str) -> tuple[ModelEntry | None, str | None]:
         """(entry, adapter) for a model name: a base model, or an adapter some worker holds."""
         entry = await self.ready(name)
+        if entry is None and name in self.aliases:
+            entry = await self.ready(self.aliases[name])
         if entry is not None:
             return entry, None
         held = self.adapters().get(name)

@@ -26,7 +26,7 @@ async def serve_frontend(settings: Settings) -> int:
     rt, fe = settings.runtime, settings.frontend
     nc = await natsrt.connect(rt, name="dynvllm-frontend")
     watcher = Watcher(nc, rt.namespace, rt.lease_ttl)
-    models = ModelRegistry(watcher)
+    models = ModelRegistry(watcher, fe.aliases())
     pool = StreamClientPool()
     router = Router(settings.router)
     if router.policy.keeps_index:

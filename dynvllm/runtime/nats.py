@@ -165,6 +165,12 @@ def local_address_towards(url: str) -> str:
             return socket.gethostbyname(socket.gethostname())
 
 
+def advertised_host(rt: RuntimeSettings) -> str:
+    """The address this process gives others for its sockets: --advertise-host, else the
+    address on the route to NATS (so processes on other hosts can reach it)."""
+    return rt.advertise_host or local_address_towards(rt.nats_url or "")
+
+
 def run(coro) -> object:
     """asyncio.run with uvloop when available."""
     try:
@@ -180,6 +186,7 @@ __all__ = [
     "NatsUnavailable",
     "close",
     "connect",
+    "advertised_host",
     "local_address_towards",
     "nats_server_binary",
     "run",

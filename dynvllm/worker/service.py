@@ -144,7 +144,7 @@ class Worker:
             **role_handlers,
         }
         self.server = StreamServer(handlers, self.inflight, counted=set(role_handlers))
-        host = rt.advertise_host or natsrt.local_address_towards(rt.nats_url or "")
+        host = natsrt.advertised_host(rt)
         bind = "127.0.0.1" if host == "127.0.0.1" else "0.0.0.0"
         port = await self.server.start(bind, self.settings.worker.rpc_port)
         self._serve_metrics(bind)

@@ -21,6 +21,7 @@
 #   DYNVLLM, NATS_SERVER   the commands to run (default: found on PATH or beside this checkout)
 
 set -uo pipefail
+set -m
 
 _here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 _repo=$(cd "$_here/../.." && pwd)
@@ -74,15 +75,16 @@ _next_gpus() { # sets GPU_ENV to CUDA_VISIBLE_DEVICES=... for the next worker (e
   GPU_ENV="CUDA_VISIBLE_DEVICES=${take[*]}"
 }
 
-# start NAME [VAR=value ...] -- COMMAND ARGS...: one process in its own session (so Ctrl-C in
-# the terminal reaches only this script, which stops the processes in order), logging to LOG_DIR.
+# start NAME [VAR=value ...] -- COMMAND ARGS...: one process in its own process group (job
+# control, `set -m`), so Ctrl-C in the terminal reaches only this script, which stops the
+# processes in order; logs go to LOG_DIR.
 start() {
   local name=$1
   shift
   local envs=()
   while [ "$1" != "--" ]; do envs+=("$1"); shift; done
   shift
-  env "${envs[@]}" setsid "$@" >"$LOG_DIR/$name.log" 2>&1 &
+  env "${envs[@]}" "$@" >"$LOG_DIR/$name.log" 2>&1 </dev/null &
   _pids+=($!)
   _names+=("$name")
   echo "started $name (pid $!, log $LOG_DIR/$name.log)"
