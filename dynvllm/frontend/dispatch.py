@@ -183,7 +183,9 @@ class Dispatch:
                     if attempts > RETRIES:
                         raise
                     log.warning(
-                        "worker %s lost before streaming (%s); retrying elsewhere", self.worker_id, exc.message
+                        "worker %s lost before streaming (%s); retrying elsewhere",
+                        self.worker_id,
+                        exc.message,
                     )
                     continue
                 if migrations >= limit:

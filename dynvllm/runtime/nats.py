@@ -184,9 +184,9 @@ def run(coro) -> object:
 __all__ = [
     "EmbeddedNats",
     "NatsUnavailable",
+    "advertised_host",
     "close",
     "connect",
-    "advertised_host",
     "local_address_towards",
     "nats_server_binary",
     "run",
