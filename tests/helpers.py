@@ -119,13 +119,15 @@ def start_agg(
     workers: int = 1,
     env: dict | None = None,
     engine_args: Sequence[str] = ENGINE_ARGS,
+    role: str = "agg",
 ):
-    """`dynvllm serve agg` on the tiny model under the served name "tiny": (base URL, Proc).
-    `engine_args`: the real engine's test arguments by default, `SIM` for the sim engine."""
+    """`dynvllm serve agg` (or another standalone `role`) on the tiny model under the served name
+    "tiny": (base URL, Proc). `engine_args`: the real engine's test arguments by default, `SIM`
+    for the sim engine."""
     port = free_port()
     args = [
         "serve",
-        "agg",
+        role,
         "--model",
         str(model),
         "--served-model-name",

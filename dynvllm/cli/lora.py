@@ -40,7 +40,7 @@ def _targets(worker: str | None, all_workers: bool):  # type: ignore[no-untyped-
 @with_settings("runtime")
 def load_cmd(
     settings: Settings,
-    name: str = typer.Argument(..., help="Adapter name; clients use it as the model."),
+    name: str = typer.Argument(..., metavar="NAME", help="Adapter name; clients use it as the model."),
     source: str = typer.Option(
         ..., "--source", help="Folder, file://, hf://org/repo[@rev] or s3://bucket/prefix."
     ),
@@ -61,7 +61,7 @@ def load_cmd(
 @with_settings("runtime")
 def unload_cmd(
     settings: Settings,
-    name: str = typer.Argument(..., help="Adapter name."),
+    name: str = typer.Argument(..., metavar="NAME", help="Adapter name."),
     worker: str | None = typer.Option(None, "--worker", help="Unload on this worker only."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:

@@ -13,7 +13,7 @@ def register(app: typer.Typer) -> None:
 
     @model_app.command("tiny")
     def tiny(
-        path: Path = typer.Argument(..., help="Folder to write the model into."),
+        path: Path = typer.Argument(..., metavar="PATH", help="Folder to write the model into."),
         seed: int = typer.Option(0, help="Seed for weights and tokenizer corpus."),
         lora: bool = typer.Option(False, "--lora", help="Also write a LoRA adapter to PATH/lora."),
         vision: bool = typer.Option(

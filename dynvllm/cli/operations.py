@@ -42,7 +42,7 @@ def clear_cmd(settings: Settings, as_json: bool = typer.Option(False, "--json", 
 @with_settings("runtime")
 def sleep_cmd(
     settings: Settings,
-    worker: str = typer.Argument(..., help="Worker id (see `dynvllm status`)."),
+    worker: str = typer.Argument(..., metavar="WORKER", help="Worker id (see `dynvllm status`)."),
     level: int = typer.Option(1, "--level", min=1, max=2, help="1 offloads weights, 2 discards them."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -56,7 +56,7 @@ def sleep_cmd(
 @with_settings("runtime")
 def wake_cmd(
     settings: Settings,
-    worker: str = typer.Argument(..., help="Worker id."),
+    worker: str = typer.Argument(..., metavar="WORKER", help="Worker id."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Wake a sleeping worker; it serves requests again."""

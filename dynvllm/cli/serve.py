@@ -99,6 +99,13 @@ def _checked_roles(settings: Settings, names: list[str]) -> list:
         except (registry.PluginError, ValueError) as exc:
             raise _fail(str(exc)) from None
         roles.append(role)
+    asked = [c for c in settings.worker.connectors() if c != "none"] or settings.worker.kv_transfer_config
+    if asked and not any(r.kv_role for r in roles):
+        flag = "--connector" if settings.worker.connector else "--kv-transfer-config"
+        raise _fail(
+            f"{flag} configures KV transfer, which only roles that move KV use (prefill, decode); "
+            f"{', '.join(sorted(set(names)))} would ignore it: drop it or serve such a role"
+        )
     _check_engine_args(settings)
     return roles
 

@@ -130,13 +130,23 @@ async def connect(rt: RuntimeSettings, url: str | None = None, name: str = "dynv
             ctx.load_cert_chain(str(rt.nats_tls_cert), str(rt.nats_tls_key) if rt.nats_tls_key else None)
         opts["tls"] = ctx
 
-    async def _quiet(exc: Exception) -> None:
-        # Disconnections are expected during a server restart; nats-py retries on its own.
-        log.debug("NATS connection error (retrying): %s", exc)
+    state = {"connected": False, "warned": 0.0}
 
-    opts["error_cb"] = _quiet
+    async def _errors(exc: Exception) -> None:
+        # Disconnections are expected during a server restart; nats-py retries on its own. Before
+        # the first connection, though, silence would look like a hang: say what is awaited.
+        now = time.monotonic()
+        if not state["connected"] and now - state["warned"] >= 5:
+            state["warned"] = now
+            log.warning("cannot reach NATS at %s yet (%s: %s); retrying", url, type(exc).__name__, exc)
+        else:
+            log.debug("NATS connection error (retrying): %s", exc)
+
+    opts["error_cb"] = _errors
     try:
-        return await nats.connect(**opts)
+        nc = await nats.connect(**opts)
+        state["connected"] = True
+        return nc
     except Exception as exc:
         raise NatsUnavailable(f"cannot connect to NATS at {url}: {type(exc).__name__}: {exc}") from exc
 

@@ -138,6 +138,14 @@ def test_connectors_build_vllm_transfer_configs():
     cfg, env, produces = transfer_config(s.worker.connectors(), "kv_producer", s)
     assert cfg == {"kv_connector": "NixlConnector", "kv_role": "kv_producer", "kv_buffer_device": "cpu"}
     assert produces and int(env["VLLM_NIXL_SIDE_CHANNEL_PORT"]) > 0
+    # Decode engines dial the prefill engine at the host it announces: the worker's own address.
+    assert env["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "127.0.0.1"
+    s = build_settings({"worker": {"connector": "nixl"}, "runtime": {"advertise_host": "10.1.2.3"}})
+    assert (
+        transfer_config(s.worker.connectors(), "kv_consumer", s)[1]["VLLM_NIXL_SIDE_CHANNEL_HOST"]
+        == "10.1.2.3"
+    )
+
     s = build_settings({"worker": {"connector": "nixl,example"}})
     cfg, _, _ = transfer_config(s.worker.connectors(), "kv_consumer", s)
     assert cfg["kv_connector"] == "MultiConnector"
@@ -152,3 +160,9 @@ def test_connectors_build_vllm_transfer_configs():
         "kv_connector": "X",
         "kv_role": "kv_both",
     }
+
+
+def test_a_connector_for_roles_that_move_no_kv_is_refused():
+    r = runner.invoke(app, ["serve", "agg", "--model", "m", "--connector", "nixl"])
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 2 and "--connector configures KV transfer" in flat and "agg would ignore it" in flat

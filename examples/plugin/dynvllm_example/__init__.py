@@ -1,0 +1,1 @@
+"""An example dynvllm plugin package (see docs/plugins.md)."""
