@@ -30,12 +30,15 @@ def free_port() -> int:
 class Proc:
     """A dynvllm command in its own process group, with its output in a log file."""
 
-    def __init__(self, args: list[str], log: Path, env: dict | None = None) -> None:
+    def __init__(
+        self, args: list[str], log: Path, env: dict | None = None, prefix: Sequence[str] = ()
+    ) -> None:
+        """`prefix` runs it elsewhere, e.g. on a network-namespace host (`ip netns exec NS`)."""
         self.log = log
         self.fh = open(log, "wb")
         full_env = {**os.environ, **(env or {})}
         self.p = subprocess.Popen(
-            [sys.executable, "-m", "dynvllm", *args],
+            [*prefix, sys.executable, "-m", "dynvllm", *args],
             stdout=self.fh,
             stderr=subprocess.STDOUT,
             env=full_env,

@@ -35,3 +35,24 @@ def test_vllm_runs_it_greedy_varies_and_lora_changes_output(tiny_model):
     assert first[0] != first[1]  # two prompts, two different continuations
     assert all(len(set(ids)) > 3 for ids in first)  # not one token repeated forever
     assert lora != first  # the adapter is really applied
+
+
+def test_frontend_tokenizes_as_vllm_does(tiny_model):
+    """The frontend reads tokenizer.json itself; vLLM tokenizes through transformers. Any
+    difference (digits, spaces, newlines, punctuation, non-ASCII, special tokens) would give the
+    engine another prompt than vLLM's own server would."""
+    from transformers import AutoTokenizer
+
+    from dynvllm.frontend.tokenizer import Tokenizer
+
+    ours, theirs = Tokenizer(tiny_model), AutoTokenizer.from_pretrained(tiny_model)
+    texts = [
+        "host 3 sends 42 cats and 1234567 dogs",
+        "  two  spaces,\ttab\nnew line\r\n\n  indented: x=1; y='it''s'",
+        "don't I'll we've THEY'RE café naïve 東京 🙂 e\u0301",
+        "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n",
+        "$$$ ... !!! ??? (a) [b] {c} -- __init__ 3.14e-10",
+    ]
+    for text in texts:
+        assert ours.encode(text) == theirs.encode(text), text
+        assert ours.encode(text, add_special_tokens=False) == theirs.encode(text, add_special_tokens=False)

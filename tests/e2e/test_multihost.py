@@ -1,0 +1,180 @@
+"""Several hosts, made of network namespaces: NATS on one, the frontend on another, a vLLM worker
+on each of two more. Requests cross hosts; cutting a worker host off under load loses nothing
+(its streams migrate when its lease expires) and the host rejoins when it comes back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from dynvllm.process import child_preexec
+from dynvllm.runtime.nats import nats_server_binary
+from tests import netns
+from tests.helpers import ENGINE_ARGS, Proc, offline_reference, wait_gone, wait_http
+
+pytestmark = pytest.mark.vllm
+WHY_NOT = netns.available()
+if WHY_NOT:
+    pytest.skip(WHY_NOT, allow_module_level=True)
+
+PROMPTS = [f"host {i} sends the cat and the dog {i} words over the river road" for i in range(12)]
+LONG_TOKENS = 160
+# Inside a namespace of its own every port is free: fixed ones are safe there.
+NATS_PORT, HTTP_PORT = 4222, 8000
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model):
+    reqs = [
+        {"kind": "completion", "input": p, "params": {"max_tokens": LONG_TOKENS, "temperature": 0}}
+        for p in PROMPTS
+    ]
+    return [texts[0] for texts in offline_reference(tiny_model, reqs)]
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model, tmp_path_factory, expected):
+    logs = tmp_path_factory.mktemp("multihost")
+    net = netns.Network()
+    procs: list[Proc] = []
+    nats = None
+    try:
+        addr = {name: net.host(name) for name in ("nats", "frontend", "wk1", "wk2")}
+        nats_url = f"nats://{addr['nats']}:{NATS_PORT}"
+        nats_bin = nats_server_binary()
+        nats = subprocess.Popen(
+            [*net.prefix("nats"), nats_bin, "-js", "-a", addr["nats"], "-p", str(NATS_PORT),
+             "-sd", str(logs / "js")],
+            stdout=open(logs / "nats.log", "wb"), stderr=subprocess.STDOUT, preexec_fn=child_preexec,
+        )  # fmt: skip
+        common = ["--nats-url", nats_url, "--namespace", "mh"]
+        front = Proc(
+            ["frontend", *common, "--router", "round-robin", "--http-host", addr["frontend"],
+             "--http-port", str(HTTP_PORT)],
+            logs / "frontend.log", prefix=net.prefix("frontend"),
+        )  # fmt: skip
+        procs.append(front)
+        for host in ("wk1", "wk2"):
+            worker_args = ["serve", "agg", "--no-frontend", *common, "--model", str(tiny_model)]
+            worker_args += ["--served-model-name", "tiny", *ENGINE_ARGS]
+            procs.append(Proc(worker_args, logs / f"{host}.log", prefix=net.prefix(host)))
+        url = f"http://{addr['frontend']}:{HTTP_PORT}"
+        for p in procs[1:]:
+            wait_http(url + "/health", lambda b: b.get("workers") == 2, p, timeout=400)
+        yield {"url": url, "net": net, "addr": addr, "nats_url": nats_url, "procs": procs}
+    finally:
+        pids = [q.pid for p in procs for q in [p.ps, *p.descendants()]]
+        for p in procs:
+            p.stop()
+        if nats is not None:
+            nats.terminate()
+            nats.wait(30)
+        left = wait_gone(pids)
+        net.close()
+        assert not left, f"processes left behind: {left}"
+
+
+def _workers_by_host(cluster) -> dict[str, str]:
+    """Host name -> worker id, from discovery as `dynvllm status` reads it across the network."""
+    res = subprocess.run(
+        [sys.executable, "-m", "dynvllm", "status", "--json", "--nats-url", cluster["nats_url"],
+         "--namespace", "mh"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    ips = {ip: host for host, ip in cluster["addr"].items()}
+    return {
+        ips[r["address"].split(":")[0]]: r["id"]
+        for r in json.loads(res.stdout)["instances"]
+        if r["role"] == "agg"
+    }
+
+
+def _complete(url: str, i: int, tokens: int = 16) -> httpx.Response:
+    body = {"model": "tiny", "prompt": PROMPTS[i], "max_tokens": tokens, "temperature": 0}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r
+
+
+def test_requests_cross_hosts(cluster, expected):
+    workers = _workers_by_host(cluster)
+    assert set(workers) == {"wk1", "wk2"}  # each advertised its own host's address
+    served = set()
+    for i in range(4):
+        r = _complete(cluster["url"], i, LONG_TOKENS)
+        assert r.json()["choices"][0]["text"] == expected[i]
+        served.add(r.headers["x-dynvllm-worker"])
+    assert served == set(workers.values())
+
+
+def test_cutting_a_worker_host_off_under_load_loses_nothing(cluster, expected):
+    url, net = cluster["url"], cluster["net"]
+    wk1 = _workers_by_host(cluster)["wk1"]
+    texts: dict[int, str] = {}
+    errors: list[str] = []
+    started = threading.Semaphore(0)
+
+    def stream(i: int) -> None:
+        body = {
+            "model": "tiny",
+            "prompt": PROMPTS[i],
+            "max_tokens": LONG_TOKENS,
+            "temperature": 0,
+            "stream": True,
+        }
+        out, first = [], True
+        try:
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        out.append(json.loads(line[6:])["choices"][0]["text"])
+                        if first:
+                            first = False
+                            started.release()
+            texts[i] = "".join(out)
+        except Exception as exc:  # reported below with the stream's number
+            errors.append(f"{i}: {exc!r}")
+            if first:
+                started.release()
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for _ in threads:
+        started.acquire(timeout=120)
+    net.cut("wk1")  # every stream has its first token; those on wk1 now hear nothing
+    try:
+        t0 = time.monotonic()
+        for t in threads:
+            t.join(180)
+        # The service goes on without the host: new requests are served by wk2.
+        after = _complete(url, 0)
+        assert after.headers["x-dynvllm-worker"] != wk1
+        elapsed = time.monotonic() - t0
+    finally:
+        net.restore("wk1")
+    assert not errors, errors
+    assert [texts.get(i) for i in range(len(PROMPTS))] == expected  # token for token
+    metrics = httpx.get(url + "/metrics").text
+    migrated = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("dynvllm_migrations_total")
+    )
+    assert migrated >= 1, "no stream was on the host that was cut"
+    print(f"\ncut under {len(PROMPTS)} streams: 0 failed, {migrated:.0f} migrated, done {elapsed:.1f}s after")
+    # Back on the network, the host's worker registers again and serves.
+    wait_http(url + "/health", lambda b: b.get("workers") == 2, cluster["procs"][1], timeout=60)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if _complete(url, 1).headers["x-dynvllm-worker"] == wk1:
+            break
+    else:
+        pytest.fail("the host that came back received no request")
