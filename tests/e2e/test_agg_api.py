@@ -30,7 +30,8 @@ def client(agg_service):
 def reference(tiny_model):
     """vLLM's offline greedy output for the same prompts and parameters."""
     reqs = [
-        {"kind": "completion", "input": p, "params": {"max_tokens": 24, "temperature": 0}} for p in PROMPTS
+        {"kind": "completion", "input": p, "params": {"max_tokens": 24, "temperature": 0, "ignore_eos": True}}
+        for p in PROMPTS
     ]
     reqs += [{"kind": "chat", "input": m, "params": {"max_tokens": 24, "temperature": 0}} for m in CHAT]
     reqs += [
@@ -59,13 +60,13 @@ def test_models_lists_served_name(client):
 
 def test_completions_equal_vllm_offline(client, reference):
     for i, prompt in enumerate(PROMPTS):
-        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0)
+        # ignore_eos: the full 24 tokens whatever the random model emits, so usage is exact.
+        kw = {"max_tokens": 24, "temperature": 0, "extra_body": {"ignore_eos": True}}
+        r = client.completions.create(model="tiny", prompt=prompt, **kw)
         assert r.choices[0].text == reference[i][0]
         assert r.usage.completion_tokens == 24
         assert r.choices[0].finish_reason == "length"
-        streamed = client.completions.create(
-            model="tiny", prompt=prompt, max_tokens=24, temperature=0, stream=True
-        )
+        streamed = client.completions.create(model="tiny", prompt=prompt, stream=True, **kw)
         assert "".join(c.choices[0].text for c in streamed if c.choices) == reference[i][0]
 
 

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# disagg_2gpu.sh -- device side on a 2-GPU host, after assemble.sh + env.sh, /tmp/m built and
+# NIXL installed: the launch scripts' topologies with one engine per GPU, side by side
+#   agg2:   two aggregated workers (GPU 0, GPU 1) behind the KV router   (scripts/launch/agg.sh)
+#   disagg: prefill on GPU 0, decode on GPU 1, KV over NIXL              (scripts/launch/disagg.sh)
+# Each: greedy texts of 8 prompts, then loadgen at two shapes (ISL/OSL 1000/200 c=16 and
+# 3000/100 c=8, 64 requests each); disagg also reads NIXL's transfer counters (kv_probe.py).
+# JSON lines in $OUT/disagg_2gpu.jsonl, texts in $OUT/texts_CASE.json, logs in $OUT/CASE/.
+set -uo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd); REPO=$(cd "$HERE/../.." && pwd); OUT=${OUT:-/tmp}; CASES=${CASES:-"agg2 disagg"}
+export PATH=/tmp/site/bin:$PATH MODEL=/tmp/m SERVED_NAME=m HTTP_HOST=127.0.0.1 HTTP_PORT=8300 GPUS="0 1" ROUTER=kv
+export ENGINE_ARGS="--max-model-len 4096 --gpu-memory-utilization 0.80 ${EXTRA:-}" READY_TIMEOUT=600
+for c in $CASES; do
+  export NAMESPACE=$c LOG_DIR=$OUT/$c NATS_PORT=$((14000 + RANDOM % 1000))
+  case $c in
+    agg2) WORKERS=2 setsid bash "$REPO/scripts/launch/agg.sh" > $OUT/launch_$c.txt 2>&1 & ;;
+    disagg) FRONTEND_ARGS="--disagg-min-prompt-tokens 256" PREFILL_WORKERS=1 DECODE_WORKERS=1 \
+              setsid bash "$REPO/scripts/launch/disagg.sh" > $OUT/launch_$c.txt 2>&1 & ;;
+  esac
+  pid=$!; t0=$(date +%s)
+  for i in $(seq 600); do grep -q "^ready:\|exited" $OUT/launch_$c.txt && break; sleep 1; done
+  if ! grep -q "^ready:" $OUT/launch_$c.txt; then echo "[$c] not ready"; tail -20 $OUT/launch_$c.txt; kill -TERM $pid; wait; continue; fi
+  echo "[$c] ready after $(( $(date +%s) - t0 )) s"
+  python3 - "$c" "$OUT" <<'PY'
+import json, sys, urllib.request
+c, out = sys.argv[1], sys.argv[2]
+words = "alpha beta gamma delta river mountain city road tree house cat dog bird fish".split()
+prompts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(300 + 40 * i)) for i in range(8)]
+texts = []
+for p in prompts:
+    body = json.dumps({"model": "m", "prompt": p, "max_tokens": 64, "temperature": 0}).encode()
+    req = urllib.request.Request("http://127.0.0.1:8300/v1/completions", body, {"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        texts.append([json.load(r)["choices"][0]["text"], r.headers.get("x-dynvllm-prefill")])
+json.dump(texts, open(f"{out}/texts_{c}.json", "w"))
+print(f"[{c}] greedy: {len(texts)} texts, prefill outcomes {sorted(set(str(t[1]) for t in texts))}")
+PY
+  [ "$c" = disagg ] && python3 "$HERE/kv_probe.py" disagg /tmp/m > /tmp/kv_before.json
+  python3 "$HERE/loadgen.py" --url http://127.0.0.1:8300 --model m --tokenizer /tmp/m --concurrency 16 --requests 64 \
+    --input-tokens 1000 --output-tokens 200 --ignore-eos --label "$c-1000-200" --out $OUT/disagg_2gpu.jsonl | tail -3
+  python3 "$HERE/loadgen.py" --url http://127.0.0.1:8300 --model m --tokenizer /tmp/m --concurrency 8 --requests 64 \
+    --input-tokens 3000 --output-tokens 100 --ignore-eos --label "$c-3000-100" --out $OUT/disagg_2gpu.jsonl | tail -3
+  [ "$c" = disagg ] && python3 "$HERE/kv_probe.py" disagg /tmp/m /tmp/kv_before.json
+  kill -TERM $pid; for i in $(seq 90); do kill -0 $pid 2>/dev/null || break; sleep 1; done
+done
+python3 - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+try:
+    a, d = (json.load(open(f"{out}/texts_{c}.json")) for c in ("agg2", "disagg"))
+    print(f"greedy disagg == agg: {sum(x[0] == y[0] for x, y in zip(a, d))}/{len(a)}")
+except FileNotFoundError:
+    pass
+PY

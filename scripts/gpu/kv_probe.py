@@ -1,0 +1,63 @@
+"""kv_probe.py NAMESPACE MODEL_DIR [before.json] -- the decode workers' NIXL transfer counters.
+
+Without a baseline prints them as JSON (save it); with one prints the difference as bytes,
+transfers, seconds, MB/s and milliseconds per 1,000 prompt tokens moved (tokens from the bytes
+and the model's KV shape: layers x 2 x kv heads x head dim x 2 bytes)."""
+
+import asyncio
+import json
+import sys
+
+from dynvllm.cli.status import collect
+from dynvllm.runtime.streams import Connection, unary
+from dynvllm.settings import build_settings
+
+
+async def counters(namespace: str) -> dict:
+    from dynvllm.runtime import state
+
+    url = state.resolve_nats_url(None, namespace)
+    s = build_settings({"runtime": {"nats_url": url, "namespace": namespace}})
+    total: dict = {}
+    for row in await collect(s, wait=0.5):
+        if row["role"] != "decode":
+            continue
+        host, port = row["address"].split(":")
+        conn = Connection(host, int(port), row["id"])
+        await conn.open()
+        try:
+            for key, (n, v) in ((await unary(conn, "stats", None))["kv_transfer"]).items():
+                t = total.setdefault(key, [0, 0.0])
+                t[0] += n
+                t[1] += v
+        finally:
+            await conn.close()
+    return total
+
+
+def main() -> None:
+    ns, model = sys.argv[1], sys.argv[2]
+    now = asyncio.run(counters(ns))
+    if len(sys.argv) < 4:
+        print(json.dumps(now))
+        return
+    before = json.load(open(sys.argv[3]))
+    d = {k: [v[0] - before.get(k, [0, 0])[0], v[1] - before.get(k, [0, 0])[1]] for k, v in now.items()}
+    cfg = json.load(open(f"{model}/config.json"))
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    per_token = cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * head_dim * 2
+    moved, secs = d.get("bytes_transferred", [0, 0])[1], d.get("transfer_duration", [0, 0])[1]
+    tokens = moved / per_token
+    out = {
+        "bytes": moved,
+        "transfers": d.get("transfer_duration", [0, 0])[0],
+        "seconds": secs,
+        "MB_s": moved / secs / 1e6 if secs else None,
+        "ms_per_1000_tokens": secs * 1000 / (tokens / 1000) if tokens else None,
+        "failed": d.get("num_failed_transfers", [0, 0])[0],
+    }
+    print("KV " + json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
