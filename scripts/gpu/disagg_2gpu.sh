@@ -19,13 +19,15 @@ for c in $CASES; do
   esac
   pid=$!; t0=$(date +%s)
   for i in $(seq 600); do grep -q "^ready:\|exited" $OUT/launch_$c.txt && break; sleep 1; done
-  if ! grep -q "^ready:" $OUT/launch_$c.txt; then echo "[$c] not ready"; tail -20 $OUT/launch_$c.txt; kill -TERM $pid; wait; continue; fi
+  if ! grep -q "^ready:" $OUT/launch_$c.txt; then echo "[$c] not ready"; grep -h -E "Error|rror:|Exception" $LOG_DIR/*.log | grep -v "^ *File" | head -20 | cut -c1-300; kill -TERM $pid; wait; continue; fi
   echo "[$c] ready after $(( $(date +%s) - t0 )) s"
   python3 - "$c" "$OUT" <<'PY'
 import json, sys, urllib.request
 c, out = sys.argv[1], sys.argv[2]
 words = "alpha beta gamma delta river mountain city road tree house cat dog bird fish".split()
-prompts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(300 + 40 * i)) for i in range(8)]
+import random
+rngs = [random.Random(i) for i in range(8)]  # distinct from the first word: no shared prefix
+prompts = [" ".join(r.choice(words) for _ in range(300 + 40 * i)) for i, r in enumerate(rngs)]
 texts = []
 for p in prompts:
     body = json.dumps({"model": "m", "prompt": p, "max_tokens": 64, "temperature": 0}).encode()
@@ -35,12 +37,12 @@ for p in prompts:
 json.dump(texts, open(f"{out}/texts_{c}.json", "w"))
 print(f"[{c}] greedy: {len(texts)} texts, prefill outcomes {sorted(set(str(t[1]) for t in texts))}")
 PY
-  [ "$c" = disagg ] && python3 "$HERE/kv_probe.py" disagg /tmp/m > /tmp/kv_before.json
+  [ "$c" = disagg ] && python3 "$HERE/kv_probe.py" nats://127.0.0.1:$NATS_PORT /tmp/m > /tmp/kv_before.json
   python3 "$HERE/loadgen.py" --url http://127.0.0.1:8300 --model m --tokenizer /tmp/m --concurrency 16 --requests 64 \
     --input-tokens 1000 --output-tokens 200 --ignore-eos --label "$c-1000-200" --out $OUT/disagg_2gpu.jsonl | tail -3
   python3 "$HERE/loadgen.py" --url http://127.0.0.1:8300 --model m --tokenizer /tmp/m --concurrency 8 --requests 64 \
     --input-tokens 3000 --output-tokens 100 --ignore-eos --label "$c-3000-100" --out $OUT/disagg_2gpu.jsonl | tail -3
-  [ "$c" = disagg ] && python3 "$HERE/kv_probe.py" disagg /tmp/m /tmp/kv_before.json
+  [ "$c" = disagg ] && python3 "$HERE/kv_probe.py" nats://127.0.0.1:$NATS_PORT /tmp/m /tmp/kv_before.json
   kill -TERM $pid; for i in $(seq 90); do kill -0 $pid 2>/dev/null || break; sleep 1; done
 done
 python3 - "$OUT" <<'PY'

@@ -1,4 +1,4 @@
-"""kv_probe.py NAMESPACE MODEL_DIR [before.json] -- the decode workers' NIXL transfer counters.
+"""kv_probe.py NATS_URL MODEL_DIR [before.json] -- the decode workers' NIXL transfer counters.
 
 Without a baseline prints them as JSON (save it); with one prints the difference as bytes,
 transfers, seconds, MB/s and milliseconds per 1,000 prompt tokens moved (tokens from the bytes
@@ -13,11 +13,8 @@ from dynvllm.runtime.streams import Connection, unary
 from dynvllm.settings import build_settings
 
 
-async def counters(namespace: str) -> dict:
-    from dynvllm.runtime import state
-
-    url = state.resolve_nats_url(None, namespace)
-    s = build_settings({"runtime": {"nats_url": url, "namespace": namespace}})
+async def counters(url: str) -> dict:
+    s = build_settings({"runtime": {"nats_url": url, "namespace": "disagg"}})
     total: dict = {}
     for row in await collect(s, wait=0.5):
         if row["role"] != "decode":
@@ -36,8 +33,8 @@ async def counters(namespace: str) -> dict:
 
 
 def main() -> None:
-    ns, model = sys.argv[1], sys.argv[2]
-    now = asyncio.run(counters(ns))
+    url, model = sys.argv[1], sys.argv[2]
+    now = asyncio.run(counters(url))
     if len(sys.argv) < 4:
         print(json.dumps(now))
         return

@@ -16,13 +16,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _has_gpu() -> bool:
-    try:
-        import torch
+def _buffer_device() -> str:
+    """Where NIXL's KV buffers live: the accelerator, or host memory on CPU-only hosts.
 
-        return bool(torch.cuda.is_available())
-    except Exception:
-        return False
+    Asked of vLLM's platform detection (NVML), not torch.cuda: initializing CUDA in the worker
+    process would make every engine process vLLM forks after it fail to use the GPU.
+    """
+    from vllm.platforms import current_platform
+
+    return "cpu" if current_platform.is_cpu() else current_platform.device_type
 
 
 class NixlConnector(Connector):
@@ -39,7 +41,7 @@ class NixlConnector(Connector):
         return {
             "kv_connector": "NixlConnector",
             "kv_role": kv_role,
-            "kv_buffer_device": "cuda" if _has_gpu() else "cpu",
+            "kv_buffer_device": _buffer_device(),
         }
 
     def worker_env(self, kv_role: str) -> dict[str, str]:
