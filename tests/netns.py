@@ -8,9 +8,13 @@ are dropped, not refused, as when a machine vanishes) and `restore()` brings it 
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import os
 import random
 import subprocess
+
+
+_made = itertools.count()  # networks made by this process: each gets names of its own
 
 
 class NamespacesUnavailable(RuntimeError):
@@ -27,7 +31,7 @@ class Network:
     """A bridge in a namespace of its own, hosts around it, and this process attached to it."""
 
     def __init__(self) -> None:
-        self.tag = f"dv{os.getpid() % 100000}"
+        self.tag = f"dv{os.getpid() % 100000}n{next(_made)}"
         # A /24 in 10.200-249.x that no route of this machine uses.
         taken = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True).stdout
         while True:

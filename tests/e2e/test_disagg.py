@@ -19,7 +19,7 @@ from dynvllm.cli.status import collect
 from dynvllm.runtime import nats as natsrt
 from dynvllm.runtime import state
 from dynvllm.settings import build_settings
-from tests.helpers import ENGINE_ARGS, Proc, free_port, wait_gone, wait_http
+from tests.helpers import ENGINE_ARGS, Proc, decode_transfers, free_port, wait_gone, wait_http
 
 _S = [
     "the cat sees a dog and the bird finds a tree near the old river where the city road runs and the model cache",  # noqa: E501
@@ -124,20 +124,7 @@ def test_disagg_equals_agg_token_for_token(disagg, expected):
 
 
 def _decode_transfers(url: str) -> dict:
-    from dynvllm.runtime.streams import Connection, unary
-
-    async def main() -> dict:
-        s = build_settings({"runtime": {"nats_url": state.resolve_nats_url(None, "dis"), "namespace": "dis"}})
-        row = next(r for r in await collect(s, wait=0.5) if r["role"] == "decode")
-        host, port = row["address"].split(":")
-        conn = Connection(host, int(port), row["id"])
-        await conn.open()
-        try:
-            return (await unary(conn, "stats", None))["kv_transfer"]
-        finally:
-            await conn.close()
-
-    return natsrt.run(main())
+    return decode_transfers(state.resolve_nats_url(None, "dis"), "dis")
 
 
 def test_kv_really_moves_through_nixl(disagg, expected):

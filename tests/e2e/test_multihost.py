@@ -16,7 +16,7 @@ import pytest
 from dynvllm.process import child_preexec
 from dynvllm.runtime.nats import nats_server_binary
 from tests import netns
-from tests.helpers import ENGINE_ARGS, Proc, offline_reference, wait_gone, wait_http
+from tests.helpers import ENGINE_ARGS, Proc, decode_transfers, offline_reference, wait_gone, wait_http
 
 pytestmark = pytest.mark.vllm
 WHY_NOT = netns.available()
@@ -38,35 +38,33 @@ def expected(tiny_model):
     return [texts[0] for texts in offline_reference(tiny_model, reqs)]
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_model, tmp_path_factory, expected):
-    logs = tmp_path_factory.mktemp("multihost")
+def _service(tiny_model, logs, workers: dict[str, list[str]], namespace: str, router: str):
+    """NATS, the frontend and one worker per entry of `workers` (host name -> `serve` arguments),
+    each on a host of its own; yields what the tests need, then stops and removes everything."""
     net = netns.Network()
     procs: list[Proc] = []
     nats = None
     try:
-        addr = {name: net.host(name) for name in ("nats", "frontend", "wk1", "wk2")}
+        addr = {name: net.host(name) for name in ("nats", "frontend", *workers)}
         nats_url = f"nats://{addr['nats']}:{NATS_PORT}"
-        nats_bin = nats_server_binary()
         nats = subprocess.Popen(
-            [*net.prefix("nats"), nats_bin, "-js", "-a", addr["nats"], "-p", str(NATS_PORT),
+            [*net.prefix("nats"), nats_server_binary(), "-js", "-a", addr["nats"], "-p", str(NATS_PORT),
              "-sd", str(logs / "js")],
             stdout=open(logs / "nats.log", "wb"), stderr=subprocess.STDOUT, preexec_fn=child_preexec,
         )  # fmt: skip
-        common = ["--nats-url", nats_url, "--namespace", "mh"]
+        common = ["--nats-url", nats_url, "--namespace", namespace]
         front = Proc(
-            ["frontend", *common, "--router", "round-robin", "--http-host", addr["frontend"],
-             "--http-port", str(HTTP_PORT)],
+            ["frontend", *common, "--router", router, "--http-host", addr["frontend"],
+             "--http-port", str(HTTP_PORT), "--disagg-min-prompt-tokens", "16"],
             logs / "frontend.log", prefix=net.prefix("frontend"),
         )  # fmt: skip
         procs.append(front)
-        for host in ("wk1", "wk2"):
-            worker_args = ["serve", "agg", "--no-frontend", *common, "--model", str(tiny_model)]
-            worker_args += ["--served-model-name", "tiny", *ENGINE_ARGS]
-            procs.append(Proc(worker_args, logs / f"{host}.log", prefix=net.prefix(host)))
+        for host, args in workers.items():
+            argv = ["serve", *args, *common, "--model", str(tiny_model), "--served-model-name", "tiny"]
+            procs.append(Proc([*argv, *ENGINE_ARGS], logs / f"{host}.log", prefix=net.prefix(host)))
         url = f"http://{addr['frontend']}:{HTTP_PORT}"
         for p in procs[1:]:
-            wait_http(url + "/health", lambda b: b.get("workers") == 2, p, timeout=400)
+            wait_http(url + "/health", lambda b: b.get("workers") == len(workers), p, timeout=400)
         yield {"url": url, "net": net, "addr": addr, "nats_url": nats_url, "procs": procs}
     finally:
         pids = [q.pid for p in procs for q in [p.ps, *p.descendants()]]
@@ -74,10 +72,22 @@ def cluster(tiny_model, tmp_path_factory, expected):
             p.stop()
         if nats is not None:
             nats.terminate()
-            nats.wait(30)
+            try:
+                nats.wait(30)
+            except subprocess.TimeoutExpired:
+                nats.kill()
+                nats.wait()
         left = wait_gone(pids)
         net.close()
         assert not left, f"processes left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model, tmp_path_factory, expected):
+    agg = ["agg", "--no-frontend"]
+    yield from _service(
+        tiny_model, tmp_path_factory.mktemp("mh"), {"wk1": agg, "wk2": agg}, "mh", "round-robin"
+    )
 
 
 def _workers_by_host(cluster) -> dict[str, str]:
@@ -178,3 +188,24 @@ def test_cutting_a_worker_host_off_under_load_loses_nothing(cluster, expected):
             break
     else:
         pytest.fail("the host that came back received no request")
+
+
+@pytest.fixture(scope="module")
+def disagg_cluster(tiny_model, tmp_path_factory, expected):
+    roles = {"prefill": ["prefill", "--connector", "nixl"], "decode": ["decode", "--connector", "nixl"]}
+    yield from _service(tiny_model, tmp_path_factory.mktemp("mhd"), roles, "mhd", "kv")
+
+
+def test_kv_moves_between_hosts_over_nixl(disagg_cluster, expected):
+    """The decode host fetches the prompt's KV from the prefill host: NIXL's handshake goes to the
+    side channel the prefill worker announces at its own address (vLLM's default: localhost)."""
+    url = disagg_cluster["url"]
+    before = decode_transfers(disagg_cluster["nats_url"], "mhd").get("bytes_transferred", [0, 0.0])[1]
+    for i in (0, 1):
+        r = _complete(url, i, LONG_TOKENS)
+        assert r.headers["x-dynvllm-prefill"].startswith("remote:"), dict(r.headers)
+        assert r.json()["choices"][0]["text"] == expected[i]
+    metrics = httpx.get(url + "/metrics").text
+    assert 'dynvllm_disagg_prefill_total{model="tiny",outcome="remote"} 2.0' in metrics
+    after = decode_transfers(disagg_cluster["nats_url"], "mhd")
+    assert after["bytes_transferred"][1] > before and after.get("num_failed_transfers", [0, 0])[0] == 0
