@@ -161,23 +161,30 @@ def offline_reference(model: Path, requests: list[dict], llm_kwargs: dict | None
     return json.loads(line[0][len("REFERENCE ") :])
 
 
+async def worker_stats(row: dict) -> dict:
+    """A worker's stats endpoint (in-flight calls, KV-connector counters, ...), for a row of
+    `dynvllm status` (its id and address)."""
+    from dynvllm.runtime.streams import Connection, unary
+
+    host, port = row["address"].split(":")
+    conn = Connection(host, int(port), row["id"])
+    await conn.open()
+    try:
+        return await unary(conn, "stats", None)
+    finally:
+        await conn.close()
+
+
 def decode_transfers(nats_url: str, namespace: str) -> dict:
-    """The first decode worker's KV-connector counters (NIXL's: bytes_transferred, ...), read
-    from its stats endpoint: key -> [count, sum]."""
+    """The first decode worker's KV-connector counters (NIXL's: bytes_transferred, ...):
+    key -> [count, sum]."""
     from dynvllm.cli.status import collect
     from dynvllm.runtime import nats as natsrt
-    from dynvllm.runtime.streams import Connection, unary
     from dynvllm.settings import build_settings
 
     async def main() -> dict:
         s = build_settings({"runtime": {"nats_url": nats_url, "namespace": namespace}})
         row = next(r for r in await collect(s, wait=0.5) if r["role"] == "decode")
-        host, port = row["address"].split(":")
-        conn = Connection(host, int(port), row["id"])
-        await conn.open()
-        try:
-            return (await unary(conn, "stats", None))["kv_transfer"]
-        finally:
-            await conn.close()
+        return (await worker_stats(row))["kv_transfer"]
 
     return natsrt.run(main())

@@ -13,7 +13,6 @@ import os
 import random
 import subprocess
 
-
 _made = itertools.count()  # networks made by this process: each gets names of its own
 
 

@@ -15,7 +15,7 @@ import urllib.request
 import openai
 import pytest
 
-from tests.helpers import start_agg, wait_gone
+from tests.helpers import start_agg, wait_gone, worker_stats
 
 NS = "migrate"
 PROMPT = "the cat sees a dog and the old river runs"
@@ -59,19 +59,9 @@ def _workers() -> list[dict]:
 
 def _busy_worker(workers: list[dict]) -> dict:
     from dynvllm.runtime import nats as natsrt
-    from dynvllm.runtime.streams import Connection, unary
-
-    async def inflight(w: dict) -> int:
-        host, port = w["address"].split(":")
-        conn = Connection(host, int(port), w["id"])
-        await conn.open()
-        try:
-            return (await unary(conn, "stats", None))["inflight"]
-        finally:
-            await conn.close()
 
     async def main() -> dict:
-        counts = await asyncio.gather(*(inflight(w) for w in workers))
+        counts = [s["inflight"] for s in await asyncio.gather(*(worker_stats(w) for w in workers))]
         busy = [w for w, n in zip(workers, counts, strict=True) if n]
         assert len(busy) == 1, counts
         return busy[0]
