@@ -23,7 +23,7 @@ class Connector:
         """One entry of vLLM's KVTransferConfig for this role, or None for no transfer."""
         raise NotImplementedError
 
-    def worker_env(self, kv_role: str) -> dict[str, str]:
+    def worker_env(self, kv_role: str, settings: Settings) -> dict[str, str]:
         """Environment the engine needs (e.g. side-channel ports), set before it starts."""
         return {}
 
@@ -66,7 +66,7 @@ def transfer_config(
         cfg = connector.vllm_config(kv_role, settings)
         if cfg is not None:
             parts.append(cfg)
-            env.update(connector.worker_env(kv_role))
+            env.update(connector.worker_env(kv_role, settings))
             produces = produces or connector.produces_transfer_params
     if not parts:
         return None, env, False

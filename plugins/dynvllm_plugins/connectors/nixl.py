@@ -33,23 +33,20 @@ class NixlConnector(Connector):
     install_hint = "nixl==1.5.1 nixl-cu12==1.5.1 --no-deps"
 
     def vllm_config(self, kv_role: str, settings: Any) -> dict | None:
-        from dynvllm.runtime.nats import advertised_host
-
-        # Decode engines dial the prefill engine's side channel at the host it announces in its
-        # transfer parameters; vLLM's default, "localhost", is wrong as soon as they are apart.
-        self._host = advertised_host(settings.runtime)
         return {
             "kv_connector": "NixlConnector",
             "kv_role": kv_role,
             "kv_buffer_device": _buffer_device(),
         }
 
-    def worker_env(self, kv_role: str) -> dict[str, str]:
+    def worker_env(self, kv_role: str, settings: Any) -> dict[str, str]:
+        from dynvllm.runtime.nats import advertised_host
+
         # Each engine needs its own side channel; pick a free one unless the operator fixed it.
-        env = {
-            "VLLM_NIXL_SIDE_CHANNEL_PORT": os.environ.get("VLLM_NIXL_SIDE_CHANNEL_PORT") or str(_free_port())
+        # Decode engines dial it at the host the prefill engine announces in its transfer
+        # parameters; vLLM's default, "localhost", is wrong as soon as they are apart.
+        return {
+            "VLLM_NIXL_SIDE_CHANNEL_PORT": os.environ.get("VLLM_NIXL_SIDE_CHANNEL_PORT") or str(_free_port()),
+            "VLLM_NIXL_SIDE_CHANNEL_HOST": os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST")
+            or advertised_host(settings.runtime),
         }
-        host = os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST") or getattr(self, "_host", None)
-        if host:
-            env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = host
-        return env
