@@ -25,6 +25,19 @@ def _check_port(value: int | None, *, allow_zero: bool) -> int | None:
     return value
 
 
+def _alias_pairs(text: str | None) -> dict[str, str]:
+    """'a=M, b=N' -> {"a": "M", "b": "N"}; ValueError names a pair that is not ALIAS=MODEL."""
+    out: dict[str, str] = {}
+    for pair in (text or "").split(","):
+        if not pair.strip():
+            continue
+        alias, eq, model = (part.strip() for part in pair.partition("="))
+        if not (alias and eq and model):
+            raise ValueError(f"{pair.strip()!r} is not ALIAS=MODEL")
+        out[alias] = model
+    return out
+
+
 class _Group(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
     title: ClassVar[str] = "Options"
@@ -122,20 +135,12 @@ class FrontendSettings(_Group):
         return [r.strip() for r in (self.allowed_local_media_path or "").split(",") if r.strip()]
 
     def aliases(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for pair in (self.model_aliases or "").split(","):
-            if pair.strip():
-                alias, _, model = pair.partition("=")
-                out[alias.strip()] = model.strip()
-        return out
+        return _alias_pairs(self.model_aliases)
 
     @field_validator("model_aliases")
     @classmethod
     def _aliases(cls, v: str | None) -> str | None:
-        for pair in (v or "").split(","):
-            alias, eq, model = (part.strip() for part in pair.partition("="))
-            if pair.strip() and not (alias and eq and model):
-                raise ValueError(f"{pair.strip()!r} is not ALIAS=MODEL")
+        _alias_pairs(v)
         return v
 
     def api_keys(self) -> list[str]:
