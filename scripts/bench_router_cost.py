@@ -2,7 +2,7 @@
 """Router cost: KV-event ingest rate and decision latency at scale (pure router code).
 
 Builds an index of --workers workers holding --blocks blocks in total (prefix trees of shared
-system prompts plus unique tails, as BlockStored events), then times decisions for --prompt-token
+system prompts plus unique tails, as the keyed events workers relay), then times decisions for --prompt-token
 prompts, half of which share a cached prefix. Run: .venv/bin/python scripts/bench_router_cost.py
 """
 
@@ -14,6 +14,7 @@ import random
 import time
 
 from dynvllm.frontend.routing import Router
+from dynvllm.router.block_keys import BlockKeys
 from dynvllm.router.index import tune_gc
 from dynvllm.runtime.kv_topic import KvEventBatch
 from dynvllm.settings import RouterSettings
@@ -40,6 +41,7 @@ def main() -> None:
     batches = []
     blocks = 0
     seq: dict[str, int] = {}
+    keyers: dict[str, BlockKeys] = {}
     while blocks < args.blocks:
         w = f"w{rng.randrange(args.workers)}"
         base = shared[rng.randrange(len(shared))][: BS * rng.randrange(1, 64)]
@@ -47,8 +49,12 @@ def main() -> None:
         n = len(tokens) // BS
         hashes = [rng.getrandbits(63) for _ in range(n)]
         seq[w] = seq.get(w, 0) + 1
-        batches.append(KvEventBatch(w, 0, seq[w], [["stored", hashes, None, tokens[: n * BS], BS, None]]))
+        # Workers key their engine's events before relaying them; the router ingests keys.
+        event = ("stored", hashes, None, tokens[: n * BS], BS, None)
+        keyed = keyers.setdefault(w, BlockKeys()).translate(event)
+        batches.append(KvEventBatch(w, 0, seq[w], [list(keyed)]))
         blocks += n
+    del keyers
     t0 = time.perf_counter()
     for b in batches:
         router.on_kv_events(b)

@@ -1,8 +1,8 @@
 """Which worker holds which KV blocks (pure logic, single-threaded).
 
-Blocks are keyed by the router's own chain hashes (see `hashing`). Per worker, engine hashes
-map to keys so BlockRemoved events can be applied. `kv-approx` inserts predicted blocks with an
-expiry instead of learning from events.
+Blocks are keyed by the router's own chain hashes (see `hashing`), which workers compute from
+their engine's events before relaying them (`block_keys`). `kv-approx` inserts predicted blocks
+with an expiry instead of learning from events.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Iterable
-
-from dynvllm.router import hashing
 
 Worker = tuple[str, int]  # (instance id, data-parallel rank)
 _EVENT_BACKED = float("inf")  # expiry of blocks known from events (predictions expire)
@@ -33,96 +31,100 @@ def tune_gc() -> None:
 
 class KvIndex:
     def __init__(self) -> None:
-        #: key -> its holder, or a set when several hold it: most blocks live on one worker, and a
-        #: tuple per key instead of a set saves memory and time at a million blocks.
-        self.holders: dict[int, Worker | set[Worker]] = {}
-        self._engine_to_key: dict[Worker, dict[int, int]] = defaultdict(dict)
-        self._keys_of: dict[Worker, dict[int, float]] = defaultdict(dict)  # key -> expiry (inf: event-backed)
+        # Workers are small ints inside the index: set operations on ints skip the tuple hashing
+        # that dominates a lookup over a prefix many workers share.
+        self._ids: dict[Worker, int] = {}
+        self._workers: list[Worker] = []
+        #: key -> its holder's id, or a set of ids when several hold it: most blocks live on one
+        #: worker, and an int per key instead of a set saves memory and time at a million blocks.
+        self.holders: dict[int, int | set[int]] = {}
+        self._keys_of: dict[int, dict[int, float]] = defaultdict(dict)  # key -> expiry (inf: event-backed)
+
+    def _id(self, worker: Worker) -> int:
+        wid = self._ids.get(worker)
+        if wid is None:
+            wid = self._ids[worker] = len(self._workers)
+            self._workers.append(worker)
+        return wid
 
     # ---- events ---------------------------------------------------------------
-    def apply(self, worker: Worker, event: tuple) -> None:
+    def apply(self, worker: Worker, event: tuple | list) -> None:
+        """One router event, as workers relay them (see `block_keys`)."""
         kind = event[0]
         if kind == "stored":
-            _, hashes, parent, tokens, block_size, lora = event
-            to_key = self._engine_to_key[worker]
-            parent_key = to_key.get(parent) if parent is not None else None
-            if parent is not None and parent_key is None:
-                return  # parent unknown (missed events): its children cannot be keyed
-            keys = hashing.chain(tokens, block_size, lora, parent_key)
-            if len(keys) > len(hashes):
-                keys = keys[: len(hashes)]
-            # The hot path of ingest (a million blocks a second at scale): bulk dict updates in C,
-            # and one Python step per block only for the holder sets.
-            to_key.update(zip(hashes, keys, strict=False))
-            self._keys_of[worker].update(dict.fromkeys(keys, _EVENT_BACKED))
-            holders = self.holders
-            for key in keys:
-                have = holders.get(key)
-                if have is None:
-                    holders[key] = worker
-                elif have.__class__ is tuple:
-                    if have != worker:
-                        holders[key] = {have, worker}  # type: ignore[arg-type]
-                else:
-                    have.add(worker)  # type: ignore[union-attr]
+            self._store(self._id(worker), event[1])
         elif kind == "removed":
-            mapping = self._engine_to_key.get(worker, {})
-            for eh in event[1]:
-                key = mapping.pop(eh, None)
-                if key is not None:
-                    self._discard(worker, key)
+            wid = self._id(worker)
+            for key in event[1]:
+                self._discard(wid, key)
         elif kind == "cleared":
             self.drop_worker(worker)
 
-    def _add(self, worker: Worker, key: int, expiry: float) -> None:
-        have = self.holders.get(key)
-        if have is None:
-            self.holders[key] = worker
-        elif have.__class__ is tuple:
-            if have != worker:
-                self.holders[key] = {have, worker}  # type: ignore[arg-type]
-        else:
-            have.add(worker)  # type: ignore[union-attr]
-        self._keys_of[worker][key] = expiry
+    def _store(self, wid: int, keys: list[int]) -> None:
+        # The hot path of ingest (a million blocks a second at scale). All keys go in with C-level
+        # set and dict operations; Python steps only through keys that others already hold.
+        self._keys_of[wid].update(dict.fromkeys(keys, _EVENT_BACKED))
+        holders = self.holders
+        before = {key: holders[key] for key in holders.keys() & keys}
+        holders.update(dict.fromkeys(keys, wid))
+        for key, have in before.items():
+            if have.__class__ is int:
+                if have != wid:
+                    holders[key] = {have, wid}
+            else:
+                have.add(wid)  # type: ignore[union-attr]
+                holders[key] = have
 
-    def _unhold(self, worker: Worker, key: int) -> None:
+    def _unhold(self, wid: int, key: int) -> None:
         have = self.holders.get(key)
         if have is None:
             return
-        if have.__class__ is tuple:
-            if have == worker:
+        if have.__class__ is int:
+            if have == wid:
                 del self.holders[key]
             return
-        have.discard(worker)  # type: ignore[union-attr]
+        have.discard(wid)  # type: ignore[union-attr]
         if len(have) == 1:  # type: ignore[arg-type]
             self.holders[key] = next(iter(have))  # type: ignore[call-overload]
         elif not have:
             del self.holders[key]
 
-    def _discard(self, worker: Worker, key: int) -> None:
-        self._keys_of[worker].pop(key, None)
-        self._unhold(worker, key)
+    def _discard(self, wid: int, key: int) -> None:
+        self._keys_of[wid].pop(key, None)
+        self._unhold(wid, key)
 
     def drop_worker(self, worker: Worker) -> None:
-        for key in list(self._keys_of.pop(worker, {})):
-            self._unhold(worker, key)
-        self._engine_to_key.pop(worker, None)
+        wid = self._ids.get(worker)
+        if wid is None:
+            return
+        for key in list(self._keys_of.pop(wid, {})):
+            self._unhold(wid, key)
 
     def drop_instance(self, instance_id: str) -> None:
-        for w in [w for w in self._keys_of if w[0] == instance_id]:
+        for w in [w for w in self._ids if w[0] == instance_id]:
             self.drop_worker(w)
 
     # ---- predictions (kv-approx) ---------------------------------------------
     def predict(self, worker: Worker, keys: Iterable[int], ttl: float, now: float | None = None) -> None:
         expiry = (now if now is not None else time.monotonic()) + ttl
+        wid = self._id(worker)
+        mine, holders = self._keys_of[wid], self.holders
         for key in keys:
-            self._add(worker, key, max(expiry, self._keys_of[worker].get(key, 0.0)))
+            mine[key] = max(expiry, mine.get(key, 0.0))
+            have = holders.get(key)
+            if have is None:
+                holders[key] = wid
+            elif have.__class__ is int:
+                if have != wid:
+                    holders[key] = {have, wid}
+            else:
+                have.add(wid)  # type: ignore[union-attr]
 
     def expire(self, now: float | None = None) -> None:
         now = now if now is not None else time.monotonic()
-        for worker, keys in list(self._keys_of.items()):
+        for wid, keys in list(self._keys_of.items()):
             for key in [k for k, exp in keys.items() if exp <= now]:
-                self._discard(worker, key)
+                self._discard(wid, key)
 
     # ---- queries ---------------------------------------------------------------
     def overlaps(self, keys: list[int]) -> dict[Worker, int]:
@@ -131,30 +133,35 @@ class KvIndex:
             return {}
         holders = self.holders
         first = holders.get(keys[0])
-        if not first:
+        if first is None:
             return {}
         # Set operations run in C; Python only touches a worker when it drops out of the prefix.
-        result: dict[Worker, int] = {}
-        active = {first} if first.__class__ is tuple else set(first)  # type: ignore[arg-type]
+        depth_of: dict[int, int] = {}
+        active = {first} if first.__class__ is int else set(first)  # type: ignore[arg-type]
         depth = 1
         for key in keys[1:]:
             have = holders.get(key)
-            if not have:
+            if have is None:
                 break
-            if have.__class__ is not tuple:
-                still = active & have  # type: ignore[operator]
+            if have.__class__ is not int:
+                # Caches keep prefixes whole, so a block's holders are usually a subset of its
+                # parent's: then the set is taken as it is (read only here), not copied.
+                still = have if have <= active else active & have  # type: ignore[operator]
             elif have in active:
                 still = {have}
             else:
                 break
             if not still:
                 break
-            for w in active - still:
-                result[w] = depth
+            if len(still) != len(active):
+                for w in active - still:
+                    depth_of[w] = depth
             active = still
             depth += 1
+        workers = self._workers
+        result = {workers[w]: d for w, d in depth_of.items()}
         for w in active:
-            result[w] = depth
+            result[workers[w]] = depth
         return result
 
     def block_count(self) -> int:

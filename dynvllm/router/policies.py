@@ -132,7 +132,7 @@ class KvRouting(Policy):
             self.index.drop_worker(worker)
         self._relay_seq[worker] = batch.seq
         for ev in batch.events:
-            self.index.apply(worker, tuple(ev))
+            self.index.apply(worker, ev)
 
     def forget(self, worker_id: str) -> None:
         for worker in [w for w in self._relay_seq if w[0] == worker_id]:

@@ -1,4 +1,5 @@
-"""Relays the engine's KV events (ZMQ) to routers (NATS), repairing sequence gaps by replay.
+"""Relays the engine's KV events (ZMQ) to routers (NATS), keyed as the router needs them
+(`block_keys`), repairing sequence gaps by replay.
 
 vLLM publishes on a loopback PUB socket and keeps recent batches for a ROUTER replay socket.
 A missed sequence number is asked for again; what the replay cannot return is a gap the
@@ -11,6 +12,7 @@ import asyncio
 import logging
 from typing import Any
 
+from dynvllm.router.block_keys import BlockKeys
 from dynvllm.router.kv_events import decode_batch
 from dynvllm.runtime.events import EventBus
 from dynvllm.runtime.kv_topic import KV_EVENTS, KvEventBatch
@@ -83,6 +85,7 @@ class KvEventRelay:
         self.last_engine_seq: int = -1
         self.relay_seq = 0
         self.replayed = 0
+        self.keys = BlockKeys()
         self._task: asyncio.Task | None = None
 
     def bind(self) -> None:
@@ -108,12 +111,11 @@ class KvEventRelay:
 
     async def _publish(self, payload: bytes) -> None:
         dp, events = decode_batch(payload)
-        if not events:
+        keyed = [list(e) for e in map(self.keys.translate, events) if e is not None]
+        if not keyed:
             return
         self.relay_seq += 1
-        await self.bus.publish(
-            KV_EVENTS, KvEventBatch(self.instance_id, dp, self.relay_seq, [list(e) for e in events])
-        )
+        await self.bus.publish(KV_EVENTS, KvEventBatch(self.instance_id, dp, self.relay_seq, keyed))
 
     async def _replay(self, ctx: Any, start: int) -> None:
         import zmq

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dynvllm.router import hashing
+from dynvllm.router.block_keys import BlockKeys
 from dynvllm.router.index import KvIndex
 from dynvllm.router.kv_events import decode_batch
 from dynvllm.router.kv_policy import KvPolicy
@@ -26,11 +27,16 @@ ops = st.lists(
 
 
 class Engine:
-    """What one engine would report: engine hashes private to it, parents referenced by hash."""
+    """What one engine would report: engine hashes private to it, parents referenced by hash;
+    `keyed` is what its worker relays (the engine events through the worker's BlockKeys)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.blocks: dict[tuple, int] = {}  # token prefix (full blocks) -> engine hash
+        self.keys = BlockKeys()
+
+    def keyed(self, event: tuple | None) -> tuple | None:
+        return None if event is None else self.keys.translate(event)
 
     def ehash(self, prefix: tuple) -> int:
         return hash((self.name, "engine", prefix)) & ((1 << 63) - 1)
@@ -74,7 +80,7 @@ def test_overlaps_match_oracle(operations, queries):
     for op, w, tokens, pick in operations:
         eng = engines[w]
         if op == "store":
-            ev = eng.store(tokens)
+            ev = eng.keyed(eng.store(tokens))
             if ev:
                 index.apply(w, ev)
         elif op == "remove" and eng.blocks:
@@ -83,12 +89,15 @@ def test_overlaps_match_oracle(operations, queries):
                 p for p in eng.blocks if not any(q[: len(p)] == p and len(q) > len(p) for q in eng.blocks)
             ]
             victim = sorted(leaves)[pick % len(leaves)]
-            index.apply(w, ("removed", [eng.blocks.pop(victim)]))
+            ev = eng.keyed(("removed", [eng.blocks.pop(victim)]))
+            if ev:
+                index.apply(w, ev)
         elif op == "clear":
             eng.blocks.clear()
-            index.apply(w, ("cleared",))
-        elif op == "drop":
+            index.apply(w, eng.keyed(("cleared",)))
+        elif op == "drop":  # the router dropped the worker (a relay gap); the worker's map stays
             eng.blocks.clear()
+            eng.keys = BlockKeys()
             index.drop_worker(w)
     for q in queries:
         got = index.overlaps(hashing.chain(q, BS))
@@ -109,7 +118,7 @@ def test_choice_is_the_brute_force_minimum(stored, query, load, weight):
     engines = {w: Engine(w[0]) for w in WORKERS}
     for i, tokens in enumerate(stored):
         w = WORKERS[i % len(WORKERS)]
-        ev = engines[w].store(tokens)
+        ev = engines[w].keyed(engines[w].store(tokens))
         if ev:
             index.apply(w, ev)
     keys = hashing.chain(query, BS)

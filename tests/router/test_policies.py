@@ -53,11 +53,13 @@ def test_only_event_policies_subscribe():
 
 
 def _stored(iid: str, rank: int, seq: int, tokens: list[int]):
-    """vLLM's BlockStored for `tokens` (engine block hashes are opaque: 1, 2, 3 ...)."""
+    """What a worker relays when its engine stores `tokens` (engine block hashes are opaque)."""
+    from dynvllm.router.block_keys import BlockKeys
     from dynvllm.runtime.kv_topic import KvEventBatch
 
     hashes = list(range(1, len(tokens) // 32 + 1))
-    return KvEventBatch(iid, rank, seq, [["stored", hashes, None, tokens, 32, None]] if tokens else [])
+    keyed = BlockKeys().translate(("stored", hashes, None, tokens, 32, None))
+    return KvEventBatch(iid, rank, seq, [list(keyed)] if keyed else [])
 
 
 def test_kv_router_targets_data_parallel_ranks():
