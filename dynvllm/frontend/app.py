@@ -7,17 +7,17 @@ stages, streams), post-processed (`PostProcessor`: text, stops, logprobs, usage)
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from dynvllm import registry
@@ -25,6 +25,7 @@ from dynvllm.frontend import openai_api as oa
 from dynvllm.frontend.admin import AdminCalls, OnDemandAdapters
 from dynvllm.frontend.auth import OPEN_PATHS, ApiKeyMiddleware
 from dynvllm.frontend.dispatch import Dispatch
+from dynvllm.frontend.event_stream import EventStream
 from dynvllm.frontend.formatters import ChatFormatter, CompletionFormatter, Formatter, Part
 from dynvllm.frontend.media import MediaPolicy, fetch_all
 from dynvllm.frontend.metrics import FrontendMetrics
@@ -40,8 +41,11 @@ def _error(exc: oa.APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
+_json = msgspec.json.Encoder().encode
+
+
 def _sse(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + _json(obj) + b"\n\n"
 
 
 def _remote_to_api(exc: RemoteError) -> oa.APIError:
@@ -86,6 +90,10 @@ class _Request:
             total.completion_tokens += u.completion_tokens
             total.cached_tokens += u.cached_tokens
         return total.as_dict()
+
+    def ready(self) -> bool:
+        """Whether more output is already here (one part: its stream; several: not tracked)."""
+        return len(self.parts) == 1 and self.dispatch.ready()
 
     async def deltas(self) -> AsyncIterator[tuple[int, Part, ChoiceDelta]]:
         """(client choice index, part, delta) from every part; prompt-major indices."""
@@ -399,9 +407,7 @@ class FrontendApp:
             return _error(exc)
         self.metrics.prompt_tokens.labels(r.model).inc(sum(len(p.prompt_ids) for p in r.parts))
         if r.req.stream:
-            return StreamingResponse(
-                self._stream(r), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-            )
+            return EventStream(self._stream(r))  # type: ignore[return-value]
         return await self._complete(r)
 
     async def _complete(self, r: _Request) -> Response:
@@ -438,28 +444,36 @@ class FrontendApp:
                     self.on_demand.used(dispatch.worker_id, dispatch.lora)
 
     async def _stream(self, r: _Request) -> AsyncIterator[bytes]:
+        """SSE bytes. Events that are ready together leave in one write: while the worker's next
+        output is already queued, chunks are gathered instead of sent, so a busy frontend makes
+        fewer, larger writes and an idle one sends each token as it comes. The opening (role)
+        chunk goes with the first token's."""
         base = {"id": r.id, "object": r.fmt.chunk_object, "created": r.created, "model": r.model}
         self.metrics.inflight.labels(r.model).inc()
         status = "200"
+        out: list[bytes] = []
         try:
-            for choice in r.shaper.opening():
-                yield _sse({**base, "choices": [choice]})
+            out.extend(_sse({**base, "choices": [choice]}) for choice in r.shaper.opening())
             async for index, part, d in r.deltas():
                 for choice in r.shaper.chunk(index, part, d):
-                    yield _sse({**base, "choices": [choice]})
+                    out.append(_sse({**base, "choices": [choice]}))
+                if out and not r.ready():
+                    yield b"".join(out)
+                    out.clear()
             if r.req.include_usage():
-                yield _sse({**base, "choices": [], "usage": r.usage()})
+                out.append(_sse({**base, "choices": [], "usage": r.usage()}))
         except RemoteError as exc:
             err = _remote_to_api(exc)
             status = str(err.status)
-            yield _sse(err.body())
+            out.append(_sse(err.body()))
         except BaseException:
             status = "499"  # the client went away; the worker stream was cancelled
             raise
         finally:
             self.metrics.inflight.labels(r.model).dec()
             self._account(r, status)
-        yield b"data: [DONE]\n\n"
+        out.append(b"data: [DONE]\n\n")
+        yield b"".join(out)
 
 
 def _load_parser(group: str, name: str | None) -> Any:

@@ -57,6 +57,7 @@ class Dispatch:
         self.stage_outcomes: dict[str, str] = {}
         self.t_start = time.monotonic()
         self._t_last: float | None = None
+        self._live: Any = None  # the worker stream being read
 
     def _serving(self, endpoint: str, exclude: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
         lora = self.lora
@@ -165,6 +166,7 @@ class Dispatch:
                 handoff["dp_rank"] = self.rank
             stream = conn.call(protocol.GENERATE, protocol.generate_request(rid, prompt, sampling, **handoff))
             self.router.started(self.worker_id, self.blocks, self.rank)
+            self._live = stream
             try:
                 async for d in stream:
                     started = True
@@ -203,6 +205,11 @@ class Dispatch:
             finally:
                 self.router.finished(self.worker_id, self.blocks, self.rank)
                 await stream.aclose()
+
+    def ready(self) -> bool:
+        """Whether the worker's next output is already here, so reading it will not wait."""
+        live = self._live
+        return live is not None and live.ready()
 
     def _observe_timing(self, tokens: int) -> None:
         now = time.monotonic()

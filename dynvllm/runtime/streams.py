@@ -255,6 +255,10 @@ class ResponseStream:
     def _push(self, op: int, value: Any) -> None:
         self._queue.put_nowait((op, value))
 
+    def ready(self) -> bool:
+        """Whether the next item is already here (reading it will not wait)."""
+        return not self._queue.empty()
+
 
 class Connection:
     """A multiplexed client connection to one instance."""
