@@ -269,6 +269,7 @@ class Connection:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task | None = None
         self._streams: dict[int, ResponseStream] = {}
+        self._pending: list[bytes] = []
         self.closed = False
 
     async def open(self, timeout: float = 3.0) -> None:
@@ -284,8 +285,18 @@ class Connection:
         self._reader_task = asyncio.create_task(self._read(reader))
 
     def _write(self, frame: bytes | None) -> None:
+        # Frames for this instance from one event-loop turn (calls, credits and cancels of all the
+        # requests handled in it) leave in one write: a loopback send costs the frontend as much
+        # as a request's routing, so under load this is one syscall per turn, not per frame.
         if frame is not None and self._writer is not None and not self.closed:
-            self._writer.write(frame)
+            if not self._pending:
+                asyncio.get_running_loop().call_soon(self._flush)
+            self._pending.append(frame)
+
+    def _flush(self) -> None:
+        if self._pending and self._writer is not None and not self.closed:
+            self._writer.write(b"".join(self._pending))
+        self._pending.clear()
 
     def call(self, endpoint: str, payload: Any) -> ResponseStream:
         if self.closed:
