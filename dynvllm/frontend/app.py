@@ -92,8 +92,11 @@ class _Request:
         return total.as_dict()
 
     def ready(self) -> bool:
-        """Whether more output is already here (one part: its stream; several: not tracked)."""
-        return len(self.parts) == 1 and self.dispatch.ready()
+        """Whether more output is already here (one part: its stream; several: not tracked), or
+        none is coming: every choice has finished, so what is left to send is the ending."""
+        if len(self.parts) != 1:
+            return False
+        return self.parts[0].post.done or self.dispatch.ready()
 
     async def deltas(self) -> AsyncIterator[tuple[int, Part, ChoiceDelta]]:
         """(client choice index, part, delta) from every part; prompt-major indices."""
@@ -400,27 +403,30 @@ class FrontendApp:
         model = "?"
         try:
             req = oa.parse(fmt.request_model, await self._body(request))
-            model = req.model
+            # A label per name a client sends would grow the metrics without bound.
+            m = self.models
+            known = req.model in m.models or req.model in m.aliases or req.model in m.adapter_sources
+            model = req.model if known else "unknown"
             r = await self._admit(req, fmt)
         except oa.APIError as exc:
-            self.metrics.requests.labels(model, str(exc.status)).inc()
+            self.metrics.of(self.metrics.requests, model, str(exc.status)).inc()
             return _error(exc)
-        self.metrics.prompt_tokens.labels(r.model).inc(sum(len(p.prompt_ids) for p in r.parts))
+        self.metrics.of(self.metrics.prompt_tokens, r.model).inc(sum(len(p.prompt_ids) for p in r.parts))
         if r.req.stream:
             return EventStream(self._stream(r))  # type: ignore[return-value]
         return await self._complete(r)
 
     async def _complete(self, r: _Request) -> Response:
-        self.metrics.inflight.labels(r.model).inc()
+        self.metrics.of(self.metrics.inflight, r.model).inc()
         try:
             async for index, part, d in r.deltas():
                 r.shaper.chunk(index, part, d)
         except RemoteError as exc:
             err = _remote_to_api(exc)
-            self.metrics.requests.labels(r.model, str(err.status)).inc()
+            self.metrics.of(self.metrics.requests, r.model, str(err.status)).inc()
             return _error(err)
         finally:
-            self.metrics.inflight.labels(r.model).dec()
+            self.metrics.of(self.metrics.inflight, r.model).dec()
         self._account(r, "200")
         body = {
             "id": r.id,
@@ -434,12 +440,12 @@ class FrontendApp:
 
     def _account(self, r: _Request, status: str) -> None:
         name = r.model
-        self.metrics.requests.labels(name, status).inc()
+        self.metrics.of(self.metrics.requests, name, status).inc()
         for part, dispatch in zip(r.parts, r.dispatches, strict=True):
-            self.metrics.output_tokens.labels(name).inc(part.post.usage.completion_tokens)
-            self.metrics.cached_tokens.labels(name).inc(part.post.usage.cached_tokens)
+            self.metrics.of(self.metrics.output_tokens, name).inc(part.post.usage.completion_tokens)
+            self.metrics.of(self.metrics.cached_tokens, name).inc(part.post.usage.cached_tokens)
             if dispatch.worker_id:
-                self.metrics.routed.labels(name, dispatch.worker_id).inc()
+                self.metrics.of(self.metrics.routed, name, dispatch.worker_id).inc()
                 if dispatch.lora and self.on_demand is not None:
                     self.on_demand.used(dispatch.worker_id, dispatch.lora)
 
@@ -449,7 +455,7 @@ class FrontendApp:
         fewer, larger writes and an idle one sends each token as it comes. The opening (role)
         chunk goes with the first token's."""
         base = {"id": r.id, "object": r.fmt.chunk_object, "created": r.created, "model": r.model}
-        self.metrics.inflight.labels(r.model).inc()
+        self.metrics.of(self.metrics.inflight, r.model).inc()
         status = "200"
         out: list[bytes] = []
         try:
@@ -470,7 +476,7 @@ class FrontendApp:
             status = "499"  # the client went away; the worker stream was cancelled
             raise
         finally:
-            self.metrics.inflight.labels(r.model).dec()
+            self.metrics.of(self.metrics.inflight, r.model).dec()
             self._account(r, status)
         out.append(b"data: [DONE]\n\n")
         yield b"".join(out)

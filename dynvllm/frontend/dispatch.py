@@ -8,8 +8,8 @@ aborts the engine request.
 from __future__ import annotations
 
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -43,7 +43,7 @@ class Dispatch:
         self.pool, self.router, self.entry, self.metrics = pool, router, entry, metrics
         self.lora = lora
         self.prompt_ids, self.sampling = prompt_ids, sampling
-        self.request_id = uuid.uuid4().hex
+        self.request_id = os.urandom(16).hex()  # as uuid4().hex, without building a UUID
         self.block_size = int(entry.card.get("block_size") or 0)
         self.blocks = request_blocks(len(prompt_ids), self.block_size)
         self.worker_id: str | None = None
@@ -214,10 +214,11 @@ class Dispatch:
     def _observe_timing(self, tokens: int) -> None:
         now = time.monotonic()
         name = self.entry.name
+        m = self.metrics
         if self._t_last is None:
-            self.metrics.ttft.labels(name).observe(now - self.t_start)
+            m.of(m.ttft, name).observe(now - self.t_start)
         else:
-            self.metrics.itl.labels(name).observe((now - self._t_last) / tokens)
+            m.of(m.itl, name).observe((now - self._t_last) / tokens)
         self._t_last = now
 
     def headers(self) -> dict[str, str]:

@@ -48,9 +48,19 @@ class FrontendMetrics:
             registry=r,
         )
         self._stages: dict[str, Counter] = {}
+        self._children: dict[tuple, Any] = {}
         self.routed = Counter(
             "dynvllm_routed_requests", "Requests routed to each worker", ["model", "worker"], registry=r
         )
+
+    def of(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, remembered: prometheus_client takes a lock and builds a key on
+        every labels() call, and the request path would make a dozen per request."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def watch_workers(self, rows: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
         """Worker gauges read from discovery at scrape time: `rows()` yields (model, role,

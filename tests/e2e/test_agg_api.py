@@ -260,7 +260,12 @@ def test_health_live_metrics(agg_service):
     assert httpx.get(url + "/live").json()["status"] == "alive"
     h = httpx.get(url + "/health").json()
     assert h["status"] == "healthy" and h["models"] == ["tiny"]
+    # A name no model has is counted under "unknown": labels must not grow with what clients send.
+    bad = {"model": "no-such-model-7", "messages": [{"role": "user", "content": "x"}]}
+    assert httpx.post(url + "/v1/chat/completions", json=bad).status_code == 404
     text = httpx.get(url + "/metrics").text
     assert 'dynvllm_requests_total{model="tiny",status="200"}' in text
+    assert 'dynvllm_requests_total{model="unknown",status="404"}' in text
+    assert "no-such-model-7" not in text
     assert "dynvllm_time_to_first_token_seconds_count" in text
     assert "dynvllm_inter_token_latency_seconds_count" in text
