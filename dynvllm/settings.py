@@ -170,6 +170,13 @@ class RouterSettings(_Group):
     router_approx_ttl: float = Field(
         120.0, gt=0, description="Seconds kv-approx assumes a routed prefix stays cached."
     )
+    router_predict_ttl: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds the kv router counts a routed prompt's blocks as cached on its worker "
+        "before that worker's KV events confirm them, so requests sharing a prefix that is still "
+        "being prefilled follow it (0: events only).",
+    )
     migration_limit: int = Field(
         3,
         ge=0,

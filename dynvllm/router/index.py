@@ -8,8 +8,7 @@ with an expiry instead of learning from events.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
-from collections.abc import Iterable
+from collections import defaultdict, deque
 
 Worker = tuple[str, int]  # (instance id, data-parallel rank)
 _EVENT_BACKED = float("inf")  # expiry of blocks known from events (predictions expire)
@@ -39,6 +38,7 @@ class KvIndex:
         #: worker, and an int per key instead of a set saves memory and time at a million blocks.
         self.holders: dict[int, int | set[int]] = {}
         self._keys_of: dict[int, dict[int, float]] = defaultdict(dict)  # key -> expiry (inf: event-backed)
+        self._predicted: deque[tuple[float, int, list[int]]] = deque()  # in expiry order (one ttl)
 
     def _id(self, worker: Worker) -> int:
         wid = self._ids.get(worker)
@@ -104,13 +104,16 @@ class KvIndex:
         for w in [w for w in self._ids if w[0] == instance_id]:
             self.drop_worker(w)
 
-    # ---- predictions (kv-approx) ---------------------------------------------
-    def predict(self, worker: Worker, keys: Iterable[int], ttl: float, now: float | None = None) -> None:
+    # ---- predictions (kv-approx, and routed prompts not yet confirmed by events) --
+    def predict(self, worker: Worker, keys: list[int], ttl: float, now: float | None = None) -> None:
+        """Count `keys` as held by `worker` until `ttl` seconds from now, unless an event confirms
+        them first (confirmed blocks never expire)."""
         expiry = (now if now is not None else time.monotonic()) + ttl
         wid = self._id(worker)
         mine, holders = self._keys_of[wid], self.holders
         for key in keys:
-            mine[key] = max(expiry, mine.get(key, 0.0))
+            if mine.get(key, 0.0) < expiry:
+                mine[key] = expiry
             have = holders.get(key)
             if have is None:
                 holders[key] = wid
@@ -119,12 +122,21 @@ class KvIndex:
                     holders[key] = {have, wid}
             else:
                 have.add(wid)  # type: ignore[union-attr]
+        self._predicted.append((expiry, wid, keys))
 
     def expire(self, now: float | None = None) -> None:
+        """Forget predictions whose time is up. Work in proportion to what expires: predictions
+        are kept in the order they end, so no pass over the whole index is needed."""
         now = now if now is not None else time.monotonic()
-        for wid, keys in list(self._keys_of.items()):
-            for key in [k for k, exp in keys.items() if exp <= now]:
-                self._discard(wid, key)
+        queue = self._predicted
+        while queue and queue[0][0] <= now:
+            expiry, wid, keys = queue.popleft()
+            mine = self._keys_of.get(wid)
+            if mine is None:
+                continue
+            for key in keys:
+                if mine.get(key) == expiry:  # not refreshed by a later prediction, not confirmed
+                    self._discard(wid, key)
 
     # ---- queries ---------------------------------------------------------------
     def overlaps(self, keys: list[int]) -> dict[Worker, int]:

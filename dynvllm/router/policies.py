@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -108,9 +107,19 @@ class KvRouting(Policy):
         if block_size <= 0:
             return self._fallback.choose(candidates, tokens, block_size, lora, load)
         keys = hashing.chain(tokens, block_size, lora)
+        index, ttl = self.index, self._predict_ttl()
+        if ttl > 0:
+            index.expire()
         decision = self._decide(candidates, keys, load)
+        if ttl > 0:
+            # The prompt is on its way to that worker: requests sharing its prefix that arrive
+            # before the worker's events (its prefill still running) should follow it there.
+            index.predict(decision.worker, keys, ttl)
         iid, rank = decision.worker
         return Pick(iid, decision.overlap_blocks, rank if iid in load.ranks else None)
+
+    def _predict_ttl(self) -> float:
+        return self.settings.router_predict_ttl
 
     def _decide(self, candidates, keys, load):  # type: ignore[no-untyped-def]
         ranks = load.ranks
@@ -145,18 +154,8 @@ class KvApprox(KvRouting):
 
     uses_kv_events = False
 
-    def __init__(self, settings: RouterSettings) -> None:
-        super().__init__(settings)
-        self._next_expiry = 0.0
-
-    def _decide(self, candidates, keys, load):  # type: ignore[no-untyped-def]
-        now = time.monotonic()
-        if now >= self._next_expiry:
-            self.index.expire(now)
-            self._next_expiry = now + 1.0
-        decision = super()._decide(candidates, keys, load)
-        self.index.predict(decision.worker, keys, self.settings.router_approx_ttl)
-        return decision
+    def _predict_ttl(self) -> float:
+        return self.settings.router_approx_ttl
 
     def on_kv_events(self, batch: KvEventBatch) -> None:
         pass  # predictions only: real events would mix two sources of truth

@@ -5,7 +5,7 @@
 # (12 requests) and c=$LEVELS (default 16,64,256; 256 each),
 # then stops it. JSON lines go to $OUT/gpu_bench.jsonl.
 set -uo pipefail
-W=$1; LABEL=$2; HERE=$(cd "$(dirname "$0")" && pwd); LOADGEN=${LOADGEN:-$HERE/loadgen.py}; M=/tmp/m; P=8300
+W=$1; LABEL=$2; HERE=$(cd "$(dirname "$0")" && pwd); LOADGEN=${LOADGEN:-$HERE/loadgen.py}; M=${M:-/tmp/m}; P=8300
 ENG=(--max-model-len 4096 --gpu-memory-utilization 0.80 ${EXTRA:-})
 export PATH=/tmp/site/bin:$PATH
 if [ "$W" = vllm ]; then

@@ -1,7 +1,8 @@
 """dp_probe.py URL LABEL OUT -- shared-prefix load against a running service: 8 system prompts of
-~900 tokens x 8 questions, c=16, then the same 64 again. Prints req/s, where requests went
-(worker and rank headers), the share of prompt tokens served from cache, and writes the greedy
-texts of the first 8 requests (for comparing TP=1 with TP=2) as one JSON line to OUT."""
+~900 tokens x 8 questions, c=16, streamed, then the same 64 again. Prints req/s, first-text TTFT
+p50, where requests went (worker and rank headers), the share of prompt tokens served from cache,
+and writes the greedy texts of the first 8 requests (for comparing TP=1 with TP=2) as one JSON
+line to OUT."""
 
 import asyncio
 import collections
@@ -34,19 +35,37 @@ SYSTEMS = [" ".join(rng.choice(WORDS) for _ in range(450)) for _ in range(8)]
 QUESTIONS = [f"question {i}: " + " ".join(rng.choice(WORDS) for _ in range(30)) for i in range(8)]
 
 
+TTFT: list = []
+
+
 async def one(session, system, question):
+    """Streamed, so time to the first text is measured; usage comes in the last chunk."""
     body = {
         "model": "m",
         "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
         "max_tokens": 32,
         "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
     }
+    t0 = time.perf_counter()
+    first, text, usage = None, "", {}
     async with session.post(URL + "/v1/chat/completions", json=body) as r:
-        data = await r.json()
         where = (r.headers.get("x-dynvllm-worker", "?"), r.headers.get("x-dynvllm-rank", "-"))
-        usage = data["usage"]
-        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-        return where, usage["prompt_tokens"], cached, data["choices"][0]["message"]["content"]
+        async for line in r.content:
+            line = line.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            for c in chunk.get("choices") or []:
+                piece = (c.get("delta") or {}).get("content") or ""
+                if piece and first is None:
+                    first = time.perf_counter() - t0
+                text += piece
+            usage = chunk.get("usage") or usage
+    TTFT.append((first if first is not None else time.perf_counter() - t0) * 1000)
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    return where, usage["prompt_tokens"], cached, text
 
 
 async def wave(session, pairs):
@@ -68,14 +87,22 @@ async def main():
         await one(session, "warm up", "hello")
         out = {"label": LABEL}
         for name in ("first", "again"):
+            TTFT.clear()
             res, rate = await wave(session, pairs)
+            ttft = sorted(TTFT)[len(TTFT) // 2]
             spread = collections.Counter(f"{w[:6]}/{r}" for (w, r), *_ in res)
             prompt = sum(p for _, p, _, _ in res)
             cached = sum(c for _, _, c, _ in res)
             print(
-                f"[{LABEL}] {name}: {rate:.1f} req/s, cached {cached / prompt:.1%} of prompt tokens, spread {dict(spread)}"
+                f"[{LABEL}] {name}: {rate:.1f} req/s, first-text TTFT p50 {ttft:.1f} ms, "
+                f"cached {cached / prompt:.1%} of prompt tokens, spread {dict(spread)}"
             )
-            out[name] = {"req_s": rate, "cached_share": cached / prompt, "spread": dict(spread)}
+            out[name] = {
+                "req_s": rate,
+                "ttft_p50_ms": ttft,
+                "cached_share": cached / prompt,
+                "spread": dict(spread),
+            }
         texts, _ = await wave(session, pairs[:8])
         out["texts"] = [t for *_, t in texts]
     with open(OUT, "a") as f:

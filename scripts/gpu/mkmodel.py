@@ -1,17 +1,68 @@
-"""mkmodel.py OUTDIR [LAYERS] -- random-weight Qwen3-0.6B-shaped model + BPE tokenizer, no hub access.
+"""Random-weight models and adapters for GPU runs, no hub access.
+
+    mkmodel.py OUTDIR [LAYERS]     Qwen3-0.6B-shaped model + BPE tokenizer
+    mkmodel.py OUTDIR 8b           Qwen3-8B-shaped (hidden 4096, 36 layers, 32/8 heads; ~7B params)
+    mkmodel.py lora MODEL OUTDIR   a random rank-8 LoRA adapter on q/k/v/o of MODEL (PEFT format)
+
 Tokenizer: byte-level BPE whose merges are built programmatically (256 bytes + N*N pair merges,
 ~32k vocab), so no training corpus is needed. Model vocab_size = len(tokenizer)."""
 
+import json
 import os
 import sys
 import time
 
 import torch
+
+
+def lora(model: str, out: str, rank: int = 8) -> None:
+    """PEFT's file layout written directly (peft is not carried): A ~ N(0, 1/in), B ~ N(0, 0.05) so
+    the adapter visibly changes greedy output."""
+    from safetensors.torch import save_file
+
+    cfg = json.load(open(os.path.join(model, "config.json")))
+    hidden, heads, kv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = cfg.get("head_dim") or hidden // heads
+    shapes = {"q_proj": (hidden, heads * hd), "k_proj": (hidden, kv * hd), "v_proj": (hidden, kv * hd)}
+    shapes["o_proj"] = (heads * hd, hidden)
+    g = torch.Generator().manual_seed(1)
+    tensors = {}
+    for i in range(cfg["num_hidden_layers"]):
+        for name, (n_in, n_out) in shapes.items():
+            pre = f"base_model.model.model.layers.{i}.self_attn.{name}"
+            tensors[f"{pre}.lora_A.weight"] = (torch.randn(rank, n_in, generator=g) / n_in**0.5).to(
+                torch.bfloat16
+            )
+            tensors[f"{pre}.lora_B.weight"] = (torch.randn(n_out, rank, generator=g) * 0.05).to(
+                torch.bfloat16
+            )
+    os.makedirs(out, exist_ok=True)
+    save_file(tensors, os.path.join(out, "adapter_model.safetensors"))
+    adapter = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": rank,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": list(shapes),
+        "base_model_name_or_path": model,
+    }
+    json.dump(adapter, open(os.path.join(out, "adapter_config.json"), "w"), indent=2)
+    print(f"saved {out}: rank {rank}, {len(tensors)} tensors", flush=True)
+
+
+if sys.argv[1] == "lora":
+    lora(sys.argv[2], sys.argv[3])
+    sys.exit(0)
+
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 out = sys.argv[1]
-layers = int(sys.argv[2]) if len(sys.argv) > 2 else 28
+shape = sys.argv[2] if len(sys.argv) > 2 else "28"
+big = shape == "8b"
+layers = 36 if big else int(shape)
 t0 = time.time()
 os.makedirs(out, exist_ok=True)
 alpha = pre_tokenizers.ByteLevel.alphabet()
@@ -52,16 +103,16 @@ fast.save_pretrained(out)
 V = len(fast)
 cfg = Qwen3Config(
     vocab_size=V,
-    hidden_size=1024,
-    intermediate_size=3072,
+    hidden_size=4096 if big else 1024,
+    intermediate_size=12288 if big else 3072,
     num_hidden_layers=layers,
-    num_attention_heads=16,
+    num_attention_heads=32 if big else 16,
     num_key_value_heads=8,
     head_dim=128,
     max_position_embeddings=40960,
     rms_norm_eps=1e-6,
     rope_theta=1000000.0,
-    tie_word_embeddings=True,
+    tie_word_embeddings=not big,
     eos_token_id=fast.convert_tokens_to_ids("<|im_end|>"),
     bos_token_id=None,
 )

@@ -183,3 +183,20 @@ def test_decode_both_encodings():
             ("removed", [12]),
             ("cleared",),
         ]
+
+
+def test_predictions_expire_unless_confirmed_or_refreshed():
+    index = KvIndex()
+    a, b = hashing.chain(list(range(8)), BS), hashing.chain(list(range(100, 108)), BS)
+    w = ("x", 0)
+    index.predict(w, a, ttl=10, now=0)
+    index.predict(w, b, ttl=10, now=1)
+    index.apply(w, ("stored", a[:1]))  # the worker's events confirm the first block of `a`
+    index.predict(w, b, ttl=10, now=5)  # `b` routed again: its prediction runs to 15
+    index.expire(now=12)
+    assert index.overlaps(a) == {w: 1}  # the confirmed block stays, the predicted one went
+    assert index.overlaps(b) == {w: 2}
+    index.expire(now=16)
+    assert index.overlaps(b) == {}
+    index.apply(w, ("removed", a[:1]))
+    assert index.block_count() == 0

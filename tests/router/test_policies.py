@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from dynvllm.frontend.routing import Router
+from dynvllm.router import hashing
 from dynvllm.router.policies import POLICIES, make_policy
 from dynvllm.settings import RouterSettings
 
@@ -39,6 +42,23 @@ def test_kv_approx_predicts_from_its_own_decisions():
     assert overlap == 0
     again, overlap, rank = router.choose(["a", "b"], prompt, 32)
     assert (again, overlap, rank) == (first, 3, None)
+
+
+def test_kv_router_sends_a_prefix_being_prefilled_where_it_went():
+    """Before the first request's events arrive (its prefill still running), a second request
+    with the same prefix goes to the same worker; with predictions off, the tie rotates away."""
+    prompt = list(range(96))
+    router = Router(RouterSettings(router="kv"))
+    first, overlap, _ = router.choose(["a", "b"], prompt, 32)
+    assert overlap == 0
+    again, overlap, _ = router.choose(["a", "b"], prompt + [7] * 32, 32)
+    assert (again, overlap) == (first, 3)
+    # Predictions expire unless the worker's events confirm them.
+    router.policy.index.expire(time.monotonic() + 11)
+    assert router.policy.index.overlaps(hashing.chain(prompt, 32)) == {}
+    events_only = Router(RouterSettings(router="kv", router_predict_ttl=0))
+    picks = [events_only.choose(["a", "b"], prompt, 32) for _ in range(2)]
+    assert {p[0] for p in picks} == {"a", "b"} and all(p[1] == 0 for p in picks)
 
 
 def test_only_event_policies_subscribe():

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# one_gpu.sh -- device side on a one-GPU host, after assemble.sh + env.sh and /tmp/m built:
+#   one:  one worker (--gpu-memory-utilization 0.80): the hit-rate ceiling, one cache that sees all
+#   kv:   two workers sharing the GPU (0.40 each; the second joins once the first is up), KV router
+#   rr:   the same two workers, round-robin
+#         each probed by dp_probe.py (8 system prompts x 8 questions, c=16, then again)
+#   lora: one worker with --enable-lora; a random rank-8 adapter (mkmodel.py lora) loaded at run
+#         time with `dynvllm lora load`; greedy base vs adapter texts, /v1/models, loadgen on both
+#   mm:   the tiny BLIP-2 (`dynvllm model tiny --vision`) through agg, then through an encode
+#         worker (--roles agg=1,encode=1): an image request answered, texts equal
+# Results: one line per case on stdout, JSON lines in $OUT/one_gpu.jsonl.
+set -uo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd); M=${M:-/tmp/m}; P=8300; OUT=${OUT:-/tmp}; CASES=${CASES:-"one kv rr lora mm"}
+ENG=(--max-model-len 4096 ${EXTRA:-})
+export PATH=/tmp/site/bin:$PATH
+ready() { for i in $(seq 1 300); do curl -sf http://127.0.0.1:$P/health | grep -q "\"workers\":$1" && return 0; sleep 1; done; return 1; }
+serve=(python3 -m dynvllm serve agg --model $M --served-model-name m --http-host 127.0.0.1 --http-port $P)
+stop() { for p in "$@"; do kill -INT -- -$p 2>/dev/null; done
+  for p in "$@"; do for i in $(seq 30); do kill -0 $p 2>/dev/null || break; sleep 1; done; kill -KILL -- -$p 2>/dev/null; done; }
+chat() {  # chat MODEL TEXT -> greedy text of 48 tokens
+  curl -s http://127.0.0.1:$P/v1/chat/completions -H 'content-type: application/json' -d "{\"model\": \"$1\",
+    \"messages\": [{\"role\": \"user\", \"content\": \"$2\"}], \"max_tokens\": 48, \"temperature\": 0}" |
+    python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["choices"][0]["message"]["content"]))'
+}
+for c in $CASES; do
+  t0=$(date +%s); pids=()
+  case $c in
+    one) setsid "${serve[@]}" --namespace $c --router kv --gpu-memory-utilization 0.80 "${ENG[@]}" > /tmp/og_$c.log 2>&1 & pids+=($!); n=1 ;;
+    kv|rr) r=kv; [ $c = rr ] && r=round-robin
+      setsid "${serve[@]}" --namespace $c --router $r --gpu-memory-utilization 0.40 "${ENG[@]}" > /tmp/og_$c.log 2>&1 & pids+=($!)
+      ready 1 || { echo "[$c] first worker not ready"; tail -5 /tmp/og_$c.log; }
+      setsid python3 -m dynvllm serve agg --no-frontend --model $M --served-model-name m --namespace $c \
+        --gpu-memory-utilization 0.40 "${ENG[@]}" > /tmp/og_${c}_b.log 2>&1 & pids+=($!); n=2 ;;
+    lora) python3 $HERE/mkmodel.py lora $M /tmp/adapter > /dev/null
+      setsid "${serve[@]}" --namespace $c --gpu-memory-utilization 0.80 --enable-lora --max-lora-rank 8 \
+        --lora-roots /tmp "${ENG[@]}" > /tmp/og_$c.log 2>&1 & pids+=($!); n=1 ;;
+    mm) python3 -m dynvllm model tiny --vision /tmp/vis > /dev/null
+      python3 - <<'PY'
+import base64, io
+from PIL import Image
+img = Image.new("RGB", (56, 56))
+img.putdata([((x * 37) % 256, (y * 91) % 256, ((x + y) * 13) % 256) for y in range(56) for x in range(56)])
+buf = io.BytesIO(); img.save(buf, "PNG"); open("/tmp/img.b64", "w").write(base64.b64encode(buf.getvalue()).decode())
+PY
+      ;;
+  esac
+  if [ $c = mm ]; then
+    for topo in agg encode; do
+      extra=(); [ $topo = encode ] && extra=(--roles agg=1,encode=1)
+      setsid python3 -m dynvllm serve agg --model /tmp/vis --served-model-name m --http-host 127.0.0.1 --http-port $P \
+        --namespace mm$topo --gpu-memory-utilization 0.30 "${extra[@]}" > /tmp/og_mm_$topo.log 2>&1 & p=$!
+      want=1; [ $topo = encode ] && want=2
+      if ready $want; then
+        body=$(python3 -c 'import json; b=open("/tmp/img.b64").read(); print(json.dumps({"model": "m", "max_tokens": 16, "temperature": 0,
+          "messages": [{"role": "user", "content": [{"type": "text", "text": "describe"},
+          {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b}}]}]}))')
+        res=$(curl -s -D /tmp/h_$topo http://127.0.0.1:$P/v1/chat/completions -H 'content-type: application/json' -d "$body")
+        echo "[mm-$topo] $(grep -i 'x-dynvllm-encode' /tmp/h_$topo | tr -d '\r') $(echo "$res" | head -c 400)"
+        echo "{\"label\": \"mm-$topo\", \"response\": $res}" >> $OUT/one_gpu.jsonl
+      else echo "[mm-$topo] not ready"; tail -5 /tmp/og_mm_$topo.log; fi
+      stop $p; cp /tmp/og_mm_$topo.log $OUT/ 2>/dev/null
+    done
+    continue
+  fi
+  if ready $n; then
+    echo "[$c] ready after $(( $(date +%s)-t0 )) s"
+    if [ $c = lora ]; then
+      python3 -m dynvllm lora load a1 --source /tmp/adapter --namespace $c
+      models=$(curl -s http://127.0.0.1:$P/v1/models | python3 -c 'import json,sys; print([m["id"] for m in json.load(sys.stdin)["data"]])')
+      base=$(chat m "the river runs past the old mountain road and"); adapted=$(chat a1 "the river runs past the old mountain road and")
+      echo "[lora] models $models; base $base; adapter $adapted"
+      echo "{\"label\": \"lora\", \"models\": \"$models\", \"base\": $base, \"adapter\": $adapted}" >> $OUT/one_gpu.jsonl
+      for mname in m a1; do
+        python3 $HERE/loadgen.py --url http://127.0.0.1:$P --model $mname --tokenizer $M --input-tokens 1000 --output-tokens 200 \
+          --ignore-eos --label lora-$mname --out $OUT/one_gpu_load.jsonl --timeout 300 --concurrency 16 --requests 64
+      done
+    else
+      python3 $HERE/dp_probe.py http://127.0.0.1:$P $c $OUT/one_gpu.jsonl
+    fi
+  else echo "[$c] not ready"; tail -5 /tmp/og_$c*.log; fi
+  stop "${pids[@]}"; cp /tmp/og_$c*.log $OUT/ 2>/dev/null
+done
