@@ -48,6 +48,13 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + _json(obj) + b"\n\n"
 
 
+def _early_error(exc: Exception) -> tuple[int, bytes] | None:
+    """A streaming request that failed before its first event: its status and JSON error."""
+    if isinstance(exc, oa.APIError):
+        return exc.status, _json(exc.body())
+    return None
+
+
 def _remote_to_api(exc: RemoteError) -> oa.APIError:
     if isinstance(exc, BadRequest):
         return oa.APIError(400, exc.message)
@@ -413,7 +420,7 @@ class FrontendApp:
             return _error(exc)
         self.metrics.of(self.metrics.prompt_tokens, r.model).inc(sum(len(p.prompt_ids) for p in r.parts))
         if r.req.stream:
-            return EventStream(self._stream(r))  # type: ignore[return-value]
+            return EventStream(self._stream(r), r.dispatch.headers, _early_error)  # type: ignore[return-value]
         return await self._complete(r)
 
     async def _complete(self, r: _Request) -> Response:
@@ -458,12 +465,14 @@ class FrontendApp:
         self.metrics.of(self.metrics.inflight, r.model).inc()
         status = "200"
         out: list[bytes] = []
+        sent = False
         try:
             out.extend(_sse({**base, "choices": [choice]}) for choice in r.shaper.opening())
             async for index, part, d in r.deltas():
                 for choice in r.shaper.chunk(index, part, d):
                     out.append(_sse({**base, "choices": [choice]}))
                 if out and not r.ready():
+                    sent = True
                     yield b"".join(out)
                     out.clear()
             if r.req.include_usage():
@@ -471,6 +480,8 @@ class FrontendApp:
         except RemoteError as exc:
             err = _remote_to_api(exc)
             status = str(err.status)
+            if not sent:
+                raise err from None  # nothing streamed yet: answered with its status (EventStream)
             out.append(_sse(err.body()))
         except BaseException:
             status = "499"  # the client went away; the worker stream was cancelled

@@ -6,30 +6,43 @@ tasks more than needed; at hundreds of requests a second those writes are what t
 core spends most on. Here the last events leave with the end of the body in one write, and one
 plain task watches for a disconnect, cancelling the stream (and so the worker's request) when the
 client goes.
+
+The status line waits for the first events: by then the response headers can say where the
+request went, and a request that fails before streaming anything gets its real status and a JSON
+error (`early_error`), as a non-streaming one would, rather than a 200 with an error event.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 Scope = dict[str, Any]
 
 
-class EventStream:
-    media_type = b"text/event-stream"
+def _raw(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
 
-    def __init__(self, events: AsyncIterator[bytes], headers: Mapping[str, str] | None = None) -> None:
+
+class EventStream:
+    def __init__(
+        self,
+        events: AsyncIterator[bytes],
+        headers: Callable[[], Mapping[str, str]] | None = None,
+        early_error: Callable[[Exception], tuple[int, bytes] | None] | None = None,
+    ) -> None:
         self.events = events
-        self.raw_headers = [
-            (b"content-type", self.media_type),
-            (b"cache-control", b"no-cache"),
-            *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()),
-        ]
+        self.headers = headers
+        self.early_error = early_error
+
+    def _start(self) -> dict:
+        raw = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        if self.headers is not None:
+            raw += _raw(self.headers())
+        return {"type": "http.response.start", "status": 200, "headers": raw}
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         task = asyncio.current_task()
         assert task is not None
         ended = False
@@ -44,12 +57,27 @@ class EventStream:
                 task.cancel()
 
         watcher = asyncio.ensure_future(watch())
+        events = self.events.__aiter__()
         try:
-            held: bytes | None = None
-            async for chunk in self.events:
-                if held is not None:
+            try:
+                held: bytes | None = await events.__anext__()
+            except StopAsyncIteration:
+                held = None
+            except Exception as exc:
+                answer = self.early_error(exc) if self.early_error is not None else None
+                if answer is None:
+                    raise
+                ended = True
+                status, body = answer
+                json_type = [(b"content-type", b"application/json")]
+                await send({"type": "http.response.start", "status": status, "headers": json_type})
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+                return
+            await send(self._start())
+            if held is not None:
+                async for chunk in events:
                     await send({"type": "http.response.body", "body": held, "more_body": True})
-                held = chunk
+                    held = chunk
             ended = True
             await send({"type": "http.response.body", "body": held or b"", "more_body": False})
         except asyncio.CancelledError:

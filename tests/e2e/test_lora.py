@@ -323,6 +323,16 @@ def test_clear_kv_and_sleep_wake(service):
     assert op("sleep", w1).returncode == 0
     time.sleep(0.5)  # the card saying so reaches the frontend with the next announce
     assert {ask(f"sleepy prompt {i}")[1]["x-dynvllm-worker"] for i in range(6)} == {w2}
+    # Both asleep: a streamed request fails before its first event, so it gets its real status and
+    # a JSON error (not a 200 with an error event), as the same request unstreamed would.
+    assert op("sleep", w2).returncode == 0
+    time.sleep(0.5)
+    for stream in (True, False):
+        body = {"model": "tiny", "prompt": "x", "max_tokens": 2, "stream": stream}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=30)
+        assert r.status_code == 503, r.text
+        assert "no live worker" in r.json()["error"]["message"]
+    assert op("wake", w2).returncode == 0
     assert op("wake", w1).returncode == 0
     time.sleep(0.5)
     assert w1 in {ask(f"awake prompt number {i}")[1]["x-dynvllm-worker"] for i in range(8)}

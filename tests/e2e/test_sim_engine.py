@@ -56,6 +56,14 @@ def test_sim_workers_emit_kv_events_that_steer_the_router(tiny_model, tmp_path):
                 else:
                     assert worker == first[i] and cached == 192  # six full 32-token blocks
         assert len(set(first.values())) >= 2  # distinct prefixes spread over the idle workers
+        # Streamed responses say where they went too (the headers leave with the first events).
+        body = {"model": "tiny", "prompt": prompts[0], "max_tokens": 3, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+            assert r.status_code == 200 and r.headers["content-type"] == "text/event-stream"
+            assert r.headers["x-dynvllm-worker"] == first[0]
+            assert r.headers["x-dynvllm-predicted-cached-tokens"] == "192"
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and len(events) >= 4
     finally:
         proc.stop()
 
