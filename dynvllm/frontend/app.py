@@ -98,12 +98,12 @@ class _Request:
             total.cached_tokens += u.cached_tokens
         return total.as_dict()
 
-    def ready(self) -> bool:
-        """Whether more output is already here (one part: its stream; several: not tracked), or
-        none is coming: every choice has finished, so what is left to send is the ending."""
+    def flush_due(self) -> bool:
+        """Whether to send what has been gathered (see `Dispatch.flush_due`); not while every
+        choice has finished, as the ending follows at once. Several parts: every time."""
         if len(self.parts) != 1:
-            return False
-        return self.parts[0].post.done or self.dispatch.ready()
+            return True
+        return not self.parts[0].post.done and self.dispatch.flush_due()
 
     async def deltas(self) -> AsyncIterator[tuple[int, Part, ChoiceDelta]]:
         """(client choice index, part, delta) from every part; prompt-major indices."""
@@ -457,10 +457,10 @@ class FrontendApp:
                     self.on_demand.used(dispatch.worker_id, dispatch.lora)
 
     async def _stream(self, r: _Request) -> AsyncIterator[bytes]:
-        """SSE bytes. Events that are ready together leave in one write: while the worker's next
-        output is already queued, chunks are gathered instead of sent, so a busy frontend makes
-        fewer, larger writes and an idle one sends each token as it comes. The opening (role)
-        chunk goes with the first token's."""
+        """SSE bytes. Events that are ready together leave in one write: output already queued
+        from the worker is gathered instead of sent (`flush_due`), so a busy frontend makes fewer,
+        larger writes and an idle one sends each token as it comes. The opening (role) chunk goes
+        with the first token's."""
         base = {"id": r.id, "object": r.fmt.chunk_object, "created": r.created, "model": r.model}
         self.metrics.of(self.metrics.inflight, r.model).inc()
         status = "200"
@@ -471,7 +471,7 @@ class FrontendApp:
             async for index, part, d in r.deltas():
                 for choice in r.shaper.chunk(index, part, d):
                     out.append(_sse({**base, "choices": [choice]}))
-                if out and not r.ready():
+                if out and r.flush_due():
                     sent = True
                     yield b"".join(out)
                     out.clear()

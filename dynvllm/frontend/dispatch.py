@@ -28,6 +28,33 @@ log = logging.getLogger("dynvllm.frontend")
 RETRIES = 3
 
 
+class SendBatch:
+    """When gathered output goes to the client (pure). Output already queued from the worker is
+    gathered into one write, but only what was queued when the batch began: what arrives
+    meanwhile waits for the next batch, so a frontend that falls behind a fast stream still sends
+    in steady steps instead of holding everything back, and a batch holds at most `limit` items.
+    `stream` has `taken` (items read) and `queued()` (items waiting)."""
+
+    def __init__(self, limit: int = 16) -> None:
+        self.limit = limit
+        self._stream: Any = None
+        self._end = 0
+
+    def due(self, stream: Any) -> bool:
+        if stream is None:
+            return True
+        if self._stream is stream:
+            if stream.taken < self._end:
+                return False
+            self._stream = None
+            return True
+        queued = stream.queued()
+        if queued == 0:
+            return True
+        self._stream, self._end = stream, stream.taken + min(queued, self.limit)
+        return False
+
+
 class Dispatch:
     def __init__(
         self,
@@ -58,6 +85,7 @@ class Dispatch:
         self.t_start = time.monotonic()
         self._t_last: float | None = None
         self._live: Any = None  # the worker stream being read
+        self._sends = SendBatch()
 
     def _serving(self, endpoint: str, exclude: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
         lora = self.lora
@@ -206,10 +234,9 @@ class Dispatch:
                 self.router.finished(self.worker_id, self.blocks, self.rank)
                 await stream.aclose()
 
-    def ready(self) -> bool:
-        """Whether the worker's next output is already here, so reading it will not wait."""
-        live = self._live
-        return live is not None and live.ready()
+    def flush_due(self) -> bool:
+        """Whether the client should get what has been gathered from the worker stream now."""
+        return self._sends.due(self._live)
 
     def _observe_timing(self, tokens: int) -> None:
         now = time.monotonic()

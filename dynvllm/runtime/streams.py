@@ -220,6 +220,7 @@ class ResponseStream:
         self._consumed = 0
         self._half = conn.wire.half_window
         self.done = False
+        self.taken = 0  # items read so far
 
     def __aiter__(self) -> ResponseStream:
         return self
@@ -228,6 +229,7 @@ class ResponseStream:
         if self.done:
             raise StopAsyncIteration
         op, value = await self._queue.get()
+        self.taken += 1
         if op == DATA:
             self._consumed += 1
             if self._consumed >= self._half:
@@ -255,9 +257,9 @@ class ResponseStream:
     def _push(self, op: int, value: Any) -> None:
         self._queue.put_nowait((op, value))
 
-    def ready(self) -> bool:
-        """Whether the next item is already here (reading it will not wait)."""
-        return not self._queue.empty()
+    def queued(self) -> int:
+        """Items already here, not yet read."""
+        return self._queue.qsize()
 
 
 class Connection:
