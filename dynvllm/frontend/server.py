@@ -65,6 +65,7 @@ async def serve_frontend(settings: Settings) -> int:
         timeout_graceful_shutdown=60,
         timeout_keep_alive=75,  # outlive typical client pools; 5 s races with reuse
         lifespan="off",
+        proxy_headers=False,  # nothing reads the client address; a middleware layer less per request
     )
     server = uvicorn.Server(config)
     loop = asyncio.get_running_loop()
