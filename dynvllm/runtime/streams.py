@@ -98,6 +98,28 @@ class StreamServer:
             self._conns.discard(me)
 
 
+class _TurnWriter:
+    """Frames written in one event-loop turn leave in one write: one syscall per turn, not one
+    per frame (an engine step yields a delta for every running request; a frontend turn handles
+    calls, credits and cancels of many requests, and a loopback send costs as much as routing
+    one)."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.pending: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
+
+    def add(self, frame: bytes) -> None:
+        if not self.pending:
+            self._loop.call_soon(self.flush)
+        self.pending.append(frame)
+
+    def flush(self) -> None:
+        if self.pending and not self.writer.is_closing():
+            self.writer.write(b"".join(self.pending))
+        self.pending.clear()
+
+
 class _ServerConnection:
     """One client connection: reads frames, runs a task per call, writes coalesced replies."""
 
@@ -107,22 +129,12 @@ class _ServerConnection:
         self.wire = ServerWire()
         self.tasks: dict[int, asyncio.Task] = {}
         self.wakeups: dict[int, asyncio.Event] = {}
-        self.pending: list[bytes] = []
-        self.loop = asyncio.get_running_loop()
+        self.out = _TurnWriter(writer)
         self._buffered = writer.transport.get_write_buffer_size
         _nodelay(writer)
 
-    def _flush(self) -> None:
-        if self.pending and not self.writer.is_closing():
-            self.writer.write(b"".join(self.pending))
-        self.pending.clear()
-
     async def _send(self, frame: bytes) -> None:
-        # Frames produced in one event-loop turn (an engine step yields a delta for every
-        # running request) leave in one write: one syscall per turn, not one per delta.
-        if not self.pending:
-            self.loop.call_soon(self._flush)
-        self.pending.append(frame)
+        self.out.add(frame)
         if self._buffered() > _HIGH_WATER:
             await self.writer.drain()
 
@@ -136,12 +148,7 @@ class _ServerConnection:
             wake.clear()
             await wake.wait()
             frame = wire.data(sid, item)
-        pending = self.pending
-        if not pending:
-            self.loop.call_soon(self._flush)
-        pending.append(frame)
-        if self._buffered() > _HIGH_WATER:
-            await self.writer.drain()
+        await self._send(frame)
 
     async def _call(self, sid: int, endpoint: str, payload: Any) -> None:
         counted = self.server.counted
@@ -206,7 +213,7 @@ class _ServerConnection:
                 self._cancel(sid)
             for task in list(self.tasks.values()):
                 task.cancel()
-            self._flush()
+            self.out.flush()
             self.writer.close()
 
 
@@ -271,7 +278,7 @@ class Connection:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task | None = None
         self._streams: dict[int, ResponseStream] = {}
-        self._pending: list[bytes] = []
+        self._out: _TurnWriter | None = None
         self.closed = False
 
     async def open(self, timeout: float = 3.0) -> None:
@@ -284,21 +291,12 @@ class Connection:
             where = f"{self.host}:{self.port}"
             raise InstanceLost(f"cannot reach instance {self.instance_id} at {where}: {exc}") from exc
         _nodelay(self._writer)
+        self._out = _TurnWriter(self._writer)
         self._reader_task = asyncio.create_task(self._read(reader))
 
     def _write(self, frame: bytes | None) -> None:
-        # Frames for this instance from one event-loop turn (calls, credits and cancels of all the
-        # requests handled in it) leave in one write: a loopback send costs the frontend as much
-        # as a request's routing, so under load this is one syscall per turn, not per frame.
-        if frame is not None and self._writer is not None and not self.closed:
-            if not self._pending:
-                asyncio.get_running_loop().call_soon(self._flush)
-            self._pending.append(frame)
-
-    def _flush(self) -> None:
-        if self._pending and self._writer is not None and not self.closed:
-            self._writer.write(b"".join(self._pending))
-        self._pending.clear()
+        if frame is not None and self._out is not None and not self.closed:
+            self._out.add(frame)
 
     def call(self, endpoint: str, payload: Any) -> ResponseStream:
         if self.closed:
