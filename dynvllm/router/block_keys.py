@@ -12,11 +12,7 @@ Router events:
 
 from __future__ import annotations
 
-import logging
-
 from dynvllm.router import hashing
-
-log = logging.getLogger("dynvllm.worker.kv")
 
 
 class BlockKeys:

@@ -75,6 +75,16 @@ class KvIndex:
                 have.add(wid)  # type: ignore[union-attr]
                 holders[key] = have
 
+    def _hold(self, wid: int, key: int) -> None:
+        have = self.holders.get(key)
+        if have is None:
+            self.holders[key] = wid
+        elif have.__class__ is int:
+            if have != wid:
+                self.holders[key] = {have, wid}
+        else:
+            have.add(wid)  # type: ignore[union-attr]
+
     def _unhold(self, wid: int, key: int) -> None:
         have = self.holders.get(key)
         if have is None:
@@ -110,18 +120,11 @@ class KvIndex:
         them first (confirmed blocks never expire)."""
         expiry = (now if now is not None else time.monotonic()) + ttl
         wid = self._id(worker)
-        mine, holders = self._keys_of[wid], self.holders
+        mine = self._keys_of[wid]
         for key in keys:
             if mine.get(key, 0.0) < expiry:
                 mine[key] = expiry
-            have = holders.get(key)
-            if have is None:
-                holders[key] = wid
-            elif have.__class__ is int:
-                if have != wid:
-                    holders[key] = {have, wid}
-            else:
-                have.add(wid)  # type: ignore[union-attr]
+            self._hold(wid, key)
         self._predicted.append((expiry, wid, keys))
 
     def expire(self, now: float | None = None) -> None:
