@@ -411,9 +411,7 @@ class FrontendApp:
         try:
             req = oa.parse(fmt.request_model, await self._body(request))
             # A label per name a client sends would grow the metrics without bound.
-            m = self.models
-            known = req.model in m.models or req.model in m.aliases or req.model in m.adapter_sources
-            model = req.model if known else "unknown"
+            model = req.model if self.models.knows(req.model) else "unknown"
             r = await self._admit(req, fmt)
         except oa.APIError as exc:
             self.metrics.of(self.metrics.requests, model, str(exc.status)).inc()

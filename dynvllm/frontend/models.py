@@ -117,6 +117,10 @@ class ModelRegistry:
                     out.setdefault(name, (entry, []))[1].append(iid)
         return out
 
+    def knows(self, name: str) -> bool:
+        """A name this registry has seen: a model, an alias, or an adapter any worker ever held."""
+        return name in self.models or name in self.aliases or name in self.adapter_sources
+
     async def resolve(self, name: str) -> tuple[ModelEntry | None, str | None]:
         """(entry, adapter) for a model name: a base model, or an adapter some worker holds."""
         entry = await self.ready(name)
