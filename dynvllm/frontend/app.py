@@ -352,14 +352,16 @@ class FrontendApp:
 
     @staticmethod
     def _budget(entry: ModelEntry, prompt_len: int, wanted: int | None) -> int:
+        """max_tokens: the request's, else the model's default, else the rest of the context;
+        within the cap a generation config may set (as vLLM's server computes it)."""
         ctx = entry.context_length
         if prompt_len >= ctx:
             raise oa.length_error(ctx, prompt_len, None)
         if wanted is None:
-            return ctx - prompt_len
-        if prompt_len + wanted > ctx:
+            wanted = min(ctx - prompt_len, entry.sampling_defaults.get("max_tokens") or ctx)
+        elif prompt_len + wanted > ctx:
             raise oa.length_error(ctx, prompt_len, wanted)
-        return wanted
+        return min(wanted, entry.max_tokens_cap or wanted)
 
     @staticmethod
     def _check_tokens(entry: ModelEntry, ids: list[int], allow_empty: bool = False) -> None:
@@ -383,7 +385,7 @@ class FrontendApp:
         for ids, text in fmt.prompts(entry, req):
             self._check_tokens(entry, ids)
             max_tokens = self._budget(entry, len(ids), req.wanted_max_tokens())
-            sampling = req.sampling(max_tokens, tok.vocab_size)
+            sampling = req.sampling(max_tokens, tok.vocab_size, entry.sampling_defaults)
             dispatches.append(
                 Dispatch(self.pool, self.router, entry, ids, sampling, self.metrics, lora, images)
             )

@@ -119,11 +119,11 @@ class Dispatch:
         pick, conn = await self._connect(endpoint)
         if pick.rank is not None:
             payload = {**payload, "dp_rank": pick.rank}
-        self.router.started(pick.worker, self.blocks, pick.rank)
+        self.router.started(pick.worker, self.blocks, pick.rank, pick.keys)
         try:
             return pick.worker, await unary(conn, endpoint, payload, timeout=timeout)
         finally:
-            self.router.finished(pick.worker, self.blocks, pick.rank)
+            self.router.finished(pick.worker, self.blocks, pick.rank, pick.keys)
 
     async def _run_stages(self) -> dict[str, Any]:
         """The chain's stages before generation; what they hand on goes into the generate request."""
@@ -178,7 +178,7 @@ class Dispatch:
         while True:
             prompt = self.prompt_ids + generated if generated else self.prompt_ids
             pick, conn = await self._connect(protocol.GENERATE, prompt)
-            self.worker_id, self.overlap_blocks, self.rank = pick
+            self.worker_id, self.overlap_blocks, self.rank, keys = pick
             if generated:
                 if len(generated) >= int(self.sampling["max_tokens"]):
                     yield protocol.delta(0, [], "length")  # lost after the last token, before its end
@@ -193,8 +193,10 @@ class Dispatch:
             if self.rank is not None:
                 handoff["dp_rank"] = self.rank
             stream = conn.call(protocol.GENERATE, protocol.generate_request(rid, prompt, sampling, **handoff))
-            self.router.started(self.worker_id, self.blocks, self.rank)
+            self.router.started(self.worker_id, self.blocks, self.rank, keys)
             self._live = stream
+            # Output fills KV blocks on the worker too: its load grows a block at a time.
+            out, grown, bs = 0, 0, self.block_size
             try:
                 async for d in stream:
                     started = True
@@ -203,6 +205,10 @@ class Dispatch:
                         self._observe_timing(len(ids))
                         if single:
                             generated.extend(ids)
+                        out += len(ids)
+                        if bs and out >= (grown + 1) * bs:
+                            self.router.grow(self.worker_id, self.rank, out // bs - grown)
+                            grown = out // bs
                     yield d
                 return
             except InstanceLost as exc:
@@ -231,7 +237,7 @@ class Dispatch:
                     limit,
                 )
             finally:
-                self.router.finished(self.worker_id, self.blocks, self.rank)
+                self.router.finished(self.worker_id, self.blocks, self.rank, keys, grown)
                 await stream.aclose()
 
     def flush_due(self) -> bool:

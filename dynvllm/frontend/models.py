@@ -36,6 +36,17 @@ class ModelEntry:
     def context_length(self) -> int:
         return int(self.card.get("context_length") or 0)
 
+    @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """The model's own sampling defaults (its generation_config.json, as vLLM reads it)."""
+        return self.card.get("sampling_defaults") or {}
+
+    @property
+    def max_tokens_cap(self) -> int | None:
+        """A limit on every request's max_tokens, from --generation-config FOLDER or
+        --override-generation-config's max_new_tokens."""
+        return self.card.get("max_tokens_cap")
+
 
 class ModelRegistry:
     def __init__(self, watcher: Watcher, aliases: dict[str, str] | None = None) -> None:

@@ -45,6 +45,12 @@ def from_validation(err: ValidationError) -> APIError:
 
 # Known fields dynvllm does not implement, with the values that mean "not asked for".
 _UNSET = (None, False, [], {}, "")
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
 REFUSED: dict[str, tuple] = {
     "use_beam_search": _UNSET,
     "length_penalty": (*_UNSET, 1, 1.0),
@@ -157,7 +163,9 @@ class _Req(BaseModel):
         except structured.ConstraintError as exc:
             raise APIError(400, str(exc), param=exc.param) from None
 
-    def sampling(self, max_tokens: int, vocab_size: int) -> dict[str, Any]:
+    def sampling(self, max_tokens: int, vocab_size: int, defaults: dict[str, Any] | None = None) -> dict:
+        """The wire sampling options; a field the request leaves out takes the model's default
+        (`defaults`: its generation config), as `vllm serve` does."""
         bias = None
         if self.logit_bias:
             bias = []  # [[token id, bias], ...]: msgpack maps take string keys only
@@ -170,18 +178,19 @@ class _Req(BaseModel):
                         param="logit_bias",
                     )
                 bias.append([tid, value])
+        d = defaults or {}
         return {
             "n": self.n,
             "max_tokens": max_tokens,
             "min_tokens": self.min_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "min_p": self.min_p,
+            "temperature": _or(self.temperature, d.get("temperature")),
+            "top_p": _or(self.top_p, d.get("top_p")),
+            "top_k": _or(self.top_k, d.get("top_k")),
+            "min_p": _or(self.min_p, d.get("min_p")),
             "seed": self.seed,
-            "presence_penalty": self.presence_penalty,
-            "frequency_penalty": self.frequency_penalty,
-            "repetition_penalty": self.repetition_penalty,
+            "presence_penalty": _or(self.presence_penalty, d.get("presence_penalty")),
+            "frequency_penalty": _or(self.frequency_penalty, d.get("frequency_penalty")),
+            "repetition_penalty": _or(self.repetition_penalty, d.get("repetition_penalty")),
             "stop_token_ids": self.stop_token_ids,
             "ignore_eos": self.ignore_eos or None,
             "logprobs": self.top_logprobs_count(),
@@ -317,8 +326,8 @@ class CompletionRequest(_Req):
     def top_logprobs_count(self) -> int | None:
         return self.logprobs
 
-    def sampling(self, max_tokens: int, vocab_size: int) -> dict[str, Any]:
-        out = super().sampling(max_tokens, vocab_size)
+    def sampling(self, max_tokens: int, vocab_size: int, defaults: dict[str, Any] | None = None) -> dict:
+        out = super().sampling(max_tokens, vocab_size, defaults)
         if self.echo and self.logprobs is not None and out["prompt_logprobs"] is None:
             out["prompt_logprobs"] = self.logprobs  # echoed prompt tokens carry logprobs too
         return out

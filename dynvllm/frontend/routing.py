@@ -47,25 +47,36 @@ class Router:
         else:
             self.load.ranks.pop(worker_id, None)
 
-    def started(self, worker_id: str | None, blocks: float = 1.0, rank: int | None = None) -> None:
+    def started(
+        self, worker_id: str | None, blocks: float = 1.0, rank: int | None = None, keys: Sequence[int] = ()
+    ) -> None:
+        """A request went to the worker: `blocks` of prompt, `keys` those of them the policy keyed."""
         if worker_id:
             self.inflight[worker_id] += 1
-            self.active_blocks[worker_id] += blocks
-            self.load.rank_blocks[(worker_id, rank or 0)] += blocks
+            self.load.add(worker_id, rank or 0, blocks, keys)
 
-    def finished(self, worker_id: str | None, blocks: float = 1.0, rank: int | None = None) -> None:
+    def grow(self, worker_id: str | None, rank: int | None, blocks: int) -> None:
+        """A request in flight there filled `blocks` more KV blocks with its output."""
+        if worker_id and self.inflight.get(worker_id, 0) > 0:
+            self.load.count(worker_id, rank or 0, blocks)
+
+    def finished(
+        self,
+        worker_id: str | None,
+        blocks: float = 1.0,
+        rank: int | None = None,
+        keys: Sequence[int] = (),
+        grown: int = 0,
+    ) -> None:
+        """The request ended; `grown`: the blocks its output added (see `grow`)."""
         if worker_id and self.inflight.get(worker_id, 0) > 0:
             self.inflight[worker_id] -= 1
-            self.active_blocks[worker_id] = max(0.0, self.active_blocks[worker_id] - blocks)
-            key = (worker_id, rank or 0)
-            self.load.rank_blocks[key] = max(0.0, self.load.rank_blocks[key] - blocks)
+            self.load.remove(worker_id, rank or 0, blocks, keys)
+            if grown:
+                self.load.count(worker_id, rank or 0, -grown)
 
     def forget(self, worker_id: str) -> None:
-        self.inflight.pop(worker_id, None)
-        self.active_blocks.pop(worker_id, None)
-        self.load.ranks.pop(worker_id, None)
-        for key in [k for k in self.load.rank_blocks if k[0] == worker_id]:
-            del self.load.rank_blocks[key]
+        self.load.forget(worker_id)
         self.policy.forget(worker_id)
 
     def on_kv_events(self, batch: KvEventBatch) -> None:

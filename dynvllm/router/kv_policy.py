@@ -1,4 +1,14 @@
-"""The KV-aware choice: cheapest of weight x uncached prefill blocks + active decode blocks.
+"""The KV-aware choice: the worker where the request costs least, counting in KV blocks
+
+    cost = weight x uncached prompt blocks  (the prefill the worker would run)
+         + uncached prompt blocks           (which then join that worker's active blocks)
+         + the worker's active blocks       (distinct blocks of its in-flight requests)
+
+Active blocks are distinct: requests in flight that share a prefix share its blocks in the engine,
+so a request joining others with its prefix adds only its own blocks there. Counting every
+request's whole prompt instead (the first version) made one request's worth of load imbalance
+cancel a whole cached prefix: on a GPU, eight system prompts over two engines then cached no more
+than round-robin did.
 
 Pure logic. Ties go to the worker with less load, then rotate; a positive temperature samples
 from softmax(-cost / T) instead of taking the minimum.
@@ -55,6 +65,7 @@ class KvPolicy:
             if per_rank
             else [get(w[0], 0.0) for w in candidates]  # type: ignore[call-overload]
         )
+        weight += 1.0  # an uncached block is prefilled, then held active
         costs = [weight * (n - get_overlap(w, 0)) + ld for w, ld in zip(candidates, loads, strict=True)]
         if self.temperature > 0:
             low = min(costs)

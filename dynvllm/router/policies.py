@@ -22,14 +22,55 @@ from dynvllm.settings import RouterSettings
 
 @dataclass
 class Load:
-    """What the frontend has in flight on each worker: requests and their prompt blocks, per
-    instance and per (instance, data-parallel rank); and how many ranks each instance has."""
+    """What the frontend has in flight on each worker: requests and the distinct prompt blocks
+    they hold, per instance and per (instance, data-parallel rank); and how many ranks each
+    instance has. Requests sharing a prefix on one engine share its blocks, so a block counts once
+    however many requests in flight there hold it."""
 
     inflight: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     active_blocks: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     rank_blocks: dict[tuple[str, int], float] = field(default_factory=lambda: defaultdict(float))
     #: Instance id -> its data-parallel ranks (first rank, count); absent means one engine.
     ranks: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: (instance, rank) -> block key -> requests in flight there holding it.
+    held: dict[tuple[str, int], dict[int, int]] = field(default_factory=dict)
+
+    def add(self, worker: str, rank: int, blocks: float, keys: Sequence[int]) -> None:
+        """A request starts: its blocks not yet held there, and its partial last block."""
+        held = self.held.setdefault((worker, rank), {})
+        get = held.get
+        new = 0
+        for k in keys:
+            c = get(k, 0)
+            held[k] = c + 1
+            new += not c
+        self.count(worker, rank, new + max(0.0, blocks - len(keys)))
+
+    def remove(self, worker: str, rank: int, blocks: float, keys: Sequence[int]) -> None:
+        held = self.held.get((worker, rank), {})
+        gone = 0
+        for k in keys:
+            c = held.get(k, 0)
+            if c > 1:
+                held[k] = c - 1
+            elif c:
+                del held[k]
+                gone += 1
+        self.count(worker, rank, -(gone + max(0.0, blocks - len(keys))))
+
+    def count(self, worker: str, rank: int, delta: float) -> None:
+        """Blocks held there that no other request shares (a partial block, output)."""
+        self.active_blocks[worker] = max(0.0, self.active_blocks[worker] + delta)
+        self.rank_blocks[(worker, rank)] = max(0.0, self.rank_blocks[(worker, rank)] + delta)
+
+    def forget(self, worker: str) -> None:
+        self.inflight.pop(worker, None)
+        self.active_blocks.pop(worker, None)
+        self.ranks.pop(worker, None)
+        for key in [k for k in self.rank_blocks if k[0] == worker]:
+            del self.rank_blocks[key]
+        for key in [k for k in self.held if k[0] == worker]:
+            del self.held[key]
 
 
 class Pick(NamedTuple):
@@ -38,6 +79,8 @@ class Pick(NamedTuple):
     overlap: int = 0
     #: The data-parallel rank to run on; None lets the instance choose.
     rank: int | None = None
+    #: The prompt's block keys, where the policy computed them (the load counts them once each).
+    keys: Sequence[int] = ()
 
 
 class Policy:
@@ -116,7 +159,7 @@ class KvRouting(Policy):
             # before the worker's events (its prefill still running) should follow it there.
             index.predict(decision.worker, keys, ttl)
         iid, rank = decision.worker
-        return Pick(iid, decision.overlap_blocks, rank if iid in load.ranks else None)
+        return Pick(iid, decision.overlap_blocks, rank if iid in load.ranks else None, keys)
 
     def _predict_ttl(self) -> float:
         return self.settings.router_predict_ttl

@@ -134,6 +134,16 @@ class VllmEngine(Engine):
             "max_num_seqs": cfg.scheduler_config.max_num_seqs,
             "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
             "multimodal": bool(cfg.model_config.is_multimodal_model),
+            # What `vllm serve` uses where a request leaves a field out: the model's
+            # generation_config.json (Qwen3: temperature 0.6, top_k 20, top_p 0.95), or nothing
+            # with --generation-config vllm; --override-generation-config applies.
+            "sampling_defaults": (defaults := cfg.model_config.get_diff_sampling_param()),
+            # A generation config given as a folder caps max_tokens (vLLM's server does the same).
+            "max_tokens_cap": (
+                defaults.get("max_tokens")
+                if cfg.model_config.generation_config not in ("auto", "vllm")
+                else (cfg.model_config.override_generation_config or {}).get("max_new_tokens")
+            ),
             **self._ranks_card(cfg.parallel_config),
         }
 

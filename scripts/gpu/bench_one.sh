@@ -2,8 +2,10 @@
 # bench_one.sh vllm|dynvllm LABEL -- device side, after assemble.sh + env.sh and /tmp/m built.
 # Starts one server on 127.0.0.1:8300 with the same engine arguments, runs scripts/gpu/loadgen.py
 # (loadgen.py beside this script; ISL $ISL / OSL $OSL, default 1000 / 200, streaming chat, ignore_eos) at c=1
-# (12 requests) and c=$LEVELS (default 16,64,256; 256 each),
-# then stops it. JSON lines go to $OUT/gpu_bench.jsonl.
+# ($N1 requests, default 24) and c=$LEVELS (default 16,64,256; $REQS each, default 256), each level on
+# prompts of its own, then stops it. The engine's latency histograms (vLLM's /metrics; dynvllm's
+# worker metrics port) and dynvllm's frontend's are scraped around each level: their means split
+# the client's TTFT into engine and path. JSON lines go to $OUT/gpu_bench.jsonl.
 set -uo pipefail
 W=$1; LABEL=$2; HERE=$(cd "$(dirname "$0")" && pwd); LOADGEN=${LOADGEN:-$HERE/loadgen.py}; M=${M:-/tmp/m}; P=8300
 ENG=(--max-model-len 4096 --gpu-memory-utilization 0.80 ${EXTRA:-})
@@ -13,7 +15,7 @@ if [ "$W" = vllm ]; then
     --disable-uvicorn-access-log "${ENG[@]}" > /tmp/srv_$LABEL.log 2>&1 &
 else
   setsid python3 -m dynvllm serve agg --model $M --served-model-name m --http-host 127.0.0.1 --http-port $P \
-    "${ENG[@]}" > /tmp/srv_$LABEL.log 2>&1 &
+    --metrics-port $((P + 1)) "${ENG[@]}" > /tmp/srv_$LABEL.log 2>&1 &
 fi
 PID=$!; t0=$(date +%s); ok=0
 for i in $(seq 1 300); do
@@ -24,11 +26,12 @@ echo "[$LABEL] ready=$ok after $(( $(date +%s)-t0 )) s"
 if [ $ok = 1 ]; then
   LG=(python3 $LOADGEN --url http://127.0.0.1:$P --model m --tokenizer $M --input-tokens ${ISL:-1000}
       --output-tokens ${OSL:-200} --ignore-eos --label "$LABEL" --out ${OUT:-/tmp}/gpu_bench.jsonl --timeout 300)
-  if [ "$W" = vllm ]; then CP=(--cpu-pid api=$PID); else
-    CP=(--cpu-pid frontend=$(pgrep -f "dynvllm.child frontend" | head -1) --cpu-pid worker=$(pgrep -f "dynvllm.child worker" | head -1)); fi
+  if [ "$W" = vllm ]; then CP=(--cpu-pid api=$PID --metrics engine=http://127.0.0.1:$P/metrics); else
+    CP=(--cpu-pid frontend=$(pgrep -f "dynvllm.child frontend" | head -1) --cpu-pid worker=$(pgrep -f "dynvllm.child worker" | head -1)
+        --metrics engine=http://127.0.0.1:$((P + 1))/metrics --metrics frontend=http://127.0.0.1:$P/metrics); fi
   LG+=("${CP[@]}")
-  "${LG[@]}" --concurrency 1 --requests 12 --warmup 2
-  "${LG[@]}" --concurrency ${LEVELS:-16,64,256} --requests 256
+  "${LG[@]}" --concurrency 1 --requests ${N1:-24} --warmup 2 --seed 1
+  "${LG[@]}" --concurrency ${LEVELS:-16,64,256} --requests ${REQS:-256}
 fi
 kill -INT -- -$PID 2>/dev/null; for i in $(seq 1 30); do kill -0 $PID 2>/dev/null || break; sleep 1; done
 kill -KILL -- -$PID 2>/dev/null

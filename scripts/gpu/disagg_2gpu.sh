@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # disagg_2gpu.sh -- device side on a 2-GPU host, after assemble.sh + env.sh, /tmp/m built and
 # NIXL installed: the launch scripts' topologies with one engine per GPU, side by side
+# (on one GPU: GPUS="0 0" MEM=0.40 ONE_BY_ONE=1, both engines share it, each with 40% of its memory)
 #   agg2:   two aggregated workers (GPU 0, GPU 1) behind the KV router   (scripts/launch/agg.sh)
 #   disagg: prefill on GPU 0, decode on GPU 1, KV over NIXL              (scripts/launch/disagg.sh)
 # Each: greedy texts of 8 prompts, then loadgen at two shapes (ISL/OSL 1000/200 c=16 and
@@ -8,8 +9,8 @@
 # JSON lines in $OUT/disagg_2gpu.jsonl, texts in $OUT/texts_CASE.json, logs in $OUT/CASE/.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd); REPO=$(cd "$HERE/../.." && pwd); OUT=${OUT:-/tmp}; CASES=${CASES:-"agg2 disagg"}
-export PATH=/tmp/site/bin:$PATH MODEL=/tmp/m SERVED_NAME=m HTTP_HOST=127.0.0.1 HTTP_PORT=8300 GPUS="0 1" ROUTER=kv
-export ENGINE_ARGS="--max-model-len 4096 --gpu-memory-utilization 0.80 ${EXTRA:-}" READY_TIMEOUT=600
+export PATH=/tmp/site/bin:$PATH MODEL=/tmp/m SERVED_NAME=m HTTP_HOST=127.0.0.1 HTTP_PORT=8300 GPUS=${GPUS:-"0 1"} ROUTER=kv
+export ENGINE_ARGS="--max-model-len 4096 --gpu-memory-utilization ${MEM:-0.80} ${EXTRA:-}" READY_TIMEOUT=600 ONE_BY_ONE=${ONE_BY_ONE:-0}
 for c in $CASES; do
   export NAMESPACE=$c LOG_DIR=$OUT/$c NATS_PORT=$((14000 + RANDOM % 1000))
   case $c in

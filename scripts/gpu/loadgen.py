@@ -106,6 +106,56 @@ class CpuWindow:
         return out
 
 
+# ---------------------------------------------------------------- server-side latencies
+# Histograms whose mean over a level splits the client's TTFT: vLLM's engine metrics (measured
+# inside AsyncLLM, from the request's arrival there) and dynvllm's frontend metrics. The client's
+# TTFT minus the engine's is the time spent outside the engine (HTTP, tokenization, hops).
+HISTOGRAMS = (
+    "vllm:time_to_first_token_seconds",
+    "vllm:request_queue_time_seconds",
+    "vllm:request_prefill_time_seconds",
+    "vllm:inter_token_latency_seconds",
+    "vllm:e2e_request_latency_seconds",
+    "dynvllm_time_to_first_token_seconds",
+    "dynvllm_inter_token_latency_seconds",
+)
+
+
+def parse_sums(text):
+    """{histogram: [sum, count]} over all label sets of a Prometheus text page."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line:
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        for suffix, idx in (("_sum", 0), ("_count", 1)):
+            base = name[: -len(suffix)]
+            if name.endswith(suffix) and base in HISTOGRAMS:
+                out.setdefault(base, [0.0, 0.0])[idx] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+async def scrape_all(session, specs):
+    got = {}
+    for spec in specs:
+        name, url = spec.split("=", 1)
+        async with session.get(url) as r:
+            got[name] = parse_sums(await r.text())
+    return got
+
+
+def metric_means(a, b):
+    """Mean of each histogram over the window, ms: {"engine:vllm:time_to_first_token": 31.2, ...}."""
+    out = {}
+    for name, after in b.items():
+        for h, (s1, c1) in after.items():
+            s0, c0 = a.get(name, {}).get(h, (0.0, 0.0))
+            if c1 > c0:
+                key = f"{name}:{h.removesuffix('_seconds')}"
+                out[key] = round(1000 * (s1 - s0) / (c1 - c0), 2)
+    return out
+
+
 # ---------------------------------------------------------------- prompts
 WORDS = [
     "the",
@@ -235,7 +285,7 @@ def pct(vals, p):
     return v[f] + (v[c] - v[f]) * (k - f)
 
 
-async def run_level(args, conc, prompts, cpu):
+async def run_level(args, conc, prompts, cpu, first=0):
     url = args.url.rstrip("/") + ("/v1/chat/completions" if args.endpoint == "chat" else "/v1/completions")
     extra = json.loads(args.extra_json) if args.extra_json else {}
 
@@ -262,13 +312,15 @@ async def run_level(args, conc, prompts, cpu):
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         # warmup (not counted)
         nwarm = args.warmup if args.warmup is not None else max(conc, 4)
-        counter = iter(range(10**9))
+        # each level gets its own prompts (from `first` on): a level must not find the previous
+        # level's prompts in the prefix cache
+        counter = iter(range(first, 10**9))
         if nwarm:
             wl = iter(range(nwarm))
 
             async def wworker():
                 for i in wl:
-                    await one_request(session, url, body(10**6 + i), args.endpoint)
+                    await one_request(session, url, body(args.warmup_first + i), args.endpoint)
 
             await asyncio.gather(*[wworker() for _ in range(min(conc, nwarm))])
         recs = []
@@ -279,10 +331,12 @@ async def run_level(args, conc, prompts, cpu):
                 recs.append(await one_request(session, url, body(next(counter)), args.endpoint))
 
         a = cpu.snap()
+        ma = await scrape_all(session, args.metrics)
         t0 = time.perf_counter()
         await asyncio.gather(*[worker() for _ in range(conc)])
         wall = time.perf_counter() - t0
         b = cpu.snap()
+        mb = await scrape_all(session, args.metrics)
     ok = [r for r in recs if r["ok"]]
     out_tok = sum((r["out_tokens"] if r["out_tokens"] is not None else r["chunks"]) for r in ok)
     ms = lambda xs: [x * 1000 for x in xs]  # noqa: E731
@@ -316,6 +370,8 @@ async def run_level(args, conc, prompts, cpu):
         }
     res["ttft_text_p50_ms"] = round(pct(ttft_text, 50), 2) if ttft_text else None
     res["cpu"] = CpuWindow.diff(a, b, list(cpu.pids))
+    if args.metrics:
+        res["server_means_ms"] = metric_means(ma, mb)
     res["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     return res
 
@@ -345,6 +401,13 @@ def main():
     ap.add_argument("--label", default="")
     ap.add_argument("--out", default=None, help="append one JSON line per level here")
     ap.add_argument("--allow-remote", action="store_true")
+    ap.add_argument(
+        "--metrics",
+        action="append",
+        default=[],
+        help="NAME=URL of a Prometheus page (vLLM's engine, dynvllm's frontend) scraped around each level; "
+        "the means of its latency histograms go into the result (repeatable)",
+    )
     args = ap.parse_args()
 
     host = urllib.parse.urlparse(args.url).hostname or ""
@@ -362,9 +425,12 @@ def main():
         pass
     cpu = CpuWindow(pids)
     levels = [int(x) for x in args.concurrency.split(",") if x]
-    prompts = make_prompts(args.requests + 64, args.input_tokens, args.tokenizer, args.seed)
-    for conc in levels:
-        res = asyncio.run(run_level(args, conc, prompts, cpu))
+    # measured prompts first (a new range per level), then the warmup prompts, shared by the levels
+    args.warmup_first = args.requests * len(levels)
+    nwarm = args.warmup if args.warmup is not None else max(max(levels), 4)
+    prompts = make_prompts(args.warmup_first + nwarm, args.input_tokens, args.tokenizer, args.seed)
+    for n, conc in enumerate(levels):
+        res = asyncio.run(run_level(args, conc, prompts, cpu, first=n * args.requests))
         cpus = " ".join(
             f"{k}={v.get('cpu_pct')}%" + (f"(tree {v['cpu_pct_tree']}%)" if "cpu_pct_tree" in v else "")
             for k, v in res["cpu"].items()
@@ -375,7 +441,8 @@ def main():
             f"tok/s={res['out_tok_per_s']:.0f} TTFT p50/p99={res['ttft_ms']['p50']}/{res['ttft_ms']['p99']} ms "
             f"ITL p50={res['itl_ms']['p50']} ms e2e p50/p99={res['e2e_ms']['p50']}/{res['e2e_ms']['p99']} ms "
             f"cpu: {cpus} machine={res['cpu']['machine']['busy_pct_of_all_cores']}%"
-            + (f" ERR: {res['first_error']}" if res["errors"] else ""),
+            + (f" ERR: {res['first_error']}" if res["errors"] else "")
+            + (f" server means ms: {res['server_means_ms']}" if args.metrics else ""),
             flush=True,
         )
         if args.out:

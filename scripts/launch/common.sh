@@ -17,6 +17,8 @@
 #   GPUS_PER_WORKER  ids each worker takes from GPUS            (default: 1)
 #   LOG_DIR          where each process writes its log          (default: a new temporary folder)
 #   READY_TIMEOUT    seconds to wait for every worker           (default: 1800)
+#   ONE_BY_ONE       1: start each worker once the previous one has registered, for engines that
+#                    share a GPU (vLLM sizes its KV cache from the memory free while it profiles)
 #   STOP_TIMEOUT     seconds each process gets to drain on stop (default: 60)
 #   DYNVLLM, NATS_SERVER   the commands to run (default: found on PATH or beside this checkout)
 
@@ -48,6 +50,7 @@ GPUS=${GPUS:-}
 GPUS_PER_WORKER=${GPUS_PER_WORKER:-1}
 LOG_DIR=${LOG_DIR:-$(mktemp -d -t dynvllm-launch.XXXXXX)}
 READY_TIMEOUT=${READY_TIMEOUT:-1800}
+ONE_BY_ONE=${ONE_BY_ONE:-0}
 STOP_TIMEOUT=${STOP_TIMEOUT:-60}
 DYNVLLM=${DYNVLLM:-$(_find dynvllm)} || exit 2
 NATS_SERVER=${NATS_SERVER:-$(_find nats-server)} || exit 2
@@ -58,6 +61,7 @@ mkdir -p "$LOG_DIR"
 
 _pids=()
 _names=()
+_workers=0
 _stopping=0
 _gpu_next=0
 _ids=($GPUS)
@@ -110,6 +114,10 @@ start_worker() {
   [ "$role" = agg ] && extra=(--no-frontend)
   start "$name" $GPU_ENV -- "$DYNVLLM" serve "$role" "${extra[@]}" --nats-url "$NATS_URL" \
     --namespace "$NAMESPACE" --model "$MODEL" --served-model-name "$SERVED_NAME" "$@" $WORKER_ARGS $ENGINE_ARGS
+  _workers=$((_workers + 1))
+  # registered is enough here: a prefill worker alone does not make the service healthy
+  [ "$ONE_BY_ONE" = 1 ] && wait_ready $_workers registered
+  return 0
 }
 
 _report_dead() { # prints each started process that has exited, with its log's tail
@@ -151,18 +159,23 @@ stop_all() {
 trap 'stop_all 130' INT
 trap 'stop_all 143' TERM
 
-# wait_ready WORKERS: until /health counts WORKERS registered workers; fails if a process exits.
+# wait_ready WORKERS [registered]: until /health counts WORKERS registered workers and says healthy
+# (with `registered`: whatever it says); fails if a process exits.
 wait_ready() {
-  local want=$1 deadline=$((SECONDS + READY_TIMEOUT)) host=$HTTP_HOST
+  local want=$1 need=${2:-healthy} deadline=$((SECONDS + READY_TIMEOUT)) host=$HTTP_HOST
   [ "$host" = 0.0.0.0 ] && host=127.0.0.1
   HEALTH_URL="http://$host:$HTTP_PORT/health"
   echo "waiting for $want worker(s) at $HEALTH_URL (up to ${READY_TIMEOUT}s)"
   while [ $SECONDS -lt $deadline ]; do
     if _report_dead; then stop_all 1; fi
-    if "$_PY" - "$HEALTH_URL" "$want" <<'EOF' 2>/dev/null; then
-import json, sys, urllib.request
-body = json.load(urllib.request.urlopen(sys.argv[1], timeout=2))
-sys.exit(0 if body["status"] == "healthy" and body["workers"] >= int(sys.argv[2]) else 1)
+    if "$_PY" - "$HEALTH_URL" "$want" "$need" <<'EOF' 2>/dev/null; then
+import json, sys, urllib.error, urllib.request
+try:
+    body = json.load(urllib.request.urlopen(sys.argv[1], timeout=2))
+except urllib.error.HTTPError as e:  # 503 while unhealthy still counts the workers
+    body = json.load(e)
+healthy = body["status"] == "healthy" or sys.argv[3] == "registered"
+sys.exit(0 if healthy and body["workers"] >= int(sys.argv[2]) else 1)
 EOF
       return 0
     fi

@@ -3,8 +3,10 @@ on the tiny model, serves a request with vLLM's own greedy output, and leaves no
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -31,7 +33,9 @@ DISAGG = {"FRONTEND_ARGS": "--disagg-min-prompt-tokens 40"}
 TOPOLOGIES = {
     "agg.sh": ({"FRONTEND_ARGS": "--model-aliases short=tiny,ghost=nothing"}, 1),
     "agg_router.sh": ({"WORKERS": "2"}, 2),
-    "disagg.sh": (DISAGG, 2),
+    # one by one, as engines sharing a GPU start: the prefill worker registers (unhealthy alone)
+    # before the decode worker starts
+    "disagg.sh": ({**DISAGG, "ONE_BY_ONE": "1"}, 2),
     "disagg_router.sh": ({**DISAGG, "PREFILL_WORKERS": "1", "DECODE_WORKERS": "2"}, 3),
 }
 
@@ -117,13 +121,23 @@ class Launch:
 @pytest.mark.parametrize("script", list(TOPOLOGIES))
 def test_launch_script_serves_and_stops(script, tiny_model, expected, tmp_path):
     env, workers = TOPOLOGIES[script]
-    run = Launch(script, tiny_model, tmp_path, env)
+    model = tiny_model
+    if script == "agg.sh":  # a model whose generation config sets sampling defaults
+        model = tmp_path / "model"
+        shutil.copytree(tiny_model, model)
+        gen = model / "generation_config.json"
+        gen.write_text(json.dumps({**json.loads(gen.read_text()), "temperature": 0.0, "max_new_tokens": 5}))
+    run = Launch(script, model, tmp_path, env)
     try:
         ready = run.wait_for(r"^ready: http://\S+/v1", 400)
         assert ready == f"ready: http://127.0.0.1:{run.port}/v1"
         health = httpx.get(run.url + "/health").json()
         assert health["workers"] == workers, health
         assert run.text().count("started ") == workers + 2  # NATS, frontend, workers: one process each
+        if env.get("ONE_BY_ONE"):
+            waits = re.findall(r"^(started \S+|waiting for \d+)", run.text(), re.M)
+            want = ["started prefill-0", "waiting for 1", "started decode-0", "waiting for 2"]
+            assert waits[-5:] == [*want, "waiting for 2"], waits
         client = openai.OpenAI(base_url=run.url + "/v1", api_key="none", max_retries=0)
         first, again = (
             client.completions.with_raw_response.create(
@@ -138,6 +152,12 @@ def test_launch_script_serves_and_stops(script, tiny_model, expected, tmp_path):
             assert aliased.choices[0].text == expected
             with pytest.raises(openai.NotFoundError, match="ghost"):
                 client.completions.create(model="ghost", prompt=PROMPT, max_tokens=4)
+            # What a request leaves out comes from the model's generation config, as with
+            # `vllm serve`: no temperature is its 0 (greedy), no max_tokens its max_new_tokens.
+            plain = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16)
+            assert plain.choices[0].text == expected
+            chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+            assert (chat.choices[0].finish_reason, chat.usage.completion_tokens) == ("length", 5)
         if "disagg" in script:  # the prompt's KV came from the prefill worker
             assert first.headers["x-dynvllm-prefill"].startswith("remote:"), dict(first.headers)
         if script == "disagg_router.sh":  # the KV router knows the decode worker now holds it all

@@ -126,7 +126,7 @@ def test_choice_is_the_brute_force_minimum(stored, query, load, weight):
         WORKERS, keys, {k[0]: float(v) for k, v in load.items()}
     )
     brute = {
-        w: weight * (len(keys) - oracle_overlap(set(engines[w].blocks), query)) + load.get(w, 0)
+        w: (weight + 1) * (len(keys) - oracle_overlap(set(engines[w].blocks), query)) + load.get(w, 0)
         for w in WORKERS
     }
     assert abs(decision.cost - min(brute.values())) < 1e-9
