@@ -25,7 +25,7 @@ from dynvllm.frontend import openai_api as oa
 from dynvllm.frontend.admin import AdminCalls, OnDemandAdapters
 from dynvllm.frontend.auth import OPEN_PATHS, ApiKeyMiddleware
 from dynvllm.frontend.dispatch import Dispatch
-from dynvllm.frontend.event_stream import EventStream
+from dynvllm.frontend.event_stream import EventStream, Last
 from dynvllm.frontend.formatters import ChatFormatter, CompletionFormatter, Formatter, Part
 from dynvllm.frontend.media import MediaPolicy, fetch_all
 from dynvllm.frontend.metrics import FrontendMetrics
@@ -471,7 +471,9 @@ class FrontendApp:
             async for index, part, d in r.deltas():
                 for choice in r.shaper.chunk(index, part, d):
                     out.append(_sse({**base, "choices": [choice]}))
-                if out and r.flush_due():
+                # A choice's last chunk waits for the next delta or the end: the stream's last
+                # one leaves with [DONE] and the end of the body, in one write.
+                if out and not d.finish_reason and r.flush_due():
                     sent = True
                     yield b"".join(out)
                     out.clear()
@@ -490,7 +492,7 @@ class FrontendApp:
             self.metrics.of(self.metrics.inflight, r.model).dec()
             self._account(r, status)
         out.append(b"data: [DONE]\n\n")
-        yield b"".join(out)
+        yield Last(b"".join(out))
 
 
 def _load_parser(group: str, name: str | None) -> Any:
