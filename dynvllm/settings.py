@@ -162,7 +162,10 @@ class RouterSettings(_Group):
         "kv-approx (predicts caches from its own decisions), round-robin, random, least-loaded.",
     )
     router_prefill_weight: float = Field(
-        1.0, ge=0, description="Cost of one uncached prompt block relative to one active block."
+        1.0,
+        ge=0,
+        description="Cost of prefilling one uncached prompt block relative to holding one active "
+        "block (an uncached block also becomes an active one).",
     )
     router_temperature: float = Field(
         0.0, ge=0, description="0 picks the cheapest worker; above 0 samples softmax(-cost/T)."

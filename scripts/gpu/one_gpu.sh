@@ -48,7 +48,8 @@ PY
     for topo in agg encode; do
       extra=(); [ $topo = encode ] && extra=(--roles agg=1,encode=1)
       setsid python3 -m dynvllm serve agg --model /tmp/vis --served-model-name m --http-host 127.0.0.1 --http-port $P \
-        --namespace mm$topo --gpu-memory-utilization 0.30 "${extra[@]}" > /tmp/og_mm_$topo.log 2>&1 & p=$!
+        --namespace mm$topo --gpu-memory-utilization 0.30 --mm-prompt-template 'Question: <prompt> Answer:' \
+        "${extra[@]}" > /tmp/og_mm_$topo.log 2>&1 & p=$!
       want=1; [ $topo = encode ] && want=2
       if ready $want; then
         body=$(python3 -c 'import json; b=open("/tmp/img.b64").read(); print(json.dumps({"model": "m", "max_tokens": 16, "temperature": 0,
