@@ -45,12 +45,6 @@ def from_validation(err: ValidationError) -> APIError:
 
 # Known fields dynvllm does not implement, with the values that mean "not asked for".
 _UNSET = (None, False, [], {}, "")
-
-
-def _or(value: Any, default: Any) -> Any:
-    return default if value is None else value
-
-
 REFUSED: dict[str, tuple] = {
     "use_beam_search": _UNSET,
     "length_penalty": (*_UNSET, 1, 1.0),
@@ -82,6 +76,10 @@ REFUSED: dict[str, tuple] = {
     "structural_tag": _UNSET,
 }
 _SEEN_UNKNOWN: set[str] = set()
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 class _Req(BaseModel):
