@@ -61,7 +61,7 @@ def main() -> None:
     ingest = blocks / (time.perf_counter() - t0)
     candidates = [f"w{i}" for i in range(args.workers)]
     for c in candidates:
-        router.active_blocks[c] = rng.randrange(0, 200)
+        router.load.active_blocks[c] = rng.randrange(0, 200)
     lat = []
     for i in range(args.decisions):
         base = shared[rng.randrange(len(shared))][: BS * 40] if i % 2 else []

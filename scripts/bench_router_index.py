@@ -112,7 +112,7 @@ def run_dynvllm(batches, blocks, prompts, rng):  # type: ignore[no-untyped-def]
         hits += bool(s)
     candidates = [f"w{i}" for i in range(WORKERS)]
     for c in candidates:
-        router.active_blocks[c] = rng.randrange(0, 200)
+        router.load.active_blocks[c] = rng.randrange(0, 200)
     dec = []
     for p in prompts:
         t = time.perf_counter()

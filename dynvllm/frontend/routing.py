@@ -20,7 +20,6 @@ class Router:
         self.policy = make_policy(settings)
         self.load = Load()
         self.inflight = self.load.inflight
-        self.active_blocks = self.load.active_blocks
 
     @property
     def index(self) -> KvIndex | None:
