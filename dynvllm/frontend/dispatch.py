@@ -169,7 +169,7 @@ class Dispatch:
         replaced (stages run again for the new one). One lost mid-stream is replaced too, up to
         --migration-limit times: the request goes on elsewhere with the tokens generated so far
         appended to its prompt, so the client's stream continues without a visible break."""
-        started = False
+        started = finished = False
         attempts = 0
         migrations = 0
         generated: list[int] = []
@@ -209,11 +209,16 @@ class Dispatch:
                         if bs and out >= (grown + 1) * bs:
                             self.router.grow(self.worker_id, self.rank, out // bs - grown)
                             grown = out // bs
+                    # A single choice's final delta ends the request, whatever befalls its
+                    # worker before the stream's end frame: migrating then would go on past it.
+                    finished = single and d.get("finish_reason") is not None
                     yield d
                 return
             except InstanceLost as exc:
                 self.lost.add(self.worker_id)
                 self.pool.drop(self.worker_id)
+                if finished:
+                    return
                 if not started:
                     attempts += 1
                     if attempts > RETRIES:
