@@ -68,5 +68,18 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def references(tiny_model: Path) -> dict[str, list]:
+    """vLLM's offline outputs of the plain tiny model for every module's `want_reference`."""
+    from tests.helpers import PLAIN_REFERENCES, offline_reference
+
+    wanted = dict(PLAIN_REFERENCES)
+    out = offline_reference(tiny_model, [r for reqs in wanted.values() for r in reqs])
+    by_name, at = {}, 0
+    for name, reqs in wanted.items():
+        by_name[name], at = out[at : at + len(reqs)], at + len(reqs)
+    return by_name
+
+
 def dynvllm_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "dynvllm", *args]

@@ -149,6 +149,17 @@ def start_agg(
     return f"http://127.0.0.1:{port}", Proc(args, log, env=env)
 
 
+#: Requests for vLLM's offline output of the plain tiny model, by the module that wants them.
+#: Modules add theirs when imported (collection imports them all first); the `references`
+#: fixture computes them all in one engine, which starts once instead of once per module.
+PLAIN_REFERENCES: dict[str, list[dict]] = {}
+
+
+def want_reference(name: str, requests: list[dict]) -> str:
+    PLAIN_REFERENCES[name] = requests
+    return name
+
+
 def offline_reference(model: Path, requests: list[dict], llm_kwargs: dict | None = None) -> list:
     """vLLM's own offline outputs for `requests` (see tests/offline_reference.py), in a child."""
     script = Path(__file__).resolve().parent / "offline_reference.py"

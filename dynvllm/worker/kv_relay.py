@@ -21,31 +21,27 @@ log = logging.getLogger("dynvllm.worker.kv")
 END_SEQ = -1
 
 
-def free_tcp_port() -> int:
-    import socket
+def reserve_ports(count: int) -> tuple[int, list]:
+    """Ports P .. P+count-1 on loopback, held until the sockets returned are closed.
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_port_run(count: int) -> int:
-    """A port P with P .. P+count-1 all free on loopback (count 1: any free port)."""
+    Each is bound (never listening) with SO_REUSEADDR: no connect() takes it as its ephemeral
+    port and no bind() without that option gets it, yet ZMQ, which sets it, can bind it. A port
+    found free and let go would be free only until the engine binds it seconds later, and on a
+    busy host some outgoing connection took one in that gap: the engine died at start with
+    "Address already in use"."""
     import socket
 
     for _ in range(100):
-        base = free_tcp_port()
-        socks = []
+        held = []
         try:
-            for i in range(1, count):
+            for i in range(count):
                 s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", base + i))
-            return base
+                held.append(s)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", held[0].getsockname()[1] + i if i else 0))
+            return held[0].getsockname()[1], held
         except OSError:
-            continue
-        finally:
-            for s in socks:
+            for s in held:
                 s.close()
     raise RuntimeError(f"no run of {count} free ports on loopback")
 
@@ -60,14 +56,18 @@ def bind_relays(bus: EventBus, ranks: range) -> tuple[str, str, list[KvEventRela
     """Loopback KV-event and replay endpoints for an engine, and one bound relay per data-parallel
     rank (vLLM publishes rank r on the endpoints' ports + r). Relays start once the instance id
     they speak for is known."""
-    endpoint = f"tcp://127.0.0.1:{free_port_run(ranks.stop)}"
-    replay = f"tcp://127.0.0.1:{free_port_run(ranks.stop)}"
+    pub, pub_held = reserve_ports(ranks.stop)
+    replay, replay_held = reserve_ports(ranks.stop)
+    endpoint, replay_endpoint = f"tcp://127.0.0.1:{pub}", f"tcp://127.0.0.1:{replay}"
+    for unused in [*pub_held[: ranks.start], *replay_held[: ranks.start]]:
+        unused.close()  # ranks another host runs
     relays = []
     for rank in ranks:
-        relay = KvEventRelay(bus, "", offset_port(endpoint, rank), offset_port(replay, rank))
+        relay = KvEventRelay(bus, "", offset_port(endpoint, rank), offset_port(replay_endpoint, rank))
+        relay.held = [pub_held[rank], replay_held[rank]]  # until the relay stops
         relay.bind()
         relays.append(relay)
-    return endpoint, replay, relays
+    return endpoint, replay_endpoint, relays
 
 
 class KvEventRelay:
@@ -87,6 +87,8 @@ class KvEventRelay:
         self.replayed = 0
         self.keys = BlockKeys()
         self._task: asyncio.Task | None = None
+        #: Sockets holding this relay's ports for the engine (see `reserve_ports`).
+        self.held: list = []
 
     def bind(self) -> None:
         """Bind the loopback SUB socket before the engine starts: vLLM's PUB connects to a
@@ -108,6 +110,8 @@ class KvEventRelay:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        for s in self.held:
+            s.close()
 
     async def _publish(self, payload: bytes) -> None:
         dp, events = decode_batch(payload)

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.helpers import offline_reference, start_agg, wait_http
+from tests.helpers import start_agg, wait_http, want_reference
 
 NS = "dp"
 WORDS = [
@@ -37,10 +37,12 @@ PROMPTS = [" ".join(WORDS[i:] + WORDS[:i]) * 3 for i in range(4)]  # distinct pr
 PARAMS = {"max_tokens": 8, "temperature": 0}
 
 
+REFERENCE = want_reference("dp", [{"kind": "completion", "input": p, "params": PARAMS} for p in PROMPTS])
+
+
 @pytest.fixture(scope="module")
-def expected(tiny_model):
-    reqs = [{"kind": "completion", "input": p, "params": PARAMS} for p in PROMPTS]
-    return [texts[0] for texts in offline_reference(tiny_model, reqs)]
+def expected(references):
+    return [texts[0] for texts in references[REFERENCE]]
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 from dynvllm.process import child_preexec
 from dynvllm.runtime.nats import nats_server_binary
 from tests import netns
-from tests.helpers import ENGINE_ARGS, Proc, decode_transfers, offline_reference, wait_gone, wait_http
+from tests.helpers import ENGINE_ARGS, Proc, decode_transfers, wait_gone, wait_http, want_reference
 
 pytestmark = pytest.mark.vllm
 WHY_NOT = netns.available()
@@ -29,13 +29,14 @@ LONG_TOKENS = 160
 NATS_PORT, HTTP_PORT = 4222, 8000
 
 
+GREEDY = {"max_tokens": LONG_TOKENS, "temperature": 0}
+REQUESTS = [{"kind": "completion", "input": p, "params": GREEDY} for p in PROMPTS]
+REFERENCE = want_reference("multihost", REQUESTS)
+
+
 @pytest.fixture(scope="module")
-def expected(tiny_model):
-    reqs = [
-        {"kind": "completion", "input": p, "params": {"max_tokens": LONG_TOKENS, "temperature": 0}}
-        for p in PROMPTS
-    ]
-    return [texts[0] for texts in offline_reference(tiny_model, reqs)]
+def expected(references):
+    return [texts[0] for texts in references[REFERENCE]]
 
 
 def _service(tiny_model, logs, workers: dict[str, list[str]], namespace: str, router: str):

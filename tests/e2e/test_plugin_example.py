@@ -13,11 +13,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import offline_reference, start_agg, wait_http
+from tests.helpers import start_agg, wait_http, want_reference
 
 pytestmark = pytest.mark.vllm
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "plugin"
 LIMIT = 12
+SHORT, LONG = "the cat sees a dog", "the cat sees a dog " * 10
+REFERENCE = want_reference(
+    "plugin", [{"kind": "completion", "input": SHORT, "params": {"max_tokens": 8, "temperature": 0}}]
+)
 
 
 @pytest.fixture(scope="module")
@@ -63,22 +67,19 @@ def test_connector_config_is_accepted_by_vllm(installed, tmp_path):
     assert res.stdout.split() == ["ExampleConnector", str(tmp_path)], res.stderr[-2000:]
 
 
-def test_the_example_role_serves_and_refuses_long_prompts(installed, tiny_model, tmp_path):
-    short, long = "the cat sees a dog", "the cat sees a dog " * 10
-    expected = offline_reference(
-        tiny_model, [{"kind": "completion", "input": short, "params": {"max_tokens": 8, "temperature": 0}}]
-    )[0][0]
+def test_the_example_role_serves_and_refuses_long_prompts(installed, tiny_model, references, tmp_path):
+    expected = references[REFERENCE][0][0]
     env = {**installed, "CAPPED_MAX_PROMPT_TOKENS": str(LIMIT)}
     url, proc = start_agg(tiny_model, tmp_path / "serve.log", "capped", role="capped", env=env)
     try:
         wait_http(url + "/health", lambda b: b.get("roles", {}).get("tiny") == {"capped": 1}, proc)
         body = {"model": "tiny", "max_tokens": 8, "temperature": 0}
-        r = httpx.post(url + "/v1/completions", json={**body, "prompt": short}, timeout=60)
+        r = httpx.post(url + "/v1/completions", json={**body, "prompt": SHORT}, timeout=60)
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected, r.text
-        r = httpx.post(url + "/v1/completions", json={**body, "prompt": long}, timeout=60)
+        r = httpx.post(url + "/v1/completions", json={**body, "prompt": LONG}, timeout=60)
         assert r.status_code == 400, r.text
         assert f"at most {LIMIT} tokens" in r.json()["error"]["message"]
-        r = httpx.post(url + "/v1/completions", json={**body, "prompt": short}, timeout=60)
+        r = httpx.post(url + "/v1/completions", json={**body, "prompt": SHORT}, timeout=60)
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected
     finally:
         proc.stop()

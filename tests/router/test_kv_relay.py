@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from dynvllm.frontend.routing import Router
 from dynvllm.router import hashing
@@ -10,7 +11,7 @@ from dynvllm.runtime import nats as natsrt
 from dynvllm.runtime.events import EventBus
 from dynvllm.runtime.kv_topic import KV_EVENTS, KvEventBatch
 from dynvllm.settings import RouterSettings, RuntimeSettings
-from dynvllm.worker.kv_relay import END_SEQ, KvEventRelay, free_tcp_port
+from dynvllm.worker.kv_relay import END_SEQ, bind_relays, reserve_ports
 
 
 async def _published(ctx, endpoint: str, count: int) -> list[list[bytes]]:
@@ -54,13 +55,14 @@ def _stored(i: int):
 async def test_gap_is_repaired_from_vllms_replay_socket(nats_url):
     from vllm.distributed.kv_events import KVEventBatch, ZmqEventPublisher
 
-    pub_ep, replay_ep = f"tcp://127.0.0.1:{free_tcp_port()}", f"tcp://127.0.0.1:{free_tcp_port()}"
     nc = await natsrt.connect(RuntimeSettings(nats_url=nats_url))
     got: list[KvEventBatch] = []
     bus = EventBus(nc, "relay1")
     await bus.subscribe(KV_EVENTS, got.append)
-    relay = KvEventRelay(bus, "w1", pub_ep, replay_ep)
-    relay.bind()  # the relay's SUB binds; vLLM's PUB connects, exactly as in a worker
+    # As in a worker: the relay's SUB binds; vLLM's PUB connects and its replay socket binds the
+    # port held for it.
+    pub_ep, replay_ep, (relay,) = bind_relays(bus, range(1))
+    relay.instance_id = "w1"
     sub_ctx, sub = relay._ctx, relay._sub
     try:
         publisher = ZmqEventPublisher(0, endpoint=pub_ep, replay_endpoint=replay_ep, topic="kv")
@@ -93,6 +95,30 @@ async def test_gap_is_repaired_from_vllms_replay_socket(nats_url):
         assert router.gaps == 1 and router.index.overlaps(keys) == {}
     finally:
         publisher.shutdown()
+        await relay.stop()
         sub.close(linger=0)
         sub_ctx.term()
         await nc.close()
+
+
+def test_reserved_ports_are_held_from_other_binds_until_released():
+    import socket
+
+    import zmq
+
+    base, held = reserve_ports(2)
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    try:
+        for port in (base, base + 1):
+            with socket.socket() as other, contextlib.suppress(OSError):
+                other.bind(("127.0.0.1", port))
+                raise AssertionError(f"port {port} was not held")
+        router.bind(f"tcp://127.0.0.1:{base + 1}")  # what the engine does with it
+    finally:
+        router.close(linger=0)
+        ctx.term()
+        for s in held:
+            s.close()
+    with socket.socket() as after:
+        after.bind(("127.0.0.1", base))
