@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 
 _PR_SET_PDEATHSIG = 1
+_SOCKET_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 
 
 def child_preexec() -> None:
@@ -92,3 +97,28 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except OSError:
         pass
+
+
+@contextlib.contextmanager
+def private_ipc_dir() -> Iterator[None]:
+    """A folder of this process's own for its engines' IPC sockets, removed when it ends.
+
+    vLLM makes its engines' ZMQ IPC sockets under VLLM_RPC_BASE_PATH (the temp folder) and
+    leaves them there when the engine stops: 7 socket files per engine start on vLLM 0.26, with
+    `vllm serve` as with us. A user who set VLLM_RPC_BASE_PATH keeps their choice, and where the
+    temp folder's path is too long for a socket name below a folder of ours, vLLM's default
+    stays."""
+    if os.environ.get("VLLM_RPC_BASE_PATH"):
+        yield
+        return
+    path = tempfile.mkdtemp(prefix="dynvllm-ipc-")
+    if len(path) + 1 + 36 > _SOCKET_PATH_MAX:  # vLLM names each socket by a uuid4
+        os.rmdir(path)
+        yield
+        return
+    os.environ["VLLM_RPC_BASE_PATH"] = path
+    try:
+        yield
+    finally:
+        os.environ.pop("VLLM_RPC_BASE_PATH", None)
+        shutil.rmtree(path, ignore_errors=True)

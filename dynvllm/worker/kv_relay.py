@@ -12,6 +12,7 @@ import asyncio
 import logging
 from typing import Any
 
+from dynvllm.ports import reserve_ports
 from dynvllm.router.block_keys import BlockKeys
 from dynvllm.router.kv_events import decode_batch
 from dynvllm.runtime.events import EventBus
@@ -19,31 +20,6 @@ from dynvllm.runtime.kv_topic import KV_EVENTS, KvEventBatch
 
 log = logging.getLogger("dynvllm.worker.kv")
 END_SEQ = -1
-
-
-def reserve_ports(count: int) -> tuple[int, list]:
-    """Ports P .. P+count-1 on loopback, held until the sockets returned are closed.
-
-    Each is bound (never listening) with SO_REUSEADDR: no connect() takes it as its ephemeral
-    port and no bind() without that option gets it, yet ZMQ, which sets it, can bind it. A port
-    found free and let go would be free only until the engine binds it seconds later, and on a
-    busy host some outgoing connection took one in that gap: the engine died at start with
-    "Address already in use"."""
-    import socket
-
-    for _ in range(100):
-        held = []
-        try:
-            for i in range(count):
-                s = socket.socket()
-                held.append(s)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind(("127.0.0.1", held[0].getsockname()[1] + i if i else 0))
-            return held[0].getsockname()[1], held
-        except OSError:
-            for s in held:
-                s.close()
-    raise RuntimeError(f"no run of {count} free ports on loopback")
 
 
 def offset_port(endpoint: str, rank: int) -> str:

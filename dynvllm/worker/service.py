@@ -16,7 +16,7 @@ from typing import Any
 
 from dynvllm import protocol
 from dynvllm.child import RESTARTS_ENV
-from dynvllm.process import become_group_leader, start_group_reaper
+from dynvllm.process import become_group_leader, private_ipc_dir, start_group_reaper
 from dynvllm.runtime import nats as natsrt
 from dynvllm.runtime.discovery import Instance, Lease
 from dynvllm.runtime.events import LOAD, EventBus, LoadMetrics
@@ -253,9 +253,10 @@ def run_worker(settings: Settings, role_name: str) -> int:
 
     role_cls = registry.load(registry.ROLES, role_name)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if settings.worker.headless:
-        from dynvllm.worker.headless import HeadlessRanks
+    with private_ipc_dir():
+        if settings.worker.headless:
+            from dynvllm.worker.headless import HeadlessRanks
 
-        return int(natsrt.run(HeadlessRanks(settings, role_cls()).run()) or 0)
-    worker = Worker(settings, role_name, role_cls())
-    return int(natsrt.run(worker.run()) or 0)
+            return int(natsrt.run(HeadlessRanks(settings, role_cls()).run()) or 0)
+        worker = Worker(settings, role_name, role_cls())
+        return int(natsrt.run(worker.run()) or 0)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
+import tempfile
 import threading
+from pathlib import Path
 
 import httpx
 
@@ -81,7 +84,9 @@ def test_engine_death_deregisters_and_exits_nonzero(tiny_model, nats_url, tmp_pa
 
 
 def test_sigterm_during_stream_finishes_stream_then_nothing_remains(tiny_model, tmp_path):
-    url, proc = start_agg(tiny_model, tmp_path / "serve.log", "lc-term")
+    # The service's temp folder (vLLM's IPC sockets, NATS's store), short enough for socket names.
+    scratch = Path(tempfile.mkdtemp(prefix="lc-"))
+    url, proc = start_agg(tiny_model, tmp_path / "serve.log", "lc-term", env={"TMPDIR": str(scratch)})
     try:
         wait_http(url + "/health", lambda b: b.get("workers") == 1, proc)
         everything = [proc.p.pid] + [p.pid for p in proc.descendants()]
@@ -118,5 +123,7 @@ def test_sigterm_during_stream_finishes_stream_then_nothing_remains(tiny_model, 
         assert len(text) > 1000
         assert proc.p.wait(120) == 0
         assert wait_gone(everything, 20) == []
+        assert sorted(p.name for p in scratch.iterdir()) == []
     finally:
         proc.kill_all()
+        shutil.rmtree(scratch, ignore_errors=True)

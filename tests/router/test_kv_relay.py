@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 
 from dynvllm.frontend.routing import Router
+from dynvllm.ports import reserve_ports
 from dynvllm.router import hashing
 from dynvllm.runtime import nats as natsrt
 from dynvllm.runtime.events import EventBus
 from dynvllm.runtime.kv_topic import KV_EVENTS, KvEventBatch
 from dynvllm.settings import RouterSettings, RuntimeSettings
-from dynvllm.worker.kv_relay import END_SEQ, bind_relays, reserve_ports
+from dynvllm.worker.kv_relay import END_SEQ, bind_relays
 
 
 async def _published(ctx, endpoint: str, count: int) -> list[list[bytes]]:

@@ -5,15 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from dynvllm.ports import reserve_for_process
 from dynvllm.worker.connector import Connector
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _buffer_device() -> str:
@@ -42,11 +35,13 @@ class NixlConnector(Connector):
     def worker_env(self, kv_role: str, settings: Any) -> dict[str, str]:
         from dynvllm.runtime.nats import advertised_host
 
-        # Each engine needs its own side channel; pick a free one unless the operator fixed it.
-        # Decode engines dial it at the host the prefill engine announces in its transfer
-        # parameters; vLLM's default, "localhost", is wrong as soon as they are apart.
+        # Each engine needs its own side channel; hold a free one for it (this worker process
+        # lives as long as its engine) unless the operator fixed it. Decode engines dial it at
+        # the host the prefill engine announces in its transfer parameters; vLLM's default,
+        # "localhost", is wrong as soon as they are apart.
+        port = os.environ.get("VLLM_NIXL_SIDE_CHANNEL_PORT") or reserve_for_process()
         return {
-            "VLLM_NIXL_SIDE_CHANNEL_PORT": os.environ.get("VLLM_NIXL_SIDE_CHANNEL_PORT") or str(_free_port()),
+            "VLLM_NIXL_SIDE_CHANNEL_PORT": str(port),
             "VLLM_NIXL_SIDE_CHANNEL_HOST": os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST")
             or advertised_host(settings.runtime),
         }
