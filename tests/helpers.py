@@ -45,6 +45,7 @@ class Proc:
             preexec_fn=child_preexec,
         )
         self.ps = psutil.Process(self.p.pid)
+        self._terminated = False
 
     def descendants(self) -> list[psutil.Process]:
         try:
@@ -61,8 +62,9 @@ class Proc:
 
     def stop(self, timeout: float = 60) -> int:
         """SIGTERM, wait; on timeout SIGKILL the whole group so a failing test leaks nothing."""
-        if self.p.poll() is None:
+        if self.p.poll() is None and not self._terminated:
             self.p.send_signal(signal.SIGTERM)
+            self._terminated = True
         try:
             return self.p.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -78,6 +80,16 @@ class Proc:
             except psutil.NoSuchProcess:
                 pass
         return self.p.wait()
+
+
+def stop_all(procs: Sequence[Proc], timeout: float = 60) -> None:
+    """Stop several at once: SIGTERM to all, then wait for each (each drains on its own)."""
+    for p in procs:
+        if p.p.poll() is None:
+            p.p.send_signal(signal.SIGTERM)
+            p._terminated = True
+    for p in procs:
+        p.stop(timeout)  # running ones already have their SIGTERM: this waits, or kills
 
 
 def wait_http(url: str, predicate, proc: Proc, timeout: float = 240, interval: float = 0.5) -> dict:

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.helpers import start_agg, wait_http, want_reference
+from tests.helpers import start_agg, stop_all, wait_http, want_reference
 
 NS = "dp"
 WORDS = [
@@ -155,7 +155,5 @@ def test_headless_ranks_join_a_leader_and_are_routed(tiny_model, tmp_path, expec
         assert engines() == [("engine", 1)]
     finally:
         pids = [p.pid for p in (head.descendants() if head else [])]
-        if head is not None:
-            head.stop()
-        leader.stop()
+        stop_all([p for p in (head, leader) if p is not None])
         assert not wait_gone(pids, timeout=20)

@@ -16,7 +16,7 @@ import pytest
 from dynvllm.process import child_preexec
 from dynvllm.runtime.nats import nats_server_binary
 from tests import netns
-from tests.helpers import ENGINE_ARGS, Proc, decode_transfers, wait_gone, wait_http, want_reference
+from tests.helpers import ENGINE_ARGS, Proc, decode_transfers, stop_all, wait_gone, wait_http, want_reference
 
 pytestmark = pytest.mark.vllm
 WHY_NOT = netns.available()
@@ -69,8 +69,7 @@ def _service(tiny_model, logs, workers: dict[str, list[str]], namespace: str, ro
         yield {"url": url, "net": net, "addr": addr, "nats_url": nats_url, "procs": procs}
     finally:
         pids = [q.pid for p in procs for q in [p.ps, *p.descendants()]]
-        for p in procs:
-            p.stop()
+        stop_all(procs)
         if nats is not None:
             nats.terminate()
             try:

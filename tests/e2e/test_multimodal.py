@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import Proc, free_port, offline_reference, start_agg, wait_http
+from tests.helpers import Proc, free_port, offline_reference, start_agg, stop_all, wait_http
 
 TEMPLATE = "Question: <prompt> Answer:"
 QUESTION = "what is this"
@@ -99,8 +99,7 @@ def services(vision_model, media, expected, tmp_path_factory):
         wait_http(enc_url + "/health", lambda b: b.get("workers") == 2, enc, timeout=400)
         yield {"agg": agg_url, "enc": enc_url, "enc_proc": enc}
     finally:
-        agg.stop()
-        enc.stop()
+        stop_all([agg, enc])
 
 
 def _chat(url: str, image_url: str | list[str], text: str = QUESTION) -> httpx.Response:
