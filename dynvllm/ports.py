@@ -9,10 +9,10 @@ def reserve_ports(count: int = 1, host: str = "0.0.0.0") -> tuple[int, list[sock
     """Ports P .. P+count-1, held until the sockets returned are closed.
 
     Each is bound (never listening) with SO_REUSEADDR: no connect() takes it as its ephemeral
-    port and no bind() without that option gets it, yet ZMQ and uvicorn, which set it, can bind
-    it. A port found free and let go is free only until some outgoing connection takes it, and
-    on a busy host one did before the engine bound it: the engine died at start with "Address
-    already in use"."""
+    port and no bind() without that option gets it, yet ZMQ, which sets it, binds it. A port
+    found free and let go is free only until some outgoing connection takes it, and on a busy
+    host one did before the engine bound it: the engine died at start with "Address already in
+    use"."""
     for _ in range(100):
         held: list[socket.socket] = []
         try:
