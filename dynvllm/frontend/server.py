@@ -35,7 +35,8 @@ async def serve_frontend(settings: Settings) -> int:
         tune_gc()
 
     # A worker that says goodbye is draining: its open streams finish, new requests go elsewhere.
-    # One whose lease expired may be unreachable without a reset: fail its streams now.
+    # One whose lease expired gets no new requests; it may be unreachable without a reset, so its
+    # streams fail (and migrate) once its connection has been as quiet as its lease.
     watcher.on_remove.append(lambda inst: router.forget(inst.id))
 
     def ranks(inst) -> None:  # type: ignore[no-untyped-def]
@@ -45,7 +46,9 @@ async def serve_frontend(settings: Settings) -> int:
 
     watcher.on_add.append(ranks)
     watcher.on_update.append(ranks)
-    watcher.on_expire.append(lambda inst: pool.drop(inst.id, "lease expired"))
+    watcher.on_expire.append(
+        lambda inst: pool.drop_when_silent(inst.id, rt.lease_ttl, lambda iid: watcher.get(iid) is not None)
+    )
     await watcher.start()
     if router.policy.uses_kv_events:
         from dynvllm.runtime.events import EventBus

@@ -12,6 +12,7 @@ import asyncio
 import inspect
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -280,6 +281,8 @@ class Connection:
         self._streams: dict[int, ResponseStream] = {}
         self._out: _TurnWriter | None = None
         self.closed = False
+        #: When bytes last came from the instance (monotonic): a sign of life beside heartbeats.
+        self.heard = time.monotonic()
 
     async def open(self, timeout: float = 3.0) -> None:
         try:
@@ -315,6 +318,7 @@ class Connection:
                 data = await reader.read(1 << 16)
                 if not data:
                     break
+                self.heard = time.monotonic()
                 for frame in self.wire.receive(data):
                     if frame[0] == DATA:
                         stream = streams.get(frame[1])
@@ -384,6 +388,26 @@ class StreamClientPool:
         conn = self._conns.pop(instance_id, None)
         if conn is not None:
             conn.fail(reason)
+
+    async def drop_when_silent(self, instance_id: str, quiet: float, back: Callable[[str], bool]) -> None:
+        """Drop the connection to an instance whose lease expired once nothing has come from it
+        for `quiet` seconds, unless it is `back` (heartbeating again) first.
+
+        Missing heartbeats alone are weak evidence: a host that stalled for a moment (two cores
+        shared by an engine's busy loop and a starting process) misses a 2-second lease while
+        its streams still flow, and failing them then would migrate or lose healthy requests.
+        A host cut off sends nothing at all, and is dropped once its connection is as quiet as
+        its lease."""
+        await asyncio.sleep(0.05)  # data that arrived while this loop was busy is read first
+        while not back(instance_id):
+            conn = self._conns.get(instance_id)
+            if conn is None or conn.closed:
+                return
+            silent = time.monotonic() - conn.heard
+            if silent >= quiet:
+                self.drop(instance_id, f"lease expired and nothing heard for {silent:.1f}s")
+                return
+            await asyncio.sleep(quiet - silent)
 
     async def close(self) -> None:
         for conn in list(self._conns.values()):

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from dynvllm.runtime.errors import BadRequest, InstanceLost, RemoteError, UnknownEndpoint
-from dynvllm.runtime.streams import WINDOW, Connection, StreamServer, unary
+from dynvllm.runtime.streams import WINDOW, Connection, StreamClientPool, StreamServer, unary
 
 
 class Probe:
@@ -35,6 +35,14 @@ class Probe:
             self.produced += 1
             yield self.produced
 
+    async def paced(self, payload):
+        """An item every 20 ms for payload["for"] seconds, then silence (a stalled host)."""
+        end = time.monotonic() + payload["for"]
+        while time.monotonic() < end:
+            yield 1
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(3600)
+
     async def boom(self, payload):
         yield 1
         raise BadRequest("prompt is too long: 9000 > 2048")
@@ -55,6 +63,7 @@ async def served():
             "count": probe.count,
             "forever": probe.forever,
             "fast": probe.fast,
+            "paced": probe.paced,
             "boom": probe.boom,
             "crash": probe.crash,
             "echo": probe.echo,
@@ -135,3 +144,34 @@ async def test_server_gone_mid_stream_is_instance_lost(served):
         async for _ in stream:
             pass
     assert time.monotonic() - t0 < 3
+
+
+async def test_an_expired_lease_drops_a_connection_only_once_it_is_quiet(served):
+    """Missing heartbeats while a stream still flows (a host stalled for a moment) fail nothing;
+    the connection goes once it has been as quiet as the lease, or stays if the host is back."""
+    _, _, _, port = served
+    pool = StreamClientPool()
+    conn = await pool.get("w", "127.0.0.1", port)
+    assert await pool.get("w", "127.0.0.1", port) is conn
+    await pool.drop_when_silent("w", 0.3, back=lambda _: True)  # heartbeating again: kept
+    assert not conn.closed
+    stream = conn.call("paced", {"for": 1.0})
+    got: list[int] = []
+    lost: list[InstanceLost] = []
+
+    async def read() -> None:
+        try:
+            async for x in stream:
+                got.append(x)
+        except InstanceLost as exc:
+            lost.append(exc)
+
+    reader = asyncio.create_task(read())
+    await asyncio.sleep(0.1)
+    t0 = time.monotonic()
+    await pool.drop_when_silent("w", 0.3, back=lambda _: False)
+    waited = time.monotonic() - t0
+    await reader
+    assert 1.0 <= waited < 2.0, waited  # the 0.9 s of stream left, then 0.3 s of quiet
+    assert len(got) >= 30 and conn.closed
+    assert lost and "nothing heard" in lost[0].message
