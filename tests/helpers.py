@@ -60,11 +60,15 @@ class Proc:
     def signal(self, sig: int) -> None:
         self.p.send_signal(sig)
 
-    def stop(self, timeout: float = 60) -> int:
-        """SIGTERM, wait; on timeout SIGKILL the whole group so a failing test leaks nothing."""
+    def terminate(self) -> None:
+        """SIGTERM unless this already sent it (`stop_all` signals several, then waits on each)."""
         if self.p.poll() is None and not self._terminated:
             self.p.send_signal(signal.SIGTERM)
             self._terminated = True
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, wait; on timeout SIGKILL the whole group so a failing test leaks nothing."""
+        self.terminate()
         try:
             return self.p.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -85,11 +89,9 @@ class Proc:
 def stop_all(procs: Sequence[Proc], timeout: float = 60) -> None:
     """Stop several at once: SIGTERM to all, then wait for each (each drains on its own)."""
     for p in procs:
-        if p.p.poll() is None:
-            p.p.send_signal(signal.SIGTERM)
-            p._terminated = True
+        p.terminate()
     for p in procs:
-        p.stop(timeout)  # running ones already have their SIGTERM: this waits, or kills
+        p.stop(timeout)  # each has its SIGTERM already: this waits, or kills
 
 
 def wait_http(url: str, predicate, proc: Proc, timeout: float = 240, interval: float = 0.5) -> dict:
