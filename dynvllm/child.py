@@ -8,9 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
-SETTINGS_ENV = "DYN_INTERNAL_SETTINGS_JSON"
-# How many times `serve` restarted this child's slot after a crash (worker metrics show it).
-RESTARTS_ENV = "DYNVLLM_RESTARTS"
+from dynvllm.envnames import SETTINGS_ENV
 
 
 def main(argv: list[str]) -> int:

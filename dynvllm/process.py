@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import shutil
 import signal
@@ -12,6 +13,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 
+log = logging.getLogger("dynvllm.process")
 _PR_SET_PDEATHSIG = 1
 _SOCKET_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 
@@ -95,8 +97,10 @@ def terminate(proc: subprocess.Popen, timeout: float) -> None:
 def _kill_group(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
-    except OSError:
-        pass
+    except ProcessLookupError:
+        pass  # every process of the group is gone already
+    except OSError as exc:
+        log.warning("cannot kill what is left of process group %d: %s", pgid, exc)
 
 
 @contextlib.contextmanager

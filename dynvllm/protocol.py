@@ -105,6 +105,50 @@ def parse_generate(payload: Any) -> GenerateRequest:
 _REQUEST_KEYS = {"request_id", "token_ids", "sampling", "kv_transfer_params", "lora", "dp_rank", "mm"}
 
 
+# Options a pooling call (embed, classify, score ...) forwards to vLLM's PoolingParams.
+POOLING_FIELDS = ("dimensions", "use_activation")
+
+
+@dataclass(frozen=True)
+class PoolRequest:
+    """A pooling call (a terminal stage that answers once) as an engine receives it, checked."""
+
+    request_id: str
+    token_ids: list[int]
+    #: vLLM's pooling task: "embed", "classify", "score", "token_embed" ...
+    task: str
+    options: dict[str, Any]
+    lora: str | None = None
+    dp_rank: int | None = None
+
+
+def pool_request(request_id: str, token_ids: list[int], options: dict[str, Any], **handoff: Any) -> dict:
+    return {"request_id": request_id, "token_ids": token_ids, "options": options, **handoff}
+
+
+def parse_pool(payload: Any, task: str) -> PoolRequest:
+    """Check a wire pooling request for `task` (the role's); what is wrong is the caller's fault."""
+    if not isinstance(payload, dict):
+        raise BadRequest("a pooling call expects a map with request_id, token_ids and options")
+    rid, ids = payload.get("request_id"), payload.get("token_ids")
+    options = payload.get("options") or {}
+    if not isinstance(rid, str) or not rid:
+        raise BadRequest("request_id must be a non-empty string")
+    if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and t >= 0 for t in ids):
+        raise BadRequest("token_ids must be a non-empty list of non-negative integers")
+    if not isinstance(options, dict) or set(options) - set(POOLING_FIELDS):
+        raise BadRequest(f"options must be a map of {', '.join(POOLING_FIELDS)}")
+    unknown = set(payload) - {"request_id", "token_ids", "options", "lora", "dp_rank"}
+    if unknown:
+        raise BadRequest(f"pooling request has fields this worker does not implement: {sorted(unknown)}")
+    lora, rank = payload.get("lora"), payload.get("dp_rank")
+    if lora is not None and not isinstance(lora, str):
+        raise BadRequest("lora must be an adapter name")
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 0):
+        raise BadRequest("dp_rank must be a non-negative integer")
+    return PoolRequest(rid, ids, task, {k: v for k, v in options.items() if v is not None}, lora, rank)
+
+
 def sampling_kwargs(sampling: dict[str, Any]) -> dict[str, Any]:
     """SamplingParams keyword arguments from a wire request; unknown keys are a caller bug."""
     unknown = set(sampling) - set(SAMPLING_FIELDS)

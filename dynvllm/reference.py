@@ -12,6 +12,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from dynvllm import registry
 from dynvllm import settings as S
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -51,11 +52,18 @@ def configuration_page() -> str:
         "Every setting is a field of one model (`dynvllm/settings.py`). Each has a command-line flag",
         "and a `DYN_*` environment variable; a flag beats the variable, which beats the default.",
         "Options that are not listed here are vLLM engine arguments: they pass to vLLM's own parser",
-        "(`--engine-args` / `DYN_ENGINE_ARGS`, or directly on the command line).\n",
+        "(`--engine-args` / `DYN_ENGINE_ARGS`, or directly on the command line).",
+        "Plugins declare groups of their own (entry-point group `dynvllm.settings`); those of the",
+        "plugins shipped with dynvllm are listed here, other packages' show in `--help`.\n",
     ]
-    for group in S.GROUPS.values():
+    shipped = {p.name for p in registry.installed(registry.SETTINGS) if p.distribution == "dynvllm"}
+    for name, group in S.groups().items():
+        if name not in S.GROUPS and name not in shipped:
+            continue
+        lines.append(f"## {S.title(name)}\n")
+        if name not in S.GROUPS:
+            lines.append(f"Settings of the `{name}` plugin.\n")
         lines += [
-            f"## {group.title}\n",
             "| flag | environment | type | default | meaning |",
             "|---|---|---|---|---|",
         ]

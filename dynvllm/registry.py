@@ -22,7 +22,25 @@ PRESETS = "dynvllm.presets"
 # Loaded by the frontend: --tool-call-parser and --reasoning-parser.
 TOOL_PARSERS = "dynvllm.tool_parsers"
 REASONING_PARSERS = "dynvllm.reasoning_parsers"
-GROUPS = (ROLES, CONNECTORS, ENGINES, PRESETS, TOOL_PARSERS, REASONING_PARSERS)
+# Loaded by the frontend: the APIs it serves (--api-surfaces), each over the shared request path.
+API_SURFACES = "dynvllm.api_surfaces"
+# Loaded by the frontend: --router NAME (a `dynvllm.router.policies.Policy` factory).
+ROUTER_POLICIES = "dynvllm.router_policies"
+# Loaded by every process that builds settings (the CLI for flags and help, each child when it
+# reads its settings): NAME -> a settings group class of a pure pydantic module, named like the
+# plugin that reads it (`settings.plugin(NAME)`).
+SETTINGS = "dynvllm.settings"
+GROUPS = (
+    ROLES,
+    CONNECTORS,
+    ENGINES,
+    PRESETS,
+    TOOL_PARSERS,
+    REASONING_PARSERS,
+    API_SURFACES,
+    ROUTER_POLICIES,
+    SETTINGS,
+)
 _KIND = {
     ROLES: "role",
     CONNECTORS: "connector",
@@ -30,6 +48,9 @@ _KIND = {
     PRESETS: "preset",
     TOOL_PARSERS: "tool parser",
     REASONING_PARSERS: "reasoning parser",
+    API_SURFACES: "API surface",
+    ROUTER_POLICIES: "router policy",
+    SETTINGS: "settings group",
 }
 
 
@@ -86,7 +107,8 @@ def load(group: str, name: str) -> Any:
                     f"{kind} plugin {name!r} ({ep.value}) failed to import: {type(exc).__name__}: {exc}"
                 ) from exc
     available = ", ".join(names(group)) or "none"
+    kinds = kind[:-1] + "ies" if kind.endswith("y") else kind + "s"
     raise PluginError(
-        f"no {kind} plugin named {name!r}; installed {kind}s: {available}. "
+        f"no {kind} plugin named {name!r}; installed {kinds}: {available}. "
         f"Install a package that provides it under the entry-point group {group!r}."
     )

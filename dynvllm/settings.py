@@ -3,19 +3,35 @@
 Every field has a `DYN_<FIELD>` environment twin and a `--<field>` CLI flag (see
 `dynvllm.cli.options`), so field names are unique across groups. Engine arguments dynvllm
 does not model pass through to vLLM's own parser (`engine_args` / extra CLI arguments).
+
+The core groups hold what every deployment shares; a plugin declares its own group (a
+`SettingsGroup` named in the entry-point group `dynvllm.settings`) and reads it with
+`settings.plugin(...)`: its fields get flags, `DYN_*` twins, help and docs the same way.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import shlex
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TypeVar, overload
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-ENV_PREFIX = "DYN_"
+from dynvllm import registry, settings_plugins
+from dynvllm.settings_base import ENV_PREFIX as ENV_PREFIX
+from dynvllm.settings_base import SettingsGroup as SettingsGroup
+from dynvllm.settings_base import env_name as env_name
+from dynvllm.settings_base import flag_name as flag_name
 
 
 def _check_port(value: int | None, *, allow_zero: bool) -> int | None:
@@ -38,12 +54,10 @@ def _alias_pairs(text: str | None) -> dict[str, str]:
     return out
 
 
-class _Group(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
-    title: ClassVar[str] = "Options"
+G = TypeVar("G", bound=SettingsGroup)
 
 
-class RuntimeSettings(_Group):
+class RuntimeSettings(SettingsGroup):
     title: ClassVar[str] = "Runtime (NATS)"
     nats_url: str | None = Field(
         None, description="NATS server to join; without it `serve` starts a private one."
@@ -78,7 +92,7 @@ class RuntimeSettings(_Group):
         return validate_token(v, "namespace")
 
 
-class FrontendSettings(_Group):
+class FrontendSettings(SettingsGroup):
     title: ClassVar[str] = "Frontend (HTTP)"
     http_host: str = Field(
         "0.0.0.0",
@@ -125,11 +139,21 @@ class FrontendSettings(_Group):
     media_max_bytes: int = Field(20 * 1024 * 1024, gt=0, description="Largest image accepted, in bytes.")
     media_fetch_timeout: float = Field(10.0, gt=0, description="Seconds to fetch one image URL.")
     max_images_per_request: int = Field(8, ge=0, description="Images one request may carry.")
+    api_surfaces: str | None = Field(
+        None,
+        description="APIs the frontend serves, comma-separated plugin names (default: every installed "
+        "one; `dynvllm plugins` lists them).",
+    )
     model_aliases: str | None = Field(
         None,
         description="Other names clients may use for served models: ALIAS=MODEL pairs separated by "
         "commas, e.g. 'qwen3=Qwen/Qwen3-0.6B'. Aliases are listed in /v1/models.",
     )
+
+    def api_surface_list(self) -> list[str] | None:
+        if self.api_surfaces is None:
+            return None
+        return [s.strip() for s in self.api_surfaces.split(",") if s.strip()]
 
     def media_roots(self) -> list[str]:
         return [r.strip() for r in (self.allowed_local_media_path or "").split(",") if r.strip()]
@@ -153,7 +177,7 @@ class FrontendSettings(_Group):
         return _check_port(v, allow_zero=True)
 
 
-class RouterSettings(_Group):
+class RouterSettings(SettingsGroup):
     title: ClassVar[str] = "Router"
     router: str = Field(
         "kv",
@@ -191,24 +215,14 @@ class RouterSettings(_Group):
         description="A request for a known adapter that no live worker holds loads it on the least-loaded "
         "worker with room (evicting that worker's least recently used adapter when full) instead of a 404.",
     )
-    disagg_min_prompt_tokens: int = Field(
-        256, ge=0, description="Shorter prompts skip the prefill hop and run on the decode worker."
-    )
-    disagg_max_cached_fraction: float = Field(
-        0.5,
-        ge=0,
-        le=1,
-        description="Skip the prefill hop when the decode worker already caches more than this share "
-        "of the prompt.",
-    )
 
     @field_validator("router")
     @classmethod
     def _known_policy(cls, v: str) -> str:
-        from dynvllm.router.policies import POLICIES
-
-        if v not in POLICIES:
-            raise ValueError(f"unknown router policy {v!r}; choose one of {', '.join(POLICIES)}")
+        # Names from metadata: checking a flag must not import every policy.
+        known = registry.names(registry.ROUTER_POLICIES)
+        if v not in known:
+            raise ValueError(f"unknown router policy {v!r}; choose one of {', '.join(known) or 'none'}")
         return v
 
 
@@ -231,7 +245,7 @@ def parse_roles(text: str) -> list[tuple[str, int]]:
     return list(out.items())
 
 
-class WorkerSettings(_Group):
+class WorkerSettings(SettingsGroup):
     title: ClassVar[str] = "Worker"
     workers: int = Field(1, ge=1, le=256, description="Workers `serve` starts for the role.")
     engine: str = Field(
@@ -275,14 +289,6 @@ class WorkerSettings(_Group):
     lora_schemes: str = Field("file,hf", description="Adapter source schemes allowed: file, hf, s3.")
     lora_cache_dir: str | None = Field(
         None, description="Where remote adapters are downloaded (default: hub cache)."
-    )
-    encoder_cache_dir: str | None = Field(
-        None,
-        description="Folder where encode workers leave image embeddings for language workers "
-        "(shared by both; `serve` picks one when it starts an encode role).",
-    )
-    encoder_cache_entries: int = Field(
-        4096, gt=0, description="Image embeddings an encode worker keeps before dropping the oldest."
     )
     roles: str | None = Field(
         None,
@@ -330,7 +336,7 @@ class WorkerSettings(_Group):
         return v if v == -1 else _check_port(v, allow_zero=True)
 
 
-class EngineSettings(_Group):
+class EngineSettings(SettingsGroup):
     title: ClassVar[str] = "Engine (vLLM)"
     model: str | None = Field(None, description="Hugging Face model id or local folder.")
     served_model_name: str | None = Field(None, description="Name clients use (default: --model).")
@@ -352,13 +358,48 @@ class EngineSettings(_Group):
     engine_args: str = Field("", description="More vLLM engine arguments, as on vLLM's command line.")
 
 
-GROUPS: dict[str, type[_Group]] = {
+#: The core's groups; `groups()` adds the plugins'.
+GROUPS: dict[str, type[SettingsGroup]] = {
     "runtime": RuntimeSettings,
     "frontend": FrontendSettings,
     "router": RouterSettings,
     "worker": WorkerSettings,
     "engine": EngineSettings,
 }
+
+
+@functools.cache
+def _plugin_groups() -> tuple[dict[str, type[SettingsGroup]], dict[str, str]]:
+    return settings_plugins.load(GROUPS)
+
+
+def plugin_groups() -> dict[str, type[SettingsGroup]]:
+    """The settings groups plugins declare (entry-point group `dynvllm.settings`), by name;
+    loaded once per process."""
+    return _plugin_groups()[0]
+
+
+def reload_plugin_groups() -> None:
+    """Look for plugin groups again (for code that installs plugins while running: tests)."""
+    _plugin_groups.cache_clear()
+
+
+def groups() -> dict[str, type[SettingsGroup]]:
+    """Every settings group: the core's, then the plugins'."""
+    return {**GROUPS, **plugin_groups()}
+
+
+def title(name: str) -> str:
+    """A group's heading in --help and docs/configuration.md."""
+    return groups()[name].title or f"{name} plugin"
+
+
+def _plugin_class(name: str) -> type[SettingsGroup]:
+    cls = plugin_groups().get(name)
+    if cls is None:
+        reason = _plugin_groups()[1].get(name) or f"installed: {', '.join(plugin_groups()) or 'none'}"
+        raise registry.PluginError(f"no usable settings group {name!r} ({reason})")
+    return cls
 
 
 class Settings(BaseSettings):
@@ -375,8 +416,26 @@ class Settings(BaseSettings):
     router: RouterSettings = Field(default_factory=RouterSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    #: Plugin groups by name; read them through `plugin()`.
+    plugins: dict[str, SerializeAsAny[SettingsGroup]] = Field(default_factory=dict)
     # Engine arguments given on the command line that dynvllm does not model.
     extra_engine_args: list[str] = Field(default_factory=list)
+
+    @overload
+    def plugin(self, group: type[G]) -> G: ...
+    @overload
+    def plugin(self, group: str) -> SettingsGroup: ...
+    def plugin(self, group: str | type[SettingsGroup]) -> SettingsGroup:
+        """A plugin's settings group, by its name in `dynvllm.settings` or by its class."""
+        if isinstance(group, str):
+            name = group
+        else:
+            name = next((n for n, c in plugin_groups().items() if c is group), group.__name__)
+        found = self.plugins.get(name)
+        if found is None:
+            # Settings built in code (tests, tools) start without plugin groups: defaults < DYN_*.
+            found = self.plugins[name] = _plugin_class(name)()
+        return found
 
     def to_json(self) -> str:
         """Serialise for a child process (secrets included: children need them)."""
@@ -391,15 +450,17 @@ class Settings(BaseSettings):
                 )
             return out
 
-        data = {name: plain(getattr(self, name)) for name in GROUPS}
+        data: dict = {name: plain(getattr(self, name)) for name in GROUPS}
+        data["plugins"] = {name: plain(group) for name, group in self.plugins.items()}
         data["extra_engine_args"] = self.extra_engine_args
         return json.dumps(data)
 
     @classmethod
     def from_json(cls, text: str) -> Settings:
         data = json.loads(text)
-        groups = {name: GROUPS[name](**data[name]) for name in GROUPS}
-        return cls(**groups, extra_engine_args=data.get("extra_engine_args", []))
+        core = {name: GROUPS[name](**data[name]) for name in GROUPS}
+        plugins = {name: _plugin_class(name)(**values) for name, values in data.get("plugins", {}).items()}
+        return cls(**core, plugins=plugins, extra_engine_args=data.get("extra_engine_args", []))
 
     def vllm_argv(self) -> list[str]:
         """vLLM command-line arguments for the engine, validated later by vLLM's own parser."""
@@ -430,14 +491,6 @@ class Settings(BaseSettings):
         return argv
 
 
-def env_name(field: str) -> str:
-    return ENV_PREFIX + field.upper()
-
-
-def flag_name(field: str) -> str:
-    return "--" + field.replace("_", "-")
-
-
 def explain(err: ValidationError) -> str:
     """Turn a pydantic error into lines naming the flag and environment variable to fix."""
     lines = []
@@ -456,5 +509,7 @@ def build_settings(
 ) -> Settings:
     """Settings from defaults < DYN_* environment < explicit overrides (CLI flags)."""
     overrides = overrides or {}
-    groups = {name: cls(**overrides.get(name, {})) for name, cls in GROUPS.items()}
-    return Settings(**groups, extra_engine_args=list(extra_engine_args or []))
+    core = {name: cls(**overrides.get(name, {})) for name, cls in GROUPS.items()}
+    # Every installed plugin's group, so a bad DYN_* value fails at start-up, not on first use.
+    plugins = {name: cls(**overrides.get(name, {})) for name, cls in plugin_groups().items()}
+    return Settings(**core, plugins=plugins, extra_engine_args=list(extra_engine_args or []))

@@ -9,7 +9,9 @@ streams whole: workers drain first, then the frontend stops, then the private NA
 
 from __future__ import annotations
 
+import http.client
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -19,15 +21,14 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dynvllm.child import RESTARTS_ENV, SETTINGS_ENV
+from dynvllm.envnames import RESTARTS_ENV, SETTINGS_ENV
 from dynvllm.process import child_preexec, terminate
 from dynvllm.restarts import RestartPolicy, SlotState
 from dynvllm.runtime import state
 from dynvllm.runtime.nats import EmbeddedNats
 from dynvllm.settings import Settings
 
-#: Prefix of the encoder-cache folder `serve` makes for an encode role (and removes at stop).
-PRIVATE_ENCODER_CACHE = "dynvllm-encoder-cache-"
+log = logging.getLogger("dynvllm.serve")
 
 
 @dataclass
@@ -147,12 +148,14 @@ class Service:
                 return False
             if not self.with_frontend:
                 return True
+            url = self.http_url() + "/health"
             try:
-                with urllib.request.urlopen(self.http_url() + "/health", timeout=1) as r:
+                with urllib.request.urlopen(url, timeout=1) as r:
                     if json.load(r).get("workers", 0) >= want:
                         return True
-            except Exception:
-                pass
+            # Not listening yet, a 503 while workers start, a connection cut while it starts up.
+            except (OSError, ValueError, http.client.HTTPException) as exc:
+                log.debug("frontend at %s not ready yet: %s", url, exc)
             time.sleep(0.3)
         return False
 
@@ -180,8 +183,3 @@ class Service:
         if self.nats is not None:
             self.nats.stop()
         state.forget(self.settings.runtime.namespace)
-        folder = self.settings.worker.encoder_cache_dir
-        if folder and os.path.basename(folder).startswith(PRIVATE_ENCODER_CACHE):
-            import shutil
-
-            shutil.rmtree(folder, ignore_errors=True)  # the private one `serve` made

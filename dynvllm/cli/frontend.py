@@ -10,7 +10,7 @@ from dynvllm.settings import Settings
 
 def register(app: typer.Typer) -> None:
     @app.command("frontend")
-    @with_settings("runtime", "frontend", "router")
+    @with_settings("runtime", "frontend", "router", plugins=True)
     def frontend_cmd(settings: Settings) -> None:
         """Start the OpenAI-compatible frontend and router; workers join through NATS."""
         from dynvllm.cli.serve import _fail

@@ -1,6 +1,8 @@
 """Binds the settings model to Typer: one `--flag` per settings field, generated, never restated.
 
 A flag left out is passed as None, so the `DYN_*` environment twin or the default applies.
+Plugins' settings groups (`dynvllm.settings.plugin_groups`) get flags the same way, each group
+under its own heading in --help.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ def _cli_type(annotation: Any) -> Any:
     return base
 
 
+def _param_name(group: str, name: str) -> str:
+    # GROUP__FIELD, as a Python identifier: plugin names may hold '-' or '.'.
+    return "".join(c if c.isalnum() else "_" for c in group) + "__" + name
+
+
 def _option(group: str, name: str, field: Any) -> inspect.Parameter:
     typ = _cli_type(field.annotation)
     flag = S.flag_name(name)
@@ -36,17 +43,18 @@ def _option(group: str, name: str, field: Any) -> inspect.Parameter:
     if field.default not in (None, "") and not isinstance(field.default, SecretStr):
         help_text += f" (default: {field.default})"
     return inspect.Parameter(
-        f"{group}__{name}",
+        _param_name(group, name),
         inspect.Parameter.KEYWORD_ONLY,
         default=typer.Option(
-            None, *decls, help=help_text, show_default=False, rich_help_panel=S.GROUPS[group].title
+            None, *decls, help=help_text, show_default=False, rich_help_panel=S.title(group)
         ),
         annotation=typ | None,
     )
 
 
-def with_settings(*groups: str) -> Callable:
-    """Decorate a command taking `settings: Settings`; adds the groups' flags to its signature.
+def with_settings(*groups: str, plugins: bool = False) -> Callable:
+    """Decorate a command taking `settings: Settings`; adds the groups' flags to its signature,
+    and with `plugins` those of every plugin's settings group.
 
     Commands that accept `ctx: typer.Context` and allow extra args get unknown `--options`
     forwarded as vLLM engine arguments.
@@ -55,14 +63,17 @@ def with_settings(*groups: str) -> Callable:
     def decorate(func: Callable) -> Callable:
         sig = inspect.signature(func)
         own = [p for p in sig.parameters.values() if p.name != "settings"]
-        added = [_option(g, n, f) for g in groups for n, f in S.GROUPS[g].model_fields.items()]
+        every = S.groups()
+        names = [*groups, *(S.plugin_groups() if plugins else ())]
+        added = [_option(g, n, f) for g in names for n, f in every[g].model_fields.items()]
+        params = {_param_name(g, n): (g, n) for g in names for n in every[g].model_fields}
 
         @functools.wraps(func)
         def wrapper(**kwargs: Any) -> Any:
             overrides: dict[str, dict] = {}
             for key in list(kwargs):
-                if "__" in key:
-                    group, name = key.split("__", 1)
+                if key in params:
+                    group, name = params[key]
                     value = kwargs.pop(key)
                     if value is not None:
                         overrides.setdefault(group, {})[name] = value

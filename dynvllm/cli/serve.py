@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import signal
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import typer
@@ -43,10 +45,7 @@ def _serve_role(role_name: str, settings: Settings, no_frontend: bool) -> None:
     if settings.worker.headless and not no_frontend:
         raise _fail("--headless starts engine ranks for a leader elsewhere: add --no-frontend and --nats-url")
     if standalone and not no_frontend:
-        topology = settings.worker.topology() or [(role_name, settings.worker.workers)]
-        _shared_folders(settings, [name for name, _ in topology])
-        _check_topology(_checked_roles(settings, [name for name, _ in topology]), topology)
-        _run_service(settings, topology)
+        _serve_topology(settings, settings.worker.topology() or [(role_name, settings.worker.workers)])
         return
     _checked_roles(settings, [role_name])
     if not settings.runtime.nats_url:
@@ -59,30 +58,45 @@ def _serve_role(role_name: str, settings: Settings, no_frontend: bool) -> None:
     raise typer.Exit(run_worker(settings, role_name))
 
 
-def _shared_folders(settings: Settings, names: list[str]) -> None:
-    """Roles that hand image embeddings over (an encode role) need a folder the others share."""
+def _serve_topology(settings: Settings, topology: list[tuple[str, int]]) -> None:
+    with _service_resources(settings, [name for name, _ in topology]):
+        _check_topology(_checked_roles(settings, [name for name, _ in topology]), topology)
+        _run_service(settings, topology)
+
+
+@contextlib.contextmanager
+def _service_resources(settings: Settings, names: list[str]) -> Iterator[None]:
+    """What the topology's roles keep while the service runs (`Role.prepare_service`), released
+    once it has stopped, or when it fails to start."""
+    import logging
+
     from dynvllm import registry
 
-    if settings.worker.encoder_cache_dir:
-        return
+    cleanups = []
     try:
-        producers = [n for n in names if getattr(registry.load(registry.ROLES, n), "ec_role", None)]
-    except registry.PluginError:
-        return  # _checked_roles reports it
-    if producers:
-        import tempfile
-
-        from dynvllm.supervisor import PRIVATE_ENCODER_CACHE
-
-        settings.worker.encoder_cache_dir = tempfile.mkdtemp(prefix=PRIVATE_ENCODER_CACHE)
+        for name in dict.fromkeys(names):
+            try:
+                cleanup = registry.load(registry.ROLES, name)().prepare_service(settings)
+            except registry.PluginError as exc:
+                raise _fail(str(exc)) from None
+            if cleanup is not None:
+                cleanups.append((name, cleanup))
+        yield
+    finally:
+        for name, cleanup in reversed(cleanups):
+            try:
+                cleanup()
+            except Exception:  # the others still run; the operator learns what is left behind
+                logging.getLogger("dynvllm.serve").exception("role %r could not release its resources", name)
 
 
 def _check_topology(roles: list, topology: list[tuple[str, int]]) -> None:
-    from dynvllm import protocol
-
-    if not any(r.stage == protocol.GENERATE for r, (_, n) in zip(roles, topology, strict=True) if n > 0):
+    if not any(r.terminal for r, (_, n) in zip(roles, topology, strict=True) if n > 0):
         names = ", ".join(f"{name}={n}" for name, n in topology)
-        raise _fail(f"no role of the topology ({names}) generates: add agg, or decode, workers")
+        raise _fail(
+            f"no role of the topology ({names}) ends a request (generates, embeds ...): "
+            "add agg, or decode, workers"
+        )
 
 
 def _checked_roles(settings: Settings, names: list[str]) -> list:
@@ -191,7 +205,7 @@ def _add_role_command(serve_app: typer.Typer, role_name: str) -> None:
         "other roles, and --no-frontend, start one worker that joins a service. "
         "Unknown --options pass to vLLM.",
     )
-    @with_settings("runtime", "frontend", "router", "worker", "engine")
+    @with_settings("runtime", "frontend", "router", "worker", "engine", plugins=True)
     def _cmd(
         ctx: typer.Context,
         settings: Settings,
@@ -225,17 +239,16 @@ def _add_preset_command(serve_app: typer.Typer, preset_name: str, preset: Any) -
             given = flags.get(_count_key(role))
             return default if given is None else given
 
-        topology = settings.worker.topology() or [(r, count(r, n)) for r, n in preset.roles.items()]
-        _shared_folders(settings, [name for name, _ in topology])
-        _check_topology(_checked_roles(settings, [name for name, _ in topology]), topology)
-        _run_service(settings, topology)
+        _serve_topology(
+            settings, settings.worker.topology() or [(r, count(r, n)) for r, n in preset.roles.items()]
+        )
 
     own = [
         inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
         inspect.Parameter("settings", inspect.Parameter.KEYWORD_ONLY, annotation=Settings),
     ]
     _cmd.__signature__ = inspect.Signature(own + counts)  # type: ignore[attr-defined]
-    command = with_settings("runtime", "frontend", "router", "worker", "engine")(_cmd)
+    command = with_settings("runtime", "frontend", "router", "worker", "engine", plugins=True)(_cmd)
     serve_app.command(
         preset_name,
         context_settings=_EXTRA,

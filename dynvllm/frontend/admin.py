@@ -12,8 +12,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from dynvllm import protocol
+from dynvllm.frontend.bodies import json_object
+from dynvllm.frontend.errors import RequestError as APIError
 from dynvllm.frontend.models import ModelRegistry
-from dynvllm.frontend.openai_api import APIError, json_object
 from dynvllm.runtime.errors import RemoteError
 from dynvllm.runtime.streams import StreamClientPool, unary
 

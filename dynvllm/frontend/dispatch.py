@@ -17,10 +17,10 @@ from dynvllm import protocol
 from dynvllm.frontend.metrics import FrontendMetrics
 from dynvllm.frontend.models import ModelEntry
 from dynvllm.frontend.routing import Router, request_blocks
-from dynvllm.frontend.stages import StageContext
 from dynvllm.router.policies import Pick
 from dynvllm.runtime.errors import InstanceLost
 from dynvllm.runtime.streams import Connection, StreamClientPool, unary
+from dynvllm.stages import StageContext
 
 log = logging.getLogger("dynvllm.frontend")
 
@@ -66,8 +66,11 @@ class Dispatch:
         metrics: FrontendMetrics,
         lora: str | None = None,
         images: list[bytes] | None = None,
+        terminal: str = protocol.GENERATE,
     ) -> None:
         self.pool, self.router, self.entry, self.metrics = pool, router, entry, metrics
+        #: The endpoint that ends the request's chain and streams its output (declared by roles).
+        self.terminal = terminal
         self.lora = lora
         self.prompt_ids, self.sampling = prompt_ids, sampling
         self.request_id = os.urandom(16).hex()  # as uuid4().hex, without building a UUID
@@ -132,7 +135,6 @@ class Dispatch:
             self.prompt_ids,
             self.sampling,
             self.block_size,
-            self.router.settings,
             self.overlap_blocks,
             lambda endpoint: bool(self._serving(endpoint)),
             self._stage_call,
@@ -177,7 +179,7 @@ class Dispatch:
         limit = self.router.settings.migration_limit if single else 0
         while True:
             prompt = self.prompt_ids + generated if generated else self.prompt_ids
-            pick, conn = await self._connect(protocol.GENERATE, prompt)
+            pick, conn = await self._connect(self.terminal, prompt)
             self.worker_id, self.overlap_blocks, self.rank, keys = pick
             if generated:
                 if len(generated) >= int(self.sampling["max_tokens"]):
@@ -192,7 +194,7 @@ class Dispatch:
                 sampling, rid = self.sampling, self.request_id
             if self.rank is not None:
                 handoff["dp_rank"] = self.rank
-            stream = conn.call(protocol.GENERATE, protocol.generate_request(rid, prompt, sampling, **handoff))
+            stream = conn.call(self.terminal, protocol.generate_request(rid, prompt, sampling, **handoff))
             self.router.started(self.worker_id, self.blocks, self.rank, keys)
             self._live = stream
             # Output fills KV blocks on the worker too: its load grows a block at a time.
@@ -244,6 +246,31 @@ class Dispatch:
             finally:
                 self.router.finished(self.worker_id, self.blocks, self.rank, keys, grown)
                 await stream.aclose()
+
+    async def call(self, payload: dict[str, Any], timeout: float = 120.0) -> Any:
+        """A terminal stage that answers once (embed, score ...): the router's pick, one call;
+        a worker lost on the way is replaced, as for a stream that sent nothing yet."""
+        for attempt in range(RETRIES + 1):
+            pick, conn = await self._connect(self.terminal)
+            self.worker_id, self.overlap_blocks, self.rank, keys = pick
+            body = {**payload, **self._every_hop()}
+            body.pop("mm", None)  # pooling calls take token ids only
+            if self.rank is not None:
+                body["dp_rank"] = self.rank
+            self.router.started(self.worker_id, self.blocks, self.rank, keys)
+            try:
+                return await unary(conn, self.terminal, body, timeout=timeout)
+            except InstanceLost as exc:
+                self.lost.add(self.worker_id)
+                self.pool.drop(self.worker_id)
+                if attempt == RETRIES:
+                    raise
+                log.warning(
+                    "worker %s lost during a call (%s); retrying elsewhere", self.worker_id, exc.message
+                )
+            finally:
+                self.router.finished(self.worker_id, self.blocks, self.rank, keys)
+        raise AssertionError("unreachable")
 
     def flush_due(self) -> bool:
         """Whether the client should get what has been gathered from the worker stream now."""

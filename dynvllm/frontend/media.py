@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlparse
 
-from dynvllm.frontend.openai_api import APIError
+from dynvllm.frontend.errors import RequestError as APIError
 from dynvllm.settings import FrontendSettings
 
 MAX_REDIRECTS = 3

@@ -7,10 +7,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from dynvllm.frontend.stages import Stage
 from dynvllm.frontend.tokenizer import Tokenizer
 from dynvllm.protocol import GENERATE
 from dynvllm.runtime.discovery import Instance, Watcher
+from dynvllm.settings import Settings
+from dynvllm.stages import Stage
 
 log = logging.getLogger("dynvllm.frontend")
 
@@ -29,8 +30,12 @@ class ModelEntry:
 
     @property
     def servable(self) -> bool:
-        """Some live worker serves the generate stage (the end of every chain)."""
-        return any(GENERATE in inst.endpoints for inst in self.instances.values())
+        """Some live worker serves a stage that ends a chain (generate, embed ...)."""
+        return any(_terminal(inst) for inst in self.instances.values())
+
+    def serves(self, terminal: str) -> bool:
+        """Some live worker ends chains at `terminal` (a surface's endpoint needs that stage)."""
+        return any(_terminal(inst) and terminal in inst.endpoints for inst in self.instances.values())
 
     @property
     def context_length(self) -> int:
@@ -48,9 +53,21 @@ class ModelEntry:
         return self.card.get("max_tokens_cap")
 
 
+def _terminal(inst: Instance) -> bool:
+    """A worker whose role ends chains; cards from before roles said so end them at generate."""
+    card = inst.card
+    if "terminal" in card:
+        return bool(card["terminal"]) and card.get("stage", GENERATE) in inst.endpoints
+    return GENERATE in inst.endpoints
+
+
 class ModelRegistry:
-    def __init__(self, watcher: Watcher, aliases: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, watcher: Watcher, aliases: dict[str, str] | None = None, settings: Settings | None = None
+    ) -> None:
         self.watcher = watcher
+        #: What the roles' stages are built with (each reads its own plugin group).
+        self.settings = settings or Settings()
         #: Other names for served models (alias -> model); a model of the same name wins.
         self.aliases = dict(aliases or {})
         self.models: dict[str, ModelEntry] = {}
@@ -90,7 +107,7 @@ class ModelRegistry:
         from dynvllm import registry
 
         try:
-            return registry.load(registry.ROLES, role_name)().request_stage()
+            return registry.load(registry.ROLES, role_name)().request_stage(self.settings)
         except Exception:
             log.exception("cannot load the stage of role %r; requests skip it", role_name)
             return None

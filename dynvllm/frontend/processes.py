@@ -6,17 +6,19 @@ The parent only starts, restarts and stops them.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
 import tempfile
 import time
 
-from dynvllm.child import SETTINGS_ENV
+from dynvllm.envnames import SETTINGS_ENV
 from dynvllm.process import terminate
 from dynvllm.restarts import RestartPolicy, SlotState
 from dynvllm.settings import Settings
 
+log = logging.getLogger("dynvllm.frontend")
 REUSEPORT_ENV = "DYNVLLM_REUSEPORT"
 PROM_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -74,7 +76,7 @@ def run_processes(settings: Settings) -> int:
             time.sleep(0.2)
             for slot in slots:
                 if slot.proc is not None and slot.proc.poll() is not None and not slot.reported:
-                    _mark_dead(slot.proc.pid)  # its live gauges leave the sums
+                    _mark_dead(slot.proc.pid, prom_dir)  # its live gauges leave the sums
             for line in supervise(slots, policy, spawn, time.monotonic()):
                 console.print(line, highlight=False)
             if all(slot.down_for_good for slot in slots):
@@ -93,10 +95,11 @@ def run_processes(settings: Settings) -> int:
     return code
 
 
-def _mark_dead(pid: int) -> None:
-    try:
-        from prometheus_client import multiprocess
+def _mark_dead(pid: int, prom_dir: str) -> None:
+    from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(pid)
-    except Exception:  # no metrics written yet
-        pass
+    try:
+        # The folder is the children's (their environment): this process does not have it set.
+        multiprocess.mark_process_dead(pid, prom_dir)
+    except OSError as exc:  # its files could not be removed: its gauges stay in the sums
+        log.warning("metrics of the dead frontend process %d stay counted: %s", pid, exc)

@@ -8,15 +8,18 @@ from collections.abc import Sequence
 from dynvllm.router.index import KvIndex
 from dynvllm.router.policies import Load, Pick, make_policy
 from dynvllm.runtime.kv_topic import KvEventBatch
-from dynvllm.settings import RouterSettings
+from dynvllm.settings import RouterSettings, Settings
 
 
 class Router:
-    def __init__(self, settings: RouterSettings | str) -> None:
+    def __init__(self, settings: Settings | RouterSettings | str) -> None:
         if isinstance(settings, str):
             settings = RouterSettings(router=settings)
-        self.settings = settings
-        self.policy_name = settings.router
+        if isinstance(settings, RouterSettings):
+            settings = Settings(router=settings)
+        self.settings = settings.router
+        self.policy_name = self.settings.router
+        # The whole settings: a policy may read its own plugin group.
         self.policy = make_policy(settings)
         self.load = Load()
         self.inflight = self.load.inflight

@@ -26,9 +26,9 @@ async def serve_frontend(settings: Settings) -> int:
     rt, fe = settings.runtime, settings.frontend
     nc = await natsrt.connect(rt, name="dynvllm-frontend")
     watcher = Watcher(nc, rt.namespace, rt.lease_ttl)
-    models = ModelRegistry(watcher, fe.aliases())
+    models = ModelRegistry(watcher, fe.aliases(), settings)
     pool = StreamClientPool()
-    router = Router(settings.router)
+    router = Router(settings)
     if router.policy.keeps_index:
         from dynvllm.router.index import tune_gc
 

@@ -1,7 +1,10 @@
-"""Routing policies, one table: the frontend's `--router NAME` picks an entry of `POLICIES`.
+"""Routing policies: the frontend's `--router NAME` loads one from the entry-point group
+`dynvllm.router_policies` (these, the first-party ones, are registered there like any other).
 
 Pure logic: candidates, the prompt and the load the frontend has sent in, one choice out. A policy
 that keeps a KV index says so (`uses_kv_events`, `keeps_index`); the frontend never tests names.
+A policy is built from the whole `Settings`, so one that declares its own settings group (under
+`dynvllm.settings`, named like the policy) reads it with `settings.plugin(NAME)`.
 """
 
 from __future__ import annotations
@@ -9,15 +12,16 @@ from __future__ import annotations
 import itertools
 import random
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from dynvllm import registry
 from dynvllm.router import hashing
 from dynvllm.router.index import KvIndex
 from dynvllm.router.kv_policy import KvPolicy
 from dynvllm.runtime.kv_topic import KvEventBatch
-from dynvllm.settings import RouterSettings
+from dynvllm.settings import RouterSettings, Settings
 
 
 @dataclass
@@ -104,7 +108,7 @@ class Policy:
 
 
 class RoundRobin(Policy):
-    def __init__(self, settings: RouterSettings | None = None) -> None:
+    def __init__(self, settings: Settings | None = None) -> None:
         self._n = itertools.count()
 
     def choose(self, candidates, tokens, block_size, lora, load):  # type: ignore[override]
@@ -112,7 +116,7 @@ class RoundRobin(Policy):
 
 
 class Random(Policy):
-    def __init__(self, settings: RouterSettings | None = None, seed: int | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, seed: int | None = None) -> None:
         self._rng = random.Random(seed)
 
     def choose(self, candidates, tokens, block_size, lora, load):  # type: ignore[override]
@@ -122,7 +126,7 @@ class Random(Policy):
 class LeastLoaded(Policy):
     """Fewest in-flight requests; ties rotate so equal workers share the load."""
 
-    def __init__(self, settings: RouterSettings | None = None) -> None:
+    def __init__(self, settings: Settings | None = None) -> None:
         self._n = itertools.count()
 
     def choose(self, candidates, tokens, block_size, lora, load):  # type: ignore[override]
@@ -138,8 +142,8 @@ class KvRouting(Policy):
     uses_kv_events = True
     keeps_index = True
 
-    def __init__(self, settings: RouterSettings) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings = settings.router
         self.index = KvIndex()
         self.cost = KvPolicy(self.index, settings.router_prefill_weight, settings.router_temperature)
         self._fallback = LeastLoaded()
@@ -204,20 +208,12 @@ class KvApprox(KvRouting):
         pass  # predictions only: real events would mix two sources of truth
 
 
-POLICIES: dict[str, Callable[[RouterSettings], Policy]] = {
-    "kv": KvRouting,
-    "kv-approx": KvApprox,
-    "round-robin": RoundRobin,
-    "random": Random,
-    "least-loaded": LeastLoaded,
-}
-
-
-def make_policy(settings: RouterSettings) -> Policy:
+def make_policy(settings: Settings | RouterSettings) -> Policy:
+    """The policy `--router` names (a factory taking the whole Settings)."""
+    if isinstance(settings, RouterSettings):
+        settings = Settings(router=settings)
     try:
-        factory = POLICIES[settings.router]
-    except KeyError:
-        raise ValueError(
-            f"unknown router policy {settings.router!r}; choose one of {', '.join(POLICIES)}"
-        ) from None
+        factory = registry.load(registry.ROUTER_POLICIES, settings.router.router)
+    except registry.PluginError as exc:
+        raise ValueError(str(exc)) from None
     return factory(settings)

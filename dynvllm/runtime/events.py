@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
@@ -10,6 +12,7 @@ import msgpack
 
 from dynvllm.runtime.names import validate_token
 
+log = logging.getLogger("dynvllm.events")
 T = TypeVar("T")
 
 
@@ -47,6 +50,8 @@ LOAD = EventTopic("load", LoadMetrics)
 class EventBus:
     def __init__(self, nc: Any, namespace: str) -> None:
         self.nc, self.namespace = nc, namespace
+        #: Malformed events dropped, by subject.
+        self.dropped: Counter[str] = Counter()
 
     async def publish(self, topic: EventTopic[T], event: T) -> None:
         await self.nc.publish(topic.subject(self.namespace), topic.encode(event))
@@ -55,10 +60,20 @@ class EventBus:
         async def on_msg(msg: Any) -> None:
             try:
                 event = topic.decode(msg.data)
-            except Exception:
-                return  # malformed events are dropped, never fatal to the subscriber
+            except Exception as exc:  # dropped, never fatal to the subscriber
+                self._dropped(msg.subject, exc)
+                return
             res = cb(event)
             if res is not None:
                 await res
 
         return await self.nc.subscribe(topic.subject(self.namespace), cb=on_msg)
+
+    def _dropped(self, subject: str, exc: Exception) -> None:
+        self.dropped[subject] += 1
+        n = self.dropped[subject]
+        # The first and then every 1000th, so a misbehaving publisher cannot flood the log.
+        if n == 1 or n % 1000 == 0:
+            log.warning(
+                "dropped a malformed event on %s (%d so far): %s: %s", subject, n, type(exc).__name__, exc
+            )

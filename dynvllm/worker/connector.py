@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from typing import Any
 
 from dynvllm.settings import Settings
+
+log = logging.getLogger("dynvllm.worker")
 
 
 class Connector:
@@ -18,6 +21,9 @@ class Connector:
     package: str | None = None
     #: What to `pip install` when `package` is missing.
     install_hint: str = ""
+    #: vLLM's name of the connector this plugin configures, so a raw --kv-transfer-config that
+    #: names it gets the plugin's `engine_overrides` too.
+    kv_connector: str | None = None
 
     def vllm_config(self, kv_role: str, settings: Settings) -> dict[str, Any] | None:
         """One entry of vLLM's KVTransferConfig for this role, or None for no transfer."""
@@ -25,6 +31,10 @@ class Connector:
 
     def worker_env(self, kv_role: str, settings: Settings) -> dict[str, str]:
         """Environment the engine needs (e.g. side-channel ports), set before it starts."""
+        return {}
+
+    def engine_overrides(self, kv_role: str, settings: Settings) -> dict[str, Any]:
+        """AsyncEngineArgs attributes the engine needs with this connector (e.g. an executor)."""
         return {}
 
 
@@ -81,3 +91,37 @@ def transfer_config(
         env,
         produces,
     )
+
+
+def _vllm_names(cfg: Any) -> set[str]:
+    """The vLLM connector names a KVTransferConfig dict uses, MultiConnector parts included."""
+    if not isinstance(cfg, dict):
+        return set()
+    names = {cfg["kv_connector"]} if isinstance(cfg.get("kv_connector"), str) else set()
+    for part in (cfg.get("kv_connector_extra_config") or {}).get("connectors") or ():
+        names |= _vllm_names(part)
+    return names
+
+
+def connector_engine_overrides(names: list[str], kv_role: str, settings: Settings) -> dict[str, Any]:
+    """What the connectors in use need of the engine beyond the transfer configuration; with a
+    raw --kv-transfer-config, those of the installed connectors whose vLLM name it uses."""
+    from dynvllm import registry
+
+    if settings.worker.kv_transfer_config:
+        used = _vllm_names(json.loads(settings.worker.kv_transfer_config))
+        connectors = []
+        for name in registry.names(registry.CONNECTORS):
+            try:
+                connector = registry.load(registry.CONNECTORS, name)()
+            except registry.PluginError as exc:
+                log.warning("connector %r not asked about --kv-transfer-config: %s", name, exc)
+                continue
+            if connector.kv_connector in used:
+                connectors.append(connector)
+    else:
+        connectors = [registry.load(registry.CONNECTORS, name)() for name in names]
+    out: dict[str, Any] = {}
+    for connector in connectors:
+        out.update(connector.engine_overrides(kv_role, settings))
+    return out

@@ -49,6 +49,11 @@ class Engine:
         with `dynvllm.protocol.parse_generate`."""
         raise NotImplementedError
 
+    async def pool(self, payload: Any, task: str) -> dict[str, Any]:
+        """Run one pooling call (`dynvllm.protocol.parse_pool`) for `task`: {"data": the pooled
+        output (a list of floats for embed), "prompt_tokens": n, "cached_tokens": n}."""
+        raise BadRequest(f"the {self.kind} engine cannot run {task!r} (pooling) requests")
+
     async def canary(self) -> None:
         """Generate one token; raise if the engine cannot serve."""
         raise NotImplementedError

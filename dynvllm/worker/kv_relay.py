@@ -61,6 +61,8 @@ class KvEventRelay:
         self.last_engine_seq: int = -1
         self.relay_seq = 0
         self.replayed = 0
+        #: Engine messages that were not (topic, seq, payload) and were dropped.
+        self.malformed = 0
         self.keys = BlockKeys()
         self._task: asyncio.Task | None = None
         #: Sockets holding this relay's ports for the engine (see `reserve_ports`).
@@ -135,6 +137,11 @@ class KvEventRelay:
             while True:
                 frames = await sub.recv_multipart()
                 if len(frames) != 3:
+                    self.malformed += 1
+                    if self.malformed == 1:
+                        log.warning(
+                            "dropping KV event messages of %d frames from %s", len(frames), self.endpoint
+                        )
                     continue
                 try:
                     await self.handle(ctx, frames)

@@ -9,15 +9,15 @@ import them.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dynvllm import protocol
 
 if TYPE_CHECKING:
-    from dynvllm.frontend.stages import Stage
     from dynvllm.settings import Settings
+    from dynvllm.stages import Stage
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,8 @@ class EngineHandle:
     """What a role may use of its worker's engine."""
 
     generate: Callable[[Any], AsyncIterator[dict]]
+    #: One pooling call for a task (embed, classify ...): `pool(payload, task)`.
+    pool: Callable[[Any, str], Awaitable[dict]] | None = None
 
 
 class Role:
@@ -36,13 +38,22 @@ class Role:
     description: str = ""
     #: The stage of a request's chain this role serves: the endpoint the frontend calls.
     stage: str = protocol.GENERATE
+    #: The stage ends a request's chain: the frontend streams the answer from it (generate, embed,
+    #: score ...). Stages that run before another (prefill, encode) are not terminal.
+    terminal: bool = True
     #: vLLM KV-transfer role ("kv_producer", "kv_consumer") when the role moves KV between engines.
     kv_role: str | None = None
     #: KV connectors used when --connector is not given (roles with a kv_role only).
     default_connectors: tuple[str, ...] = ()
-    #: vLLM encoder-cache role: "ec_producer" for roles that encode images for others. Other roles
-    #: read what producers left (ec_consumer) whenever --encoder-cache-dir is set.
-    ec_role: str | None = None
+
+    def prepare_service(self, settings: Settings) -> Callable[[], None] | None:
+        """Make what the role needs for as long as a service runs (a folder its workers share).
+
+        `serve` calls it once per role of the topology it starts, before `check` and before any
+        process starts; what it sets in `settings` reaches every process. Returns what to call
+        once the service has stopped (None: nothing to release).
+        """
+        return None
 
     def check(self, settings: Settings) -> None:
         """Raise ValueError if the settings cannot run this role (called before any process starts)."""
@@ -55,54 +66,37 @@ class Role:
         return settings.worker.connectors() or list(self.default_connectors)
 
     def engine_overrides(self, settings: Settings) -> dict[str, Any]:
-        """AsyncEngineArgs attributes this role sets: the KV-transfer configuration, if any.
+        """AsyncEngineArgs attributes this role sets: the KV-transfer configuration, if any,
+        and what its connectors need of the engine (roles add their own by overriding this).
 
         Also sets the environment the connectors need (side-channel ports): this runs in the
         worker process right before its engine starts, and the engine processes inherit it.
         """
-        overrides = self._encoder_cache(settings)
         if not self.kv_role:
-            return overrides
+            return {}
         import os
 
         from vllm.config import KVTransferConfig
 
-        from dynvllm.worker.connector import transfer_config
+        from dynvllm.worker.connector import connector_engine_overrides, transfer_config
 
-        cfg, env, _ = transfer_config(self.connectors(settings), self.kv_role, settings)
+        names = self.connectors(settings)
+        cfg, env, _ = transfer_config(names, self.kv_role, settings)
         os.environ.update(env)
         if cfg is None:
-            return overrides
-        overrides["kv_transfer_config"] = KVTransferConfig(**cfg)
-        single = (settings.engine.tensor_parallel_size or 1) == 1
-        if single and "--distributed-executor-backend" not in settings.vllm_argv():
-            # NIXL's hand-shake stalls behind the GIL with the in-process executor.
-            overrides["distributed_executor_backend"] = "mp"
-        return overrides
-
-    def _encoder_cache(self, settings: Settings) -> dict[str, Any]:
-        """vLLM's encoder-cache connector over a shared folder: producers store image embeddings
-        by content hash, consumers load them instead of running the vision encoder (and run it
-        themselves when an embedding is not there)."""
-        folder = settings.worker.encoder_cache_dir
-        if not folder:
             return {}
-        from vllm.config import ECTransferConfig
-
         return {
-            "ec_transfer_config": ECTransferConfig(
-                ec_connector="ECExampleConnector",
-                ec_role=self.ec_role or "ec_consumer",
-                ec_connector_extra_config={"shared_storage_path": folder},
-            )
+            **connector_engine_overrides(names, self.kv_role, settings),
+            "kv_transfer_config": KVTransferConfig(**cfg),
         }
 
     def handlers(self, engine: EngineHandle) -> dict[str, Callable]:
         """Endpoints this role serves, by name; the stage's endpoint among them."""
         return {self.stage: engine.generate}
 
-    def request_stage(self) -> Stage | None:
-        """The frontend's side of a stage that runs before generation (None for generate roles)."""
+    def request_stage(self, settings: Settings) -> Stage | None:
+        """The frontend's side of a stage that runs before generation (None for generate roles),
+        given the frontend's settings (a stage reads its role's group: `settings.plugin(...)`)."""
         return None
 
 

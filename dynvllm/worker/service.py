@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from dynvllm import protocol
-from dynvllm.child import RESTARTS_ENV
+from dynvllm.envnames import RESTARTS_ENV
 from dynvllm.process import become_group_leader, private_ipc_dir, start_group_reaper
 from dynvllm.runtime import nats as natsrt
 from dynvllm.runtime.discovery import Instance, Lease
@@ -107,6 +107,7 @@ class Worker:
             "engine": self.engine.kind,
             "role": self.role_name,
             "stage": self.role.stage,
+            "terminal": self.role.terminal,
             "loras": sorted(self.adapters.loaded) if self.adapters else [],
             # Where each came from, so any frontend can load it again elsewhere (--lora-on-demand).
             "lora_sources": dict(self.adapters.known) if self.adapters else {},
@@ -133,7 +134,7 @@ class Worker:
         rt = self.settings.runtime
         self.nc = await natsrt.connect(rt, name=f"dynvllm-worker-{self.role_name}")
         self._build_engine()
-        role_handlers = self.role.handlers(EngineHandle(generate=self.engine.generate))
+        role_handlers = self.role.handlers(EngineHandle(generate=self.engine.generate, pool=self.engine.pool))
         self.adapters = AdapterManager(self.engine, self.settings, self._republish)
         self.operations = EngineOperations(self.engine, self.settings, self._republish)
         handlers = {

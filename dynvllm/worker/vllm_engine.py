@@ -215,6 +215,35 @@ class VllmEngine(Engine):
             if not finished:
                 await asyncio.shield(self.llm.abort(rid))
 
+    async def pool(self, payload: Any, task: str) -> dict[str, Any]:
+        """One pooling request (embed, classify ...) on an engine started with a pooling runner."""
+        from vllm import PoolingParams
+        from vllm.inputs import TokensPrompt
+
+        req = protocol.parse_pool(payload, task)
+        if self.llm.vllm_config.model_config.runner_type != "pooling":
+            raise BadRequest(f"this worker's engine generates; {task!r} needs a pooling engine")
+        try:
+            params = PoolingParams(task=task, **req.options)  # type: ignore[arg-type]
+        except _client_errors() as exc:
+            raise BadRequest(f"invalid pooling options: {exc}") from None
+        lora = self._lora_request(req.lora)
+        out = None
+        prompt = TokensPrompt(prompt_token_ids=req.token_ids)
+        try:
+            # FINAL_ONLY: the one output is the last.
+            async for item in self.llm.encode(prompt, params, req.request_id, lora_request=lora):
+                out = item
+        except _client_errors() as exc:
+            raise BadRequest(str(exc)) from None
+        assert out is not None
+        data = out.outputs.data
+        return {
+            "data": data.tolist() if hasattr(data, "tolist") else list(data),
+            "prompt_tokens": len(out.prompt_token_ids or req.token_ids),
+            "cached_tokens": int(getattr(out, "num_cached_tokens", 0) or 0),
+        }
+
     async def clear_kv(self) -> None:
         if await self.llm.reset_prefix_cache() is False:  # older vLLM returns None
             raise BadRequest("vLLM could not clear the prefix cache now (requests still hold blocks); retry")
@@ -264,9 +293,23 @@ class VllmEngine(Engine):
         from vllm.inputs import TokensPrompt
 
         rid = f"canary-{os.getpid()}-{time.monotonic()}"
+        task = await self._pooling_task()
+        if task is not None:
+            from vllm import PoolingParams
+
+            async for _ in self.llm.encode(TokensPrompt(prompt_token_ids=[0]), PoolingParams(task=task), rid):
+                pass
+            return
         params = SamplingParams(max_tokens=1, detokenize=False)
         async for _ in self.llm.generate(TokensPrompt(prompt_token_ids=[0]), params, request_id=rid):
             pass
+
+    async def _pooling_task(self) -> str | None:
+        """A task a pooling engine supports (its canary runs it), or None for a generating one."""
+        if self.llm.vllm_config.model_config.runner_type != "pooling":
+            return None
+        tasks = list(await self.llm.get_supported_tasks())
+        return next((t for t in ("embed", "classify", "score") if t in tasks), tasks[0] if tasks else "embed")
 
     @property
     def errored(self) -> bool:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
+
+from tests.helpers import all_worker_stats, want_reference
 
 PROMPTS = ["the cat sees a dog and", "red river runs where the old mountain", "why is the model slow?"]
 CHAT = [
@@ -26,31 +25,19 @@ def client(agg_service):
     return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
 
 
+_GREEDY = {"max_tokens": 24, "temperature": 0}
+# vLLM's offline greedy output for the same prompts and parameters.
+REFERENCE = want_reference(
+    "agg_api",
+    [{"kind": "completion", "input": p, "params": {**_GREEDY, "ignore_eos": True}} for p in PROMPTS]
+    + [{"kind": "chat", "input": m, "params": _GREEDY} for m in CHAT]
+    + [{"kind": "completion", "input": PROMPTS[0], "params": {**_GREEDY, "stop": ["e"]}}],
+)
+
+
 @pytest.fixture(scope="module")
-def reference(tiny_model):
-    """vLLM's offline greedy output for the same prompts and parameters."""
-    reqs = [
-        {"kind": "completion", "input": p, "params": {"max_tokens": 24, "temperature": 0, "ignore_eos": True}}
-        for p in PROMPTS
-    ]
-    reqs += [{"kind": "chat", "input": m, "params": {"max_tokens": 24, "temperature": 0}} for m in CHAT]
-    reqs += [
-        {
-            "kind": "completion",
-            "input": PROMPTS[0],
-            "params": {"max_tokens": 24, "temperature": 0, "stop": ["e"]},
-        }
-    ]
-    script = Path(__file__).resolve().parents[1] / "offline_reference.py"
-    res = subprocess.run(
-        [sys.executable, str(script), str(tiny_model), json.dumps(reqs)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    line = [ln for ln in res.stdout.splitlines() if ln.startswith("REFERENCE ")]
-    assert line, res.stderr[-3000:]
-    return json.loads(line[0][len("REFERENCE ") :])
+def reference(references):
+    return references[REFERENCE]
 
 
 def test_models_lists_served_name(client):
@@ -155,30 +142,10 @@ def test_32_concurrent_streams_are_each_correct(agg_service, client):
     assert got[4:8] == singles
 
 
-def _worker_stats(url: str) -> dict:
-    from dynvllm.cli.status import collect
-    from dynvllm.runtime import nats as natsrt
-    from dynvllm.runtime.streams import Connection, unary
-    from dynvllm.settings import build_settings
-
-    async def main() -> dict:
-        s = build_settings({"runtime": {"nats_url": _nats_url(), "namespace": "e2e"}})
-        rows = await collect(s, wait=0.5)
-        host, port = rows[0]["address"].split(":")
-        conn = Connection(host, int(port), rows[0]["id"])
-        await conn.open()
-        try:
-            return await unary(conn, "stats", None)
-        finally:
-            await conn.close()
-
-    return natsrt.run(main())
-
-
-def _nats_url() -> str:
+def _worker_stats() -> list[dict]:
     from dynvllm.runtime import state
 
-    return state.resolve_nats_url(None, "e2e")
+    return all_worker_stats(state.resolve_nats_url(None, "e2e"), "e2e")
 
 
 def test_client_disconnect_frees_engine_request(agg_service):
@@ -191,21 +158,19 @@ def test_client_disconnect_frees_engine_request(agg_service):
         "stream": True,
         "ignore_eos": True,
     }
-    with httpx.Client(timeout=30) as h:
-        with h.stream("POST", url + "/v1/completions", json=body) as r:
-            assert r.status_code == 200
-            for i, _ in enumerate(r.iter_lines()):
-                if i > 6:
-                    break
-        busy = _worker_stats(url)
+    with httpx.Client(timeout=30) as h, h.stream("POST", url + "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 6:
+                break
     deadline = time.monotonic() + 10
-    stats = busy
+    stats: list[dict] = []
     while time.monotonic() < deadline:
-        stats = _worker_stats(url)
-        if stats["inflight"] == 0 and stats["running"] == 0:
+        stats = _worker_stats()
+        if all(s["inflight"] == 0 and s["running"] == 0 for s in stats):
             break
         time.sleep(0.3)
-    assert stats["inflight"] == 0 and stats["running"] == 0, stats
+    assert len(stats) == 2 and all(s["inflight"] == 0 and s["running"] == 0 for s in stats), stats
 
 
 @pytest.mark.parametrize(

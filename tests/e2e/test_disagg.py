@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import httpx
 import openai
@@ -19,7 +15,15 @@ from dynvllm.cli.status import collect
 from dynvllm.runtime import nats as natsrt
 from dynvllm.runtime import state
 from dynvllm.settings import build_settings
-from tests.helpers import ENGINE_ARGS, Proc, decode_transfers, free_port, wait_gone, wait_http
+from tests.helpers import (
+    decode_transfers,
+    start_service,
+    stop_in_background,
+    wait_gone,
+    wait_http,
+    wait_workers,
+    want_reference,
+)
 
 _S = [
     "the cat sees a dog and the bird finds a tree near the old river where the city road runs and the model cache",  # noqa: E501
@@ -31,59 +35,39 @@ LONG = [" ".join(_S[i:] + _S[:i]) for i in range(3)]
 SHORT = "the cat"
 
 
-def reference(model: Path, prompts: list[str], max_tokens: int = 16) -> list[str]:
-    reqs = [
-        {"kind": "completion", "input": p, "params": {"max_tokens": max_tokens, "temperature": 0}}
-        for p in prompts
-    ]
-    script = Path(__file__).resolve().parents[1] / "offline_reference.py"
-    res = subprocess.run(
-        [sys.executable, str(script), str(model), json.dumps(reqs)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    line = [ln for ln in res.stdout.splitlines() if ln.startswith("REFERENCE ")]
-    assert line, res.stderr[-3000:]
-    return [texts[0] for texts in json.loads(line[0][len("REFERENCE ") :])]
+REFERENCE = want_reference(
+    "disagg",
+    [
+        {"kind": "completion", "input": p, "params": {"max_tokens": 16, "temperature": 0}}
+        for p in LONG + [SHORT]
+    ],
+)
 
 
 @pytest.fixture(scope="module")
-def expected(tiny_model):
-    return dict(zip(LONG + [SHORT], reference(tiny_model, LONG + [SHORT]), strict=False))
+def expected(references):
+    return dict(zip(LONG + [SHORT], [texts[0] for texts in references[REFERENCE]], strict=True))
 
 
 @pytest.fixture(scope="module")
 def disagg(tiny_model, tmp_path_factory, expected):
     # `expected` first: vLLM's offline reference runs before the service's engines take the cores.
-    port = free_port()
-    proc = Proc(
-        [
-            "serve",
-            "disagg",
-            "--model",
-            str(tiny_model),
-            "--served-model-name",
-            "tiny",
-            "--prefill",
-            "1",
-            "--decode",
-            "1",
-            "--connector",
-            "nixl",
-            "--disagg-min-prompt-tokens",
-            "40",
-            "--http-host",
-            "127.0.0.1",
-            "--http-port",
-            str(port),
-            "--namespace",
-            "dis",
-            *ENGINE_ARGS,
-        ],
+    proc = start_service(
+        ["serve", "disagg"],
         tmp_path_factory.mktemp("dis") / "serve.log",
+        "--prefill",
+        "1",
+        "--decode",
+        "1",
+        "--connector",
+        "nixl",
+        "--disagg-min-prompt-tokens",
+        "40",
+        model=tiny_model,
+        namespace="dis",
     )
-    url = f"http://127.0.0.1:{port}"
+    url = proc.url
+    assert url
     try:
         # Readiness, polled from the first moment: a request sent as soon as the model is listed
         # must succeed, whichever of the two workers registered first.
@@ -94,10 +78,10 @@ def disagg(tiny_model, tmp_path_factory, expected):
             timeout=120,
         )
         assert first.status_code == 200, first.text
-        wait_http(url + "/health", lambda b: b.get("workers") == 2, proc, timeout=400)
+        wait_workers(proc, 2, timeout=400)
         yield url, proc
     finally:
-        proc.stop()
+        stop_in_background([proc])
 
 
 def _complete(url: str, prompt: str, **kw) -> httpx.Response:

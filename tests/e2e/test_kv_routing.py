@@ -8,40 +8,13 @@ import httpx
 import pytest
 
 from dynvllm.runtime import state
-from tests.helpers import ENGINE_ARGS, Proc, free_port, wait_http
+from tests.helpers import start_service, wait_workers
 
 
 @pytest.fixture(scope="module")
-def two_workers(tiny_model, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("kv") / "serve.log"
-    proc = Proc(
-        [
-            "serve",
-            "agg",
-            "--model",
-            str(tiny_model),
-            "--served-model-name",
-            "tiny",
-            "--workers",
-            "2",
-            "--router",
-            "kv",
-            "--http-host",
-            "127.0.0.1",
-            "--http-port",
-            str(port),
-            "--namespace",
-            "kv2",
-            *ENGINE_ARGS,
-        ],
-        log,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", lambda b: b.get("workers") == 2, proc, timeout=400)
-        yield f"http://127.0.0.1:{port}", proc
-    finally:
-        proc.stop()
+def two_workers(agg_service):
+    """The shared service: two workers behind a frontend with the kv router (the default)."""
+    return agg_service
 
 
 def _complete(url: str, prompt: list[int]) -> tuple[str, int, str]:
@@ -80,26 +53,17 @@ def test_same_prefix_lands_on_the_caching_worker(two_workers):
 
 def test_round_robin_frontend_on_the_same_workers_spreads_them(two_workers, tmp_path):
     _url, _ = two_workers
-    port = free_port()
-    fe = Proc(
-        [
-            "frontend",
-            "--nats-url",
-            state.resolve_nats_url(None, "kv2"),
-            "--namespace",
-            "kv2",
-            "--router",
-            "round-robin",
-            "--http-host",
-            "127.0.0.1",
-            "--http-port",
-            str(port),
-        ],
+    fe = start_service(
+        ["frontend"],
         tmp_path / "fe.log",
+        "--router",
+        "round-robin",
+        namespace="e2e",
+        nats_url=state.resolve_nats_url(None, "e2e"),
     )
     try:
-        rr = f"http://127.0.0.1:{port}"
-        wait_http(rr + "/health", lambda b: b.get("workers") == 2, fe, timeout=60)
+        rr = fe.url
+        wait_workers(fe, 2, timeout=60)
         prompt = list(range(3, 303))
         workers = {_complete(rr, prompt)[0] for _ in range(4)}
         assert len(workers) == 2

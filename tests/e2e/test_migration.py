@@ -1,5 +1,6 @@
-"""Resilience on real vLLM with two workers: readiness from the first moment, and a stream whose
-worker is killed with SIGKILL continues on the other worker with the same greedy text."""
+"""Resilience on real vLLM with two workers: readiness from the first moment (checked where the
+shared service starts), and a stream whose worker is killed with SIGKILL continues on the other
+worker with the same greedy text."""
 
 from __future__ import annotations
 
@@ -9,42 +10,22 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import openai
 import pytest
 
-from tests.helpers import start_agg, wait_gone, worker_stats
+from tests.helpers import wait_gone, worker_stats
 
-NS = "migrate"
+NS = "e2e"
 PROMPT = "the cat sees a dog and the old river runs"
 
 
 @pytest.fixture(scope="module")
-def service(tiny_model, tmp_path_factory):
-    """`serve agg --workers 2`, with a request sent the moment the model is listed."""
-    url, proc = start_agg(tiny_model, tmp_path_factory.mktemp("migrate") / "serve.log", NS, workers=2)
-    first_ok = None
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and first_ok is None:
-            assert proc.p.poll() is None, proc.tail()
-            try:
-                with urllib.request.urlopen(url + "/v1/models", timeout=2) as r:
-                    listed = [m["id"] for m in json.load(r)["data"]]
-            except OSError:
-                listed = []
-            if "tiny" in listed:  # readiness: usable the moment it is listed
-                client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-                first_ok = client.completions.create(model="tiny", prompt="hi", max_tokens=2).choices[0].text
-            time.sleep(0.05)
-        assert first_ok is not None, proc.tail()
-        while json.load(urllib.request.urlopen(url + "/health"))["workers"] < 2:
-            time.sleep(0.2)
-        yield url, proc
-    finally:
-        proc.stop()
+def service(agg_service):
+    """The shared `serve agg --workers 2`, whose readiness from the first moment its fixture
+    checks (a request sent the moment the model is listed succeeds)."""
+    return agg_service
 
 
 def _workers() -> list[dict]:

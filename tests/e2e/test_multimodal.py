@@ -199,7 +199,7 @@ def test_private_addresses_are_refused_by_default(vision_model, media, image_ser
     import asyncio
 
     from dynvllm.frontend.media import MediaPolicy, fetch
-    from dynvllm.frontend.openai_api import APIError
+    from dynvllm.frontend.openai.schema import APIError
 
     with pytest.raises(APIError, match="non-public address"):
         asyncio.run(fetch(image_server + "/img0.png", MediaPolicy()))
@@ -218,7 +218,7 @@ def test_role_conflicts_are_refused_at_start_up(tiny_model, vision_model, tmp_pa
         tmp_path / "b.log",
     )
     assert only_enc.p.wait(60) == 2
-    assert "no role of the topology (encode=1) generates" in only_enc.tail()
+    assert "no role of the topology (encode=1) ends a request" in only_enc.tail()
     joiner = Proc(
         ["serve", "encode", "--model", str(vision_model), "--nats-url", "nats://127.0.0.1:1"],
         tmp_path / "c.log",

@@ -1,6 +1,9 @@
 """Agents and evaluation through the real `openai` client against `serve agg` on real vLLM:
 structured outputs, tools, reasoning, batched and echo completions, logit bias, the extra
-endpoints, the field rule and API keys. Greedy outputs are compared with vLLM offline."""
+endpoints, the field rule and API keys. Greedy outputs are compared with vLLM offline.
+
+The workers are the shared service's (its engines keep structured JSON compact); the tool and
+reasoning parsers and the API keys are a frontend's, so these tests run a frontend of their own."""
 
 from __future__ import annotations
 
@@ -11,7 +14,8 @@ import jsonschema
 import openai
 import pytest
 
-from tests.helpers import offline_reference, start_agg, wait_http
+from dynvllm.runtime import state
+from tests.helpers import start_service, wait_workers, want_reference
 
 KEY = "sk-test-2"
 SCHEMA = {
@@ -55,30 +59,26 @@ TIME = {
     },
 }
 PROMPTS = ["the cat sees a dog and", "red river runs where the old mountain", "why is the model slow?"]
-# A random-weight model fills JSON with whitespace until max_tokens; vLLM's engine-wide option
-# (passed through like any vLLM flag) keeps structured JSON compact, here and in the reference.
-COMPACT = {"backend": "xgrammar", "disable_any_whitespace": True}
 
 
 @pytest.fixture(scope="module")
-def service(tiny_model, tmp_path_factory):
-    url, proc = start_agg(
-        tiny_model,
-        tmp_path_factory.mktemp("extras") / "serve.log",
-        "extras",
+def service(agg_service, tmp_path_factory):
+    fe = start_service(
+        ["frontend"],
+        tmp_path_factory.mktemp("extras") / "frontend.log",
         "--tool-call-parser",
         "hermes",
         "--reasoning-parser",
         "qwen3",
-        "--structured-outputs-config",
-        json.dumps(COMPACT),
+        namespace="e2e",
+        nats_url=state.resolve_nats_url(None, "e2e"),
         env={"DYN_API_KEY": f"sk-test-1,{KEY}"},
     )
     try:
-        wait_http(url + "/health", lambda b: b.get("workers") == 1, proc)
-        yield url
+        wait_workers(fe, 2, timeout=120)
+        yield fe.url
     finally:
-        proc.stop()
+        fe.stop()
 
 
 @pytest.fixture(scope="module")
@@ -86,28 +86,31 @@ def client(service):
     return openai.OpenAI(base_url=service + "/v1", api_key=KEY, max_retries=0)
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_model):
-    greedy = {"max_tokens": 96, "temperature": 0}
-    reqs = [
+_GREEDY = {"max_tokens": 96, "temperature": 0}
+REFERENCE = want_reference(
+    "extras",
+    [
         {
             "kind": "chat",
             "input": [{"role": "user", "content": q}],
-            "params": {**greedy, "structured_outputs": {"json": SCHEMA}},
+            "params": {**_GREEDY, "structured_outputs": {"json": SCHEMA}},
         }
         for q in QUESTIONS
     ]
-    reqs += [
-        {"kind": "completion", "input": p, "params": {"max_tokens": 12, "temperature": 0}} for p in PROMPTS
-    ]
-    reqs += [
+    + [{"kind": "completion", "input": p, "params": {"max_tokens": 12, "temperature": 0}} for p in PROMPTS]
+    + [
         {
             "kind": "completion",
             "input": PROMPTS[1],
             "params": {"max_tokens": 1, "temperature": 0, "prompt_logprobs": 2},
         }
-    ]
-    return offline_reference(tiny_model, reqs, {"structured_outputs_config": COMPACT})
+    ],
+)
+
+
+@pytest.fixture(scope="module")
+def reference(references):
+    return references[REFERENCE]
 
 
 def _chat(client, content: str, **kw):

@@ -9,7 +9,7 @@ import io
 import pytest
 
 from dynvllm.frontend.media import MediaPolicy, check_image, fetch, fetch_all
-from dynvllm.frontend.openai_api import APIError
+from dynvllm.frontend.openai.schema import APIError
 
 
 def _png(w: int = 8, h: int = 8) -> bytes:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from dynvllm.frontend import openai_api as oa
-from dynvllm.frontend.app import FrontendApp
 from dynvllm.frontend.models import ModelEntry
+from dynvllm.frontend.openai import schema as oa
+from dynvllm.frontend.request_path import RequestPath
 
 QWEN3 = {"temperature": 0.6, "top_k": 20, "top_p": 0.95}
 
@@ -26,11 +26,11 @@ def test_unset_fields_take_the_models_defaults_and_set_ones_win():
 
 def test_max_tokens_default_and_cap():
     entry = ModelEntry("m", {"context_length": 100, "sampling_defaults": {"max_tokens": 30}})
-    assert FrontendApp._budget(entry, 10, None) == 30  # the model's default
-    assert FrontendApp._budget(entry, 80, None) == 20  # within the context
-    assert FrontendApp._budget(entry, 10, 50) == 50  # a request's own value is not capped
+    assert RequestPath.budget(entry, 10, None) == 30  # the model's default
+    assert RequestPath.budget(entry, 80, None) == 20  # within the context
+    assert RequestPath.budget(entry, 10, 50) == 50  # a request's own value is not capped
     # --generation-config FOLDER (or an override's max_new_tokens) caps every request, as in vLLM.
     capped = ModelEntry("m", {"context_length": 100, "max_tokens_cap": 8})
-    assert FrontendApp._budget(capped, 10, 50) == 8 and FrontendApp._budget(capped, 10, None) == 8
+    assert RequestPath.budget(capped, 10, 50) == 8 and RequestPath.budget(capped, 10, None) == 8
     with pytest.raises(oa.APIError, match="maximum context length is 100"):
-        FrontendApp._budget(capped, 60, 50)
+        RequestPath.budget(capped, 60, 50)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 
 from dynvllm import registry
-from dynvllm.frontend.stages import StageContext
 from dynvllm.runtime.errors import InstanceLost
-from dynvllm.settings import RouterSettings
+from dynvllm.settings import build_settings
+from dynvllm.stages import StageContext
 
 
 def _ctx(prompt_len: int, cached_blocks: int = 0, serving: bool = True, reply=None, fail=None):
@@ -25,7 +25,6 @@ def _ctx(prompt_len: int, cached_blocks: int = 0, serving: bool = True, reply=No
         list(range(prompt_len)),
         {"max_tokens": 8, "n": 2},
         32,
-        RouterSettings(disagg_min_prompt_tokens=64, disagg_max_cached_fraction=0.5),
         cached_blocks,
         lambda endpoint: serving,
         call,
@@ -34,12 +33,16 @@ def _ctx(prompt_len: int, cached_blocks: int = 0, serving: bool = True, reply=No
 
 
 def _stage():
-    return registry.load(registry.ROLES, "prefill")().request_stage()
+    settings = build_settings(
+        {"prefill": {"disagg_min_prompt_tokens": 64, "disagg_max_cached_fraction": 0.5}}
+    )
+    return registry.load(registry.ROLES, "prefill")().request_stage(settings)
 
 
 def test_roles_declare_their_stage_without_the_core_naming_them():
-    assert registry.load(registry.ROLES, "agg")().request_stage() is None
-    assert registry.load(registry.ROLES, "decode")().request_stage() is None
+    settings = build_settings()
+    assert registry.load(registry.ROLES, "agg")().request_stage(settings) is None
+    assert registry.load(registry.ROLES, "decode")().request_stage(settings) is None
     stage = _stage()
     assert stage.name == registry.load(registry.ROLES, "prefill").stage == "prefill"
 

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
+
+from tests.helpers import want_reference
+
+PROMPTS = ["the cat sees a dog", "blue river and old city"]
+_GREEDY = [
+    {"kind": "completion", "input": p, "params": {"max_tokens": 16, "temperature": 0}, "token_ids": True}
+    for p in PROMPTS
+]
+# The prompts twice (stable across runs), then with the model's own adapter.
+REFERENCE = want_reference("tiny", _GREEDY + _GREEDY + [{**r, "lora": "lora"} for r in _GREEDY])
 
 
 def test_build_is_deterministic(tmp_path):
@@ -22,15 +29,9 @@ def test_build_is_deterministic(tmp_path):
     assert cfg["head_dim"] >= 64 and cfg["initializer_range"] == 1.0 and cfg["tie_word_embeddings"] is False
 
 
-def test_vllm_runs_it_greedy_varies_and_lora_changes_output(tiny_model):
-    script = Path(__file__).with_name("tiny_check.py")
-    res = subprocess.run(
-        [sys.executable, str(script), str(tiny_model)], capture_output=True, text=True, timeout=600
-    )
-    line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert line, res.stderr[-3000:]
-    out = json.loads(line[0][len("RESULT ") :])
-    first, second, lora = out["first"], out["second"], out["lora"]
+def test_vllm_runs_it_greedy_varies_and_lora_changes_output(references):
+    ids = [entry["token_ids"][0] for entry in references[REFERENCE]]
+    first, second, lora = ids[0:2], ids[2:4], ids[4:6]
     assert first == second  # stable across runs
     assert first[0] != first[1]  # two prompts, two different continuations
     assert all(len(set(ids)) > 3 for ids in first)  # not one token repeated forever

@@ -1,4 +1,4 @@
-"""Router policies come from one table; each answers through the same interface."""
+"""Router policies are plugins (`dynvllm.router_policies`); each answers through the same interface."""
 
 from __future__ import annotations
 
@@ -6,13 +6,16 @@ import time
 
 import pytest
 
+from dynvllm import registry
 from dynvllm.frontend.routing import Router
 from dynvllm.router import hashing
-from dynvllm.router.policies import POLICIES, make_policy
+from dynvllm.router.policies import make_policy
 from dynvllm.settings import RouterSettings
 
+POLICIES = registry.names(registry.ROUTER_POLICIES)
 
-def test_the_settings_accept_exactly_the_table():
+
+def test_the_settings_accept_exactly_the_installed_policies():
     for name in POLICIES:
         assert RouterSettings(router=name).router == name
     with pytest.raises(ValueError, match="choose one of kv, kv-approx"):

@@ -24,10 +24,11 @@ class NixlConnector(Connector):
     produces_transfer_params = True
     package = "nixl"
     install_hint = "nixl==1.5.1 nixl-cu12==1.5.1 --no-deps"
+    kv_connector = "NixlConnector"
 
     def vllm_config(self, kv_role: str, settings: Any) -> dict | None:
         return {
-            "kv_connector": "NixlConnector",
+            "kv_connector": self.kv_connector,
             "kv_role": kv_role,
             "kv_buffer_device": _buffer_device(),
         }
@@ -45,3 +46,10 @@ class NixlConnector(Connector):
             "VLLM_NIXL_SIDE_CHANNEL_HOST": os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST")
             or advertised_host(settings.runtime),
         }
+
+    def engine_overrides(self, kv_role: str, settings: Any) -> dict[str, Any]:
+        single = (settings.engine.tensor_parallel_size or 1) == 1
+        if single and "--distributed-executor-backend" not in settings.vllm_argv():
+            # NIXL's hand-shake stalls behind the GIL with the in-process executor.
+            return {"distributed_executor_backend": "mp"}
+        return {}

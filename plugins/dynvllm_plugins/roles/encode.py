@@ -15,17 +15,22 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dynvllm.frontend.stages import Stage, StageContext
 from dynvllm.runtime.errors import BadRequest, RemoteError
+from dynvllm.stages import Stage, StageContext
 from dynvllm.worker.role import EngineHandle, Role
+from dynvllm_plugins.roles import encoder_cache
+from dynvllm_plugins.roles.encoder_cache import EncoderCacheSettings
 
 log = logging.getLogger("dynvllm.encode")
 ENCODE = "encode"
+#: Prefix of the folder `serve` makes for a service with an encode role (removed at its stop).
+PRIVATE_FOLDER_PREFIX = "dynvllm-encoder-cache-"
 
 
 def is_multimodal(model: str) -> bool | None:
@@ -40,14 +45,23 @@ def is_multimodal(model: str) -> bool | None:
 class EncodeRole(Role):
     description = "Encode worker: runs the vision encoder of a multimodal model for language workers."
     stage = ENCODE
-    ec_role = "ec_producer"
+    terminal = False
     limit = 4096
     folder: str | None = None
 
+    def prepare_service(self, settings: Any) -> Callable[[], None] | None:
+        """A private folder the service's encode and language workers share, unless one is given."""
+        cfg = settings.plugin(EncoderCacheSettings)
+        if cfg.encoder_cache_dir:
+            return None  # the operator's: left as it is
+        folder = cfg.encoder_cache_dir = tempfile.mkdtemp(prefix=PRIVATE_FOLDER_PREFIX)
+        return lambda: shutil.rmtree(folder, ignore_errors=True)
+
     def engine_overrides(self, settings: Any) -> dict[str, Any]:
-        self.limit = settings.worker.encoder_cache_entries
-        self.folder = settings.worker.encoder_cache_dir
-        return super().engine_overrides(settings)
+        cfg = settings.plugin(EncoderCacheSettings)
+        self.limit, self.folder = cfg.encoder_cache_entries, cfg.encoder_cache_dir
+        overrides = encoder_cache.engine_overrides(settings, "ec_producer")
+        return {**super().engine_overrides(settings), **overrides}
 
     def check(self, settings: Any) -> None:
         super().check(settings)
@@ -58,7 +72,7 @@ class EncodeRole(Role):
             raise ValueError(
                 f"the encode role runs vLLM's vision encoder; --engine {settings.worker.engine} has none"
             )
-        if not settings.worker.encoder_cache_dir:
+        if not settings.plugin(EncoderCacheSettings).encoder_cache_dir:
             raise ValueError(
                 "the encode role needs --encoder-cache-dir: a folder it shares with the language workers "
                 "(`serve` picks one when it starts both)"
@@ -89,7 +103,7 @@ class EncodeRole(Role):
 
         return {ENCODE: encode}
 
-    def request_stage(self) -> Stage:
+    def request_stage(self, settings: Any) -> Stage:
         return EncodeStage()
 
 

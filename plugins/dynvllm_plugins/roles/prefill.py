@@ -11,9 +11,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from dynvllm.frontend.stages import Stage, StageContext
 from dynvllm.runtime.errors import BadRequest, RemoteError
+from dynvllm.stages import Stage, StageContext
 from dynvllm.worker.role import EngineHandle, Role
+from dynvllm_plugins.roles import encoder_cache
+from dynvllm_plugins.roles.prefill_settings import PrefillSettings
 
 log = logging.getLogger("dynvllm.prefill")
 PREFILL = "prefill"
@@ -22,8 +24,13 @@ PREFILL = "prefill"
 class PrefillRole(Role):
     description = "Prefill worker: computes prompts, hands KV to decode workers."
     stage = PREFILL
+    terminal = False
     kv_role = "kv_producer"
     default_connectors = ("nixl",)
+
+    def engine_overrides(self, settings: Any) -> dict[str, Any]:
+        # The prompt's images: their embeddings, if an encode worker left them, are loaded.
+        return {**super().engine_overrides(settings), **encoder_cache.engine_overrides(settings)}
 
     def handlers(self, engine: EngineHandle) -> dict[str, Callable]:
         generate = engine.generate
@@ -43,8 +50,8 @@ class PrefillRole(Role):
 
         return {PREFILL: prefill}
 
-    def request_stage(self) -> Stage:
-        return PrefillStage()
+    def request_stage(self, settings: Any) -> Stage:
+        return PrefillStage(settings.plugin(PrefillSettings))
 
 
 class PrefillStage(Stage):
@@ -57,14 +64,17 @@ class PrefillStage(Stage):
         "Prefill hops by outcome (remote, skipped_short, skipped_cached, no_prefill_worker, failed, ...)"
     )
 
+    def __init__(self, settings: PrefillSettings) -> None:
+        self.settings = settings
+
     async def run(self, ctx: StageContext) -> str:
-        rs = ctx.settings
+        ps = self.settings
         n = len(ctx.prompt_ids)
         if not ctx.serving(PREFILL):
             return "no_prefill_worker"
-        if n < rs.disagg_min_prompt_tokens:
+        if n < ps.disagg_min_prompt_tokens:
             return "skipped_short"
-        if ctx.target_cached_blocks * ctx.block_size > rs.disagg_max_cached_fraction * n:
+        if ctx.target_cached_blocks * ctx.block_size > ps.disagg_max_cached_fraction * n:
             return "skipped_cached"
         try:
             result = await ctx.call(PREFILL, ctx.request(suffix="-p"), timeout=120)

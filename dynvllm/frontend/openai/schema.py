@@ -1,4 +1,4 @@
-"""OpenAI request models, error bodies and the mapping to wire sampling options (pure logic).
+"""OpenAI request models and the mapping to wire sampling options (pure logic).
 
 Rule for request fields: a field of OpenAI's or vLLM's request schema is either implemented end
 to end or refused with a 400 that names it (`REFUSED`); nothing a client asks for is dropped
@@ -14,33 +14,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dynvllm.frontend import structured
+from dynvllm.frontend.bodies import from_validation, json_object
+from dynvllm.frontend.errors import RequestError
 
 log = logging.getLogger("dynvllm.frontend")
 
 
-class APIError(Exception):
-    """An error a client caused or must see, with its HTTP status and OpenAI error type."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def from_validation(err: ValidationError) -> APIError:
-    first = err.errors()[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
-    parts = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in err.errors()[:5]]
-    return APIError(400, "; ".join(parts), param=param)
+#: Errors here are the frontend's own, surface-neutral kind; the name is kept for readers of OpenAI code.
+APIError = RequestError
 
 
 # Known fields dynvllm does not implement, with the values that mean "not asked for".
@@ -339,38 +320,6 @@ class CompletionRequest(_Req):
         return list(p)  # type: ignore[arg-type]
 
 
-def json_object(raw: bytes) -> dict:
-    """A request body as a JSON object, or the 400 that says why it is not one."""
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise APIError(400, "request body is nested too deeply") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "request body must be a JSON object")
-    if b"\\ud" in raw or b"\\uD" in raw:  # only escapes can smuggle in a lone surrogate
-        _no_lone_surrogates(data)
-    return data
-
-
-def _no_lone_surrogates(value: Any) -> None:
-    """JSON allows escaped lone surrogates (\\ud800) that are not text: refuse them up front."""
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, str):
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError:
-                raise APIError(400, "request body has a string with an unpaired surrogate escape") from None
-        elif isinstance(v, dict):
-            stack.extend(v.keys())
-            stack.extend(v.values())
-        elif isinstance(v, list):
-            stack.extend(v)
-
-
 def parse(model: type[BaseModel], raw: bytes) -> Any:
     return validate(model, json_object(raw))
 
@@ -384,20 +333,3 @@ def validate(model: type[BaseModel], data: dict) -> Any:
     if isinstance(req, _Req):
         req.refuse_unsupported()
     return req
-
-
-def length_error(ctx: int, prompt: int, completion: int | None) -> APIError:
-    if completion is None:
-        msg = (
-            f"This model's maximum context length is {ctx} tokens. However, your prompt has {prompt} tokens; "
-            "shorten it."
-        )
-    else:
-        msg = (
-            f"This model's maximum context length is {ctx} tokens. However, you requested "
-            f"{prompt + completion} tokens ({prompt} in the prompt, {completion} for the completion). "
-            "Reduce the prompt or max_tokens."
-        )
-    return APIError(
-        400, msg, param="messages" if completion is None else "max_tokens", code="context_length_exceeded"
-    )

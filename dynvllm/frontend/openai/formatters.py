@@ -1,5 +1,5 @@
 """One formatter per OpenAI endpoint: how its request becomes prompts, and how choices, chunks
-and logprobs look on the wire. The request path itself is shared (`app.FrontendApp`).
+and logprobs look on the wire. The request path itself is shared (`request_path.RequestPath`).
 
 A formatter makes a `Shaper` per request: the state that turns client deltas into chunk choices
 (streaming) and complete choices (not streaming). A request has one or more parts (batched
@@ -8,23 +8,14 @@ completion prompts); choice indices run prompt-major, as vLLM numbers them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-from dynvllm.frontend import openai_api as oa
 from dynvllm.frontend.chat_output import ChatDelta, ChoiceOutput
 from dynvllm.frontend.models import ModelEntry
+from dynvllm.frontend.openai import schema as oa
 from dynvllm.frontend.parsers import ReasoningParser, ToolCall, ToolParser
-from dynvllm.frontend.postprocess import ChoiceDelta, PostProcessor
-
-
-@dataclass
-class Part:
-    """One prompt of a request and the post-processor of its choices."""
-
-    prompt_ids: list[int]
-    prompt_text: str | None
-    post: PostProcessor
+from dynvllm.frontend.postprocess import ChoiceDelta
+from dynvllm.frontend.request_path import Part
 
 
 class Shaper:

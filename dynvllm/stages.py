@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dynvllm import protocol
-from dynvllm.settings import RouterSettings
 
 
 class Stage:
@@ -41,7 +40,6 @@ class StageContext:
     prompt_ids: list[int]
     sampling: dict[str, Any]
     block_size: int
-    settings: RouterSettings
     #: Prompt blocks the chosen generate worker is predicted to hold already.
     target_cached_blocks: int
     serving: Callable[[str], bool]

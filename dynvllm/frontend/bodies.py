@@ -1,0 +1,60 @@
+"""Request bodies: JSON objects checked before any API surface reads them, and pydantic's errors
+as 400s that name the field."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import ValidationError
+
+from dynvllm.frontend.errors import RequestError
+
+
+def from_validation(err: ValidationError) -> RequestError:
+    first = err.errors()[0]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    parts = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in err.errors()[:5]]
+    return RequestError(400, "; ".join(parts), param=param)
+
+
+def json_object(raw: bytes) -> dict:
+    """A request body as a JSON object, or the 400 that says why it is not one."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError(400, f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise RequestError(400, "request body is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise RequestError(400, "request body must be a JSON object")
+    if b"\\ud" in raw or b"\\uD" in raw:  # only escapes can smuggle in a lone surrogate
+        _no_lone_surrogates(data)
+    return data
+
+
+def _no_lone_surrogates(value: Any) -> None:
+    """JSON allows escaped lone surrogates (\\ud800) that are not text: refuse them up front."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RequestError(
+                    400, "request body has a string with an unpaired surrogate escape"
+                ) from None
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+
+
+async def read(request: Any, limit: int) -> bytes:
+    """A request's body, refused with a 413 past `limit` bytes (`--max-request-bytes`)."""
+    body = await request.body()
+    if len(body) > limit:
+        raise RequestError(413, f"request body is {len(body)} bytes; the limit is {limit}")
+    return body

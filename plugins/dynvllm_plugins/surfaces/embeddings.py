@@ -1,0 +1,116 @@
+"""OpenAI's embeddings API (`/v1/embeddings`) over the shared request path: the `embed` stage of
+a pooling role ends the chain and answers once per input."""
+
+from __future__ import annotations
+
+import base64
+import struct
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from dynvllm.frontend import bodies
+from dynvllm.frontend.errors import RequestError, from_remote
+from dynvllm.frontend.models import ModelEntry
+from dynvllm.frontend.surface import Surface
+from dynvllm.runtime.errors import RemoteError
+from dynvllm_plugins.roles.embed import EMBED
+
+
+class EmbeddingRequest(BaseModel):
+    """OpenAI's fields and vLLM's `add_special_tokens`; anything else is refused by name."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None  # the caller's end-user id: it changes nothing about the answer
+    add_special_tokens: bool = True
+
+    def inputs(self) -> list[str | list[int]]:
+        x = self.input
+        if isinstance(x, str):
+            return [x]
+        if x and all(isinstance(t, int) for t in x):
+            return [x]  # type: ignore[list-item]
+        return list(x)  # type: ignore[arg-type]
+
+
+def parse(raw: bytes) -> EmbeddingRequest:
+    data = bodies.json_object(raw)
+    try:
+        req = EmbeddingRequest.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        if first["type"] == "extra_forbidden":
+            field = ".".join(str(p) for p in first["loc"])
+            raise RequestError(400, f"{field}: this field is not supported", param=field) from None
+        raise bodies.from_validation(err) from None
+    if not req.inputs() or any(isinstance(i, str | list) and len(i) == 0 for i in req.inputs()):
+        raise RequestError(400, "input must not be empty", param="input")
+    return req
+
+
+def encode(vector: list[float], fmt: str) -> list[float] | str:
+    """A vector as OpenAI sends it: floats, or little-endian float32 bytes in base64."""
+    if fmt == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return vector
+
+
+class EmbeddingsSurface(Surface):
+    description = "OpenAI's embeddings API (/v1/embeddings), served by pooling roles (embed)"
+
+    def __init__(self, path: Any, settings: Any) -> None:
+        super().__init__(path, settings)
+        self.max_body = settings.max_request_bytes
+
+    def routes(self) -> list[BaseRoute]:
+        return [Route("/v1/embeddings", self.embeddings, methods=["POST"])]
+
+    async def embeddings(self, request: Request) -> Response:
+        model = "?"
+        try:
+            req = parse(await bodies.read(request, self.max_body))
+            model = req.model
+
+            def prompts(entry: ModelEntry) -> list[list[int]]:
+                tok = entry.tokenizer
+                assert tok is not None
+                return [
+                    tok.encode(i, add_special_tokens=req.add_special_tokens)
+                    if isinstance(i, str)
+                    else list(i)
+                    for i in req.inputs()
+                ]
+
+            r = await self.path.admit_call("embeddings", model, prompts, EMBED, request.headers)
+        except RequestError as exc:
+            self.path.refused(model, exc)
+            return self.error_response(exc)
+        self.path.begin(r)
+        status = "200"
+        try:
+            answers = await self.path.call_all(r, {"dimensions": req.dimensions})
+        except RemoteError as exc:
+            err = from_remote(exc)
+            status = str(err.status)
+            return self.error_response(err)
+        except BaseException:
+            status = "499"
+            raise
+        finally:
+            self.path.end(r, status)
+        data = [
+            {"object": "embedding", "index": i, "embedding": encode(a["data"], req.encoding_format)}
+            for i, a in enumerate(answers)
+        ]
+        tokens = sum(int(a.get("prompt_tokens") or 0) for a in answers)
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return JSONResponse(
+            {"object": "list", "data": data, "model": r.model, "usage": usage}, headers=r.headers()
+        )
