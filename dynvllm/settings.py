@@ -128,6 +128,11 @@ class FrontendSettings(SettingsGroup):
         description="Prompt for image requests to models whose chat template does not place images, "
         "with <prompt> where the user's text goes, e.g. 'Question: <prompt> Answer:'.",
     )
+    trust_request_chat_template: bool = Field(
+        False,
+        description="Accept a chat_template sent with a chat request (as vLLM, refused without it: a "
+        "template is code the frontend runs, in a sandbox).",
+    )
     allowed_local_media_path: str | None = Field(
         None,
         description="Folders (comma-separated) that file:// image URLs may read from; without it "
@@ -149,6 +154,26 @@ class FrontendSettings(SettingsGroup):
         description="Other names clients may use for served models: ALIAS=MODEL pairs separated by "
         "commas, e.g. 'qwen3=Qwen/Qwen3-0.6B'. Aliases are listed in /v1/models.",
     )
+    tenants_file: Path | None = Field(
+        None,
+        description="YAML or JSON file of tenants: each one's API keys and limits (requests/s, tokens/min, "
+        "concurrent requests, models). Read again when it changes; limits are per frontend process.",
+    )
+    max_inflight_per_worker: int = Field(
+        0,
+        ge=0,
+        description="Requests the frontend lets through per ready worker of a model; more wait in the "
+        "admission queue by priority, tenants in turn (0: no queue).",
+    )
+    admission_queue_size: int = Field(
+        1000, ge=0, description="Requests that may wait in the admission queue; more get a 503 at once."
+    )
+    admission_timeout: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds a request may wait for a worker slot, or for a worker of a known model that "
+        "has none ready (one restarting), before a 503 (0: no waiting).",
+    )
 
     def api_surface_list(self) -> list[str] | None:
         if self.api_surfaces is None:
@@ -165,6 +190,15 @@ class FrontendSettings(SettingsGroup):
     @classmethod
     def _aliases(cls, v: str | None) -> str | None:
         _alias_pairs(v)
+        return v
+
+    @field_validator("tenants_file")
+    @classmethod
+    def _tenants(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            from dynvllm.frontend.tenants import read_file
+
+            read_file(v)  # a bad file stops the start, with the file and the problem named
         return v
 
     def api_keys(self) -> list[str]:

@@ -62,6 +62,8 @@ def test_unknown_plugin_lists_installed(fake_dist):
 def test_allowlist(fake_dist, monkeypatch):
     monkeypatch.setenv("DYN_LOAD_PLUGINS", "agg")
     assert registry.names(registry.ROLES) == ["agg"]
+    # A group the list names nothing of stays whole: the default router policy is still there.
+    assert "kv" in registry.names(registry.ROUTER_POLICIES)
 
 
 def test_first_party_plugins_are_not_imported_by_core():

@@ -1,7 +1,8 @@
 """Admin calls from the CLI straight to workers (found through discovery), with the admin token.
 
 Exit codes for commands built on it: 0 done everywhere asked; 1 a worker refused or failed (each
-says why); 2 usage or connection errors (no service, no such worker).
+says why); 2 usage or connection errors (no service, NATS not reached within --timeout, no such
+worker).
 """
 
 from __future__ import annotations
@@ -13,8 +14,20 @@ import typer
 
 from dynvllm.settings import Settings
 
+#: Seconds a command waits for NATS before it gives up (a service, by contrast, waits forever).
+DEFAULT_TIMEOUT = 10.0
 
-async def call_workers(settings: Settings, endpoint: str, payload: dict, pick: Any) -> list[tuple[Any, Any]]:
+
+def timeout_option() -> Any:
+    """The `--timeout` of every command that reaches a running service through NATS."""
+    return typer.Option(
+        DEFAULT_TIMEOUT, "--timeout", min=0.1, help="Seconds to wait for NATS before giving up (exit 2)."
+    )
+
+
+async def call_workers(
+    settings: Settings, endpoint: str, payload: dict, pick: Any, timeout: float | None = None
+) -> list[tuple[Any, Any]]:
     """(instance, result or error message) for each worker `pick(instances)` returns."""
     import asyncio
 
@@ -24,7 +37,7 @@ async def call_workers(settings: Settings, endpoint: str, payload: dict, pick: A
     from dynvllm.runtime.streams import StreamClientPool, unary
 
     rt = settings.runtime
-    nc = await natsrt.connect(rt, name="dynvllm-lora")
+    nc = await natsrt.connect(rt, name="dynvllm-lora", give_up_after=timeout)
     pool = StreamClientPool()
     try:
         watcher = Watcher(nc, rt.namespace, rt.lease_ttl)
@@ -49,7 +62,9 @@ async def call_workers(settings: Settings, endpoint: str, payload: dict, pick: A
         await natsrt.close(nc)
 
 
-def run(settings: Settings, endpoint: str, payload: dict, pick: Any) -> list[tuple[Any, Any]]:
+def run(
+    settings: Settings, endpoint: str, payload: dict, pick: Any, timeout: float = DEFAULT_TIMEOUT
+) -> list[tuple[Any, Any]]:
     from dynvllm.cli.serve import _fail
     from dynvllm.runtime import nats as natsrt
     from dynvllm.runtime import state
@@ -60,7 +75,7 @@ def run(settings: Settings, endpoint: str, payload: dict, pick: Any) -> list[tup
         )
         token = settings.runtime.admin_token
         payload = {**payload, "admin_token": token.get_secret_value() if token else None}
-        return natsrt.run(call_workers(settings, endpoint, payload, pick))  # type: ignore[return-value]
+        return natsrt.run(call_workers(settings, endpoint, payload, pick, timeout))  # type: ignore[return-value]
     except (LookupError, natsrt.NatsUnavailable) as exc:
         raise _fail(str(exc)) from None
     except ValueError as exc:

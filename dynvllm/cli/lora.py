@@ -13,6 +13,7 @@ import typer
 
 from dynvllm.cli.calls import report as _report
 from dynvllm.cli.calls import run as _run
+from dynvllm.cli.calls import timeout_option
 from dynvllm.cli.options import with_settings
 from dynvllm.settings import Settings
 
@@ -47,12 +48,17 @@ def load_cmd(
     worker: str | None = typer.Option(None, "--worker", help="Load on this worker only."),
     all_workers: bool = typer.Option(False, "--all", help="Load on every worker (the default)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    timeout: float = timeout_option(),
 ) -> None:
     """Load an adapter on workers (every worker unless --worker)."""
     from dynvllm import protocol
 
     results = _run(
-        settings, protocol.LORA_LOAD, {"name": name, "source": source}, _targets(worker, all_workers)
+        settings,
+        protocol.LORA_LOAD,
+        {"name": name, "source": source},
+        _targets(worker, all_workers),
+        timeout,
     )
     _report(results, as_json)
 
@@ -64,6 +70,7 @@ def unload_cmd(
     name: str = typer.Argument(..., metavar="NAME", help="Adapter name."),
     worker: str | None = typer.Option(None, "--worker", help="Unload on this worker only."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    timeout: float = timeout_option(),
 ) -> None:
     """Unload an adapter from the workers that hold it (requests using it finish first)."""
     from dynvllm import protocol
@@ -76,16 +83,20 @@ def unload_cmd(
             raise ValueError(f"no worker holds adapter {name!r}")
         return holders
 
-    _report(_run(settings, protocol.LORA_UNLOAD, {"name": name}, pick), as_json)
+    _report(_run(settings, protocol.LORA_UNLOAD, {"name": name}, pick, timeout), as_json)
 
 
 @lora_app.command("list")
 @with_settings("runtime")
-def list_cmd(settings: Settings, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+def list_cmd(
+    settings: Settings,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    timeout: float = timeout_option(),
+) -> None:
     """Adapters on every worker, with where each came from."""
     from dynvllm import protocol
 
-    results = _run(settings, protocol.LORA_LIST, {}, lambda workers: workers)
+    results = _run(settings, protocol.LORA_LIST, {}, lambda workers: workers, timeout)
     rows = [
         {"name": a["name"], "worker": inst.id, "model": inst.card.get("model"), "source": a.get("source")}
         for inst, adapters in results

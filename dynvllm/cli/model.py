@@ -21,11 +21,22 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Build a tiny random Qwen2 model (and tokenizer) that vLLM runs in seconds."""
+        import os
+
+        from dynvllm.cli.serve import _fail
+
+        if vision and lora:
+            raise typer.BadParameter("--lora goes with the text model only", param_hint="--lora")
+        # Before the heavy imports and the build: a folder that cannot be written is one line.
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _fail(f"cannot create the folder {path}: {exc.strerror or exc}") from None
+        if not os.access(path, os.W_OK):
+            raise _fail(f"cannot write into the folder {path}: permission denied")
         from dynvllm.models.tiny import build_tiny_lora, build_tiny_model
 
         if vision:
-            if lora:
-                raise typer.BadParameter("--lora goes with the text model only", param_hint="--lora")
             from dynvllm.models.tiny_vision import build_tiny_vision_model
 
             build_tiny_vision_model(path, seed=seed)

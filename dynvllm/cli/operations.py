@@ -6,7 +6,7 @@ from typing import Any
 
 import typer
 
-from dynvllm.cli.calls import report, run
+from dynvllm.cli.calls import report, run, timeout_option
 from dynvllm.cli.options import with_settings
 from dynvllm.settings import Settings
 
@@ -26,7 +26,11 @@ def _one(worker: str):  # type: ignore[no-untyped-def]
 
 @kv_app.command("clear")
 @with_settings("runtime")
-def clear_cmd(settings: Settings, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+def clear_cmd(
+    settings: Settings,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    timeout: float = timeout_option(),
+) -> None:
     """Clear the prefix cache of every worker (routers drop those blocks from their index)."""
     from dynvllm import protocol
 
@@ -35,7 +39,7 @@ def clear_cmd(settings: Settings, as_json: bool = typer.Option(False, "--json", 
             raise ValueError("no worker of this service can clear its KV cache")
         return workers
 
-    report(run(settings, protocol.CLEAR_KV, {}, every), as_json)
+    report(run(settings, protocol.CLEAR_KV, {}, every, timeout), as_json)
 
 
 @worker_app.command("sleep")
@@ -45,11 +49,12 @@ def sleep_cmd(
     worker: str = typer.Argument(..., metavar="WORKER", help="Worker id (see `dynvllm status`)."),
     level: int = typer.Option(1, "--level", min=1, max=2, help="1 offloads weights, 2 discards them."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    timeout: float = timeout_option(),
 ) -> None:
     """Take a worker out of routing and put its engine to sleep (frees accelerator memory)."""
     from dynvllm import protocol
 
-    report(run(settings, protocol.SLEEP, {"level": level}, _one(worker)), as_json)
+    report(run(settings, protocol.SLEEP, {"level": level}, _one(worker), timeout), as_json)
 
 
 @worker_app.command("wake")
@@ -58,11 +63,12 @@ def wake_cmd(
     settings: Settings,
     worker: str = typer.Argument(..., metavar="WORKER", help="Worker id."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    timeout: float = timeout_option(),
 ) -> None:
     """Wake a sleeping worker; it serves requests again."""
     from dynvllm import protocol
 
-    report(run(settings, protocol.WAKE, {}, _one(worker)), as_json)
+    report(run(settings, protocol.WAKE, {}, _one(worker), timeout), as_json)
 
 
 def register(app: typer.Typer) -> None:

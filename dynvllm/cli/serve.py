@@ -20,7 +20,8 @@ _EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 def _fail(message: str, code: int = 2) -> typer.Exit:
     from rich.console import Console
 
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    # One line, however narrow the terminal: scripts grep it, and the terminal wraps it anyway.
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
     return typer.Exit(code)
 
 
@@ -120,6 +121,12 @@ def _checked_roles(settings: Settings, names: list[str]) -> list:
             f"{flag} configures KV transfer, which only roles that move KV use (prefill, decode); "
             f"{', '.join(sorted(set(names)))} would ignore it: drop it or serve such a role"
         )
+    from dynvllm.models.hub import ModelNotFound, check_local
+
+    try:
+        check_local(settings.engine.model or "")  # a missing folder is named before vLLM loads
+    except ModelNotFound as exc:
+        raise _fail(str(exc)) from None
     _check_engine_args(settings)
     return roles
 

@@ -6,11 +6,12 @@ import json
 
 import typer
 
+from dynvllm.cli.calls import timeout_option
 from dynvllm.cli.options import with_settings
 from dynvllm.settings import Settings
 
 
-async def collect(settings: Settings, wait: float = 1.2) -> list[dict]:
+async def collect(settings: Settings, wait: float = 1.2, timeout: float | None = None) -> list[dict]:
     import asyncio
 
     from dynvllm.runtime import nats as natsrt
@@ -18,7 +19,7 @@ async def collect(settings: Settings, wait: float = 1.2) -> list[dict]:
     from dynvllm.runtime.events import LOAD, EventBus
 
     rt = settings.runtime
-    nc = await natsrt.connect(rt, name="dynvllm-status")
+    nc = await natsrt.connect(rt, name="dynvllm-status", give_up_after=timeout)
     try:
         load: dict[str, dict] = {}
 
@@ -104,7 +105,9 @@ def register(app: typer.Typer) -> None:
     @app.command("status")
     @with_settings("runtime")
     def status_cmd(
-        settings: Settings, as_json: bool = typer.Option(False, "--json", help="Print JSON.")
+        settings: Settings,
+        as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+        timeout: float = timeout_option(),
     ) -> None:
         """Show the instances of a running service (found via --nats-url or this machine's `serve`)."""
         from dynvllm.cli.serve import _fail
@@ -115,7 +118,7 @@ def register(app: typer.Typer) -> None:
             settings.runtime.nats_url = state.resolve_nats_url(
                 settings.runtime.nats_url, settings.runtime.namespace
             )
-            rows = natsrt.run(collect(settings))
+            rows = natsrt.run(collect(settings, timeout=timeout))
         except (LookupError, natsrt.NatsUnavailable) as exc:
             raise _fail(str(exc)) from None
         if as_json:

@@ -17,12 +17,14 @@ from dynvllm.frontend import bodies
 from dynvllm.frontend.admin import AdminCalls, OnDemandAdapters
 from dynvllm.frontend.auth import ApiKeyMiddleware
 from dynvllm.frontend.errors import RequestError
+from dynvllm.frontend.gate import AdmissionGate
 from dynvllm.frontend.media import MediaPolicy
 from dynvllm.frontend.metrics import FrontendMetrics
 from dynvllm.frontend.models import ModelRegistry
 from dynvllm.frontend.request_path import RequestPath
 from dynvllm.frontend.routing import Router
 from dynvllm.frontend.surface import Surface, load_surfaces
+from dynvllm.frontend.tenancy import Tenants
 from dynvllm.runtime.streams import StreamClientPool
 from dynvllm.settings import FrontendSettings
 
@@ -44,16 +46,38 @@ class FrontendApp:
         self.metrics = FrontendMetrics()
         self.metrics.watch_workers(
             lambda: [
-                (e.name, inst.role, int(inst.card.get("restarts") or 0))
+                (e.name, inst.role)
                 for e in list(self.models.models.values())
                 for inst in list(e.instances.values())
             ]
         )
-        self.draining = False
+        models.watcher.on_add.append(self._registered)
         self.path = RequestPath(
             models, pool, router, self.metrics, MediaPolicy.from_settings(settings), on_demand
         )
+        self.path.worker_wait = settings.admission_timeout
+        self.path.max_worker_waits = settings.admission_queue_size
         self.surfaces: list[Surface] = load_surfaces(settings.api_surface_list(), self.path, settings)
+        # Admission: the tenant's limits first (a refused request takes no place in the queue),
+        # then the wait for a worker slot.
+        self.tenants: Tenants | None = None
+        if settings.tenants_file is not None:
+            self.tenants = Tenants(settings.tenants_file, self.surfaces, self.metrics)
+            self.path.on_admit.append(self.tenants.admit)
+            self.path.on_end.append(self.tenants.end)
+        self.gate = AdmissionGate(
+            models,
+            self.metrics,
+            settings.max_inflight_per_worker,
+            settings.admission_queue_size,
+            settings.admission_timeout,
+        )
+        self.path.on_admit.append(self.gate.enter)
+        self.path.on_end.append(self.gate.leave)
+        watcher = models.watcher
+        for callbacks in (watcher.on_add, watcher.on_update, watcher.on_remove):
+            callbacks.append(self.gate.changed)
+        self._draining = False
         # Routes every deployment shares answer errors and auth as the first surface does.
         self.default_surface = self.surfaces[0] if self.surfaces else Surface(self.path, settings)
         shared = [
@@ -71,13 +95,31 @@ class FrontendApp:
         routes = shared + [route for route, _ in self._owned]
         middleware = []
         keys = settings.api_keys()
-        if keys:
-            middleware.append(Middleware(ApiKeyMiddleware, keys=keys, owner=self.owner))
+        if keys or self.tenants is not None:
+            also = self.tenants.accepts if self.tenants is not None else None
+            middleware.append(Middleware(ApiKeyMiddleware, keys=keys, owner=self.owner, also=also))
         self.app = Starlette(
             routes=routes,
             middleware=middleware,
             exception_handlers={HTTPException: _http_error, Exception: _internal_error},
         )
+
+    def _registered(self, inst: Any) -> None:
+        if inst.component == "worker" and inst.card.get("model"):
+            restarts = int(inst.card.get("restarts") or 0)
+            self.metrics.worker_registered(inst.id, inst.card["model"], inst.role, restarts, inst.started)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        """Draining: /health says so, and requests waiting for a worker or a slot get a 503."""
+        self._draining = value
+        if value:
+            self.path.closing = True
+            self.gate.close()
 
     def owner(self, scope: Any) -> Surface:
         """The surface whose route a request is for (the default one for shared routes)."""

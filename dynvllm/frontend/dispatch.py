@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from dynvllm import protocol
@@ -89,12 +89,22 @@ class Dispatch:
         self._t_last: float | None = None
         self._live: Any = None  # the worker stream being read
         self._sends = SendBatch()
+        #: Waits for the model's entry to have a usable worker again when none is left (a worker
+        #: restarting): the entry then, or None at the deadline. Set by the request path.
+        self.wait_worker: (
+            Callable[[str, Callable[[ModelEntry], bool]], Awaitable[ModelEntry | None]] | None
+        ) = None
 
-    def _serving(self, endpoint: str, exclude: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
+    def _serving(
+        self,
+        endpoint: str,
+        exclude: set[str] = frozenset(),  # type: ignore[assignment]
+        entry: ModelEntry | None = None,
+    ) -> list[str]:
         lora = self.lora
         return [
             i
-            for i, inst in self.entry.instances.items()
+            for i, inst in (entry or self.entry).instances.items()
             if endpoint in inst.endpoints
             and i not in exclude
             and not inst.card.get("sleeping")
@@ -107,6 +117,23 @@ class Dispatch:
         prompt = prompt if prompt is not None else self.prompt_ids
         while True:
             candidates = self._serving(endpoint, tried)
+            # With no worker left at all (one restarting) the terminal stage waits for one; not when
+            # workers are asleep or lack the adapter (an operator's choice), nor for an earlier
+            # stage, which has its own fallback.
+            if (
+                not candidates
+                and endpoint == self.terminal
+                and self.wait_worker is not None
+                and not any(
+                    endpoint in inst.endpoints and i not in tried for i, inst in self.entry.instances.items()
+                )
+            ):
+                fresh = await self.wait_worker(
+                    self.entry.name, lambda e: bool(self._serving(endpoint, tried, e))
+                )
+                if fresh is not None:
+                    self.entry = fresh
+                    continue
             if not candidates:
                 what = f"adapter {self.lora!r} of " if self.lora else ""
                 raise InstanceLost(f"no live worker serves {endpoint!r} for {what}model {self.entry.name!r}")

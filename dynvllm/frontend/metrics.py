@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -52,6 +53,14 @@ class FrontendMetrics:
         self.routed = Counter(
             "dynvllm_routed_requests", "Requests routed to each worker", ["model", "worker"], registry=r
         )
+        self.restarts = Counter(
+            "dynvllm_worker_restarts",
+            "Workers that came back after `serve` restarted them following a crash",
+            ["model", "role"],
+            registry=r,
+        )
+        self._since = time.time()
+        self._restarted: set[str] = set()
 
     def of(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, remembered: prometheus_client takes a lock and builds a key on
@@ -62,9 +71,22 @@ class FrontendMetrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
-    def watch_workers(self, rows: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
-        """Worker gauges read from discovery at scrape time: `rows()` yields (model, role,
-        restarts) per live worker."""
+    def worker_registered(
+        self, instance_id: str, model: str, role: str, restarts: int, started: float
+    ) -> None:
+        """Count a worker that `serve` restarted (its card's `restarts` > 0) once, when its new
+        instance registers. One that started before this process did is not counted: that restart
+        happened before this counter began (a frontend restart resets counters, as Prometheus
+        expects). Counted from events, not read from live cards, so it never goes down when a
+        worker leaves or a slot's restart count is forgiven."""
+        if restarts <= 0 or started < self._since or instance_id in self._restarted:
+            return
+        self._restarted.add(instance_id)
+        self.of(self.restarts, model, role).inc()
+
+    def watch_workers(self, rows: Callable[[], Iterable[tuple[str, str]]]) -> None:
+        """Worker gauges read from discovery at scrape time: `rows()` yields (model, role) per
+        live worker."""
         gauges = _WorkerGauges(rows)
         self._live.append(gauges)
         self.registry.register(gauges)  # type: ignore[arg-type]
@@ -95,27 +117,18 @@ class FrontendMetrics:
 
 
 class _WorkerGauges:
-    def __init__(self, rows: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
+    def __init__(self, rows: Callable[[], Iterable[tuple[str, str]]]) -> None:
         self._rows = rows
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
         count: dict[tuple[str, str], int] = {}
-        restarts: dict[tuple[str, str], int] = {}
-        for model, role, n in self._rows():
+        for model, role in self._rows():
             count[(model, role)] = count.get((model, role), 0) + 1
-            restarts[(model, role)] = restarts.get((model, role), 0) + n
         workers = GaugeMetricFamily(
             "dynvllm_workers", "Live workers by model and role", labels=["model", "role"]
         )
-        again = GaugeMetricFamily(
-            "dynvllm_worker_restarts",
-            "Crash restarts by `serve` of the live workers' slots",
-            labels=["model", "role"],
-        )
         for key in sorted(count):
             workers.add_metric(list(key), count[key])
-            again.add_metric(list(key), restarts[key])
         yield workers
-        yield again

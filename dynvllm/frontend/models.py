@@ -75,6 +75,8 @@ class ModelRegistry:
         self._loading: set[asyncio.Future] = set()
         #: Every adapter seen in a card: name -> (base model, source). Kept after workers drop it.
         self.adapter_sources: dict[str, tuple[str, str]] = {}
+        #: Every model name a worker ever served: one with no worker now is restarting, not unknown.
+        self.seen: set[str] = set()
         watcher.on_add.append(self._add)
         watcher.on_update.append(self._add)
         watcher.on_remove.append(self._remove)
@@ -83,6 +85,7 @@ class ModelRegistry:
         name = inst.card.get("model")
         if inst.component != "worker" or not name:
             return
+        self.seen.add(name)
         entry = self.models.get(name)
         if entry is None:
             entry = self.models[name] = ModelEntry(name, inst.card)
@@ -147,7 +150,9 @@ class ModelRegistry:
 
     def knows(self, name: str) -> bool:
         """A name this registry has seen: a model, an alias, or an adapter any worker ever held."""
-        return name in self.models or name in self.aliases or name in self.adapter_sources
+        return (
+            name in self.seen or name in self.models or name in self.aliases or name in self.adapter_sources
+        )
 
     async def resolve(self, name: str) -> tuple[ModelEntry | None, str | None]:
         """(entry, adapter) for a model name: a base model, or an adapter some worker holds."""

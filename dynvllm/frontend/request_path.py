@@ -4,7 +4,11 @@ and the deltas this path yields into its own response shape; nothing here knows 
 
 Hooks are where policy sits without touching a surface: `on_admit` runs once a request is
 tokenized and budgeted, before any worker is chosen (quotas, priorities, tenants refuse here by
-raising `RequestError`); `on_end` runs once per request with its final status (tracing, billing).
+raising `RequestError`, or wait); `on_end` runs once per request that reached `on_admit`, with its
+final status (tracing, billing), also when a hook refused it (then `Admitted.refused` is set).
+
+A model that is known but has no ready worker right now (a worker restarting) is waited for, up
+to `worker_wait` seconds, instead of answered with a 404 or a 503 at once.
 """
 
 from __future__ import annotations
@@ -86,6 +90,12 @@ class Admitted:
         self.client = client
         #: Anything hooks want to keep with the request (a trace span, a tenant's name).
         self.notes: dict[str, Any] = {}
+        #: When the request reached the path (queue deadlines count from here).
+        self.arrived = time.monotonic()
+        #: The request's own priority field, if its API has one (lower goes first, as in vLLM).
+        self.priority: int | None = None
+        #: Set when an `on_admit` hook refused it: it never ran.
+        self.refused = False
 
     def usage(self) -> Usage:
         total = Usage()
@@ -167,6 +177,13 @@ class RequestPath:
         self.media, self.on_demand = media, on_demand
         self.on_admit: list[AdmitHook] = []
         self.on_end: list[EndHook] = []
+        #: Seconds a request waits for a worker of a known model that has none ready (0: no wait).
+        self.worker_wait = 0.0
+        #: Requests allowed to wait so at once; more are refused at once.
+        self.max_worker_waits = 1000
+        self._worker_waits = 0
+        #: Set when the frontend drains: requests stop waiting for workers.
+        self.closing = False
 
     # ---- models ----------------------------------------------------------------------
     def unknown_model(self, name: str) -> RequestError:
@@ -183,13 +200,40 @@ class RequestPath:
         return name if self.models.knows(name) else "unknown"
 
     async def resolve(self, name: str) -> tuple[ModelEntry, str | None]:
-        """The model's entry, and the adapter when the name is one (404 when nothing serves it)."""
+        """The model's entry, and the adapter when the name is one (404 when nothing serves it;
+        a model seen before waits for a worker, then 503)."""
         entry, lora = await self.models.resolve(name)
         if entry is None and self.on_demand is not None and await self.on_demand.ensure(name):
+            entry, lora = await self.models.resolve(name)
+        if (entry is None or not entry.servable) and self.models.knows(name) and self.worker_wait > 0:
+            target = self.models.aliases.get(name, name)
+            if target not in self.models.models and name in self.models.adapter_sources:
+                target = self.models.adapter_sources[name][0]
+            if await self.wait_worker(target, lambda e: e.servable) is None:
+                raise no_worker(name, self.worker_wait)
             entry, lora = await self.models.resolve(name)
         if entry is None or not entry.instances:
             raise self.unknown_model(name)
         return entry, lora
+
+    async def wait_worker(self, model: str, ready: Callable[[ModelEntry], bool]) -> ModelEntry | None:
+        """The model's entry once `ready(entry)` holds (a worker registered, woke up ...), or None
+        after `worker_wait` seconds, or at once when too many requests wait already."""
+        if self.worker_wait <= 0 or self.closing or self._worker_waits >= self.max_worker_waits:
+            return None
+
+        def check() -> ModelEntry | None:
+            entry = self.models.models.get(model)
+            return entry if entry is not None and ready(entry) else None
+
+        self._worker_waits += 1
+        try:
+            await self.models.watcher.wait_for(
+                lambda _: self.closing or check() is not None, self.worker_wait
+            )
+        finally:
+            self._worker_waits -= 1
+        return check()
 
     async def entry(self, name: str) -> ModelEntry:
         return (await self.resolve(name))[0]
@@ -242,6 +286,7 @@ class RequestPath:
     ) -> Admitted:
         """Tokenize, check and budget a parsed request; a `RequestError` says what is wrong.
         `terminal` is the stage that ends the request's chain (declared by roles)."""
+        arrived = time.monotonic()
         entry, lora = await self.resolve(req.model)
         self._check_terminal(entry, terminal)
         tok = entry.tokenizer
@@ -261,8 +306,10 @@ class RequestPath:
             )
             parts.append(Part(ids, text, post))
         admitted = Admitted(surface, req.model, entry, req.n, dispatches, parts, client or {})
-        for hook in self.on_admit:
-            await hook(admitted)
+        admitted.arrived = arrived
+        # Not every API has the field (a Generation need not declare it).
+        admitted.priority = getattr(req, "priority", None)
+        await self._run_admit_hooks(admitted)
         m = self.metrics
         m.of(m.prompt_tokens, admitted.model).inc(sum(len(p.prompt_ids) for p in parts))
         return admitted
@@ -277,6 +324,7 @@ class RequestPath:
     ) -> Admitted:
         """Admit a request whose terminal stage answers once per prompt (embed, score ...); run
         it with `call_all`."""
+        arrived = time.monotonic()
         entry, lora = await self.resolve(model)
         self._check_terminal(entry, terminal)
         dispatches, parts = [], []
@@ -291,8 +339,8 @@ class RequestPath:
         if not parts:
             raise RequestError(400, "the input is empty", param="input")
         admitted = Admitted(surface, model, entry, 1, dispatches, parts, client or {})
-        for hook in self.on_admit:
-            await hook(admitted)
+        admitted.arrived = arrived
+        await self._run_admit_hooks(admitted)
         m = self.metrics
         m.of(m.prompt_tokens, admitted.model).inc(sum(len(p.prompt_ids) for p in parts))
         return admitted
@@ -304,6 +352,20 @@ class RequestPath:
             for k, d in enumerate(r.dispatches)
         ]
         return list(await asyncio.gather(*calls))
+
+    async def _run_admit_hooks(self, r: Admitted) -> None:
+        for d in r.dispatches:
+            d.wait_worker = self.wait_worker
+        try:
+            for hook in self.on_admit:
+                await hook(r)
+        except BaseException as exc:
+            # Hooks that already took something (a quota, a queue slot) give it back in on_end.
+            r.refused = True
+            status = str(exc.status) if isinstance(exc, RequestError) else "499"
+            for end in self.on_end:
+                end(r, status)
+            raise
 
     def _check_terminal(self, entry: ModelEntry, terminal: str) -> None:
         if not entry.serves(terminal):
@@ -338,6 +400,15 @@ class RequestPath:
                     self.on_demand.used(dispatch.worker_id, dispatch.lora)
         for hook in self.on_end:
             hook(r, status)
+
+
+def no_worker(model: str, waited: float) -> RequestError:
+    return RequestError(
+        503,
+        f"no worker of model {model!r} is ready (requests wait up to {waited:g} s for one); try again later",
+        "service_unavailable",
+        headers={"retry-after": "5"},
+    )
 
 
 def length_error(ctx: int, prompt: int, completion: int | None) -> RequestError:

@@ -38,7 +38,7 @@ class Surface:
 
     def error_response(self, err: RequestError, headers: dict[str, str] | None = None) -> Response:
         """An error in this API's shape (default: OpenAI's, as vLLM's server answers)."""
-        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+        return JSONResponse(err.body(), status_code=err.status, headers={**err.headers, **(headers or {})})
 
     # ---- auth ----------------------------------------------------------------------------
     def presented_key(self, headers: dict[bytes, bytes]) -> bytes | None:

@@ -8,7 +8,7 @@ transformers produce for the same model.
 from __future__ import annotations
 
 import json
-from functools import cached_property
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,71 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value
+
+
+#: Appended to the final message's text to find where it ends in the rendered prompt (as
+#: transformers does for continue_final_message).
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+@lru_cache(maxsize=32)
+def compiled(template: str) -> Any:
+    """A chat template compiled in a sandboxed Jinja environment configured as Hugging Face's
+    (models' templates, the server's --chat-template and trusted per-request ones)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TokenizerError(message)
+
+    def tojson(
+        x: Any,
+        ensure_ascii: bool = False,
+        indent: Any = None,
+        separators: Any = None,
+        sort_keys: bool = False,
+    ) -> str:
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)
+
+
+def _tag_final(messages: list[dict]) -> tuple[list[dict], str]:
+    """The messages with the tag after the last message's (last) text, and that text."""
+    if not messages:
+        raise TokenizerError("continue_final_message needs a final message to continue")
+    last = dict(messages[-1])
+    content = last.get("content")
+    if isinstance(content, str):
+        final, last["content"] = content, content + _CONTINUE_TAG
+    elif isinstance(content, list) and any("text" in p for p in content):
+        content = [dict(p) for p in content]
+        part = next(p for p in reversed(content) if "text" in p)
+        final, part["text"] = part["text"], part["text"] + _CONTINUE_TAG
+        last["content"] = content
+    else:
+        raise TokenizerError("continue_final_message is set but the final message has no text to continue")
+    return [*messages[:-1], last], final
+
+
+def _cut_at_tag(text: str, final: str) -> str:
+    """The prompt up to the end of the final message's text (what the template puts after it,
+    such as an end-of-turn token, is cut off)."""
+    tag = _CONTINUE_TAG.strip()
+    if final.strip() not in text or tag not in text:
+        raise TokenizerError(
+            "continue_final_message is set but the chat template drops part of the final message"
+        )
+    at = text.rindex(tag)
+    if text[at : at + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
+        return text[:at]
+    return text[:at].rstrip()  # the template trimmed the message's trailing space
 
 
 class Tokenizer:
@@ -64,41 +129,28 @@ class Tokenizer:
     def id_to_token(self, tid: int) -> str:
         return self._tok.id_to_token(tid) or ""
 
-    @cached_property
-    def _template(self) -> Any:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str) -> None:
-            raise TokenizerError(message)
-
-        def tojson(
-            x: Any,
-            ensure_ascii: bool = False,
-            indent: Any = None,
-            separators: Any = None,
-            sort_keys: bool = False,
-        ) -> str:
-            return json.dumps(
-                x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-            )
-
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-        )
-        env.filters["tojson"] = tojson
-        env.globals["raise_exception"] = raise_exception
-        assert self.chat_template is not None
-        return env.from_string(self.chat_template)
-
     def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        template: str | None = None,
+        continue_final_message: bool = False,
+        **kwargs: Any,
     ) -> str:
-        if not self.chat_template:
+        """The prompt text for `messages`, with the model's chat template or `template` (one given
+        to the server or with the request). With `continue_final_message` the prompt ends inside
+        the last message, as transformers cuts it, so the model continues that message."""
+        source = template or self.chat_template
+        if not source:
             raise TokenizerError("this model has no chat template; use /v1/completions")
+        final = None
+        if continue_final_message:
+            messages, final = _tag_final(messages)
         special = {k: _token_text(v) for k, v in self.config.items() if k.endswith("_token")}
-        return self._template.render(
+        text = compiled(source).render(
             messages=messages, add_generation_prompt=add_generation_prompt, **special, **kwargs
         )
+        return text if final is None else _cut_at_tag(text, final)
 
     def decode_stream(self, skip_special_tokens: bool = True) -> IncrementalText:
         return IncrementalText(self, skip_special_tokens)

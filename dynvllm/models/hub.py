@@ -24,10 +24,28 @@ def is_local(model: str) -> bool:
     return Path(model).expanduser().is_dir()
 
 
+def looks_like_path(model: str) -> bool:
+    """A name no hub id can be ('org/name' at most, no leading '/', '.' or '~'): a local path."""
+    return model.startswith(("/", ".", "~")) or model.count("/") > 1 or (os.sep != "/" and os.sep in model)
+
+
+def check_local(model: str) -> None:
+    """`ModelNotFound` for a local path that is no model folder, said as such: asking the hub for
+    it would answer with a repo-id error that hides the cause."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise ModelNotFound(f"model {model!r} is a file; give the folder that holds its config.json")
+    if looks_like_path(model):
+        raise ModelNotFound(f"the model folder {model!r} does not exist")
+
+
 def resolve_model(model: str, revision: str | None = None, tokenizer_only: bool = False) -> str:
     """A local folder for `model`; hub ids download with a progress bar (huggingface-hub's)."""
     if is_local(model):
         return str(Path(model).expanduser().resolve())
+    check_local(model)
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 

@@ -100,8 +100,12 @@ class EmbeddedNats:
         self.stop()
 
 
-async def connect(rt: RuntimeSettings, url: str | None = None, name: str = "dynvllm"):
-    """Connect with reconnection forever: a restarted server is rejoined, not fatal."""
+async def connect(
+    rt: RuntimeSettings, url: str | None = None, name: str = "dynvllm", give_up_after: float | None = None
+):
+    """Connect with reconnection forever: a restarted server is rejoined, not fatal. With
+    `give_up_after` (a command, not a service) the first connection must come within that many
+    seconds, else `NatsUnavailable`, with no warnings on the way."""
     import nats
 
     url = url or rt.nats_url
@@ -136,7 +140,7 @@ async def connect(rt: RuntimeSettings, url: str | None = None, name: str = "dynv
         # Disconnections are expected during a server restart; nats-py retries on its own. Before
         # the first connection, though, silence would look like a hang: say what is awaited.
         now = time.monotonic()
-        if not state["connected"] and now - state["warned"] >= 5:
+        if not state["connected"] and give_up_after is None and now - state["warned"] >= 5:
             state["warned"] = now
             log.warning("cannot reach NATS at %s yet (%s: %s); retrying", url, type(exc).__name__, exc)
         else:
@@ -144,9 +148,17 @@ async def connect(rt: RuntimeSettings, url: str | None = None, name: str = "dynv
 
     opts["error_cb"] = _errors
     try:
-        nc = await nats.connect(**opts)
+        if give_up_after is None:
+            nc = await nats.connect(**opts)
+        else:
+            nc = await asyncio.wait_for(nats.connect(**opts), give_up_after)
         state["connected"] = True
         return nc
+    except TimeoutError:
+        raise NatsUnavailable(
+            f"cannot reach NATS at {url} within {give_up_after:g} s: is the service running there? "
+            "(--timeout waits longer)"
+        ) from None
     except Exception as exc:
         raise NatsUnavailable(f"cannot connect to NATS at {url}: {type(exc).__name__}: {exc}") from exc
 

@@ -27,6 +27,8 @@ class EngineHandle:
     generate: Callable[[Any], AsyncIterator[dict]]
     #: One pooling call for a task (embed, classify ...): `pool(payload, task)`.
     pool: Callable[[Any, str], Awaitable[dict]] | None = None
+    #: The worker's settings (a role's own group: `settings.plugin(NAME)`).
+    settings: Settings | None = None
 
 
 class Role:

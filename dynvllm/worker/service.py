@@ -134,7 +134,8 @@ class Worker:
         rt = self.settings.runtime
         self.nc = await natsrt.connect(rt, name=f"dynvllm-worker-{self.role_name}")
         self._build_engine()
-        role_handlers = self.role.handlers(EngineHandle(generate=self.engine.generate, pool=self.engine.pool))
+        handle = EngineHandle(generate=self.engine.generate, pool=self.engine.pool, settings=self.settings)
+        role_handlers = self.role.handlers(handle)
         self.adapters = AdapterManager(self.engine, self.settings, self._republish)
         self.operations = EngineOperations(self.engine, self.settings, self._republish)
         handlers = {

@@ -311,8 +311,10 @@ def test_sigterm_of_a_worker_under_load_finishes_or_migrates_its_streams(cluster
     assert migrated >= 1  # what outlived the drain timeout moved on instead of failing
     assert victim["id"] not in routed_after
     assert not wait_gone([victim["pid"]], timeout=15)
-    time.sleep(1.5)
     # A clean exit after draining is an operator's decision: `serve` does not undo it.
+    deadline = time.monotonic() + 5
+    while "after draining; not restarted" not in proc.tail(20000) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert "after draining; not restarted" in proc.tail(20000)
     health = json.load(urllib.request.urlopen(url + "/health"))
     assert health["workers"] == 2

@@ -10,11 +10,12 @@ import threading
 from pathlib import Path
 
 import httpx
+import pytest
 
 from dynvllm.runtime import nats as natsrt
 from dynvllm.runtime.discovery import Watcher
 from dynvllm.settings import RuntimeSettings
-from tests.helpers import ENGINE_ARGS, Proc, start_agg, wait_gone, wait_http
+from tests.helpers import Proc, start_agg, start_service, wait_gone, wait_http
 
 
 async def _wait_registered(url: str, namespace: str, present: bool, timeout: float) -> bool:
@@ -34,28 +35,41 @@ def _engine_pids(proc: Proc) -> list[int]:
     ]
 
 
-def _start_worker(tiny_model, nats_url, namespace, tmp_path) -> Proc:
-    proc = Proc(
-        [
-            "serve",
-            "agg",
-            "--no-frontend",
-            "--nats-url",
-            nats_url,
-            "--namespace",
-            namespace,
-            "--model",
-            str(tiny_model),
-            *ENGINE_ARGS,
-        ],
-        tmp_path / f"{namespace}.log",
-    )
+@pytest.fixture(scope="module")
+def services(tiny_model, nats_url, tmp_path_factory):
+    """Each test's own service, all started at once: their engines start side by side instead of
+    one after another. Each test ends its own; whatever a failed test left is killed here."""
+    logs = tmp_path_factory.mktemp("lc")
+    # The SIGTERM test's temp folder (vLLM's IPC sockets, NATS's store), short enough for socket names.
+    scratch = Path(tempfile.mkdtemp(prefix="lc-"))
+    procs = {
+        ns: start_service(
+            ["serve", "agg", "--no-frontend"],
+            logs / f"{ns}.log",
+            model=tiny_model,
+            namespace=ns,
+            nats_url=nats_url,
+            http=False,
+        )
+        for ns in ("lc-kill", "lc-engine")
+    }
+    procs["lc-term"] = start_agg(tiny_model, logs / "serve.log", "lc-term", env={"TMPDIR": str(scratch)})[1]
+    try:
+        yield procs, scratch
+    finally:
+        for proc in procs.values():
+            proc.kill_all()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _worker(services, nats_url: str, namespace: str) -> Proc:
+    proc = services[0][namespace]
     assert natsrt.run(_wait_registered(nats_url, namespace, True, 240)), proc.tail()
     return proc
 
 
-def test_sigkill_of_worker_leaves_no_engine_process(tiny_model, nats_url, tmp_path):
-    proc = _start_worker(tiny_model, nats_url, "lc-kill", tmp_path)
+def test_sigkill_of_worker_leaves_no_engine_process(services, nats_url):
+    proc = _worker(services, nats_url, "lc-kill")
     try:
         everything = [p.pid for p in proc.descendants()]
         assert _engine_pids(proc), [p.name() for p in proc.descendants()]
@@ -67,8 +81,8 @@ def test_sigkill_of_worker_leaves_no_engine_process(tiny_model, nats_url, tmp_pa
         proc.kill_all()
 
 
-def test_engine_death_deregisters_and_exits_nonzero(tiny_model, nats_url, tmp_path):
-    proc = _start_worker(tiny_model, nats_url, "lc-engine", tmp_path)
+def test_engine_death_deregisters_and_exits_nonzero(services, nats_url):
+    proc = _worker(services, nats_url, "lc-engine")
     try:
         everything = [p.pid for p in proc.descendants()]
         core = [
@@ -83,10 +97,11 @@ def test_engine_death_deregisters_and_exits_nonzero(tiny_model, nats_url, tmp_pa
         proc.kill_all()
 
 
-def test_sigterm_during_stream_finishes_stream_then_nothing_remains(tiny_model, tmp_path):
-    # The service's temp folder (vLLM's IPC sockets, NATS's store), short enough for socket names.
-    scratch = Path(tempfile.mkdtemp(prefix="lc-"))
-    url, proc = start_agg(tiny_model, tmp_path / "serve.log", "lc-term", env={"TMPDIR": str(scratch)})
+def test_sigterm_during_stream_finishes_stream_then_nothing_remains(services):
+    procs, scratch = services
+    proc = procs["lc-term"]
+    url = proc.url
+    assert url
     try:
         wait_http(url + "/health", lambda b: b.get("workers") == 1, proc)
         everything = [proc.p.pid] + [p.pid for p in proc.descendants()]

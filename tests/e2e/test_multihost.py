@@ -16,7 +16,15 @@ import pytest
 from dynvllm.process import child_preexec
 from dynvllm.runtime.nats import nats_server_binary
 from tests import netns
-from tests.helpers import ENGINE_ARGS, Proc, decode_transfers, stop_all, wait_gone, wait_http, want_reference
+from tests.helpers import (
+    Proc,
+    decode_transfers,
+    start_service,
+    stop_all,
+    wait_gone,
+    wait_http,
+    want_reference,
+)
 
 pytestmark = pytest.mark.vllm
 WHY_NOT = netns.available()
@@ -57,17 +65,19 @@ def _service(tiny_model, logs, workers: dict[str, list[str]], namespace: str, ro
              "-sd", str(logs / "js")],
             stdout=open(logs / "nats.log", "wb"), stderr=subprocess.STDOUT, preexec_fn=child_preexec,
         )  # fmt: skip
-        common = ["--nats-url", nats_url, "--namespace", namespace]
-        front = Proc(
-            ["frontend", *common, "--router", router, "--http-host", addr["frontend"],
-             "--http-port", str(HTTP_PORT), "--disagg-min-prompt-tokens", "16"],
-            logs / "frontend.log", prefix=net.prefix("frontend"),
+        common = {"nats_url": nats_url, "namespace": namespace}
+        front = start_service(
+            ["frontend"], logs / "frontend.log", "--router", router, "--disagg-min-prompt-tokens", "16",
+            http_host=addr["frontend"], http_port=HTTP_PORT, prefix=net.prefix("frontend"), **common,
         )  # fmt: skip
         procs.append(front)
         for host, args in workers.items():
-            argv = ["serve", *args, *common, "--model", str(tiny_model), "--served-model-name", "tiny"]
-            procs.append(Proc([*argv, *ENGINE_ARGS], logs / f"{host}.log", prefix=net.prefix(host)))
-        url = f"http://{addr['frontend']}:{HTTP_PORT}"
+            log = logs / f"{host}.log"
+            worker = start_service(
+                ["serve", *args], log, model=tiny_model, http=False, prefix=net.prefix(host), **common
+            )
+            procs.append(worker)
+        url = front.url
         for p in procs[1:]:
             wait_http(url + "/health", lambda b: b.get("workers") == len(workers), p, timeout=400)
         yield {"url": url, "net": net, "addr": addr, "nats_url": nats_url, "procs": procs}

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import Proc, free_port, offline_reference, start_agg, stop_all, wait_http
+from tests.helpers import OfflineReference, free_port, start_agg, start_service, stop_in_background, wait_http
 
 TEMPLATE = "Question: <prompt> Answer:"
 QUESTION = "what is this"
@@ -49,7 +49,7 @@ def vision_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def expected(vision_model, media):
+def expected_job(vision_model, media):
     reqs = [
         {
             "kind": "completion",
@@ -59,7 +59,14 @@ def expected(vision_model, media):
         }
         for p in (media / "img0.png", media / "img1.png")
     ]
-    return [texts[0] for texts in offline_reference(vision_model, reqs, {"max_model_len": 512})]
+    job = OfflineReference(vision_model, reqs, {"max_model_len": 512})
+    yield job
+    job.close()
+
+
+@pytest.fixture(scope="module")
+def expected(expected_job):
+    return [texts[0] for texts in expected_job.result()]
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +94,9 @@ def _args(media: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def services(vision_model, media, expected, tmp_path_factory):
-    """agg alone, and agg + an encode worker, side by side."""
+def services(vision_model, media, expected_job, tmp_path_factory):
+    """agg alone, and agg + an encode worker, side by side (their engines start while vLLM's
+    offline one computes `expected`)."""
     log = tmp_path_factory.mktemp("mm")
     agg_url, agg = start_agg(vision_model, log / "agg.log", "mm-agg", *_args(media))
     enc_url, enc = start_agg(
@@ -99,7 +107,7 @@ def services(vision_model, media, expected, tmp_path_factory):
         wait_http(enc_url + "/health", lambda b: b.get("workers") == 2, enc, timeout=400)
         yield {"agg": agg_url, "enc": enc_url, "enc_proc": enc}
     finally:
-        stop_all([agg, enc])
+        stop_in_background([agg, enc])
 
 
 def _chat(url: str, image_url: str | list[str], text: str = QUESTION) -> httpx.Response:
@@ -206,22 +214,36 @@ def test_private_addresses_are_refused_by_default(vision_model, media, image_ser
 
 
 def test_role_conflicts_are_refused_at_start_up(tiny_model, vision_model, tmp_path):
-    port = str(free_port())
-    enc_text = Proc(
-        ["serve", "agg", "--model", str(tiny_model), "--roles", "agg=1,encode=1", "--http-port", port],
+    port = free_port()
+    enc_text = start_service(
+        ["serve", "agg"],
         tmp_path / "a.log",
+        "--roles",
+        "agg=1,encode=1",
+        model=tiny_model,
+        engine_args=(),
+        http_port=port,
     )
     assert enc_text.p.wait(60) == 2
     assert "the encode role needs a multimodal model" in enc_text.tail()
-    only_enc = Proc(
-        ["serve", "agg", "--model", str(vision_model), "--roles", "encode=1", "--http-port", port],
+    only_enc = start_service(
+        ["serve", "agg"],
         tmp_path / "b.log",
+        "--roles",
+        "encode=1",
+        model=vision_model,
+        engine_args=(),
+        http_port=port,
     )
     assert only_enc.p.wait(60) == 2
     assert "no role of the topology (encode=1) ends a request" in only_enc.tail()
-    joiner = Proc(
-        ["serve", "encode", "--model", str(vision_model), "--nats-url", "nats://127.0.0.1:1"],
+    joiner = start_service(
+        ["serve", "encode"],
         tmp_path / "c.log",
+        model=vision_model,
+        engine_args=(),
+        nats_url="nats://127.0.0.1:1",
+        http=False,
     )
     assert joiner.p.wait(60) == 2
     assert "needs --encoder-cache-dir" in joiner.tail()

@@ -70,6 +70,7 @@ def service(agg_service, tmp_path_factory):
         "hermes",
         "--reasoning-parser",
         "qwen3",
+        "--trust-request-chat-template",
         namespace="e2e",
         nats_url=state.resolve_nats_url(None, "e2e"),
         env={"DYN_API_KEY": f"sk-test-1,{KEY}"},
@@ -206,17 +207,19 @@ def test_forced_tool_calls_validate_and_stream_the_same(client, tool_choice):
     tools = [WEATHER, TIME]
     # One call at most: a random model would otherwise append calls until max_tokens.
     kw = {"tools": tools, "tool_choice": tool_choice, "parallel_tool_calls": False}
+    # As OpenAI and vLLM answer: a named function's call finishes with "stop".
+    want_finish = "stop" if isinstance(tool_choice, dict) else "tool_calls"
     for q in QUESTIONS[:3]:
         r = _chat(client, q, max_tokens=96, **kw)
         choice = r.choices[0]
-        assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, choice.message.content
+        assert choice.finish_reason == want_finish and choice.message.tool_calls, choice.message.content
         for call in choice.message.tool_calls:
             _validate_call(call, tools)
         if isinstance(tool_choice, dict):
             assert [c.function.name for c in choice.message.tool_calls] == ["get_time"]
         streamed, finish = _streamed_calls(_chat(client, q, max_tokens=96, stream=True, **kw))
         assert streamed == [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
-        assert finish == "tool_calls"
+        assert finish == want_finish
 
 
 def test_tool_history_reaches_the_chat_template(service):
@@ -352,7 +355,7 @@ def test_engine_validation_errors_are_400(client):
     [
         ({"use_beam_search": True}, "use_beam_search"),
         ({"suffix": "end"}, "suffix"),
-        ({"priority": 3}, "priority"),
+        ({"truncate_prompt_tokens": 3}, "truncate_prompt_tokens"),
     ],
 )
 def test_known_unsupported_fields_are_refused_by_name(client, extra, name):
@@ -391,3 +394,90 @@ def test_extra_endpoints(service, client):
     assert d["prompt"].endswith("red river")
     bad = httpx.post(service + "/detokenize", json={"model": "tiny", "tokens": [10**9]}, headers=h)
     assert bad.status_code == 400 and "out of range" in bad.json()["error"]["message"]
+
+
+def _tokenize(service: str, **body) -> list[int]:
+    r = httpx.post(
+        service + "/tokenize", json={"model": "tiny", **body}, headers={"Authorization": f"Bearer {KEY}"}
+    )
+    assert r.status_code == 200, r.text
+    return r.json()["tokens"]
+
+
+def test_return_token_ids_gives_the_prompts_and_the_outputs_ids(service, client):
+    messages = [{"role": "user", "content": QUESTIONS[1]}]
+    r = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=10, temperature=0, extra_body={"return_token_ids": True}
+    )
+    prompt_ids = r.model_extra["prompt_token_ids"]
+    assert prompt_ids == _tokenize(service, messages=messages) and len(prompt_ids) == r.usage.prompt_tokens
+    ids = r.choices[0].model_extra["token_ids"]
+    assert len(ids) == r.usage.completion_tokens
+    h = {"Authorization": f"Bearer {KEY}"}
+    text = httpx.post(service + "/detokenize", json={"model": "tiny", "tokens": ids}, headers=h).json()[
+        "prompt"
+    ]
+    # The whole decode may end in a replacement character where the stream held an unfinished one back.
+    assert text.startswith(r.choices[0].message.content)
+    same = client.completions.create(
+        model="tiny", prompt=prompt_ids, max_tokens=10, temperature=0, extra_body={"return_token_ids": True}
+    )
+    assert same.choices[0].model_extra["token_ids"] == ids  # greedy: the same tokens from the same prompt
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=messages,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            extra_body={"return_token_ids": True},
+        )
+    )
+    assert chunks[0].model_extra["prompt_token_ids"] == prompt_ids
+    assert all("prompt_token_ids" not in c.model_extra for c in chunks[1:])
+    assert [t for c in chunks for ch in c.choices for t in (ch.model_extra.get("token_ids") or [])] == ids
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
+    assert "prompt_token_ids" not in plain.model_extra and "token_ids" not in plain.choices[0].model_extra
+    done = client.completions.create(
+        model="tiny", prompt=PROMPTS[:2], max_tokens=4, temperature=0, extra_body={"return_token_ids": True}
+    )
+    for choice, prompt in zip(done.choices, PROMPTS[:2], strict=True):
+        assert choice.model_extra["prompt_token_ids"] == _tokenize(service, prompt=prompt)
+        assert len(choice.model_extra["token_ids"]) == 4
+
+
+def test_continue_final_message_continues_the_assistants_text(service, client):
+    messages = [{"role": "user", "content": QUESTIONS[2]}, {"role": "assistant", "content": "The old river"}]
+    fields = {"continue_final_message": True, "add_generation_prompt": False}
+    ids = _tokenize(service, messages=messages, **fields)
+    h = {"Authorization": f"Bearer {KEY}"}
+    text = httpx.post(service + "/detokenize", json={"model": "tiny", "tokens": ids}, headers=h).json()
+    assert text["prompt"].endswith("assistant\nThe old river")  # no end of turn after the assistant's text
+    r = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=8, temperature=0, extra_body=fields
+    )
+    want = client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0)
+    assert r.usage.prompt_tokens == len(ids)
+    assert r.choices[0].message.content == want.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="add_generation_prompt"):
+        client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=2, extra_body={"continue_final_message": True}
+        )
+
+
+def test_request_chat_template_and_reasoning_effort(service, client, agg_service):
+    template = "effort={{ reasoning_effort }} {% for m in messages %}{{ m['content'] }}{% endfor %}:"
+    messages = [{"role": "user", "content": QUESTIONS[3]}]
+    fields = {"chat_template": template, "reasoning_effort": "low"}
+    r = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=8, temperature=0, extra_body=fields
+    )
+    ids = _tokenize(service, prompt=f"effort=low {QUESTIONS[3]}:", add_special_tokens=False)
+    want = client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0)
+    assert r.choices[0].message.content == want.choices[0].text and r.usage.prompt_tokens == len(ids)
+    # The shared service's frontend does not trust request templates, as vLLM without the flag.
+    url, _ = agg_service
+    plain = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as exc:
+        plain.chat.completions.create(model="tiny", messages=messages, max_tokens=2, extra_body=fields)
+    assert exc.value.body["param"] == "chat_template"

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 from dynvllm.frontend.surface import Surface, key_matches
+from dynvllm.settings import FrontendSettings
 from dynvllm_plugins.surfaces.anthropic import AnthropicSurface
 
 KEYS = [b"k1", b"k2"]
-SETTINGS = SimpleNamespace(
-    max_request_bytes=1, tool_call_parser=None, reasoning_parser=None, mm_prompt_template=None
-)
+SETTINGS = FrontendSettings(max_request_bytes=1)
 
 
 def test_openai_scheme_is_bearer():

@@ -24,6 +24,10 @@ class Shaper:
     def opening(self) -> list[dict]:
         return []
 
+    def top(self) -> dict:
+        """Fields of the response body beside its choices (streamed: on the first chunk)."""
+        return {}
+
     def chunk(self, index: int, part: Part, d: ChoiceDelta) -> list[dict]:
         raise NotImplementedError
 
@@ -91,7 +95,9 @@ def _tool_call_json(call: ToolCall, index: int | None = None) -> dict:
 
 
 class _ChatShaper(Shaper):
-    def __init__(self, fmt: ChatFormatter, req: oa.ChatRequest, n: int, want_logprobs: bool) -> None:
+    def __init__(
+        self, fmt: ChatFormatter, req: oa.ChatRequest, n: int, want_logprobs: bool, parts: list[Part]
+    ) -> None:
         choice = req.effective_tool_choice()
         forced = None
         forced_name = None
@@ -110,6 +116,10 @@ class _ChatShaper(Shaper):
         self.calls_sent = [0] * n
         self.prompt_logprobs = req.prompt_logprobs is not None
         self.part: Part | None = None
+        self.forced = forced
+        self.return_ids = bool(req.return_token_ids)
+        self.ids: list[list[int]] = [[] for _ in range(n)]
+        self.prompt_ids = parts[0].prompt_ids if parts else []
 
     def opening(self) -> list[dict]:
         return [
@@ -122,8 +132,14 @@ class _ChatShaper(Shaper):
             for i in range(self.n)
         ]
 
+    def top(self) -> dict:
+        return {"prompt_token_ids": self.prompt_ids} if self.return_ids else {}
+
     def _finish_reason(self, i: int, finish: str) -> str:
-        return "tool_calls" if self.outputs[i].called and finish == "stop" else finish
+        # As OpenAI and vLLM answer: "tool_calls" for calls made under "auto" or "required",
+        # "stop" for a named function's call.
+        called = self.outputs[i].called and self.forced != "named"
+        return "tool_calls" if called and finish == "stop" else finish
 
     def _delta(self, i: int, out: ChatDelta) -> dict:
         delta: dict[str, Any] = {}
@@ -156,20 +172,22 @@ class _ChatShaper(Shaper):
             out = ChatDelta(out.content + tail.content, out.reasoning + tail.reasoning, tail.tool_calls)
         self._accumulate(i, out, d)
         lps = d.logprobs if self.want_logprobs else None
-        if not out and d.finish_reason is None and not lps:
+        ids = d.token_ids if self.return_ids else None
+        if ids is not None:
+            self.ids[i] += ids
+        if not out and d.finish_reason is None and not lps and not ids:
             return []
         finish = self._finish_reason(i, d.finish_reason) if d.finish_reason else None
         if self.plain:
-            return [
-                {
-                    "index": i,
-                    "delta": {"content": out.content},
-                    "logprobs": _chat_logprobs(lps),
-                    "finish_reason": finish,
-                }
-            ]
+            choice = {
+                "index": i,
+                "delta": {"content": out.content},
+                "logprobs": _chat_logprobs(lps),
+                "finish_reason": finish,
+            }
+            return [{**choice, "token_ids": ids} if ids is not None else choice]
         choices = []
-        if out or lps:
+        if out or lps or (ids and finish is None):
             choices.append(
                 {
                     "index": i,
@@ -180,6 +198,8 @@ class _ChatShaper(Shaper):
             )
         if finish is not None:
             choices.append({"index": i, "delta": {}, "logprobs": None, "finish_reason": finish})
+        if ids is not None:  # the delta's token ids, on its first chunk
+            choices[0]["token_ids"] = ids
         return choices
 
     def choices(self) -> list[dict]:
@@ -200,6 +220,8 @@ class _ChatShaper(Shaper):
             }
             if self.prompt_logprobs and self.part is not None:
                 choice["prompt_logprobs"] = prompt_logprobs_json(self.part)
+            if self.return_ids:
+                choice["token_ids"] = self.ids[i]
             out.append(choice)
         return out
 
@@ -215,10 +237,30 @@ class ChatFormatter(Formatter):
         tool_parser: ToolParser | None = None,
         reasoning_parser: ReasoningParser | None = None,
         mm_prompt_template: str | None = None,
+        chat_template: str | None = None,
+        trust_request_chat_template: bool = False,
     ):
         self.tool_parser = tool_parser
         self.reasoning_parser = reasoning_parser
         self.mm_prompt_template = mm_prompt_template
+        #: The server's --chat-template, used instead of each model's own.
+        self.chat_template = chat_template
+        self.trust_request_chat_template = trust_request_chat_template
+
+    def template(self, entry: ModelEntry, req: oa.ChatRequest) -> str | None:
+        """The chat template a request is rendered with: its own (when the server trusts them, as
+        vLLM asks), else the server's, else the model's."""
+        if req.chat_template is not None:
+            if not self.trust_request_chat_template:
+                raise oa.APIError(
+                    400,
+                    "a chat_template was sent with the request, but the server does not trust request "
+                    "templates: start it with --trust-request-chat-template, or leave chat_template out",
+                    param="chat_template",
+                )
+            return req.chat_template
+        assert entry.tokenizer is not None
+        return self.chat_template or entry.tokenizer.chat_template
 
     def check(self, req: oa.ChatRequest) -> None:
         if req.tools and req.effective_tool_choice() == "auto" and self.tool_parser is None:
@@ -233,9 +275,10 @@ class ChatFormatter(Formatter):
         self.check(req)
         tok = entry.tokenizer
         assert tok is not None
+        template = self.template(entry, req)
         with_images = any(m.image_urls() for m in req.messages)
         if with_images:
-            own = _places_images(tok.chat_template)
+            own = _places_images(template)
             if not own and self.mm_prompt_template:
                 # A plain-prompt model (BLIP-2 style): the user's text goes into the template;
                 # the engine's processor adds the image tokens itself.
@@ -251,12 +294,16 @@ class ChatFormatter(Formatter):
                     param="messages",
                 )
         messages = [m.for_template(with_images) for m in req.messages]
-        kwargs = dict(req.chat_template_kwargs or {})
+        kwargs = req.template_kwargs()
         if req.tools and req.effective_tool_choice() != "none":
             kwargs["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
         try:
             text = tok.apply_chat_template(
-                messages, add_generation_prompt=req.add_generation_prompt, **kwargs
+                messages,
+                add_generation_prompt=req.add_generation_prompt,
+                template=template,
+                continue_final_message=req.continue_final_message,
+                **kwargs,
             )
         except oa.APIError:
             raise
@@ -266,7 +313,7 @@ class ChatFormatter(Formatter):
         return [(tok.encode(text, add_special_tokens=add_special), None)]
 
     def shaper(self, req: oa.ChatRequest, parts: list[Part], n: int) -> Shaper:
-        return _ChatShaper(self, req, n, req.logprobs)
+        return _ChatShaper(self, req, n, req.logprobs, parts)
 
 
 class _CompletionShaper(Shaper):
@@ -281,6 +328,9 @@ class _CompletionShaper(Shaper):
         self.offsets = [0] * total
         self.only_echo = req.max_tokens == 0
         self.prompt_lps_sent: set[int] = set()
+        self.return_ids = bool(req.return_token_ids)
+        self.ids: list[list[int]] = [[] for _ in range(total)]
+        self.prompt_ids_sent: set[int] = set()
 
     def _echo(self, index: int, part: Part) -> tuple[str, list]:
         """The prompt's text and logprob entries, once per choice, when echo is on."""
@@ -320,7 +370,11 @@ class _CompletionShaper(Shaper):
 
     def chunk(self, index: int, part: Part, d: ChoiceDelta) -> list[dict]:
         text, entries = self._take(index, part, d)
-        if not text and d.finish_reason is None and not entries:
+        ids = None
+        if self.return_ids:
+            ids = [] if self.only_echo else d.token_ids  # echo only: nothing was generated
+            self.ids[index] += ids
+        if not text and d.finish_reason is None and not entries and not ids:
             return []
         choice = {
             "index": index,
@@ -333,6 +387,13 @@ class _CompletionShaper(Shaper):
         if self.req.prompt_logprobs is not None and index not in self.prompt_lps_sent:
             self.prompt_lps_sent.add(index)
             choice["prompt_logprobs"] = prompt_logprobs_json(part)
+        if ids is not None:
+            # As vLLM streams them: the prompt's ids with a choice's first chunk, then each
+            # chunk's own.
+            if index not in self.prompt_ids_sent:
+                self.prompt_ids_sent.add(index)
+                choice["prompt_token_ids"] = part.prompt_ids
+            choice["token_ids"] = ids
         return [choice]
 
     def choices(self) -> list[dict]:
@@ -348,6 +409,9 @@ class _CompletionShaper(Shaper):
             }
             if self.req.prompt_logprobs is not None:
                 choice["prompt_logprobs"] = prompt_logprobs_json(self.parts[i // self.n])
+            if self.return_ids:
+                choice["prompt_token_ids"] = self.parts[i // self.n].prompt_ids
+                choice["token_ids"] = self.ids[i]
             out.append(choice)
         return out
 

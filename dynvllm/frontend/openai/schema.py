@@ -30,25 +30,20 @@ REFUSED: dict[str, tuple] = {
     "use_beam_search": _UNSET,
     "length_penalty": (*_UNSET, 1, 1.0),
     "truncate_prompt_tokens": _UNSET,
-    "priority": (*_UNSET, 0),
     "spaces_between_special_tokens": (None, True),
     "return_tokens_as_token_ids": _UNSET,
-    "return_token_ids": _UNSET,
     "cache_salt": _UNSET,
     "kv_transfer_params": _UNSET,
     "vllm_xargs": _UNSET,
     "request_id": _UNSET,
     "mm_processor_kwargs": _UNSET,
     "documents": _UNSET,
-    "chat_template": _UNSET,
-    "continue_final_message": _UNSET,
     "functions": _UNSET,
     "function_call": _UNSET,
     "audio": _UNSET,
     "prediction": _UNSET,
     "store": _UNSET,
     "metadata": _UNSET,
-    "reasoning_effort": _UNSET,
     "web_search_options": _UNSET,
     "service_tier": (*_UNSET, "auto", "default"),
     "modalities": (*_UNSET, ["text"]),
@@ -98,6 +93,12 @@ class _Req(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     user: str | None = None
+    #: vLLM's: the prompt's and each choice's token ids on the response (`prompt_token_ids`,
+    #: `token_ids`; streamed: the prompt's with the first chunk, each chunk's own ids).
+    return_token_ids: bool | None = None
+    #: Order in the frontend's admission queue while workers are saturated (lower goes first, as
+    #: in vLLM); an x-dynvllm-priority header takes precedence.
+    priority: int = Field(0, ge=-(2**31), lt=2**31)
 
     @model_validator(mode="after")
     def _common(self) -> _Req:
@@ -264,12 +265,38 @@ class ChatRequest(_Req):
     tool_choice: Literal["none", "auto", "required"] | structured.NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    #: The last (assistant) message is left open for the model to continue, as vLLM does.
+    continue_final_message: bool = False
+    #: A Jinja chat template for this request (the server must trust them: --trust-request-chat-template).
+    chat_template: str | None = None
+    #: Given to the chat template as `reasoning_effort` (and `enable_thinking`), as vLLM does.
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ChatRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs=true")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError(
+                "continue_final_message and add_generation_prompt (true by default) are not compatible: "
+                "send add_generation_prompt: false to continue the final message"
+            )
         return self
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """The chat template's variables from the request: chat_template_kwargs, then the fields
+        vLLM passes over them (reasoning_effort; enable_thinking unless the client set it)."""
+        kwargs = dict(self.chat_template_kwargs or {})
+        if "chat_template" in kwargs:
+            raise APIError(
+                400,
+                "send a chat template as chat_template, not in chat_template_kwargs",
+                param="chat_template_kwargs",
+            )
+        if self.reasoning_effort is not None:
+            kwargs["reasoning_effort"] = self.reasoning_effort
+            kwargs.setdefault("enable_thinking", self.reasoning_effort != "none")
+        return kwargs
 
     def wanted_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

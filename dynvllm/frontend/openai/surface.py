@@ -52,6 +52,7 @@ def chat_formatter(settings: FrontendSettings) -> ChatFormatter:
         _load_parser(registry.TOOL_PARSERS, settings.tool_call_parser),
         _load_parser(registry.REASONING_PARSERS, settings.reasoning_parser),
         settings.mm_prompt_template,
+        trust_request_chat_template=settings.trust_request_chat_template,
     )
 
 
@@ -208,6 +209,7 @@ class OpenAISurface(Surface):
             "model": r.model,
             "choices": job.shaper.choices(),
             "usage": job.usage(),
+            **job.shaper.top(),
         }
         return JSONResponse(body, headers=r.headers())
 
@@ -223,7 +225,10 @@ class OpenAISurface(Surface):
         out: list[bytes] = []
         sent = False
         try:
-            out.extend(_sse({**base, "choices": [choice]}) for choice in job.shaper.opening())
+            top = job.shaper.top()  # vLLM's extras (prompt_token_ids) go with the first chunk
+            for choice in job.shaper.opening():
+                out.append(_sse({**base, "choices": [choice], **top}))
+                top = {}
             async for index, part, d in r.deltas():
                 for choice in job.shaper.chunk(index, part, d):
                     out.append(_sse({**base, "choices": [choice]}))

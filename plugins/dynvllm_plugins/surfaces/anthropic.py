@@ -249,7 +249,9 @@ class AnthropicSurface(Surface):
         return {"type": "error", "error": {"type": kind, "message": err.message}}
 
     def error_response(self, err: RequestError, headers: dict[str, str] | None = None) -> Response:
-        return JSONResponse(self._error_body(err), status_code=err.status, headers=headers)
+        return JSONResponse(
+            self._error_body(err), status_code=err.status, headers={**err.headers, **(headers or {})}
+        )
 
     def presented_key(self, headers: dict[bytes, bytes]) -> bytes | None:
         # The SDK sends x-api-key; with an auth token it sends Authorization: Bearer instead.

@@ -1,0 +1,208 @@
+"""The admission gate: requests wait in the frontend while a model's workers are saturated.
+
+Saturated means: the requests this frontend has let through to a model and not yet seen end reach
+`--max-inflight-per-worker` times the model's ready workers (those that end its chains, awake).
+The rest wait in a `FairQueue` (priority, then tenants in turn), at most `--admission-queue-size`
+of them, each for at most `--admission-timeout` seconds from its arrival; then a 503 with
+Retry-After. A request's priority is its `x-dynvllm-priority` header, else its body's `priority`
+field where the API has one; lower goes first, as in vLLM.
+
+The gate counts what it lets through itself, not what workers report: a released request reaches
+its worker's count only once its stream opens, and counting that late would let a burst through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from dynvllm.frontend.admission import FairQueue, free_slots
+from dynvllm.frontend.errors import RequestError
+from dynvllm.frontend.metrics import FrontendMetrics
+from dynvllm.frontend.models import ModelEntry, ModelRegistry
+from dynvllm.frontend.request_path import Admitted
+
+PRIORITY_HEADER = "x-dynvllm-priority"
+
+Key = tuple[str, str]  # (model, terminal stage)
+
+
+class _Ticket:
+    __slots__ = ("fut", "priority", "r", "tenant")
+
+    def __init__(self, r: Admitted, priority: int, tenant: str) -> None:
+        self.r, self.priority, self.tenant = r, priority, tenant
+        self.fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+
+def ready_workers(entry: ModelEntry | None, terminal: str) -> int:
+    """Workers of the model that end chains at `terminal` and are awake."""
+    if entry is None:
+        return 0
+    return sum(
+        1
+        for inst in entry.instances.values()
+        if terminal in inst.endpoints
+        and inst.card.get("terminal", True) is not False
+        and not inst.card.get("sleeping")
+    )
+
+
+class AdmissionGate:
+    def __init__(
+        self,
+        models: ModelRegistry,
+        metrics: FrontendMetrics,
+        limit_per_worker: int,
+        queue_size: int,
+        timeout: float,
+    ) -> None:
+        self.models, self.limit, self.size, self.timeout = models, limit_per_worker, queue_size, timeout
+        self.queues: dict[Key, FairQueue[_Ticket]] = {}
+        self.inflight: dict[Key, int] = {}
+        #: Seconds a released request took to end, averaged (for Retry-After).
+        self._service: dict[Key, float] = {}
+        self.waiting = 0
+        self.closed = False
+        r = metrics.registry
+        self.queued = Gauge(
+            "dynvllm_admission_queue_length",
+            "Requests waiting for a worker slot",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.waited = Histogram(
+            "dynvllm_admission_wait_seconds",
+            "Time requests waited in the admission queue",
+            ["model"],
+            buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.refused = Counter(
+            "dynvllm_admission_refusals",
+            "Requests the admission queue refused (full, timeout, closing)",
+            ["model", "reason"],
+            registry=r,
+        )
+
+    # ---- hooks ------------------------------------------------------------------------------
+    async def enter(self, r: Admitted) -> None:
+        """on_admit: return once the request may go to a worker; 503 when it cannot wait."""
+        priority = request_priority(r)
+        if self.limit <= 0:
+            return
+        key = (r.entry.name, r.dispatch.terminal)
+        queue = self.queues.setdefault(key, FairQueue())
+        if not queue and self._free(key) > 0:
+            self._take(r, key)
+            self.waited.labels(key[0]).observe(0.0)
+            return
+        if self.closed:
+            raise self._refuse(key, "closing", "the frontend is shutting down")
+        if self.waiting >= self.size:
+            raise self._refuse(key, "full", f"the admission queue is full ({self.size} requests wait)")
+        ticket = _Ticket(r, priority, str(r.notes.get("tenant") or ""))
+        queue.push(ticket, ticket.priority, ticket.tenant)
+        self.waiting += 1
+        self.queued.labels(key[0]).inc()
+        try:
+            await asyncio.wait({ticket.fut}, timeout=max(0.0, r.arrived + self.timeout - time.monotonic()))
+        except BaseException:
+            # Cancelled while waiting. One released meanwhile holds a slot: its on_end frees it.
+            if not ticket.fut.done():
+                self._unqueue(key, queue, ticket)
+            raise
+        if not ticket.fut.done():
+            self._unqueue(key, queue, ticket)
+            raise self._refuse(key, "timeout", f"no worker slot within {self.timeout:g} s")
+        if not ticket.fut.result():
+            raise self._refuse(key, "closing", "the frontend is shutting down")
+
+    def leave(self, r: Admitted, status: str) -> None:
+        """on_end: free the request's slot and let the next one in."""
+        held = r.notes.pop("gate", None)
+        if held is None:
+            return
+        key, weight, since = held
+        self.inflight[key] -= weight
+        took = time.monotonic() - since
+        avg = self._service.get(key)
+        self._service[key] = took if avg is None else 0.9 * avg + 0.1 * took
+        self._pump(key)
+
+    def changed(self, _inst: object = None) -> None:
+        """Discovery saw a worker come, go or change (woke up): capacity may have grown."""
+        for key in list(self.queues):
+            self._pump(key)
+
+    def close(self) -> None:
+        """The frontend drains: nobody waits any longer."""
+        self.closed = True
+        for key, queue in self.queues.items():
+            while (t := queue.pop()) is not None:
+                self.waiting -= 1
+                self.queued.labels(key[0]).dec()
+                if not t.fut.done():
+                    t.fut.set_result(False)
+
+    # ---- inside -------------------------------------------------------------------------------
+    def _free(self, key: Key) -> int:
+        workers = ready_workers(self.models.models.get(key[0]), key[1])
+        return free_slots(self.limit, workers, self.inflight.get(key, 0))
+
+    def _take(self, r: Admitted, key: Key) -> None:
+        weight = len(r.dispatches)
+        self.inflight[key] = self.inflight.get(key, 0) + weight
+        r.notes["gate"] = (key, weight, time.monotonic())
+
+    def _pump(self, key: Key) -> None:
+        queue = self.queues.get(key)
+        while queue and self._free(key) > 0:
+            t = queue.pop()
+            assert t is not None
+            self.waiting -= 1
+            self.queued.labels(key[0]).dec()
+            self._take(t.r, key)
+            self.waited.labels(key[0]).observe(time.monotonic() - t.r.arrived)
+            t.fut.set_result(True)
+
+    def _unqueue(self, key: Key, queue: FairQueue[_Ticket], t: _Ticket) -> None:
+        t.fut.cancel()
+        if queue.remove(t, t.priority, t.tenant):
+            self.waiting -= 1
+            self.queued.labels(key[0]).dec()
+
+    def _refuse(self, key: Key, reason: str, why: str) -> RequestError:
+        self.refused.labels(key[0], reason).inc()
+        return RequestError(
+            503,
+            f"model {key[0]!r} is saturated: {why}; try again later",
+            "service_unavailable",
+            headers={"retry-after": str(self._retry_after(key))},
+        )
+
+    def _retry_after(self, key: Key) -> int:
+        """Seconds until the queue ahead has likely drained: its length over the slots, times the
+        average time a request holds a slot."""
+        slots = max(1, self.limit * ready_workers(self.models.models.get(key[0]), key[1]))
+        ahead = len(self.queues.get(key) or ())
+        return max(1, math.ceil((ahead / slots + 1) * self._service.get(key, 1.0)))
+
+
+def request_priority(r: Admitted) -> int:
+    """The header's priority, else the body's, else 0; a header that is not an integer is a 400."""
+    raw = r.client.get(PRIORITY_HEADER)
+    if raw is None:
+        return int(r.priority or 0)
+    try:
+        return int(raw)
+    except ValueError:
+        raise RequestError(
+            400,
+            f"{PRIORITY_HEADER} must be an integer (lower goes first); got {raw!r}",
+            param=PRIORITY_HEADER,
+        ) from None
