@@ -15,7 +15,7 @@ import functools
 import json
 import shlex
 from pathlib import Path
-from typing import ClassVar, TypeVar, overload
+from typing import ClassVar, Literal, TypeVar, overload
 
 from pydantic import (
     Field,
@@ -133,6 +133,23 @@ class FrontendSettings(SettingsGroup):
         description="Accept a chat_template sent with a chat request (as vLLM, refused without it: a "
         "template is code the frontend runs, in a sandbox).",
     )
+    chat_template: str | None = Field(
+        None,
+        description="Chat template for every model instead of its own: a file, or the template itself "
+        "(as vLLM's --chat-template).",
+    )
+    enable_auto_tool_choice: bool = Field(
+        False,
+        description="Accepted as vLLM's flag: tool_choice auto is on whenever --tool-call-parser is set "
+        "(refused without one, as vLLM does).",
+    )
+    uvicorn_log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
+        "warning", description="Log level of the HTTP server (uvicorn); requests are not logged one by one."
+    )
+    ssl_keyfile: Path | None = Field(None, description="Private key file for HTTPS (PEM).")
+    ssl_certfile: Path | None = Field(
+        None, description="Certificate file for HTTPS (PEM); with it the frontend serves https only."
+    )
     allowed_local_media_path: str | None = Field(
         None,
         description="Folders (comma-separated) that file:// image URLs may read from; without it "
@@ -191,6 +208,26 @@ class FrontendSettings(SettingsGroup):
     def _aliases(cls, v: str | None) -> str | None:
         _alias_pairs(v)
         return v
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, v: str | None) -> str | None:
+        if v is not None:
+            from dynvllm.frontend.tokenizer import read_chat_template
+
+            read_chat_template(v)  # a missing file or a broken template stops the start, named
+        return v
+
+    @model_validator(mode="after")
+    def _pairs(self) -> FrontendSettings:
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError("--enable-auto-tool-choice requires --tool-call-parser (as in vLLM)")
+        if self.ssl_keyfile and not self.ssl_certfile:
+            raise ValueError("--ssl-keyfile needs --ssl-certfile (the certificate the key belongs to)")
+        for f in (self.ssl_keyfile, self.ssl_certfile):
+            if f is not None and not f.is_file():
+                raise ValueError(f"{f}: no such file (--ssl-keyfile / --ssl-certfile)")
+        return self
 
     @field_validator("tenants_file")
     @classmethod

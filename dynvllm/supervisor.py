@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -137,7 +138,7 @@ class Service:
     def http_url(self) -> str:
         fe = self.settings.frontend
         host = "127.0.0.1" if fe.http_host in ("0.0.0.0", "::") else fe.http_host
-        return f"http://{host}:{fe.http_port}"
+        return f"{'https' if fe.ssl_certfile else 'http'}://{host}:{fe.http_port}"
 
     def wait_ready(self, timeout: float = 600) -> bool:
         """True once the frontend reports every worker healthy; False if a child died first."""
@@ -149,8 +150,10 @@ class Service:
             if not self.with_frontend:
                 return True
             url = self.http_url() + "/health"
+            # Our own frontend on loopback: its certificate need not name this address.
+            tls = ssl._create_unverified_context() if url.startswith("https") else None
             try:
-                with urllib.request.urlopen(url, timeout=1) as r:
+                with urllib.request.urlopen(url, timeout=1, context=tls) as r:
                     if json.load(r).get("workers", 0) >= want:
                         return True
             # Not listening yet, a 503 while workers start, a connection cut while it starts up.

@@ -46,4 +46,16 @@ _register()
 
 
 def main() -> None:
-    app()
+    import sys
+
+    from dynvllm.cli.vllm_cmdline import CommandLineError, normalize
+
+    try:
+        # `vllm serve` forms (positional model, several served names, --config) as dynvllm's flags.
+        argv = normalize(sys.argv[1:])
+    except CommandLineError as exc:
+        from rich.console import Console
+
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise SystemExit(2) from None
+    app(args=argv, prog_name="dynvllm")

@@ -210,7 +210,9 @@ def _add_role_command(serve_app: typer.Typer, role_name: str) -> None:
         help=f"Serve with `{role_name}` workers. A role that serves requests on its own starts "
         "NATS (unless --nats-url), the frontend and --workers workers (or the --roles topology); "
         "other roles, and --no-frontend, start one worker that joins a service. "
-        "Unknown --options pass to vLLM.",
+        "Unknown --options pass to vLLM. As with `vllm serve`, the model may come first "
+        "(`serve ROLE MODEL`), --served-model-name may give several names and --config FILE.yaml "
+        "reads flags from a file (the command line's own win).",
     )
     @with_settings("runtime", "frontend", "router", "worker", "engine", plugins=True)
     def _cmd(

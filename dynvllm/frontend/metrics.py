@@ -53,12 +53,11 @@ class FrontendMetrics:
         self.routed = Counter(
             "dynvllm_routed_requests", "Requests routed to each worker", ["model", "worker"], registry=r
         )
-        self.restarts = Counter(
-            "dynvllm_worker_restarts",
-            "Workers that came back after `serve` restarted them following a crash",
-            ["model", "role"],
-            registry=r,
-        )
+        # Counted by each frontend process from discovery, like the worker gauges: a plain
+        # Counter would be summed over --http-workers processes that each saw the same restart.
+        self.restarts = _Restarts()
+        self._live.append(self.restarts)
+        r.register(self.restarts)  # type: ignore[arg-type]
         self._since = time.time()
         self._restarted: set[str] = set()
 
@@ -82,7 +81,8 @@ class FrontendMetrics:
         if restarts <= 0 or started < self._since or instance_id in self._restarted:
             return
         self._restarted.add(instance_id)
-        self.of(self.restarts, model, role).inc()
+        key = (model, role)
+        self.restarts.counts[key] = self.restarts.counts.get(key, 0) + 1
 
     def watch_workers(self, rows: Callable[[], Iterable[tuple[str, str]]]) -> None:
         """Worker gauges read from discovery at scrape time: `rows()` yields (model, role) per
@@ -132,3 +132,20 @@ class _WorkerGauges:
         for key in sorted(count):
             workers.add_metric(list(key), count[key])
         yield workers
+
+
+class _Restarts:
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        family = CounterMetricFamily(
+            "dynvllm_worker_restarts",
+            "Workers that came back after `serve` restarted them following a crash",
+            labels=["model", "role"],
+        )
+        for key, n in sorted(self.counts.items()):
+            family.add_metric(list(key), n)
+        yield family

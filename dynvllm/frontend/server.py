@@ -61,8 +61,10 @@ async def serve_frontend(settings: Settings) -> int:
         frontend.app,
         host=fe.http_host,
         port=fe.http_port,
-        log_level="warning",
+        log_level=fe.uvicorn_log_level,
         access_log=False,
+        ssl_keyfile=str(fe.ssl_keyfile) if fe.ssl_keyfile else None,
+        ssl_certfile=str(fe.ssl_certfile) if fe.ssl_certfile else None,
         loop="none",
         http="httptools",
         timeout_graceful_shutdown=60,
@@ -88,7 +90,8 @@ async def serve_frontend(settings: Settings) -> int:
         await asyncio.sleep(0.02)
     if server.started:
         port = server.servers[0].sockets[0].getsockname()[1]
-        print(f"dynvllm frontend listening on http://{fe.http_host}:{port}", file=sys.stderr, flush=True)
+        scheme = "https" if fe.ssl_certfile else "http"
+        print(f"dynvllm frontend listening on {scheme}://{fe.http_host}:{port}", file=sys.stderr, flush=True)
     await task
     await watcher.stop()
     await pool.close()

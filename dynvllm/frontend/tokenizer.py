@@ -56,6 +56,26 @@ def compiled(template: str) -> Any:
     return env.from_string(template)
 
 
+def read_chat_template(value: str) -> str:
+    """A template given as vLLM's --chat-template takes it: a file's text, or the value itself when
+    it is a template (it has a brace or a newline); checked by compiling it."""
+    try:
+        text = Path(value).read_text()
+    except (OSError, ValueError):
+        if not any(c in value for c in "{}\n"):
+            raise ValueError(
+                f"{value!r} is not a file, nor a template (a template has braces or newlines)"
+            ) from None
+        text = value
+    from jinja2 import TemplateError
+
+    try:
+        compiled(text)
+    except TemplateError as exc:
+        raise ValueError(f"the chat template does not compile: {exc}") from None
+    return text
+
+
 def _tag_final(messages: list[dict]) -> tuple[list[dict], str]:
     """The messages with the tag after the last message's (last) text, and that text."""
     if not messages:

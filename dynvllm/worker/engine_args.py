@@ -28,11 +28,54 @@ def parse_engine_args(settings: Settings, overrides: dict[str, Any] | None = Non
     argv = settings.vllm_argv()
     if not settings.engine.model:
         raise EngineArgsError("no model: pass --model (a Hugging Face id or a local folder) or set DYN_MODEL")
+    _refuse_server_flags(argv, set(parser._option_string_actions))
     ns = parser.parse_args(argv)
     args = AsyncEngineArgs.from_cli_args(ns)
     for key, value in (overrides or {}).items():
         setattr(args, key, value)
     return args
+
+
+#: What dynvllm offers instead of some flags of vLLM's server.
+_INSTEAD = {
+    "--api-server-count": "--http-workers N runs several frontend processes",
+    "-asc": "--http-workers N runs several frontend processes",
+    "--lora-modules": "load adapters with `dynvllm lora load NAME --source ...`",
+    "--disable-uvicorn-access-log": "dynvllm writes no access log anyway",
+}
+
+
+def server_flags(engine_flags: set[str]) -> set[str]:
+    """The flags of vLLM's OpenAI server (`vllm serve`) that are not engine arguments, from this
+    vLLM's own parser (empty when this vLLM keeps them elsewhere)."""
+    try:
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    except ImportError:
+        try:
+            from vllm.entrypoints.openai.cli_args import make_arg_parser  # older releases
+        except ImportError:
+            return set()
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return set(make_arg_parser(FlexibleArgumentParser())._option_string_actions) - engine_flags
+
+
+def _refuse_server_flags(argv: list[str], engine_flags: set[str]) -> None:
+    """Name a flag of vLLM's server that reached the engine's parser as what it is, rather than
+    let vLLM call it an unrecognized engine argument."""
+    given = [a.split("=", 1)[0] for a in argv if a.startswith("-")]
+    given = ["--" + a[2:].replace("_", "-") if a.startswith("--") else a for a in given]
+    if not any(a not in engine_flags for a in given):
+        return
+    found = [a for a in dict.fromkeys(given) if a in server_flags(engine_flags)]
+    if found:
+        hints = [f"{a}: {_INSTEAD[a]}" for a in found if a in _INSTEAD]
+        raise EngineArgsError(
+            f"{', '.join(found)}: {'a flag' if len(found) == 1 else 'flags'} of vLLM's server (vllm serve) "
+            "that dynvllm does not implement; remove "
+            f"{'it' if len(found) == 1 else 'them'} (docs/compatibility.md lists what carries over)"
+            + ("; " + "; ".join(hints) if hints else "")
+        )
 
 
 def publish_kv_events(args: Any, endpoint: str | None, replay: str | None) -> None:

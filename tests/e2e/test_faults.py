@@ -150,11 +150,11 @@ def test_sigkill_of_a_worker_under_100_streams_loses_nothing(cluster):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         metrics = urllib.request.urlopen(url + "/metrics").read().decode()
-        if 'dynvllm_worker_restarts{model="tiny",role="agg"} 1.0' in metrics:
+        if 'dynvllm_worker_restarts_total{model="tiny",role="agg"} 1.0' in metrics:
             break
         time.sleep(0.5)
     assert "restarting in" in proc.tail(20000) and "agg restarted as pid" in proc.tail(20000)
-    assert 'dynvllm_worker_restarts{model="tiny",role="agg"} 1.0' in metrics
+    assert 'dynvllm_worker_restarts_total{model="tiny",role="agg"} 1.0' in metrics
     assert 'dynvllm_workers{model="tiny",role="agg"} 3.0' in metrics
     # Each worker serves its own Prometheus endpoint, announced in discovery.
     fresh = [w for w in _status(cluster["nats"].url) if w["restarts"] == 1]

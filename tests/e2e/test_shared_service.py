@@ -83,6 +83,7 @@ def test_a_tenant_flooding_at_ten_times_its_rate_gets_429s_and_a_light_one_none(
     assert [r.status_code for r in light] == [200] * 5
     ok = [r for r in heavy if r.status_code == 200]
     refused = [r for r in heavy if r.status_code != 200]
+    print(f"flood of {len(heavy)} in {elapsed:.2f} s: {len(ok)} answered, {len(refused)} refused; light: 5/5")
     # A full bucket of 5, then 5 a second for as long as the flood lasted.
     assert 5 + 5 * elapsed - 3 <= len(ok) <= 5 + 5 * elapsed + 3, (len(ok), elapsed)
     assert all(r.json()["usage"]["completion_tokens"] == 2 for r in ok)
@@ -181,6 +182,8 @@ def test_requests_sent_during_a_worker_restart_succeed(service):
     print(f"latency of requests sent during the restart: {waited}")
     assert 1.0 < max(waited) < 30
     assert httpx.get(url + "/health").json()["workers"] == 1
+    text = httpx.get(url + "/metrics").text
+    assert 'dynvllm_worker_restarts_total{model="tiny",role="agg"} 1.0' in text
     # A model never seen is still a 404 at once.
     t = time.monotonic()
     r = httpx.post(url + "/v1/completions", json={**body(0), "model": "nope"}, headers=auth("k-free"))

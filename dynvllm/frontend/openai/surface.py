@@ -23,6 +23,7 @@ from dynvllm.frontend.openai import schema as oa
 from dynvllm.frontend.openai.formatters import ChatFormatter, CompletionFormatter, Formatter, Shaper
 from dynvllm.frontend.request_path import Admitted, RequestPath
 from dynvllm.frontend.surface import Surface
+from dynvllm.frontend.tokenizer import read_chat_template
 from dynvllm.runtime.errors import RemoteError
 from dynvllm.settings import FrontendSettings
 
@@ -52,7 +53,8 @@ def chat_formatter(settings: FrontendSettings) -> ChatFormatter:
         _load_parser(registry.TOOL_PARSERS, settings.tool_call_parser),
         _load_parser(registry.REASONING_PARSERS, settings.reasoning_parser),
         settings.mm_prompt_template,
-        trust_request_chat_template=settings.trust_request_chat_template,
+        read_chat_template(settings.chat_template) if settings.chat_template else None,
+        settings.trust_request_chat_template,
     )
 
 

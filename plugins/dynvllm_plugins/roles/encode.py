@@ -42,6 +42,13 @@ def is_multimodal(model: str) -> bool | None:
     return any(k in data for k in ("vision_config", "vision_tower", "visual", "image_token_index"))
 
 
+#: What an engine that only encodes images needs, as vLLM's disaggregated-encoder examples run
+#: it: no language model (without it CUDA graph capture looks for the language model's attention
+#: layers), no prefix caching (with no attention layer left, KV-cache set-up fails on it) and
+#: eager mode (nothing to capture).
+ENCODER_ONLY = {"mm_encoder_only": True, "enable_prefix_caching": False, "enforce_eager": True}
+
+
 class EncodeRole(Role):
     description = "Encode worker: runs the vision encoder of a multimodal model for language workers."
     stage = ENCODE
@@ -61,7 +68,7 @@ class EncodeRole(Role):
         cfg = settings.plugin(EncoderCacheSettings)
         self.limit, self.folder = cfg.encoder_cache_entries, cfg.encoder_cache_dir
         overrides = encoder_cache.engine_overrides(settings, "ec_producer")
-        return {**super().engine_overrides(settings), **overrides}
+        return {**super().engine_overrides(settings), **overrides, **ENCODER_ONLY}
 
     def check(self, settings: Any) -> None:
         super().check(settings)
