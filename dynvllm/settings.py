@@ -15,7 +15,7 @@ import functools
 import json
 import shlex
 from pathlib import Path
-from typing import ClassVar, Literal, TypeVar, overload
+from typing import Any, ClassVar, Literal, TypeVar, overload
 
 from pydantic import (
     Field,
@@ -25,7 +25,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from dynvllm import registry, settings_plugins
 from dynvllm.settings_base import ENV_PREFIX as ENV_PREFIX
@@ -34,7 +34,10 @@ from dynvllm.settings_base import env_name as env_name
 from dynvllm.settings_base import flag_name as flag_name
 
 
-def _check_port(value: int | None, *, allow_zero: bool) -> int | None:
+_Port = TypeVar("_Port", int, int | None)
+
+
+def _check_port(value: _Port, *, allow_zero: bool) -> _Port:
     low = 0 if allow_zero else 1
     if value is not None and not (low <= value <= 65535):
         raise ValueError(f"port {value} is outside the allowed range {low}-65535")
@@ -477,7 +480,14 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="forbid")
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, **sources):  # type: ignore[override]
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The groups read DYN_* themselves; left to its defaults this model would also parse a
         # user's unrelated ROUTER, ENGINE or WORKER variable as a whole group and fail on it.
         return (init_settings,)
@@ -529,7 +539,8 @@ class Settings(BaseSettings):
     @classmethod
     def from_json(cls, text: str) -> Settings:
         data = json.loads(text)
-        core = {name: GROUPS[name](**data[name]) for name in GROUPS}
+        # Any: each name is a field of its own group type, which a dict's type cannot say.
+        core: dict[str, Any] = {name: GROUPS[name](**data[name]) for name in GROUPS}
         plugins = {name: _plugin_class(name)(**values) for name, values in data.get("plugins", {}).items()}
         return cls(**core, plugins=plugins, extra_engine_args=data.get("extra_engine_args", []))
 
@@ -580,7 +591,7 @@ def build_settings(
 ) -> Settings:
     """Settings from defaults < DYN_* environment < explicit overrides (CLI flags)."""
     overrides = overrides or {}
-    core = {name: cls(**overrides.get(name, {})) for name, cls in GROUPS.items()}
+    core: dict[str, Any] = {name: cls(**overrides.get(name, {})) for name, cls in GROUPS.items()}
     # Every installed plugin's group, so a bad DYN_* value fails at start-up, not on first use.
     plugins = {name: cls(**overrides.get(name, {})) for name, cls in plugin_groups().items()}
     return Settings(**core, plugins=plugins, extra_engine_args=list(extra_engine_args or []))

@@ -75,7 +75,7 @@ def run(
         )
         token = settings.runtime.admin_token
         payload = {**payload, "admin_token": token.get_secret_value() if token else None}
-        return natsrt.run(call_workers(settings, endpoint, payload, pick, timeout))  # type: ignore[return-value]
+        return natsrt.run(call_workers(settings, endpoint, payload, pick, timeout))
     except (LookupError, natsrt.NatsUnavailable) as exc:
         raise _fail(str(exc)) from None
     except ValueError as exc:

@@ -7,6 +7,7 @@ Exit codes: 0 done everywhere asked; 1 at least one worker refused or failed (ea
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import typer
@@ -20,7 +21,7 @@ from dynvllm.settings import Settings
 lora_app = typer.Typer(help="Load, unload and list LoRA adapters on a running service.", no_args_is_help=True)
 
 
-def _targets(worker: str | None, all_workers: bool):  # type: ignore[no-untyped-def]
+def _targets(worker: str | None, all_workers: bool) -> Callable[[list[Any]], list[Any]]:
     def pick(workers: list[Any]) -> list[Any]:
         if worker:
             chosen = [w for w in workers if w.id == worker]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import typer
@@ -14,7 +15,7 @@ kv_app = typer.Typer(help="KV cache operations on a running service.", no_args_i
 worker_app = typer.Typer(help="Operations on one worker of a running service.", no_args_is_help=True)
 
 
-def _one(worker: str):  # type: ignore[no-untyped-def]
+def _one(worker: str) -> Callable[[list[Any]], list[Any]]:
     def pick(workers: list[Any]) -> list[Any]:
         chosen = [w for w in workers if w.id == worker]
         if not chosen:

@@ -6,6 +6,7 @@ cannot express are rewritten into dynvllm's flags:
 - the model as a positional argument: `dynvllm serve agg MODEL` means `--model MODEL`;
 - several served names, `--served-model-name a b c`: the model is served as `a`, and `b` and
   `c` become aliases of it (`--model-aliases b=a,c=a`, merged with any given);
+- several API keys, `--api-key k1 k2`: dynvllm's `--api-key k1,k2`;
 - `--config FILE.yaml` in vLLM's format: each key is a flag name and its value the flag's value
   (true: the flag, false: `--no-` the flag, a list: the flag and each item, a mapping: JSON).
   They go in front of the command line's own flags, so a flag given explicitly wins (the last
@@ -145,10 +146,28 @@ def _served_names(argv: list[str]) -> list[str]:
     return [*out, "--model-aliases", f"{given},{pairs}" if given else pairs]
 
 
+def _api_keys(argv: list[str]) -> list[str]:
+    """`--api-key k1 k2` (vLLM takes several): dynvllm's comma-separated `--api-key k1,k2`."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        out.append(argv[i])
+        if argv[i] == "--api-key":
+            keys = []
+            i += 1
+            while i < len(argv) and not argv[i].startswith("-"):
+                keys.append(argv[i])
+                i += 1
+            out.append(",".join(keys))
+            continue
+        i += 1
+    return out
+
+
 def normalize(argv: list[str]) -> list[str]:
     """dynvllm's command line for one that may use vLLM's forms (see the module's docstring)."""
     if "--help" in argv:
         return argv
     argv = _expand_config(list(argv))
     argv = _positional_model(argv)
-    return _served_names(argv)
+    return _api_keys(_served_names(argv))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection
 from typing import Any
 
 from dynvllm import protocol
@@ -98,7 +98,7 @@ class Dispatch:
     def _serving(
         self,
         endpoint: str,
-        exclude: set[str] = frozenset(),  # type: ignore[assignment]
+        exclude: Collection[str] = frozenset(),
         entry: ModelEntry | None = None,
     ) -> list[str]:
         lora = self.lora
@@ -193,7 +193,7 @@ class Dispatch:
         s["prompt_logprobs"] = None  # the client has them from the first worker
         return s
 
-    async def stream(self) -> AsyncIterator[dict]:
+    async def stream(self) -> AsyncGenerator[dict, None]:
         """Wire deltas from the generate worker. A worker lost before anything streamed is
         replaced (stages run again for the new one). One lost mid-stream is replaced too, up to
         --migration-limit times: the request goes on elsewhere with the tokens generated so far

@@ -107,7 +107,8 @@ def _public(host: str) -> None:
     except socket.gaierror as exc:
         raise _bad(f"cannot resolve image host {host!r}: {exc}") from None
     for info in infos:
-        addr = ipaddress.ip_address(info[4][0].split("%")[0])
+        # str(): the stubs allow an int here (AF_UNIX-style addresses); TCP lookups give text.
+        addr = ipaddress.ip_address(str(info[4][0]).split("%")[0])
         if not addr.is_global:
             raise _bad(f"image host {host!r} resolves to a non-public address ({addr}); refused")
 

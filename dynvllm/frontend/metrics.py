@@ -57,7 +57,7 @@ class FrontendMetrics:
         # Counter would be summed over --http-workers processes that each saw the same restart.
         self.restarts = _Restarts()
         self._live.append(self.restarts)
-        r.register(self.restarts)  # type: ignore[arg-type]
+        r.register(self.restarts)
         self._since = time.time()
         self._restarted: set[str] = set()
 
@@ -89,7 +89,7 @@ class FrontendMetrics:
         live worker."""
         gauges = _WorkerGauges(rows)
         self._live.append(gauges)
-        self.registry.register(gauges)  # type: ignore[arg-type]
+        self.registry.register(gauges)
 
     def stage(self, name: str, help_text: str) -> Counter:
         """The outcome counter a stage declares (created when the stage first runs)."""

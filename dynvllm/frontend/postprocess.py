@@ -101,7 +101,7 @@ class PostProcessor:
         """[[token_text, logprob | None, [[top_text, logprob], ...] | None], ...] for the prompt."""
         decode = self.tok.decode
         raw = self.prompt_logprobs or [None] * len(prompt_ids)
-        out = []
+        out: list[list[Any]] = []
         for tid, entry in zip(prompt_ids, raw, strict=False):
             text = decode([tid], skip_special_tokens=False)
             if entry is None:

@@ -13,7 +13,7 @@ from dynvllm.frontend.models import ModelRegistry
 from dynvllm.frontend.processes import REUSEPORT_ENV, reuseport_socket, run_processes
 from dynvllm.frontend.routing import Router
 from dynvllm.runtime import nats as natsrt
-from dynvllm.runtime.discovery import Watcher
+from dynvllm.runtime.discovery import Instance, Watcher
 from dynvllm.runtime.streams import StreamClientPool
 from dynvllm.settings import Settings
 
@@ -39,7 +39,7 @@ async def serve_frontend(settings: Settings) -> int:
     # streams fail (and migrate) once its connection has been as quiet as its lease.
     watcher.on_remove.append(lambda inst: router.forget(inst.id))
 
-    def ranks(inst) -> None:  # type: ignore[no-untyped-def]
+    def ranks(inst: Instance) -> None:
         router.set_ranks(
             inst.id, int(inst.card.get("dp_start_rank") or 0), int(inst.card.get("dp_size") or 1)
         )
@@ -79,7 +79,8 @@ async def serve_frontend(settings: Settings) -> int:
         frontend.draining = True
         server.should_exit = True
 
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    # uvicorn (since 0.29) sets its own handlers with signal.signal while it serves; these still
+    # run, since the signal also reaches the loop through its wakeup fd.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
     sockets = None

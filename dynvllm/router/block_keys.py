@@ -42,18 +42,18 @@ class BlockKeys:
                     held[k] = held.get(k, 0) + 1
             return ("stored", keys) if keys else None
         if kind == "removed":
-            gone = []
+            gone: list[int] = []
             known, held = self._key, self._held
             for h in event[1]:
-                k = known.pop(h, None)
-                if k is None:
+                key = known.pop(h, None)
+                if key is None:
                     continue
-                left = held[k] - 1
+                left = held[key] - 1
                 if left:
-                    held[k] = left
+                    held[key] = left
                 else:
-                    del held[k]
-                    gone.append(k)
+                    del held[key]
+                    gone.append(key)
             return ("removed", gone) if gone else None
         if kind == "cleared":
             self._key.clear()

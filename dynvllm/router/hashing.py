@@ -32,7 +32,7 @@ def chain(
     """Keys of each full block of `tokens`, continuing from `parent` (a prefix's last key)."""
     h = parent if parent is not None else root(lora)
     t = tokens if isinstance(tokens, tuple) else tuple(tokens)  # slices of a tuple are tuples
-    out = []
+    out: list[int] = []
     append = out.append
     for start in range(0, len(t) - block_size + 1, block_size):
         h = hash((h, t[start : start + block_size]))

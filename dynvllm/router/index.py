@@ -68,34 +68,34 @@ class KvIndex:
         before = {key: holders[key] for key in holders.keys() & keys}
         holders.update(dict.fromkeys(keys, wid))
         for key, have in before.items():
-            if have.__class__ is int:
+            if isinstance(have, int):
                 if have != wid:
                     holders[key] = {have, wid}
             else:
-                have.add(wid)  # type: ignore[union-attr]
+                have.add(wid)
                 holders[key] = have
 
     def _hold(self, wid: int, key: int) -> None:
         have = self.holders.get(key)
         if have is None:
             self.holders[key] = wid
-        elif have.__class__ is int:
+        elif isinstance(have, int):
             if have != wid:
                 self.holders[key] = {have, wid}
         else:
-            have.add(wid)  # type: ignore[union-attr]
+            have.add(wid)
 
     def _unhold(self, wid: int, key: int) -> None:
         have = self.holders.get(key)
         if have is None:
             return
-        if have.__class__ is int:
+        if isinstance(have, int):
             if have == wid:
                 del self.holders[key]
             return
-        have.discard(wid)  # type: ignore[union-attr]
-        if len(have) == 1:  # type: ignore[arg-type]
-            self.holders[key] = next(iter(have))  # type: ignore[call-overload]
+        have.discard(wid)
+        if len(have) == 1:
+            self.holders[key] = next(iter(have))
         elif not have:
             del self.holders[key]
 
@@ -152,16 +152,16 @@ class KvIndex:
             return {}
         # Set operations run in C; Python only touches a worker when it drops out of the prefix.
         depth_of: dict[int, int] = {}
-        active = {first} if first.__class__ is int else set(first)  # type: ignore[arg-type]
+        active = {first} if isinstance(first, int) else set(first)
         depth = 1
         for key in keys[1:]:
             have = holders.get(key)
             if have is None:
                 break
-            if have.__class__ is not int:
+            if not isinstance(have, int):
                 # Caches keep prefixes whole, so a block's holders are usually a subset of its
                 # parent's: then the set is taken as it is (read only here), not copied.
-                still = have if have <= active else active & have  # type: ignore[operator]
+                still = have if have <= active else active & have
             elif have in active:
                 still = {have}
             else:

@@ -19,8 +19,9 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Literal, overload
 
 from dynvllm.router.index import KvIndex, Worker
 
@@ -46,11 +47,28 @@ class KvPolicy:
         self._rng = random.Random(seed)
         self._rr = itertools.count()
 
+    @overload
     def choose(
         self,
         candidates: Sequence[Worker],
         keys: list[int],
-        load_blocks: dict[str, float] | dict[Worker, float],
+        load_blocks: Mapping[str, float],
+        per_rank: Literal[False] = False,
+    ) -> Decision: ...
+    @overload
+    def choose(
+        self,
+        candidates: Sequence[Worker],
+        keys: list[int],
+        load_blocks: Mapping[Worker, float],
+        per_rank: Literal[True],
+    ) -> Decision: ...
+    def choose(
+        self,
+        candidates: Sequence[Worker],
+        keys: list[int],
+        # Keyed as `per_rank` says (the overloads above pair them for callers).
+        load_blocks: Mapping[Any, float],
         per_rank: bool = False,
     ) -> Decision:
         """`load_blocks` is keyed by instance id (a worker's first element), or by the whole
@@ -60,11 +78,7 @@ class KvPolicy:
         n, weight = len(keys), self.prefill_weight
         get_overlap, get = overlaps.get, load_blocks.get
         # Two loops rather than a key function: a call per candidate would cost more than the rest.
-        loads = (
-            [get(w, 0.0) for w in candidates]  # type: ignore[call-overload]
-            if per_rank
-            else [get(w[0], 0.0) for w in candidates]  # type: ignore[call-overload]
-        )
+        loads = [get(w, 0.0) for w in candidates] if per_rank else [get(w[0], 0.0) for w in candidates]
         weight += 1.0  # an uncached block is prefilled, then held active
         costs = [weight * (n - get_overlap(w, 0)) + ld for w, ld in zip(candidates, loads, strict=True)]
         if self.temperature > 0:

@@ -18,8 +18,8 @@ from typing import NamedTuple
 
 from dynvllm import registry
 from dynvllm.router import hashing
-from dynvllm.router.index import KvIndex
-from dynvllm.router.kv_policy import KvPolicy
+from dynvllm.router.index import KvIndex, Worker
+from dynvllm.router.kv_policy import Decision, KvPolicy
 from dynvllm.runtime.kv_topic import KvEventBatch
 from dynvllm.settings import RouterSettings, Settings
 
@@ -111,7 +111,9 @@ class RoundRobin(Policy):
     def __init__(self, settings: Settings | None = None) -> None:
         self._n = itertools.count()
 
-    def choose(self, candidates, tokens, block_size, lora, load):  # type: ignore[override]
+    def choose(
+        self, candidates: Sequence[str], tokens: Sequence[int], block_size: int, lora: str | None, load: Load
+    ) -> Pick:
         return Pick(sorted(candidates)[next(self._n) % len(candidates)])
 
 
@@ -119,7 +121,9 @@ class Random(Policy):
     def __init__(self, settings: Settings | None = None, seed: int | None = None) -> None:
         self._rng = random.Random(seed)
 
-    def choose(self, candidates, tokens, block_size, lora, load):  # type: ignore[override]
+    def choose(
+        self, candidates: Sequence[str], tokens: Sequence[int], block_size: int, lora: str | None, load: Load
+    ) -> Pick:
         return Pick(self._rng.choice(list(candidates)))
 
 
@@ -129,7 +133,9 @@ class LeastLoaded(Policy):
     def __init__(self, settings: Settings | None = None) -> None:
         self._n = itertools.count()
 
-    def choose(self, candidates, tokens, block_size, lora, load):  # type: ignore[override]
+    def choose(
+        self, candidates: Sequence[str], tokens: Sequence[int], block_size: int, lora: str | None, load: Load
+    ) -> Pick:
         inflight = load.inflight
         low = min(inflight.get(c, 0.0) for c in candidates)
         best = sorted(c for c in candidates if inflight.get(c, 0.0) == low)
@@ -141,16 +147,19 @@ class KvRouting(Policy):
 
     uses_kv_events = True
     keeps_index = True
+    index: KvIndex
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings = settings.router
+        self.settings = router = settings.router
         self.index = KvIndex()
-        self.cost = KvPolicy(self.index, settings.router_prefill_weight, settings.router_temperature)
+        self.cost = KvPolicy(self.index, router.router_prefill_weight, router.router_temperature)
         self._fallback = LeastLoaded()
         self._relay_seq: dict[tuple[str, int], int] = {}
         self.gaps = 0
 
-    def choose(self, candidates, tokens, block_size, lora, load):  # type: ignore[override]
+    def choose(
+        self, candidates: Sequence[str], tokens: Sequence[int], block_size: int, lora: str | None, load: Load
+    ) -> Pick:
         if block_size <= 0:
             return self._fallback.choose(candidates, tokens, block_size, lora, load)
         keys = hashing.chain(tokens, block_size, lora)
@@ -168,12 +177,12 @@ class KvRouting(Policy):
     def _predict_ttl(self) -> float:
         return self.settings.router_predict_ttl
 
-    def _decide(self, candidates, keys, load):  # type: ignore[no-untyped-def]
+    def _decide(self, candidates: Sequence[str], keys: list[int], load: Load) -> Decision:
         ranks = load.ranks
         if not ranks:
             return self.cost.choose([(c, 0) for c in candidates], keys, load.active_blocks)
         # Data-parallel instances: each rank has its own KV cache and queue, so each is a target.
-        targets = []
+        targets: list[Worker] = []
         for c in candidates:
             first, count = ranks.get(c, (0, 1))
             targets.extend((c, r) for r in range(first, first + count))

@@ -15,8 +15,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from dynvllm.settings import RuntimeSettings
 
@@ -193,7 +194,10 @@ def advertised_host(rt: RuntimeSettings) -> str:
     return rt.advertise_host or local_address_towards(rt.nats_url or "")
 
 
-def run(coro) -> object:
+_T = TypeVar("_T")
+
+
+def run(coro: Coroutine[Any, Any, _T]) -> _T:
     """asyncio.run with uvloop when available."""
     try:
         import uvloop

@@ -13,7 +13,7 @@ import inspect
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any
 
 from dynvllm.runtime.errors import InstanceLost, RemoteError, UnknownEndpoint, kind_of
@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 _HIGH_WATER = 1 << 20
 
-Handler = Callable[[Any], AsyncIterator[Any] | Awaitable[Any]]
+# A stream is an async generator: the server closes it (`aclose`) when the caller goes away.
+Handler = Callable[[Any], AsyncGenerator[Any, None] | Awaitable[Any]]
 
 
 def _nodelay(writer: asyncio.StreamWriter) -> None:
@@ -67,7 +68,7 @@ class StreamServer:
     """
 
     def __init__(
-        self, handlers: dict[str, Handler], inflight: Inflight | None = None, counted: set[str] | None = None
+        self, handlers: Mapping[str, Handler], inflight: Inflight | None = None, counted: set[str] | None = None
     ) -> None:
         self.handlers = dict(handlers)
         self.inflight = inflight or Inflight()
@@ -162,14 +163,14 @@ class _ServerConnection:
                 known = sorted(self.server.handlers)
                 raise UnknownEndpoint(f"no endpoint {endpoint!r}; this instance serves {known}")
             result = handler(payload)
-            if inspect.isasyncgen(result):
+            if inspect.isawaitable(result):
+                await self._send_data(sid, await result)
+            else:
                 try:
                     async for item in result:
                         await self._send_data(sid, item)
                 finally:
                     await result.aclose()
-            else:
-                await self._send_data(sid, await result)
             await self._send(self.wire.end(sid))
         except asyncio.CancelledError:
             pass  # the caller cancelled or went away; the handler's own cleanup has run
@@ -286,15 +287,16 @@ class Connection:
 
     async def open(self, timeout: float = 3.0) -> None:
         try:
-            reader, self._writer = await asyncio.wait_for(
+            reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(self.host, self.port, limit=1 << 20), timeout
             )
         except (OSError, TimeoutError) as exc:
             self.closed = True
             where = f"{self.host}:{self.port}"
             raise InstanceLost(f"cannot reach instance {self.instance_id} at {where}: {exc}") from exc
-        _nodelay(self._writer)
-        self._out = _TurnWriter(self._writer)
+        self._writer = writer
+        _nodelay(writer)
+        self._out = _TurnWriter(writer)
         self._reader_task = asyncio.create_task(self._read(reader))
 
     def _write(self, frame: bytes | None) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 from dynvllm.settings import Settings
 
@@ -17,10 +17,10 @@ def parse_engine_args(settings: Settings, overrides: dict[str, Any] | None = Non
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     class _Parser(FlexibleArgumentParser):
-        def error(self, message: str):  # type: ignore[override]
+        def error(self, message: str) -> NoReturn:
             raise EngineArgsError(f"vLLM engine arguments: {message}")
 
-        def exit(self, status: int = 0, message: str | None = None):  # type: ignore[override]
+        def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
             raise EngineArgsError(f"vLLM engine arguments: {message or 'exit ' + str(status)}")
 
     parser = _Parser(prog="vllm engine arguments")
@@ -48,16 +48,18 @@ _INSTEAD = {
 def server_flags(engine_flags: set[str]) -> set[str]:
     """The flags of vLLM's OpenAI server (`vllm serve`) that are not engine arguments, from this
     vLLM's own parser (empty when this vLLM keeps them elsewhere)."""
-    try:
-        from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    except ImportError:
-        try:
-            from vllm.entrypoints.openai.cli_args import make_arg_parser  # older releases
-        except ImportError:
-            return set()
+    import importlib
+
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    return set(make_arg_parser(FlexibleArgumentParser())._option_string_actions) - engine_flags
+    # Where the server's arguments live moved between releases (openai/ before launchers/).
+    for name in ("vllm.entrypoints.launchers.cli_args", "vllm.entrypoints.openai.cli_args"):
+        try:
+            make_arg_parser = importlib.import_module(name).make_arg_parser
+        except (ImportError, AttributeError):
+            continue
+        return set(make_arg_parser(FlexibleArgumentParser())._option_string_actions) - engine_flags
+    return set()
 
 
 def _refuse_server_flags(argv: list[str], engine_flags: set[str]) -> None:

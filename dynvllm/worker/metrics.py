@@ -54,6 +54,6 @@ def serve_metrics(host: str, port: int, collector: WorkerCollector) -> tuple[Any
     """Serve the process registry (vLLM's metrics and ours) on a thread; returns (server, port)."""
     from prometheus_client import REGISTRY, start_http_server
 
-    REGISTRY.register(collector)  # type: ignore[arg-type]
+    REGISTRY.register(collector)
     server, _ = start_http_server(port, addr=host, registry=REGISTRY)
     return server, server.server_address[1]

@@ -175,8 +175,8 @@ class VllmEngine(Engine):
         rid, n_prompt = req.request_id, len(req.token_ids)
         k = req.sampling.get("logprobs")
         pk = req.sampling.get("prompt_logprobs")
-        lora = self._lora_request(req.lora)
-        if lora is not None:
+        lora = self._lora_request(req.lora)  # None exactly when req.lora is
+        if req.lora is not None:
             self._lora_inflight[req.lora] = self._lora_inflight.get(req.lora, 0) + 1
         finished = False
         first = True
@@ -210,7 +210,7 @@ class VllmEngine(Engine):
             # vLLM validates prompts and constraints (length, token ids, grammars): the caller's fault.
             raise BadRequest(str(exc)) from None
         finally:
-            if lora is not None:
+            if req.lora is not None:
                 self._lora_inflight[req.lora] -= 1
             if not finished:
                 await asyncio.shield(self.llm.abort(rid))
@@ -224,7 +224,7 @@ class VllmEngine(Engine):
         if self.llm.vllm_config.model_config.runner_type != "pooling":
             raise BadRequest(f"this worker's engine generates; {task!r} needs a pooling engine")
         try:
-            params = PoolingParams(task=task, **req.options)  # type: ignore[arg-type]
+            params = PoolingParams(task=task, **req.options)
         except _client_errors() as exc:
             raise BadRequest(f"invalid pooling options: {exc}") from None
         lora = self._lora_request(req.lora)

@@ -152,3 +152,16 @@ def test_a_vllm_server_flag_dynvllm_lacks_is_named_as_such(tiny_model):
     assert "--allowed-origins, --api-server-count: flags of vLLM's server (vllm serve)" in flat, flat
     assert "does not implement" in flat and "--http-workers" in flat
     assert "unrecognized" not in flat
+
+
+def test_several_api_keys_become_one_comma_separated_value():
+    assert normalize(["serve", "agg", "m", "--api-key", "k1", "k2", "--workers", "2"]) == [
+        "serve",
+        "agg",
+        "--model",
+        "m",
+        "--api-key",
+        "k1,k2",
+        "--workers",
+        "2",
+    ]

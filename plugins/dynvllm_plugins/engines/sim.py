@@ -157,7 +157,7 @@ class SimEngine(Engine):
         if kv_endpoint:
             import zmq
 
-            ctx = zmq.Context.instance()
+            ctx: zmq.Context = zmq.Context.instance()
             self._pub = ctx.socket(zmq.PUB)
             self._pub.connect(kv_endpoint)
             if kv_replay:
@@ -260,7 +260,7 @@ class SimEngine(Engine):
         req.tail = [*tail, tok][-3:]
         req.generated += 1
         done = req.generated >= req.max_tokens
-        extra = (
+        extra: dict[str, Any] = (
             {"prompt_tokens": len(req.tokens), "cached_tokens": req.cached_tokens}
             if req.generated == 1
             else {}

@@ -108,6 +108,7 @@ class _Run:
         if state == "done":
             state, incomplete = ro.status(self.finish)
             post = self.r.parts[0].post
+            assert post is not None  # a generation's part always has its post-processor
             tok = self.r.entry.tokenizer
             reasoning = len(tok.encode(self.out.reasoning, False)) if self.out.reasoning and tok else 0
             usage = ro.usage(post.usage, reasoning)

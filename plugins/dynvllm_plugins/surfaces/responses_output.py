@@ -49,8 +49,8 @@ class Output:
         self.kind, self.text = kind, ""
         if kind == "message":
             self.id = item_id("msg")
-            item = {"id": self.id, "type": "message", "role": "assistant", "status": "in_progress"}
-            item["content"] = []
+            item: dict[str, Any] = {"id": self.id, "type": "message", "role": "assistant"}
+            item |= {"status": "in_progress", "content": []}
             part: dict[str, Any] = _output_text("")
         else:
             self.id = item_id("rs")
@@ -82,8 +82,8 @@ class Output:
         if self.kind == "message":
             part = _output_text(self.text)
             done = self.event("response.output_text.done", **where, text=self.text, logprobs=[])
-            item = {"id": self.id, "type": "message", "role": "assistant", "status": "completed"}
-            item["content"] = [part]
+            item: dict[str, Any] = {"id": self.id, "type": "message", "role": "assistant"}
+            item |= {"status": "completed", "content": [part]}
         else:
             part = {"type": "reasoning_text", "text": self.text}
             done = self.event("response.reasoning_text.done", **where, text=self.text)

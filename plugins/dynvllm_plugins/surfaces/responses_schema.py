@@ -224,7 +224,7 @@ def to_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             else:
                 out.append({"role": role, "content": content})
         elif kind == "function_call":
-            call = {
+            call: dict[str, Any] = {
                 "id": item.get("call_id"),
                 "type": "function",
                 "function": {"name": item.get("name"), "arguments": item.get("arguments") or "{}"},
