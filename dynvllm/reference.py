@@ -69,7 +69,9 @@ def configuration_page() -> str:
         ]
         for name, field in group.model_fields.items():
             extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-            flags = ", ".join(f"`{f}`" for f in [S.flag_name(name), *extra.get("aliases", [])])
+            aliases = extra.get("aliases")
+            names = [S.flag_name(name), *(aliases if isinstance(aliases, list) else [])]
+            flags = ", ".join(f"`{f}`" for f in names)
             lines.append(
                 f"| {flags} | `{S.env_name(name)}` | {_cell(_type_name(field.annotation))} "
                 f"| {_default(field)} | {_cell(field.description or '')} |"

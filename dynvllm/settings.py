@@ -33,7 +33,6 @@ from dynvllm.settings_base import SettingsGroup as SettingsGroup
 from dynvllm.settings_base import env_name as env_name
 from dynvllm.settings_base import flag_name as flag_name
 
-
 _Port = TypeVar("_Port", int, int | None)
 
 

@@ -73,7 +73,9 @@ def supervise(
             what = f"{slot.name} (pid {slot.proc.pid}) exited with code {code}"
             decision = slot.state.on_exit(policy, code, now)
             if decision == "restart":
-                wait = slot.state.restart_at - now  # type: ignore[operator]
+                restart_at = slot.state.restart_at
+                assert restart_at is not None  # on_exit sets it when it decides to restart
+                wait = restart_at - now
                 lines.append(
                     f"[yellow]{what}; restarting in {wait:.0f} s "
                     f"(restart {slot.state.restarts + 1} of {policy.max_restarts})[/]"

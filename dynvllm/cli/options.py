@@ -85,6 +85,7 @@ def with_settings(*groups: str, plugins: bool = False) -> Callable:
                 raise typer.BadParameter(S.explain(err)) from None
             return func(settings=settings, **kwargs)
 
+        # inspect reads __signature__ from any callable; typeshed's function type does not declare it.
         wrapper.__signature__ = sig.replace(parameters=own + added)  # type: ignore[attr-defined]
         return wrapper
 

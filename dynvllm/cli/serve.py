@@ -256,6 +256,7 @@ def _add_preset_command(serve_app: typer.Typer, preset_name: str, preset: Any) -
         inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
         inspect.Parameter("settings", inspect.Parameter.KEYWORD_ONLY, annotation=Settings),
     ]
+    # inspect reads __signature__ from any callable; typeshed's function type does not declare it.
     _cmd.__signature__ = inspect.Signature(own + counts)  # type: ignore[attr-defined]
     command = with_settings("runtime", "frontend", "router", "worker", "engine", plugins=True)(_cmd)
     serve_app.command(

@@ -26,7 +26,7 @@ from dynvllm.frontend.routing import Router
 from dynvllm.frontend.surface import Surface, load_surfaces
 from dynvllm.frontend.tenancy import Tenants
 from dynvllm.runtime.streams import StreamClientPool
-from dynvllm.settings import FrontendSettings
+from dynvllm.settings import Settings
 
 
 class FrontendApp:
@@ -35,10 +35,11 @@ class FrontendApp:
         models: ModelRegistry,
         pool: StreamClientPool,
         router: Router,
-        settings: FrontendSettings,
+        whole: Settings,
         admin_token: str | None = None,
         lora_on_demand: bool = False,
     ) -> None:
+        settings = whole.frontend
         self.models, self.pool, self.router = models, pool, router
         self.max_body = settings.max_request_bytes
         self.admin = AdminCalls(models, pool, admin_token)
@@ -57,7 +58,7 @@ class FrontendApp:
         )
         self.path.worker_wait = settings.admission_timeout
         self.path.max_worker_waits = settings.admission_queue_size
-        self.surfaces: list[Surface] = load_surfaces(settings.api_surface_list(), self.path, settings)
+        self.surfaces: list[Surface] = load_surfaces(settings.api_surface_list(), self.path, whole)
         # Admission: the tenant's limits first (a refused request takes no place in the queue),
         # then the wait for a worker slot.
         self.tenants: Tenants | None = None
@@ -79,7 +80,7 @@ class FrontendApp:
             callbacks.append(self.gate.changed)
         self._draining = False
         # Routes every deployment shares answer errors and auth as the first surface does.
-        self.default_surface = self.surfaces[0] if self.surfaces else Surface(self.path, settings)
+        self.default_surface = self.surfaces[0] if self.surfaces else Surface(self.path, whole)
         shared = [
             Route("/version", self.version, methods=["GET"]),
             Route("/v1/load_lora_adapter", self.load_lora, methods=["POST"]),

@@ -4,11 +4,14 @@ as 400s that name the field."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from dynvllm.frontend.errors import RequestError
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
 
 
 def from_validation(err: ValidationError) -> RequestError:
@@ -16,6 +19,12 @@ def from_validation(err: ValidationError) -> RequestError:
     param = ".".join(str(p) for p in first["loc"]) or None
     parts = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in err.errors()[:5]]
     return RequestError(400, "; ".join(parts), param=param)
+
+
+def token_ids(value: list[Any]) -> TypeIs[list[int]]:
+    """Whether a prompt given as a list is one prompt's token ids, not a batch (of texts or of
+    token lists)."""
+    return all(isinstance(t, int) for t in value)
 
 
 def json_object(raw: bytes) -> dict:

@@ -20,6 +20,8 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
+from starlette.responses import Response
+
 Scope = dict[str, Any]
 
 
@@ -91,3 +93,7 @@ class EventStream:
             task.uncancel()  # our own cancellation: the client left, and nothing is left to send
         finally:
             watcher.cancel()
+
+
+#: What a route that may stream returns: Starlette runs either as an ASGI app.
+Reply = Response | EventStream

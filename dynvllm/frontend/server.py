@@ -56,7 +56,7 @@ async def serve_frontend(settings: Settings) -> int:
 
         await EventBus(nc, rt.namespace).subscribe(KV_EVENTS, router.on_kv_events)
     admin = rt.admin_token.get_secret_value() if rt.admin_token else None
-    frontend = FrontendApp(models, pool, router, fe, admin, settings.router.lora_on_demand)
+    frontend = FrontendApp(models, pool, router, settings, admin, settings.router.lora_on_demand)
     config = uvicorn.Config(
         frontend.app,
         host=fe.http_host,

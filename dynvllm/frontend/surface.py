@@ -20,7 +20,7 @@ from dynvllm.frontend.errors import RequestError
 
 if TYPE_CHECKING:
     from dynvllm.frontend.request_path import RequestPath
-    from dynvllm.settings import FrontendSettings
+    from dynvllm.settings import Settings
 
 
 class Surface:
@@ -29,8 +29,11 @@ class Surface:
     #: Shown in `dynvllm plugins` and in logs.
     description: str = ""
 
-    def __init__(self, path: RequestPath, settings: FrontendSettings) -> None:
+    def __init__(self, path: RequestPath, settings: Settings) -> None:
+        """`settings`: the frontend's whole settings (a surface's own group: `settings.plugin(NAME)`)."""
         self.path, self.settings = path, settings
+        self.frontend = settings.frontend
+        self.max_body = settings.frontend.max_request_bytes
 
     def routes(self) -> list[BaseRoute]:
         """The HTTP routes this surface serves."""
@@ -63,7 +66,7 @@ def key_matches(given: bytes | None, keys: list[bytes]) -> bool:
     return ok
 
 
-def load_surfaces(names: list[str] | None, path: RequestPath, settings: FrontendSettings) -> list[Any]:
+def load_surfaces(names: list[str] | None, path: RequestPath, settings: Settings) -> list[Any]:
     """The chosen surfaces (every installed one when `names` is None), constructed."""
     from dynvllm import registry
 

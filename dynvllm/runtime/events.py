@@ -6,14 +6,17 @@ import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import msgpack
 
 from dynvllm.runtime.names import validate_token
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 log = logging.getLogger("dynvllm.events")
-T = TypeVar("T")
+T = TypeVar("T", bound="DataclassInstance")
 
 
 @dataclasses.dataclass
@@ -37,7 +40,7 @@ class EventTopic(Generic[T]):
         return f"{namespace}.events.{self.kind}"
 
     def encode(self, event: T) -> bytes:
-        return msgpack.packb(dataclasses.asdict(event))  # type: ignore[call-overload]
+        return msgpack.packb(dataclasses.asdict(event))
 
     def decode(self, data: bytes) -> T:
         obj = msgpack.unpackb(data, raw=False)

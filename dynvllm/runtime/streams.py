@@ -68,7 +68,10 @@ class StreamServer:
     """
 
     def __init__(
-        self, handlers: Mapping[str, Handler], inflight: Inflight | None = None, counted: set[str] | None = None
+        self,
+        handlers: Mapping[str, Handler],
+        inflight: Inflight | None = None,
+        counted: set[str] | None = None,
     ) -> None:
         self.handlers = dict(handlers)
         self.inflight = inflight or Inflight()

@@ -91,3 +91,74 @@ def test_three(service, roots, rep):
     assert not errors, errors
     assert [(f, u) for f, u, _ in results] == [("length", tokens)] * 3
     assert unloaded >= max(t for *_, t in results) - 0.5
+
+
+def _freeze(seconds: float) -> None:
+    """Every process of the service stops for `seconds` (a host that stalls), then goes on."""
+    import signal
+
+    import psutil
+
+    procs = [p for p in psutil.Process().children(recursive=True)]
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGSTOP)
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        time.sleep(seconds)
+    finally:
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGCONT)
+            except psutil.NoSuchProcess:
+                pass
+
+
+@pytest.mark.parametrize("rep", range(REPS))
+def test_stall(service, roots, rep):
+    url, env = service
+    _prepare(url, env, roots[0])
+    print(f"LOOP stall rep={rep} t={time.time():.3f}", flush=True)
+    tokens = 1500
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        stream = await client.completions.create(
+            model="a1",
+            prompt=PROMPTS[0],
+            max_tokens=tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        chunks, finish, usage = 0, None, 0
+        unloading = freezing = None
+
+        def unload():
+            done = cli(env, "unload", "a1")
+            assert done.returncode == 0, done.stderr
+            return time.monotonic()
+
+        def freeze():
+            time.sleep(float(os.environ.get("LOOP_FREEZE_AFTER", "4")))
+            print(f"FREEZE t={time.time():.3f}", flush=True)
+            _freeze(float(os.environ.get("LOOP_FREEZE", "2.6")))
+
+        async for chunk in stream:
+            chunks += 1
+            if chunks == 3:
+                unloading = asyncio.create_task(asyncio.to_thread(unload))
+                freezing = asyncio.create_task(asyncio.to_thread(freeze))
+            for c in chunk.choices:
+                finish = c.finish_reason or finish
+            if chunk.usage:
+                usage = chunk.usage.completion_tokens
+        ended = time.monotonic()
+        await freezing
+        return finish, usage, ended, await unloading
+
+    finish, usage, ended, unloaded = asyncio.run(run())
+    assert (finish, usage) == ("length", tokens)
+    assert unloaded >= ended - 0.5, "the unload returned while a request still used the adapter"

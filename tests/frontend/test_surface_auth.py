@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 from dynvllm.frontend.surface import Surface, key_matches
-from dynvllm.settings import FrontendSettings
+from dynvllm.settings import FrontendSettings, Settings
 from dynvllm_plugins.surfaces.anthropic import AnthropicSurface
 
 KEYS = [b"k1", b"k2"]
-SETTINGS = FrontendSettings(max_request_bytes=1)
+SETTINGS = Settings(frontend=FrontendSettings(max_request_bytes=1))
 
 
 def test_openai_scheme_is_bearer():

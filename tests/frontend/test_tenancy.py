@@ -15,10 +15,10 @@ from dynvllm.frontend.metrics import FrontendMetrics
 from dynvllm.frontend.postprocess import Usage
 from dynvllm.frontend.surface import Surface
 from dynvllm.frontend.tenancy import Tenants
-from dynvllm.settings import FrontendSettings
+from dynvllm.settings import Settings
 from dynvllm_plugins.surfaces.anthropic import AnthropicSurface
 
-SETTINGS = FrontendSettings()
+SETTINGS = Settings()
 FILE = "tenants:\n  acme:\n    keys: [k-acme]\n    requests_per_second: 1\n    models: [tiny]\n"
 
 

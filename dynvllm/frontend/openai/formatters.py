@@ -21,6 +21,9 @@ from dynvllm.frontend.request_path import Part
 class Shaper:
     """Per-request output state; `index` is the client-visible choice index."""
 
+    #: Each choice's finish reason, once it has one (surfaces beside OpenAI's read it too).
+    finish: list[str | None]
+
     def opening(self) -> list[dict]:
         return []
 
@@ -70,10 +73,12 @@ def _chat_logprobs(entries: list | None) -> dict | None:
 def prompt_logprobs_json(part: Part) -> list | None:
     """vLLM's `prompt_logprobs` shape: per prompt token None (the first) or {token_id: {logprob,
     decoded_token}} for the prompt's own token and the top ones."""
-    raw = part.post.prompt_logprobs
+    post = part.post
+    assert post is not None  # a generation's part always has its post-processor
+    raw = post.prompt_logprobs
     if raw is None:
         return None
-    decode = part.post.tok.decode
+    decode = post.tok.decode
     out: list = []
     for tid, entry in zip(part.prompt_ids, raw, strict=False):
         if entry is None:
@@ -337,8 +342,10 @@ class _CompletionShaper(Shaper):
         if not self.req.echo or self.echoed[index]:
             return "", []
         self.echoed[index] = True
-        text = part.prompt_text if part.prompt_text is not None else part.post.tok.decode(part.prompt_ids)
-        entries = part.post.prompt_logprob_entries(part.prompt_ids) if self.req.logprobs is not None else []
+        post = part.post
+        assert post is not None  # a generation's part always has its post-processor
+        text = part.prompt_text if part.prompt_text is not None else post.tok.decode(part.prompt_ids)
+        entries = post.prompt_logprob_entries(part.prompt_ids) if self.req.logprobs is not None else []
         return text, entries
 
     def _logprobs(self, index: int, entries: list | None) -> dict | None:

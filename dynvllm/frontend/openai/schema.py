@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dynvllm.frontend import structured
-from dynvllm.frontend.bodies import from_validation, json_object
+from dynvllm.frontend.bodies import from_validation, json_object, token_ids
 from dynvllm.frontend.errors import RequestError
 
 log = logging.getLogger("dynvllm.frontend")
@@ -25,7 +25,7 @@ APIError = RequestError
 
 
 # Known fields dynvllm does not implement, with the values that mean "not asked for".
-_UNSET = (None, False, [], {}, "")
+_UNSET: tuple[Any, ...] = (None, False, [], {}, "")
 REFUSED: dict[str, tuple] = {
     "use_beam_search": _UNSET,
     "length_penalty": (*_UNSET, 1, 1.0),
@@ -342,9 +342,9 @@ class CompletionRequest(_Req):
         p = self.prompt
         if isinstance(p, str):
             return [p]
-        if all(isinstance(x, int) for x in p):
-            return [p]  # type: ignore[list-item]
-        return list(p)  # type: ignore[arg-type]
+        if token_ids(p):
+            return [p]
+        return list(p)
 
 
 def parse(model: type[BaseModel], raw: bytes) -> Any:

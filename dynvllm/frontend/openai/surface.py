@@ -17,7 +17,7 @@ from starlette.routing import BaseRoute, Route
 from dynvllm import registry
 from dynvllm.frontend import bodies
 from dynvllm.frontend.errors import RequestError, from_remote
-from dynvllm.frontend.event_stream import EventStream, Last
+from dynvllm.frontend.event_stream import EventStream, Last, Reply
 from dynvllm.frontend.models import ModelEntry
 from dynvllm.frontend.openai import schema as oa
 from dynvllm.frontend.openai.formatters import ChatFormatter, CompletionFormatter, Formatter, Shaper
@@ -25,7 +25,7 @@ from dynvllm.frontend.request_path import Admitted, RequestPath
 from dynvllm.frontend.surface import Surface
 from dynvllm.frontend.tokenizer import read_chat_template
 from dynvllm.runtime.errors import RemoteError
-from dynvllm.settings import FrontendSettings
+from dynvllm.settings import FrontendSettings, Settings
 
 _json = msgspec.json.Encoder().encode
 
@@ -73,10 +73,9 @@ class _Job:
 class OpenAISurface(Surface):
     description = "OpenAI's chat/completions API with vLLM's extensions (tokenize, models)"
 
-    def __init__(self, path: RequestPath, settings: FrontendSettings) -> None:
+    def __init__(self, path: RequestPath, settings: Settings) -> None:
         super().__init__(path, settings)
-        self.max_body = settings.max_request_bytes
-        self.chat_fmt = chat_formatter(settings)
+        self.chat_fmt = chat_formatter(settings.frontend)
         self.completion_fmt = CompletionFormatter()
 
     def routes(self) -> list[BaseRoute]:
@@ -162,13 +161,13 @@ class OpenAISurface(Surface):
             return self.error_response(exc)
 
     # ---- inference -----------------------------------------------------------------------
-    async def chat(self, request: Request) -> Response:
+    async def chat(self, request: Request) -> Reply:
         return await self._serve(request, self.chat_fmt)
 
-    async def completions(self, request: Request) -> Response:
+    async def completions(self, request: Request) -> Reply:
         return await self._serve(request, self.completion_fmt)
 
-    async def _serve(self, request: Request, fmt: Formatter) -> Response:
+    async def _serve(self, request: Request, fmt: Formatter) -> Reply:
         model = "?"
         try:
             req = oa.parse(fmt.request_model, await bodies.read(request, self.max_body))
@@ -185,7 +184,7 @@ class OpenAISurface(Surface):
             return self.error_response(exc)
         job = _Job(fmt, req, r)
         if req.stream:
-            return EventStream(self._stream(job), r.headers, _early_error)  # type: ignore[return-value]
+            return EventStream(self._stream(job), r.headers, _early_error)
         return await self._complete(job)
 
     async def _complete(self, job: _Job) -> Response:

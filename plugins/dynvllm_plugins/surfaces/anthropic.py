@@ -22,7 +22,7 @@ from starlette.routing import BaseRoute, Route
 
 from dynvllm.frontend import bodies
 from dynvllm.frontend.errors import RequestError, from_remote
-from dynvllm.frontend.event_stream import EventStream, Last
+from dynvllm.frontend.event_stream import EventStream, Last, Reply
 from dynvllm.frontend.openai import schema as oa
 from dynvllm.frontend.openai.formatters import ChatFormatter
 from dynvllm.frontend.openai.surface import chat_formatter
@@ -232,9 +232,8 @@ class AnthropicSurface(Surface):
 
     def __init__(self, path: Any, settings: Any) -> None:
         super().__init__(path, settings)
-        self.max_body = settings.max_request_bytes
         # The same chat template, tool and reasoning parsers as the OpenAI surface's chat.
-        self.chat_fmt: ChatFormatter = chat_formatter(settings)
+        self.chat_fmt: ChatFormatter = chat_formatter(settings.frontend)
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -274,7 +273,7 @@ class AnthropicSurface(Surface):
             return self.error_response(exc)
         return JSONResponse({"input_tokens": len(ids)})
 
-    async def messages(self, request: Request) -> Response:
+    async def messages(self, request: Request) -> Reply:
         model = "?"
         try:
             req = _parse(await bodies.read(request, self.max_body))
@@ -297,7 +296,7 @@ class AnthropicSurface(Surface):
             early = lambda exc: (  # noqa: E731
                 (exc.status, _json(self._error_body(exc))) if isinstance(exc, RequestError) else None
             )
-            return EventStream(self._stream(r, shaper, msg_id), r.headers, early)  # type: ignore[return-value]
+            return EventStream(self._stream(r, shaper, msg_id), r.headers, early)
         self.path.begin(r)
         status = "200"
         stop: str | int | None = None
@@ -322,6 +321,7 @@ class AnthropicSurface(Surface):
             content.append({"type": "text", "text": message.get("content") or ""})
         content += [_tool_block(c) for c in message.get("tool_calls") or ()]
         post = r.parts[0].post
+        assert post is not None  # a generation's part always has its post-processor
         reason, sequence = stop_reason(shaper.finish[0], stop, bool(message.get("tool_calls")))
         usage = post.usage
         body = {

@@ -35,9 +35,11 @@ class EmbeddingRequest(BaseModel):
         x = self.input
         if isinstance(x, str):
             return [x]
-        if x and all(isinstance(t, int) for t in x):
-            return [x]  # type: ignore[list-item]
-        return list(x)  # type: ignore[arg-type]
+        if not x:
+            return []
+        if bodies.token_ids(x):
+            return [x]
+        return list(x)
 
 
 def parse(raw: bytes) -> EmbeddingRequest:
@@ -67,7 +69,6 @@ class EmbeddingsSurface(Surface):
 
     def __init__(self, path: Any, settings: Any) -> None:
         super().__init__(path, settings)
-        self.max_body = settings.max_request_bytes
 
     def routes(self) -> list[BaseRoute]:
         return [Route("/v1/embeddings", self.embeddings, methods=["POST"])]

@@ -21,7 +21,7 @@ from starlette.routing import BaseRoute, Route
 
 from dynvllm.frontend import bodies
 from dynvllm.frontend.errors import RequestError, from_remote
-from dynvllm.frontend.event_stream import EventStream, Last
+from dynvllm.frontend.event_stream import EventStream, Last, Reply
 from dynvllm.frontend.openai.formatters import ChatFormatter
 from dynvllm.frontend.openai.surface import chat_formatter
 from dynvllm.frontend.request_path import Admitted
@@ -151,12 +151,9 @@ class ResponsesSurface(Surface):
 
     def __init__(self, path: Any, settings: Any) -> None:
         super().__init__(path, settings)
-        self.max_body = settings.max_request_bytes
         # The same chat template, tool and reasoning parsers as the OpenAI surface's chat.
-        self.chat_fmt: ChatFormatter = chat_formatter(settings)
-        # The frontend's whole settings (plugin groups included) are the model registry's.
-        whole = getattr(path.models, "settings", None)
-        own = whole.plugin(ResponsesSettings) if whole is not None else ResponsesSettings()
+        self.chat_fmt: ChatFormatter = chat_formatter(settings.frontend)
+        own = settings.plugin(ResponsesSettings)
         self.store = ResponseStore(own.responses_store_size)
 
     def routes(self) -> list[BaseRoute]:
@@ -193,7 +190,7 @@ class ResponsesSurface(Surface):
         return self.error_response(err)
 
     # ---- create ----------------------------------------------------------------------------------
-    async def create(self, request: Request) -> Response:
+    async def create(self, request: Request) -> Reply:
         model = "?"
         try:
             req = parse(await bodies.read(request, self.max_body))
@@ -221,7 +218,7 @@ class ResponsesSurface(Surface):
         run = _Run(req, chat, r)
         shaper = self.chat_fmt.shaper(chat, r.parts, 1)
         if req.stream:
-            return EventStream(self._stream(run, shaper), r.headers, _early_error)  # type: ignore[return-value]
+            return EventStream(self._stream(run, shaper), r.headers, _early_error)
         self.path.begin(r)
         status = "200"
         try:
