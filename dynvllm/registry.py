@@ -30,6 +30,10 @@ ROUTER_POLICIES = "dynvllm.router_policies"
 # reads its settings): NAME -> a settings group class of a pure pydantic module, named like the
 # plugin that reads it (`settings.plugin(NAME)`).
 SETTINGS = "dynvllm.settings"
+# Loaded by the planner process: --predictor NAME (a `dynvllm.planner.predictors.Predictor` factory)
+# and --planner-connector NAME (what carries a scaling decision out).
+PLANNER_PREDICTORS = "dynvllm.planner_predictors"
+PLANNER_CONNECTORS = "dynvllm.planner_connectors"
 GROUPS = (
     ROLES,
     CONNECTORS,
@@ -40,6 +44,8 @@ GROUPS = (
     API_SURFACES,
     ROUTER_POLICIES,
     SETTINGS,
+    PLANNER_PREDICTORS,
+    PLANNER_CONNECTORS,
 )
 _KIND = {
     ROLES: "role",
@@ -51,6 +57,8 @@ _KIND = {
     API_SURFACES: "API surface",
     ROUTER_POLICIES: "router policy",
     SETTINGS: "settings group",
+    PLANNER_PREDICTORS: "planner predictor",
+    PLANNER_CONNECTORS: "planner connector",
 }
 
 

@@ -28,6 +28,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from dynvllm import registry, settings_plugins
+from dynvllm.planner.settings import PlannerSettings
 from dynvllm.settings_base import ENV_PREFIX as ENV_PREFIX
 from dynvllm.settings_base import SettingsGroup as SettingsGroup
 from dynvllm.settings_base import env_name as env_name
@@ -277,6 +278,11 @@ class RouterSettings(SettingsGroup):
         "before that worker's KV events confirm them, so requests sharing a prefix that is still "
         "being prefilled follow it (0: events only).",
     )
+    router_share_load: bool = Field(
+        True,
+        description="Frontends of a namespace share their routing decisions (in-flight load and "
+        "predicted blocks) over NATS, so replicas given the same request choose the same worker.",
+    )
     migration_limit: int = Field(
         3,
         ge=0,
@@ -438,6 +444,7 @@ GROUPS: dict[str, type[SettingsGroup]] = {
     "router": RouterSettings,
     "worker": WorkerSettings,
     "engine": EngineSettings,
+    "planner": PlannerSettings,
 }
 
 
@@ -496,6 +503,7 @@ class Settings(BaseSettings):
     router: RouterSettings = Field(default_factory=RouterSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    planner: PlannerSettings = Field(default_factory=PlannerSettings)
     #: Plugin groups by name; read them through `plugin()`.
     plugins: dict[str, SerializeAsAny[SettingsGroup]] = Field(default_factory=dict)
     # Engine arguments given on the command line that dynvllm does not model.

@@ -28,6 +28,7 @@ from dynvllm.restarts import RestartPolicy, SlotState
 from dynvllm.runtime import state
 from dynvllm.runtime.nats import EmbeddedNats
 from dynvllm.settings import Settings
+from dynvllm.supervisor_control import ControlServer, ScaleRequest
 
 log = logging.getLogger("dynvllm.serve")
 
@@ -39,6 +40,7 @@ class Slot:
     proc: subprocess.Popen | None = None
     state: SlotState = field(default_factory=SlotState)
     reported: bool = False
+    draining: bool = False  # asked to leave (scaled down): not restarted, dropped once it exits
 
     @property
     def alive(self) -> bool:
@@ -101,6 +103,7 @@ class Service:
     workers: list[Slot] = field(default_factory=list)
     stop_requested: bool = False
     policy: RestartPolicy = field(init=False)
+    control: ControlServer | None = None
 
     def __post_init__(self) -> None:
         self.policy = RestartPolicy(max_restarts=self.settings.worker.max_restarts)
@@ -130,9 +133,60 @@ class Service:
             self._spawn(self.frontend)
         for role, count in self.roles:
             for _ in range(count):
-                slot = Slot(role, ("worker", role), state=SlotState(started_at=now))
-                self._spawn(slot)
-                self.workers.append(slot)
+                self._add_worker(role, now)
+        self.control = ControlServer(rt)
+        self.control.start()
+
+    def _add_worker(self, role: str, now: float) -> Slot:
+        slot = Slot(role, ("worker", role), state=SlotState(started_at=now))
+        self._spawn(slot)
+        self.workers.append(slot)
+        return slot
+
+    def scale(self, req: ScaleRequest) -> dict:
+        """Start workers of a role, or drain some (SIGTERM: they finish their requests and exit),
+        until `req.count` serve or start; `req.drain` pids leave first, then the youngest."""
+        mine = [s for s in self.workers if s.name == req.role and not s.draining and not s.down_for_good]
+        started, drained = [], []
+        now = time.monotonic()
+        for _ in range(req.count - len(mine)):
+            started.append(self._add_worker(req.role, now).proc.pid)  # type: ignore[union-attr]
+        if req.count < len(mine):
+            order = sorted(
+                mine, key=lambda s: (s.proc is None or s.proc.pid not in req.drain, -s.state.started_at)
+            )
+            for slot in order[: len(mine) - req.count]:
+                slot.draining = True
+                if slot.alive and slot.proc is not None:
+                    slot.proc.send_signal(signal.SIGTERM)
+                    drained.append(slot.proc.pid)
+        return {"role": req.role, "count": req.count, "started": started, "draining": drained}
+
+    def worker_pids(self) -> dict:
+        serving: dict[str, list[int]] = {}
+        for s in self.workers:
+            if s.alive and s.proc is not None and not s.draining:
+                serving.setdefault(s.name, []).append(s.proc.pid)
+        draining = [s.proc.pid for s in self.workers if s.draining and s.alive and s.proc is not None]
+        return {"workers": serving, "draining": draining}
+
+    def _answer_control(self) -> list[str]:
+        lines = []
+        for request, future in self.control.pending() if self.control else []:
+            try:
+                if isinstance(request, ScaleRequest):
+                    answer = self.scale(request)
+                    if answer["started"] or answer["draining"]:
+                        lines.append(
+                            f"[cyan]scaling {request.role} to {request.count}: started "
+                            f"{answer['started'] or 'none'}, draining {answer['draining'] or 'none'}[/]"
+                        )
+                else:
+                    answer = self.worker_pids()
+                future.set_result(answer)
+            except Exception as exc:  # answered, so the caller learns it instead of timing out
+                future.set_result({"error": f"{type(exc).__name__}: {exc}"})
+        return lines
 
     def slots(self) -> list[Slot]:
         return ([self.frontend] if self.frontend else []) + self.workers
@@ -165,15 +219,25 @@ class Service:
         return False
 
     def supervise(self) -> list[str]:
-        """One supervision round over the frontend and workers (see `supervise`)."""
-        return supervise(self.slots(), self.policy, self._spawn, time.monotonic())
+        """One supervision round over the frontend and workers (see `supervise`), then the
+        control requests; drained workers that exited are dropped."""
+        active = [s for s in self.slots() if not s.draining]
+        lines = supervise(active, self.policy, self._spawn, time.monotonic())
+        for s in self.workers:
+            if s.draining and not s.alive and s.proc is not None:
+                lines.append(f"[yellow]{s.name} (pid {s.proc.pid}) drained and left[/]")
+        self.workers = [s for s in self.workers if s.alive or not s.draining]
+        return lines + self._answer_control()
 
     def fatal(self) -> bool:
         """The service cannot serve any more: its frontend or every worker is down for good."""
         frontend_gone = self.frontend is not None and self.frontend.down_for_good
-        return frontend_gone or all(s.down_for_good for s in self.workers)
+        # No worker at all is a role scaled to zero on request, not a failure.
+        return frontend_gone or (bool(self.workers) and all(s.down_for_good for s in self.workers))
 
     def stop(self) -> None:
+        if self.control is not None:
+            self.control.stop()
         grace = self.settings.worker.drain_timeout + 15
         workers = [s.proc for s in self.workers if s.proc is not None]
         # SIGTERM to each worker process only: it drains and shuts its own engine down; the

@@ -31,7 +31,7 @@ def _root(
 
 
 def _register() -> None:
-    from dynvllm.cli import frontend, lora, model, operations, plugins, serve, status
+    from dynvllm.cli import frontend, lora, model, operations, planner, plugins, serve, status
 
     plugins.register(app)
     model.register(app)
@@ -40,6 +40,7 @@ def _register() -> None:
     frontend.register(app)
     lora.register(app)
     operations.register(app)
+    planner.register(app)
 
 
 _register()

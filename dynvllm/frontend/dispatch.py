@@ -89,6 +89,8 @@ class Dispatch:
         self._t_last: float | None = None
         self._live: Any = None  # the worker stream being read
         self._sends = SendBatch()
+        #: Why the last worker this request lost was lost (for the error when it cannot move on).
+        self._lost_why = ""
         #: Waits for the model's entry to have a usable worker again when none is left (a worker
         #: restarting): the entry then, or None at the deadline. Set by the request path.
         self.wait_worker: (
@@ -149,11 +151,11 @@ class Dispatch:
         pick, conn = await self._connect(endpoint)
         if pick.rank is not None:
             payload = {**payload, "dp_rank": pick.rank}
-        self.router.started(pick.worker, self.blocks, pick.rank, pick.keys)
+        ticket = self.router.started(pick.worker, self.blocks, pick.rank, pick.keys)
         try:
             return pick.worker, await unary(conn, endpoint, payload, timeout=timeout)
         finally:
-            self.router.finished(pick.worker, self.blocks, pick.rank, pick.keys)
+            self.router.finished(pick.worker, self.blocks, pick.rank, pick.keys, 0, ticket)
 
     async def _run_stages(self) -> dict[str, Any]:
         """The chain's stages before generation; what they hand on goes into the generate request."""
@@ -206,7 +208,12 @@ class Dispatch:
         limit = self.router.settings.migration_limit if single else 0
         while True:
             prompt = self.prompt_ids + generated if generated else self.prompt_ids
-            pick, conn = await self._connect(self.terminal, prompt)
+            try:
+                pick, conn = await self._connect(self.terminal, prompt)
+            except InstanceLost as exc:
+                if not generated:
+                    raise
+                raise self._nowhere_to_go(exc) from None
             self.worker_id, self.overlap_blocks, self.rank, keys = pick
             if generated:
                 if len(generated) >= int(self.sampling["max_tokens"]):
@@ -222,7 +229,7 @@ class Dispatch:
             if self.rank is not None:
                 handoff["dp_rank"] = self.rank
             stream = conn.call(self.terminal, protocol.generate_request(rid, prompt, sampling, **handoff))
-            self.router.started(self.worker_id, self.blocks, self.rank, keys)
+            ticket = self.router.started(self.worker_id, self.blocks, self.rank, keys)
             self._live = stream
             # Output fills KV blocks on the worker too: its load grows a block at a time.
             out, grown, bs = 0, 0, self.block_size
@@ -236,7 +243,7 @@ class Dispatch:
                             generated.extend(ids)
                         out += len(ids)
                         if bs and out >= (grown + 1) * bs:
-                            self.router.grow(self.worker_id, self.rank, out // bs - grown)
+                            self.router.grow(self.worker_id, self.rank, out // bs - grown, ticket)
                             grown = out // bs
                     # A single choice's final delta ends the request, whatever befalls its
                     # worker before the stream's end frame: migrating then would go on past it.
@@ -244,8 +251,11 @@ class Dispatch:
                     yield d
                 return
             except InstanceLost as exc:
+                # The pool's connection is not dropped here: a stream fails when its connection
+                # has (the pool opens a new one on the next use), and dropping by worker id could
+                # fail a newer connection that other requests, a migrated one included, use now.
                 self.lost.add(self.worker_id)
-                self.pool.drop(self.worker_id)
+                self._lost_why = exc.message
                 if finished:
                     return
                 if not started:
@@ -271,7 +281,7 @@ class Dispatch:
                     limit,
                 )
             finally:
-                self.router.finished(self.worker_id, self.blocks, self.rank, keys, grown)
+                self.router.finished(self.worker_id, self.blocks, self.rank, keys, grown, ticket)
                 await stream.aclose()
 
     async def call(self, payload: dict[str, Any], timeout: float = 120.0) -> Any:
@@ -284,20 +294,32 @@ class Dispatch:
             body.pop("mm", None)  # pooling calls take token ids only
             if self.rank is not None:
                 body["dp_rank"] = self.rank
-            self.router.started(self.worker_id, self.blocks, self.rank, keys)
+            ticket = self.router.started(self.worker_id, self.blocks, self.rank, keys)
             try:
                 return await unary(conn, self.terminal, body, timeout=timeout)
             except InstanceLost as exc:
                 self.lost.add(self.worker_id)
-                self.pool.drop(self.worker_id)
                 if attempt == RETRIES:
                     raise
                 log.warning(
                     "worker %s lost during a call (%s); retrying elsewhere", self.worker_id, exc.message
                 )
             finally:
-                self.router.finished(self.worker_id, self.blocks, self.rank, keys)
+                self.router.finished(self.worker_id, self.blocks, self.rank, keys, 0, ticket)
         raise AssertionError("unreachable")
+
+    def _nowhere_to_go(self, exc: InstanceLost) -> InstanceLost:
+        """The error for a stream lost mid-way that no live worker can continue: with an adapter,
+        it says which worker held it and why it went, not only that nothing serves it now."""
+        if not self.lora:
+            return exc
+        lost = ", ".join(sorted(self.lost))
+        return InstanceLost(
+            f"the stream on adapter {self.lora!r} of model {self.entry.name!r} lost its worker {lost} "
+            f"mid-way ({self._lost_why}) and no other live worker holds the adapter to continue it "
+            "(an adapter being unloaded there is not loaded anywhere else): load it on another "
+            "worker to let such streams move"
+        )
 
     def flush_due(self) -> bool:
         """Whether the client should get what has been gathered from the worker stream now."""

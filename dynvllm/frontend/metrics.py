@@ -26,6 +26,15 @@ class FrontendMetrics:
             registry=r,
             multiprocess_mode="livesum",  # summed over --http-workers processes
         )
+        # Read by the planner: a request held for a known model with no ready worker asks for one
+        # (how a model scaled to zero comes back).
+        self.waiting_for_worker = Gauge(
+            "dynvllm_requests_waiting_for_worker",
+            "Requests waiting for a worker of a known model that has none ready",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self._live: list[Any] = []
         self.ttft = Histogram(
             "dynvllm_time_to_first_token_seconds", "Time to first token", ["model"], buckets=_LAT, registry=r

@@ -227,12 +227,15 @@ class RequestPath:
             return entry if entry is not None and ready(entry) else None
 
         self._worker_waits += 1
+        waiting = self.metrics.of(self.metrics.waiting_for_worker, model)
+        waiting.inc()
         try:
             await self.models.watcher.wait_for(
                 lambda _: self.closing or check() is not None, self.worker_wait
             )
         finally:
             self._worker_waits -= 1
+            waiting.dec()
         return check()
 
     async def entry(self, name: str) -> ModelEntry:

@@ -1,12 +1,15 @@
-"""The frontend's router: a policy (from `dynvllm.router.policies`) and the load it has sent out."""
+"""The frontend's router: a policy (from `dynvllm.router.policies`) and the load it has sent out,
+with its peers' when frontends share their decisions (`share`, see `dynvllm.router.replicas`)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from dynvllm.router.index import KvIndex
 from dynvllm.router.policies import Load, Pick, make_policy
+from dynvllm.router.replicas import Outbox, Peers
+from dynvllm.router.snapshot import Snapshot
 from dynvllm.runtime.kv_topic import KvEventBatch
 from dynvllm.settings import RouterSettings, Settings
 
@@ -23,6 +26,16 @@ class Router:
         self.policy = make_policy(settings)
         self.load = Load()
         self.inflight = self.load.inflight
+        #: This frontend's decisions for its peers, and theirs (None: not shared).
+        self.outbox: Outbox | None = None
+        self.peers: Peers | None = None
+        #: KV event batches held back while the index loads from a peer (None: applied at once).
+        self._buffered: list[KvEventBatch] | None = None
+
+    def share(self, replica: str, wake: Callable[[], None], silence: float) -> None:
+        """Publish decisions through an outbox (`wake` asks for a batch) and take peers'."""
+        self.outbox = Outbox(replica, wake)
+        self.peers = Peers(replica, self.load, self.policy, silence)
 
     @property
     def index(self) -> KvIndex | None:
@@ -51,16 +64,22 @@ class Router:
 
     def started(
         self, worker_id: str | None, blocks: float = 1.0, rank: int | None = None, keys: Sequence[int] = ()
-    ) -> None:
-        """A request went to the worker: `blocks` of prompt, `keys` those of them the policy keyed."""
+    ) -> int:
+        """A request went to the worker: `blocks` of prompt, `keys` those of them the policy keyed.
+        Returns the request's ticket for `grow` and `finished` (0: not shared)."""
         if worker_id:
             self.inflight[worker_id] += 1
             self.load.add(worker_id, rank or 0, blocks, keys)
+            if self.outbox is not None:
+                return self.outbox.started(worker_id, rank or 0, blocks, keys)
+        return 0
 
-    def grow(self, worker_id: str | None, rank: int | None, blocks: int) -> None:
+    def grow(self, worker_id: str | None, rank: int | None, blocks: int, ticket: int = 0) -> None:
         """A request in flight there filled `blocks` more KV blocks with its output."""
         if worker_id and self.inflight.get(worker_id, 0) > 0:
             self.load.count(worker_id, rank or 0, blocks)
+            if ticket and self.outbox is not None:
+                self.outbox.grew(ticket, blocks)
 
     def finished(
         self,
@@ -69,20 +88,38 @@ class Router:
         rank: int | None = None,
         keys: Sequence[int] = (),
         grown: int = 0,
+        ticket: int = 0,
     ) -> None:
-        """The request ended; `grown`: the blocks its output added (see `grow`)."""
+        """The request ended; `grown`: the blocks its output added (see `grow`); `ticket`: what
+        `started` returned."""
         if worker_id and self.inflight.get(worker_id, 0) > 0:
             self.inflight[worker_id] -= 1
             self.load.remove(worker_id, rank or 0, blocks, keys)
             if grown:
                 self.load.count(worker_id, rank or 0, -grown)
+        if worker_id and self.outbox is not None:
+            self.outbox.finished(ticket or self.outbox.match(worker_id, rank or 0, keys))
 
     def forget(self, worker_id: str) -> None:
         self.load.forget(worker_id)
         self.policy.forget(worker_id)
+        if self.peers is not None:
+            self.peers.forget_worker(worker_id)
 
     def on_kv_events(self, batch: KvEventBatch) -> None:
+        if self._buffered is not None:
+            self._buffered.append(batch)
+            return
         self.policy.on_kv_events(batch)
+
+    def begin_bootstrap(self) -> None:
+        """Hold KV events back until `end_bootstrap` (a peer's snapshot is on its way)."""
+        self._buffered = []
+
+    def end_bootstrap(self, snapshot: Snapshot | None) -> None:
+        """Load the peer's snapshot (None: start cold), then the events held back meanwhile."""
+        buffered, self._buffered = self._buffered or [], None
+        self.policy.restore(snapshot, buffered)
 
 
 def request_blocks(prompt_len: int, block_size: int) -> float:

@@ -10,6 +10,7 @@ import sys
 
 from dynvllm.frontend.app import FrontendApp
 from dynvllm.frontend.models import ModelRegistry
+from dynvllm.frontend.peers import RouterPeers
 from dynvllm.frontend.processes import REUSEPORT_ENV, reuseport_socket, run_processes
 from dynvllm.frontend.routing import Router
 from dynvllm.runtime import nats as natsrt
@@ -50,11 +51,9 @@ async def serve_frontend(settings: Settings) -> int:
         lambda inst: pool.drop_when_silent(inst.id, rt.lease_ttl, lambda iid: watcher.get(iid) is not None)
     )
     await watcher.start()
-    if router.policy.uses_kv_events:
-        from dynvllm.runtime.events import EventBus
-        from dynvllm.runtime.kv_topic import KV_EVENTS
-
-        await EventBus(nc, rt.namespace).subscribe(KV_EVENTS, router.on_kv_events)
+    # Other frontends of the namespace: shared decisions, and the index loaded from a live one.
+    peers = RouterPeers(nc, rt.namespace, router, rt.heartbeat_interval, rt.lease_ttl)
+    await peers.start(settings.router.router_share_load)
     admin = rt.admin_token.get_secret_value() if rt.admin_token else None
     frontend = FrontendApp(models, pool, router, settings, admin, settings.router.lora_on_demand)
     config = uvicorn.Config(
@@ -94,6 +93,7 @@ async def serve_frontend(settings: Settings) -> int:
         scheme = "https" if fe.ssl_certfile else "http"
         print(f"dynvllm frontend listening on {scheme}://{fe.http_host}:{port}", file=sys.stderr, flush=True)
     await task
+    await peers.stop()
     await watcher.stop()
     await pool.close()
     await natsrt.close(nc)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict, deque
+from collections.abc import Iterator
 
 Worker = tuple[str, int]  # (instance id, data-parallel rank)
 _EVENT_BACKED = float("inf")  # expiry of blocks known from events (predictions expire)
@@ -140,6 +141,29 @@ class KvIndex:
             for key in keys:
                 if mine.get(key) == expiry:  # not refreshed by a later prediction, not confirmed
                     self._discard(wid, key)
+
+    def retract(self, worker: Worker, keys: list[int], expiry: float) -> None:
+        """Withdraw a prediction made with this `expiry` (a peer frontend's, when that peer goes):
+        keys that a later prediction refreshed or an event confirmed stay."""
+        wid = self._ids.get(worker)
+        mine = self._keys_of.get(wid) if wid is not None else None
+        if mine is None:
+            return
+        for key in keys:
+            if mine.get(key) == expiry:
+                self._discard(wid, key)
+
+    # ---- snapshots (a starting frontend loads a live peer's index) ---------------
+    def confirmed(self) -> Iterator[tuple[Worker, list[int]]]:
+        """Each worker's blocks known from events. Predictions are left out: they expire within
+        seconds, and the peers' decisions that made them reach the new frontend as they come."""
+        inf = _EVENT_BACKED
+        for wid, mine in list(self._keys_of.items()):
+            yield self._workers[wid], [k for k, e in mine.items() if e == inf]
+
+    def store(self, worker: Worker, keys: list[int]) -> None:
+        """Blocks a worker holds, as a snapshot says (the bulk path of `apply`)."""
+        self._store(self._id(worker), keys)
 
     # ---- queries ---------------------------------------------------------------
     def overlaps(self, keys: list[int]) -> dict[Worker, int]:

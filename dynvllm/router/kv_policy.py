@@ -10,8 +10,9 @@ request's whole prompt instead (the first version) made one request's worth of l
 cancel a whole cached prefix: on a GPU, eight system prompts over two engines then cached no more
 than round-robin did.
 
-Pure logic. Ties go to the worker with less load, then rotate; a positive temperature samples
-from softmax(-cost / T) instead of taking the minimum.
+Pure logic. Ties go to the worker with less load, then to one the prompt's last block key
+picks (the same in every frontend; prompts shorter than a block rotate); a positive temperature
+samples from softmax(-cost / T) instead of taking the minimum.
 """
 
 from __future__ import annotations
@@ -91,5 +92,7 @@ class KvPolicy:
         if len(tied) > 1:
             least = min(loads[i] for i in tied)
             tied = sorted((i for i in tied if loads[i] == least), key=lambda i: candidates[i])
-        i = tied[next(self._rr) % len(tied)]
+        # The prompt picks among equals (its last key spreads distinct prompts), not a counter of
+        # this process: frontends that share their load must choose alike for the same prompt.
+        i = tied[(keys[-1] if keys else next(self._rr)) % len(tied)]
         return Decision(candidates[i], get_overlap(candidates[i], 0), costs[i])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -20,6 +20,7 @@ from dynvllm import registry
 from dynvllm.router import hashing
 from dynvllm.router.index import KvIndex, Worker
 from dynvllm.router.kv_policy import Decision, KvPolicy
+from dynvllm.router.snapshot import Snapshot, cut_over
 from dynvllm.runtime.kv_topic import KvEventBatch
 from dynvllm.settings import RouterSettings, Settings
 
@@ -105,6 +106,25 @@ class Policy:
 
     def forget(self, worker_id: str) -> None:
         pass
+
+    # ---- several frontends (see `dynvllm.router.replicas` and `dynvllm.router.snapshot`) ----
+    def predict_for_peer(self, worker: Worker, keys: list[int], now: float) -> float | None:
+        """A peer frontend sent `keys` to `worker`: count them as cached there as if this frontend
+        had (the expiry used), or None for a policy that predicts nothing."""
+        return None
+
+    def retract(self, worker: Worker, keys: list[int], expiry: float) -> None:
+        pass
+
+    def snapshot(self) -> Iterator[tuple[Worker, int, list[int]]] | None:
+        """(worker, last relay sequence applied, block keys) for a starting peer; None: no index
+        worth sending."""
+        return None
+
+    def restore(self, snapshot: Snapshot | None, buffered: list[KvEventBatch]) -> None:
+        """Start from a peer's snapshot (None: cold), then the events buffered meanwhile."""
+        for batch in buffered:
+            self.on_kv_events(batch)
 
 
 class RoundRobin(Policy):
@@ -203,6 +223,41 @@ class KvRouting(Policy):
         for worker in [w for w in self._relay_seq if w[0] == worker_id]:
             del self._relay_seq[worker]
         self.index.drop_instance(worker_id)
+
+    def predict_for_peer(self, worker: Worker, keys: list[int], now: float) -> float | None:
+        ttl = self._predict_ttl()
+        if ttl <= 0:
+            return None
+        self.index.predict(worker, keys, ttl, now)
+        return now + ttl
+
+    def retract(self, worker: Worker, keys: list[int], expiry: float) -> None:
+        self.index.retract(worker, keys, expiry)
+
+    def snapshot(self) -> Iterator[tuple[Worker, int, list[int]]] | None:
+        if not self.uses_kv_events:
+            return None
+        return self._snapshot()
+
+    def _snapshot(self) -> Iterator[tuple[Worker, int, list[int]]]:
+        # A worker's keys and its sequence are read together (no suspension between them), so
+        # each worker's part is consistent even if the caller lets events in between workers.
+        named = set()
+        for worker, keys in self.index.confirmed():
+            named.add(worker)
+            yield worker, self._relay_seq.get(worker, 0), keys
+        for worker, seq in list(self._relay_seq.items()):
+            if worker not in named:  # holds nothing now: its sequence still orders the cut-over
+                yield worker, seq, []
+
+    def restore(self, snapshot: Snapshot | None, buffered: list[KvEventBatch]) -> None:
+        if snapshot is not None and self.uses_kv_events:
+            for worker, (seq, keys) in snapshot.workers.items():
+                self.index.store(worker, keys)
+                self._relay_seq[worker] = seq
+            buffered = cut_over(snapshot, buffered)
+        for batch in buffered:
+            self.on_kv_events(batch)
 
 
 class KvApprox(KvRouting):

@@ -402,15 +402,22 @@ class StreamClientPool:
         shared by an engine's busy loop and a starting process) misses a 2-second lease while
         its streams still flow, and failing them then would migrate or lose healthy requests.
         A host cut off sends nothing at all, and is dropped once its connection is as quiet as
-        its lease."""
+        its lease.
+
+        Silence counts only from when the expiry was noticed: the quiet that came before it also
+        covers a stall of the instance's process, or of the whole host, that has just ended, and
+        judging on it dropped a live worker's streams 50 ms after it missed its lease (a stream on
+        an adapter no other worker holds then has nowhere to go)."""
+        noticed = time.monotonic()
         await asyncio.sleep(0.05)  # data that arrived while this loop was busy is read first
         while not back(instance_id):
             conn = self._conns.get(instance_id)
             if conn is None or conn.closed:
                 return
-            silent = time.monotonic() - conn.heard
+            now = time.monotonic()
+            silent = now - max(conn.heard, noticed)
             if silent >= quiet:
-                self.drop(instance_id, f"lease expired and nothing heard for {silent:.1f}s")
+                self.drop(instance_id, f"lease expired and nothing heard for {now - conn.heard:.1f}s")
                 return
             await asyncio.sleep(quiet - silent)
 

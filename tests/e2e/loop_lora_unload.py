@@ -162,3 +162,75 @@ def test_stall(service, roots, rep):
     finish, usage, ended, unloaded = asyncio.run(run())
     assert (finish, usage) == ("length", tokens)
     assert unloaded >= ended - 0.5, "the unload returned while a request still used the adapter"
+
+
+def _holder_pid(env) -> int:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "dynvllm", "status", "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
+    listed = json.loads(cli(env, "list", "--json").stdout)
+    holder = [x["worker"] for x in listed if x["name"] == "a1"][0]
+    return [i["pid"] for i in json.loads(out.stdout)["instances"] if i["id"] == holder][0]
+
+
+@pytest.mark.parametrize("rep", range(REPS))
+def test_worker_stall(service, roots, rep):
+    """The holder's worker process alone stops for LOOP_FREEZE seconds mid-stream."""
+    import signal
+
+    url, env = service
+    _prepare(url, env, roots[0])
+    pid = _holder_pid(env)
+    print(f"LOOP worker_stall rep={rep} pid={pid} t={time.time():.3f}", flush=True)
+    tokens = 1500
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        stream = await client.completions.create(
+            model="a1",
+            prompt=PROMPTS[0],
+            max_tokens=tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        chunks, finish, usage = 0, None, 0
+        unloading = freezing = None
+
+        def unload():
+            done = cli(env, "unload", "a1")
+            assert done.returncode == 0, done.stderr
+            return time.monotonic()
+
+        def freeze():
+            time.sleep(float(os.environ.get("LOOP_FREEZE_AFTER", "4")))
+            print(f"FREEZE worker t={time.time():.3f}", flush=True)
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                time.sleep(float(os.environ.get("LOOP_FREEZE", "2.6")))
+            finally:
+                os.kill(pid, signal.SIGCONT)
+
+        async for chunk in stream:
+            chunks += 1
+            if chunks == 3:
+                unloading = asyncio.create_task(asyncio.to_thread(unload))
+                freezing = asyncio.create_task(asyncio.to_thread(freeze))
+            for c in chunk.choices:
+                finish = c.finish_reason or finish
+            if chunk.usage:
+                usage = chunk.usage.completion_tokens
+        ended = time.monotonic()
+        await freezing
+        return finish, usage, ended, await unloading
+
+    finish, usage, ended, unloaded = asyncio.run(run())
+    assert (finish, usage) == ("length", tokens)
+    assert unloaded >= ended - 0.5, "the unload returned while a request still used the adapter"

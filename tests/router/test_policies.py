@@ -49,7 +49,8 @@ def test_kv_approx_predicts_from_its_own_decisions():
 
 def test_kv_router_sends_a_prefix_being_prefilled_where_it_went():
     """Before the first request's events arrive (its prefill still running), a second request
-    with the same prefix goes to the same worker; with predictions off, the tie rotates away."""
+    with the same prefix goes to the same worker; with predictions off, the first one's load sends
+    it away."""
     prompt = list(range(96))
     router = Router(RouterSettings(router="kv"))
     first, overlap, *_ = router.choose(["a", "b"], prompt, 32)
@@ -60,8 +61,10 @@ def test_kv_router_sends_a_prefix_being_prefilled_where_it_went():
     router.policy.index.expire(time.monotonic() + 11)
     assert router.policy.index.overlaps(hashing.chain(prompt, 32)) == {}
     events_only = Router(RouterSettings(router="kv", router_predict_ttl=0))
-    picks = [events_only.choose(["a", "b"], prompt, 32) for _ in range(2)]
-    assert {p[0] for p in picks} == {"a", "b"} and all(p[1] == 0 for p in picks)
+    first = events_only.choose(["a", "b"], prompt, 32)
+    events_only.started(first.worker, 3.0, first.rank, first.keys)
+    second = events_only.choose(["a", "b"], prompt, 32)
+    assert first.overlap == second.overlap == 0 and second.worker != first.worker
 
 
 def test_only_event_policies_subscribe():

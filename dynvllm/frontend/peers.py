@@ -1,0 +1,181 @@
+"""Frontends of one namespace as peers over NATS: each publishes its routing decisions and applies
+the others' (`dynvllm.router.replicas`), and a starting frontend loads a live peer's block index
+before it serves (`dynvllm.router.snapshot`). This module is the I/O; the logic is pure there.
+
+Subjects under the namespace:
+    router.decisions.<replica>   a frontend's decision batches (every frontend listens to all)
+    router.snapshot              request/reply, one answering frontend (a queue group): the
+                                 index as chunked messages to the requester's inbox
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import Any
+
+import msgpack
+
+from dynvllm.frontend.routing import Router
+from dynvllm.router import snapshot as snap
+from dynvllm.runtime.events import EventBus
+from dynvllm.runtime.kv_topic import KV_EVENTS
+
+log = logging.getLogger("dynvllm.frontend.peers")
+_NO_RESPONDERS = "503"
+#: Bytes of snapshot sent between flushes: the client's outgoing buffer stays well under its limit.
+_FLUSH_EVERY = 4 << 20
+
+
+class RouterPeers:
+    def __init__(
+        self,
+        nc: Any,
+        namespace: str,
+        router: Router,
+        heartbeat: float = 0.5,
+        silence: float = 2.0,
+        snapshot_timeout: float = 3.0,
+    ) -> None:
+        self.nc, self.namespace, self.router = nc, namespace, router
+        self.heartbeat, self.silence, self.snapshot_timeout = heartbeat, silence, snapshot_timeout
+        self.replica = secrets.token_hex(6)
+        self._decisions = f"{namespace}.router.decisions"
+        self._own = f"{self._decisions}.{self.replica}"
+        self._snapshot_subject = f"{namespace}.router.snapshot"
+        self._wake = asyncio.Event()
+        self._beat_due = False
+        self._subs: list[Any] = []
+        self._tasks: list[asyncio.Task] = []
+        #: Peer batches that could not be read or applied (logged first, then every 1000th).
+        self.dropped = 0
+        #: How the index started: blocks loaded from a peer and seconds it took (None: cold).
+        self.bootstrap: tuple[int, float] | None = None
+
+    async def start(self, share: bool) -> None:
+        """Share decisions (with `share`); for a policy that follows KV events, subscribe to them
+        and load a peer's index, then answer later frontends' snapshot requests."""
+        router = self.router
+        if share:
+            router.share(self.replica, self._wake.set, self.silence)
+            self._subs.append(await self.nc.subscribe(self._decisions + ".*", cb=self._on_decisions))
+            self._tasks.append(asyncio.create_task(self._publish()))
+            self._tasks.append(asyncio.create_task(self._beat()))
+        if not router.policy.uses_kv_events:
+            return
+        router.begin_bootstrap()
+        loaded: snap.Snapshot | None = None
+        t0 = time.monotonic()
+        try:
+            # Subscribed before asking: every batch newer than the peer's snapshot is buffered.
+            await EventBus(self.nc, self.namespace).subscribe(KV_EVENTS, router.on_kv_events)
+            loaded = await self._fetch()
+        finally:
+            router.end_bootstrap(loaded)
+        if loaded is not None:
+            self.bootstrap = (loaded.blocks, time.monotonic() - t0)
+            log.info(
+                "router index loaded from a peer: %d blocks on %d workers in %.2f s",
+                loaded.blocks,
+                len(loaded.workers),
+                self.bootstrap[1],
+            )
+        sub = await self.nc.subscribe(self._snapshot_subject, queue="snapshot", cb=self._on_snapshot)
+        self._subs.append(sub)
+
+    async def stop(self) -> None:
+        """Say goodbye (peers take this frontend's requests out of their load at once)."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        outbox = self.router.outbox
+        if outbox is not None:
+            try:
+                await self.nc.publish(self._own, msgpack.packb(outbox.batch(bye=True)))
+                await self.nc.flush(timeout=1)
+            except Exception as exc:  # peers then notice the silence instead
+                log.debug("goodbye to the peer frontends not sent: %s", exc)
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception as exc:  # the connection is gone already
+                log.debug("unsubscribe failed: %s", exc)
+
+    # ---- decisions ------------------------------------------------------------------
+    async def _publish(self) -> None:
+        outbox = self.router.outbox
+        assert outbox is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch = outbox.batch(heartbeat=self._beat_due)
+            self._beat_due = False
+            if batch is None:
+                continue
+            try:
+                await self.nc.publish(self._own, msgpack.packb(batch))
+            except Exception as exc:  # disconnected: the next heartbeat tells peers what is open
+                log.debug("decision batch not sent: %s", exc)
+
+    async def _beat(self) -> None:
+        peers = self.router.peers
+        assert peers is not None
+        while True:
+            await asyncio.sleep(self.heartbeat)
+            self._beat_due = True
+            self._wake.set()
+            for replica in peers.expire(time.monotonic()):
+                log.info("peer frontend %s went silent; its load is dropped", replica)
+
+    async def _on_decisions(self, msg: Any) -> None:
+        if msg.subject == self._own:
+            return
+        peers = self.router.peers
+        assert peers is not None
+        try:
+            peers.apply(msgpack.unpackb(msg.data, raw=False), time.monotonic())
+        except Exception as exc:  # one bad batch must not stop the others
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning(
+                    "dropped a decision batch from %s (%d so far): %r", msg.subject, self.dropped, exc
+                )
+
+    # ---- index snapshots ----------------------------------------------------------------
+    async def _fetch(self) -> snap.Snapshot | None:
+        """A live peer's index; None when no peer answers (the first frontend starts cold)."""
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        receiver = snap.Receiver()
+        try:
+            await self.nc.publish(self._snapshot_subject, b"", reply=inbox)
+            while True:
+                msg = await sub.next_msg(timeout=self.snapshot_timeout)
+                if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
+                    return None
+                if receiver.feed(msg.data):
+                    return receiver.snapshot()
+        except Exception as exc:  # slow or broken peer: routing starts cold, as with none
+            log.warning("no index from a peer frontend (%s: %s); starting cold", type(exc).__name__, exc)
+            return None
+        finally:
+            await sub.unsubscribe()
+
+    async def _on_snapshot(self, msg: Any) -> None:
+        parts = self.router.policy.snapshot()
+        if not msg.reply or parts is None:
+            return
+        unflushed = 0
+        try:
+            for data in snap.encode(parts, self.nc.max_payload):
+                await self.nc.publish(msg.reply, data)
+                unflushed += len(data)
+                if unflushed >= _FLUSH_EVERY:
+                    await self.nc.flush()
+                    unflushed = 0
+                # Requests and events go on between messages; each worker's part is consistent.
+                await asyncio.sleep(0)
+        except Exception as exc:  # the requester times out and starts cold
+            log.warning("sending the router index to a new frontend failed: %s", exc)

@@ -1,0 +1,136 @@
+"""How many workers a role needs, and which to drain. Pure: the planner feeds it the predicted
+load, a worker's capacity from the profile, the live workers and the clock.
+
+- Up: ceil(load / capacity) workers, at once (after the cool-down since the last change).
+- Down: only to a count whose capacity times `scale_down_threshold` still carries the load, and
+  only after `scale_down_after` intervals in a row below it (hysteresis: a load near a boundary
+  does not flap). Workers leave by draining (their in-flight requests finish), the least busy
+  first: a decision names them, it never kills.
+- Zero: with `min_workers` 0 a role keeps one worker until it has been idle (no requests, none
+  in flight or waiting) for `idle_after` seconds; a request waiting at zero workers brings one
+  back at once, cool-down or not, since a client is waiting for it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from dynvllm.planner.observe import Observation
+
+
+@dataclass(frozen=True)
+class Policy:
+    min_workers: int = 1
+    max_workers: int = 8
+    cooldown: float = 30.0
+    scale_down_after: int = 3
+    scale_down_threshold: float = 0.7
+    idle_after: float = 0.0
+
+
+@dataclass
+class RoleState:
+    """What the decision remembers about a role between intervals."""
+
+    below: int = 0  # intervals in a row that a smaller count would have carried the load
+    last_change: float = -math.inf
+    idle_since: float | None = None
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    id: str
+    inflight: int = 0  # running plus waiting in its engine
+
+
+@dataclass(frozen=True)
+class Decision:
+    role: str
+    current: int
+    target: int
+    start: int = 0
+    drain: tuple[str, ...] = field(default_factory=tuple)
+    reason: str = ""
+
+    @property
+    def action(self) -> str:
+        return "up" if self.start else "down" if self.drain else "hold"
+
+
+def _need(load: float, capacity: float) -> int:
+    if load <= 1e-9:
+        return 0
+    if capacity <= 0:
+        return 1 << 30  # no capacity known: as many as allowed
+    return math.ceil(load / capacity - 1e-9)
+
+
+def decide(
+    role: str,
+    load: float,
+    capacity: float,
+    workers: list[WorkerView],
+    obs: Observation,
+    state: RoleState,
+    policy: Policy,
+    now: float,
+    current: int | None = None,
+) -> Decision:
+    """The decision for one role this interval; updates `state`. `current` counts workers that
+    started but have not registered yet as well (default: the registered `workers`)."""
+    current = len(workers) if current is None else max(current, len(workers))
+    busy = obs.requests > 0 or obs.inflight > 0 or obs.waiting_for_worker > 0 or obs.queue_depth > 0
+    if busy:
+        state.idle_since = None
+    elif state.idle_since is None:
+        state.idle_since = now
+    floor = policy.min_workers
+    if floor == 0:
+        idle_long = (
+            policy.idle_after > 0
+            and state.idle_since is not None
+            and now - state.idle_since >= policy.idle_after
+        )
+        floor = 0 if idle_long else 1
+
+    def clamp(n: int) -> int:
+        return max(floor, min(policy.max_workers, n))
+
+    if current == 0 and busy:
+        state.below, state.last_change = 0, now
+        target = max(1, clamp(_need(load, capacity)))
+        return Decision(role, 0, target, start=target, reason="requests wait and no worker serves them")
+
+    up = clamp(_need(load, capacity))
+    if up > current:
+        state.below = 0
+        if now - state.last_change < policy.cooldown:
+            return Decision(role, current, current, reason=f"needs {up}, in cool-down")
+        state.last_change = now
+        return Decision(
+            role,
+            current,
+            up,
+            start=up - current,
+            reason=f"load {load:.2f} req/s over {capacity:.2f} per worker",
+        )
+
+    down = clamp(_need(load, capacity * policy.scale_down_threshold))
+    if down >= current:
+        state.below = 0
+        return Decision(role, current, current, reason="within capacity")
+    state.below += 1
+    if state.below < policy.scale_down_after:
+        return Decision(
+            role,
+            current,
+            current,
+            reason=f"{down} would do ({state.below}/{policy.scale_down_after} intervals)",
+        )
+    if now - state.last_change < policy.cooldown:
+        return Decision(role, current, current, reason=f"{down} would do, in cool-down")
+    state.below, state.last_change = 0, now
+    quiet = sorted(workers, key=lambda w: (w.inflight, w.id))[: current - down]
+    why = "idle" if down == 0 else f"load {load:.2f} req/s fits {down} at {policy.scale_down_threshold:.0%}"
+    return Decision(role, current, down, drain=tuple(w.id for w in quiet), reason=why)

@@ -1,0 +1,254 @@
+"""`dynvllm planner`: every interval, read the frontend's metrics and the workers' load, predict,
+decide per role, and have the connector carry the decision out.
+
+Several planners may run: each holds an instance lease in discovery (component "planner") and
+the one that started first among the live ones acts; the others observe and predict (so they
+are warm) but decide nothing until its lease expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from dynvllm import registry
+from dynvllm.planner import observe as obs_mod
+from dynvllm.planner.connector import ConnectorError
+from dynvllm.planner.decide import Decision, Policy, RoleState, WorkerView, decide
+from dynvllm.planner.profile import Profile
+from dynvllm.settings import Settings
+
+log = logging.getLogger("dynvllm.planner")
+COMPONENT = "planner"
+
+
+class PlannerMetrics:
+    """Decisions and predictions as Prometheus metrics, served on --planner-metrics-port."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+
+        r = self.registry = CollectorRegistry()
+        self.active = Gauge(
+            "dynvllm_planner_active", "1 on the planner that decides, 0 on a standby", registry=r
+        )
+        self.observed = Gauge(
+            "dynvllm_planner_observed", "Last interval's load by quantity", ["quantity"], registry=r
+        )
+        self.predicted = Gauge(
+            "dynvllm_planner_predicted_request_rate",
+            "Request rate predicted for the next interval",
+            registry=r,
+        )
+        self.capacity = Gauge(
+            "dynvllm_planner_capacity_per_worker",
+            "Request rate one worker carries at the targets",
+            ["role"],
+            registry=r,
+        )
+        self.workers = Gauge(
+            "dynvllm_planner_workers", "Workers of the role when deciding", ["role"], registry=r
+        )
+        self.target = Gauge(
+            "dynvllm_planner_target_workers", "Workers the last decision asked for", ["role"], registry=r
+        )
+        self.decisions = Counter(
+            "dynvllm_planner_decisions",
+            "Decisions by role and action (up, down, hold)",
+            ["role", "action"],
+            registry=r,
+        )
+        self.failures = Counter(
+            "dynvllm_planner_connector_failures",
+            "Decisions the connector could not carry out",
+            ["role"],
+            registry=r,
+        )
+
+    def serve(self, port: int) -> int:
+        from prometheus_client import start_http_server
+
+        server, _ = start_http_server(port, addr="127.0.0.1", registry=self.registry)
+        self._server = server
+        return int(server.server_port)
+
+
+@dataclass
+class Planner:
+    settings: Settings
+    profile: Profile
+    roles: list[str]
+    frontend_url: str
+    metrics: PlannerMetrics = field(default_factory=PlannerMetrics)
+    states: dict[str, RoleState] = field(default_factory=dict)
+    load: dict[str, tuple[int, int]] = field(default_factory=dict)  # instance id -> (running, waiting)
+    history: list[tuple[obs_mod.Observation, float, list[Decision]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        ps = self.settings.planner
+        self.predictor = registry.load(registry.PLANNER_PREDICTORS, ps.predictor)(ps.predictor_window)
+        self.policy = Policy(
+            ps.min_workers,
+            ps.max_workers,
+            ps.cooldown,
+            ps.scale_down_after,
+            ps.scale_down_threshold,
+            ps.idle_after,
+        )
+        first = next(iter(self.profile.roles.values()))[0]
+        self.isl, self.osl = float(first.isl), float(first.osl)  # until requests say otherwise
+
+    def leader(self, watcher: Any, me: Any) -> bool:
+        planners = watcher.instances(COMPONENT) or [me]
+        return min(planners, key=lambda i: (i.started, i.id)).id == me.id
+
+    async def run(self, stop: asyncio.Event) -> None:
+        from dynvllm.runtime import nats as natsrt
+        from dynvllm.runtime.discovery import Instance, Lease, Watcher
+        from dynvllm.runtime.events import LOAD, EventBus
+
+        rt, ps = self.settings.runtime, self.settings.planner
+        nc = await natsrt.connect(rt, name="dynvllm-planner")
+        connector = registry.load(registry.PLANNER_CONNECTORS, ps.planner_connector)(self.settings, nc)
+        watcher = Watcher(nc, rt.namespace, rt.lease_ttl)
+
+        def on_load(ev: Any) -> None:
+            self.load[ev.instance_id] = (ev.running, ev.waiting)
+
+        await EventBus(nc, rt.namespace).subscribe(LOAD, on_load)
+        await watcher.start()
+        port = self.metrics.serve(ps.planner_metrics_port) if ps.planner_metrics_port >= 0 else None
+        me = Instance.new(COMPONENT, role=COMPONENT, card={"metrics_port": port, "roles": self.roles})
+        lease = Lease(nc, rt.namespace, me, rt.heartbeat_interval)
+        await lease.start()
+        log.warning("planner %s: scaling %s; metrics on port %s", me.id, ", ".join(self.roles), port)
+        async with httpx.AsyncClient(timeout=5) as http:
+            before, at = await self._scrape(http), time.monotonic()
+            try:
+                while not stop.is_set():
+                    try:
+                        await asyncio.wait_for(stop.wait(), ps.planner_interval)
+                        break
+                    except TimeoutError:
+                        pass
+                    now_samples, now = await self._scrape(http), time.monotonic()
+                    if now_samples is None or before is None:
+                        before, at = now_samples, now
+                        continue
+                    await self.step(before, now_samples, now - at, now, watcher, me, connector)
+                    before, at = now_samples, now
+            finally:
+                await lease.stop()
+                await watcher.stop()
+                await natsrt.close(nc)
+
+    async def _scrape(self, http: httpx.AsyncClient) -> list[obs_mod.Sample] | None:
+        try:
+            r = await http.get(self.frontend_url + "/metrics")
+            r.raise_for_status()
+            return obs_mod.parse(r.text)
+        except (httpx.HTTPError, ValueError) as exc:
+            log.warning("cannot read the frontend's metrics at %s: %s", self.frontend_url, exc)
+            return None
+
+    async def step(
+        self,
+        before: list,
+        now_samples: list,
+        seconds: float,
+        now: float,
+        watcher: Any,
+        me: Any,
+        connector: Any,
+    ) -> list[Decision]:
+        """One interval: observe, predict, and (on the active planner) decide and apply."""
+        ps = self.settings.planner
+        model = ps.planner_model
+        workers = [i for i in watcher.instances("worker") if model is None or i.card.get("model") == model]
+        queue = sum(self.load.get(i.id, (0, 0))[1] for i in workers)
+        obs = obs_mod.observe(before, now_samples, seconds, model, queue_depth=queue)
+        self.predictor.observe(obs.request_rate)
+        predicted = self.predictor.predict()
+        if obs.requests:
+            self.isl, self.osl = obs.isl, obs.osl
+        # A backlog in the engines is load too: enough to clear it within one interval.
+        load = predicted + obs.queue_depth / max(seconds, 1e-6)
+        self._record(obs, predicted)
+        active = self.leader(watcher, me)
+        self.metrics.active.set(1 if active else 0)
+        decisions = []
+        for role in self.roles:
+            cap = self.profile.capacity(role, self.isl, self.osl, ps.ttft_target, ps.itl_target)
+            self.metrics.capacity.labels(role).set(cap)
+            mine = [i for i in workers if i.role == role]
+            if not active:
+                continue
+            try:
+                current = await connector.workers(role)
+            except ConnectorError as exc:
+                log.warning("%s", exc)
+                current = None
+            views = [WorkerView(i.id, sum(self.load.get(i.id, (0, 0)))) for i in mine]
+            state = self.states.setdefault(role, RoleState())
+            d = decide(role, load, cap, views, obs, state, self.policy, now, current)
+            self.metrics.workers.labels(role).set(d.current)
+            self.metrics.target.labels(role).set(d.target)
+            self.metrics.decisions.labels(role, d.action).inc()
+            if d.action != "hold":
+                log.warning(
+                    "%s: %d -> %d workers (%s)%s",
+                    role,
+                    d.current,
+                    d.target,
+                    d.reason,
+                    f"; draining {', '.join(d.drain)}" if d.drain else "",
+                )
+                try:
+                    await connector.apply(d, {i.id: i.pid for i in mine})
+                except ConnectorError as exc:
+                    self.metrics.failures.labels(role).inc()
+                    log.error("%s: %s", role, exc)
+            decisions.append(d)
+        self.history.append((obs, predicted, decisions))
+        del self.history[:-100]
+        return decisions
+
+    def _record(self, obs: obs_mod.Observation, predicted: float) -> None:
+        self.metrics.predicted.set(predicted)
+        for name in (
+            "request_rate",
+            "isl",
+            "osl",
+            "inflight",
+            "queue_depth",
+            "waiting_for_worker",
+            "ttft_p50",
+            "ttft_p90",
+            "itl_p50",
+            "itl_p90",
+        ):
+            value = getattr(obs, name)
+            if not math.isnan(value):
+                self.metrics.observed.labels(name).set(value)
+
+
+def run_planner(settings: Settings, profile: Profile, roles: list[str], frontend_url: str) -> int:
+    import signal
+
+    from dynvllm.runtime import nats as natsrt
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await Planner(settings, profile, roles, frontend_url).run(stop)
+
+    natsrt.run(main())
+    return 0

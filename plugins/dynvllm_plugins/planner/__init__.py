@@ -1,0 +1,1 @@
+"""Planner connectors shipped with dynvllm."""

@@ -1,0 +1,234 @@
+#!/usr/bin/env python
+"""Several frontends on one NATS: do they route the same prompt to the same worker, and what does
+sharing their decisions cost? Sharing off ("before") and on ("after"), side by side in one run.
+
+Each round and mode starts `dynvllm serve agg --engine sim --workers W` (its frontend is replica 1)
+and N-1 more `dynvllm frontend`s on its NATS, all with `--[no-]router-share-load`, then:
+  agreement  B background streams over the frontends (system prompt + question, a few output
+             tokens); meanwhile P probes, each one new prompt over a known system prompt sent to
+             every frontend at the same moment; agreed = all frontends chose the same worker
+             (`x-dynvllm-worker`).
+  cost       a closed loop at concurrency C over all frontends (ISL 128 / OSL 16, sim engine with
+             no prefill or decode time, so the frontends are the bottleneck): req/s.
+Modes alternate (off, on, off, on ...), ROUNDS times. Run:
+  .venv/bin/python scripts/bench_replicas.py [--frontends 2] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_serve import free_port
+
+VOCAB = 500
+
+
+def start(args: list[str], log) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "dynvllm", *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+async def wait_workers(session, url: str, want: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited ({proc.returncode})")
+        try:
+            async with session.get(url + "/health") as r:
+                if (await r.json()).get("workers", 0) >= want:
+                    return
+        except Exception:
+            pass
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"{url}: workers did not come up")
+
+
+STATUS: Counter[str] = Counter()
+
+
+async def post(session, url: str, prompt: list[int], max_tokens: int) -> str | None:
+    body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True}
+    try:
+        async with session.post(url + "/v1/completions", json=body) as r:
+            await r.read()
+            STATUS[str(r.status)] += 1
+            return r.headers.get("x-dynvllm-worker") if r.status == 200 else None
+    except Exception as exc:
+        STATUS[type(exc).__name__] += 1
+        return None
+
+
+async def agreement(session, urls: list[str], seed: int, args) -> tuple[int, int]:
+    rng = random.Random(seed)
+    systems = [[rng.randrange(3, VOCAB) for _ in range(args.system_tokens)] for _ in range(args.systems)]
+
+    def prompt() -> list[int]:
+        return systems[rng.randrange(len(systems))] + [rng.randrange(3, VOCAB) for _ in range(48)]
+
+    done = asyncio.Event()
+
+    async def background(i: int) -> None:
+        url = urls[i % len(urls)]
+        while not done.is_set():
+            await post(session, url, prompt(), args.background_tokens)
+
+    for s in systems:  # every system prompt cached somewhere before the probes
+        await post(session, urls[0], s, 1)
+    streams = [asyncio.create_task(background(i)) for i in range(args.background)]
+    await asyncio.sleep(1.0)
+    agreed = 0
+    for _ in range(args.probes):
+        p = prompt()
+        workers = await asyncio.gather(*(post(session, u, p, 1) for u in urls))
+        agreed += None not in workers and len(set(workers)) == 1
+        await asyncio.sleep(0.05)
+    done.set()
+    await asyncio.gather(*streams)
+    return agreed, args.probes
+
+
+async def throughput(session, urls: list[str], args) -> float:
+    rng = random.Random(7)
+    prompts = [[rng.randrange(3, VOCAB) for _ in range(128)] for _ in range(args.requests)]
+    queue = list(enumerate(prompts))
+    ok = 0
+
+    async def client(c: int) -> None:
+        nonlocal ok
+        while queue:
+            i, p = queue.pop()
+            worker = await post(session, urls[i % len(urls)], p, 16)
+            ok += worker is not None
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(c) for c in range(args.concurrency)))
+    return ok / (time.perf_counter() - t0)
+
+
+@contextlib.asynccontextmanager
+async def service(session, model: str, share: bool, ns: str, timing: list[str], args, log):
+    """`serve agg` (replica 1) and N-1 frontends on its NATS; yields their URLs."""
+    flag = "--router-share-load" if share else "--no-router-share-load"
+    ports = [free_port() for _ in range(args.frontends)]
+    sim = ["--engine", "sim", "--block-size", "32", "--sim-kv-blocks", str(args.kv_blocks), *timing]
+    workers = ["--model", model, "--served-model-name", "m", "--workers", str(args.workers), *sim]
+    http = ["--http-host", "127.0.0.1", "--http-port"]
+    procs = [start(["serve", "agg", *workers, "--namespace", ns, *http, str(ports[0]), flag], log)]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    try:
+        await wait_workers(session, urls[0], args.workers, procs[0])
+        from dynvllm.runtime import state
+
+        nats = state.resolve_nats_url(None, ns)
+        for port in ports[1:]:
+            fe = ["frontend", "--nats-url", nats, "--namespace", ns, flag]
+            procs.append(start([*fe, *http, str(port)], log))
+        for url, proc in zip(urls[1:], procs[1:], strict=True):
+            await wait_workers(session, url, args.workers, proc)
+        yield urls
+    finally:
+        stop(procs[1:])
+        stop(procs[:1])
+
+
+async def one(model: str, share: bool, seed: int, args, log) -> dict:
+    import aiohttp
+
+    ns = f"replicas{os.getpid()}x{seed}"
+    connector = aiohttp.TCPConnector(limit=256)
+    timeout = aiohttp.ClientTimeout(total=120)
+    # Agreement on the sim engine's default timing (requests take what a small GPU model takes);
+    # cost with none, so that the frontends, not the engines, bound the rate.
+    timing = [
+        "--sim-prefill-us-per-token",
+        str(args.prefill_us),
+        "--sim-decode-ms-per-step",
+        str(args.decode_ms),
+    ]
+    free = ["--sim-prefill-us-per-token", "0", "--sim-decode-ms-per-step", "0"]
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        async with service(session, model, share, ns + "a", timing, args, log) as urls:
+            agreed, probes = await agreement(session, urls, seed, args)
+        async with service(session, model, share, ns + "t", free, args, log) as urls:
+            rps = await throughput(session, urls, args)
+    status = dict(STATUS)
+    STATUS.clear()
+    return {"share": share, "agreed": agreed, "probes": probes, "req_s": round(rps, 1), "status": status}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--frontends", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--systems", type=int, default=16)
+    ap.add_argument("--system-tokens", type=int, default=400, help="about 300 words")
+    ap.add_argument("--background", type=int, default=8)
+    ap.add_argument("--background-tokens", type=int, default=32)
+    ap.add_argument("--probes", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=1500)
+    ap.add_argument("--kv-blocks", type=int, default=2048)
+    ap.add_argument("--prefill-us", type=float, default=100.0, help="sim engine, agreement phase")
+    ap.add_argument("--decode-ms", type=float, default=10.0, help="sim engine, agreement phase")
+    ap.add_argument("--model")
+    args = ap.parse_args()
+    model = args.model
+    if not model:
+        from dynvllm.models.tiny import build_tiny_model
+
+        model = str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny"))
+    rows = []
+    with open("/tmp/bench_replicas.log", "wb") as log:
+        for r in range(args.rounds):
+            for share in (False, True):
+                row = asyncio.run(one(model, share, 100 * r + share, args, log))
+                row["round"] = r + 1
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print(
+        f"\n{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cpus, {args.frontends} frontends, "
+        f"sim x {args.workers}, {args.systems} system prompts of {args.system_tokens} tokens, "
+        f"{args.background} background streams, {args.probes} probes; c={args.concurrency} ISL 128 / OSL 16"
+    )
+    print(f"sharing  agreement (per round)        req/s at c={args.concurrency} (per round)  median")
+    for share in (False, True):
+        mine = [r for r in rows if r["share"] == share]
+        agree = ", ".join(f"{r['agreed']}/{r['probes']}" for r in mine)
+        total = sum(r["agreed"] for r in mine) / sum(r["probes"] for r in mine)
+        rps = [r["req_s"] for r in mine]
+        print(
+            f"{'on ' if share else 'off'}      {total:6.1%} ({agree:18s})  "
+            f"{', '.join(f'{x:.0f}' for x in rps):26s}  {statistics.median(rps):.0f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

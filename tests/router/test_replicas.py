@@ -1,0 +1,156 @@
+"""Frontends sharing routing decisions (pure: batches are handed over by hand, no NATS)."""
+
+from __future__ import annotations
+
+import random
+import time
+
+from dynvllm.frontend.routing import Router
+from dynvllm.router import hashing
+from dynvllm.router.replicas import Outbox
+from dynvllm.settings import RouterSettings
+
+BS = 32
+
+
+def _pair(**kw) -> tuple[Router, Router]:
+    a, b = Router(RouterSettings(router="kv", **kw)), Router(RouterSettings(router="kv", **kw))
+    a.share("a", lambda: None, silence=2.0)
+    b.share("b", lambda: None, silence=2.0)
+    return a, b
+
+
+def _send(src: Router, dst: Router, now: float | None = None, heartbeat: bool = False) -> list | None:
+    assert src.outbox is not None and dst.peers is not None
+    batch = src.outbox.batch(heartbeat=heartbeat)
+    if batch is not None:
+        dst.peers.apply(batch, time.monotonic() if now is None else now)
+    return batch
+
+
+def _route(router: Router, workers: list[str], prompt: list[int]) -> tuple[str, int]:
+    pick = router.choose(workers, prompt, BS)
+    return pick.worker, router.started(pick.worker, float(len(prompt) // BS), pick.rank, pick.keys)
+
+
+def test_a_peers_request_counts_in_the_load_and_predictions_until_it_finishes():
+    a, b = _pair()
+    prompt = list(range(128))
+    worker, ticket = _route(a, ["w1", "w2"], prompt)
+    _send(a, b)
+    assert b.load.active_blocks[worker] == a.load.active_blocks[worker] == 4
+    assert b.inflight[worker] == 1
+    # The prompt is on its way there: a request sharing its prefix follows it, from either side.
+    pick = b.choose(["w1", "w2"], prompt[:96] + [7] * 32, BS)
+    assert (pick.worker, pick.overlap) == (worker, 3)
+    # Output fills blocks; the end takes the prompt and the output out again.
+    a.grow(worker, None, 2, ticket)
+    _send(a, b)
+    assert b.load.active_blocks[worker] == 6
+    a.finished(worker, 4.0, None, hashing.chain(prompt, BS), 2, ticket)
+    _send(a, b)
+    assert b.load.active_blocks[worker] == 0 and b.inflight[worker] == 0
+    assert not any(b.load.held.values())
+
+
+def test_replicas_that_share_choose_alike_and_those_that_do_not_drift_apart():
+    """Two frontends take turns with a shared-prefix load over four workers; each time, both are
+    asked where the next request would go. Shared: they always agree."""
+    rng = random.Random(5)
+    workers = ["w1", "w2", "w3", "w4"]
+    systems = [[rng.randrange(3, 500) for _ in range(320)] for _ in range(6)]
+
+    def run(share: bool) -> float:
+        a, b = _pair() if share else (Router("kv"), Router("kv"))
+        inflight: list[tuple[Router, str, float, list[int], int]] = []
+        agree = 0
+        for i in range(200):
+            prompt = systems[rng.randrange(6)] + [rng.randrange(3, 500) for _ in range(64)]
+            agree += a.choose(workers, prompt, BS).worker == b.choose(workers, prompt, BS).worker
+            side = (a, b)[i % 2]
+            worker, ticket = _route(side, workers, prompt)
+            inflight.append((side, worker, 12.0, hashing.chain(prompt, BS), ticket))
+            if len(inflight) > 8:
+                r, w, blocks, keys, t = inflight.pop(0)
+                r.finished(w, blocks, None, keys, 0, t)
+            if share:
+                _send(a, b)
+                _send(b, a)
+        return agree / 200
+
+    assert run(share=True) == 1.0
+    assert run(share=False) < 0.9
+
+
+def test_a_peer_that_leaves_or_falls_silent_takes_its_load_and_predictions_along():
+    a, b = _pair()
+    prompt = list(range(128))
+    keys = hashing.chain(prompt, BS)
+    worker, _ = _route(a, ["w1"], prompt)
+    _send(a, b, now=10.0)
+    assert b.index is not None and b.index.overlaps(keys) == {(worker, 0): 4}
+    assert b.peers is not None
+    assert b.peers.expire(11.0) == [] and "a" in b.peers
+    assert b.peers.expire(12.5) == ["a"]
+    assert b.load.active_blocks[worker] == 0 and b.inflight[worker] == 0
+    assert b.index.overlaps(keys) == {}  # its prediction withdrawn
+    # A goodbye does the same at once; events that confirmed the blocks keep them.
+    worker, _ = _route(a, ["w1"], prompt)
+    _send(a, b, now=20.0)
+    b.index.apply((worker, 0), ("stored", keys[:2]))
+    assert a.outbox is not None
+    b.peers.apply(a.outbox.batch(bye=True), 20.5)
+    assert "a" not in b.peers and b.load.active_blocks[worker] == 0
+    assert b.index.overlaps(keys) == {(worker, 0): 2}
+
+
+def test_a_heartbeat_prunes_requests_whose_end_was_lost():
+    a, b = _pair()
+    w1, t1 = _route(a, ["w1"], list(range(64)))
+    w2, t2 = _route(a, ["w1"], list(range(1000, 1064)))
+    _send(a, b)
+    assert b.inflight["w1"] == 2
+    a.finished(w1, 2.0, None, hashing.chain(list(range(64)), BS), 0, t1)
+    a.outbox.batch()  # lost on the way
+    _send(a, b, heartbeat=True)
+    assert b.peers is not None and b.peers.gaps == 1
+    assert b.inflight["w1"] == 1 and b.load.active_blocks["w1"] == 2
+
+
+def test_a_worker_that_leaves_is_forgotten_with_the_peers_requests_on_it():
+    a, b = _pair()
+    worker, ticket = _route(a, ["w1"], list(range(64)))
+    _send(a, b)
+    b.forget("w1")
+    a.finished(worker, 2.0, None, hashing.chain(list(range(64)), BS), 0, ticket)
+    _send(a, b)
+    assert b.inflight.get("w1", 0) == 0 and b.load.active_blocks.get("w1", 0) == 0
+
+
+def test_own_batches_are_ignored_and_an_untracked_finish_still_reaches_peers():
+    a, b = _pair()
+    worker, _ = _route(a, ["w1"], list(range(64)))
+    assert a.outbox is not None and a.peers is not None
+    own = a.outbox.batch()
+    a.peers.apply(own, 0.0)  # its own batch, echoed back by NATS
+    assert a.inflight["w1"] == 1
+    b.peers.apply(own, 0.0)
+    # A caller that kept no ticket: the outbox finds the request by worker and keys.
+    a.finished(worker, 2.0, None, hashing.chain(list(range(64)), BS))
+    _send(a, b)
+    assert b.inflight["w1"] == 0 and not a.outbox.open
+
+
+def test_the_outbox_wakes_its_publisher_once_per_batch():
+    woken = []
+    box = Outbox("r", lambda: woken.append(1))
+    t1 = box.started("w", 0, 2.0, [1, 2])
+    box.started("w", 0, 2.0, [3])
+    box.finished(t1)
+    assert len(woken) == 1
+    replica, seq, records, open_, bye = box.batch(heartbeat=True)
+    assert (replica, seq, open_, bye) == ("r", 1, [2], False)
+    assert [r[0] for r in records] == [0, 0, 1]
+    assert box.batch() is None
+    box.grew(2, 1)
+    assert len(woken) == 2 and box.batch()[2] == [[2, 2, 1]]
