@@ -146,6 +146,10 @@ class Service:
     def scale(self, req: ScaleRequest) -> dict:
         """Start workers of a role, or drain some (SIGTERM: they finish their requests and exit),
         until `req.count` serve or start; `req.drain` pids leave first, then the youngest."""
+        from dynvllm import registry
+
+        if req.role not in registry.names(registry.ROLES):
+            raise ValueError(f"no role {req.role!r}; installed: {', '.join(registry.names(registry.ROLES))}")
         mine = [s for s in self.workers if s.name == req.role and not s.draining and not s.down_for_good]
         started, drained = [], []
         now = time.monotonic()
@@ -185,7 +189,7 @@ class Service:
                     answer = self.worker_pids()
                 future.set_result(answer)
             except Exception as exc:  # answered, so the caller learns it instead of timing out
-                future.set_result({"error": f"{type(exc).__name__}: {exc}"})
+                future.set_result({"error": str(exc) if isinstance(exc, ValueError) else repr(exc)})
         return lines
 
     def slots(self) -> list[Slot]:

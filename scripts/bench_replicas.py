@@ -32,6 +32,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+import psutil
 from bench_serve import free_port
 
 VOCAB = 500
@@ -114,7 +115,19 @@ async def agreement(session, urls: list[str], seed: int, args) -> tuple[int, int
     return agreed, args.probes
 
 
-async def throughput(session, urls: list[str], args) -> float:
+def cpu_seconds(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+async def throughput(session, urls: list[str], procs: dict, args) -> tuple[float, float, float]:
+    """req/s, and CPU ms per request of the frontends and of the NATS server."""
     rng = random.Random(7)
     prompts = [[rng.randrange(3, VOCAB) for _ in range(128)] for _ in range(args.requests)]
     queue = list(enumerate(prompts))
@@ -127,9 +140,12 @@ async def throughput(session, urls: list[str], args) -> float:
             worker = await post(session, urls[i % len(urls)], p, 16)
             ok += worker is not None
 
+    cpu0 = {k: cpu_seconds(v) for k, v in procs.items()}
     t0 = time.perf_counter()
     await asyncio.gather(*(client(c) for c in range(args.concurrency)))
-    return ok / (time.perf_counter() - t0)
+    rps = ok / (time.perf_counter() - t0)
+    cpu = {k: (cpu_seconds(v) - cpu0[k]) * 1000 / max(1, ok) for k, v in procs.items()}
+    return rps, cpu["frontends"], cpu["nats"]
 
 
 @contextlib.asynccontextmanager
@@ -152,7 +168,13 @@ async def service(session, model: str, share: bool, ns: str, timing: list[str], 
             procs.append(start([*fe, *http, str(port)], log))
         for url, proc in zip(urls[1:], procs[1:], strict=True):
             await wait_workers(session, url, args.workers, proc)
-        yield urls
+        children = psutil.Process(procs[0].pid).children(recursive=True)
+        roles = {
+            "frontends": [c for c in children if "frontend" in c.cmdline()]
+            + [psutil.Process(p.pid) for p in procs[1:]],
+            "nats": [c for c in children if "nats-server" in c.name()],
+        }
+        yield urls, roles
     finally:
         stop(procs[1:])
         stop(procs[:1])
@@ -174,13 +196,21 @@ async def one(model: str, share: bool, seed: int, args, log) -> dict:
     ]
     free = ["--sim-prefill-us-per-token", "0", "--sim-decode-ms-per-step", "0"]
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        async with service(session, model, share, ns + "a", timing, args, log) as urls:
+        async with service(session, model, share, ns + "a", timing, args, log) as (urls, _):
             agreed, probes = await agreement(session, urls, seed, args)
-        async with service(session, model, share, ns + "t", free, args, log) as urls:
-            rps = await throughput(session, urls, args)
+        async with service(session, model, share, ns + "t", free, args, log) as (urls, procs):
+            rps, fe_ms, nats_ms = await throughput(session, urls, procs, args)
     status = dict(STATUS)
     STATUS.clear()
-    return {"share": share, "agreed": agreed, "probes": probes, "req_s": round(rps, 1), "status": status}
+    return {
+        "share": share,
+        "agreed": agreed,
+        "probes": probes,
+        "req_s": round(rps, 1),
+        "frontend_cpu_ms": round(fe_ms, 3),
+        "nats_cpu_ms": round(nats_ms, 3),
+        "status": status,
+    }
 
 
 def main() -> None:
@@ -218,15 +248,20 @@ def main() -> None:
         f"sim x {args.workers}, {args.systems} system prompts of {args.system_tokens} tokens, "
         f"{args.background} background streams, {args.probes} probes; c={args.concurrency} ISL 128 / OSL 16"
     )
-    print(f"sharing  agreement (per round)        req/s at c={args.concurrency} (per round)  median")
+    print(
+        f"sharing  agreement  per round            req/s at c={args.concurrency}, median"
+        "  frontend CPU ms/req  NATS CPU ms/req"
+    )
     for share in (False, True):
         mine = [r for r in rows if r["share"] == share]
         agree = ", ".join(f"{r['agreed']}/{r['probes']}" for r in mine)
         total = sum(r["agreed"] for r in mine) / sum(r["probes"] for r in mine)
-        rps = [r["req_s"] for r in mine]
+        rps = statistics.median(r["req_s"] for r in mine)
+        fe = statistics.median(r["frontend_cpu_ms"] for r in mine)
+        nats = statistics.median(r["nats_cpu_ms"] for r in mine)
         print(
-            f"{'on ' if share else 'off'}      {total:6.1%} ({agree:18s})  "
-            f"{', '.join(f'{x:.0f}' for x in rps):26s}  {statistics.median(rps):.0f}"
+            f"{'on ' if share else 'off'}      {total:6.1%}     {agree:22s} {rps:8.0f}"
+            f"           {fe:8.3f}         {nats:8.3f}"
         )
 
 

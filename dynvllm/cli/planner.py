@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from dynvllm.cli.calls import timeout_option
 from dynvllm.cli.options import with_settings
 from dynvllm.settings import Settings
 
@@ -82,6 +83,50 @@ def register(app: typer.Typer) -> None:
         except (ProfileError, registry.PluginError, LookupError) as exc:
             raise _fail(str(exc)) from None
         raise typer.Exit(run_planner(settings, profile, roles, _frontend_url(settings)))
+
+    @app.command("scale")
+    @with_settings("runtime")
+    def scale_cmd(
+        settings: Settings,
+        role: str = typer.Argument(..., help="Role whose workers change."),
+        count: int = typer.Argument(..., min=0, max=256, help="Workers wanted (fewer drain, more start)."),
+        timeout: float = timeout_option(),
+    ) -> None:
+        """Start or drain workers of a role on the `serve` of a namespace (what the planner's local
+        connector asks)."""
+        import msgpack
+
+        from dynvllm.cli.serve import _fail
+        from dynvllm.runtime import nats as natsrt
+        from dynvllm.runtime import state
+        from dynvllm.supervisor_control import subject
+
+        rt = settings.runtime
+
+        async def ask() -> dict:
+            nc = await natsrt.connect(rt, name="dynvllm-scale", give_up_after=timeout)
+            try:
+                token = rt.admin_token.get_secret_value() if rt.admin_token else None
+                payload = {"op": "scale", "role": role, "count": count, "admin_token": token}
+                msg = await nc.request(subject(rt.namespace), msgpack.packb(payload), timeout)
+                return msgpack.unpackb(msg.data, raw=False)
+            finally:
+                await natsrt.close(nc)
+
+        try:
+            rt.nats_url = state.resolve_nats_url(rt.nats_url, rt.namespace)
+            answer = natsrt.run(ask())
+        except (LookupError, natsrt.NatsUnavailable) as exc:
+            raise _fail(str(exc)) from None
+        except Exception as exc:  # nobody answers on the subject: no `serve` in this namespace
+            raise _fail(
+                f"no `dynvllm serve` answered in namespace {rt.namespace!r} ({type(exc).__name__})"
+            ) from None
+        if "error" in answer:
+            raise _fail(answer["error"], 1)
+        typer.echo(
+            f"{role}: {count} wanted; started {answer['started'] or 'none'}, draining {answer['draining'] or 'none'}"
+        )
 
     @app.command("profile", context_settings=_EXTRA)
     @with_settings("runtime", "worker", "engine", plugins=True)

@@ -76,8 +76,9 @@ class RouterPeers:
             router.end_bootstrap(loaded)
         if loaded is not None:
             self.bootstrap = (loaded.blocks, time.monotonic() - t0)
-            log.info(
-                "router index loaded from a peer: %d blocks on %d workers in %.2f s",
+            # Said at the level start-up facts are (frontends log warnings and up).
+            log.warning(
+                "router index loaded from a peer frontend: %d blocks on %d workers in %.3f s",
                 loaded.blocks,
                 len(loaded.workers),
                 self.bootstrap[1],

@@ -37,7 +37,7 @@ async def serve_frontend(settings: Settings) -> int:
 
     # A worker that says goodbye is draining: its open streams finish, new requests go elsewhere.
     # One whose lease expired gets no new requests; it may be unreachable without a reset, so its
-    # streams fail (and migrate) once its connection has been as quiet as its lease.
+    # streams fail (and migrate) once its connection stays quiet for a lease after the expiry.
     watcher.on_remove.append(lambda inst: router.forget(inst.id))
 
     def ranks(inst: Instance) -> None:

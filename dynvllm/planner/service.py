@@ -21,6 +21,7 @@ from dynvllm import registry
 from dynvllm.planner import observe as obs_mod
 from dynvllm.planner.connector import ConnectorError
 from dynvllm.planner.decide import Decision, Policy, RoleState, WorkerView, decide
+from dynvllm.planner.predictors import MovingAverage
 from dynvllm.planner.profile import Profile
 from dynvllm.settings import Settings
 
@@ -103,6 +104,8 @@ class Planner:
         )
         first = next(iter(self.profile.roles.values()))[0]
         self.isl, self.osl = float(first.isl), float(first.osl)  # until requests say otherwise
+        # Lengths averaged over intervals with requests: one odd interval must not swing capacity.
+        self._isl, self._osl = MovingAverage(ps.predictor_window), MovingAverage(ps.predictor_window)
 
     def leader(self, watcher: Any, me: Any) -> bool:
         planners = watcher.instances(COMPONENT) or [me]
@@ -176,7 +179,9 @@ class Planner:
         self.predictor.observe(obs.request_rate)
         predicted = self.predictor.predict()
         if obs.requests:
-            self.isl, self.osl = obs.isl, obs.osl
+            self._isl.observe(obs.isl)
+            self._osl.observe(obs.osl)
+            self.isl, self.osl = self._isl.predict(), self._osl.predict()
         # A backlog in the engines is load too: enough to clear it within one interval.
         load = predicted + obs.queue_depth / max(seconds, 1e-6)
         self._record(obs, predicted)

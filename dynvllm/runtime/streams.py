@@ -401,8 +401,8 @@ class StreamClientPool:
         Missing heartbeats alone are weak evidence: a host that stalled for a moment (two cores
         shared by an engine's busy loop and a starting process) misses a 2-second lease while
         its streams still flow, and failing them then would migrate or lose healthy requests.
-        A host cut off sends nothing at all, and is dropped once its connection is as quiet as
-        its lease.
+        A host cut off sends nothing at all, and is dropped once its connection has been quiet
+        for `quiet` seconds after the expiry.
 
         Silence counts only from when the expiry was noticed: the quiet that came before it also
         covers a stall of the instance's process, or of the whole host, that has just ended, and

@@ -24,7 +24,8 @@ class FakeWatcher:
 
 class FakeConnector:
     def __init__(self, running: int) -> None:
-        self.running, self.applied = running, []
+        self.running = running
+        self.applied: list = []
 
     async def workers(self, role: str) -> int:
         return self.running

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import signal
+from types import SimpleNamespace
 
 import pytest
 
@@ -67,6 +69,13 @@ def test_scale_up_starts_and_scale_down_drains_the_named_worker_first(service):
         "workers": {"agg": [younger.proc.pid]},
         "draining": answer["draining"],
     }
+
+
+def test_an_unknown_role_is_refused_in_the_answer(service):
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    service.control = SimpleNamespace(pending=lambda: [(ScaleRequest("nope", 1), future)])
+    service._answer_control()
+    assert "no role 'nope'; installed: " in future.result()["error"] and len(service.workers) == 2
 
 
 def test_a_drained_worker_is_dropped_not_restarted_and_zero_is_not_fatal(service):

@@ -22,7 +22,11 @@ def test_snapshots_round_trip_in_chunks():
     assert len(messages) == 6  # 5,003 keys at most 1,000 a message
     assert all(len(m) < 4096 + 8 * 1000 for m in messages)
     out = snap.decode(messages)
-    assert out.workers == {("w1", 0): (7, big), ("w2", 1): (3, [0, -1 << 62, (1 << 63) - 1]), ("w3", 0): (9, [])}
+    assert out.workers == {
+        ("w1", 0): (7, big),
+        ("w2", 1): (3, [0, -1 << 62, (1 << 63) - 1]),
+        ("w3", 0): (9, []),
+    }
     assert out.blocks == 5003
 
 

@@ -1,0 +1,130 @@
+"""Several frontends on one NATS (sim engine): they route the same prompt alike under load, and one
+started after the traffic loads a live peer's index and predicts the same cached prefixes."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import time
+
+import httpx
+import pytest
+
+from dynvllm.runtime import state
+from tests.helpers import SIM, start_agg, start_service, stop_all, wait_workers
+
+NS = "replicas"
+SYSTEMS = [[random.Random(s).randrange(3, 500) for _ in range(320)] for s in range(16)]  # 10 blocks each
+
+
+@pytest.fixture(scope="module")
+def frontends(tiny_model, tmp_path_factory):
+    """`serve agg` with 4 sim workers (frontend A) and a second `dynvllm frontend` (B)."""
+    logs = tmp_path_factory.mktemp("replicas")
+    _, a = start_agg(
+        tiny_model, logs / "serve.log", NS, "--router", "kv", "--block-size", "32", workers=4, engine_args=SIM
+    )
+    procs = [a]
+    try:
+        wait_workers(a, 4, timeout=120)
+        b = start_service(
+            ["frontend"], logs / "b.log", namespace=NS, nats_url=state.resolve_nats_url(None, NS)
+        )
+        procs.append(b)
+        wait_workers(b, 4, timeout=60)
+        yield a, b, logs, procs
+    finally:
+        stop_all(procs)
+
+
+async def _post(
+    client: httpx.AsyncClient, url: str, prompt: list[int], max_tokens: int = 1
+) -> httpx.Response:
+    r = await client.post(
+        url + "/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": max_tokens}
+    )
+    assert r.status_code == 200, r.text
+    return r
+
+
+def _question(rng: random.Random) -> list[int]:
+    return SYSTEMS[rng.randrange(len(SYSTEMS))] + [rng.randrange(3, 500) for _ in range(32)]
+
+
+async def _background(client, urls: list[str], stop: asyncio.Event, seed: int) -> int:
+    rng, sent = random.Random(seed), 0
+    while not stop.is_set():
+        await _post(client, urls[sent % len(urls)], _question(rng), 24)
+        sent += 1
+    return sent
+
+
+def test_frontends_send_the_same_prompt_to_the_same_worker_under_load(frontends):
+    a, b, _, _ = frontends
+
+    async def main() -> tuple[int, int, int]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            for s in SYSTEMS:  # each system prompt cached somewhere
+                await _post(client, a.url, s)
+            stop = asyncio.Event()
+            streams = [asyncio.create_task(_background(client, [a.url, b.url], stop, i)) for i in range(4)]
+            await asyncio.sleep(0.5)
+            rng, agreed = random.Random(99), 0
+            for _ in range(40):
+                prompt = _question(rng)
+                ra, rb = await asyncio.gather(_post(client, a.url, prompt), _post(client, b.url, prompt))
+                agreed += ra.headers["x-dynvllm-worker"] == rb.headers["x-dynvllm-worker"]
+                await asyncio.sleep(0.03)
+            stop.set()
+            return agreed, 40, sum(await asyncio.gather(*streams))
+
+    agreed, probes, background = asyncio.run(main())
+    print("AGREE", agreed, probes, background)
+    assert background >= 20  # there was load
+    assert agreed >= 0.95 * probes, f"{agreed} of {probes} pairs agreed"
+
+
+def test_a_frontend_started_late_routes_warm_within_seconds(frontends, tiny_model):
+    """Started after the traffic (with some still flowing), the new frontend predicts the cached
+    prefix of the warm prompts as the warm frontend does; a cold one would predict nothing."""
+    a, b, logs, procs = frontends
+
+    async def predicted(client, url: str, tail: int) -> int:
+        rs = [await _post(client, url, s + [tail] * 32) for s in SYSTEMS]
+        return sum(int(r.headers["x-dynvllm-predicted-cached-tokens"]) for r in rs)
+
+    async def main() -> tuple[int, int, float]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            stop = asyncio.Event()
+            streams = [
+                asyncio.create_task(_background(client, [a.url, b.url], stop, 10 + i)) for i in range(2)
+            ]
+            t0 = time.monotonic()
+            c = start_service(
+                ["frontend"], logs / "c.log", namespace=NS, nats_url=state.resolve_nats_url(None, NS)
+            )
+            procs.append(c)
+            assert c.url
+            while True:
+                try:
+                    if (await client.get(c.url + "/health")).json().get("workers") == 4:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() - t0 < 30, c.tail()
+                await asyncio.sleep(0.05)
+            new = await predicted(client, c.url, 7)
+            elapsed = time.monotonic() - t0
+            warm = await predicted(client, a.url, 8)
+            stop.set()
+            await asyncio.gather(*streams)
+            return new, warm, elapsed
+
+    new, warm, elapsed = asyncio.run(main())
+    print("WARM", new, warm, elapsed)
+    assert warm >= 16 * 320 * 0.95, warm  # the warm frontend finds (nearly) every system prompt
+    assert abs(new - warm) <= 0.05 * warm, (new, warm)
+    assert elapsed < 5.0, elapsed
+    loaded = re.search(r"index loaded from a peer frontend: (\d+) blocks", procs[-1].tail())
+    assert loaded and int(loaded.group(1)) >= 16 * 10, procs[-1].tail()
