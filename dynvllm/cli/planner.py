@@ -125,7 +125,8 @@ def register(app: typer.Typer) -> None:
         if "error" in answer:
             raise _fail(answer["error"], 1)
         typer.echo(
-            f"{role}: {count} wanted; started {answer['started'] or 'none'}, draining {answer['draining'] or 'none'}"
+            f"{role}: {count} wanted; started {answer['started'] or 'none'}, "
+            f"draining {answer['draining'] or 'none'}"
         )
 
     @app.command("profile", context_settings=_EXTRA)

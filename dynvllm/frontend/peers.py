@@ -73,7 +73,8 @@ class RouterPeers:
             await EventBus(self.nc, self.namespace).subscribe(KV_EVENTS, router.on_kv_events)
             loaded = await self._fetch()
         finally:
-            router.end_bootstrap(loaded)
+            for _ in router.end_bootstrap_steps(loaded):
+                await asyncio.sleep(0)
         if loaded is not None:
             self.bootstrap = (loaded.blocks, time.monotonic() - t0)
             # Said at the level start-up facts are (frontends log warnings and up).

@@ -4,7 +4,7 @@ with its peers' when frontends share their decisions (`share`, see `dynvllm.rout
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from dynvllm.router.index import KvIndex
 from dynvllm.router.policies import Load, Pick, make_policy
@@ -118,8 +118,16 @@ class Router:
 
     def end_bootstrap(self, snapshot: Snapshot | None) -> None:
         """Load the peer's snapshot (None: start cold), then the events held back meanwhile."""
-        buffered, self._buffered = self._buffered or [], None
-        self.policy.restore(snapshot, buffered)
+        for _ in self.end_bootstrap_steps(snapshot):
+            pass
+
+    def end_bootstrap_steps(self, snapshot: Snapshot | None) -> Iterator[None]:
+        """`end_bootstrap` in steps (a worker each), for a caller that yields to its event loop
+        between them; events arriving meanwhile are still held back until the last step."""
+        buffered = self._buffered if self._buffered is not None else []
+        for _ in self.policy.restore(snapshot, buffered):
+            yield
+        self._buffered = None
 
 
 def request_blocks(prompt_len: int, block_size: int) -> float:

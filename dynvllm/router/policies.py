@@ -121,8 +121,12 @@ class Policy:
         worth sending."""
         return None
 
-    def restore(self, snapshot: Snapshot | None, buffered: list[KvEventBatch]) -> None:
-        """Start from a peer's snapshot (None: cold), then the events buffered meanwhile."""
+    def restore(self, snapshot: Snapshot | None, buffered: list[KvEventBatch]) -> Iterator[None]:
+        """Start from a peer's snapshot (None: cold), then the events buffered meanwhile. A
+        generator that pauses between workers: a frontend loading millions of blocks keeps its
+        event loop (discovery heartbeats) turning. `buffered` may grow while it pauses: the
+        last step applies it without pausing, so nothing arriving meanwhile is missed."""
+        yield from ()
         for batch in buffered:
             self.on_kv_events(batch)
 
@@ -250,11 +254,12 @@ class KvRouting(Policy):
             if worker not in named:  # holds nothing now: its sequence still orders the cut-over
                 yield worker, seq, []
 
-    def restore(self, snapshot: Snapshot | None, buffered: list[KvEventBatch]) -> None:
+    def restore(self, snapshot: Snapshot | None, buffered: list[KvEventBatch]) -> Iterator[None]:
         if snapshot is not None and self.uses_kv_events:
             for worker, (seq, keys) in snapshot.workers.items():
                 self.index.store(worker, keys)
                 self._relay_seq[worker] = seq
+                yield
             buffered = cut_over(snapshot, buffered)
         for batch in buffered:
             self.on_kv_events(batch)

@@ -39,3 +39,8 @@ def test_planner_refusals(tmp_path, args, says):
 def test_profile_refuses_a_bad_sweep():
     code, err = run("profile", "--model", "m", "--concurrency", "0,2")
     assert code == 2 and "--concurrency takes positive integers" in err
+
+
+def test_scale_without_a_service_says_so():
+    code, err = run("scale", "agg", "2", "--nats-url", "nats://127.0.0.1:1", "--timeout", "0.5")
+    assert code == 2 and "cannot reach NATS" in " ".join(err.split()), err
