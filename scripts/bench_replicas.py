@@ -10,7 +10,7 @@ and N-1 more `dynvllm frontend`s on its NATS, all with `--[no-]router-share-load
              (`x-dynvllm-worker`).
   cost       a closed loop at concurrency C over all frontends (ISL 128 / OSL 16, sim engine with
              no prefill or decode time, so the frontends are the bottleneck): req/s.
-Modes alternate (off, on, off, on ...), ROUNDS times. Run:
+Modes alternate (off, on, off, on ...), ROUNDS times; `--probes 0` measures the cost only. Run:
   .venv/bin/python scripts/bench_replicas.py [--frontends 2] [--rounds 2]
 """
 
@@ -196,8 +196,10 @@ async def one(model: str, share: bool, seed: int, args, log) -> dict:
     ]
     free = ["--sim-prefill-us-per-token", "0", "--sim-decode-ms-per-step", "0"]
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        async with service(session, model, share, ns + "a", timing, args, log) as (urls, _):
-            agreed, probes = await agreement(session, urls, seed, args)
+        agreed = probes = 0
+        if args.probes:
+            async with service(session, model, share, ns + "a", timing, args, log) as (urls, _):
+                agreed, probes = await agreement(session, urls, seed, args)
         async with service(session, model, share, ns + "t", free, args, log) as (urls, procs):
             rps, fe_ms, nats_ms = await throughput(session, urls, procs, args)
     status = dict(STATUS)
@@ -255,7 +257,7 @@ def main() -> None:
     for share in (False, True):
         mine = [r for r in rows if r["share"] == share]
         agree = ", ".join(f"{r['agreed']}/{r['probes']}" for r in mine)
-        total = sum(r["agreed"] for r in mine) / sum(r["probes"] for r in mine)
+        total = sum(r["agreed"] for r in mine) / max(1, sum(r["probes"] for r in mine))
         rps = statistics.median(r["req_s"] for r in mine)
         fe = statistics.median(r["frontend_cpu_ms"] for r in mine)
         nats = statistics.median(r["nats_cpu_ms"] for r in mine)

@@ -3,7 +3,8 @@ the others' (`dynvllm.router.replicas`), and a starting frontend loads a live pe
 before it serves (`dynvllm.router.snapshot`). This module is the I/O; the logic is pure there.
 
 Subjects under the namespace:
-    router.decisions.<replica>   a frontend's decision batches (every frontend listens to all)
+    router.decisions.<replica>   a frontend's decision batches (every frontend listens to all,
+                                 over a connection of their own that is not sent its own ones)
     router.snapshot              request/reply, one answering frontend (a queue group): the
                                  index as chunked messages to the requester's inbox
 """
@@ -20,8 +21,10 @@ import msgpack
 
 from dynvllm.frontend.routing import Router
 from dynvllm.router import snapshot as snap
+from dynvllm.runtime import nats as natsrt
 from dynvllm.runtime.events import EventBus
 from dynvllm.runtime.kv_topic import KV_EVENTS
+from dynvllm.settings import RuntimeSettings
 
 log = logging.getLogger("dynvllm.frontend.peers")
 _NO_RESPONDERS = "503"
@@ -33,14 +36,20 @@ class RouterPeers:
     def __init__(
         self,
         nc: Any,
-        namespace: str,
+        rt: RuntimeSettings,
         router: Router,
-        heartbeat: float = 0.5,
-        silence: float = 2.0,
         snapshot_timeout: float = 3.0,
+        min_interval: float = 0.002,
     ) -> None:
-        self.nc, self.namespace, self.router = nc, namespace, router
-        self.heartbeat, self.silence, self.snapshot_timeout = heartbeat, silence, snapshot_timeout
+        """`nc`: the frontend's connection (KV events, snapshots); decisions get their own."""
+        self.nc, self.rt, self.router = nc, rt, router
+        namespace = self.namespace = rt.namespace
+        #: A heartbeat batch every heartbeat interval; a peer silent for a lease is gone.
+        self.heartbeat, self.silence = rt.heartbeat_interval, rt.lease_ttl
+        self.snapshot_timeout = snapshot_timeout
+        #: Seconds between decision batches at least (see `_publish`).
+        self.min_interval = min_interval
+        self._dnc: Any = None
         self.replica = secrets.token_hex(6)
         self._decisions = f"{namespace}.router.decisions"
         self._own = f"{self._decisions}.{self.replica}"
@@ -59,8 +68,11 @@ class RouterPeers:
         and load a peer's index, then answer later frontends' snapshot requests."""
         router = self.router
         if share:
+            # No echo: at a batch per few ms, its own batches coming back would cost this
+            # frontend as much again as its peers' do.
+            self._dnc = await natsrt.connect(self.rt, name="dynvllm-frontend-decisions", no_echo=True)
             router.share(self.replica, self._wake.set, self.silence)
-            self._subs.append(await self.nc.subscribe(self._decisions + ".*", cb=self._on_decisions))
+            self._subs.append(await self._dnc.subscribe(self._decisions + ".*", cb=self._on_decisions))
             self._tasks.append(asyncio.create_task(self._publish()))
             self._tasks.append(asyncio.create_task(self._beat()))
         if not router.policy.uses_kv_events:
@@ -75,7 +87,7 @@ class RouterPeers:
         finally:
             for _ in router.end_bootstrap_steps(loaded):
                 await asyncio.sleep(0)
-        if loaded is not None:
+        if loaded is not None and loaded.workers:  # an empty one: the peer started cold too
             self.bootstrap = (loaded.blocks, time.monotonic() - t0)
             # Said at the level start-up facts are (frontends log warnings and up).
             log.warning(
@@ -93,10 +105,10 @@ class RouterPeers:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         outbox = self.router.outbox
-        if outbox is not None:
+        if outbox is not None and self._dnc is not None:
             try:
-                await self.nc.publish(self._own, msgpack.packb(outbox.batch(bye=True)))
-                await self.nc.flush(timeout=1)
+                await self._dnc.publish(self._own, msgpack.packb(outbox.batch(bye=True)))
+                await self._dnc.flush(timeout=1)
             except Exception as exc:  # peers then notice the silence instead
                 log.debug("goodbye to the peer frontends not sent: %s", exc)
         for sub in self._subs:
@@ -104,20 +116,33 @@ class RouterPeers:
                 await sub.unsubscribe()
             except Exception as exc:  # the connection is gone already
                 log.debug("unsubscribe failed: %s", exc)
+        if self._dnc is not None:
+            await natsrt.close(self._dnc)
 
     # ---- decisions ------------------------------------------------------------------
     async def _publish(self) -> None:
         outbox = self.router.outbox
         assert outbox is not None
+        last = 0.0
         while True:
             await self._wake.wait()
+            # One batch per event-loop turn while decisions are sparse; under a high request rate
+            # at most one per `min_interval`: a message costs both ends far more than its records
+            # (scripts/bench_decision_wire.py, 1,000 requests/s on 2 cores, sender + receiver CPU
+            # per request: a batch per turn ~220 us, at most one per 2 ms ~120 us, per 5 ms ~115
+            # us: most of it is socket writes and wake-ups), and 2 ms is short next to what a
+            # prediction stands for (a prompt's prefill).
+            wait = last + self.min_interval - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
             self._wake.clear()
             batch = outbox.batch(heartbeat=self._beat_due)
             self._beat_due = False
             if batch is None:
                 continue
+            last = time.monotonic()
             try:
-                await self.nc.publish(self._own, msgpack.packb(batch))
+                await self._dnc.publish(self._own, msgpack.packb(batch))
             except Exception as exc:  # disconnected: the next heartbeat tells peers what is open
                 log.debug("decision batch not sent: %s", exc)
 

@@ -52,7 +52,7 @@ async def serve_frontend(settings: Settings) -> int:
     )
     await watcher.start()
     # Other frontends of the namespace: shared decisions, and the index loaded from a live one.
-    peers = RouterPeers(nc, rt.namespace, router, rt.heartbeat_interval, rt.lease_ttl)
+    peers = RouterPeers(nc, rt, router)
     await peers.start(settings.router.router_share_load)
     admin = rt.admin_token.get_secret_value() if rt.admin_token else None
     frontend = FrontendApp(models, pool, router, settings, admin, settings.router.lora_on_demand)

@@ -146,8 +146,7 @@ class KvIndex:
         """Withdraw a prediction made with this `expiry` (a peer frontend's, when that peer goes):
         keys that a later prediction refreshed or an event confirmed stay."""
         wid = self._ids.get(worker)
-        mine = self._keys_of.get(wid) if wid is not None else None
-        if mine is None:
+        if wid is None or (mine := self._keys_of.get(wid)) is None:
             return
         for key in keys:
             if mine.get(key) == expiry:

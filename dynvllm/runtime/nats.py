@@ -102,9 +102,14 @@ class EmbeddedNats:
 
 
 async def connect(
-    rt: RuntimeSettings, url: str | None = None, name: str = "dynvllm", give_up_after: float | None = None
+    rt: RuntimeSettings,
+    url: str | None = None,
+    name: str = "dynvllm",
+    give_up_after: float | None = None,
+    no_echo: bool = False,
 ):
-    """Connect with reconnection forever: a restarted server is rejoined, not fatal. With
+    """Connect with reconnection forever: a restarted server is rejoined, not fatal. `no_echo`:
+    the server does not deliver this connection's own messages back to its subscriptions. With
     `give_up_after` (a command, not a service) the first connection must come within that many
     seconds, else `NatsUnavailable`, with no warnings on the way."""
     import nats
@@ -123,6 +128,7 @@ async def connect(
         allow_reconnect=True,
         ping_interval=5,
         max_outstanding_pings=3,
+        no_echo=no_echo,
     )
     if rt.nats_token:
         opts["token"] = rt.nats_token.get_secret_value()

@@ -1,0 +1,68 @@
+"""Frontends as peers over a real nats-server: a late one loads the index, decisions fan out."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from dynvllm.frontend.peers import RouterPeers
+from dynvllm.frontend.routing import Router
+from dynvllm.router import hashing
+from dynvllm.runtime import nats as natsrt
+from dynvllm.runtime.events import EventBus
+from dynvllm.runtime.kv_topic import KV_EVENTS, KvEventBatch
+from dynvllm.settings import RouterSettings, RuntimeSettings
+
+NS = "peers"
+
+
+async def _until(check, timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def test_a_late_frontend_loads_the_index_and_peers_share_their_load(nats_url):
+    async def main() -> None:
+        rt = RuntimeSettings(nats_url=nats_url, namespace=NS, heartbeat_interval=0.1, lease_ttl=1.0)
+        worker_nc, nc_a, nc_b = [await natsrt.connect(rt) for _ in range(3)]
+        a, b = Router(RouterSettings(router="kv")), Router(RouterSettings(router="kv"))
+        peers_a, peers_b = RouterPeers(nc_a, rt, a), RouterPeers(nc_b, rt, b)
+        try:
+            await peers_a.start(share=True)
+            assert peers_a.bootstrap is None  # nobody to ask: cold, and at once
+            prompt = list(range(320))
+            keys = hashing.chain(prompt, 32)
+            bus = EventBus(worker_nc, NS)
+            await bus.publish(KV_EVENTS, KvEventBatch("w1", 0, 1, [["stored", keys]]))
+            await _until(lambda: a.index.overlaps(keys) == {("w1", 0): 10})
+
+            t0 = time.monotonic()
+            await peers_b.start(share=True)
+            assert peers_b.bootstrap is not None and peers_b.bootstrap[0] == 10
+            assert time.monotonic() - t0 < 1.0
+            assert b.index is not None and b.index.overlaps(keys) == {("w1", 0): 10}
+            # The next event continues b's relay sequence: no gap, as if it had seen them all.
+            await bus.publish(KV_EVENTS, KvEventBatch("w1", 0, 2, [["removed", keys[5:]]]))
+            await _until(lambda: b.index.overlaps(keys) == {("w1", 0): 5})
+            assert b.policy.gaps == 0  # type: ignore[attr-defined]
+
+            # A request routed by a reaches b's load; its end and a's goodbye take it out again.
+            pick = a.choose(["w1", "w2"], prompt, 32)
+            ticket = a.started(pick.worker, 10.0, pick.rank, pick.keys)
+            await _until(lambda: b.inflight.get(pick.worker, 0) == 1)
+            assert b.load.active_blocks[pick.worker] == 10
+            a.finished(pick.worker, 10.0, pick.rank, pick.keys, 0, ticket)
+            await _until(lambda: b.inflight.get(pick.worker, 0) == 0)
+            a.started(pick.worker, 10.0, pick.rank, pick.keys)
+            await _until(lambda: b.inflight.get(pick.worker, 0) == 1)
+            await peers_a.stop()
+            await _until(lambda: b.inflight.get(pick.worker, 0) == 0)
+            assert b.peers is not None and len(b.peers) == 0
+        finally:
+            await peers_b.stop()
+            for nc in (worker_nc, nc_a, nc_b):
+                await nc.close()
+
+    asyncio.run(main())
