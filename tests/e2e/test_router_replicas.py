@@ -53,9 +53,10 @@ def _question(rng: random.Random) -> list[int]:
 
 
 async def _background(client, urls: list[str], stop: asyncio.Event, seed: int) -> int:
+    """Requests of about half a second each (48 tokens at the sim engine's 10 ms a step)."""
     rng, sent = random.Random(seed), 0
     while not stop.is_set():
-        await _post(client, urls[sent % len(urls)], _question(rng), 24)
+        await _post(client, urls[sent % len(urls)], _question(rng), 48)
         sent += 1
     return sent
 
@@ -68,19 +69,19 @@ def test_frontends_send_the_same_prompt_to_the_same_worker_under_load(frontends)
             for s in SYSTEMS:  # each system prompt cached somewhere
                 await _post(client, a.url, s)
             stop = asyncio.Event()
-            streams = [asyncio.create_task(_background(client, [a.url, b.url], stop, i)) for i in range(4)]
+            streams = [asyncio.create_task(_background(client, [a.url, b.url], stop, i)) for i in range(3)]
             await asyncio.sleep(0.5)
             rng, agreed = random.Random(99), 0
-            for _ in range(40):
+            for _ in range(60):
                 prompt = _question(rng)
                 ra, rb = await asyncio.gather(_post(client, a.url, prompt), _post(client, b.url, prompt))
                 agreed += ra.headers["x-dynvllm-worker"] == rb.headers["x-dynvllm-worker"]
                 await asyncio.sleep(0.03)
             stop.set()
-            return agreed, 40, sum(await asyncio.gather(*streams))
+            return agreed, 60, sum(await asyncio.gather(*streams))
 
     agreed, probes, background = asyncio.run(main())
-    assert background >= 20  # there was load
+    assert background >= 12  # there was load
     assert agreed >= 0.95 * probes, f"{agreed} of {probes} pairs agreed"
 
 
