@@ -247,12 +247,19 @@ def want_reference(name: str, requests: list[dict]) -> str:
 
 
 class OfflineReference:
-    """vLLM's own offline outputs for `requests` (see tests/offline_reference.py), computed in a
-    child that starts at once, so its engine can start while a service's engines do."""
+    """vLLM's own offline outputs for `requests` (see tests/offline_reference.py, or another
+    `script` that prints `REFERENCE <json>` such as tests/offline_pooling.py), computed in a child
+    that starts at once, so its engine can start while a service's engines do."""
 
-    def __init__(self, model: Path, requests: list[dict], llm_kwargs: dict | None = None) -> None:
-        script = Path(__file__).resolve().parent / "offline_reference.py"
-        argv = [sys.executable, str(script), str(model), json.dumps(requests)]
+    def __init__(
+        self,
+        model: Path,
+        requests: list,
+        llm_kwargs: dict | None = None,
+        script: str = "offline_reference.py",
+    ) -> None:
+        path = Path(__file__).resolve().parent / script
+        argv = [sys.executable, str(path), str(model), json.dumps(requests)]
         if llm_kwargs:
             argv.append(json.dumps(llm_kwargs))
         # Files, not pipes: nobody reads the child's output until `result`, and a full pipe

@@ -50,6 +50,15 @@ def test_every_resource_is_valid_for_kubernetes(rendered):
         kubernetes_validate.validate(doc, KUBERNETES, strict=True)  # raises with the path at fault
 
 
+def test_every_container_runs_the_built_image(rendered):
+    for doc in rendered:
+        spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+        for c in spec.get("containers", []) + spec.get("initContainers", []):
+            if "nats" in c["image"]:
+                continue
+            assert c["image"] == "ghcr.io/dynvllm/dynvllm:0.1.0", (doc["metadata"]["name"], c["image"])
+
+
 def test_settings_in_manifests_are_real(rendered):
     config = by_kind(rendered, "ConfigMap")["dynvllm-config"]["data"]
     named = set(config)

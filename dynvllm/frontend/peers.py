@@ -75,6 +75,9 @@ class RouterPeers:
             self._subs.append(await self._dnc.subscribe(self._decisions + ".*", cb=self._on_decisions))
             self._tasks.append(asyncio.create_task(self._publish()))
             self._tasks.append(asyncio.create_task(self._beat()))
+            # Said at once, not a heartbeat later: peers learn of this frontend before it routes.
+            self._beat_due = True
+            self._wake.set()
         if not router.policy.uses_kv_events:
             return
         router.begin_bootstrap()

@@ -58,7 +58,8 @@ async def run(
             while todo:
                 t, t0 = todo.pop(), time.perf_counter()
                 try:
-                    ptok += (await one(s, url, model, t))["usage"]["prompt_tokens"]
+                    b = await one(s, url, model, t)  # awaited before the sum reads ptok
+                    ptok += b["usage"]["prompt_tokens"]
                     lat.append(time.perf_counter() - t0)
                 except Exception as exc:
                     errors.append(str(exc)[:200])
@@ -94,6 +95,5 @@ if __name__ == "__main__":
         compare(sys.argv[2], sys.argv[3])
     else:
         u, m, tk, lb, od = sys.argv[1:6]
-        rest = [int(x) for x in sys.argv[6:9]]
-        n, tokens, c = (rest + [512, 200, 16][len(rest) :])[:3]
+        n, tokens, c = ([int(x) for x in sys.argv[6:9]] + [512, 200, 16][len(sys.argv[6:9]) :])[:3]
         asyncio.run(run(u, m, tk, lb, od, n, tokens, c))

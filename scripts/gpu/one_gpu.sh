@@ -8,15 +8,22 @@
 #         time with `dynvllm lora load`; greedy base vs adapter texts, /v1/models, loadgen on both
 #   mm:   the tiny BLIP-2 (`dynvllm model tiny --vision`) through agg, then through an encode
 #         worker (--roles agg=1,encode=1): an image request answered, texts equal
+#   embed: `dynvllm serve embed` vs vLLM's server with --runner pooling --convert embed on $M:
+#         embed_bench.py on each (the same probe vectors within 1e-3; embeddings/s at c=16 on
+#         $EMBED_N inputs of ~200 tokens, default 512, two rounds)
+# A server that exits while starting ends its wait at once; $READY_S bounds the wait (default 300).
 # Results: one line per case on stdout, JSON lines in $OUT/one_gpu.jsonl.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd); M=${M:-/tmp/m}; P=8300; OUT=${OUT:-/tmp}; CASES=${CASES:-"one kv rr lora mm"}
 ENG=(--max-model-len 4096 ${EXTRA:-})
 export PATH=/tmp/site/bin:$PATH
-ready() { for i in $(seq 1 300); do curl -sf http://127.0.0.1:$P/health | grep -q "\"workers\":$1" && return 0; sleep 1; done; return 1; }
+ready() {  # ready WORKERS [PID]
+  for i in $(seq 1 ${READY_S:-300}); do curl -sf http://127.0.0.1:$P/health | grep -q "\"workers\":$1" && return 0
+    [ -n "${2:-}" ] && ! kill -0 $2 2>/dev/null && return 1; sleep 1; done; return 1; }
 serve=(python3 -m dynvllm serve agg --model $M --served-model-name m --http-host 127.0.0.1 --http-port $P)
 stop() { for p in "$@"; do kill -INT -- -$p 2>/dev/null; done
   for p in "$@"; do for i in $(seq 30); do kill -0 $p 2>/dev/null || break; sleep 1; done; kill -KILL -- -$p 2>/dev/null; done; }
+ALL=(); trap 'stop "${ALL[@]}"' EXIT; trap 'exit 143' TERM INT  # servers stop also when `timeout` ends this
 chat() {  # chat MODEL TEXT -> greedy text of 48 tokens
   curl -s http://127.0.0.1:$P/v1/chat/completions -H 'content-type: application/json' -d "{\"model\": \"$1\",
     \"messages\": [{\"role\": \"user\", \"content\": \"$2\"}], \"max_tokens\": 48, \"temperature\": 0}" |
@@ -25,15 +32,15 @@ chat() {  # chat MODEL TEXT -> greedy text of 48 tokens
 for c in $CASES; do
   t0=$(date +%s); pids=()
   case $c in
-    one) setsid "${serve[@]}" --namespace $c --router kv --gpu-memory-utilization 0.80 "${ENG[@]}" > /tmp/og_$c.log 2>&1 & pids+=($!); n=1 ;;
+    one) setsid "${serve[@]}" --namespace $c --router kv --gpu-memory-utilization 0.80 "${ENG[@]}" > /tmp/og_$c.log 2>&1 & pids+=($!); ALL+=($!); n=1 ;;
     kv|rr) r=kv; [ $c = rr ] && r=round-robin
-      setsid "${serve[@]}" --namespace $c --router $r --gpu-memory-utilization 0.40 "${ENG[@]}" > /tmp/og_$c.log 2>&1 & pids+=($!)
+      setsid "${serve[@]}" --namespace $c --router $r --gpu-memory-utilization 0.40 "${ENG[@]}" > /tmp/og_$c.log 2>&1 & pids+=($!); ALL+=($!)
       ready 1 || { echo "[$c] first worker not ready"; tail -5 /tmp/og_$c.log; }
       setsid python3 -m dynvllm serve agg --no-frontend --model $M --served-model-name m --namespace $c \
-        --gpu-memory-utilization 0.40 "${ENG[@]}" > /tmp/og_${c}_b.log 2>&1 & pids+=($!); n=2 ;;
+        --gpu-memory-utilization 0.40 "${ENG[@]}" > /tmp/og_${c}_b.log 2>&1 & pids+=($!); ALL+=($!); n=2 ;;
     lora) python3 $HERE/mkmodel.py lora $M /tmp/adapter > /dev/null
       setsid "${serve[@]}" --namespace $c --gpu-memory-utilization 0.80 --enable-lora --max-lora-rank 8 \
-        --lora-roots /tmp "${ENG[@]}" > /tmp/og_$c.log 2>&1 & pids+=($!); n=1 ;;
+        --lora-roots /tmp "${ENG[@]}" > /tmp/og_$c.log 2>&1 & pids+=($!); ALL+=($!); n=1 ;;
     mm) python3 -m dynvllm model tiny --vision /tmp/vis > /dev/null
       python3 - <<'PY'
 import base64, io
@@ -49,9 +56,10 @@ PY
       extra=(); [ $topo = encode ] && extra=(--roles agg=1,encode=1)
       setsid python3 -m dynvllm serve agg --model /tmp/vis --served-model-name m --http-host 127.0.0.1 --http-port $P \
         --namespace mm$topo --gpu-memory-utilization 0.30 --mm-prompt-template 'Question: <prompt> Answer:' \
-        "${extra[@]}" > /tmp/og_mm_$topo.log 2>&1 & p=$!
+        "${extra[@]}" > /tmp/og_mm_$topo.log 2>&1 & p=$!; ALL+=($p)
       want=1; [ $topo = encode ] && want=2
-      if ready $want; then
+      if ready $want $p; then
+        echo "[mm-$topo] ready after $(( $(date +%s)-t0 )) s"; t0=$(date +%s)
         body=$(python3 -c 'import json; b=open("/tmp/img.b64").read(); print(json.dumps({"model": "m", "max_tokens": 16, "temperature": 0,
           "messages": [{"role": "user", "content": [{"type": "text", "text": "describe"},
           {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b}}]}]}))')
@@ -61,6 +69,28 @@ PY
       else echo "[mm-$topo] not ready"; tail -5 /tmp/og_mm_$topo.log; fi
       stop $p; cp /tmp/og_mm_$topo.log $OUT/ 2>/dev/null
     done
+    continue
+  fi
+  if [ $c = embed ]; then
+    for w in dyn vllm; do
+      if [ $w = dyn ]; then setsid python3 -m dynvllm serve embed --model $M --served-model-name m --http-host 127.0.0.1 \
+          --http-port $P --namespace embed --gpu-memory-utilization 0.80 "${ENG[@]}" > /tmp/og_embed_$w.log 2>&1 &
+      else setsid python3 -m vllm.entrypoints.openai.api_server --model $M --served-model-name m --host 127.0.0.1 \
+          --port $P --runner pooling --convert embed --gpu-memory-utilization 0.80 --disable-uvicorn-access-log \
+          "${ENG[@]}" > /tmp/og_embed_$w.log 2>&1 &
+      fi
+      p=$!; ALL+=($p); t0=$(date +%s); ok=0
+      for i in $(seq 1 ${READY_S:-300}); do curl -sf http://127.0.0.1:$P/v1/models | grep -q '"m"' && { ok=1; break; }
+        kill -0 $p 2>/dev/null || break; sleep 1; done
+      echo "[embed-$w] ready=$ok after $(( $(date +%s)-t0 )) s"
+      if [ $ok = 1 ]; then mkdir -p /tmp/emb
+        for r in a b; do python3 $HERE/embed_bench.py http://127.0.0.1:$P m $M embed-$w-$r /tmp/emb ${EMBED_N:-512} 200 16; done
+      else tail -5 /tmp/og_embed_$w.log; fi
+      stop $p; cp /tmp/og_embed_$w.log $OUT/ 2>/dev/null
+    done
+    cp /tmp/emb/embed_bench.jsonl $OUT/ 2>/dev/null
+    python3 $HERE/embed_bench.py compare /tmp/emb/embed_vec_embed-vllm-a.json /tmp/emb/embed_vec_embed-dyn-a.json |
+      tee -a $OUT/one_gpu.jsonl
     continue
   fi
   if ready $n; then

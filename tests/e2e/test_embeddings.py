@@ -4,48 +4,46 @@ answers through the real `openai` client with the vectors the model computes."""
 from __future__ import annotations
 
 import base64
-import json
 import struct
-import subprocess
-import sys
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.helpers import start_agg, wait_http
+from tests.helpers import OfflineReference, start_agg, stop_in_background, wait_http
 
 TEXTS = ["the cat sees a dog and", "red river runs where the old mountain"]
 
 
 @pytest.fixture(scope="module")
-def service(tiny_model, tmp_path_factory):
+def reference_job(tiny_model):
+    """(token ids, the child computing vLLM's offline embedding of each text with
+    `LLM(runner="pooling")` on the same model), started before the service so both engines start
+    side by side."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ids = [tok(text)["input_ids"] for text in TEXTS]
+    job = OfflineReference(tiny_model, ids, script="offline_pooling.py")
+    yield ids, job
+    job.close()
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model, tmp_path_factory, reference_job):
     url, proc = start_agg(tiny_model, tmp_path_factory.mktemp("embed") / "serve.log", "emb", role="embed")
     try:
         wait_http(url + "/health", lambda b: b.get("workers") == 1, proc)
         yield url
     finally:
-        proc.stop()
+        stop_in_background([proc])
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model):
-    """(token ids, vLLM's offline embedding) of each text: `LLM(runner="pooling")` on the same model."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    ids = [tok(text)["input_ids"] for text in TEXTS]
-    script = Path(__file__).resolve().parents[1] / "offline_pooling.py"
-    res = subprocess.run(
-        [sys.executable, str(script), str(tiny_model), json.dumps(ids)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    line = [ln for ln in res.stdout.splitlines() if ln.startswith("REFERENCE ")]
-    assert line, res.stderr[-3000:]
-    return list(zip(ids, json.loads(line[0][len("REFERENCE ") :]), strict=True))
+def reference(reference_job):
+    """(token ids, vLLM's offline embedding) of each text."""
+    ids, job = reference_job
+    return list(zip(ids, job.result(), strict=True))
 
 
 def _cos(a: list[float], b: list[float]) -> float:

@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import Proc, free_port, offline_reference, start_agg, wait_http
+from tests.helpers import offline_reference, start_agg, start_service, wait_http
 
 TOKEN = "admin-secret"
 PROMPTS = ["the cat sees a dog", "blue river and old city"]
@@ -259,14 +259,10 @@ def test_on_demand_loads_a_known_adapter_evicting_the_least_recently_used(servic
         for name in ("a2", "a3"):
             r = cli(env, "load", name, "--source", str(root / name), "--worker", w)
             assert r.returncode == 0, r.stderr
-    port = free_port()
-    fe = Proc(
-        ["frontend", "--http-host", "127.0.0.1", "--http-port", str(port), "--lora-on-demand"],
-        Path(root) / "fe.log",
-        env=env,
-    )
+    fe = start_service(["frontend"], Path(root) / "fe.log", "--lora-on-demand", env=env)
     try:
-        fe_url = f"http://127.0.0.1:{port}"
+        fe_url = fe.url
+        assert fe_url
         wait_http(fe_url + "/health", lambda b: b.get("workers") == 2, fe)
         client = openai.OpenAI(base_url=fe_url + "/v1", api_key="none", max_retries=0)
         client.completions.create(model="a2", prompt="x", max_tokens=2)  # a2 used recently, a3 not

@@ -72,3 +72,35 @@ def test_a_choice_index_out_of_range_is_refused(tok):
 
     with pytest.raises(BadRequest, match="choice 3 of 1"):
         PostProcessor(tok, 1, prompt_tokens=1, stops=[]).feed({"index": 3, "token_ids": [1]})
+
+
+def test_the_engines_stop_reason_passes_through_and_a_matched_string_replaces_it(tok):
+    ids = tok.encode("red blue")
+    post = PostProcessor(tok, 1, prompt_tokens=1, stops=[])
+    out = post.feed({"index": 0, "token_ids": ids, "finish_reason": "stop", "stop_reason": 7})
+    assert out is not None and (out.finish_reason, out.stop_reason) == ("stop", 7)  # a stop token id
+    post = PostProcessor(tok, 1, prompt_tokens=1, stops=["blue"], include_stop=True)
+    out = post.feed({"index": 0, "token_ids": ids, "finish_reason": None})
+    assert out is not None and out.text == tok.decode(ids) and out.text.endswith("blue")
+    assert (out.finish_reason, out.stop_reason) == ("stop", "blue")
+
+
+def test_held_back_text_is_flushed_when_the_engine_finishes(tok):
+    ids = tok.encode("the river bends")
+    post = PostProcessor(tok, 1, prompt_tokens=1, stops=["the river bends and"])
+    texts, finishes = _run(
+        post,
+        [{"index": 0, "token_ids": ids, "finish_reason": None}, {"index": 0, "finish_reason": "length"}],
+    )
+    assert texts == [tok.decode(ids)] and finishes == ["length"]  # a stop's prefix is not a stop
+
+
+def test_prompt_logprob_entries_decode_the_prompt_and_its_alternatives(tok):
+    ids = tok.encode("cat dog", add_special_tokens=False)
+    post = PostProcessor(tok, 1, prompt_tokens=len(ids), stops=[])
+    text = [tok.decode([t], skip_special_tokens=False) for t in ids]
+    assert post.prompt_logprob_entries(ids) == [[t, None, None] for t in text]  # none computed
+    post.feed(
+        {"index": 0, "token_ids": [], "prompt_tokens": 2, "prompt_logprobs": [None, [-1.5, [[ids[0], -0.5]]]]}
+    )
+    assert post.prompt_logprob_entries(ids) == [[text[0], None, None], [text[1], -1.5, [[text[0], -0.5]]]]
