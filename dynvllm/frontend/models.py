@@ -148,6 +148,10 @@ class ModelRegistry:
                     out.setdefault(name, (entry, []))[1].append(iid)
         return out
 
+    def was_served(self, model: str) -> bool:
+        """Some worker has served this model (by its own name) since the frontend started."""
+        return model in self.seen or model in self.models
+
     def knows(self, name: str) -> bool:
         """A name this registry has seen: a model, an alias, or an adapter any worker ever held."""
         return (

@@ -205,16 +205,24 @@ class RequestPath:
         entry, lora = await self.models.resolve(name)
         if entry is None and self.on_demand is not None and await self.on_demand.ensure(name):
             entry, lora = await self.models.resolve(name)
-        if (entry is None or not entry.servable) and self.models.knows(name) and self.worker_wait > 0:
-            target = self.models.aliases.get(name, name)
-            if target not in self.models.models and name in self.models.adapter_sources:
-                target = self.models.adapter_sources[name][0]
+        target = self._waitable(name) if entry is None or not entry.servable else None
+        if target is not None:
             if await self.wait_worker(target, lambda e: e.servable) is None:
                 raise no_worker(name, self.worker_wait)
             entry, lora = await self.models.resolve(name)
         if entry is None or not entry.instances:
             raise self.unknown_model(name)
         return entry, lora
+
+    def _waitable(self, name: str) -> str | None:
+        """The model a request for `name` may wait for: one some worker served (by its name, an
+        alias or an adapter of it). An alias of a model never served is a 404 at once."""
+        if self.worker_wait <= 0:
+            return None
+        target = self.models.aliases.get(name, name)
+        if target not in self.models.models and name in self.models.adapter_sources:
+            target = self.models.adapter_sources[name][0]
+        return target if self.models.was_served(target) else None
 
     async def wait_worker(self, model: str, ready: Callable[[ModelEntry], bool]) -> ModelEntry | None:
         """The model's entry once `ready(entry)` holds (a worker registered, woke up ...), or None

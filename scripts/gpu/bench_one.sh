@@ -18,6 +18,7 @@ else
     --metrics-port $((P + 1)) "${ENG[@]}" > /tmp/srv_$LABEL.log 2>&1 &
 fi
 PID=$!; t0=$(date +%s); ok=0
+trap 'kill -KILL -- -$PID 2>/dev/null' EXIT; trap 'exit 143' TERM INT  # no server left behind by `timeout`
 for i in $(seq 1 300); do
   curl -sf http://127.0.0.1:$P/v1/models | grep -q '"m"' && { ok=1; break; }
   kill -0 $PID 2>/dev/null || break; sleep 1

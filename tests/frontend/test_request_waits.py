@@ -67,3 +67,20 @@ async def test_a_refusal_by_a_hook_reaches_every_on_end_hook():
         await path._run_admit_hooks(r)  # type: ignore[arg-type]
     assert ended == [("429", True)] and r.notes["took"]
     assert r.dispatches[0].wait_worker == path.wait_worker  # a dispatch may wait for a worker too
+
+
+def test_only_a_model_some_worker_served_is_waited_for():
+    """An alias of a model never served (a gateway's stale name) is a 404 at once, not a wait."""
+    path = path_over({})
+    reg = path.models
+    reg.aliases = {"short": "tiny", "ghost": "nothing"}  # type: ignore[attr-defined]
+    reg.adapter_sources = {"a1": ("tiny", "file:///a")}  # type: ignore[attr-defined]
+    reg.seen = {"tiny"}  # type: ignore[attr-defined]
+    reg.was_served = lambda m: m in reg.seen  # type: ignore[attr-defined]
+    assert path._waitable("tiny") == "tiny"
+    assert path._waitable("short") == "tiny"
+    assert path._waitable("a1") == "tiny"
+    assert path._waitable("ghost") is None
+    assert path._waitable("never") is None
+    path.worker_wait = 0
+    assert path._waitable("tiny") is None
