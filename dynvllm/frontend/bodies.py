@@ -4,11 +4,13 @@ as 400s that name the field."""
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from dynvllm.frontend.errors import RequestError
+
+M = TypeVar("M", bound=BaseModel)
 
 if TYPE_CHECKING:
     from typing_extensions import TypeIs
@@ -67,3 +69,17 @@ async def read(request: Any, limit: int) -> bytes:
     if len(body) > limit:
         raise RequestError(413, f"request body is {len(body)} bytes; the limit is {limit}")
     return body
+
+
+def parse_strict(model: type[M], raw: bytes) -> M:
+    """A request model (one with `extra="forbid"`) from a body: a field the API defines but this
+    server does not implement is refused by name, other mistakes as pydantic reports them."""
+    data = json_object(raw)
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        if first["type"] == "extra_forbidden":
+            field = ".".join(str(p) for p in first["loc"])
+            raise RequestError(400, f"{field}: this field is not supported", param=field) from None
+        raise from_validation(err) from None

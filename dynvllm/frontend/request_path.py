@@ -16,18 +16,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from dynvllm import protocol
 from dynvllm.frontend.admin import OnDemandAdapters
 from dynvllm.frontend.dispatch import Dispatch
-from dynvllm.frontend.errors import RequestError
+from dynvllm.frontend.errors import RequestError, from_remote
 from dynvllm.frontend.media import MediaPolicy, fetch_all
 from dynvllm.frontend.metrics import FrontendMetrics
 from dynvllm.frontend.models import ModelEntry, ModelRegistry
 from dynvllm.frontend.postprocess import ChoiceDelta, PostProcessor, Usage
 from dynvllm.frontend.routing import Router
+from dynvllm.runtime.errors import RemoteError
 from dynvllm.runtime.streams import StreamClientPool
+
+T = TypeVar("T")
 
 
 class Generation(Protocol):
@@ -377,6 +380,24 @@ class RequestPath:
             for end in self.on_end:
                 end(r, status)
             raise
+
+    async def complete(self, r: Admitted, work: Callable[[], Awaitable[T]]) -> T | RequestError:
+        """Run an admitted request to its end, accounted (`begin`/`end`): `work`'s result, or the
+        error a worker's failure means to the client (a surface renders it in its own shape). A
+        client that leaves counts as 499 and the cancellation goes on."""
+        self.begin(r)
+        status = "200"
+        try:
+            return await work()
+        except RemoteError as exc:
+            err = from_remote(exc)
+            status = str(err.status)
+            return err
+        except BaseException:
+            status = "499"  # the client went away; the worker stream was cancelled
+            raise
+        finally:
+            self.end(r, status)
 
     def _check_terminal(self, entry: ModelEntry, terminal: str) -> None:
         if not entry.serves(terminal):

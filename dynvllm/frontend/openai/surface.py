@@ -189,20 +189,14 @@ class OpenAISurface(Surface):
 
     async def _complete(self, job: _Job) -> Response:
         r = job.r
-        self.path.begin(r)
-        status = "200"
-        try:
+
+        async def consume() -> None:
             async for index, part, d in r.deltas():
                 job.shaper.chunk(index, part, d)
-        except RemoteError as exc:
-            err = from_remote(exc)
-            status = str(err.status)
-            return self.error_response(err)
-        except BaseException:
-            status = "499"  # the client went away; the worker stream was cancelled
-            raise
-        finally:
-            self.path.end(r, status)
+
+        failed = await self.path.complete(r, consume)
+        if failed is not None:
+            return self.error_response(failed)
         body = {
             "id": job.id,
             "object": job.fmt.object_name,

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import msgspec
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -192,15 +192,7 @@ def to_chat(req: MessagesRequest) -> oa.ChatRequest:
 
 
 def _parse(raw: bytes) -> MessagesRequest:
-    data = bodies.json_object(raw)
-    try:
-        return MessagesRequest.model_validate(data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        if first["type"] == "extra_forbidden":
-            field = ".".join(str(p) for p in first["loc"])
-            raise RequestError(400, f"{field}: this field is not supported", param=field) from None
-        raise bodies.from_validation(err) from None
+    return bodies.parse_strict(MessagesRequest, raw)
 
 
 def stop_reason(finish: str | None, stop: str | int | None, called: bool) -> tuple[str, str | None]:
@@ -297,23 +289,18 @@ class AnthropicSurface(Surface):
                 (exc.status, _json(self._error_body(exc))) if isinstance(exc, RequestError) else None
             )
             return EventStream(self._stream(r, shaper, msg_id), r.headers, early)
-        self.path.begin(r)
-        status = "200"
-        stop: str | int | None = None
-        try:
+
+        async def consume() -> str | int | None:
+            stop: str | int | None = None
             async for index, part, d in r.deltas():
                 if d.finish_reason:
                     stop = d.stop_reason
                 shaper.chunk(index, part, d)
-        except RemoteError as exc:
-            err = from_remote(exc)
-            status = str(err.status)
-            return self.error_response(err)
-        except BaseException:
-            status = "499"
-            raise
-        finally:
-            self.path.end(r, status)
+            return stop
+
+        stop = await self.path.complete(r, consume)
+        if isinstance(stop, RequestError):
+            return self.error_response(stop)
         choice = shaper.choices()[0]
         message = choice["message"]
         content: list[dict[str, Any]] = []

@@ -7,16 +7,15 @@ import base64
 import struct
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from dynvllm.frontend import bodies
-from dynvllm.frontend.errors import RequestError, from_remote
+from dynvllm.frontend.errors import RequestError
 from dynvllm.frontend.models import ModelEntry
 from dynvllm.frontend.surface import Surface
-from dynvllm.runtime.errors import RemoteError
 from dynvllm_plugins.roles.embed import EMBED
 
 
@@ -43,15 +42,7 @@ class EmbeddingRequest(BaseModel):
 
 
 def parse(raw: bytes) -> EmbeddingRequest:
-    data = bodies.json_object(raw)
-    try:
-        req = EmbeddingRequest.model_validate(data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        if first["type"] == "extra_forbidden":
-            field = ".".join(str(p) for p in first["loc"])
-            raise RequestError(400, f"{field}: this field is not supported", param=field) from None
-        raise bodies.from_validation(err) from None
+    req = bodies.parse_strict(EmbeddingRequest, raw)
     if not req.inputs() or any(isinstance(i, str | list) and len(i) == 0 for i in req.inputs()):
         raise RequestError(400, "input must not be empty", param="input")
     return req
@@ -93,19 +84,9 @@ class EmbeddingsSurface(Surface):
         except RequestError as exc:
             self.path.refused(model, exc)
             return self.error_response(exc)
-        self.path.begin(r)
-        status = "200"
-        try:
-            answers = await self.path.call_all(r, {"dimensions": req.dimensions})
-        except RemoteError as exc:
-            err = from_remote(exc)
-            status = str(err.status)
-            return self.error_response(err)
-        except BaseException:
-            status = "499"
-            raise
-        finally:
-            self.path.end(r, status)
+        answers = await self.path.complete(r, lambda: self.path.call_all(r, {"dimensions": req.dimensions}))
+        if isinstance(answers, RequestError):
+            return self.error_response(answers)
         data = [
             {"object": "embedding", "index": i, "embedding": encode(a["data"], req.encoding_format)}
             for i, a in enumerate(answers)

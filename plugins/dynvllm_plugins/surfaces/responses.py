@@ -219,20 +219,14 @@ class ResponsesSurface(Surface):
         shaper = self.chat_fmt.shaper(chat, r.parts, 1)
         if req.stream:
             return EventStream(self._stream(run, shaper), r.headers, _early_error)
-        self.path.begin(r)
-        status = "200"
-        try:
+
+        async def consume() -> None:
             async for index, part, d in r.deltas():
                 run.feed(shaper, index, part, d)
-        except RemoteError as exc:
-            err = from_remote(exc)
-            status = str(err.status)
-            return self.error_response(err)
-        except BaseException:
-            status = "499"
-            raise
-        finally:
-            self.path.end(r, status)
+
+        failed = await self.path.complete(r, consume)
+        if failed is not None:
+            return self.error_response(failed)
         run.out.finish()
         return JSONResponse(self._done(run), headers=r.headers())
 

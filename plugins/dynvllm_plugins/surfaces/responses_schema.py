@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from dynvllm.frontend import bodies
 from dynvllm.frontend.errors import RequestError
@@ -139,15 +139,7 @@ class ResponsesRequest(BaseModel):
 
 
 def parse(raw: bytes) -> ResponsesRequest:
-    data = bodies.json_object(raw)
-    try:
-        req = ResponsesRequest.model_validate(data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        if first["type"] == "extra_forbidden":
-            field = ".".join(str(p) for p in first["loc"])
-            raise RequestError(400, f"{field}: this field is not supported", param=field) from None
-        raise bodies.from_validation(err) from None
+    req = bodies.parse_strict(ResponsesRequest, raw)
     req.refuse_unsupported()
     return req
 
