@@ -4,6 +4,8 @@
 # (on one GPU: GPUS="0 0" MEM=0.40 ONE_BY_ONE=1, both engines share it, each with 40% of its memory)
 #   agg2:   two aggregated workers (GPU 0, GPU 1) behind the KV router   (scripts/launch/agg.sh)
 #   disagg: prefill on GPU 0, decode on GPU 1, KV over NIXL              (scripts/launch/disagg.sh)
+#   push:   the same with `--connector nixl-push`: prefill WRITEs into decode's blocks (cuda_ipc
+#           serves remote writes at device speed where reads fall back to TCP: one GPU, no NVLink)
 # Each: greedy texts of 8 prompts, then loadgen at two shapes (ISL/OSL 1000/200 c=16 and
 # 3000/100 c=8, 64 requests each); disagg also reads NIXL's transfer counters (kv_probe.py).
 # JSON lines in $OUT/disagg_2gpu.jsonl, texts in $OUT/texts_CASE.json, logs in $OUT/CASE/.
@@ -15,8 +17,9 @@ for c in $CASES; do
   export NAMESPACE=$c LOG_DIR=$OUT/$c NATS_PORT=$((14000 + RANDOM % 1000))
   case $c in
     agg2) WORKERS=2 setsid bash "$REPO/scripts/launch/agg.sh" > $OUT/launch_$c.txt 2>&1 & ;;
-    disagg) FRONTEND_ARGS="--disagg-min-prompt-tokens 256" PREFILL_WORKERS=1 DECODE_WORKERS=1 \
-              setsid bash "$REPO/scripts/launch/disagg.sh" > $OUT/launch_$c.txt 2>&1 & ;;
+    disagg|push) [ $c = push ] && conn=nixl-push || conn=nixl
+      CONNECTOR=$conn FRONTEND_ARGS="--disagg-min-prompt-tokens 256" PREFILL_WORKERS=1 DECODE_WORKERS=1 \
+        setsid bash "$REPO/scripts/launch/disagg.sh" > $OUT/launch_$c.txt 2>&1 & ;;
   esac
   pid=$!; t0=$(date +%s)
   for i in $(seq 600); do grep -q "^ready:\|exited" $OUT/launch_$c.txt && break; sleep 1; done
@@ -38,20 +41,26 @@ for p in prompts:
 json.dump(texts, open(f"{out}/texts_{c}.json", "w"))
 print(f"[{c}] greedy: {len(texts)} texts, prefill outcomes {sorted(set(str(t[1]) for t in texts))}")
 PY
-  [ "$c" = disagg ] && python3 "$HERE/kv_probe.py" nats://127.0.0.1:$NATS_PORT /tmp/m > /tmp/kv_before.json
+  [ "$c" != agg2 ] && python3 "$HERE/kv_probe.py" nats://127.0.0.1:$NATS_PORT /tmp/m > /tmp/kv_before.json
   python3 "$HERE/loadgen.py" --url http://127.0.0.1:8300 --model m --tokenizer /tmp/m --concurrency 16 --requests 64 \
     --input-tokens 1000 --output-tokens 200 --ignore-eos --label "$c-1000-200" --out $OUT/disagg_2gpu.jsonl | tail -3
   python3 "$HERE/loadgen.py" --url http://127.0.0.1:8300 --model m --tokenizer /tmp/m --concurrency 8 --requests 64 \
     --input-tokens 3000 --output-tokens 100 --ignore-eos --label "$c-3000-100" --out $OUT/disagg_2gpu.jsonl | tail -3
-  [ "$c" = disagg ] && python3 "$HERE/kv_probe.py" nats://127.0.0.1:$NATS_PORT /tmp/m /tmp/kv_before.json
+  [ "$c" != agg2 ] && python3 "$HERE/kv_probe.py" nats://127.0.0.1:$NATS_PORT /tmp/m /tmp/kv_before.json
   kill -TERM $pid; for i in $(seq 90); do kill -0 $pid 2>/dev/null || break; sleep 1; done
 done
 python3 - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
 try:
-    a, d = (json.load(open(f"{out}/texts_{c}.json")) for c in ("agg2", "disagg"))
-    print(f"greedy disagg == agg: {sum(x[0] == y[0] for x, y in zip(a, d))}/{len(a)}")
+    a = json.load(open(f"{out}/texts_agg2.json"))
 except FileNotFoundError:
-    pass
+    a = None
+for c in ("disagg", "push"):
+    try:
+        d = json.load(open(f"{out}/texts_{c}.json"))
+    except FileNotFoundError:
+        continue
+    if a:
+        print(f"greedy {c} == agg: {sum(x[0] == y[0] for x, y in zip(a, d))}/{len(a)}")
 PY

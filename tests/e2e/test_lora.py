@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import offline_reference, start_agg, start_service, wait_http
+from tests.helpers import offline_reference, start_agg, start_service, stop_in_background, wait_http
 
 TOKEN = "admin-secret"
 PROMPTS = ["the cat sees a dog", "blue river and old city"]
@@ -46,7 +46,7 @@ def service(tiny_model, roots, tmp_path_factory):
         wait_http(url + "/health", lambda b: b.get("workers") == 2, proc)
         yield url, env
     finally:
-        proc.stop()
+        stop_in_background([proc])
 
 
 def cli(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

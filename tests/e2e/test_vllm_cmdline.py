@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import Proc, free_port
+from tests.helpers import Proc, free_port, stop_in_background
 
 TEMPLATE = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
 
@@ -115,7 +115,7 @@ def https_service(tiny_model, tmp_path_factory):
             time.sleep(0.3)
         yield url, tls, proc
     finally:
-        proc.stop()
+        stop_in_background([proc])
 
 
 def test_https_serves_the_named_models_with_the_servers_template(https_service):

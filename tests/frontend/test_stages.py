@@ -55,7 +55,7 @@ def test_prefill_hands_the_transfer_parameters_on():
     endpoint, payload = calls[0]
     assert (
         endpoint == "prefill"
-        and payload["request_id"] == "rid-p"
+        and payload["request_id"] == "rid"  # the decode request's: nixl-push pairs them by it
         and payload["token_ids"] == list(range(100))
     )
 

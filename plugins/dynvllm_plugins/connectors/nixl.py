@@ -53,3 +53,15 @@ class NixlConnector(Connector):
             # NIXL's hand-shake stalls behind the GIL with the in-process executor.
             return {"distributed_executor_backend": "mp"}
         return {}
+
+
+class NixlPushConnector(NixlConnector):
+    """The same hand-off with the prefill engine writing into the decode engine's blocks.
+
+    Decode engines register their blocks with the prefill engine, which WRITEs the KV. On engines
+    that share a host without RDMA (two engines on one GPU, or GPUs without NVLink) UCX's
+    cuda_ipc transport serves remote writes at device speed but remote reads only through TCP
+    emulation, which is what the pull mode issues (vllm#52607).
+    """
+
+    kv_connector = "NixlPushConnector"

@@ -77,7 +77,9 @@ class PrefillStage(Stage):
         if ctx.target_cached_blocks * ctx.block_size > ps.disagg_max_cached_fraction * n:
             return "skipped_cached"
         try:
-            result = await ctx.call(PREFILL, ctx.request(suffix="-p"), timeout=120)
+            # The decode request's own id: a connector that pushes KV (nixl-push) pairs the
+            # prefill engine's finished blocks with the decode engine's registration by it.
+            result = await ctx.call(PREFILL, ctx.request(), timeout=120)
         except (RemoteError, TimeoutError) as exc:
             log.warning("prefill failed, the decode worker computes the prompt: %s", exc)
             return "failed"

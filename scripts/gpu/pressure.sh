@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# pressure.sh -- device side on a one-GPU host, after assemble.sh + env.sh and /tmp/m built.
+# KV routing under cache pressure: pressure_probe.py's multi-turn trace (64 system prompts of ~2,000
+# tokens x 3 conversations x 2 turns, c=16) is larger than one engine's KV cache ($KV_TOKENS tokens,
+# default 48,000, through --kv-cache-memory-bytes) and smaller than four.
+#   ceiling: one engine with four times the KV budget: the cached-share ceiling
+#   four:    four engines on the GPU behind three frontends on one NATS: kv (port P), round-robin (P+1),
+#            least-loaded (P+2); each policy runs the trace twice (rounds), each run with prompts of
+#            its own (SALT), so no run finds another's blocks
+#   tier:    the four engines again with vLLM's native CPU offloading (--kv-offloading-size $TIER_GIB
+#            each, default 8): kv and round-robin
+# Results: one line per run on stdout, JSON lines in $OUT/pressure.jsonl.
+set -uo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd); M=${M:-/tmp/m}; P=8300; OUT=${OUT:-/tmp}; CASES=${CASES:-"ceiling four"}
+KV_TOKENS=${KV_TOKENS:-48000}
+# mkmodel.py's tokenizer makes ~3.2 tokens of a pressure_probe word: 620 words are ~2,000 tokens.
+PROBE_ARGS=${PROBE_ARGS:-"64 3 620 16"}
+# Qwen3-0.6B: 28 layers x 8 KV heads x 128 x (K, V) x 2 bytes = 114,688 bytes per token.
+KV=$((KV_TOKENS * 114688))
+ENG=(--max-model-len 8192 ${EXTRA:-})
+export PATH=/tmp/site/bin:$PATH
+NATS=nats://127.0.0.1:4322
+ALL=()
+stop() { for p in "$@"; do kill -INT -- -$p 2>/dev/null; done
+  for p in "$@"; do for i in $(seq 30); do kill -0 $p 2>/dev/null || break; sleep 1; done; kill -KILL -- -$p 2>/dev/null; done; }
+trap 'stop "${ALL[@]}"' EXIT; trap 'exit 143' TERM INT
+ready() {  # ready PORT WORKERS PID
+  for i in $(seq 1 ${READY_S:-300}); do curl -sf http://127.0.0.1:$1/health | grep -q "\"workers\":$2" && return 0
+    kill -0 $3 2>/dev/null || return 1; sleep 1; done; return 1; }
+setsid nats-server -a 127.0.0.1 -p 4322 -js -sd /tmp/pressure-js > /tmp/pr_nats.log 2>&1 & ALL+=($!)
+salt=0
+probe() {  # probe PORT LABEL
+  salt=$((salt + 1)); python3 -m dynvllm kv clear --nats-url $NATS --namespace $NS > /dev/null 2>&1
+  SALT=$salt timeout 300 python3 $HERE/pressure_probe.py http://127.0.0.1:$1 "$2" $OUT/pressure.jsonl $PROBE_ARGS
+}
+for c in $CASES; do
+  t0=$(date +%s); NS=$c
+  case $c in
+    ceiling)
+      setsid python3 -m dynvllm serve agg --model $M --served-model-name m --nats-url $NATS --namespace $NS \
+        --http-host 127.0.0.1 --http-port $P --router kv --gpu-memory-utilization 0.30 \
+        --kv-cache-memory-bytes $((4 * KV)) "${ENG[@]}" > /tmp/pr_$c.log 2>&1 & s=$!; ALL+=($s)
+      if ready $P 1 $s; then echo "[$c] ready after $(( $(date +%s)-t0 )) s"
+        for r in 1 2; do probe $P ceiling-$r; done
+      else echo "[$c] not ready"; tail -20 /tmp/pr_$c.log; fi
+      stop $s ;;
+    four|tier)
+      extra=(); pols="kv rr ll"
+      [ $c = tier ] && { extra=(--kv-offloading-size ${TIER_GIB:-8}); pols="kv rr"; }
+      setsid python3 -m dynvllm serve agg --model $M --served-model-name m --nats-url $NATS --namespace $NS \
+        --http-host 127.0.0.1 --http-port $P --router kv --workers 4 --gpu-memory-utilization 0.12 \
+        --kv-cache-memory-bytes $KV "${extra[@]}" "${ENG[@]}" > /tmp/pr_$c.log 2>&1 & s=$!; ALL+=($s)
+      fr=()
+      for pr in "round-robin $((P + 1))" "least-loaded $((P + 2))"; do set -- $pr
+        setsid python3 -m dynvllm frontend --nats-url $NATS --namespace $NS --router $1 --http-host 127.0.0.1 \
+          --http-port $2 > /tmp/pr_${c}_$1.log 2>&1 & fr+=($!); ALL+=($!)
+      done
+      if ready $P 4 $s && ready $((P + 1)) 4 ${fr[0]} && ready $((P + 2)) 4 ${fr[1]}; then
+        echo "[$c] ready after $(( $(date +%s)-t0 )) s"
+        for r in 1 2; do for pol in $pols; do
+          case $pol in kv) port=$P ;; rr) port=$((P + 1)) ;; ll) port=$((P + 2)) ;; esac
+          probe $port $c-$pol-$r
+        done; done
+      else echo "[$c] not ready"; tail -20 /tmp/pr_$c.log; fi
+      stop "${fr[@]}" $s ;;
+  esac
+  cp /tmp/pr_$c*.log $OUT/ 2>/dev/null
+done

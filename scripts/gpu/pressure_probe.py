@@ -1,0 +1,134 @@
+"""pressure_probe.py URL LABEL OUT [SYSTEMS USERS SYS_WORDS CONCURRENCY] -- a multi-turn trace
+whose working set is larger than one engine's KV cache: SYSTEMS system prompts (default 64) of
+~SYS_WORDS tokens (default 2000), USERS conversations on each (default 3), two turns each (the
+second carries the first answer), CONCURRENCY requests in flight (default 16). Turn-one requests
+go in a shuffled order; a conversation's second turn joins the queue when its first has ended.
+
+Prints and writes (one JSON line to OUT): req/s, first-text TTFT p50/p90 per turn and overall, the
+share of prompt tokens served from cache (usage.prompt_tokens_details.cached_tokens) and where the
+requests went (x-dynvllm-worker). The same trace (seeded) for every run, so runs compare."""
+
+import asyncio
+import collections
+import json
+import os
+import random
+import sys
+import time
+
+import aiohttp
+
+URL, LABEL, OUT = sys.argv[1], sys.argv[2], sys.argv[3]
+SYSTEMS, USERS, SYS_WORDS, CONC = (int(a) for a in (sys.argv[4:] + ["64", "3", "2000", "16"][len(sys.argv[4:]) :]))
+WORDS = "alpha beta gamma delta river mountain city road tree house cat dog bird fish stone cloud".split()
+rng = random.Random(0)
+# Each system prompt differs from its first token on, so prompts share no blocks by accident.
+SALT = os.environ.get("SALT", "0")  # another salt, another set of prompts: runs share no cache
+SYSTEM_TEXTS = [f"run {SALT} system {i}. " + " ".join(rng.choice(WORDS) for _ in range(SYS_WORDS)) for i in range(SYSTEMS)]
+
+
+def question(s: int, u: int, turn: int) -> str:
+    r = random.Random(s * 1000 + u * 10 + turn)
+    return f"user {u} turn {turn}: " + " ".join(r.choice(WORDS) for _ in range(40))
+
+
+async def one(session, messages, out):
+    body = {
+        "model": "m",
+        "messages": messages,
+        "max_tokens": 32,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    t0 = time.perf_counter()
+    first, text, usage = None, "", {}
+    async with session.post(URL + "/v1/chat/completions", json=body) as r:
+        if r.status != 200:
+            out["errors"] += 1
+            return ""
+        worker = r.headers.get("x-dynvllm-worker", "?")[:8]
+        async for line in r.content:
+            line = line.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            for c in chunk.get("choices") or []:
+                piece = (c.get("delta") or {}).get("content") or ""
+                if piece and first is None:
+                    first = time.perf_counter() - t0
+                text += piece
+            usage = chunk.get("usage") or usage
+    out["ttft"].append((first if first is not None else time.perf_counter() - t0) * 1000)
+    out["prompt"] += usage.get("prompt_tokens", 0)
+    out["cached"] += (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    out["spread"][worker] += 1
+    return text
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
+
+
+async def main():
+    turns = {t: {"ttft": [], "prompt": 0, "cached": 0, "errors": 0, "spread": collections.Counter()} for t in (1, 2)}
+    queue: asyncio.Queue = asyncio.Queue()
+    firsts = [(s, u) for s in range(SYSTEMS) for u in range(USERS)]
+    random.Random(1).shuffle(firsts)
+    for s, u in firsts:
+        queue.put_nowait((s, u, 1, None))
+    left = len(firsts) * 2
+
+    async def runner(session):
+        nonlocal left
+        while left > 0:
+            try:
+                s, u, turn, answer = await asyncio.wait_for(queue.get(), 0.5)
+            except asyncio.TimeoutError:
+                continue
+            msgs = [{"role": "system", "content": SYSTEM_TEXTS[s]}, {"role": "user", "content": question(s, u, 1)}]
+            if turn == 2:
+                msgs += [{"role": "assistant", "content": answer}, {"role": "user", "content": question(s, u, 2)}]
+            text = await one(session, msgs, turns[turn])
+            left -= 1
+            if turn == 1:
+                queue.put_nowait((s, u, 2, text or "ok"))
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
+        await one(
+            session,
+            [{"role": "user", "content": "warm up"}],
+            {"ttft": [], "prompt": 0, "cached": 0, "errors": 0, "spread": collections.Counter()},
+        )
+        t0 = time.perf_counter()
+        await asyncio.gather(*(runner(session) for _ in range(CONC)))
+        wall = time.perf_counter() - t0
+    allt = turns[1]["ttft"] + turns[2]["ttft"]
+    prompt = turns[1]["prompt"] + turns[2]["prompt"]
+    cached = turns[1]["cached"] + turns[2]["cached"]
+    spread = turns[1]["spread"] + turns[2]["spread"]
+    res = {
+        "label": LABEL,
+        "requests": len(allt),
+        "errors": turns[1]["errors"] + turns[2]["errors"],
+        "req_s": len(allt) / wall,
+        "ttft_p50_ms": pct(allt, 0.5),
+        "ttft_p90_ms": pct(allt, 0.9),
+        "cached_share": cached / max(prompt, 1),
+        "prompt_tokens": prompt,
+        "turn1": {"ttft_p50_ms": pct(turns[1]["ttft"], 0.5), "cached_share": turns[1]["cached"] / max(turns[1]["prompt"], 1)},
+        "turn2": {"ttft_p50_ms": pct(turns[2]["ttft"], 0.5), "cached_share": turns[2]["cached"] / max(turns[2]["prompt"], 1)},
+        "spread": dict(spread),
+        "trace": {"systems": SYSTEMS, "users": USERS, "sys_words": SYS_WORDS, "concurrency": CONC},
+    }
+    print(
+        f"[{LABEL}] {res['requests']} req ({res['errors']} errors) {res['req_s']:.1f} req/s, first-text TTFT p50 "
+        f"{res['ttft_p50_ms']:.1f} ms p90 {res['ttft_p90_ms']:.1f} ms, cached {res['cached_share']:.1%} "
+        f"(turn 1 {res['turn1']['cached_share']:.1%}, turn 2 {res['turn2']['cached_share']:.1%}), spread {res['spread']}"
+    )
+    with open(OUT, "a") as f:
+        f.write(json.dumps(res) + "\n")
+
+
+asyncio.run(main())
