@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dynvllm.runtime.errors import BadRequest
+from dynvllm.tracing import check_trace
 
 # Every chain of stages ends in this endpoint: it streams the tokens the client sees.
 GENERATE = "generate"
@@ -58,6 +59,12 @@ class GenerateRequest:
     dp_rank: int | None = None
     #: Encoded images (PNG, JPEG ... bytes as the client sent them), in prompt order.
     images: list[bytes] | None = None
+    #: The trace the request belongs to, as W3C headers (traceparent, tracestate): the engine's
+    #: own spans join it (vLLM's trace_headers). See `dynvllm.tracing`.
+    trace: dict[str, str] | None = None
+    #: vLLM's request priority (lower is scheduled earlier; only an engine started with
+    #: --scheduling-policy priority orders by it).
+    priority: int = 0
 
 
 def generate_request(request_id: str, token_ids: list[int], sampling: dict[str, Any], **handoff: Any) -> dict:
@@ -99,10 +106,30 @@ def parse_generate(payload: Any) -> GenerateRequest:
             or not all(isinstance(i, bytes) for i in images)
         ):
             raise BadRequest("mm must be a map {'image': [image bytes, ...]}")
-    return GenerateRequest(rid, ids, sampling, kv, lora, rank, images)
+    priority = payload.get("priority", 0)
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise BadRequest("priority must be an integer")
+    return GenerateRequest(rid, ids, sampling, kv, lora, rank, images, _trace(payload), priority)
 
 
-_REQUEST_KEYS = {"request_id", "token_ids", "sampling", "kv_transfer_params", "lora", "dp_rank", "mm"}
+def _trace(payload: dict) -> dict[str, str] | None:
+    try:
+        return check_trace(payload.get("trace"))
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+_REQUEST_KEYS = {
+    "request_id",
+    "token_ids",
+    "sampling",
+    "kv_transfer_params",
+    "lora",
+    "dp_rank",
+    "mm",
+    "trace",
+    "priority",
+}
 
 
 # Options a pooling call (embed, classify, score ...) forwards to vLLM's PoolingParams.
@@ -120,6 +147,7 @@ class PoolRequest:
     options: dict[str, Any]
     lora: str | None = None
     dp_rank: int | None = None
+    trace: dict[str, str] | None = None
 
 
 def pool_request(request_id: str, token_ids: list[int], options: dict[str, Any], **handoff: Any) -> dict:
@@ -138,7 +166,7 @@ def parse_pool(payload: Any, task: str) -> PoolRequest:
         raise BadRequest("token_ids must be a non-empty list of non-negative integers")
     if not isinstance(options, dict) or set(options) - set(POOLING_FIELDS):
         raise BadRequest(f"options must be a map of {', '.join(POOLING_FIELDS)}")
-    unknown = set(payload) - {"request_id", "token_ids", "options", "lora", "dp_rank"}
+    unknown = set(payload) - {"request_id", "token_ids", "options", "lora", "dp_rank", "trace"}
     if unknown:
         raise BadRequest(f"pooling request has fields this worker does not implement: {sorted(unknown)}")
     lora, rank = payload.get("lora"), payload.get("dp_rank")
@@ -146,7 +174,8 @@ def parse_pool(payload: Any, task: str) -> PoolRequest:
         raise BadRequest("lora must be an adapter name")
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 0):
         raise BadRequest("dp_rank must be a non-negative integer")
-    return PoolRequest(rid, ids, task, {k: v for k, v in options.items() if v is not None}, lora, rank)
+    options = {k: v for k, v in options.items() if v is not None}
+    return PoolRequest(rid, ids, task, options, lora, rank, _trace(payload))
 
 
 def sampling_kwargs(sampling: dict[str, Any]) -> dict[str, Any]:

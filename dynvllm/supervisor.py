@@ -17,10 +17,13 @@ import signal
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import IO
 
 from dynvllm.envnames import RESTARTS_ENV, SETTINGS_ENV
 from dynvllm.process import child_preexec, terminate
@@ -31,6 +34,34 @@ from dynvllm.settings import Settings
 from dynvllm.supervisor_control import ControlServer, ScaleRequest
 
 log = logging.getLogger("dynvllm.serve")
+#: Lines of a child's output kept to show when it fails.
+TAIL_LINES = 20
+
+
+def exit_text(code: int) -> str:
+    """'exited with code 1' or 'was killed by SIGKILL' (Popen's negative return codes)."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _relay(source: IO[bytes], target: IO[str], tail: deque[str]) -> None:
+    """Copy a child's output to ours as it comes, keeping its last lines."""
+    out = getattr(target, "buffer", None)
+    for line in iter(source.readline, b""):
+        tail.append(line.decode(errors="replace").rstrip())
+        try:
+            if out is not None:
+                out.write(line)
+                out.flush()
+            else:
+                target.write(line.decode(errors="replace"))
+        except (OSError, ValueError):  # our own output is closed: keep reading, or the child blocks
+            pass
+    source.close()
 
 
 @dataclass
@@ -41,6 +72,11 @@ class Slot:
     state: SlotState = field(default_factory=SlotState)
     reported: bool = False
     draining: bool = False  # asked to leave (scaled down): not restarted, dropped once it exits
+    #: The last lines the current process printed (stdout and stderr), for failure reports.
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+    relays: list[threading.Thread] = field(default_factory=list)
+    #: This worker's own settings, where they differ from the service's (a fixed metrics port).
+    settings: Settings | None = None
 
     @property
     def alive(self) -> bool:
@@ -51,13 +87,34 @@ class Slot:
         return not self.alive and self.state.restart_at is None and (self.reported or self.proc is None)
 
     def launch(self, env: dict[str, str]) -> None:
-        """Start (or restart) the child: `python -m dynvllm.child ARGS`, told its restart count."""
+        """Start (or restart) the child: `python -m dynvllm.child ARGS`, told its restart count.
+        Its output goes on to ours through pipes, so its last lines can be shown if it fails."""
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dynvllm.child", *self.args],
             env={**env, RESTARTS_ENV: str(self.state.restarts)},
             preexec_fn=child_preexec,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
+        self.tail = deque(maxlen=TAIL_LINES)
+        self.relays = []
+        for source, target in ((self.proc.stdout, sys.stdout), (self.proc.stderr, sys.stderr)):
+            assert source is not None
+            relay = threading.Thread(target=_relay, args=(source, target, self.tail), daemon=True)
+            relay.start()
+            self.relays.append(relay)
         self.reported = False
+
+    def failure(self) -> str:
+        """What became of a child that stopped: its name, pid, exit code or signal, last lines."""
+        assert self.proc is not None and self.proc.returncode is not None
+        # The relays may still hold the last lines (an engine process of the child may even keep
+        # the pipes open): a moment for them to arrive.
+        for relay in self.relays:
+            relay.join(0.5)
+        lines = "".join(f"\n  | {line}" for line in self.tail)
+        head = f"{self.name} (pid {self.proc.pid}) {exit_text(self.proc.returncode)}"
+        return head + (f"; its last lines:{lines}" if lines else "; it printed nothing")
 
 
 def supervise(
@@ -72,7 +129,7 @@ def supervise(
         code = slot.proc.poll()
         if code is not None and not slot.reported:
             slot.reported = True
-            what = f"{slot.name} (pid {slot.proc.pid}) exited with code {code}"
+            what = f"{slot.name} (pid {slot.proc.pid}) {exit_text(code)}"
             decision = slot.state.on_exit(policy, code, now)
             if decision == "restart":
                 restart_at = slot.state.restart_at
@@ -109,7 +166,7 @@ class Service:
         self.policy = RestartPolicy(max_restarts=self.settings.worker.max_restarts)
 
     def _spawn(self, slot: Slot) -> None:
-        slot.launch({**os.environ, SETTINGS_ENV: self.settings.to_json()})
+        slot.launch({**os.environ, SETTINGS_ENV: (slot.settings or self.settings).to_json()})
 
     def start(self) -> None:
         rt = self.settings.runtime
@@ -139,6 +196,16 @@ class Service:
 
     def _add_worker(self, role: str, now: float) -> Slot:
         slot = Slot(role, ("worker", role), state=SlotState(started_at=now))
+        base = self.settings.worker.metrics_port
+        if base > 0:
+            # Fixed ports, for scrape configs: the lowest N+k no other worker of ours holds; a
+            # restarted worker keeps its slot's.
+            held = {s.settings.worker.metrics_port for s in self.workers if s.settings is not None}
+            port = next(p for p in range(base, base + len(self.workers) + 1) if p not in held)
+            if port > 65535:
+                raise ValueError(f"--metrics-port {base}: worker {port - base + 1} would need port {port}")
+            slot.settings = self.settings.model_copy(deep=True)
+            slot.settings.worker.metrics_port = port
         self._spawn(slot)
         self.workers.append(slot)
         return slot
@@ -200,6 +267,11 @@ class Service:
         host = "127.0.0.1" if fe.http_host in ("0.0.0.0", "::") else fe.http_host
         return f"{'https' if fe.ssl_certfile else 'http'}://{host}:{fe.http_port}"
 
+    def startup_failure(self) -> str:
+        """Why `wait_ready` gave up: each child that died during start-up, with its last lines."""
+        dead = [s.failure() for s in self.slots() if s.proc is not None and s.proc.poll() is not None]
+        return "\n".join(dead) or "the service was not ready within the start-up timeout"
+
     def wait_ready(self, timeout: float = 600) -> bool:
         """True once the frontend reports every worker healthy; False if a child died first."""
         deadline = time.monotonic() + timeout
@@ -240,6 +312,9 @@ class Service:
         return frontend_gone or (bool(self.workers) and all(s.down_for_good for s in self.workers))
 
     def stop(self) -> None:
+        # A stopping service takes no more commands: its record goes first, so a service started
+        # meanwhile in the same namespace is the only one a command finds.
+        state.forget(self.settings.runtime.namespace)
         if self.control is not None:
             self.control.stop()
         grace = self.settings.worker.drain_timeout + 15
@@ -255,4 +330,3 @@ class Service:
             terminate(self.frontend.proc, 10)
         if self.nats is not None:
             self.nats.stop()
-        state.forget(self.settings.runtime.namespace)

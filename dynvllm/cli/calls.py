@@ -66,17 +66,15 @@ def run(
     settings: Settings, endpoint: str, payload: dict, pick: Any, timeout: float = DEFAULT_TIMEOUT
 ) -> list[tuple[Any, Any]]:
     from dynvllm.cli.serve import _fail
+    from dynvllm.cli.target import use_service
     from dynvllm.runtime import nats as natsrt
-    from dynvllm.runtime import state
 
+    use_service(settings)
     try:
-        settings.runtime.nats_url = state.resolve_nats_url(
-            settings.runtime.nats_url, settings.runtime.namespace
-        )
         token = settings.runtime.admin_token
         payload = {**payload, "admin_token": token.get_secret_value() if token else None}
         return natsrt.run(call_workers(settings, endpoint, payload, pick, timeout))
-    except (LookupError, natsrt.NatsUnavailable) as exc:
+    except natsrt.NatsUnavailable as exc:
         raise _fail(str(exc)) from None
     except ValueError as exc:
         raise _fail(str(exc)) from None

@@ -13,14 +13,9 @@ def register(app: typer.Typer) -> None:
     @with_settings("runtime", "frontend", "router", plugins=True)
     def frontend_cmd(settings: Settings) -> None:
         """Start the OpenAI-compatible frontend and router; workers join through NATS."""
-        from dynvllm.cli.serve import _fail
+        from dynvllm.cli.target import check_tracing, use_service
         from dynvllm.frontend.server import run_frontend
-        from dynvllm.runtime import state
 
-        try:
-            settings.runtime.nats_url = state.resolve_nats_url(
-                settings.runtime.nats_url, settings.runtime.namespace
-            )
-        except LookupError as exc:
-            raise _fail(str(exc)) from None
+        check_tracing(settings)
+        use_service(settings, "`frontend` joins a running service: ")
         raise typer.Exit(run_frontend(settings))

@@ -134,7 +134,13 @@ def register(app: typer.Typer) -> None:
     def profile_cmd(
         ctx: typer.Context,
         settings: Settings,
-        role: str = typer.Option("agg", "--role", help="Role to profile (one that serves requests alone)."),
+        role: str = typer.Option(
+            "agg",
+            "--role",
+            help="Role to profile (one that serves requests alone), or the roles of a disaggregated "
+            "service with one worker each (prefill,decode): prefill's capacity is then read by TTFT, "
+            "decode's by ITL.",
+        ),
         isl: str = typer.Option("128,512", "--isl", help="Prompt lengths, comma-separated."),
         osl: str = typer.Option("32,128", "--osl", help="Output lengths, comma-separated."),
         concurrency: str = typer.Option("1,2,4,8,16", "--concurrency", help="Concurrency levels swept."),
@@ -154,8 +160,9 @@ def register(app: typer.Typer) -> None:
         import json
         import os
 
-        from dynvllm.cli.serve import _checked_roles, _fail
-        from dynvllm.planner.profile import Profile, ProfileError, load
+        from dynvllm import registry
+        from dynvllm.cli.serve import _check_topology, _checked_roles, _fail
+        from dynvllm.planner.profile import BOTH, Profile, ProfileError, load
         from dynvllm.planner.profiler import profile_role
         from dynvllm.runtime import nats as natsrt
 
@@ -164,14 +171,25 @@ def register(app: typer.Typer) -> None:
         if not eng.model:
             raise _fail("no model: pass --model (the one to profile)")
         name = eng.served_model_name or eng.model
+        names = [r.strip() for r in role.split(",") if r.strip()]
+        if not names or len(set(names)) != len(names):
+            raise _fail(f"--role takes role names separated by commas, each once (got {role!r})")
         service = None
         if url is None:
             from dynvllm.supervisor import Service
 
-            _checked_roles(settings, [role])
+            topology = [(r, 1) for r in names]
+            _check_topology(_checked_roles(settings, names), topology)
             settings.runtime.namespace = f"profile-{os.getpid()}"
             settings.frontend.http_host, settings.frontend.http_port = "127.0.0.1", 0
-            service = Service(settings, [(role, 1)])
+            service = Service(settings, topology)
+        try:
+            terminal = {r: registry.load(registry.ROLES, r).terminal for r in names}
+        except registry.PluginError as exc:
+            raise _fail(str(exc)) from None
+        # One role: held to both targets. Several (a request crosses each): a stage before
+        # another sets the first token, the last one the gaps between tokens.
+        targets = {r: BOTH if len(names) == 1 else ("itl",) if terminal[r] else ("ttft",) for r in names}
         try:
             if service is not None:
                 service.start()
@@ -180,14 +198,15 @@ def register(app: typer.Typer) -> None:
                 url = service.http_url()
             assert url is not None
             typer.echo(
-                f"profiling {role} of {name} at {url}: ISL {isls} x OSL {osls}, concurrency {levels}",
+                f"profiling {'+'.join(names)} of {name} at {url}: ISL {isls} x OSL {osls}, "
+                f"concurrency {levels}",
                 err=True,
             )
             measured = natsrt.run(
                 profile_role(
                     url.rstrip("/"),
                     name,
-                    role,
+                    names[0],
                     isls,
                     osls,
                     levels,
@@ -200,12 +219,18 @@ def register(app: typer.Typer) -> None:
             if service is not None:
                 service.stop()
         try:
-            kept = load(output).roles if output.exists() else {}
+            kept = load(output) if output.exists() else Profile({})
         except ProfileError as exc:
             raise _fail(f"{output} is there and is not a profile ({exc}): choose another --output") from None
-        merged = Profile({**kept, **measured.roles}, model=name, engine=settings.worker.engine)
+        points = measured.roles[names[0]]
+        merged = Profile(
+            {**kept.roles, **{r: points for r in names}},
+            model=name,
+            engine=settings.worker.engine,
+            targets={**kept.targets, **targets},
+        )
         output.write_text(json.dumps(merged.to_dict(), indent=1))
-        for p in measured.roles[role]:
+        for p in points:
             for lv in p.sweep:
                 typer.echo(
                     f"isl {p.isl:>6} osl {p.osl:>5} c {lv.concurrency:>3}: {lv.request_rate:8.2f} req/s  "

@@ -37,7 +37,7 @@ def _check_engine_args(settings: Settings) -> None:
 
 def _serve_role(role_name: str, settings: Settings, no_frontend: bool) -> None:
     from dynvllm import registry
-    from dynvllm.runtime import state
+    from dynvllm.cli.target import use_service
 
     try:
         standalone = registry.load(registry.ROLES, role_name).standalone
@@ -49,11 +49,7 @@ def _serve_role(role_name: str, settings: Settings, no_frontend: bool) -> None:
         _serve_topology(settings, settings.worker.topology() or [(role_name, settings.worker.workers)])
         return
     _checked_roles(settings, [role_name])
-    if not settings.runtime.nats_url:
-        try:
-            settings.runtime.nats_url = state.resolve_nats_url(None, settings.runtime.namespace)
-        except LookupError as exc:
-            raise _fail(f"`serve {role_name}` joins a running service: {exc}") from None
+    use_service(settings, f"`serve {role_name}` joins a running service: ")
     from dynvllm.worker.service import run_worker
 
     raise typer.Exit(run_worker(settings, role_name))
@@ -103,9 +99,11 @@ def _check_topology(roles: list, topology: list[tuple[str, int]]) -> None:
 def _checked_roles(settings: Settings, names: list[str]) -> list:
     """Load the roles and let them, the engine and vLLM judge the settings before anything starts."""
     from dynvllm import registry
+    from dynvllm.cli.target import check_tracing
 
     if not settings.engine.model:
         raise _fail("no model: pass --model (a Hugging Face id or a local folder) or set DYN_MODEL")
+    check_tracing(settings)
     roles = []
     for name in names:
         try:
@@ -135,9 +133,11 @@ def _run_service(settings: Settings, roles: list[tuple[str, int]]) -> None:
     from rich.console import Console
     from rich.panel import Panel
 
+    from dynvllm import logs
     from dynvllm.models.hub import ModelNotFound, resolve_model
     from dynvllm.supervisor import Service
 
+    logs.setup(settings.runtime.log_level, settings.runtime.log_format, "serve")
     console = Console(stderr=True)
     eng = settings.engine
     assert eng.model
@@ -179,7 +179,12 @@ def _run_service(settings: Settings, roles: list[tuple[str, int]]) -> None:
                     code = 1
                     break
         elif not service.stop_requested:
-            console.print("[bold red]a process died during start-up; stopping the service[/]")
+            from rich.markup import escape
+
+            failure = escape(service.startup_failure())
+            # Unwrapped: the log lines quoted stay whole, as the process printed them.
+            console.print(f"[bold red]start-up failed:[/] {failure}", highlight=False, soft_wrap=True)
+            console.print("stopping the service")
             code = 1
     finally:
         console.print("stopping ...")

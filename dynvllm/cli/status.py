@@ -109,17 +109,16 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
         timeout: float = timeout_option(),
     ) -> None:
-        """Show the instances of a running service (found via --nats-url or this machine's `serve`)."""
+        """Show the instances of a running service (--nats-url, or this machine's one `serve`:
+        see `dynvllm services`)."""
         from dynvllm.cli.serve import _fail
+        from dynvllm.cli.target import use_service
         from dynvllm.runtime import nats as natsrt
-        from dynvllm.runtime import state
 
+        use_service(settings)
         try:
-            settings.runtime.nats_url = state.resolve_nats_url(
-                settings.runtime.nats_url, settings.runtime.namespace
-            )
             rows = natsrt.run(collect(settings, timeout=timeout))
-        except (LookupError, natsrt.NatsUnavailable) as exc:
+        except natsrt.NatsUnavailable as exc:
             raise _fail(str(exc)) from None
         if as_json:
             typer.echo(json.dumps({"nats_url": settings.runtime.nats_url, "instances": rows}, indent=2))

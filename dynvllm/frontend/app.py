@@ -66,6 +66,7 @@ class FrontendApp:
             self.tenants = Tenants(settings.tenants_file, self.surfaces, self.metrics)
             self.path.on_admit.append(self.tenants.admit)
             self.path.on_end.append(self.tenants.end)
+            self.path.may_use = self.tenants.may_use
         self.gate = AdmissionGate(
             models,
             self.metrics,
@@ -94,6 +95,7 @@ class FrontendApp:
             (route, s) for s in self.surfaces for route in s.routes()
         ]
         routes = shared + [route for route, _ in self._owned]
+        self._owners: dict[str, Surface] = {}
         middleware = []
         keys = settings.api_keys()
         if keys or self.tenants is not None:
@@ -124,10 +126,20 @@ class FrontendApp:
 
     def owner(self, scope: Any) -> Surface:
         """The surface whose route a request is for (the default one for shared routes)."""
+        path = scope["path"]
+        known = self._owners.get(path)
+        if known is not None:
+            return known
+        found = self.default_surface
         for route, surface in self._owned:
             if route.matches(scope)[0] != Match.NONE:
-                return surface
-        return self.default_surface
+                found = surface
+                break
+        # Remembered by path (matching every route costs more than the key check it serves),
+        # for a bounded number of paths: clients may send any.
+        if len(self._owners) < 256:
+            self._owners[path] = found
+        return found
 
     # ---- shared routes ------------------------------------------------------------------
     async def load_lora(self, request: Request) -> Response:

@@ -83,3 +83,12 @@ class ChoiceOutput:
             out.tool_calls = calls
             self.called = bool(calls)
         return out
+
+    def step(self, text: str, ids: list[int], finished: bool) -> ChatDelta:
+        """The output of one delta of generated text (`ids` are its tokens), with what the end of
+        the output releases when `finished`."""
+        out = self.feed(text) if text else ChatDelta()
+        if finished:
+            tail = self.finish()
+            out = ChatDelta(out.content + tail.content, out.reasoning + tail.reasoning, tail.tool_calls)
+        return out

@@ -21,6 +21,7 @@ from dynvllm.router.policies import Pick
 from dynvllm.runtime.errors import InstanceLost
 from dynvllm.runtime.streams import Connection, StreamClientPool, unary
 from dynvllm.stages import StageContext
+from dynvllm.tracing import RequestTrace
 
 log = logging.getLogger("dynvllm.frontend")
 
@@ -80,6 +81,8 @@ class Dispatch:
         self.rank: int | None = None
         #: Images of the request (encoded bytes), sent with every hop.
         self.images = images
+        #: vLLM's priority, sent with every hop (set at admission; lower is scheduled earlier).
+        self.priority = 0
         #: Workers this request lost; they may stay in discovery until their lease expires.
         self.lost: set[str] = set()
         self.overlap_blocks = 0
@@ -91,6 +94,9 @@ class Dispatch:
         self._sends = SendBatch()
         #: Why the last worker this request lost was lost (for the error when it cannot move on).
         self._lost_why = ""
+        #: The request's spans when it is traced (set at admission); None costs nothing.
+        self.trace: RequestTrace | None = None
+        self._hop_span: Any = None  # the span whose context the next worker call carries
         #: Waits for the model's entry to have a usable worker again when none is left (a worker
         #: restarting): the entry then, or None at the deadline. Set by the request path.
         self.wait_worker: (
@@ -114,6 +120,14 @@ class Dispatch:
         ]
 
     async def _connect(self, endpoint: str, prompt: list[int] | None = None) -> tuple[Pick, Connection]:
+        if self.trace is None:
+            return await self._pick(endpoint, prompt)
+        with self.trace.span("route", **{"dynvllm.endpoint": endpoint}) as span:
+            pick, conn = await self._pick(endpoint, prompt)
+            span.set_attribute("dynvllm.worker", pick.worker)
+            return pick, conn
+
+    async def _pick(self, endpoint: str, prompt: list[int] | None = None) -> tuple[Pick, Connection]:
         """The router's pick (instance, predicted cached blocks, rank) and a connection to it."""
         tried: set[str] = set(self.lost)
         prompt = prompt if prompt is not None else self.prompt_ids
@@ -139,7 +153,8 @@ class Dispatch:
             if not candidates:
                 what = f"adapter {self.lora!r} of " if self.lora else ""
                 raise InstanceLost(f"no live worker serves {endpoint!r} for {what}model {self.entry.name!r}")
-            pick = self.router.choose(candidates, prompt, self.block_size, self.lora)
+            rule = self.entry.card.get("image_placeholder")
+            pick = self.router.choose(candidates, prompt, self.block_size, self.lora, self.images, rule)
             inst = self.entry.instances[pick.worker]
             tried.add(pick.worker)
             try:
@@ -151,6 +166,8 @@ class Dispatch:
         pick, conn = await self._connect(endpoint)
         if pick.rank is not None:
             payload = {**payload, "dp_rank": pick.rank}
+        if self.trace is not None and self._hop_span is not None:
+            payload = {**payload, "trace": self.trace.carrier(self._hop_span)}
         ticket = self.router.started(pick.worker, self.blocks, pick.rank, pick.keys)
         try:
             return pick.worker, await unary(conn, endpoint, payload, timeout=timeout)
@@ -170,7 +187,12 @@ class Dispatch:
         )
         ctx.handoff.update(self._every_hop())
         for stage in self.entry.stages:
-            outcome = await stage.run(ctx)
+            if self.trace is None:
+                outcome = await stage.run(ctx)
+            else:
+                with self.trace.span(f"stage {stage.name}") as self._hop_span:
+                    outcome = await stage.run(ctx)
+                self._hop_span = None
             worker = ctx.workers.get(stage.name)
             self.stage_outcomes[stage.name] = f"{outcome}:{worker}" if worker else outcome
             if stage.metric:
@@ -178,10 +200,12 @@ class Dispatch:
         return ctx.handoff
 
     def _every_hop(self) -> dict[str, Any]:
-        """What every worker a request meets must apply: its adapter, its images."""
+        """What every worker a request meets must apply: its adapter, its images, its priority."""
         out: dict[str, Any] = {}
         if self.lora:
             out["lora"] = self.lora
+        if self.priority:
+            out["priority"] = self.priority
         if self.images:
             out["mm"] = {"image": self.images}
         return out
@@ -228,6 +252,11 @@ class Dispatch:
                 sampling, rid = self.sampling, self.request_id
             if self.rank is not None:
                 handoff["dp_rank"] = self.rank
+            if self.trace is not None:
+                self._hop_span = self.trace.tracing.start(
+                    "generate", self.trace.root, attrs={"dynvllm.worker": self.worker_id}
+                )
+                handoff["trace"] = self.trace.carrier(self._hop_span)
             stream = conn.call(self.terminal, protocol.generate_request(rid, prompt, sampling, **handoff))
             ticket = self.router.started(self.worker_id, self.blocks, self.rank, keys)
             self._live = stream
@@ -283,6 +312,9 @@ class Dispatch:
             finally:
                 self.router.finished(self.worker_id, self.blocks, self.rank, keys, grown, ticket)
                 await stream.aclose()
+                if self._hop_span is not None:
+                    self._hop_span.end()
+                    self._hop_span = None
 
     async def call(self, payload: dict[str, Any], timeout: float = 120.0) -> Any:
         """A terminal stage that answers once (embed, score ...): the router's pick, one call;
@@ -292,6 +324,8 @@ class Dispatch:
             self.worker_id, self.overlap_blocks, self.rank, keys = pick
             body = {**payload, **self._every_hop()}
             body.pop("mm", None)  # pooling calls take token ids only
+            if self.trace is not None:
+                body["trace"] = self.trace.carrier(self.trace.root)
             if self.rank is not None:
                 body["dp_rank"] = self.rank
             ticket = self.router.started(self.worker_id, self.blocks, self.rank, keys)
@@ -331,6 +365,8 @@ class Dispatch:
         m = self.metrics
         if self._t_last is None:
             m.of(m.ttft, name).observe(now - self.t_start)
+            if self.trace is not None and self._hop_span is not None:
+                self.trace.first_token(self._hop_span)
         else:
             m.of(m.itl, name).observe((now - self._t_last) / tokens)
         self._t_last = now

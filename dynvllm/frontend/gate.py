@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from typing import Any, NamedTuple
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -26,6 +27,8 @@ from dynvllm.frontend.models import ModelEntry, ModelRegistry
 from dynvllm.frontend.request_path import Admitted
 
 PRIORITY_HEADER = "x-dynvllm-priority"
+#: vLLM's server reads its own header of the same meaning; clients written for it send this one.
+VLLM_PRIORITY_HEADER = "x-vllm-priority"
 
 Key = tuple[str, str]  # (model, terminal stage)
 
@@ -36,6 +39,11 @@ class _Ticket:
     def __init__(self, r: Admitted, priority: int, tenant: str) -> None:
         self.r, self.priority, self.tenant = r, priority, tenant
         self.fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+
+class _ModelMetrics(NamedTuple):
+    queued: Any
+    waited: Any
 
 
 def ready_workers(entry: ModelEntry | None, terminal: str) -> int:
@@ -67,6 +75,7 @@ class AdmissionGate:
         self._service: dict[Key, float] = {}
         self.waiting = 0
         self.closed = False
+        self._children: dict[str, _ModelMetrics] = {}
         r = metrics.registry
         self.queued = Gauge(
             "dynvllm_admission_queue_length",
@@ -93,13 +102,15 @@ class AdmissionGate:
     async def enter(self, r: Admitted) -> None:
         """on_admit: return once the request may go to a worker; 503 when it cannot wait."""
         priority = request_priority(r)
+        for d in r.dispatches:
+            d.priority = priority  # the engine's scheduler orders by it too (policy "priority")
         if self.limit <= 0:
             return
         key = (r.entry.name, r.dispatch.terminal)
         queue = self.queues.setdefault(key, FairQueue())
         if not queue and self._free(key) > 0:
             self._take(r, key)
-            self.waited.labels(key[0]).observe(0.0)
+            self._metrics(key[0]).waited.observe(0.0)
             return
         if self.closed:
             raise self._refuse(key, "closing", "the frontend is shutting down")
@@ -108,7 +119,7 @@ class AdmissionGate:
         ticket = _Ticket(r, priority, str(r.notes.get("tenant") or ""))
         queue.push(ticket, ticket.priority, ticket.tenant)
         self.waiting += 1
-        self.queued.labels(key[0]).inc()
+        self._metrics(key[0]).queued.inc()
         try:
             await asyncio.wait({ticket.fut}, timeout=max(0.0, r.arrived + self.timeout - time.monotonic()))
         except BaseException:
@@ -154,6 +165,13 @@ class AdmissionGate:
         workers = ready_workers(self.models.models.get(key[0]), key[1])
         return free_slots(self.limit, workers, self.inflight.get(key, 0))
 
+    def _metrics(self, model: str) -> _ModelMetrics:
+        """A model's metric children, looked up once."""
+        m = self._children.get(model)
+        if m is None:
+            m = self._children[model] = _ModelMetrics(self.queued.labels(model), self.waited.labels(model))
+        return m
+
     def _take(self, r: Admitted, key: Key) -> None:
         weight = len(r.dispatches)
         self.inflight[key] = self.inflight.get(key, 0) + weight
@@ -165,9 +183,10 @@ class AdmissionGate:
             t = queue.pop()
             assert t is not None
             self.waiting -= 1
-            self.queued.labels(key[0]).dec()
+            m = self._metrics(key[0])
+            m.queued.dec()
             self._take(t.r, key)
-            self.waited.labels(key[0]).observe(time.monotonic() - t.r.arrived)
+            m.waited.observe(time.monotonic() - t.r.arrived)
             t.fut.set_result(True)
 
     def _unqueue(self, key: Key, queue: FairQueue[_Ticket], t: _Ticket) -> None:
@@ -194,15 +213,19 @@ class AdmissionGate:
 
 
 def request_priority(r: Admitted) -> int:
-    """The header's priority, else the body's, else 0; a header that is not an integer is a 400."""
-    raw = r.client.get(PRIORITY_HEADER)
-    if raw is None:
-        return int(r.priority or 0)
-    try:
-        return int(raw)
-    except ValueError:
-        raise RequestError(
-            400,
-            f"{PRIORITY_HEADER} must be an integer (lower goes first); got {raw!r}",
-            param=PRIORITY_HEADER,
-        ) from None
+    """A header's priority (ours, else vLLM's), else the body's, else 0; a header that is not
+    an integer is a 400."""
+    for header in (PRIORITY_HEADER, VLLM_PRIORITY_HEADER):
+        raw = r.client.get(header)
+        if raw is None:
+            continue
+        try:
+            value = int(raw)
+        except ValueError:
+            raise RequestError(
+                400, f"{header} must be an integer (lower goes first); got {raw!r}", param=header
+            ) from None
+        if not -(2**31) <= value < 2**31:
+            raise RequestError(400, f"{header} is out of range: {raw}", param=header)
+        return value
+    return int(r.priority or 0)

@@ -10,6 +10,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LAT = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+#: Whole requests: long generations take minutes.
+_E2E = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
 class FrontendMetrics:
@@ -44,6 +46,14 @@ class FrontendMetrics:
             "Time between streamed tokens",
             ["model"],
             buckets=_LAT,
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "dynvllm_request_duration_seconds",
+            "Requests from arrival to the end of the answer (or their refusal at admission), by model "
+            "and status",
+            ["model", "status"],
+            buckets=_E2E,
             registry=r,
         )
         self.output_tokens = Counter("dynvllm_output_tokens", "Generated tokens", ["model"], registry=r)

@@ -56,6 +56,9 @@ class PostProcessor:
         self.stops = [StopMatcher(stops, include_stop) for _ in range(n)]
         self.texts = [tokenizer.decode_stream(skip_special) for _ in range(n)]
         self.usage = Usage(prompt_tokens=prompt_tokens)
+        #: Whether the first worker's prompt count came (a migrated stream's later workers see
+        #: the prompt plus the tokens generated so far: only the first counts).
+        self._engine_prompt = False
         self.finished = [False] * n
         #: Token ids generated so far for each choice (what a new worker must continue from).
         self.generated: list[list[int]] = [[] for _ in range(n)]
@@ -70,6 +73,11 @@ class PostProcessor:
         """The client-visible delta for one wire delta, or None when a stopped choice sends more."""
         if "prompt_tokens" in d:
             self.usage.cached_tokens = int(d.get("cached_tokens") or 0)
+            if not self._engine_prompt:
+                # The engine's processor adds tokens the frontend never sees (an image's
+                # placeholders): its count is the prompt's, as vLLM's server reports it.
+                self._engine_prompt = True
+                self.usage.prompt_tokens = max(self.usage.prompt_tokens, int(d["prompt_tokens"] or 0))
             if "prompt_logprobs" in d:
                 self.prompt_logprobs = d["prompt_logprobs"]
         i = int(d.get("index", 0))

@@ -187,6 +187,9 @@ class RequestPath:
         self._worker_waits = 0
         #: Set when the frontend drains: requests stop waiting for workers.
         self.closing = False
+        #: Whether a client (by its request headers) may use a model name, given the model an
+        #: alias names (None otherwise): listings show it only what it may use (tenants' models).
+        self.may_use: Callable[[Mapping[str, str], str, str | None], bool] | None = None
 
     # ---- models ----------------------------------------------------------------------
     def unknown_model(self, name: str) -> RequestError:
@@ -197,6 +200,10 @@ class RequestPath:
             param="model",
             code="model_not_found",
         )
+
+    def visible(self, client: Mapping[str, str], name: str) -> bool:
+        """Whether a listing shows the client this model name (an alias, or an adapter)."""
+        return self.may_use is None or self.may_use(client, name, self.models.aliases.get(name))
 
     def metric_label(self, name: str) -> str:
         """The model label for metrics: a label per name a client sends would grow without bound."""

@@ -4,8 +4,10 @@ with its peers' when frontends share their decisions (`share`, see `dynvllm.rout
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
+from dynvllm.router import image_keys
 from dynvllm.router.index import KvIndex
 from dynvllm.router.policies import Load, Pick, make_policy
 from dynvllm.router.replicas import Outbox, Peers
@@ -34,8 +36,9 @@ class Router:
 
     def share(self, replica: str, wake: Callable[[], None], silence: float) -> None:
         """Publish decisions through an outbox (`wake` asks for a batch) and take peers'."""
-        self.outbox = Outbox(replica, wake)
-        self.peers = Peers(replica, self.load, self.policy, silence)
+        # Alone until a peer's first batch arrives: no records published per request till then.
+        self.outbox = Outbox(replica, wake, alone=True)
+        self.peers = Peers(replica, self.load, self.policy, silence, self.outbox.peers_changed)
 
     @property
     def index(self) -> KvIndex | None:
@@ -51,8 +54,16 @@ class Router:
         tokens: Sequence[int] = (),
         block_size: int = 0,
         lora: str | None = None,
+        images: Sequence[bytes] | None = None,
+        image_rule: Mapping[str, Any] | None = None,
     ) -> Pick:
-        """The worker (and rank, where the policy picks one) for a request."""
+        """The worker (and rank, where the policy picks one) for a request. A prompt with images
+        is keyed with them (`image_rule`: the workers' card's `image_placeholder`)."""
+        choose_keys = getattr(self.policy, "choose_keys", None)
+        if images and block_size > 0 and choose_keys is not None:
+            keys = image_keys.place(tokens, images, image_rule, block_size).keys(block_size, lora)
+            pick: Pick = choose_keys(candidates, keys, self.load)
+            return pick
         return self.policy.choose(candidates, tokens, block_size, lora, self.load)
 
     def set_ranks(self, worker_id: str, first: int, count: int) -> None:

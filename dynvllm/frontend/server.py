@@ -8,15 +8,20 @@ import os
 import signal
 import sys
 
+from dynvllm import logs
 from dynvllm.frontend.app import FrontendApp
 from dynvllm.frontend.models import ModelRegistry
+from dynvllm.frontend.observe import RequestObserver
 from dynvllm.frontend.peers import RouterPeers
 from dynvllm.frontend.processes import REUSEPORT_ENV, reuseport_socket, run_processes
 from dynvllm.frontend.routing import Router
+from dynvllm.frontend.shared_limits import share_limits
 from dynvllm.runtime import nats as natsrt
 from dynvllm.runtime.discovery import Instance, Watcher
 from dynvllm.runtime.streams import StreamClientPool
 from dynvllm.settings import Settings
+from dynvllm.tracing import TracingUnavailable
+from dynvllm.tracing import setup as setup_tracing
 
 log = logging.getLogger("dynvllm.frontend")
 
@@ -56,11 +61,16 @@ async def serve_frontend(settings: Settings) -> int:
     await peers.start(settings.router.router_share_load)
     admin = rt.admin_token.get_secret_value() if rt.admin_token else None
     frontend = FrontendApp(models, pool, router, settings, admin, settings.router.lora_on_demand)
+    tracing = setup_tracing(rt.otlp_traces_endpoint, "dynvllm-frontend")
+    RequestObserver(frontend.metrics, tracing).install(frontend.path)
+    # Tenants' limits divided with the other frontend processes before the first request.
+    shared = await share_limits(nc, settings, frontend.tenants)
     config = uvicorn.Config(
         frontend.app,
         host=fe.http_host,
         port=fe.http_port,
         log_level=fe.uvicorn_log_level,
+        log_config=logs.uvicorn_config(rt.log_format),
         access_log=False,
         ssl_keyfile=str(fe.ssl_keyfile) if fe.ssl_keyfile else None,
         ssl_certfile=str(fe.ssl_certfile) if fe.ssl_certfile else None,
@@ -93,15 +103,23 @@ async def serve_frontend(settings: Settings) -> int:
         scheme = "https" if fe.ssl_certfile else "http"
         print(f"dynvllm frontend listening on {scheme}://{fe.http_host}:{port}", file=sys.stderr, flush=True)
     await task
+    if shared is not None:
+        await shared.stop()
     await peers.stop()
     await watcher.stop()
     await pool.close()
     await natsrt.close(nc)
+    if tracing is not None:
+        tracing.shutdown()
     return 0
 
 
 def run_frontend(settings: Settings) -> int:
     if settings.frontend.http_workers > 1:
         return run_processes(settings)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return int(natsrt.run(serve_frontend(settings)) or 0)
+    logs.setup(settings.runtime.log_level, settings.runtime.log_format, "frontend")
+    try:
+        return int(natsrt.run(serve_frontend(settings)) or 0)
+    except TracingUnavailable as exc:
+        log.error("%s", exc)
+        return 2

@@ -14,6 +14,11 @@ A tenants file names each tenant, the API keys that act for it and its limits:
 A refusal says which limit and how long until a retry can pass. Rates refill continuously (token
 buckets); completion tokens are charged once they are known, so a bucket may go below zero: the
 tenant's next requests wait for it to refill.
+
+Where several frontend processes serve one tenant, each enforces its `Share` of the tenant's limits
+(`quota_shares.py` divides them; `shared_limits.py` exchanges what each process wants): a share
+scales the rates and sets the concurrency this process may use. What a tenant asked for here since
+the last report (`Demand`) is what its share is divided by.
 """
 
 from __future__ import annotations
@@ -156,6 +161,31 @@ class Refusal:
     retry_after: float = 0.0
 
 
+@dataclass(frozen=True)
+class Share:
+    """The part of a tenant's limits one frontend process may use: fractions of its rates, and
+    how many concurrent requests (None: the whole limit)."""
+
+    requests: float = 1.0
+    tokens: float = 1.0
+    concurrent: int | None = None
+
+
+WHOLE = Share()
+
+
+@dataclass
+class Demand:
+    """What a tenant asked of this process since the last report."""
+
+    #: Requests that reached the limits (admitted or refused).
+    requests: int = 0
+    #: Tokens charged or refused (prompt tokens of every request, completion tokens at the end).
+    tokens: int = 0
+    #: Requests refused because every concurrent slot of this process's share was taken.
+    blocked: int = 0
+
+
 @dataclass
 class TenantState:
     spec: TenantSpec
@@ -164,13 +194,33 @@ class TenantState:
     inflight: int = 0
     #: Prompt tokens of requests admitted and not yet ended (a refund needs them).
     pending: dict[int, int] = field(default_factory=dict)
+    share: Share = WHOLE
+    demand: Demand = field(default_factory=Demand)
 
     def configure(self, spec: TenantSpec, now: float) -> None:
-        """Apply (new) limits; what the buckets hold carries over, within the new capacities."""
+        """Apply (new) limits or a new share; what the buckets hold carries over, within the new
+        capacities."""
         self.spec = spec
-        self.requests = _bucket(self.requests, spec.requests_per_second, _burst(spec), now)
-        tpm = spec.tokens_per_minute
-        self.tokens = _bucket(self.tokens, tpm / 60.0 if tpm else None, float(tpm or 0), now)
+        rps, part = spec.requests_per_second, self.share.requests
+        self.requests = _bucket(self.requests, rps * part if rps else None, _burst(spec) * part, now)
+        tpm, part = spec.tokens_per_minute, self.share.tokens
+        self.tokens = _bucket(self.tokens, tpm * part / 60.0 if tpm else None, (tpm or 0) * part, now)
+
+    @property
+    def max_concurrent(self) -> int | None:
+        """The concurrent requests this process may hold for the tenant."""
+        if self.spec.max_concurrent is None:
+            return None
+        given = self.share.concurrent
+        return self.spec.max_concurrent if given is None else min(given, self.spec.max_concurrent)
+
+
+def _told(wait: float, part: float) -> float:
+    """The wait a refusal tells: with a share of the limits, as at the whole rate (the share
+    follows demand, so a retry finds a larger one); never 0 for a refusal."""
+    if wait <= 0:
+        return 0.0
+    return max(0.01, wait * part) if part > 0 else 1.0
 
 
 def _burst(spec: TenantSpec) -> float:
@@ -181,10 +231,17 @@ def _burst(spec: TenantSpec) -> float:
 def _bucket(old: TokenBucket | None, rate: float | None, capacity: float, now: float) -> TokenBucket | None:
     if rate is None:
         return None
+    # A share below one request (or token) would never let one through: a bucket holds one at least.
+    capacity = max(1.0, capacity)
+    rate = max(rate, 1e-9)
     if old is None:
         return TokenBucket.full(rate, capacity, now)
     old.refill(now)
     return TokenBucket(rate, capacity, min(old.level, capacity), now)
+
+
+#: Keys and (tenant, model) answers remembered at most; past it they are worked out each time.
+_REMEMBERED = 4096
 
 
 class Limits:
@@ -204,9 +261,45 @@ class Limits:
             states[name] = state
         self.states = states
         self._by_digest = {_digest_of(k): name for name, spec in tenants.items() for k in spec.keys}
+        self._by_key: dict[bytes, str | None] = {}
+        self._allowed: dict[tuple[str, str, str | None], bool] = {}
 
     def tenant_of(self, key: bytes | None) -> str | None:
-        return None if key is None else self._by_digest.get(key_digest(key))
+        if key is None:
+            return None
+        # Remembered: a digest per request costs more than the rest of the check (bounded: any
+        # client may send any key).
+        name = self._by_key.get(key, "")
+        if name == "":
+            name = self._by_digest.get(key_digest(key))
+            if len(self._by_key) < _REMEMBERED:
+                self._by_key[key] = name
+        return name
+
+    def allows(self, name: str, model: str, base: str | None) -> bool:
+        """`TenantSpec.allows`, remembered (its patterns are matched once per model name)."""
+        known = self._allowed.get((name, model, base))
+        if known is None:
+            state = self.states.get(name)
+            known = state is None or state.spec.allows(model, base)
+            if len(self._allowed) < _REMEMBERED:
+                self._allowed[(name, model, base)] = known
+        return known
+
+    def set_share(self, name: str, share: Share, now: float) -> None:
+        """This process's part of tenant `name`'s limits (see `quota_shares.allocate`)."""
+        state = self.states.get(name)
+        if state is None or state.share == share:
+            return
+        state.share = share
+        state.configure(state.spec, now)
+
+    def take_demand(self) -> dict[str, Demand]:
+        """Each tenant's demand since the last call, and a fresh count from here."""
+        out = {}
+        for name, state in self.states.items():
+            out[name], state.demand = state.demand, Demand()
+        return out
 
     def admit(
         self, name: str, ticket: int, model: str, base: str | None, prompt_tokens: int, now: float
@@ -217,17 +310,22 @@ class Limits:
         if state is None:
             return None
         spec = state.spec
-        if not spec.allows(model, base):
+        if not self.allows(name, model, base):
             return Refusal("model", f"The model {model!r} does not exist or you do not have access to it.")
-        if spec.max_concurrent is not None and state.inflight >= spec.max_concurrent:
+        demand = state.demand
+        demand.requests += 1
+        demand.tokens += prompt_tokens
+        cap = state.max_concurrent
+        if cap is not None and state.inflight >= cap:
+            demand.blocked += 1
             return Refusal(
                 "concurrency",
-                f"Tenant {name!r} has {state.inflight} requests in progress, its limit of concurrent "
-                "requests; retry once one has finished.",
+                f"Tenant {name!r} has its limit of {spec.max_concurrent} concurrent requests in "
+                "progress; retry once one has finished.",
                 1.0,
             )
         if state.requests is not None:
-            wait = state.requests.wait(1, now)
+            wait = _told(state.requests.wait(1, now), state.share.requests)
             if wait > 0:
                 return Refusal(
                     "requests",
@@ -236,7 +334,7 @@ class Limits:
                     wait,
                 )
         if state.tokens is not None:
-            wait = state.tokens.wait(prompt_tokens, now)
+            wait = _told(state.tokens.wait(prompt_tokens, now), state.share.tokens)
             if wait > 0:
                 return Refusal(
                     "tokens",
@@ -263,6 +361,7 @@ class Limits:
         if state.tokens is not None:
             if ran:
                 state.tokens.take(completion_tokens, now)
+                state.demand.tokens += completion_tokens
             else:
                 state.tokens.give(prompt, now)
         if not ran and state.requests is not None:

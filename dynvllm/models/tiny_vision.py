@@ -12,6 +12,21 @@ from pathlib import Path
 IMAGE_TOKEN = "<image>"
 NUM_QUERY_TOKENS = 8
 IMAGE_SIZE = 56
+#: BLIP-2 takes a plain "Question: ... Answer:" prompt and its processor puts the image tokens
+#: before it, so the template walks each message's parts for their text (vLLM and dynvllm then
+#: pass images as parts) and leaves the images' place to the processor.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
+    "{%- else -%}{%- set text = namespace(s='') -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{%- set text.s = text.s + part['text'] -%}{%- endif -%}"
+    "{%- endfor -%}{%- set text = text.s -%}{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}{{ 'Question: ' + text + ' Answer:' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ ' ' + text + '\\n' }}"
+    "{%- else -%}{{ text + '\\n' }}{%- endif -%}"
+    "{%- endfor -%}"
+)
 
 
 def build_tiny_vision_model(path: str | Path, seed: int = 0) -> Path:
@@ -32,7 +47,7 @@ def build_tiny_vision_model(path: str | Path, seed: int = 0) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(path, seed)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    tokenizer.chat_template = None  # a plain-prompt model: the multimodal prompt template places text
+    tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(path)
     image_token = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")

@@ -7,7 +7,7 @@ a decision. It never kills: workers named in `drain` finish their in-flight requ
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from dynvllm.planner.decide import Decision
 
@@ -16,9 +16,10 @@ class Connector(Protocol):
     async def workers(self, role: str) -> int | None:
         """Workers of the role it runs, started or serving, draining ones left out (None: unknown)."""
 
-    async def apply(self, decision: Decision, pids: dict[str, int]) -> None:
-        """Start `decision.start` workers, or drain `decision.drain` (instance ids; `pids` maps
-        them to their process ids). Raises ConnectorError when that cannot be done."""
+    async def apply(self, decision: Decision, instances: dict[str, Any]) -> None:
+        """Start `decision.start` workers, or drain `decision.drain` (instance ids; `instances`
+        maps them to their discovery records: `pid`, `host`). Raises ConnectorError when that
+        cannot be done."""
 
 
 class ConnectorError(RuntimeError):

@@ -80,7 +80,13 @@ def decide(
     """The decision for one role this interval; updates `state`. `current` counts workers that
     started but have not registered yet as well (default: the registered `workers`)."""
     current = len(workers) if current is None else max(current, len(workers))
-    busy = obs.requests > 0 or obs.inflight > 0 or obs.waiting_for_worker > 0 or obs.queue_depth > 0
+    busy = (
+        obs.requests > 0
+        or obs.inflight > 0
+        or obs.waiting_for_worker > 0
+        or obs.queue_depth > 0
+        or obs.admission_queue > 0
+    )
     if busy:
         state.idle_since = None
     elif state.idle_since is None:

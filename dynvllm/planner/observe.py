@@ -20,6 +20,10 @@ TTFT = "dynvllm_time_to_first_token_seconds"
 ITL = "dynvllm_inter_token_latency_seconds"
 # Requests a frontend holds for a known model that has no ready worker (a scale from zero).
 WAITING = "dynvllm_requests_waiting_for_worker"
+# Requests the frontend's admission queue holds for a worker slot (--max-inflight-per-worker).
+ADMISSION = "dynvllm_admission_queue_length"
+# The prefill stage's decisions by outcome; those not skipped_* wanted a prefill worker.
+PREFILL_HOPS = "dynvllm_disagg_prefill_total"
 
 Sample = tuple[str, dict[str, str], float]
 
@@ -37,6 +41,8 @@ class Observation:
     inflight: float = 0.0
     queue_depth: float = 0.0
     waiting_for_worker: float = 0.0
+    admission_queue: float = 0.0
+    prefill_requests: float = 0.0  # requests that went, or wanted to go, to a prefill worker
     ttft_p50: float = math.nan
     ttft_p90: float = math.nan
     itl_p50: float = math.nan
@@ -85,6 +91,16 @@ def quantile(cumulative: dict[float, float], q: float) -> float:
     return prev_bound
 
 
+def prefill_wanted(samples: list[Sample], model: str | None = None) -> float:
+    return sum(
+        v
+        for n, lab, v in samples
+        if n == PREFILL_HOPS
+        and not lab.get("outcome", "").startswith("skipped")
+        and (model is None or lab.get("model") == model)
+    )
+
+
 def _delta(now: float, before: float) -> float:
     return now - before if now >= before else now
 
@@ -115,6 +131,8 @@ def observe(
         inflight=total(now, INFLIGHT, model),
         queue_depth=queue_depth,
         waiting_for_worker=total(now, WAITING, model),
+        admission_queue=total(now, ADMISSION, model),
+        prefill_requests=_delta(prefill_wanted(now, model), prefill_wanted(before, model)),
         ttft_p50=quantile(ttft, 0.5),
         ttft_p90=quantile(ttft, 0.9),
         itl_p50=quantile(itl, 0.5),

@@ -1,7 +1,9 @@
 """Predictors of the next interval's load from the past ones (entry-point group
 `dynvllm.planner_predictors`). Pure: fed one value per interval, asked for the next.
 
-A predictor is built as `Factory(window)`; it never predicts below zero.
+A predictor is built as `Factory(window)`; it never predicts below zero. One that can see
+further than the next interval has `forecast(steps)`: the planner asks it for the interval
+`--planner-lookahead` ahead, so workers that take that long to start are asked for in time.
 """
 
 from __future__ import annotations
@@ -87,9 +89,13 @@ class HoltWinters:
         self.level = second + self.trend * (p - 1) / 2
 
     def predict(self) -> float:
+        return self.forecast(1)
+
+    def forecast(self, steps: int) -> float:
+        """The value `steps` intervals ahead (1: the next one)."""
         if self.level is None:
             return 0.0
-        forecast = self.level + self.trend
+        value = self.level + self.trend * steps
         if self.season:
-            forecast += self.season[len(self.history) % self.period]
-        return max(0.0, forecast)
+            value += self.season[(len(self.history) + steps - 1) % self.period]
+        return max(0.0, value)

@@ -72,10 +72,10 @@ class PlannerMetrics:
             registry=r,
         )
 
-    def serve(self, port: int) -> int:
+    def serve(self, port: int, addr: str = "127.0.0.1") -> int:
         from prometheus_client import start_http_server
 
-        server, _ = start_http_server(port, addr="127.0.0.1", registry=self.registry)
+        server, _ = start_http_server(port, addr=addr, registry=self.registry)
         self._server = server
         return int(server.server_port)
 
@@ -106,6 +106,16 @@ class Planner:
         self.isl, self.osl = float(first.isl), float(first.osl)  # until requests say otherwise
         # Lengths averaged over intervals with requests: one odd interval must not swing capacity.
         self._isl, self._osl = MovingAverage(ps.predictor_window), MovingAverage(ps.predictor_window)
+        # The share of requests that cross a prefill worker (the others skip the hop: short or
+        # cached prompts); 1 until measured.
+        self._prefill_share = MovingAverage(ps.predictor_window)
+
+    def share(self, role: str) -> float:
+        """The part of the request rate a role serves: prefill only the requests that take the
+        hop, every other role all of them."""
+        if role != "prefill" or not self._prefill_share.values:
+            return 1.0
+        return self._prefill_share.predict()
 
     def leader(self, watcher: Any, me: Any) -> bool:
         planners = watcher.instances(COMPONENT) or [me]
@@ -126,7 +136,9 @@ class Planner:
 
         await EventBus(nc, rt.namespace).subscribe(LOAD, on_load)
         await watcher.start()
-        port = self.metrics.serve(ps.planner_metrics_port) if ps.planner_metrics_port >= 0 else None
+        # Reachable from other hosts (a Prometheus in the cluster) when it announces itself to them.
+        bind = "127.0.0.1" if natsrt.advertised_host(rt) == "127.0.0.1" else "0.0.0.0"
+        port = self.metrics.serve(ps.planner_metrics_port, bind) if ps.planner_metrics_port >= 0 else None
         me = Instance.new(COMPONENT, role=COMPONENT, card={"metrics_port": port, "roles": self.roles})
         lease = Lease(nc, rt.namespace, me, rt.heartbeat_interval)
         await lease.start()
@@ -152,11 +164,16 @@ class Planner:
                 await natsrt.close(nc)
 
     async def _scrape(self, http: httpx.AsyncClient) -> list[obs_mod.Sample] | None:
+        """Every frontend's metrics, summed: the URL's name may resolve to several addresses (a
+        headless Service of the frontend pods), and each is read."""
         try:
-            r = await http.get(self.frontend_url + "/metrics")
-            r.raise_for_status()
-            return obs_mod.parse(r.text)
-        except (httpx.HTTPError, ValueError) as exc:
+            texts = await asyncio.gather(
+                *(http.get(url + "/metrics") for url in await frontend_urls(self.frontend_url))
+            )
+            for r in texts:
+                r.raise_for_status()
+            return [s for r in texts for s in obs_mod.parse(r.text)]
+        except (httpx.HTTPError, ValueError, OSError) as exc:
             log.warning("cannot read the frontend's metrics at %s: %s", self.frontend_url, exc)
             return None
 
@@ -178,12 +195,19 @@ class Planner:
         obs = obs_mod.observe(before, now_samples, seconds, model, queue_depth=queue)
         self.predictor.observe(obs.request_rate)
         predicted = self.predictor.predict()
+        steps = math.ceil(ps.planner_lookahead / ps.planner_interval - 1e-9)
+        if steps > 1 and hasattr(self.predictor, "forecast"):
+            # Up as early as a start-up needs; down no earlier than the next interval allows.
+            predicted = max(predicted, self.predictor.forecast(steps))
         if obs.requests:
             self._isl.observe(obs.isl)
             self._osl.observe(obs.osl)
             self.isl, self.osl = self._isl.predict(), self._osl.predict()
-        # A backlog in the engines is load too: enough to clear it within one interval.
-        load = predicted + obs.queue_depth / max(seconds, 1e-6)
+            self._prefill_share.observe(min(1.0, obs.prefill_requests / obs.requests))
+        # A backlog is load too, in the engines or held by the frontend for a worker (a burst at
+        # zero workers): enough workers to clear it within one interval.
+        backlog = obs.queue_depth + obs.waiting_for_worker + obs.admission_queue
+        load = predicted + backlog / max(seconds, 1e-6)
         self._record(obs, predicted)
         active = self.leader(watcher, me)
         self.metrics.active.set(1 if active else 0)
@@ -194,6 +218,7 @@ class Planner:
             mine = [i for i in workers if i.role == role]
             if not active:
                 continue
+            share = self.share(role)
             try:
                 current = await connector.workers(role)
             except ConnectorError as exc:
@@ -201,7 +226,7 @@ class Planner:
                 current = None
             views = [WorkerView(i.id, sum(self.load.get(i.id, (0, 0)))) for i in mine]
             state = self.states.setdefault(role, RoleState())
-            d = decide(role, load, cap, views, obs, state, self.policy, now, current)
+            d = decide(role, load * share, cap, views, obs, state, self.policy, now, current)
             self.metrics.workers.labels(role).set(d.current)
             self.metrics.target.labels(role).set(d.target)
             self.metrics.decisions.labels(role, d.action).inc()
@@ -215,7 +240,7 @@ class Planner:
                     f"; draining {', '.join(d.drain)}" if d.drain else "",
                 )
                 try:
-                    await connector.apply(d, {i.id: i.pid for i in mine})
+                    await connector.apply(d, {i.id: i for i in mine})
                 except ConnectorError as exc:
                     self.metrics.failures.labels(role).inc()
                     log.error("%s: %s", role, exc)
@@ -233,6 +258,7 @@ class Planner:
             "inflight",
             "queue_depth",
             "waiting_for_worker",
+            "admission_queue",
             "ttft_p50",
             "ttft_p90",
             "itl_p50",
@@ -241,6 +267,33 @@ class Planner:
             value = getattr(obs, name)
             if not math.isnan(value):
                 self.metrics.observed.labels(name).set(value)
+
+
+async def frontend_urls(url: str) -> list[str]:
+    """One URL per address the URL's host name resolves to (itself for an IP address)."""
+    import ipaddress
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        ipaddress.ip_address(host)
+        return [url]
+    except ValueError:
+        pass
+    # IPv4 only: a name like localhost has an IPv6 address as well, the same frontend twice.
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, parts.port, family=socket.AF_INET, type=socket.SOCK_STREAM
+        )
+    except OSError:
+        return [url]
+    addrs = sorted({str(info[4][0]) for info in infos})
+    if len(addrs) <= 1:
+        return [url]
+    port = f":{parts.port}" if parts.port else ""
+    return [parts._replace(netloc=f"{a}{port}").geturl() for a in addrs]
 
 
 def run_planner(settings: Settings, profile: Profile, roles: list[str], frontend_url: str) -> int:

@@ -37,6 +37,13 @@ class PlannerSettings(SettingsGroup):
     predictor_window: int = Field(
         6, ge=1, description="Intervals the moving average spans; the seasonal predictor's season length."
     )
+    planner_lookahead: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds ahead the load is predicted for (set it to a worker's start-up time): a "
+        "predictor with a trend (holt-winters) asks for a ramp's workers that much earlier; the "
+        "larger of this and the next interval's prediction is used.",
+    )
     min_workers: int = Field(1, ge=0, description="Fewest workers per role (0 allows scaling to zero).")
     max_workers: int = Field(8, ge=1, description="Most workers per role.")
     cooldown: float = Field(
@@ -66,6 +73,21 @@ class PlannerSettings(SettingsGroup):
         description="How decisions are carried out (entry-point group dynvllm.planner_connectors): "
         "local asks the `serve` supervisor of the namespace.",
     )
+    k8s_namespace: str | None = Field(
+        None,
+        description="kubernetes connector: namespace of the workers' Deployments (default: the planner "
+        "pod's own, else the kubeconfig context's, else default).",
+    )
+    k8s_deployments: str | None = Field(
+        None,
+        description="kubernetes connector: Deployment of each role, as role=name pairs separated by "
+        "commas (default: dynvllm-worker for agg, dynvllm-worker-ROLE for others, as in deploy/k8s).",
+    )
+    k8s_kubeconfig: Path | None = Field(
+        None,
+        description="kubernetes connector: kubeconfig file (default: the in-cluster service account "
+        "inside a pod, else $KUBECONFIG or ~/.kube/config).",
+    )
     planner_metrics_port: int = Field(
         0, ge=-1, le=65535, description="Port of the planner's Prometheus endpoint (0: a free one; -1: off)."
     )
@@ -74,7 +96,18 @@ class PlannerSettings(SettingsGroup):
     def _bounds(self) -> PlannerSettings:
         if self.min_workers > self.max_workers:
             raise ValueError(f"--min-workers {self.min_workers} is above --max-workers {self.max_workers}")
+        for pair in (self.k8s_deployments or "").split(","):
+            if pair.strip() and not all(part.strip() for part in pair.partition("=")[::2]):
+                raise ValueError(f"--k8s-deployments takes role=deployment pairs (got {pair.strip()!r})")
         return self
+
+    def deployment(self, role: str) -> str:
+        """The Deployment that runs the role's workers (kubernetes connector)."""
+        for pair in (self.k8s_deployments or "").split(","):
+            name, _, deployment = pair.partition("=")
+            if name.strip() == role and deployment.strip():
+                return deployment.strip()
+        return "dynvllm-worker" if role == "agg" else f"dynvllm-worker-{role}"
 
     def role_list(self) -> list[str] | None:
         if not self.planner_roles:

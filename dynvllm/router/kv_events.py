@@ -3,9 +3,12 @@
 A ZMQ message has three frames: topic, 8-byte big-endian sequence number, msgpack batch
 `[ts, events, dp_rank]`. Events are maps with a `type` key in current vLLM and tag-first arrays
 in older releases; both decode to the same small tuples:
-    ("stored", block_hashes, parent_hash, token_ids, block_size, lora_name)
-    ("removed", block_hashes)
+    ("stored", block_hashes, parent_hash, token_ids, block_size, lora_name, medium, extra_keys)
+    ("removed", block_hashes, medium)
     ("cleared",)
+`medium` is the tier named by the engine (None: its GPU cache; see `tiers`); `extra_keys` has one
+entry per block (None, or a tuple with `(mm_identifier, offset)` pairs for image blocks) or is
+None altogether.
 """
 
 from __future__ import annotations
@@ -25,7 +28,13 @@ def _hash(value: Any) -> int:
 
 
 def _stored(
-    block_hashes: list, parent: Any, token_ids: list, block_size: int, lora_name: str | None
+    block_hashes: list,
+    parent: Any,
+    token_ids: list,
+    block_size: int,
+    lora_name: str | None,
+    medium: str | None = None,
+    extra_keys: list | None = None,
 ) -> Event:
     return (
         "stored",
@@ -34,6 +43,8 @@ def _stored(
         list(token_ids),
         int(block_size),
         lora_name,
+        medium,
+        extra_keys or None,
     )
 
 
@@ -47,9 +58,11 @@ def decode_event(raw: Any) -> Event | None:
                 raw.get("token_ids") or [],
                 raw.get("block_size") or 0,
                 raw.get("lora_name"),
+                raw.get("medium"),
+                raw.get("extra_keys"),
             )
         if kind == "BlockRemoved":
-            return ("removed", [_hash(h) for h in raw["block_hashes"]])
+            return ("removed", [_hash(h) for h in raw["block_hashes"]], raw.get("medium"))
         if kind == "AllBlocksCleared":
             return ("cleared",)
         return None
@@ -58,9 +71,11 @@ def decode_event(raw: Any) -> Event | None:
         if kind == "BlockStored":
             # [tag, block_hashes, parent, token_ids, block_size, lora_id, medium, lora_name?...]
             lora_name = raw[7] if len(raw) > 7 and isinstance(raw[7], str) else None
-            return _stored(raw[1], raw[2], raw[3], raw[4], lora_name)
+            medium = raw[6] if len(raw) > 6 and isinstance(raw[6], str) else None
+            return _stored(raw[1], raw[2], raw[3], raw[4], lora_name, medium)
         if kind == "BlockRemoved":
-            return ("removed", [_hash(h) for h in raw[1]])
+            medium = raw[2] if len(raw) > 2 and isinstance(raw[2], str) else None
+            return ("removed", [_hash(h) for h in raw[1]], medium)
         if kind == "AllBlocksCleared":
             return ("cleared",)
     return None

@@ -4,6 +4,10 @@
          + uncached prompt blocks           (which then join that worker's active blocks)
          + the worker's active blocks       (distinct blocks of its in-flight requests)
 
+A prefix block held only in an offload tier (see `tiers`) is not prefilled but loaded: it costs
+the tier's load cost (a share of a prefill) in place of 1 in the prefill term, and still joins
+the active blocks.
+
 Active blocks are distinct: requests in flight that share a prefix share its blocks in the engine,
 so a request joining others with its prefix adds only its own blocks there. Counting every
 request's whole prompt instead (the first version) made one request's worth of load imbalance
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, overload
 
 from dynvllm.router.index import KvIndex, Worker
+from dynvllm.router.tiers import DEFAULT_CPU_COST, DEFAULT_DISK_COST
 
 
 @dataclass
@@ -41,10 +46,14 @@ class KvPolicy:
         prefill_weight: float = 1.0,
         temperature: float = 0.0,
         seed: int | None = None,
+        cpu_cost: float = DEFAULT_CPU_COST,
+        disk_cost: float = DEFAULT_DISK_COST,
     ) -> None:
         self.index = index
         self.prefill_weight = prefill_weight
         self.temperature = temperature
+        #: Loading a block from the CPU / disk tier, as a share of prefilling it.
+        self.cpu_cost, self.disk_cost = cpu_cost, disk_cost
         self._rng = random.Random(seed)
         self._rr = itertools.count()
 
@@ -75,13 +84,19 @@ class KvPolicy:
         """`load_blocks` is keyed by instance id (a worker's first element), or by the whole
         (instance, rank) worker with `per_rank`. One pass over the candidates: this runs for every
         request, with up to thousands of workers."""
-        overlaps = self.index.overlaps(keys)
-        n, weight = len(keys), self.prefill_weight
-        get_overlap, get = overlaps.get, load_blocks.get
+        tiered = self.index.tiered(keys) if keys else None
+        get = load_blocks.get
         # Two loops rather than a key function: a call per candidate would cost more than the rest.
         loads = [get(w, 0.0) for w in candidates] if per_rank else [get(w[0], 0.0) for w in candidates]
-        weight += 1.0  # an uncached block is prefilled, then held active
-        costs = [weight * (n - get_overlap(w, 0)) + ld for w, ld in zip(candidates, loads, strict=True)]
+        if tiered is None:
+            overlaps = self.index.overlaps(keys)
+            # An uncached block is prefilled, then held active.
+            n, weight = len(keys), self.prefill_weight + 1.0
+            get_overlap = overlaps.get
+            costs = [weight * (n - get_overlap(w, 0)) + ld for w, ld in zip(candidates, loads, strict=True)]
+        else:
+            overlaps, costs = self._tiered_costs(candidates, keys, loads, tiered)
+            get_overlap = overlaps.get
         if self.temperature > 0:
             low = min(costs)
             weights = [math.exp(-(c - low) / self.temperature) for c in costs]
@@ -96,3 +111,20 @@ class KvPolicy:
         # this process: frontends that share their load must choose alike for the same prompt.
         i = tied[(keys[-1] if keys else next(self._rr)) % len(tied)]
         return Decision(candidates[i], get_overlap(candidates[i], 0), costs[i])
+
+    def _tiered_costs(
+        self,
+        candidates: Sequence[Worker],
+        keys: list[int],
+        loads: list[float],
+        tiered: dict[Worker, tuple[int, int, int]],
+    ) -> tuple[dict[Worker, int], list[float]]:
+        """Costs while offload tiers hold blocks; the overlap reported is what the engine finds
+        cached anywhere (vLLM counts blocks its connector loads among a request's cached tokens)."""
+        n, weight, fc, fd = len(keys), self.prefill_weight, self.cpu_cost, self.disk_cost
+        none = (0, 0, 0)
+        costs = []
+        for w, ld in zip(candidates, loads, strict=True):
+            g, c, u = tiered.get(w, none)
+            costs.append(weight * ((n - u) + fc * (c - g) + fd * (u - c)) + (n - g) + ld)
+        return {w: t[2] for w, t in tiered.items()}, costs

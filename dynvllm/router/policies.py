@@ -20,7 +20,7 @@ from dynvllm import registry
 from dynvllm.router import hashing
 from dynvllm.router.index import KvIndex, Worker
 from dynvllm.router.kv_policy import Decision, KvPolicy
-from dynvllm.router.snapshot import Snapshot, cut_over
+from dynvllm.router.snapshot import Part, Snapshot, cut_over
 from dynvllm.runtime.kv_topic import KvEventBatch
 from dynvllm.settings import RouterSettings, Settings
 
@@ -116,9 +116,9 @@ class Policy:
     def retract(self, worker: Worker, keys: list[int], expiry: float) -> None:
         pass
 
-    def snapshot(self) -> Iterator[tuple[Worker, int, list[int]]] | None:
-        """(worker, last relay sequence applied, block keys) for a starting peer; None: no index
-        worth sending."""
+    def snapshot(self) -> Iterator[Part] | None:
+        """(worker, last relay sequence applied, block keys[, offload tier]) for a starting peer;
+        None: no index worth sending."""
         return None
 
     def restore(self, snapshot: Snapshot | None, buffered: list[KvEventBatch]) -> Iterator[None]:
@@ -176,7 +176,13 @@ class KvRouting(Policy):
     def __init__(self, settings: Settings) -> None:
         self.settings = router = settings.router
         self.index = KvIndex()
-        self.cost = KvPolicy(self.index, router.router_prefill_weight, router.router_temperature)
+        self.cost = KvPolicy(
+            self.index,
+            router.router_prefill_weight,
+            router.router_temperature,
+            cpu_cost=router.router_cpu_load_cost,
+            disk_cost=router.router_disk_load_cost,
+        )
         self._fallback = LeastLoaded()
         self._relay_seq: dict[tuple[str, int], int] = {}
         self.gaps = 0
@@ -186,7 +192,10 @@ class KvRouting(Policy):
     ) -> Pick:
         if block_size <= 0:
             return self._fallback.choose(candidates, tokens, block_size, lora, load)
-        keys = hashing.chain(tokens, block_size, lora)
+        return self.choose_keys(candidates, hashing.chain(tokens, block_size, lora), load)
+
+    def choose_keys(self, candidates: Sequence[str], keys: list[int], load: Load) -> Pick:
+        """`choose` for a prompt keyed already (one with images: see `image_keys`)."""
         index, ttl = self.index, self._predict_ttl()
         if ttl > 0:
             index.expire()
@@ -238,12 +247,12 @@ class KvRouting(Policy):
     def retract(self, worker: Worker, keys: list[int], expiry: float) -> None:
         self.index.retract(worker, keys, expiry)
 
-    def snapshot(self) -> Iterator[tuple[Worker, int, list[int]]] | None:
+    def snapshot(self) -> Iterator[Part] | None:
         if not self.uses_kv_events:
             return None
         return self._snapshot()
 
-    def _snapshot(self) -> Iterator[tuple[Worker, int, list[int]]]:
+    def _snapshot(self) -> Iterator[Part]:
         # A worker's keys and its sequence are read together (no suspension between them), so
         # each worker's part is consistent even if the caller lets events in between workers.
         named = set()
@@ -253,12 +262,17 @@ class KvRouting(Policy):
         for worker, seq in list(self._relay_seq.items()):
             if worker not in named:  # holds nothing now: its sequence still orders the cut-over
                 yield worker, seq, []
+        for tier, worker, keys in self.index.confirmed_lower():
+            yield worker, self._relay_seq.get(worker, 0), keys, tier
 
     def restore(self, snapshot: Snapshot | None, buffered: list[KvEventBatch]) -> Iterator[None]:
         if snapshot is not None and self.uses_kv_events:
             for worker, (seq, keys) in snapshot.workers.items():
                 self.index.store(worker, keys)
                 self._relay_seq[worker] = seq
+                yield
+            for (tier, worker), keys in snapshot.lower.items():
+                self.index.store(worker, keys, tier)
                 yield
             buffered = cut_over(snapshot, buffered)
         for batch in buffered:

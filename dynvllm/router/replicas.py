@@ -14,6 +14,11 @@ A batch, one per event-loop turn of the publisher: `[replica, seq, records, open
 heartbeat batch (sent even when idle) lists the tickets still open in `open`: a peer whose
 finish record went missing prunes it then. A peer that says `bye`, or falls silent, has its
 requests taken out of the Load and its predictions withdrawn.
+
+A frontend with no peer publishes no records, only its heartbeats (`Outbox.alone`): a lone
+frontend then pays nothing per request for sharing. A peer that appears (its first batch) is
+sent a started record for every request still in flight, so it counts them too; peers that knew
+them already skip the repeats.
 """
 
 from __future__ import annotations
@@ -48,18 +53,27 @@ class Predictor(Protocol):
 class Outbox:
     """This frontend's decisions since the last batch, and its requests still in flight."""
 
-    def __init__(self, replica: str, wake: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, replica: str, wake: Callable[[], None] = lambda: None, alone: bool = False) -> None:
         self.replica = replica
+        #: No peer to tell: records are not kept (requests in flight still are, in `open`).
+        self.alone = alone
         #: Called when the first record of a batch arrives: the publisher sends the batch on its
         #: next turn, so a request costs one list append, never a publish of its own.
         self.wake = wake
         self.records: list[list] = []
         #: ticket -> (instance, rank, keys) of each request in flight.
         self.open: dict[int, tuple[str, int, Sequence[int]]] = {}
+        #: ticket -> blocks it holds (prompt, then output grown), for peers that join late.
+        self._blocks: dict[int, float] = {}
+        #: A peer just appeared: the next batch goes out even with no records (a heartbeat), so
+        #: the newcomer learns of this frontend at once and starts publishing to it.
+        self._greet = False
         self.seq = 0
         self._tickets = itertools.count(1)
 
     def _add(self, record: list) -> None:
+        if self.alone:
+            return
         if not self.records:
             self.wake()
         self.records.append(record)
@@ -67,16 +81,32 @@ class Outbox:
     def started(self, worker: str, rank: int, blocks: float, keys: Sequence[int]) -> int:
         ticket = next(self._tickets)
         self.open[ticket] = (worker, rank, keys)
+        self._blocks[ticket] = blocks
         self._add([STARTED, ticket, worker, rank, blocks, keys])
         return ticket
 
     def grew(self, ticket: int, blocks: int) -> None:
         if ticket in self.open:
+            self._blocks[ticket] += blocks
             self._add([GREW, ticket, blocks])
 
     def finished(self, ticket: int) -> None:
         if self.open.pop(ticket, None) is not None:
+            del self._blocks[ticket]
             self._add([FINISHED, ticket])
+
+    def peers_changed(self, peers: int, joined: bool) -> None:
+        """The number of peers changed (`joined`: one appeared). Records stop while there are
+        none; a peer that appears learns every request still in flight."""
+        self.alone = peers == 0
+        if self.alone:
+            self.records.clear()
+        elif joined:
+            self._greet = True
+            self.wake()
+            blocks = self._blocks
+            for ticket, (worker, rank, keys) in self.open.items():
+                self._add([STARTED, ticket, worker, rank, blocks[ticket], keys])
 
     def match(self, worker: str, rank: int, keys: Sequence[int]) -> int:
         """The ticket of a request in flight like this one (for callers that kept no ticket)."""
@@ -87,6 +117,7 @@ class Outbox:
 
     def batch(self, heartbeat: bool = False, bye: bool = False) -> list | None:
         """The next batch to publish (None: nothing to say)."""
+        heartbeat, self._greet = heartbeat or self._greet, False
         if not self.records and not heartbeat and not bye:
             return None
         self.seq += 1
@@ -115,8 +146,17 @@ class _Peer:
 class Peers:
     """Other frontends' decisions, applied to this frontend's Load and predictions."""
 
-    def __init__(self, replica: str, load: LoadLike, predictor: Predictor, silence: float) -> None:
+    def __init__(
+        self,
+        replica: str,
+        load: LoadLike,
+        predictor: Predictor,
+        silence: float,
+        on_change: Callable[[int, bool], None] = lambda peers, joined: None,
+    ) -> None:
         self.replica, self.load, self.predictor, self.silence = replica, load, predictor, silence
+        #: Told (peers now, whether one joined) when a peer appears or leaves.
+        self.on_change = on_change
         self._peers: dict[str, _Peer] = {}
         #: Batches missed (a sequence gap); heartbeats prune what they leave behind.
         self.gaps = 0
@@ -137,6 +177,7 @@ class Peers:
         peer = self._peers.get(replica)
         if peer is None:
             peer = self._peers[replica] = _Peer(seq=seq - 1)
+            self.on_change(len(self._peers), True)
         if seq != peer.seq + 1:
             self.gaps += 1
         peer.seq, peer.seen = seq, now
@@ -148,6 +189,8 @@ class Peers:
             kind = record[0]
             if kind == STARTED:
                 _, ticket, worker, rank, blocks, keys = record
+                if ticket in requests:
+                    continue  # sent again for a frontend that joined after it started
                 requests[ticket] = _Request(worker, rank, blocks, keys)
                 load.inflight[worker] += 1
                 load.add(worker, rank, blocks, keys)
@@ -182,6 +225,7 @@ class Peers:
         peer = self._peers.pop(replica, None)
         if peer is None:
             return
+        self.on_change(len(self._peers), False)
         for req in peer.requests.values():
             self._end(req)
         for expiry, worker, keys in peer.predictions:

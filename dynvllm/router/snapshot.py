@@ -7,6 +7,7 @@ the snapshot travels, the new frontend buffers the KV events that arrive; it the
 snapshot and applies the buffered batches newer than each worker's snapshot sequence (`cut_over`).
 
 Wire form: msgpack messages, each `[index, last, records]`, a record `[instance, rank, seq, keys]`
+(or `[instance, rank, seq, keys, tier]` for blocks in an offload tier, see `tiers`)
 with keys as little-endian int64 bytes (a million keys pack and unpack as one copy, where a
 msgpack list would spend a call per int). A worker with more keys than fit one message spans
 several records; the receiver joins them.
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 import msgpack
 
 from dynvllm.router.index import Worker
+from dynvllm.router.tiers import GPU
 from dynvllm.runtime.kv_topic import KvEventBatch
 
 #: What a message may hold besides its keys (names, numbers, framing).
@@ -44,18 +46,24 @@ def _from_bytes(data: bytes) -> array:
     return a
 
 
-def encode(parts: Iterable[tuple[Worker, int, list[int]]], limit: int = 1 << 20) -> Iterator[bytes]:
-    """Messages of at most about `limit` bytes for (worker, relay seq, keys) parts. A generator:
-    a caller serving a live index may yield to its event loop between messages."""
+#: (worker, relay seq, keys), or with the offload tier the keys are in as a fourth element.
+Part = tuple[Worker, int, list[int]] | tuple[Worker, int, list[int], int]
+
+
+def encode(parts: Iterable[Part], limit: int = 1 << 20) -> Iterator[bytes]:
+    """Messages of at most about `limit` bytes for (worker, relay seq, keys[, tier]) parts. A
+    generator: a caller serving a live index may yield to its event loop between messages."""
     per_message = max(1, (limit - _OVERHEAD) // 8)
     records: list[list] = []
     room = per_message
     index = 0
-    for (iid, rank), seq, keys in parts:
+    for part in parts:
+        (iid, rank), seq, keys = part[0], part[1], part[2]
+        tail = [part[3]] if len(part) > 3 and part[3] != GPU else []
         start = 0
         while True:
             take = keys[start : start + room]
-            records.append([iid, rank, seq, _to_bytes(take)])
+            records.append([iid, rank, seq, _to_bytes(take), *tail])
             room -= len(take)
             start += len(take)
             if start >= len(keys):
@@ -72,6 +80,8 @@ def encode(parts: Iterable[tuple[Worker, int, list[int]]], limit: int = 1 << 20)
 class Snapshot:
     #: Worker -> (last relay sequence applied, block keys held).
     workers: dict[Worker, tuple[int, list[int]]] = field(default_factory=dict)
+    #: (tier, worker) -> block keys held in that offload tier.
+    lower: dict[tuple[int, Worker], list[int]] = field(default_factory=dict)
 
     @property
     def blocks(self) -> int:
@@ -85,6 +95,7 @@ class Receiver:
         self._next = 0
         self._keys: dict[Worker, list[array]] = {}
         self._seq: dict[Worker, int] = {}
+        self._lower: dict[tuple[int, Worker], list[array]] = {}
         self.done = False
 
     def feed(self, data: bytes) -> bool:
@@ -92,10 +103,15 @@ class Receiver:
         if index != self._next:
             raise ValueError(f"snapshot message {index} arrived where {self._next} was due")
         self._next += 1
-        for iid, rank, seq, keys in records:
+        for record in records:
+            iid, rank, seq, keys = record[:4]
             worker = (iid, int(rank))
             self._seq[worker] = int(seq)
-            self._keys.setdefault(worker, []).append(_from_bytes(keys))
+            if len(record) > 4:
+                self._lower.setdefault((int(record[4]), worker), []).append(_from_bytes(keys))
+                self._keys.setdefault(worker, [])
+            else:
+                self._keys.setdefault(worker, []).append(_from_bytes(keys))
         self.done = bool(last)
         return self.done
 
@@ -104,9 +120,14 @@ class Receiver:
             raise ValueError("the snapshot is incomplete")
         out = Snapshot()
         for worker, pieces in self._keys.items():
-            keys = pieces[0].tolist() if len(pieces) == 1 else [k for p in pieces for k in p.tolist()]
-            out.workers[worker] = (self._seq[worker], keys)
+            out.workers[worker] = (self._seq[worker], _join(pieces))
+        for where, pieces in self._lower.items():
+            out.lower[where] = _join(pieces)
         return out
+
+
+def _join(pieces: list[array]) -> list[int]:
+    return pieces[0].tolist() if len(pieces) == 1 else [k for p in pieces for k in p.tolist()]
 
 
 def decode(messages: Iterable[bytes]) -> Snapshot:

@@ -14,7 +14,7 @@ import signal
 import time
 from typing import Any
 
-from dynvllm import protocol
+from dynvllm import logs, protocol, tracing
 from dynvllm.envnames import RESTARTS_ENV
 from dynvllm.process import become_group_leader, private_ipc_dir, start_group_reaper
 from dynvllm.runtime import nats as natsrt
@@ -52,6 +52,7 @@ class Worker:
         self.restarts = int(os.environ.get(RESTARTS_ENV, "0") or 0)
         self.metrics_server: Any = None
         self.metrics_port: int | None = None
+        self.tracing: tracing.Tracing | None = None
 
     # ---- handlers shared by every role ------------------------------------------------
     async def health(self, payload: Any = None) -> dict:
@@ -138,6 +139,12 @@ class Worker:
         role_handlers = self.role.handlers(handle)
         self.adapters = AdapterManager(self.engine, self.settings, self._republish)
         self.operations = EngineOperations(self.engine, self.settings, self._republish)
+        # Each call's request id goes on the log lines written while serving it; a traced call
+        # continues the caller's trace.
+        self.tracing = tracing.setup(rt.otlp_traces_endpoint, f"dynvllm-worker-{self.role_name}")
+        role_handlers = {name: logs.with_request_id(name, h) for name, h in role_handlers.items()}
+        if self.tracing is not None:
+            role_handlers = {n: tracing.traced_handler(self.tracing, n, h) for n, h in role_handlers.items()}
         handlers = {
             protocol.HEALTH: self.health,
             protocol.STATS: self.stats,
@@ -196,6 +203,8 @@ class Worker:
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
         self.engine.shutdown()
+        if self.tracing is not None:
+            self.tracing.shutdown()
         return 1 if self.engine_dead else 0
 
     async def _republish(self) -> None:
@@ -254,7 +263,7 @@ def run_worker(settings: Settings, role_name: str) -> int:
     from dynvllm import registry
 
     role_cls = registry.load(registry.ROLES, role_name)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.setup(settings.runtime.log_level, settings.runtime.log_format, f"worker {role_name}")
     with private_ipc_dir():
         if settings.worker.headless:
             from dynvllm.worker.headless import HeadlessRanks

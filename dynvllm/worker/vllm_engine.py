@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from dynvllm import protocol
+from dynvllm.router.hashing import image_hash, image_uuid
 from dynvllm.runtime.errors import BadRequest
 from dynvllm.settings import Settings
 from dynvllm.worker.engine import Engine
@@ -41,6 +42,21 @@ def _decode_images(blobs: list[bytes]) -> Any:
     except Exception as exc:
         raise BadRequest(f"an image cannot be decoded: {exc}") from None
     return images[0] if len(images) == 1 else images
+
+
+def _image_placeholder(model_config: Any) -> dict[str, int] | None:
+    """The placeholder token of an image and how many the engine puts per image, for models
+    whose config fixes the count (BLIP-2's query tokens, `image_seq_length`); else None."""
+    if not model_config.is_multimodal_model:
+        return None
+    hf = model_config.hf_config
+    token = getattr(hf, "image_token_index", None)
+    if token is None:
+        token = getattr(hf, "image_token_id", None)
+    count = getattr(hf, "num_query_tokens", None) or getattr(hf, "image_seq_length", None)
+    if token is None or not count:
+        return None
+    return {"token_id": int(token), "count": int(count)}
 
 
 def _client_errors() -> tuple[type[BaseException], ...]:
@@ -134,6 +150,8 @@ class VllmEngine(Engine):
             "max_num_seqs": cfg.scheduler_config.max_num_seqs,
             "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
             "multimodal": bool(cfg.model_config.is_multimodal_model),
+            # How the frontend places image tokens to predict the engine's block keys.
+            "image_placeholder": _image_placeholder(cfg.model_config),
             # What `vllm serve` uses where a request leaves a field out: the model's
             # generation_config.json (Qwen3: temperature 0.6, top_k 20, top_p 0.95), or nothing
             # with --generation-config vllm; --override-generation-config applies.
@@ -183,9 +201,19 @@ class VllmEngine(Engine):
         prompt = TokensPrompt(prompt_token_ids=req.token_ids)
         if req.images:
             prompt["multi_modal_data"] = {"image": _decode_images(req.images)}
+            # Images named by their content hash: the engine keys their blocks (and reports them
+            # in KV events) by the identifier the frontend computes from the same bytes.
+            prompt["multi_modal_uuids"] = {"image": [image_uuid(image_hash(b)) for b in req.images]}
         try:
             stream = self.llm.generate(
-                prompt, params, request_id=rid, lora_request=lora, data_parallel_rank=req.dp_rank
+                prompt,
+                params,
+                request_id=rid,
+                lora_request=lora,
+                data_parallel_rank=req.dp_rank,
+                trace_headers=req.trace,  # vLLM's spans join the request's trace (--otlp-traces-endpoint)
+                # Ordered by it with --scheduling-policy priority; under fcfs vLLM ignores it.
+                priority=req.priority,
             )
             async for out in stream:
                 for c in out.outputs:

@@ -19,12 +19,33 @@ import time
 import aiohttp
 
 URL, LABEL, OUT = sys.argv[1], sys.argv[2], sys.argv[3]
-SYSTEMS, USERS, SYS_WORDS, CONC = (int(a) for a in (sys.argv[4:] + ["64", "3", "2000", "16"][len(sys.argv[4:]) :]))
-WORDS = "alpha beta gamma delta river mountain city road tree house cat dog bird fish stone cloud".split()
+SYSTEMS, USERS, SYS_WORDS, CONC = (
+    int(a) for a in (sys.argv[4:] + ["64", "3", "2000", "16"][len(sys.argv[4:]) :])
+)
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "river",
+    "mountain",
+    "city",
+    "road",
+    "tree",
+    "house",
+    "cat",
+    "dog",
+    "bird",
+    "fish",
+    "stone",
+    "cloud",
+]
 rng = random.Random(0)
 # Each system prompt differs from its first token on, so prompts share no blocks by accident.
 SALT = os.environ.get("SALT", "0")  # another salt, another set of prompts: runs share no cache
-SYSTEM_TEXTS = [f"run {SALT} system {i}. " + " ".join(rng.choice(WORDS) for _ in range(SYS_WORDS)) for i in range(SYSTEMS)]
+SYSTEM_TEXTS = [
+    f"run {SALT} system {i}. " + " ".join(rng.choice(WORDS) for _ in range(SYS_WORDS)) for i in range(SYSTEMS)
+]
 
 
 def question(s: int, u: int, turn: int) -> str:
@@ -72,7 +93,10 @@ def pct(xs, q):
 
 
 async def main():
-    turns = {t: {"ttft": [], "prompt": 0, "cached": 0, "errors": 0, "spread": collections.Counter()} for t in (1, 2)}
+    turns = {
+        t: {"ttft": [], "prompt": 0, "cached": 0, "errors": 0, "spread": collections.Counter()}
+        for t in (1, 2)
+    }
     queue: asyncio.Queue = asyncio.Queue()
     firsts = [(s, u) for s in range(SYSTEMS) for u in range(USERS)]
     random.Random(1).shuffle(firsts)
@@ -85,11 +109,17 @@ async def main():
         while left > 0:
             try:
                 s, u, turn, answer = await asyncio.wait_for(queue.get(), 0.5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
-            msgs = [{"role": "system", "content": SYSTEM_TEXTS[s]}, {"role": "user", "content": question(s, u, 1)}]
+            msgs = [
+                {"role": "system", "content": SYSTEM_TEXTS[s]},
+                {"role": "user", "content": question(s, u, 1)},
+            ]
             if turn == 2:
-                msgs += [{"role": "assistant", "content": answer}, {"role": "user", "content": question(s, u, 2)}]
+                msgs += [
+                    {"role": "assistant", "content": answer},
+                    {"role": "user", "content": question(s, u, 2)},
+                ]
             text = await one(session, msgs, turns[turn])
             left -= 1
             if turn == 1:
@@ -117,8 +147,14 @@ async def main():
         "ttft_p90_ms": pct(allt, 0.9),
         "cached_share": cached / max(prompt, 1),
         "prompt_tokens": prompt,
-        "turn1": {"ttft_p50_ms": pct(turns[1]["ttft"], 0.5), "cached_share": turns[1]["cached"] / max(turns[1]["prompt"], 1)},
-        "turn2": {"ttft_p50_ms": pct(turns[2]["ttft"], 0.5), "cached_share": turns[2]["cached"] / max(turns[2]["prompt"], 1)},
+        "turn1": {
+            "ttft_p50_ms": pct(turns[1]["ttft"], 0.5),
+            "cached_share": turns[1]["cached"] / max(turns[1]["prompt"], 1),
+        },
+        "turn2": {
+            "ttft_p50_ms": pct(turns[2]["ttft"], 0.5),
+            "cached_share": turns[2]["cached"] / max(turns[2]["prompt"], 1),
+        },
         "spread": dict(spread),
         "trace": {"systems": SYSTEMS, "users": USERS, "sys_words": SYS_WORDS, "concurrency": CONC},
     }

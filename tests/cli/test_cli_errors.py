@@ -70,3 +70,34 @@ def test_serve_with_a_missing_model_folder_says_so(tmp_path):
     code, _, err = finish(dynvllm("serve", "agg", "--model", str(tmp_path / "weights.bin")))
     assert code == 2 and "is a file; give the folder that holds its config.json" in err
     assert "Repo id" not in err and "Traceback" not in err
+
+
+def test_a_worker_that_dies_during_start_up_is_named_with_its_exit_code_and_last_lines(tiny_model):
+    """A worker whose fixed metrics port is taken dies at start-up; `serve` says which process,
+    how it ended and what it printed last, instead of "a process died"."""
+    import re
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        p = dynvllm(
+            *("serve", "agg", "--model", str(tiny_model), "--engine", "sim", "--namespace", "dies"),
+            *("--metrics-port", str(port), "--http-host", "127.0.0.1", "--http-port", str(free_port())),
+        )
+        code, _, err = finish(p, timeout=180)
+    assert code == 1, err
+    head = r"start-up failed: agg \(pid (\d+)\) exited with code 1; its last lines:\n"
+    m = re.search(head + r"((?:  \| .*\n)+)", err)
+    assert m, err
+    assert "Address already in use" in m.group(2)
+    assert "stopping the service" in err
+
+
+def test_exit_codes_and_signals_are_named():
+    from dynvllm.supervisor import exit_text
+
+    assert exit_text(1) == "exited with code 1"
+    assert exit_text(-9) == "was killed by SIGKILL"
+    assert exit_text(-15) == "was killed by SIGTERM"

@@ -13,18 +13,23 @@ import pytest
 from tests.helpers import OfflineReference, start_agg, stop_in_background, wait_http
 
 TEXTS = ["the cat sees a dog and", "red river runs where the old mountain"]
+QUERY = "the cat sees a dog"
+DOCS = ["a dog sees the cat", "red river runs", "the old mountain road and the city", "cat and dog"]
+#: (data_1, data_2) of the score requests: 1:N and N:N.
+SCORES = [(QUERY, DOCS), (["one red fish", "big old tree"], ["red fish", "a new house"])]
 
 
 @pytest.fixture(scope="module")
 def reference_job(tiny_model):
-    """(token ids, the child computing vLLM's offline embedding of each text with
-    `LLM(runner="pooling")` on the same model), started before the service so both engines start
-    side by side."""
+    """(token ids, the child computing vLLM's offline embedding of each text and the scores of
+    SCORES with `LLM(runner="pooling")` on the same model), started before the service so both
+    engines start side by side."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     ids = [tok(text)["input_ids"] for text in TEXTS]
-    job = OfflineReference(tiny_model, ids, script="offline_pooling.py")
+    scores = [{"score": [a, b]} for a, b in SCORES]
+    job = OfflineReference(tiny_model, [*ids, *scores], script="offline_pooling.py")
     yield ids, job
     job.close()
 
@@ -33,7 +38,7 @@ def reference_job(tiny_model):
 def service(tiny_model, tmp_path_factory, reference_job):
     url, proc = start_agg(tiny_model, tmp_path_factory.mktemp("embed") / "serve.log", "emb", role="embed")
     try:
-        wait_http(url + "/health", lambda b: b.get("workers") == 1, proc)
+        wait_http(url + "/health", lambda b: b.get("workers") == 1, proc, timeout=400)
         yield url
     finally:
         stop_in_background([proc])
@@ -43,7 +48,14 @@ def service(tiny_model, tmp_path_factory, reference_job):
 def reference(reference_job):
     """(token ids, vLLM's offline embedding) of each text."""
     ids, job = reference_job
-    return list(zip(ids, job.result(), strict=True))
+    return list(zip(ids, job.result()[: len(ids)], strict=True))
+
+
+@pytest.fixture(scope="module")
+def score_reference(reference_job) -> list[list[float]]:
+    """vLLM's offline scores (`LLM.score`) of each pair of SCORES."""
+    ids, job = reference_job
+    return job.result()[len(ids) :]
 
 
 def _cos(a: list[float], b: list[float]) -> float:
@@ -87,3 +99,83 @@ def test_a_model_that_only_embeds_refuses_to_generate_and_bad_input_is_named(ser
     assert r.status_code == 404
     ok = httpx.post(service + "/v1/embeddings", json={"model": "tiny", "input": "still serving"})
     assert ok.status_code == 200 and len(ok.json()["data"][0]["embedding"]) == 128
+
+
+def _tokens(tiny_model, texts: list[str]) -> int:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    return sum(len(tok(t)["input_ids"]) for t in texts)
+
+
+def test_score_and_rerank_are_vllms_cosine_scores(service, score_reference, tiny_model):
+    (want_1n, want_nn) = score_reference
+    assert len(want_1n) == len(DOCS) and len(set(want_1n)) == len(DOCS)  # the scores tell docs apart
+    r = httpx.post(service + "/score", json={"model": "tiny", "queries": QUERY, "documents": DOCS})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"].startswith("score-") and body["object"] == "list" and body["model"] == "tiny"
+    assert [d["index"] for d in body["data"]] == list(range(len(DOCS)))
+    assert {d["object"] for d in body["data"]} == {"score"}
+    assert max(abs(d["score"] - w) for d, w in zip(body["data"], want_1n, strict=True)) < 1e-4
+    # The query is embedded once, as vLLM counts it.
+    assert (
+        body["usage"]["prompt_tokens"] == _tokens(tiny_model, [QUERY, *DOCS]) == body["usage"]["total_tokens"]
+    )
+    # N:N under vLLM's older spelling, at /v1/score; the model may be left out (one is served).
+    left, right = SCORES[1]
+    nn = httpx.post(service + "/v1/score", json={"text_1": left, "text_2": right}).json()
+    assert max(abs(d["score"] - w) for d, w in zip(nn["data"], want_nn, strict=True)) < 1e-4
+    # Rerank: the same scores, documents by relevance, top_n of them.
+    order = sorted(range(len(DOCS)), key=lambda i: want_1n[i], reverse=True)
+    for route in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        rr = httpx.post(
+            service + route, json={"model": "tiny", "query": QUERY, "documents": DOCS, "top_n": 2}
+        )
+        assert rr.status_code == 200, rr.text
+        results = rr.json()["results"]
+        assert [x["index"] for x in results] == order[:2]
+        assert [x["document"]["text"] for x in results] == [DOCS[i] for i in order[:2]]
+        assert max(abs(x["relevance_score"] - want_1n[x["index"]]) for x in results) < 1e-4
+    every = httpx.post(service + "/rerank", json={"model": "tiny", "query": QUERY, "documents": DOCS}).json()
+    assert [x["index"] for x in every["results"]] == order
+    assert every["usage"]["prompt_tokens"] == body["usage"]["prompt_tokens"]
+
+
+def test_pooling_answers_the_embedding_and_what_is_not_served_is_named(service, reference):
+    ids, want = reference[0]
+    r = httpx.post(service + "/pooling", json={"model": "tiny", "input": TEXTS[0]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"].startswith("pooling-") and body["data"][0]["object"] == "pooling"
+    assert max(abs(a - b) for a, b in zip(body["data"][0]["data"], want, strict=True)) < 1e-4
+    assert body["usage"]["prompt_tokens"] == len(ids)
+    by_ids = httpx.post(
+        service + "/pooling", json={"input": ids, "task": "embed", "encoding_format": "base64"}
+    )
+    blob = base64.b64decode(by_ids.json()["data"][0]["data"])
+    assert (
+        max(abs(a - b) for a, b in zip(struct.unpack(f"<{len(blob) // 4}f", blob), want, strict=True)) < 1e-4
+    )
+
+    def refused(route: str, body: dict, status: int = 400) -> str:
+        r = httpx.post(service + route, json=body)
+        assert r.status_code == status, (route, body, r.text)
+        return r.json()["error"]["message"]
+
+    msg = refused("/classify", {"model": "tiny", "input": "hi"}, 501)
+    assert "Classification API" in msg and "ForSequenceClassification" in msg
+    assert "dimensions" in refused("/pooling", {"model": "tiny", "input": "x", "dimensions": 8})
+    assert "'classify'" in refused("/pooling", {"model": "tiny", "input": "x", "task": "classify"})
+    assert "messages" in refused(
+        "/pooling", {"model": "tiny", "messages": [{"role": "user", "content": "x"}]}
+    )
+    assert "1:1, 1:N or N:N" in refused("/score", {"model": "tiny", "queries": ["a", "b"], "documents": DOCS})
+    assert "instruction" in refused(
+        "/rerank", {"model": "tiny", "query": "a", "documents": DOCS, "instruction": "x"}
+    )
+    assert "max_tokens_per_doc" in refused("/score", {"text_1": "a", "text_2": "b", "max_tokens_per_doc": 3})
+    assert "queries/documents" in refused("/score", {"model": "tiny", "queries": "a"})
+    assert refused("/score", {"model": "nope", "text_1": "a", "text_2": "b"}, 404)
+    ok = httpx.post(service + "/score", json={"text_1": "a", "text_2": "a"})
+    assert ok.status_code == 200 and abs(ok.json()["data"][0]["score"] - 1.0) < 1e-5

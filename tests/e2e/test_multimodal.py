@@ -49,6 +49,20 @@ def vision_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def plain_vision_model(vision_model, tmp_path_factory):
+    """The same model without a chat template: its text goes through --mm-prompt-template."""
+    import json
+    import shutil
+
+    path = tmp_path_factory.mktemp("vision-plain") / "model"
+    shutil.copytree(vision_model, path)
+    (path / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = path / "tokenizer_config.json"
+    cfg.write_text(json.dumps({k: v for k, v in json.loads(cfg.read_text()).items() if k != "chat_template"}))
+    return path
+
+
+@pytest.fixture(scope="module")
 def expected_job(vision_model, media):
     reqs = [
         {
@@ -81,8 +95,6 @@ def image_server(media):
 
 def _args(media: Path) -> list[str]:
     return [
-        "--mm-prompt-template",
-        TEMPLATE,
         "--allowed-local-media-path",
         str(media),
         "--allow-private-media-urls",
@@ -94,18 +106,27 @@ def _args(media: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def services(vision_model, media, expected_job, tmp_path_factory):
-    """agg alone, and agg + an encode worker, side by side (their engines start while vLLM's
+def services(vision_model, plain_vision_model, media, expected_job, tmp_path_factory):
+    """agg alone on the model as `dynvllm model tiny --vision` writes it (its chat template places
+    the text), and agg + an encode worker on the same weights without a chat template
+    (--mm-prompt-template places the text), side by side (their engines start while vLLM's
     offline one computes `expected`)."""
     log = tmp_path_factory.mktemp("mm")
     agg_url, agg = start_agg(vision_model, log / "agg.log", "mm-agg", *_args(media))
     enc_url, enc = start_agg(
-        vision_model, log / "enc.log", "mm-enc", *_args(media), "--roles", "agg=1,encode=1"
+        plain_vision_model,
+        log / "enc.log",
+        "mm-enc",
+        *_args(media),
+        "--mm-prompt-template",
+        TEMPLATE,
+        "--roles",
+        "agg=1,encode=1",
     )
     try:
         wait_http(agg_url + "/health", lambda b: b.get("workers") == 1, agg, timeout=400)
         wait_http(enc_url + "/health", lambda b: b.get("workers") == 2, enc, timeout=400)
-        yield {"agg": agg_url, "enc": enc_url, "enc_proc": enc}
+        yield {"agg": agg_url, "enc": enc_url, "enc_proc": enc, "model": vision_model}
     finally:
         stop_in_background([agg, enc])
 
@@ -127,6 +148,13 @@ def _data_uri(data: bytes) -> str:
 def test_images_from_every_source_give_the_engines_output(services, media, expected, image_server):
     url = services["agg"]
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    from transformers import AutoTokenizer
+
+    from dynvllm.models.tiny_vision import NUM_QUERY_TOKENS
+
+    n_prompt = len(
+        AutoTokenizer.from_pretrained(services["model"])(TEMPLATE.replace("<prompt>", QUESTION)).input_ids
+    )
     for i in (0, 1):
         r = client.chat.completions.create(
             model="tiny",
@@ -142,7 +170,8 @@ def test_images_from_every_source_give_the_engines_output(services, media, expec
             **PARAMS,
         )
         assert r.choices[0].message.content == expected[i]  # the template, token for token
-        assert r.usage.prompt_tokens > 8  # the engine's image tokens are counted
+        # The engine's image tokens (8 query tokens) are counted, as vLLM's server counts them.
+        assert r.usage.prompt_tokens == n_prompt + NUM_QUERY_TOKENS
     assert expected[0] != expected[1]  # the output follows the image
     assert _chat(url, (media / "img1.png").as_uri()).json()["choices"][0]["message"]["content"] == expected[1]
     assert _chat(url, image_server + "/img0.png").json()["choices"][0]["message"]["content"] == expected[0]
@@ -247,3 +276,30 @@ def test_role_conflicts_are_refused_at_start_up(tiny_model, vision_model, tmp_pa
     )
     assert joiner.p.wait(60) == 2
     assert "needs --encoder-cache-dir" in joiner.tail()
+
+
+def test_router_keys_images_as_the_engine_does(services):
+    """The router's predicted cached tokens vs vLLM's reported ones, images in the block keys:
+    the same text with another image shares nothing, the same image again shares every full
+    block; once the router's own predictions expire, the worker's relayed events (keyed from
+    vLLM's `extra_keys`) give the same count."""
+    import time
+
+    url = services["agg"]
+    text = " ".join(["which colours and shapes can be seen in the picture"] * 6)
+
+    def ask(seed: int) -> tuple[int, int, int]:
+        r = _chat(url, _data_uri(_png(seed)), text)
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        return int(r.headers["x-dynvllm-predicted-cached-tokens"]), cached, usage["prompt_tokens"]
+
+    assert ask(20)[:2] == (0, 0)
+    assert ask(21)[:2] == (0, 0)  # same text, another image: no shared prefix, in vLLM either
+    time.sleep(11)  # the router's predictions of those two (--router-predict-ttl 10) expire
+    for seed in (20, 21):  # each image again: now known from the worker's events alone
+        predicted, reported, prompt = ask(seed)
+        assert reported > 0 and prompt > 64
+        # vLLM recomputes a whole last block when the prompt fills it exactly.
+        assert predicted == reported or (prompt % 32 == 0 and predicted == reported + 32)

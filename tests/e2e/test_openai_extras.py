@@ -481,3 +481,65 @@ def test_request_chat_template_and_reasoning_effort(service, client, agg_service
     with pytest.raises(openai.BadRequestError) as exc:
         plain.chat.completions.create(model="tiny", messages=messages, max_tokens=2, extra_body=fields)
     assert exc.value.body["param"] == "chat_template"
+
+
+def test_templates_render_as_transformers_does_over_http(service, client):
+    """strftime_now and {% generation %} (which a private Jinja environment lacks) through a
+    trusted request template; tools reach the template also under tool_choice none, as in vLLM."""
+    import datetime
+
+    template = (
+        "{% generation %}{{ strftime_now('%Y') }}{% endgeneration %}|{{ messages[0]['content'] }}"
+        "|{{ tools | map(attribute='function') | map(attribute='name') | join(',') if tools else '-' }}"
+    )
+    messages = [{"role": "user", "content": QUESTIONS[0]}]
+    fields = {"chat_template": template}
+    ids = _tokenize(service, messages=messages, tools=[WEATHER, TIME], tool_choice="none", **fields)
+    year = datetime.datetime.now().strftime("%Y")
+    want = f"{year}|{QUESTIONS[0]}|get_weather,get_time"
+    assert ids == _tokenize(service, prompt=want, add_special_tokens=False)
+    r = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=4, temperature=0, extra_body=fields
+    )
+    assert r.usage.prompt_tokens == len(_tokenize(service, messages=messages, **fields))
+
+
+@pytest.fixture(scope="module")
+def vllm_parsers_service(agg_service, tmp_path_factory):
+    """A frontend that runs vLLM's own hermes parser (vllm:hermes) over the shared workers."""
+    fe = start_service(
+        ["frontend"],
+        tmp_path_factory.mktemp("vllm_parsers") / "frontend.log",
+        "--tool-call-parser",
+        "vllm:hermes",
+        namespace="e2e",
+        nats_url=state.resolve_nats_url(None, "e2e"),
+    )
+    try:
+        wait_workers(fe, 2, timeout=180)
+        yield fe.url
+    finally:
+        fe.stop()
+
+
+def test_vllms_own_tool_parser_reads_the_calls_over_http(vllm_parsers_service):
+    """Structured outputs make the random model write a hermes call; vLLM's parser, run by the
+    frontend, returns it as a tool call, streamed and not, finishing with tool_calls."""
+    plain = openai.OpenAI(base_url=vllm_parsers_service + "/v1", api_key="none", max_retries=0)
+    regex = r'<tool_call>\{"name": "get_time", "arguments": \{"zone": "(utc|cet)"\}\}</tool_call>'
+    kw = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "time?"}],
+        "tools": [WEATHER, TIME],
+        "max_tokens": 200,
+        "temperature": 0,
+        "extra_body": {"structured_outputs": {"regex": regex}},
+    }
+    r = plain.chat.completions.create(**kw)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls", choice.message.content
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_time" and json.loads(call.function.arguments)["zone"] in ("utc", "cet")
+    assert not choice.message.content
+    streamed, finish = _streamed_calls(plain.chat.completions.create(stream=True, **kw))
+    assert streamed == [(call.function.name, call.function.arguments)] and finish == "tool_calls"

@@ -13,7 +13,7 @@ import time
 import httpx
 
 from dynvllm.planner.profile import Level, Point, Profile
-from tests.helpers import SIM, Proc, free_port, start_agg, wait_workers
+from tests.helpers import SIM, Proc, free_port, start_agg, start_service, wait_http, wait_workers
 
 SIM_ARGS = ("--sim-decode-ms-per-step", "5")
 
@@ -66,16 +66,20 @@ def metric(url: str, name: str, labels: str = "") -> float | None:
 class Load:
     """Open-loop requests at a rate that can change; every answer's status is kept."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, words: int = 2, max_tokens: int = 8) -> None:
         self.url, self.rate, self.statuses = url, 0.0, []
+        self.words, self.max_tokens = words, max_tokens
         self.stop = False
         self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
         self.thread.start()
 
     async def _one(self, http: httpx.AsyncClient, i: int) -> None:
         try:
-            body = {"model": "tiny", "prompt": f"request {i}", "max_tokens": 8, "ignore_eos": True}
-            self.statuses.append((await http.post(self.url + "/v1/completions", json=body)).status_code)
+            prompt = " ".join(f"request {i} word {k}" for k in range(self.words // 4 + 1))
+            body = {"model": "tiny", "prompt": prompt, "max_tokens": self.max_tokens, "ignore_eos": True}
+            r = await http.post(self.url + "/v1/completions", json=body)
+            ok = r.status_code == 200 and r.json()["usage"]["completion_tokens"] == self.max_tokens
+            self.statuses.append(r.status_code if ok or r.status_code != 200 else f"short: {r.text}")
         except httpx.HTTPError as exc:
             self.statuses.append(repr(exc))
 
@@ -99,18 +103,18 @@ class Load:
         self.thread.join(60)
 
 
-def planner(tmp_path, name: str, url: str, profile, port: int) -> Proc:
+def planner(tmp_path, name: str, url: str, profile, port: int, ns: str = "plan", interval: float = 1) -> Proc:
     return Proc(
         [
             "planner",
             "--namespace",
-            "plan",
+            ns,
             "--frontend-url",
             url,
             "--planner-profile",
             str(profile),
             "--planner-interval",
-            "1",
+            str(interval),
             "--predictor",
             "constant",
             "--cooldown",
@@ -242,4 +246,113 @@ def test_idle_model_scales_to_zero_and_a_request_brings_a_worker_back(tiny_model
     finally:
         if plan is not None:
             plan.stop()
+        assert serve.stop() == 0
+
+
+def test_prefill_and_decode_ratios_change_under_load_without_a_failed_request(tiny_model, tmp_path):
+    """The disaggregated topology on sim workers: prefill and decode counts go up and down (to no
+    prefill worker and back) through the supervisor's control endpoint, the way the local
+    connector asks, while long prompts flow; every request answers 200 with all its tokens."""
+    ns = f"ratio{free_port()}"
+    serve = start_service(
+        ["serve", "disagg"],
+        tmp_path / "serve.log",
+        "--prefill",
+        "2",
+        "--decode",
+        "2",
+        "--disagg-min-prompt-tokens",
+        "16",
+        "--admission-timeout",
+        "30",
+        *SIM_ARGS,
+        model=tiny_model,
+        namespace=ns,
+        engine_args=SIM,
+    )
+    url = serve.url
+    assert url
+    load = None
+
+    def roles() -> dict:
+        return httpx.get(url + "/health").json().get("roles", {}).get("tiny", {})
+
+    def scale(role: str, count: int, prefill: int, decode: int) -> None:
+        proc = Proc(["scale", "--namespace", ns, role, str(count)], tmp_path / f"scale-{role}-{count}.log")
+        assert proc.p.wait(60) == 0, proc.tail()
+        want = {k: v for k, v in (("prefill", prefill), ("decode", decode)) if v}
+        wait_http(url + "/health", lambda b: b.get("roles", {}).get("tiny", {}) == want, serve, 60)
+        time.sleep(1.0)  # requests flow over the new ratio
+
+    try:
+        wait_workers(serve, 4, timeout=240)
+        load = Load(url, words=40)
+        load.rate = 8.0
+        time.sleep(1.0)
+        # 2:2 -> 0:2 -> 0:1 -> 1:1 (starting workers is what takes time here: one start only)
+        scale("prefill", 0, 0, 2)  # both drain: the decode workers compute the prompts
+        scale("decode", 1, 0, 1)
+        scale("prefill", 1, 1, 1)
+        load.close()
+        assert len(load.statuses) > 40 and set(load.statuses) == {200}, load.statuses
+        hops = {
+            m.group(1): float(m.group(2))
+            for m in re.finditer(
+                r'^dynvllm_disagg_prefill_total\{.*outcome="(\w+)"\} (\S+)$',
+                httpx.get(url + "/metrics").text,
+                re.M,
+            )
+        }
+        # The prefill workers took the hop (the sim engine hands no KV over: no_transfer_params),
+        # and none of it failed; with no prefill worker the hop was skipped, not an error.
+        assert hops.get("no_transfer_params", 0) > 10 and hops.get("no_prefill_worker", 0) > 0, hops
+        assert not {k for k in hops if "fail" in k or "error" in k}, hops
+        assert roles() == {"prefill": 1, "decode": 1}
+    finally:
+        if load is not None:
+            load.close()
+        assert serve.stop() == 0
+
+
+def test_a_killed_planner_is_replaced_by_the_standby_within_two_intervals(tiny_model, tmp_path):
+    """kill -9 of the active planner while requests flow: no goodbye, its lease expires (2 s);
+    the standby acts at its next interval, and then scales the service itself."""
+    profile = tmp_path / "profile.json"
+    level = Level(concurrency=4, request_rate=4.0, ttft_p50=0.05, ttft_p90=0.1, itl_p50=0.01, itl_p90=0.02)
+    profile.write_text(json.dumps(Profile({"agg": [Point(16, 8, [level])]}).to_dict()))
+    url, serve = start_agg(tiny_model, tmp_path / "serve.log", "kill", *SIM_ARGS, engine_args=SIM)
+    interval = 3.0
+    ports = free_port(), free_port()
+    metrics = [f"http://127.0.0.1:{p}" for p in ports]
+    planners: list[Proc] = []
+    load = None
+    try:
+        wait_workers(serve, 1, timeout=60)
+        deadline = time.monotonic() + 30
+        for k, name in enumerate(("planner-a", "planner-b")):
+            planners.append(planner(tmp_path, name, url, profile, ports[k], ns="kill", interval=interval))
+            while metric(metrics[k], "dynvllm_planner_active") != (1.0 if k == 0 else 0.0):
+                assert time.monotonic() < deadline, planners[k].tail()
+                time.sleep(0.2)
+        load = Load(url)
+        load.rate = 1.0  # one worker carries it: nothing to change
+        time.sleep(interval)
+        planners[0].p.kill()
+        t0 = time.monotonic()
+        while metric(metrics[1], "dynvllm_planner_active") != 1.0:
+            assert time.monotonic() - t0 < 4 * interval, planners[1].tail()
+            time.sleep(0.1)
+        took = time.monotonic() - t0
+        print(f"standby active {took:.1f} s after the active planner was killed (interval {interval:.0f} s)")
+        assert took <= 2 * interval + 0.5
+        load.rate = 7.0  # now the former standby must act
+        wait_workers(serve, 2, timeout=30)
+        assert metric(metrics[1], "dynvllm_planner_decisions_total", '{action="up",role="agg"}') == 1
+        load.close()
+        assert load.statuses and set(load.statuses) == {200}, load.statuses
+    finally:
+        if load is not None:
+            load.close()
+        for p in planners:
+            p.stop()
         assert serve.stop() == 0

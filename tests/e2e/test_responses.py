@@ -196,6 +196,30 @@ def test_a_forced_function_call_is_an_output_item_and_its_result_continues(clien
     assert follow.usage.input_tokens == want.usage.prompt_tokens
 
 
+def test_included_logprobs_are_the_chat_answers_logprobs(client):
+    include = ["message.output_text.logprobs"]
+    r = _respond(client, input="the cat sees", max_output_tokens=6, include=include, top_logprobs=2)
+    c = _chat(
+        client, [{"role": "user", "content": "the cat sees"}], max_tokens=6, logprobs=True, top_logprobs=2
+    )
+    got, want = r.output[0].content[0].logprobs, c.choices[0].logprobs.content
+    assert r.output[0].content[0].text == c.choices[0].message.content
+    assert [x.token for x in got] == [x.token for x in want] and len(got) == r.usage.output_tokens > 0
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(got, want, strict=True)) < 1e-4
+    assert all(len(x.top_logprobs) == 2 for x in got) and r.top_logprobs == 2
+    # Streamed: the deltas carry the same entries, in order.
+    with client.responses.stream(
+        model="tiny",
+        input="the cat sees",
+        max_output_tokens=6,
+        temperature=0,
+        include=include,
+        top_logprobs=2,
+    ) as stream:
+        streamed = [x.token for e in stream if e.type == "response.output_text.delta" for x in e.logprobs]
+    assert streamed == [x.token for x in want]
+
+
 def test_json_schema_text_format_is_structured_output(client):
     fmt = {"type": "json_schema", "name": "pick", "schema": SCHEMA, "strict": True}
     r = _respond(client, input="pick a color", text={"format": fmt}, max_output_tokens=40, store=False)

@@ -29,7 +29,7 @@ def request(entry, name="", priority=None, tenant="", headers=None):
         name=name,
         entry=entry,
         dispatch=SimpleNamespace(terminal="generate"),
-        dispatches=[object()],
+        dispatches=[SimpleNamespace(priority=0)],
         notes={"tenant": tenant},
         client=headers or {},
         arrived=time.monotonic(),
@@ -134,6 +134,25 @@ async def test_no_limit_means_no_queue_and_a_bad_header_is_a_400():
     assert gate.waiting == 0
     assert request_priority(request(entry, priority=3)) == 3
     assert request_priority(request(entry, priority=3, headers={"x-dynvllm-priority": "-2"})) == -2
+    assert request_priority(request(entry, priority=3, headers={"x-vllm-priority": "7"})) == 7  # vLLM's
+    # The engine gets it too (its scheduler orders by it under --scheduling-policy priority).
+    r = request(entry, priority=4)
+    await gate.enter(r)
+    assert r.dispatches[0].priority == 4
+    with pytest.raises(RequestError) as info:
+        await gate.enter(request(entry, headers={"x-vllm-priority": str(2**40)}))
+    assert info.value.status == 400 and "out of range" in info.value.message
     with pytest.raises(RequestError) as info:
         await gate.enter(request(entry, headers={"x-dynvllm-priority": "high"}))
     assert info.value.status == 400 and info.value.param == "x-dynvllm-priority"
+
+
+def test_the_priority_travels_to_the_worker_in_the_generate_request():
+    from dynvllm import protocol
+    from dynvllm.runtime.errors import BadRequest
+
+    wire = protocol.generate_request("r", [1, 2], {}, priority=-3)
+    assert protocol.parse_generate(wire).priority == -3
+    assert protocol.parse_generate(protocol.generate_request("r", [1], {})).priority == 0
+    with pytest.raises(BadRequest, match="priority must be an integer"):
+        protocol.parse_generate({**wire, "priority": "high"})

@@ -84,7 +84,7 @@ class Worker:
 class Router:
     settings = SimpleNamespace(migration_limit=3)
 
-    def choose(self, candidates, prompt, block_size, lora):
+    def choose(self, candidates, prompt, block_size, lora, images=None, image_rule=None):
         return Pick(candidates[0])
 
     def started(self, *args) -> None: ...

@@ -60,3 +60,27 @@ def test_quantile_interpolates_within_a_bucket():
     assert quantile(cum, 0.5) == pytest.approx(0.15)
     assert quantile({0.1: 0.0, math.inf: 4.0}, 0.9) == 0.1  # in +Inf: the last finite bound
     assert math.isnan(quantile({}, 0.5))
+
+
+def test_prefill_share_counts_hops_that_were_not_skipped():
+    fe = Frontend()
+    hops = Counter("dynvllm_disagg_prefill", "", ["model", "outcome"], registry=fe.r)
+    hops.labels("m", "remote").inc(5)
+    before = fe.scrape()
+    fe.req.labels("m", "200").inc(10)
+    hops.labels("m", "remote").inc(4)
+    hops.labels("m", "no_prefill_worker").inc(2)  # wanted one: counts
+    hops.labels("m", "skipped_short").inc(3)
+    hops.labels("m", "skipped_cached").inc(1)
+    obs = observe(before, fe.scrape(), 10.0)
+    assert (obs.requests, obs.prefill_requests) == (10, 6)
+
+
+def test_the_admission_queue_is_read_at_the_intervals_end():
+    fe = Frontend()
+    queued = Gauge("dynvllm_admission_queue_length", "", ["model"], registry=fe.r)
+    before = fe.scrape()
+    queued.labels("m").set(7)
+    queued.labels("other").set(2)
+    assert observe(before, fe.scrape(), 10.0).admission_queue == 9
+    assert observe(before, fe.scrape(), 10.0, model="m").admission_queue == 7

@@ -56,7 +56,7 @@ def test_the_first_started_planner_acts_and_asks_for_what_the_load_needs():
     )
     (d,) = decisions
     assert (d.current, d.target, d.start) == (1, 4, 3)  # 15 req/s at 4 per worker
-    assert conn.applied == [(d, {"w1": 4242})]
+    assert conn.applied == [(d, {"w1": worker})]
     text = generate_latest(pl.metrics.registry).decode()
     assert "dynvllm_planner_active 1.0" in text
     assert 'dynvllm_planner_target_workers{role="agg"} 4.0' in text
@@ -70,3 +70,85 @@ def test_the_first_started_planner_acts_and_asks_for_what_the_load_needs():
         conn2.applied == []
         and "dynvllm_planner_active 0.0" in generate_latest(standby.metrics.registry).decode()
     )
+
+
+class RoleConnector(FakeConnector):
+    def __init__(self, running: dict[str, int]) -> None:
+        super().__init__(0)
+        self.per_role = running
+
+    async def workers(self, role: str) -> int:
+        return self.per_role[role]
+
+
+def test_prefill_and_decode_counts_come_from_their_own_targets_and_shares():
+    # Per worker: prefill carries 4 req/s within TTFT, decode 10 req/s within ITL (one sweep of
+    # a pair, read by the target each role governs).
+    sweep = [Level(2, 4.0, 0.2, 0.4, 0.01, 0.012), Level(8, 10.0, 1.0, 2.0, 0.02, 0.03)]
+    profile = Profile(
+        {"prefill": [Point(16, 8, sweep)], "decode": [Point(16, 8, sweep)]},
+        targets={"prefill": ("ttft",), "decode": ("itl",)},
+    )
+    settings = build_settings({"planner": {"predictor": "constant", "cooldown": 0, "max_workers": 16}})
+    pl = Planner(settings, profile, ["prefill", "decode"], "http://unused")
+    me = Instance("p1", "planner", started=10.0)
+
+    def scrape_with_hops(requests: int, remote: int, short: int) -> list:
+        text = (
+            "# TYPE dynvllm_requests counter\n"
+            f'dynvllm_requests_total{{model="tiny",status="200"}} {requests}\n'
+            "# TYPE dynvllm_disagg_prefill counter\n"
+            f'dynvllm_disagg_prefill_total{{model="tiny",outcome="remote"}} {remote}\n'
+            f'dynvllm_disagg_prefill_total{{model="tiny",outcome="skipped_short"}} {short}\n'
+        )
+        return parse(text)
+
+    conn = RoleConnector({"prefill": 1, "decode": 1})
+    # 40 req/s, a quarter of them long enough for the hop: prefill sees 10 req/s, decode 40.
+    decisions = asyncio.run(
+        pl.step(
+            scrape_with_hops(0, 0, 0),
+            scrape_with_hops(80, 20, 60),
+            2.0,
+            100.0,
+            FakeWatcher([me]),
+            me,
+            conn,
+        )
+    )
+    got = {d.role: (d.current, d.target) for d in decisions}
+    assert got == {"prefill": (1, 3), "decode": (1, 4)}  # ceil(10 / 4), ceil(40 / 10)
+    assert pl.share("prefill") == 0.25 and pl.share("decode") == 1.0
+
+
+def test_lookahead_asks_for_a_ramps_workers_a_start_up_early():
+    me = Instance("p1", "planner", started=10.0)
+
+    def run(lookahead: float) -> int:
+        settings = build_settings(
+            {
+                "planner": {
+                    "predictor": "holt-winters",
+                    "predictor_window": 1000,
+                    "planner_interval": 10,
+                    "planner_lookahead": lookahead,
+                    "cooldown": 0,
+                    "max_workers": 32,
+                }
+            }
+        )
+        pl = Planner(
+            settings, Profile({"agg": [Point(16, 8, [Level(4, 4.0, 0.05, 0.1, 0.01, 0.02)])]}), ["agg"], "x"
+        )
+        conn, total, target = FakeConnector(running=1), 0, 0
+        for k in range(1, 11):  # +4 req/s every 10 s interval
+            before, total = total, total + 40 * k
+            (d,) = asyncio.run(
+                pl.step(scrape(before), scrape(total), 10.0, 10.0 * k, FakeWatcher([me]), me, conn)
+            )
+            target = d.target
+        return target
+
+    # 40 req/s now, 44 next interval (11 workers); 60 s ahead ~64 req/s (16 workers).
+    assert run(0) == 11
+    assert 15 <= run(60) <= 17

@@ -51,3 +51,12 @@ def test_holt_winters_learns_a_season():
 def test_predictions_never_go_negative():
     hw = feed(HoltWinters(window=1), [10.0, 5.0, 0.0, 0.0])
     assert hw >= 0.0 and not math.isnan(hw)
+
+
+def test_holt_winters_forecasts_a_ramp_several_intervals_ahead():
+    hw = HoltWinters(1000)  # a season longer than the series: level and trend only
+    for v in range(0, 40, 2):  # +2 per interval
+        hw.observe(float(v))
+    assert hw.predict() == pytest.approx(40.0, abs=1.0)
+    assert hw.forecast(6) == pytest.approx(50.0, abs=2.0)  # the start-up's worth ahead
+    assert hw.forecast(1) == hw.predict()

@@ -60,3 +60,24 @@ def test_round_trip_through_json(tmp_path):
     path.write_text('{"roles": {"agg": {"points": [{"isl": 1}]}}}')
     with pytest.raises(ProfileError, match="not a dynvllm profile"):
         load(path)
+
+
+def test_disaggregated_roles_are_read_by_the_target_each_governs(tmp_path):
+    # One sweep of a prefill + decode pair: TTFT grows with load long before ITL does.
+    sweep = [lv(1, 2.0, 0.2, 0.01), lv(4, 6.0, 0.9, 0.012), lv(16, 12.0, 3.0, 0.03)]
+    prof = Profile(
+        {"prefill": [Point(100, 10, sweep)], "decode": [Point(100, 10, sweep)]},
+        targets={"prefill": ("ttft",), "decode": ("itl",)},
+    )
+    assert prof.capacity("prefill", 100, 10, 1.0, 0.02) == 6.0  # TTFT 3.0 > 1.0 rules out c=16
+    assert prof.capacity("decode", 100, 10, 1.0, 0.02) == 6.0  # ITL 0.03 > 0.02 rules out c=16
+    assert prof.capacity("prefill", 100, 10, 1.0, 0.011) == 6.0  # ITL is not prefill's
+    assert prof.capacity("decode", 100, 10, 0.5, 0.05) == 12.0  # nor TTFT decode's
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(prof.to_dict()))
+    assert load(path).targets == {"prefill": ("ttft",), "decode": ("itl",)}
+    data = prof.to_dict()
+    data["roles"]["decode"]["targets"] = ["latency"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match="targets are ttft and/or itl"):
+        load(path)

@@ -128,7 +128,7 @@ def test_function_tools_tool_choice_and_json_schema_format_map_to_chat():
     ("fields", "param"),
     [
         ({"background": True}, "background"),
-        ({"include": ["message.output_text.logprobs"]}, "include"),
+        ({"include": ["message.output_input.image_url"]}, "include"),
         ({"tools": [{"type": "web_search"}]}, "tools"),
         (
             {"tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "web_search_preview"}},

@@ -179,8 +179,8 @@ def test_decode_both_encodings():
         dp, events = decode_batch(payload)
         assert dp == 0
         assert events == [
-            ("stored", [11, 12], None, list(range(8)), 4, None),
-            ("removed", [12]),
+            ("stored", [11, 12], None, list(range(8)), 4, None, "GPU", None),
+            ("removed", [12], "GPU"),
             ("cleared",),
         ]
 

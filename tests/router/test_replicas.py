@@ -17,6 +17,8 @@ def _pair(**kw) -> tuple[Router, Router]:
     a, b = Router(RouterSettings(router="kv", **kw)), Router(RouterSettings(router="kv", **kw))
     a.share("a", lambda: None, silence=2.0)
     b.share("b", lambda: None, silence=2.0)
+    for src, dst in ((a, b), (b, a)):  # the hellos frontends send when they start
+        _send(src, dst, now=0.0, heartbeat=True)
     return a, b
 
 
@@ -154,3 +156,35 @@ def test_the_outbox_wakes_its_publisher_once_per_batch():
     assert box.batch() is None
     box.grew(2, 1)
     assert len(woken) == 2 and box.batch()[2] == [[2, 2, 1]]
+
+
+def test_a_lone_frontend_publishes_heartbeats_only_and_a_newcomer_learns_what_is_in_flight():
+    a = Router(RouterSettings(router="kv"))
+    woken: list[int] = []
+    a.share("a", lambda: woken.append(1), silence=2.0)
+    assert a.outbox is not None
+    w1, t1 = _route(a, ["w1"], list(range(64)))
+    a.grow(w1, None, 3, t1)
+    _route(a, ["w1"], list(range(1000, 1064)))
+    assert not woken and a.outbox.batch() is None  # nothing to publish per request
+    # A second frontend starts: its hello reaches the first, which sends what it has in flight.
+    b = Router(RouterSettings(router="kv"))
+    b.share("b", lambda: None, silence=2.0)
+    _send(b, a, now=0.0, heartbeat=True)
+    _send(a, b, now=0.0)
+    assert b.inflight["w1"] == 2
+    assert b.load.active_blocks["w1"] == 2 + 3 + 2  # both prompts' blocks and the first's output
+    # A third joins: the records are sent again; the second skips those it knows.
+    c = Router(RouterSettings(router="kv"))
+    c.share("c", lambda: None, silence=2.0)
+    _send(c, a, now=0.0, heartbeat=True)
+    batch = _send(a, b, now=0.0)
+    assert batch is not None and c.peers is not None
+    c.peers.apply(batch, 0.0)
+    assert b.inflight["w1"] == 2 and c.inflight["w1"] == 2
+    # Alone again: records stop.
+    assert a.peers is not None
+    a.peers.drop("b")
+    a.peers.drop("c")
+    _route(a, ["w1"], list(range(2000, 2064)))
+    assert a.outbox.batch() is None

@@ -16,6 +16,9 @@ from dynvllm.frontend.openai import schema as oa
 from dynvllm.frontend.parsers import ReasoningParser, ToolCall, ToolParser
 from dynvllm.frontend.postprocess import ChoiceDelta
 from dynvllm.frontend.request_path import Part
+from dynvllm.frontend.templates import content_format
+from dynvllm.frontend.tokenizer import TokenizerError
+from dynvllm.frontend.vllm_parsers import VllmParsers
 
 
 class Shaper:
@@ -113,7 +116,20 @@ class _ChatShaper(Shaper):
         tools = fmt.tool_parser if choice == "auto" and req.tools else None
         self.plain = fmt.reasoning_parser is None and tools is None and forced is None
         self.with_reasoning = fmt.reasoning_parser is not None
-        self.outputs = [ChoiceOutput(fmt.reasoning_parser, tools, forced, forced_name) for _ in range(n)]
+        self.streaming = bool(req.stream)
+        self.drop_stop_text = False
+        self.auto_tools = choice == "auto" and bool(req.tools)
+        vp = fmt.vllm_parsers
+        self.outputs: list[Any]
+        if vp is not None and req._parser_request is not None and parts and parts[0].post is not None:
+            # vLLM's own parsers: every tool_choice goes through them, as in its server.
+            folder, prompt = parts[0].post.tok.folder, parts[0].prompt_ids
+            self.outputs = [vp.output(folder, req._parser_request, prompt, self.streaming) for _ in range(n)]
+            self.plain = False
+            self.with_reasoning = vp.reasoning is not None
+            self.drop_stop_text = not req.include_stop_str_in_output
+        else:
+            self.outputs = [ChoiceOutput(fmt.reasoning_parser, tools, forced, forced_name) for _ in range(n)]
         self.n, self.want_logprobs = n, want_logprobs
         self.acc = [ChatDelta() for _ in range(n)]
         self.finish: list[str | None] = [None] * n
@@ -141,10 +157,16 @@ class _ChatShaper(Shaper):
         return {"prompt_token_ids": self.prompt_ids} if self.return_ids else {}
 
     def _finish_reason(self, i: int, finish: str) -> str:
-        # As OpenAI and vLLM answer: "tool_calls" for calls made under "auto" or "required",
-        # "stop" for a named function's call.
-        called = self.outputs[i].called and self.forced != "named"
-        return "tool_calls" if called and finish == "stop" else finish
+        # As vLLM's server answers (OpenAI's rule): "tool_calls" for calls made under "auto" or
+        # "required", "stop" for a named function's call. Streamed, calls that were sent turn a
+        # "stop" into "tool_calls"; whole, calls parsed under "auto" do (whatever ended the
+        # output), and "required" turns every "stop" into "tool_calls".
+        called = self.outputs[i].called
+        if self.streaming:
+            return "tool_calls" if called and self.forced != "named" and finish == "stop" else finish
+        if (called and self.auto_tools) or (self.forced == "required" and finish == "stop"):
+            return "tool_calls"
+        return finish
 
     def _delta(self, i: int, out: ChatDelta) -> dict:
         delta: dict[str, Any] = {}
@@ -171,10 +193,19 @@ class _ChatShaper(Shaper):
     def chunk(self, index: int, part: Part, d: ChoiceDelta) -> list[dict]:
         i = index
         self.part = part
-        out = self.outputs[i].feed(d.text) if d.text else ChatDelta()
-        if d.finish_reason is not None:
-            tail = self.outputs[i].finish()
-            out = ChatDelta(out.content + tail.content, out.reasoning + tail.reasoning, tail.tool_calls)
+        text = d.text
+        if (
+            self.drop_stop_text
+            and d.finish_reason == "stop"
+            and not isinstance(d.stop_reason, str)
+            and d.token_ids
+        ):
+            # As vLLM's detokenizer: the token that stopped the output is not part of its text
+            # (it shows once special tokens are kept, as vLLM's parsers ask).
+            assert part.post is not None
+            tail = part.post.tok.decode(d.token_ids[-1:], skip_special_tokens=False)
+            text = text[: -len(tail)] if tail and text.endswith(tail) else text
+        out = self.outputs[i].step(text, d.token_ids, d.finish_reason is not None)
         self._accumulate(i, out, d)
         lps = d.logprobs if self.want_logprobs else None
         ids = d.token_ids if self.return_ids else None
@@ -244,8 +275,11 @@ class ChatFormatter(Formatter):
         mm_prompt_template: str | None = None,
         chat_template: str | None = None,
         trust_request_chat_template: bool = False,
+        vllm_parsers: VllmParsers | None = None,
     ):
         self.tool_parser = tool_parser
+        #: vLLM's own parsers, in place of `tool_parser` and `reasoning_parser`.
+        self.vllm_parsers = vllm_parsers
         self.reasoning_parser = reasoning_parser
         self.mm_prompt_template = mm_prompt_template
         #: The server's --chat-template, used instead of each model's own.
@@ -253,8 +287,8 @@ class ChatFormatter(Formatter):
         self.trust_request_chat_template = trust_request_chat_template
 
     def template(self, entry: ModelEntry, req: oa.ChatRequest) -> str | None:
-        """The chat template a request is rendered with: its own (when the server trusts them, as
-        vLLM asks), else the server's, else the model's."""
+        """The chat template a request names: its own (when the server trusts them, as vLLM asks),
+        else the server's; None leaves the choice to the model's tokenizer."""
         if req.chat_template is not None:
             if not self.trust_request_chat_template:
                 raise oa.APIError(
@@ -264,15 +298,30 @@ class ChatFormatter(Formatter):
                     param="chat_template",
                 )
             return req.chat_template
-        assert entry.tokenizer is not None
-        return self.chat_template or entry.tokenizer.chat_template
+        return self.chat_template
 
     def check(self, req: oa.ChatRequest) -> None:
-        if req.tools and req.effective_tool_choice() == "auto" and self.tool_parser is None:
+        vp = self.vllm_parsers
+        if vp is not None:
+            try:
+                req._parser_request = vp.request(req.model_dump(exclude_unset=True))
+            except Exception as exc:
+                raise oa.APIError(400, f"vLLM's request model refuses the request: {exc}") from None
+        has_tool_parser = self.tool_parser is not None or (vp is not None and vp.tool is not None)
+        if vp is not None and vp.tool is None and req.effective_tool_choice() not in ("auto", "none"):
+            # vLLM's parsers read forced calls only through a tool parser; vLLM refuses these too.
+            raise oa.APIError(
+                400,
+                "tool_choice required or a named function needs --tool-call-parser when vLLM's "
+                "reasoning parser is in use",
+                param="tool_choice",
+            )
+        if req.tools and req.effective_tool_choice() == "auto" and not has_tool_parser:
             raise oa.APIError(
                 400,
                 'tool_choice "auto" needs a tool-call parser: start the server with --tool-call-parser NAME '
-                "(hermes, llama3_json, mistral, pythonic), or send tool_choice required, none or a function",
+                "(hermes, llama3_json, mistral, pythonic or any of vLLM's), or send tool_choice required, "
+                "none or a function",
                 param="tool_choice",
             )
 
@@ -283,7 +332,11 @@ class ChatFormatter(Formatter):
         template = self.template(entry, req)
         with_images = any(m.image_urls() for m in req.messages)
         if with_images:
-            own = _places_images(template)
+            try:
+                chosen: str | None = tok.template_for(template, tools=req.tools is not None)
+            except TokenizerError:
+                chosen = None
+            own = chosen is not None and content_format(chosen) == "openai"
             if not own and self.mm_prompt_template:
                 # A plain-prompt model (BLIP-2 style): the user's text goes into the template;
                 # the engine's processor adds the image tokens itself.
@@ -298,22 +351,18 @@ class ChatFormatter(Formatter):
                     "with --mm-prompt-template (e.g. 'Question: <prompt> Answer:')",
                     param="messages",
                 )
-        messages = [m.for_template(with_images) for m in req.messages]
-        kwargs = req.template_kwargs()
-        if req.tools and req.effective_tool_choice() != "none":
-            kwargs["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
+        messages = [m.model_dump(exclude_unset=True) for m in req.messages]
         try:
-            text = tok.apply_chat_template(
-                messages,
-                add_generation_prompt=req.add_generation_prompt,
-                template=template,
-                continue_final_message=req.continue_final_message,
-                **kwargs,
-            )
+            text = tok.apply_chat_template(messages, template, **req.template_arguments())
         except oa.APIError:
             raise
         except Exception as exc:
             raise oa.APIError(400, f"cannot apply the chat template: {exc}", param="messages") from None
+        if self.vllm_parsers is not None and req._parser_request is not None:
+            # vLLM lets its parsers adjust the request (most keep special tokens in the text they
+            # read); what dynvllm takes from that is the detokenization.
+            adjusted = self.vllm_parsers.adjust(tok.folder, req._parser_request)
+            req.skip_special_tokens = bool(adjusted.skip_special_tokens)
         add_special = bool(req.add_special_tokens)
         return [(tok.encode(text, add_special_tokens=add_special), None)]
 
@@ -442,8 +491,3 @@ class CompletionFormatter(Formatter):
 
     def shaper(self, req: oa.CompletionRequest, parts: list[Part], n: int) -> Shaper:
         return _CompletionShaper(req, parts, n)
-
-
-def _places_images(template: str | None) -> bool:
-    """A chat template that handles image content parts itself (Qwen2-VL, LLaVA ...)."""
-    return bool(template) and "image" in (template or "")

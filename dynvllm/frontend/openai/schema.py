@@ -7,11 +7,10 @@ silently. Fields neither schema knows are ignored, as vLLM does, and logged once
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from dynvllm.frontend import structured
 from dynvllm.frontend.bodies import from_validation, json_object, token_ids
@@ -182,6 +181,18 @@ class _Req(BaseModel):
         }
 
 
+def _tool_dict(tool: structured.Tool) -> dict[str, Any]:
+    """A tool as vLLM gives it to chat templates (description and parameters even when null)."""
+    fn = tool.function
+    out: dict[str, Any] = {"name": fn.name, "description": fn.description, "parameters": fn.parameters}
+    if fn.strict is not None:
+        out["strict"] = fn.strict
+    defer = (fn.model_extra or {}).get("defer_loading")
+    if defer is not None:
+        out["defer_loading"] = defer
+    return {"type": "function", "function": out}
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "tool", "developer"]
@@ -222,38 +233,6 @@ class ChatMessage(BaseModel):
                 urls.append(url)
         return urls
 
-    def for_template(self, with_images: bool = False) -> dict[str, Any]:
-        """The message as chat templates expect it (tool calls with parsed arguments); with
-        `with_images`, content is a list of image and text parts for templates that place images."""
-        content: Any = self.text()
-        if with_images and isinstance(self.content, list):
-            content = [
-                {"type": "image"}
-                if p.get("type") == "image_url"
-                else {"type": "text", "text": p.get("text", "")}
-                for p in self.content
-            ]
-        out: dict[str, Any] = {"role": self.role, "content": content}
-        if self.name is not None:
-            out["name"] = self.name
-        if self.tool_call_id is not None:
-            out["tool_call_id"] = self.tool_call_id
-        if self.tool_calls:
-            calls = []
-            for call in self.tool_calls:
-                fn = dict(call.get("function") or {})
-                args = fn.get("arguments")
-                if isinstance(args, str):
-                    try:
-                        fn["arguments"] = json.loads(args)
-                    except ValueError:
-                        pass  # templates that print arguments verbatim still get the text
-                calls.append({**call, "function": fn})
-            out["tool_calls"] = calls
-        if self.reasoning_content is not None:
-            out["reasoning_content"] = self.reasoning_content
-        return out
-
 
 class ChatRequest(_Req):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -271,6 +250,8 @@ class ChatRequest(_Req):
     chat_template: str | None = None
     #: Given to the chat template as `reasoning_effort` (and `enable_thinking`), as vLLM does.
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    #: The request as vLLM's parsers read it, when the server runs vLLM's own parsers.
+    _parser_request: Any = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _check(self) -> ChatRequest:
@@ -283,20 +264,31 @@ class ChatRequest(_Req):
             )
         return self
 
-    def template_kwargs(self) -> dict[str, Any]:
-        """The chat template's variables from the request: chat_template_kwargs, then the fields
-        vLLM passes over them (reasoning_effort; enable_thinking unless the client set it)."""
-        kwargs = dict(self.chat_template_kwargs or {})
-        if "chat_template" in kwargs:
+    def template_arguments(self) -> dict[str, Any]:
+        """The chat template's arguments as vLLM's server builds them: the tools (also under
+        tool_choice "none"), chat_template_kwargs, then the request's fields over them
+        (add_generation_prompt, continue_final_message, reasoning_effort and enable_thinking
+        unless the client set it); a value null or "auto" is left out."""
+        user = dict(self.chat_template_kwargs or {})
+        if "chat_template" in user:
             raise APIError(
                 400,
                 "send a chat template as chat_template, not in chat_template_kwargs",
                 param="chat_template_kwargs",
             )
-        if self.reasoning_effort is not None:
-            kwargs["reasoning_effort"] = self.reasoning_effort
-            kwargs.setdefault("enable_thinking", self.reasoning_effort != "none")
-        return kwargs
+        fields: dict[str, Any] = {
+            "add_generation_prompt": self.add_generation_prompt,
+            "continue_final_message": self.continue_final_message,
+            "reasoning_effort": self.reasoning_effort,
+        }
+        if self.reasoning_effort is not None and "enable_thinking" not in user:
+            fields["enable_thinking"] = self.reasoning_effort != "none"
+        fields = {k: v for k, v in fields.items() if v is not None}
+        out: dict[str, Any] = {}
+        if self.tools is not None:
+            out["tools"] = [_tool_dict(t) for t in self.tools]
+        out.update({k: v for k, v in {**user, **fields}.items() if v is not None and v != "auto"})
+        return out
 
     def wanted_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

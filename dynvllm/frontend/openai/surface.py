@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from dynvllm import registry
-from dynvllm.frontend import bodies
+from dynvllm.frontend import bodies, vllm_parsers
 from dynvllm.frontend.errors import RequestError, from_remote
 from dynvllm.frontend.event_stream import EventStream, Last, Reply
 from dynvllm.frontend.models import ModelEntry
@@ -48,12 +48,25 @@ def _load_parser(group: str, name: str | None) -> Any:
 
 
 def chat_formatter(settings: FrontendSettings) -> ChatFormatter:
-    """Chat templating with the configured tool and reasoning parsers (other chat-like APIs use it)."""
+    """Chat templating with the configured tool and reasoning parsers (other chat-like APIs use
+    it). dynvllm's own parsers serve the names it has; any other name (or one written `vllm:NAME`,
+    or any with --tool-parser-plugin) makes vLLM's parsers serve both, as its server runs them."""
+    tool, reasoning = settings.tool_call_parser, settings.reasoning_parser
+    plugin = getattr(settings, "tool_parser_plugin", None)
+    own_tools = registry.names(registry.TOOL_PARSERS)
+    own_reasoning = registry.names(registry.REASONING_PARSERS)
+    template = read_chat_template(settings.chat_template) if settings.chat_template else None
+    if plugin or vllm_parsers.uses_vllm(tool, own_tools) or vllm_parsers.uses_vllm(reasoning, own_reasoning):
+        bare = [n.removeprefix(vllm_parsers.PREFIX) if n else None for n in (tool, reasoning)]
+        parsers = vllm_parsers.VllmParsers(bare[0], bare[1], plugin)
+        return ChatFormatter(
+            None, None, settings.mm_prompt_template, template, settings.trust_request_chat_template, parsers
+        )
     return ChatFormatter(
-        _load_parser(registry.TOOL_PARSERS, settings.tool_call_parser),
-        _load_parser(registry.REASONING_PARSERS, settings.reasoning_parser),
+        _load_parser(registry.TOOL_PARSERS, tool),
+        _load_parser(registry.REASONING_PARSERS, reasoning),
         settings.mm_prompt_template,
-        read_chat_template(settings.chat_template) if settings.chat_template else None,
+        template,
         settings.trust_request_chat_template,
     )
 
@@ -114,12 +127,14 @@ class OpenAISurface(Surface):
         return cards
 
     async def list_models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [c for _, c in sorted(self._cards().items())]})
+        cards = sorted(self._cards().items())
+        data = [c for name, c in cards if self.path.visible(request.headers, name)]
+        return JSONResponse({"object": "list", "data": data})
 
     async def get_model(self, request: Request) -> Response:
         name = request.path_params["model_id"]
         card = self._cards().get(name)
-        if card is None:
+        if card is None or not self.path.visible(request.headers, name):
             return self.error_response(self.path.unknown_model(name))
         return JSONResponse(card)
 

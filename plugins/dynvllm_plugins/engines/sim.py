@@ -5,7 +5,13 @@ queue, a prefix cache of fixed-size blocks with LRU eviction, a timing model (ti
 token, time per decode step), KV events in vLLM's ZMQ format (with a replay socket) and the same
 load statistics. Dozens fit on two cores. Output tokens are a deterministic function of the
 context, not language. Flags (unknown ones are ignored): --sim-prefill-us-per-token,
---sim-decode-ms-per-step, --sim-kv-blocks, --sim-max-num-seqs.
+--sim-decode-ms-per-step, --sim-kv-blocks, --sim-max-num-seqs, --sim-start-s (seconds the engine
+takes to start, as a model's load and warm-up would: the worker registers after them).
+
+An optional CPU tier (--sim-cpu-blocks N) stands for an offloading connector: blocks the GPU
+cache evicts move there (events with medium "CPU", stored as vLLM's connector reports them,
+hash only), and a prompt whose prefix continues there loads those blocks back at
+--sim-cpu-load-us-per-block each (default: a tenth of prefilling a block) instead of prefilling.
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ def sim_args(settings: Settings) -> argparse.Namespace:
     ap.add_argument("--sim-decode-ms-per-step", type=float, default=10.0)
     ap.add_argument("--sim-kv-blocks", type=int, default=2048)
     ap.add_argument("--sim-max-num-seqs", type=int, default=64)
+    ap.add_argument("--sim-start-s", type=float, default=0.0)
+    ap.add_argument("--sim-cpu-blocks", type=int, default=0)
+    ap.add_argument("--sim-cpu-load-us-per-block", type=float, default=None)
     ns, _ = ap.parse_known_args(shlex.split(settings.engine.engine_args) + settings.extra_engine_args)
     return ns
 
@@ -55,15 +64,50 @@ class _Req:
 
 
 class BlockCache:
-    """Prefix blocks with reference counts; unreferenced blocks are evicted least recently used."""
+    """Prefix blocks with reference counts; unreferenced blocks are evicted least recently used,
+    into the CPU tier when there is one (itself least recently used)."""
 
-    def __init__(self, capacity: int, salt: int) -> None:
+    def __init__(self, capacity: int, salt: int, cpu_capacity: int = 0) -> None:
         self.capacity = capacity
         self.salt = salt
         self.ref: dict[int, int] = {}
-        self.engine_hash: dict[int, int] = {}
         self.lru: OrderedDict[int, None] = OrderedDict()
+        self.cpu_capacity = cpu_capacity
+        self.cpu: OrderedDict[int, None] = OrderedDict()
         self.events: list[dict] = []
+        #: Blocks the last `acquire` loaded from the CPU tier.
+        self.loaded = 0
+
+    def engine_hash(self, key: int) -> int:
+        return hash((self.salt, key)) & ((1 << 63) - 1)
+
+    def _evict(self) -> None:
+        victim, _ = self.lru.popitem(last=False)
+        del self.ref[victim]
+        h = self.engine_hash(victim)
+        if self.cpu_capacity > 0:
+            if victim in self.cpu:
+                self.cpu.move_to_end(victim)
+            else:
+                if len(self.cpu) >= self.cpu_capacity:
+                    gone, _ = self.cpu.popitem(last=False)
+                    self.events.append(
+                        {"type": "BlockRemoved", "block_hashes": [self.engine_hash(gone)], "medium": "CPU"}
+                    )
+                self.cpu[victim] = None
+                # As vLLM's offloading connector reports a store by default: the hash alone.
+                self.events.append(
+                    {
+                        "type": "BlockStored",
+                        "block_hashes": [h],
+                        "parent_block_hash": None,
+                        "token_ids": [],
+                        "block_size": 0,
+                        "lora_name": None,
+                        "medium": "CPU",
+                    }
+                )
+        self.events.append({"type": "BlockRemoved", "block_hashes": [h], "medium": "GPU"})
 
     def cached_prefix(self, keys: list[int]) -> int:
         n = 0
@@ -74,44 +118,53 @@ class BlockCache:
         return n
 
     def acquire(self, keys: list[int], tokens: list[int], block_size: int) -> int | None:
-        """Pin a prompt's blocks (storing new ones); None if they cannot fit right now."""
-        hits = self.cached_prefix(keys)
-        new = len(keys) - hits
-        free = self.capacity - len(self.ref)
-        if new > free + len(self.lru):
+        """Pin a prompt's blocks (storing new ones, loading those the CPU tier holds); the blocks
+        found cached (either tier), or None if they cannot fit right now."""
+        ref, cpu = self.ref, self.cpu
+        hits = 0
+        for k in keys:
+            if k not in ref and k not in cpu:
+                break
+            hits += 1
+        fresh = [i for i, k in enumerate(keys) if k not in ref]  # need a GPU block each
+        pinned = sum(1 for k in keys if ref.get(k) == 0)  # evictable now, not once pinned
+        free = self.capacity - len(ref)
+        if len(fresh) > free + len(self.lru) - pinned:
             return None
-        for _ in range(max(0, new - free)):
-            victim, _ = self.lru.popitem(last=False)
-            del self.ref[victim]
-            self.events.append(
-                {"type": "BlockRemoved", "block_hashes": [self.engine_hash.pop(victim)], "medium": "GPU"}
-            )
-        for k in keys[:hits]:
-            if self.ref[k] == 0:
+        for k in keys:
+            if ref.get(k) == 0:
                 self.lru.pop(k, None)
-            self.ref[k] += 1
-        if new:
-            parent = self.engine_hash[keys[hits - 1]] if hits else None
-            hashes = []
-            for k in keys[hits:]:
-                self.ref[k] = 1
-                self.engine_hash[k] = hash((self.salt, k)) & ((1 << 63) - 1)
-                hashes.append(self.engine_hash[k])
-            self.events.append(
-                {
-                    "type": "BlockStored",
-                    "block_hashes": hashes,
-                    "parent_block_hash": parent,
-                    "token_ids": tokens[hits * block_size : len(keys) * block_size],
-                    "block_size": block_size,
-                    "lora_name": None,
-                    "medium": "GPU",
-                }
-            )
+            if k in ref:
+                ref[k] += 1
+        for _ in range(max(0, len(fresh) - free)):
+            self._evict()
+        self.loaded = sum(1 for i in fresh if i < hits)
+        run: list[int] = []
+        for i in [*fresh, -1]:
+            if run and (i != run[-1] + 1):
+                first = run[0]
+                self.events.append(
+                    {
+                        "type": "BlockStored",
+                        "block_hashes": [self.engine_hash(keys[j]) for j in run],
+                        "parent_block_hash": self.engine_hash(keys[first - 1]) if first else None,
+                        "token_ids": tokens[first * block_size : (run[-1] + 1) * block_size],
+                        "block_size": block_size,
+                        "lora_name": None,
+                        "medium": "GPU",
+                    }
+                )
+                run = []
+            if i >= 0:
+                ref[keys[i]] = 1
+                if keys[i] in cpu:
+                    cpu.move_to_end(keys[i])
+                run.append(i)
         return hits
 
     def release(self, keys: list[int]) -> None:
-        for k in keys:
+        # Tail blocks first, as vLLM frees them: a prefix outlives the blocks that extend it.
+        for k in reversed(keys):
             if k in self.ref:
                 self.ref[k] -= 1
                 if self.ref[k] == 0:
@@ -129,6 +182,7 @@ class SimEngine(Engine):
         self._pub: Any = None
         self._replay: Any = None
         self._seq = 0
+        self._load_us = 0.0  # CPU-tier loads of the requests admitted this step
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=10_000)
 
     def check_args(self, settings: Settings) -> None:
@@ -153,7 +207,11 @@ class SimEngine(Engine):
         self.vocab = int(cfg.get("vocab_size", 32000))
         self.context_length = int(settings.engine.max_model_len or cfg.get("max_position_embeddings", 4096))
         self.block_size = int(settings.engine.block_size or 32)
-        self.cache = BlockCache(self.args.sim_kv_blocks, salt=id(self))
+        self.cache = BlockCache(self.args.sim_kv_blocks, salt=id(self), cpu_capacity=self.args.sim_cpu_blocks)
+        per_block = self.args.sim_cpu_load_us_per_block
+        if per_block is None:
+            per_block = 0.1 * self.block_size * self.args.sim_prefill_us_per_token
+        self.cpu_load_us = per_block
         if kv_endpoint:
             import zmq
 
@@ -217,6 +275,8 @@ class SimEngine(Engine):
 
     # ---- the scheduler -----------------------------------------------------------------
     async def _loop(self) -> None:
+        # The worker's canary waits for this loop, so the worker registers once "started".
+        await asyncio.sleep(self.args.sim_start_s)
         while True:
             if not self.running and not self.waiting:
                 self._wake.clear()
@@ -227,7 +287,9 @@ class SimEngine(Engine):
             step = (
                 self.args.sim_decode_ms_per_step / 1000
                 + prefill_tokens * self.args.sim_prefill_us_per_token / 1e6
+                + self._load_us / 1e6
             )
+            self._load_us = 0.0
             await asyncio.sleep(step)
             for req in list(self.running.values()):
                 self._emit(req)
@@ -249,6 +311,7 @@ class SimEngine(Engine):
             self.snapshot.prefix_queries += len(req.tokens)
             self.snapshot.prefix_hits += req.cached_tokens
             tokens += len(req.tokens) - req.cached_tokens
+            self._load_us += self.cache.loaded * self.cpu_load_us
             self.running[req.rid] = req
         return tokens
 

@@ -39,8 +39,8 @@ class LocalConnector:
         answer = await self._call({"op": "workers"})
         return len(answer["workers"].get(role, []))
 
-    async def apply(self, decision: Decision, pids: dict[str, int]) -> None:
-        missing = [i for i in decision.drain if i not in pids]
+    async def apply(self, decision: Decision, instances: dict[str, Any]) -> None:
+        missing = [i for i in decision.drain if i not in instances or not instances[i].pid]
         if missing:
             raise ConnectorError(f"no process id known for worker(s) {', '.join(missing)}")
         await self._call(
@@ -48,6 +48,6 @@ class LocalConnector:
                 "op": "scale",
                 "role": decision.role,
                 "count": decision.target,
-                "drain": [pids[i] for i in decision.drain],
+                "drain": [instances[i].pid for i in decision.drain],
             }
         )

@@ -98,7 +98,8 @@ class _Run:
             self.finish = d.finish_reason
         events: list[dict[str, Any]] = []
         for choice in shaper.chunk(index, part, d):
-            events += self.out.feed(choice.get("delta") or {})
+            lps = (choice.get("logprobs") or {}).get("content")
+            events += self.out.feed(choice.get("delta") or {}, lps)
         return events
 
     def body(self, state: str) -> dict[str, Any]:
@@ -136,7 +137,7 @@ class _Run:
             "text": {"format": fmt, "verbosity": "medium"},
             "tool_choice": req.tool_choice or "auto",
             "tools": req.tools or [],
-            "top_logprobs": 0,
+            "top_logprobs": req.top_logprobs or 0,
             "top_p": 1.0 if top_p is None else top_p,
             "truncation": "disabled",
             "usage": usage,

@@ -19,8 +19,8 @@ def item_id(prefix: str) -> str:
     return f"{prefix}_{os.urandom(16).hex()}"
 
 
-def _output_text(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def _output_text(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
 
 class Output:
@@ -33,6 +33,10 @@ class Output:
         self.id = ""
         self.text = ""
         self.reasoning = ""  # all reasoning text, for the usage's reasoning tokens
+        #: Logprob entries (chat's shape, which is the Responses shape) of the open message, and
+        #: those that came before a message opened (tokens held back, reasoning tokens).
+        self.logprobs: list[dict[str, Any]] = []
+        self.pending_logprobs: list[dict[str, Any]] = []
 
     def event(self, kind: str, **data: Any) -> dict[str, Any]:
         out = {"type": kind, "sequence_number": self.seq, **data}
@@ -63,12 +67,17 @@ class Output:
             self.event("response.content_part.added", **where, part=part),
         ]
 
-    def _text(self, kind: str, text: str) -> list[dict[str, Any]]:
+    def _text(
+        self, kind: str, text: str, logprobs: list[dict[str, Any]] | None = None
+    ) -> list[dict[str, Any]]:
         events = self._open(kind) if self.kind != kind else []
         self.text += text
         where = {"output_index": self.index, "item_id": self.id, "content_index": 0}
         if kind == "message":
-            events.append(self.event("response.output_text.delta", **where, delta=text, logprobs=[]))
+            lps = [*self.pending_logprobs, *(logprobs or ())]
+            self.pending_logprobs = []
+            self.logprobs += lps
+            events.append(self.event("response.output_text.delta", **where, delta=text, logprobs=lps))
         else:
             self.reasoning += text
             events.append(self.event("response.reasoning_text.delta", **where, delta=text))
@@ -80,8 +89,10 @@ class Output:
             return []
         where = {"output_index": self.index, "item_id": self.id, "content_index": 0}
         if self.kind == "message":
-            part = _output_text(self.text)
-            done = self.event("response.output_text.done", **where, text=self.text, logprobs=[])
+            lps, self.logprobs = [*self.logprobs, *self.pending_logprobs], []
+            self.pending_logprobs = []
+            part = _output_text(self.text, lps)
+            done = self.event("response.output_text.done", **where, text=self.text, logprobs=lps)
             item: dict[str, Any] = {"id": self.id, "type": "message", "role": "assistant"}
             item |= {"status": "completed", "content": [part]}
         else:
@@ -120,13 +131,21 @@ class Output:
         return events
 
     # ---- driving -------------------------------------------------------------------------------
-    def feed(self, delta: dict[str, Any]) -> list[dict[str, Any]]:
-        """Events for one chat delta (a chunk choice's `delta`)."""
+    def feed(
+        self, delta: dict[str, Any], logprobs: list[dict[str, Any]] | None = None
+    ) -> list[dict[str, Any]]:
+        """Events for one chat delta (a chunk choice's `delta`, and its `logprobs.content`)."""
         events: list[dict[str, Any]] = []
         if delta.get("reasoning_content"):
             events += self._text("reasoning", delta["reasoning_content"])
         if delta.get("content"):
-            events += self._text("message", delta["content"])
+            events += self._text("message", delta["content"], logprobs)
+        elif logprobs and self.kind == "message":
+            # Tokens with no text of their own yet (held back, the end token): an empty delta
+            # carries their entries, so the stream's deltas hold every token's, in order.
+            events += self._text("message", "", logprobs)
+        elif logprobs:
+            self.pending_logprobs += logprobs
         for call in delta.get("tool_calls") or ():
             events += self._call(call)
         return events

@@ -18,6 +18,9 @@ from dynvllm.frontend.openai import schema as oa
 
 #: vLLM's sampling extensions of the Responses request, passed to the chat request as they are
 #: (its own checks and refusals apply to them there).
+#: The one `include` value served: each output token's logprob (and `top_logprobs` alternatives)
+#: on the message's output_text, as chat's `logprobs` gives them.
+INCLUDE_LOGPROBS = "message.output_text.logprobs"
 PASSED_TO_CHAT = (
     "top_k",
     "min_p",
@@ -79,7 +82,7 @@ class ResponsesRequest(BaseModel):
     max_tool_calls: int | None = None
     prompt: dict[str, Any] | None = None
     conversation: str | dict[str, Any] | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     prompt_cache_retention: str | None = None
     # vLLM's extensions, checked by the chat request they are passed to.
     top_k: Any = None
@@ -103,6 +106,9 @@ class ResponsesRequest(BaseModel):
     vllm_xargs: Any = None
     kv_transfer_params: Any = None
 
+    def wants_logprobs(self) -> bool:
+        return INCLUDE_LOGPROBS in (self.include or ())
+
     def refuse_unsupported(self) -> None:
         def refuse(field: str, what: str) -> None:
             raise RequestError(400, f"{what} is not supported by this server", param=field)
@@ -110,15 +116,17 @@ class ResponsesRequest(BaseModel):
         if self.background:
             refuse("background", "background (responses run within the request)")
         for value in self.include or ():
-            refuse("include", f"include {value!r}")
+            if value != INCLUDE_LOGPROBS:
+                refuse("include", f"include {value!r}")
         if self.max_tool_calls is not None:
             refuse("max_tool_calls", "max_tool_calls")
         if self.prompt is not None:
             refuse("prompt", "prompt (stored prompt templates)")
         if self.conversation is not None:
             refuse("conversation", "conversation (the Conversations API; use previous_response_id)")
-        if self.top_logprobs:
-            refuse("top_logprobs", "top_logprobs")
+        if self.top_logprobs and not self.wants_logprobs():
+            # vLLM ignores it then; a field that changes nothing is refused here instead.
+            refuse("top_logprobs", f"top_logprobs without include {[INCLUDE_LOGPROBS]}")
         if self.prompt_cache_retention is not None:
             refuse("prompt_cache_retention", "prompt_cache_retention")
         if self.truncation == "auto":
@@ -317,6 +325,8 @@ def to_chat(req: ResponsesRequest, history: list[dict[str, Any]] | None = None) 
         "response_format": _response_format(req.text),
         "reasoning_effort": (req.reasoning or {}).get("effort"),
     }
+    if req.wants_logprobs():
+        data["logprobs"], data["top_logprobs"] = True, req.top_logprobs or 0
     if _continues(req.input):
         data["continue_final_message"], data["add_generation_prompt"] = True, False
     if req.tools:

@@ -1,0 +1,253 @@
+#!/usr/bin/env python
+"""Cost of tenants, quotas and the admission queue at the frontend (sim engine), side by side.
+
+Two services run at once on simulated workers: "off" (no tenants file, no queue) and "on" (a
+tenants file, each tenant with a request rate, a token rate and a concurrency limit that the load
+stays within, plus one flooder over its limits; the admission queue on, holding what the workers
+cannot take). Rounds alternate off/on; each round is a closed loop of `--concurrency` streams,
+each sending streaming completions one after the other for `--seconds` (`--new-connections`: a
+new connection per request). Printed per round: requests/s, errors other than the flooder's 429s,
+TTFT p50; then the on/off ratio of the medians.
+
+    .venv/bin/python scripts/bench_tenancy.py --concurrency 32 --new-connections
+    .venv/bin/python scripts/bench_tenancy.py --concurrency 2000
+    .venv/bin/python scripts/bench_tenancy.py --concurrency 5000 --http-workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from benchkit import free_port, stop, wait_ready
+
+TENANTS = 8
+
+
+def tenants_file(folder: Path) -> Path:
+    """Tenants the load stays within (rates far above what it reaches, concurrency above its share),
+    and a flooder whose every request beyond two a second is refused."""
+    lines = ["tenants:"]
+    for i in range(TENANTS):
+        lines += [
+            f"  t{i}:",
+            f"    keys: [key-{i}]",
+            "    requests_per_second: 100000",
+            "    tokens_per_minute: 1000000000",
+            "    max_concurrent: 100000",
+            "    models: [m]",
+        ]
+    lines += ["  flood:", "    keys: [key-flood]", "    requests_per_second: 2", "    max_concurrent: 4"]
+    path = folder / "tenants.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start(args, model: str, port: int, on: bool, folder: Path) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "dynvllm",
+        "serve",
+        "agg",
+        "--model",
+        model,
+        "--served-model-name",
+        "m",
+        "--engine",
+        "sim",
+        "--workers",
+        str(args.workers),
+        "--sim-decode-ms-per-step",
+        str(args.decode_ms),
+        "--sim-max-num-seqs",
+        str(args.max_num_seqs),
+        "--namespace",
+        f"bench-tenancy-{'on' if on else 'off'}-{os.getpid()}",
+        "--http-host",
+        "127.0.0.1",
+        "--http-port",
+        str(port),
+        "--http-workers",
+        str(args.http_workers),
+    ]
+    if on and "tenants" in args.on:
+        cmd += ["--tenants-file", str(tenants_file(folder))]
+    if on and "queue" in args.on:
+        cmd += ["--max-inflight-per-worker", str(args.max_num_seqs)]
+        cmd += ["--admission-queue-size", str(args.concurrency * 2)]
+    log = open(folder / f"{'on' if on else 'off'}.log", "w")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+async def load(base: str, args, on: bool) -> dict:
+    """A closed loop of `concurrency` streams for `seconds`, and the flooder beside them (at both
+    services, so that both serve the same requests; only "on" refuses its excess)."""
+    import aiohttp
+
+    url = base + "/v1/completions"
+    limit = 0 if args.new_connections else args.concurrency + 8
+    connector = aiohttp.TCPConnector(limit=limit, force_close=args.new_connections)
+    timeout = aiohttp.ClientTimeout(total=600)
+    stats = {"ok": 0, "in_window": 0, "errors": 0, "flood_ok": 0, "flood_429": 0, "ttft": []}
+    kinds: dict[int, int] = {}  # error status (0: no answer) -> count
+    body = {"model": "m", "prompt": "hello " * 32, "max_tokens": args.max_tokens, "stream": True}
+
+    async def request(session, key: str | None) -> tuple[int, float]:
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        t0 = time.perf_counter()
+        ttft = 0.0
+        async with session.post(url, json=body, headers=headers) as r:
+            if r.status != 200:
+                await r.read()
+                return r.status, 0.0
+            async for line in r.content:
+                if not ttft and line.startswith(b"data: {"):
+                    ttft = time.perf_counter() - t0
+        return 200, ttft
+
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        end = time.perf_counter() + args.seconds
+        start = time.perf_counter()
+
+        async def stream(i: int) -> None:
+            key = f"key-{i % TENANTS}" if on and "tenants" in args.on else None
+            while time.perf_counter() < end:
+                try:
+                    status, ttft = await request(session, key)
+                except Exception:
+                    status, ttft = 0, 0.0
+                if status == 200:
+                    stats["ok"] += 1
+                    stats["ttft"].append(ttft)
+                    if time.perf_counter() <= end:
+                        stats["in_window"] += 1
+                else:
+                    stats["errors"] += 1
+                    kinds[status] = kinds.get(status, 0) + 1
+
+        async def flooder() -> None:
+            # The same traffic at both services: without tenants it is simply served.
+            key = "key-flood" if on and "tenants" in args.on else None
+            while time.perf_counter() < end:
+                try:
+                    status, _ = await request(session, key)
+                except Exception:
+                    status = 0
+                if status == 200:
+                    stats["flood_ok"] += 1
+                elif status == 429:
+                    stats["flood_429"] += 1
+                else:
+                    stats["errors"] += 1
+                await asyncio.sleep(0.05)  # 20/s: ten times its 2/s
+
+        tasks = [asyncio.create_task(stream(i)) for i in range(args.concurrency)]
+        if "tenants" in args.on:
+            tasks.append(asyncio.create_task(flooder()))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    ttfts = sorted(stats.pop("ttft"))
+    stats["kinds"] = kinds
+    # Requests answered within the window, over the window: requests still running at its end
+    # (long ones, with thousands of streams) are waited for and checked, not counted.
+    stats["rps"] = stats["in_window"] / args.seconds
+    stats["elapsed"] = elapsed
+    stats["ttft_p50_ms"] = ttfts[len(ttfts) // 2] * 1000 if ttfts else float("nan")
+    return stats
+
+
+async def together(ports: dict[str, int], args) -> dict[str, dict]:
+    """Both loads at once: what slows the machine (other work on it) slows both alike, and the
+    service that costs more CPU per request serves fewer in the same time."""
+    off, on = await asyncio.gather(
+        load(f"http://127.0.0.1:{ports['off']}", args, False),
+        load(f"http://127.0.0.1:{ports['on']}", args, True),
+    )
+    return {"off": off, "on": on}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", help="a model folder (tokenizer and config); default: a tiny one built here")
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--new-connections", action="store_true")
+    ap.add_argument("--seconds", type=float, default=15)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--http-workers", type=int, default=1)
+    ap.add_argument("--max-num-seqs", type=int, default=1024)
+    ap.add_argument("--decode-ms", type=float, default=10.0)
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--keep-logs", action="store_true", help="keep the services' logs (and the model built)")
+    ap.add_argument("--together", action="store_true", help="load both services at once in each round")
+    ap.add_argument("--on", default="tenants,queue", help="what the 'on' service turns on: tenants, queue")
+    args = ap.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="bench-tenancy-"))
+    model = args.model
+    if model is None:
+        model = str(folder / "tiny")
+        subprocess.run(
+            [sys.executable, "-m", "dynvllm", "model", "tiny", model], check=True, capture_output=True
+        )
+    ports = {"off": free_port(), "on": free_port()}
+    procs = {name: start(args, model, ports[name], name == "on", folder) for name in ports}
+    try:
+        for name, proc in procs.items():
+            wait_ready(ports[name], proc)
+        for name in ports:  # warm-up, not counted (first connections, tokenizer caches)
+            warm = argparse.Namespace(**{**vars(args), "seconds": 3.0})
+            asyncio.run(load(f"http://127.0.0.1:{ports[name]}", warm, name == "on"))
+        rows: dict[str, list[dict]] = {"off": [], "on": []}
+        for k in range(args.rounds):
+            order = ["off", "on"] if k % 2 == 0 else ["on", "off"]
+            if args.together:
+                both = asyncio.run(together(ports, args))
+                for name in order:
+                    rows[name].append(both[name])
+            else:
+                for name in order:
+                    rows[name].append(
+                        asyncio.run(load(f"http://127.0.0.1:{ports[name]}", args, name == "on"))
+                    )
+            for name in order:
+                s = rows[name][-1]
+                print(
+                    f"round {k + 1} {name:3}: {s['rps']:7.1f} req/s, {s['ok']} ok, {s['errors']} errors "
+                    f"{s['kinds'] or ''}, "
+                    f"flooder {s['flood_ok']} ok / {s['flood_429']} 429, TTFT p50 {s['ttft_p50_ms']:.1f} ms",
+                    flush=True,
+                )
+        ratios = sorted(a["rps"] / b["rps"] for a, b in zip(rows["on"], rows["off"], strict=True))
+        print(
+            f"on/off per round: {', '.join(f'{x:.3f}' for x in ratios)}; "
+            f"median {statistics.median(ratios):.3f}"
+        )
+        off = statistics.median(r["rps"] for r in rows["off"])
+        on = statistics.median(r["rps"] for r in rows["on"])
+        print(
+            f"c={args.concurrency} new_connections={args.new_connections} http_workers={args.http_workers} "
+            f"together={args.together}: "
+            f"median req/s off {off:.1f}, on {on:.1f}, on/off {on / off:.3f}; "
+            f"errors off {sum(r['errors'] for r in rows['off'])}, on {sum(r['errors'] for r in rows['on'])}"
+        )
+    finally:
+        for proc in procs.values():
+            stop(proc)
+        if args.keep_logs:
+            print(f"service logs: {folder}")
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

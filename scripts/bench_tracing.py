@@ -1,0 +1,183 @@
+#!/usr/bin/env python
+"""Cost of tracing at the frontend and workers (sim engine), side by side in one run.
+
+Two services run at once on simulated workers: "off" (no --otlp-traces-endpoint) and "on"
+(every request traced: frontend spans and a worker span per request, exported over OTLP/HTTP to a
+local receiver process that answers each batch with 200). Rounds alternate off/on; each is a closed
+loop of `--concurrency` streams sending streaming completions for `--seconds`
+(`--new-connections`: a new connection per request). Printed per round: requests/s, errors, TTFT
+p50; then the on/off ratio of the medians. Each client request carries a sampled W3C
+traceparent, so every request is traced; with `--sample R` requests carry none and the "on"
+service samples a share R of them (OTEL_TRACES_SAMPLER=parentbased_traceidratio).
+
+    .venv/bin/python scripts/bench_tracing.py --concurrency 32 --new-connections
+    .venv/bin/python scripts/bench_tracing.py --concurrency 32 --new-connections --sample 0.05
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from benchkit import free_port, stop, wait_ready
+
+RECEIVER = """
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        self.send_response(200); self.send_header("content-length", "0"); self.end_headers()
+    def log_message(self, *a): pass
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def start(args, model: str, port: int, otlp: str | None, folder: Path) -> subprocess.Popen:
+    name = "on" if otlp else "off"
+    cmd = [sys.executable, "-m", "dynvllm", "serve", "agg", "--model", model, "--served-model-name", "m"]
+    cmd += [
+        "--engine",
+        "sim",
+        "--workers",
+        str(args.workers),
+        "--sim-decode-ms-per-step",
+        str(args.decode_ms),
+    ]
+    cmd += ["--namespace", f"bench-tracing-{name}-{os.getpid()}"]
+    cmd += ["--http-host", "127.0.0.1", "--http-port", str(port)]
+    env = dict(os.environ)
+    if otlp:
+        cmd += ["--otlp-traces-endpoint", otlp]
+        env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = "http/protobuf"
+        if args.sample is not None:
+            env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
+            env["OTEL_TRACES_SAMPLER_ARG"] = str(args.sample)
+    log = open(folder / f"{name}.log", "w")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def traceparent() -> str:
+    return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
+
+
+async def load(base: str, args) -> dict:
+    import aiohttp
+
+    url = base + "/v1/completions"
+    limit = 0 if args.new_connections else args.concurrency + 8
+    connector = aiohttp.TCPConnector(limit=limit, force_close=args.new_connections)
+    body = {"model": "m", "prompt": "hello " * 32, "max_tokens": args.max_tokens, "stream": True}
+    stats: dict = {"ok": 0, "errors": 0, "ttft": []}
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=600)
+    ) as session:
+        start = time.perf_counter()
+        end = start + args.seconds
+
+        async def stream() -> None:
+            while time.perf_counter() < end:
+                headers = {} if args.sample is not None else {"traceparent": traceparent()}
+                t0 = time.perf_counter()
+                ttft = 0.0
+                try:
+                    async with session.post(url, json=body, headers=headers) as r:
+                        if r.status != 200:
+                            await r.read()
+                            stats["errors"] += 1
+                            continue
+                        async for line in r.content:
+                            if not ttft and line.startswith(b"data: {"):
+                                ttft = time.perf_counter() - t0
+                    stats["ok"] += 1
+                    stats["ttft"].append(ttft)
+                except Exception:
+                    stats["errors"] += 1
+
+        await asyncio.gather(*(stream() for _ in range(args.concurrency)))
+        elapsed = time.perf_counter() - start
+    ttfts = sorted(stats.pop("ttft"))
+    stats["rps"] = stats["ok"] / elapsed
+    stats["ttft_p50_ms"] = ttfts[len(ttfts) // 2] * 1000 if ttfts else float("nan")
+    return stats
+
+
+async def together(ports: dict[str, int], args) -> dict[str, dict]:
+    """Both loads at once: what slows the machine (other work on it) slows both alike, and the
+    service that costs more CPU per request serves fewer in the same time."""
+    off, on = await asyncio.gather(
+        load(f"http://127.0.0.1:{ports['off']}", args), load(f"http://127.0.0.1:{ports['on']}", args)
+    )
+    return {"off": off, "on": on}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", help="a model folder (tokenizer and config); default: a tiny one built here")
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--new-connections", action="store_true")
+    ap.add_argument("--seconds", type=float, default=15)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--decode-ms", type=float, default=10.0)
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--sample", type=float, help="share of requests traced (default: every one)")
+    ap.add_argument("--together", action="store_true", help="load both services at once in each round")
+    args = ap.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="bench-tracing-"))
+    model = args.model
+    if model is None:
+        model = str(folder / "tiny")
+        subprocess.run(
+            [sys.executable, "-m", "dynvllm", "model", "tiny", model], check=True, capture_output=True
+        )
+    rport = free_port()
+    receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, str(rport)], start_new_session=True)
+    ports = {"off": free_port(), "on": free_port()}
+    otlp = f"http://127.0.0.1:{rport}/v1/traces"
+    procs = {name: start(args, model, ports[name], otlp if name == "on" else None, folder) for name in ports}
+    try:
+        for name, proc in procs.items():
+            wait_ready(ports[name], proc)
+        for name in ports:  # warm-up, not counted
+            asyncio.run(
+                load(f"http://127.0.0.1:{ports[name]}", argparse.Namespace(**{**vars(args), "seconds": 3.0}))
+            )
+        rows: dict[str, list[dict]] = {"off": [], "on": []}
+        for k in range(args.rounds):
+            order = ["off", "on"] if k % 2 == 0 else ["on", "off"]
+            both = asyncio.run(together(ports, args)) if args.together else {}
+            for name in order:
+                s = both.get(name) or asyncio.run(load(f"http://127.0.0.1:{ports[name]}", args))
+                rows[name].append(s)
+                print(
+                    f"round {k + 1} {name:3}: {s['rps']:7.1f} req/s, {s['ok']} ok, {s['errors']} errors, "
+                    f"TTFT p50 {s['ttft_p50_ms']:.1f} ms",
+                    flush=True,
+                )
+        off = statistics.median(r["rps"] for r in rows["off"])
+        on = statistics.median(r["rps"] for r in rows["on"])
+        print(
+            f"c={args.concurrency} new_connections={args.new_connections} sample={args.sample} "
+            f"together={args.together}: "
+            f"median req/s off {off:.1f}, "
+            f"on {on:.1f}, on/off {on / off:.3f}; errors off {sum(r['errors'] for r in rows['off'])}, "
+            f"on {sum(r['errors'] for r in rows['on'])}"
+        )
+    finally:
+        for proc in procs.values():
+            stop(proc)
+        receiver.kill()
+        receiver.wait()
+
+
+if __name__ == "__main__":
+    main()
