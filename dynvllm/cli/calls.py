@@ -65,7 +65,7 @@ async def call_workers(
 def run(
     settings: Settings, endpoint: str, payload: dict, pick: Any, timeout: float = DEFAULT_TIMEOUT
 ) -> list[tuple[Any, Any]]:
-    from dynvllm.cli.serve import _fail
+    from dynvllm.cli.failure import fail as _fail
     from dynvllm.cli.target import use_service
     from dynvllm.runtime import nats as natsrt
 

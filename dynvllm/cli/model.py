@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
         """Build a tiny random Qwen2 model (and tokenizer) that vLLM runs in seconds."""
         import os
 
-        from dynvllm.cli.serve import _fail
+        from dynvllm.cli.failure import fail as _fail
 
         if vision and lora:
             raise typer.BadParameter("--lora goes with the text model only", param_hint="--lora")

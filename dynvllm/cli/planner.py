@@ -15,7 +15,7 @@ _EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
 def _ints(text: str, flag: str) -> list[int]:
-    from dynvllm.cli.serve import _fail
+    from dynvllm.cli.failure import fail as _fail
 
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -27,7 +27,7 @@ def _ints(text: str, flag: str) -> list[int]:
 
 
 def _frontend_url(settings: Settings) -> str:
-    from dynvllm.cli.serve import _fail
+    from dynvllm.cli.failure import fail as _fail
     from dynvllm.runtime import state
 
     if settings.planner.frontend_url:
@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
     def planner_cmd(settings: Settings) -> None:
         """Scale a running service's workers to the TTFT/ITL targets (see docs/planner.md)."""
         from dynvllm import registry
-        from dynvllm.cli.serve import _fail
+        from dynvllm.cli.failure import fail as _fail
         from dynvllm.planner.profile import ProfileError, load
         from dynvllm.planner.service import run_planner
         from dynvllm.runtime import state
@@ -96,7 +96,7 @@ def register(app: typer.Typer) -> None:
         connector asks)."""
         import msgpack
 
-        from dynvllm.cli.serve import _fail
+        from dynvllm.cli.failure import fail as _fail
         from dynvllm.runtime import nats as natsrt
         from dynvllm.runtime import state
         from dynvllm.supervisor_control import subject
@@ -161,7 +161,8 @@ def register(app: typer.Typer) -> None:
         import os
 
         from dynvllm import registry
-        from dynvllm.cli.serve import _check_topology, _checked_roles, _fail
+        from dynvllm.cli.failure import fail as _fail
+        from dynvllm.cli.serve import _check_topology, _checked_roles
         from dynvllm.planner.profile import BOTH, Profile, ProfileError, load
         from dynvllm.planner.profiler import profile_role
         from dynvllm.runtime import nats as natsrt

@@ -11,18 +11,11 @@ from typing import Any
 
 import typer
 
+from dynvllm.cli.failure import fail as _fail
 from dynvllm.cli.options import with_settings
 from dynvllm.settings import Settings
 
 _EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    from rich.console import Console
-
-    # One line, however narrow the terminal: scripts grep it, and the terminal wraps it anyway.
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(code)
 
 
 def _check_engine_args(settings: Settings) -> None:

@@ -111,7 +111,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Show the instances of a running service (--nats-url, or this machine's one `serve`:
         see `dynvllm services`)."""
-        from dynvllm.cli.serve import _fail
+        from dynvllm.cli.failure import fail as _fail
         from dynvllm.cli.target import use_service
         from dynvllm.runtime import nats as natsrt
 

@@ -17,7 +17,7 @@ from dynvllm.settings import Settings
 def use_service(settings: Settings, what: str = "") -> None:
     """Point `settings.runtime` at the service to talk to (exit 2 with the reason if none or
     several); `what` prefixes the message (`serve decode` joins a running service: ...)."""
-    from dynvllm.cli.serve import _fail
+    from dynvllm.cli.failure import fail as _fail
     from dynvllm.runtime import state
 
     rt = settings.runtime
@@ -31,7 +31,7 @@ def use_service(settings: Settings, what: str = "") -> None:
 
 def check_tracing(settings: Settings) -> None:
     """With --otlp-traces-endpoint, OpenTelemetry must be installed: said before anything starts."""
-    from dynvllm.cli.serve import _fail
+    from dynvllm.cli.failure import fail as _fail
     from dynvllm.tracing import TracingUnavailable, check_available
 
     if settings.runtime.otlp_traces_endpoint:

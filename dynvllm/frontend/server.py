@@ -15,7 +15,6 @@ from dynvllm.frontend.observe import RequestObserver
 from dynvllm.frontend.peers import RouterPeers
 from dynvllm.frontend.processes import REUSEPORT_ENV, reuseport_socket, run_processes
 from dynvllm.frontend.routing import Router
-from dynvllm.frontend.shared_limits import share_limits
 from dynvllm.runtime import nats as natsrt
 from dynvllm.runtime.discovery import Instance, Watcher
 from dynvllm.runtime.streams import StreamClientPool
@@ -64,7 +63,7 @@ async def serve_frontend(settings: Settings) -> int:
     tracing = setup_tracing(rt.otlp_traces_endpoint, "dynvllm-frontend")
     RequestObserver(frontend.metrics, tracing).install(frontend.path)
     # Tenants' limits divided with the other frontend processes before the first request.
-    shared = await share_limits(nc, settings, frontend.tenants)
+    shared = await frontend.tenants.start_sharing(nc, settings) if frontend.tenants else None
     config = uvicorn.Config(
         frontend.app,
         host=fe.http_host,

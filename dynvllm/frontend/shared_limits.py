@@ -23,9 +23,7 @@ from typing import Any
 import msgpack
 
 from dynvllm.frontend.quota_shares import IDLE, Usage, allocate
-from dynvllm.frontend.tenancy import Tenants
 from dynvllm.frontend.tenants import Demand, Limits, Share
-from dynvllm.settings import Settings
 
 log = logging.getLogger("dynvllm.frontend.tenants")
 
@@ -180,21 +178,3 @@ def _least(shares: list[Share]) -> Share:
         min(s.tokens for s in shares),
         min(concurrent) if concurrent else None,
     )
-
-
-async def share_limits(nc: Any, settings: Settings, tenants: Tenants | None) -> SharedLimits | None:
-    """Start dividing the tenants' limits with the other frontend processes (None: no tenants)."""
-    if tenants is None:
-        return None
-    rt = settings.runtime
-    shared = SharedLimits(
-        nc,
-        rt.namespace,
-        tenants.limits,
-        settings.frontend.tenant_sync_interval,
-        rt.lease_ttl,
-        on_divide=tenants.shares_divided,
-    )
-    await shared.start()
-    tenants.shared = shared
-    return shared

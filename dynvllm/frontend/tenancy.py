@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from prometheus_client import Counter, Gauge
 
@@ -25,11 +25,10 @@ from dynvllm.frontend import tenants
 from dynvllm.frontend.errors import RequestError
 from dynvllm.frontend.metrics import FrontendMetrics
 from dynvllm.frontend.request_path import Admitted
+from dynvllm.frontend.shared_limits import SharedLimits
 from dynvllm.frontend.surface import Surface
 from dynvllm.frontend.tenants import read_file
-
-if TYPE_CHECKING:
-    from dynvllm.frontend.shared_limits import SharedLimits
+from dynvllm.settings import Settings
 
 log = logging.getLogger("dynvllm.frontend")
 
@@ -113,6 +112,21 @@ class Tenants:
             return
         self.limits.update(specs, now)
         log.warning("tenants file %s reloaded: %d tenants", self.path, len(specs))
+
+    async def start_sharing(self, nc: Any, settings: Settings) -> SharedLimits:
+        """Start dividing the limits with the other frontend processes (before the first request)."""
+        rt = settings.runtime
+        shared = SharedLimits(
+            nc,
+            rt.namespace,
+            self.limits,
+            settings.frontend.tenant_sync_interval,
+            rt.lease_ttl,
+            on_divide=self.shares_divided,
+        )
+        await shared.start()
+        self.shared = shared
+        return shared
 
     def shares_divided(self) -> None:
         """The frontends divided the limits anew (`SharedLimits`): show this process's parts."""
