@@ -29,6 +29,17 @@ def token_ids(value: list[Any]) -> TypeIs[list[int]]:
     return all(isinstance(t, int) for t in value)
 
 
+def batch(x: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """One input or a batch of them, as a list of inputs: texts or token-id lists."""
+    if isinstance(x, str):
+        return [x]
+    if not x:
+        return []
+    if token_ids(x):
+        return [x]
+    return list(x)
+
+
 def json_object(raw: bytes) -> dict:
     """A request body as a JSON object, or the 400 that says why it is not one."""
     try:

@@ -31,14 +31,7 @@ class EmbeddingRequest(BaseModel):
     add_special_tokens: bool = True
 
     def inputs(self) -> list[str | list[int]]:
-        x = self.input
-        if isinstance(x, str):
-            return [x]
-        if not x:
-            return []
-        if bodies.token_ids(x):
-            return [x]
-        return list(x)
+        return bodies.batch(self.input)
 
 
 def parse(raw: bytes) -> EmbeddingRequest:

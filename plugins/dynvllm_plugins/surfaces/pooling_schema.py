@@ -38,7 +38,7 @@ class PoolingRequest(PoolingBase):
     dimensions: int | None = None
 
     def inputs(self) -> list[str | list[int]]:
-        return batch(self.input)
+        return bodies.batch(self.input)
 
 
 class ClassifyRequest(PoolingBase):
@@ -48,7 +48,7 @@ class ClassifyRequest(PoolingBase):
     add_special_tokens: bool = True
 
     def inputs(self) -> list[str | list[int]]:
-        return batch(self.input)
+        return bodies.batch(self.input)
 
 
 class ScoringBase(PoolingBase):
@@ -103,17 +103,6 @@ def check_scoring(req: ScoringBase) -> None:
 
 def as_list(x: str | list[str]) -> list[str]:
     return [x] if isinstance(x, str) else list(x)
-
-
-def batch(x: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
-    """One input or a batch of them: texts or token-id lists."""
-    if isinstance(x, str):
-        return [x]
-    if not x:
-        return []
-    if bodies.token_ids(x):
-        return [x]
-    return list(x)
 
 
 def check_inputs(inputs: list[str | list[int]]) -> None:
