@@ -171,13 +171,11 @@ def uses_vllm(name: str | None, own: list[str]) -> bool:
 def check_name(kind: str, name: str | None, own: list[str], plugin: str | None) -> None:
     """Refuse a parser name neither dynvllm nor vLLM knows, listing both (names a plugin file
     registers are checked when it is imported)."""
-    if name is None or plugin:
+    # dynvllm's own names need no look at vLLM's sources (every process builds its settings).
+    if name is None or plugin or name in own:
         return
-    bare = name.removeprefix(PREFIX)
     theirs = registered(kind)
-    if (name.startswith(PREFIX) and bare in theirs) or (
-        not name.startswith(PREFIX) and (name in own or name in theirs)
-    ):
+    if name.removeprefix(PREFIX) in theirs:
         return
     flag = "--tool-call-parser" if kind == "tool" else "--reasoning-parser"
     raise ValueError(
