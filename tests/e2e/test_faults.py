@@ -147,10 +147,16 @@ def test_sigkill_of_a_worker_under_100_streams_loses_nothing(cluster):
     # /health can count 3 while the victim's lease is still running out and its successor is not
     # registered yet, so wait for the successor itself (its card says restarts 1).
     wait_http(url + "/health", lambda b: b.get("workers") == 3, proc, timeout=60)
+    # The restart counter and the worker gauge are updated by different events (the supervisor's
+    # restart, the successor's registration, the victim's lease expiry), so wait for both.
+    wanted = (
+        'dynvllm_worker_restarts_total{model="tiny",role="agg"} 1.0',
+        'dynvllm_workers{model="tiny",role="agg"} 3.0',
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         metrics = urllib.request.urlopen(url + "/metrics").read().decode()
-        if 'dynvllm_worker_restarts_total{model="tiny",role="agg"} 1.0' in metrics:
+        if all(line in metrics for line in wanted):
             break
         time.sleep(0.5)
     assert "restarting in" in proc.tail(20000) and "agg restarted as pid" in proc.tail(20000)
