@@ -2,13 +2,76 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+#: Modules whose engines take longest, first: with several test processes (`-n`, see
+#: scripts/test.sh) a scope is handed out whole, so the long ones start early and the short ones
+#: fill the gaps at the end.
+LONGEST_FIRST = (
+    "tests/e2e/test_multimodal.py",
+    "tests/e2e/test_launch.py",
+    "tests/e2e/test_data_parallel.py",
+    "tests/e2e/test_lora.py",
+    "tests/e2e/test_disagg.py",
+    "tests/e2e/test_planner.py",
+    "tests/e2e/test_multihost.py",
+    "tests/e2e/test_lifecycle.py",
+    "tests/e2e/test_embeddings.py",
+    "tests/e2e/test_plugin_example.py",
+)
+
+
+@functools.cache
+def _shared_users() -> frozenset[str]:
+    """Test modules that use a session engine of tests/e2e/conftest.py (SHARED), by path."""
+    from tests.e2e.conftest import SHARED
+
+    found = set()
+    for path in (REPO / "tests").rglob("test_*.py"):
+        text = path.read_text()
+        if any(re.search(rf"\b{name}\b", text) for name in SHARED):
+            found.add(path.relative_to(REPO).as_posix())
+    return frozenset(found)
+
+
+def _scope(nodeid: str) -> str:
+    """What one test process runs whole: a module (its module fixtures start their engines
+    once), or every module sharing a session engine."""
+    module = nodeid.split("::")[0]
+    return "shared" if module in _shared_users() else module
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """With several test processes (`-n`, see scripts/test.sh) tests are handed out by `_scope`."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByScope(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _scope(nodeid)
+
+    return ByScope(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Scopes are handed out in collection order: the longest first, in xdist's processes only.
+    if not hasattr(config, "workerinput"):
+        return
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    scope_rank: dict[str, int] = {}
+    for item in items:
+        scope, r = _scope(item.nodeid), rank.get(item.nodeid.split("::")[0], len(rank))
+        scope_rank[scope] = min(scope_rank.get(scope, r), r)
+    items.sort(key=lambda item: scope_rank[_scope(item.nodeid)])
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -12,25 +12,11 @@ import sys
 import time
 
 import aiohttp
+import probekit
 
 URL, LABEL, OUT = sys.argv[1], sys.argv[2], sys.argv[3]
 rng = random.Random(0)
-WORDS = [
-    "alpha",
-    "beta",
-    "gamma",
-    "delta",
-    "river",
-    "mountain",
-    "city",
-    "road",
-    "tree",
-    "house",
-    "cat",
-    "dog",
-    "bird",
-    "fish",
-]
+WORDS = probekit.WORDS[:14]
 SYSTEMS = [" ".join(rng.choice(WORDS) for _ in range(450)) for _ in range(8)]
 QUESTIONS = [f"question {i}: " + " ".join(rng.choice(WORDS) for _ in range(30)) for i in range(8)]
 
@@ -40,30 +26,10 @@ TTFT: list = []
 
 async def one(session, system, question):
     """Streamed, so time to the first text is measured; usage comes in the last chunk."""
-    body = {
-        "model": "m",
-        "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
-        "max_tokens": 32,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    t0 = time.perf_counter()
-    first, text, usage = None, "", {}
-    async with session.post(URL + "/v1/chat/completions", json=body) as r:
-        where = (r.headers.get("x-dynvllm-worker", "?"), r.headers.get("x-dynvllm-rank", "-"))
-        async for line in r.content:
-            line = line.strip()
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            for c in chunk.get("choices") or []:
-                piece = (c.get("delta") or {}).get("content") or ""
-                if piece and first is None:
-                    first = time.perf_counter() - t0
-                text += piece
-            usage = chunk.get("usage") or usage
-    TTFT.append((first if first is not None else time.perf_counter() - t0) * 1000)
+    body = probekit.chat_body([{"role": "system", "content": system}, {"role": "user", "content": question}])
+    r, first, text, usage = await probekit.stream_chat(session, URL, body)
+    where = (r.headers.get("x-dynvllm-worker", "?"), r.headers.get("x-dynvllm-rank", "-"))
+    TTFT.append(first * 1000)
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
     return where, usage["prompt_tokens"], cached, text
 

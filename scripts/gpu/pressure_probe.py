@@ -17,29 +17,13 @@ import sys
 import time
 
 import aiohttp
+import probekit
 
 URL, LABEL, OUT = sys.argv[1], sys.argv[2], sys.argv[3]
 SYSTEMS, USERS, SYS_WORDS, CONC = (
     int(a) for a in (sys.argv[4:] + ["64", "3", "2000", "16"][len(sys.argv[4:]) :])
 )
-WORDS = [
-    "alpha",
-    "beta",
-    "gamma",
-    "delta",
-    "river",
-    "mountain",
-    "city",
-    "road",
-    "tree",
-    "house",
-    "cat",
-    "dog",
-    "bird",
-    "fish",
-    "stone",
-    "cloud",
-]
+WORDS = probekit.WORDS
 rng = random.Random(0)
 # Each system prompt differs from its first token on, so prompts share no blocks by accident.
 SALT = os.environ.get("SALT", "0")  # another salt, another set of prompts: runs share no cache
@@ -54,33 +38,12 @@ def question(s: int, u: int, turn: int) -> str:
 
 
 async def one(session, messages, out):
-    body = {
-        "model": "m",
-        "messages": messages,
-        "max_tokens": 32,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    t0 = time.perf_counter()
-    first, text, usage = None, "", {}
-    async with session.post(URL + "/v1/chat/completions", json=body) as r:
-        if r.status != 200:
-            out["errors"] += 1
-            return ""
-        worker = r.headers.get("x-dynvllm-worker", "?")[:8]
-        async for line in r.content:
-            line = line.strip()
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            for c in chunk.get("choices") or []:
-                piece = (c.get("delta") or {}).get("content") or ""
-                if piece and first is None:
-                    first = time.perf_counter() - t0
-                text += piece
-            usage = chunk.get("usage") or usage
-    out["ttft"].append((first if first is not None else time.perf_counter() - t0) * 1000)
+    r, first, text, usage = await probekit.stream_chat(session, URL, probekit.chat_body(messages))
+    if r.status != 200:
+        out["errors"] += 1
+        return ""
+    worker = r.headers.get("x-dynvllm-worker", "?")[:8]
+    out["ttft"].append(first * 1000)
     out["prompt"] += usage.get("prompt_tokens", 0)
     out["cached"] += (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
     out["spread"][worker] += 1
