@@ -12,7 +12,14 @@ from dynvllm import settings as S
 ROOT = Path(__file__).resolve().parents[1]
 # Variables read outside the settings model (state folder, plugin allow-list, installer, child hand-off).
 # DYN_PORT belongs to the Dynamo peer kit that scripts/bench_overhead.sh drives.
-OTHER = {"DYN_STATE_DIR", "DYN_LOAD_PLUGINS", "DYN_INSTALL_TARGET", "DYN_INTERNAL_SETTINGS_JSON", "DYN_PORT"}
+OTHER = {
+    "DYN_STATE_DIR",
+    "DYN_LOAD_PLUGINS",
+    "DYN_INSTALL_TARGET",
+    "DYN_INTERNAL_SETTINGS_JSON",
+    "DYN_PORT",
+    "DYN_TEST_PROCESSES",
+}
 
 
 def test_cli_and_configuration_pages_are_current():
