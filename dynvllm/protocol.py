@@ -166,7 +166,8 @@ def parse_pool(payload: Any, task: str) -> PoolRequest:
         raise BadRequest("token_ids must be a non-empty list of non-negative integers")
     if not isinstance(options, dict) or set(options) - set(POOLING_FIELDS):
         raise BadRequest(f"options must be a map of {', '.join(POOLING_FIELDS)}")
-    unknown = set(payload) - {"request_id", "token_ids", "options", "lora", "dp_rank", "trace"}
+    # "task": the pooling task the caller asks of a role serving several (the role reads it).
+    unknown = set(payload) - {"request_id", "token_ids", "options", "lora", "dp_rank", "trace", "task"}
     if unknown:
         raise BadRequest(f"pooling request has fields this worker does not implement: {sorted(unknown)}")
     lora, rank = payload.get("lora"), payload.get("dp_rank")

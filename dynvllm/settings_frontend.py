@@ -139,7 +139,22 @@ class FrontendSettings(SettingsGroup):
         0,
         ge=0,
         description="Requests the frontend lets through per ready worker of a model; more wait in the "
-        "admission queue by priority, tenants in turn (0: no queue).",
+        "admission queue by priority, tenants in turn (0: no cap; the queue still holds requests "
+        "while workers report saturation, see --admission-max-waiting).",
+    )
+    admission_max_waiting: int | None = Field(
+        None,
+        ge=0,
+        description="Requests a worker's engine may have waiting beyond its running batch, by its load "
+        "reports; when every ready worker of a model has that many (counting what this frontend sent "
+        "since), requests wait in the admission queue (unset: not checked).",
+    )
+    admission_max_kv_use: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Share of a worker's KV blocks in use, by its load reports, at which it counts as "
+        "saturated for the admission queue, as --admission-max-waiting (unset: not checked).",
     )
     admission_queue_size: int = Field(
         1000, ge=0, description="Requests that may wait in the admission queue; more get a 503 at once."

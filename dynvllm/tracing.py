@@ -1,6 +1,7 @@
 """OpenTelemetry traces across processes: one trace per request, from the client's W3C
-`traceparent` through the frontend's spans (admission, route, each stage, first token, the
-stream's end) to the workers' spans and vLLM's own (`llm_request`).
+`traceparent` through the frontend's spans (the request, with admission, route and each stage
+beneath it; the first token and the stream's end as events) to the workers' spans and vLLM's own
+(`llm_request`).
 
 Off unless `--otlp-traces-endpoint` is set; only then is OpenTelemetry imported (the `tracing`
 extra). The context travels in the requests the frontend sends to workers (`trace`: W3C
@@ -50,8 +51,10 @@ class Tracing:
         from opentelemetry import trace
 
         self._trace = trace
-        resource = Resource.create({"service.name": service, "process.pid": os.getpid()})
-        self.provider = TracerProvider(resource=resource)
+        created = Resource.create({"service.name": service, "process.pid": os.getpid()})
+        self.provider = TracerProvider(resource=_fixed(Resource)(created.attributes, created.schema_url))
+        # The batch processor exports from a thread of its own: encoding and sending never run on
+        # the event loop, though they share the interpreter with it.
         self.provider.add_span_processor(processor or BatchSpanProcessor(_exporter(endpoint)))
         self.tracer = self.provider.get_tracer("dynvllm")
         self._propagator = TraceContextTextMapPropagator()
@@ -85,12 +88,34 @@ class Tracing:
 
     def carrier(self, span: Any) -> dict[str, str]:
         """W3C headers naming `span` as the parent of what the receiver does."""
-        out: dict[str, str] = {}
-        self._propagator.inject(out, context=self._trace.set_span_in_context(span))
+        # Written directly: the propagator builds a context and checks it first, at several times
+        # the cost, for the same header.
+        c = span.get_span_context()
+        if not c.is_valid:
+            return {}
+        out = {"traceparent": f"00-{c.trace_id:032x}-{c.span_id:016x}-{c.trace_flags:02x}"}
+        if c.trace_state:
+            out["tracestate"] = c.trace_state.to_header()
         return out
 
     def shutdown(self) -> None:
         self.provider.shutdown()  # flushes what is queued
+
+
+def _fixed(base: type) -> type:
+    """A Resource whose hash is computed once. The exporter groups every span by its resource,
+    and the SDK's hash serializes the resource's attributes to JSON each time: that made up half
+    of the cost of exporting a span."""
+
+    class FixedResource(base):
+        _hash: int | None = None
+
+        def __hash__(self) -> int:
+            if self._hash is None:
+                self._hash = super().__hash__()
+            return self._hash
+
+    return FixedResource
 
 
 def _is_span(obj: Any) -> bool:
@@ -150,7 +175,10 @@ def check_trace(value: Any) -> dict[str, str] | None:
 
 class RequestTrace:
     """The spans of one request in the frontend: a root (continuing the client's trace), with
-    admission, route, each stage and generation (first token, stream end) beneath it."""
+    admission, route and each stage beneath it; the first token and the stream's end are events on
+    the root. The generate call on a worker is a child of the root: the worker's own span covers
+    it, so the frontend makes none of its own for it (every span costs its creation and its export,
+    tens of microseconds each, in the frontend's one process)."""
 
     def __init__(self, tracing: Tracing, root: Any) -> None:
         self.tracing, self.root = tracing, root
@@ -175,21 +203,40 @@ class RequestTrace:
             span.end()
 
     def carrier(self, span: Any) -> dict[str, str]:
+        if isinstance(span, Hop):
+            span = self.root
         return self.tracing.carrier(span)
 
+    def generate(self, worker: str | None) -> Hop:
+        """The stream from a worker: its calls carry the root's context."""
+        return Hop(self, worker)
+
     @staticmethod
-    def first_token(generate: Any) -> None:
-        """Marks the first token on the generate span: an event, as creating a span costs the
-        SDK tens of microseconds, and each request already has a few."""
-        generate.add_event("first token")
+    def first_token(hop: Any) -> None:
+        """Marks the first token: an event on the root (or on the span given)."""
+        if isinstance(hop, Hop):
+            hop.trace.root.add_event("first token", {"dynvllm.worker": hop.worker or ""})
+        else:
+            hop.add_event("first token")
 
     def end(self, status: str, **attrs: Any) -> None:
         self.opened()
-        self.root.set_attribute("http.status_code", int(status) if status.isdigit() else 0)
-        for k, v in attrs.items():
-            self.root.set_attribute(k, v)
+        attrs["http.status_code"] = int(status) if status.isdigit() else 0
+        self.root.set_attributes(attrs)
         self.root.add_event("stream end")
         self.root.end()
+
+
+class Hop:
+    """One generate stream of a request, on one worker (a request that migrates has several)."""
+
+    __slots__ = ("trace", "worker")
+
+    def __init__(self, trace: RequestTrace, worker: str | None) -> None:
+        self.trace, self.worker = trace, worker
+
+    def end(self) -> None:
+        """Nothing to end: the stream is no span of its own (see `RequestTrace`)."""
 
 
 def span(trace: RequestTrace | None, name: str, **attrs: Any) -> contextlib.AbstractContextManager[Any]:

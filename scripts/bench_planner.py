@@ -17,8 +17,10 @@ Each request streams; TTFT is measured at the client from the moment it is sent,
 waiting in the frontend's queue (for a worker to start) counts. A request meets the SLA when its
 TTFT <= --ttft-target and its mean inter-token gap <= --itl-target; failed = not a 200 with OSL
 tokens. Worker-seconds count worker processes from their start to their exit (starting and
-draining ones included), polled from the supervisor's control endpoint. Run:
-  .venv/bin/python scripts/bench_planner.py [--scale 5] [--start 0,60,120]
+draining ones included), polled from the supervisor's control endpoint. Both are printed for
+the whole trace and per phase, with the burst's TTFT and the attainment outside the burst (a
+burst after an idle period at zero workers pays a cold start that no policy can hide). Run:
+  .venv/bin/python scripts/bench_planner.py [--scale 5] [--start 0,60,120] [--min-workers 1]
 """
 
 from __future__ import annotations
@@ -172,14 +174,25 @@ async def replay(url: str, arrivals: list[float], scale: float, ns: str) -> tupl
     return list(results), [(t - start, p, r) for t, p, r in samples if t <= end], end - start
 
 
-def integral(samples: list, k: int, until: float) -> float:
-    """Step integral of column k over [0, until] (wall seconds)."""
-    total, prev_t, prev_v = 0.0, 0.0, samples[0][k] if samples else 0
+def integral(samples: list, k: int, until: float, since: float = 0.0) -> float:
+    """Step integral of column k over [since, until] (wall seconds)."""
+    total, prev_t, prev_v = 0.0, since, samples[0][k] if samples else 0
     for row in samples:
-        t = max(0.0, row[0])
+        t = max(since, min(until, row[0]))
         total += prev_v * (t - prev_t)
-        prev_t, prev_v = t, row[k]
+        prev_t = t
+        if row[0] <= until:
+            prev_v = row[k]
     return total + prev_v * max(0.0, until - prev_t)
+
+
+def phase_windows(scale: float) -> list[tuple[str, float, float]]:
+    """(name, start, end) of each phase in wall seconds."""
+    out, t0 = [], 0.0
+    for name, length, _, _ in PHASES:
+        out.append((name, t0 / scale, (t0 + length) / scale))
+        t0 += length
+    return out
 
 
 def start_lags(samples: list) -> list[float]:
@@ -206,6 +219,11 @@ def summarize(name: str, results: list, samples: list, wall: float, arrivals: li
         counts[1] += 1
     ttfts = [r.ttft for r, good in zip(results, ok, strict=True) if good]
     ws = integral(samples, 1, wall) * args.scale
+    phase_ws = {
+        name: round(integral(samples, 1, min(b, wall), a) * args.scale)
+        for name, a, b in phase_windows(args.scale)
+    }
+    burst = by_phase.get("burst", [0, 0])
     return {
         "run": name,
         "requests": len(results),
@@ -218,7 +236,25 @@ def summarize(name: str, results: list, samples: list, wall: float, arrivals: li
         "ttft_max": max(ttfts, default=float("nan")),
         "max_workers_seen": max((p for _, p, _ in samples), default=0),
         "start_lag_s": [round(x * args.scale) for x in start_lags(samples)],
+        "fleet": [  # (trace s, worker processes) where the count changed
+            (round(t * args.scale), p)
+            for i, (t, p, _) in enumerate(samples)
+            if i == 0 or p != samples[i - 1][1]
+        ],
         "by_phase": {k: f"{v[0]}/{v[1]}" for k, v in by_phase.items()},
+        "worker_s_by_phase": phase_ws,
+        "attainment_outside_burst": (sum(met) - burst[0]) / max(1, len(met) - burst[1]),
+        "burst_ttft_p50_p99_max": [
+            round(loadgen.pct(bt, q), 2) if bt else None
+            for bt in [
+                [
+                    r.ttft
+                    for r, t in zip(results, arrivals, strict=True)
+                    if r.ok and phase_of(t * args.scale) == "burst"
+                ]
+            ]
+            for q in (0.5, 0.99, 1.0)
+        ],
     }
 
 
@@ -248,10 +284,12 @@ async def run_one(model: str, name: str, start_s: float | None, profile: Path, a
                 [
                     "planner", "--namespace", ns, "--frontend-url", url, "--planner-profile", str(profile),
                     "--ttft-target", str(args.ttft_target), "--itl-target", str(args.itl_target),
-                    "--planner-interval", str(10 / s), "--cooldown", str(30 / s), "--idle-after", str(60 / s),
+                    "--planner-interval", str(10 / s), "--cooldown", str(30 / s),
+                    "--idle-after", str(args.idle_after / s),
                     "--scale-down-after", "3", "--predictor", args.predictor, "--predictor-window", "1000",
                     "--planner-lookahead", str((start_s + args.process_start) / s),
                     "--min-workers", str(args.min_workers), "--max-workers", str(args.max_workers),
+                    "--planner-react-interval", str(args.react_interval / s),
                     "--planner-metrics-port", "-1",
                 ],
                 log,
@@ -287,15 +325,22 @@ def main() -> None:
     ap.add_argument(
         "--process-start",
         type=float,
-        default=40.0,
+        default=10.0,
         help="trace seconds a worker process takes to register besides its engine's start-up (Python "
-        "imports, NATS, registration: ~8 s of wall time on a loaded 2-core machine, x --scale); the "
-        "planner's lookahead is the engine start-up plus this",
+        "imports, NATS, registration: 1-3 s of wall time on a quiet 2-core machine, ~8 s at a load "
+        "average of 15-30, x --scale); the planner's lookahead is the engine start-up plus this",
     )
     ap.add_argument("--start", default="0,60,120", help="engine start-up times, trace seconds")
     ap.add_argument("--max-workers", type=int, default=4)
     ap.add_argument("--max-inflight", type=int, default=8, help="--max-inflight-per-worker of serve (0: off)")
     ap.add_argument("--min-workers", type=int, default=0, help="the planner's; 0 scales to zero when idle")
+    ap.add_argument("--idle-after", type=float, default=60.0, help="the planner's, trace seconds")
+    ap.add_argument(
+        "--react-interval",
+        type=float,
+        default=1.0,
+        help="the planner's look at held requests, trace seconds (0: off)",
+    )
     ap.add_argument("--ttft-target", type=float, default=1.0)
     # A decode step is 100 ms; at the client one gap in ten or so spans two steps (p90 ~ 0.2 s).
     ap.add_argument("--itl-target", type=float, default=0.25)
@@ -336,11 +381,16 @@ def main() -> None:
         f"mean ITL {args.itl_target} s; max {args.max_workers} workers, planner's min {args.min_workers}; "
         f"predictor {args.predictor}"
     )
-    print("run            attainment  failed  worker-s  goodput/worker-s  vs static: attain  ws  goodput")
+    print(
+        "run            attainment  failed  worker-s  goodput/worker-s  vs static: attain  ws  goodput"
+        "   outside burst: attain vs static"
+    )
     for r in rows:
         rel = (
             f"{r['attainment'] / base['attainment']:.3f}  {r['worker_s'] / base['worker_s']:.2f}  "
             f"{r['goodput_per_worker_s'] / base['goodput_per_worker_s']:.2f}x"
+            + f"   {r['attainment_outside_burst']:.2%} "
+            + f"{r['attainment_outside_burst'] / base['attainment_outside_burst']:.3f}"
             if base
             else ""
         )
@@ -348,6 +398,12 @@ def main() -> None:
             f"{r['run']:<14} {r['attainment']:9.2%}  {r['failed']:6d}  {r['worker_s']:8.0f}  "
             f"{r['goodput_per_worker_s']:16.3f}  {rel}"
         )
+    print("\nper phase (trace s): requests within the SLA / requests; worker-seconds")
+    names = [p[0] for p in PHASES]
+    print(f"{'run':<14} " + "  ".join(f"{n:>15}" for n in names))
+    for r in rows:
+        cells = [f"{r['by_phase'].get(n, '-')}; {r['worker_s_by_phase'].get(n, 0)}" for n in names]
+        print(f"{r['run']:<14} " + "  ".join(f"{c:>15}" for c in cells))
 
 
 if __name__ == "__main__":

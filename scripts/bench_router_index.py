@@ -1,42 +1,61 @@
 #!/usr/bin/env python
-"""Router index side by side: dynvllm's KV index vs NVIDIA Dynamo's Rust RadixTree, one workload.
+"""Router index side by side: dynvllm's KV index vs NVIDIA Dynamo's Rust RadixTree, one process.
 
-    PEERS=/tmp/peers .venv/bin/python scripts/bench_router_index.py [--rounds 2]
+    PEERS=/tmp/peers .venv/bin/python scripts/bench_router_index.py [--rounds 3] [--plain | --copies]
 
 Workload (= scripts/bench_router_cost.py): 1,024 workers, ~1M blocks of 32 tokens from 64 shared
 system prompts plus unique tails, then 2,000 lookups of 4,096-token prompts, half sharing a
-40-block prefix. Each side runs in its own interpreter (Dynamo's from $PEERS/dynamo-venv, which
-`../shared/peers/dynamo_mocker.sh install` makes), alternating, ROUNDS times.
+40-block prefix.
 
-Both sides get what their routers receive on the wire, prepared outside the timing: Dynamo JSON
-events carrying per-block `tokens_hash`es (parsed in Rust), dynvllm the keyed batches its workers
-relay. Reported: ingest blocks/s, prefix lookup p50/p99 (block keys precomputed), and for dynvllm
-its whole routing decision (prompt hashing + overlap + cost over all workers) and the worker-side
-keying rate (what one worker spends turning its engine's events into keys).
+Both indexes live in this one interpreter (Dynamo's compiled module is loaded from
+$PEERS/dynamo-venv, which `../shared/peers/dynamo_mocker.sh install` makes) and every round
+interleaves them: ingest alternates chunks of 256 workload prompts between the two (each chunk
+timed on its own; Dynamo's tree applies events on its own thread, so its chunk ends when a lookup
+returns after them), and lookups alternate per prompt. Load from other processes then falls on
+both sides alike, and the ratios printed per round compare like with like.
 
-dynvllm runs with tiers and image keys in: every OFFLOAD-th stored prompt is also offloaded to
-the CPU tier (a second event with medium CPU, keyed by hash only as vLLM's connector reports
-it; its blocks count in the ingest rate), so every lookup is the tier-aware one (GPU + CPU
-depths); every IMAGE-th stored prompt and decision carries an image (its blocks keyed with the
-image's hash from `extra_keys`). Dynamo's side has neither. `--plain` runs dynvllm without
-them (what they cost).
+Both sides get what their routers receive on the wire, prepared outside the timing, and decode
+it inside: Dynamo JSON events carrying per-block `tokens_hash`es (parsed in Rust), dynvllm the
+msgpack batches of keys its workers relay (decoded as the frontend's subscriber does). Engine
+block hashes chain over the tokens and are equal on every worker (Dynamo's tree requires that, as
+vLLM gives with a fixed hash seed); a worker stores only blocks it does not hold yet, in runs that
+name their parent. Every 10th stored prompt is later evicted from the GPU from a random block on
+(tail first, as vLLM frees blocks): both sides get those removals.
+
+dynvllm runs with offload tiers and image keys in (`--plain`: without): every 5th stored prompt
+is also offloaded to the CPU tier (keyed by hash only, as vLLM's offloading connector reports
+it; the evicted prompts are among them, so what the GPU drops stays there), and every 11th to
+disk; every 8th stored prompt and lookup carries an image (its blocks keyed with the image's hash
+from `extra_keys`). Dynamo's side has neither. Reported per side: ingest block events/s (stores
+and removals, all tiers) in wall-clock time and per CPU-second of the process (Dynamo's tree
+thread included), prefix lookup p50/p99 (block keys precomputed; dynvllm's is the tier-aware
+lookup the cost reads, its GPU-only lookup timed beside it), and for dynvllm its whole routing
+decision (prompt hashing + lookup + cost over all 1,024 workers) and the worker-side keying rate.
+`--copies`: no GPU evictions, so the lower tiers hold copies of GPU blocks only (no worker's
+prefix goes on through them: the tier-aware lookup should cost what the GPU-only one does).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import glob
+import hashlib
+import importlib.util
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-BS, WORKERS, BLOCKS, PROMPT, DECISIONS = 32, 1024, 1_000_000, 4096, 2000
-OFFLOAD, IMAGE, IMAGE_TOKENS = 5, 8, 64
-if "--plain" in sys.argv:
-    OFFLOAD = IMAGE = 1 << 40  # never
+BS, WORKERS, BLOCKS, PROMPT, DECISIONS, CHUNK = 32, 1024, 1_000_000, 4096, 2000, 256
+OFFLOAD, EVICT, DISK, IMAGE, IMAGE_TOKENS = 5, 10, 11, 8, 64
+MASK = (1 << 63) - 1
+IMAGE_BYTES = random.Random(1).randbytes(4096)
+# = hashing.image_uuid(hashing.image_hash(IMAGE_BYTES)), without importing dynvllm at module level
+IMAGE_UUID = f"{int.from_bytes(hashlib.blake2b(IMAGE_BYTES, digest_size=8).digest(), 'big'):016x}"
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -44,176 +63,320 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def workload():  # type: ignore[no-untyped-def]
+def workload(
+    plain: bool, evict: bool = True
+) -> tuple[list[list[tuple[Any, ...]]], list[list[int]], random.Random]:
+    """Per stored prompt, the engine events its worker emits, as vLLM would: blocks already in a
+    tier are not stored there again (a prefix hit), runs of new blocks name their parent; engine
+    hashes chain over tokens and image. Events:
+    ("stored", worker, hashes, parent, tokens, extra_keys or None, medium)
+    ("removed", worker, hashes, medium). And the lookup prompts."""
     rng = random.Random(0)
     shared = [[rng.randrange(500) for _ in range(2048)] for _ in range(64)]
-    batches, blocks = [], 0
+    image_blocks = IMAGE_TOKENS // BS
+    extra = [((IMAGE_UUID, -BS * b),) for b in range(image_blocks)]
+    held: dict[tuple[int, str], set[int]] = {}
+    out: list[list[tuple[Any, ...]]] = []
+    blocks = 0
     while blocks < BLOCKS:
+        i = len(out)
         w = rng.randrange(WORKERS)
         base = shared[rng.randrange(len(shared))][: BS * rng.randrange(1, 64)]
         tokens = base + [rng.randrange(500) for _ in range(PROMPT - len(base))]
         n = len(tokens) // BS
-        batches.append((w, tokens[: n * BS], [rng.getrandbits(63) for _ in range(n)]))
+        image = not plain and i % IMAGE == 0
+        # Equal on every worker: Dynamo's tree requires it (vLLM hashes with a fixed seed there).
+        hashes, h = [], 0
+        for b in range(n):
+            h = hash((h, tuple(tokens[b * BS : (b + 1) * BS]), image and b < image_blocks)) & MASK
+            hashes.append(h)
+        evs: list[tuple[Any, ...]] = []
+        media = ["GPU"]
+        if not plain and i % OFFLOAD == 0:
+            media.append("CPU")
+        if not plain and i % DISK == 0:
+            media.append("DISK")
+        for medium in media:
+            mine = held.setdefault((w, medium), set())
+            b = 0
+            while b < n:  # runs of blocks this tier does not hold yet
+                if hashes[b] in mine:
+                    b += 1
+                    continue
+                e = b
+                while e < n and hashes[e] not in mine:
+                    e += 1
+                run = hashes[b:e]
+                mine.update(run)
+                if medium == "GPU":
+                    parent = hashes[b - 1] if b else None
+                    ex = extra[b:e] if image and b < image_blocks else None
+                    evs.append(("stored", w, run, parent, tokens[b * BS : e * BS], ex, medium))
+                else:  # offloading connectors report a store by hash only
+                    evs.append(("stored", w, run, None, [], None, medium))
+                b = e
+        if evict and i % EVICT == 0:  # the GPU evicts the prompt's tail, last block first
+            mine = held[(w, "GPU")]
+            gone = [h for h in reversed(hashes[rng.randrange(n) :]) if h in mine]
+            mine.difference_update(gone)
+            if gone:
+                evs.append(("removed", w, gone, "GPU"))
+        out.append(evs)
         blocks += n
     prompts = []
     for i in range(DECISIONS):
         base = shared[rng.randrange(len(shared))][: BS * 40] if i % 2 else []
         prompts.append(base + [rng.randrange(500) for _ in range(PROMPT - len(base))])
-    return batches, blocks, prompts, rng
+    return out, prompts, rng
 
 
-def run_dynamo(batches, blocks, prompts, _rng):  # type: ignore[no-untyped-def]
-    from dynamo.llm import RadixTree
-
-    def local_hashes(tokens):  # type: ignore[no-untyped-def]
-        starts = range(0, len(tokens) - BS + 1, BS)
-        return [hash(tuple(tokens[s : s + BS])) & 0x7FFFFFFFFFFFFFFF for s in starts]
-
-    tree = RadixTree()
-    evs = []
-    for i, (w, tokens, hashes) in enumerate(batches):
-        pairs = zip(hashes, local_hashes(tokens), strict=True)
-        blks = [{"block_hash": h, "tokens_hash": lh} for h, lh in pairs]
-        body = {"event_id": i, "data": {"stored": {"parent_hash": None, "blocks": blks}}}
-        evs.append((w, json.dumps(body).encode()))
-    t0 = time.perf_counter()
-    for w, b in evs:
-        tree.apply_event(w, b)
-    tree.find_matches([0])  # the tree applies events on its own thread: wait until they are in
-    ingest = blocks / (time.perf_counter() - t0)
-    lat, hits = [], 0
-    for k in [local_hashes(p) for p in prompts]:
-        t = time.perf_counter()
-        s = tree.find_matches(k)
-        lat.append((time.perf_counter() - t) * 1000)
-        hits += bool(s.scores)
-    return {"ingest": ingest, "lookup": lat, "hits": hits}
+def load_dynamo(peers: Path) -> Any:
+    """Dynamo's compiled module from its venv, without the venv's Python packages."""
+    found = glob.glob(str(peers / "dynamo-venv/lib/python3*/site-packages/dynamo/_core*.so"))
+    if not found:
+        return None
+    spec = importlib.util.spec_from_file_location("dynamo._core", found[0])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def run_dynvllm(batches, blocks, prompts, rng):  # type: ignore[no-untyped-def]
-    from dynvllm.frontend.routing import Router
-    from dynvllm.router import hashing
+def dynamo_events(engine: list[list[tuple[Any, ...]]]) -> tuple[list[list[tuple[int, bytes]]], int]:
+    """Per workload prompt, the JSON events Dynamo's workers publish for their GPU caches (a
+    tokens_hash per block; image blocks' hash takes the image in, as vLLM's block hash does)."""
+    out, blocks, eid = [], 0, 0
+    for evs in engine:
+        mine = []
+        for ev in evs:
+            if ev[-1] != "GPU":
+                continue
+            if ev[0] == "stored":
+                _, w, hashes, parent, tokens, ex, _ = ev
+                blks = []
+                for b, h in enumerate(hashes):
+                    blk = tuple(tokens[b * BS : (b + 1) * BS])
+                    th = hash((blk, ex[b]) if ex and b < len(ex) else blk) & MASK
+                    blks.append({"block_hash": h, "tokens_hash": th})
+                data = {"stored": {"parent_hash": parent, "blocks": blks}}
+            else:
+                w, hashes = ev[1], ev[2]
+                data = {"removed": {"block_hashes": hashes}}
+            mine.append((w, json.dumps({"event_id": eid, "data": data}).encode()))
+            eid += 1
+            blocks += len(hashes)
+        out.append(mine)
+    return out, blocks
+
+
+def dynvllm_events(engine: list[list[tuple[Any, ...]]]) -> tuple[list[list[bytes]], int, float]:
+    """Per workload prompt, the keyed batches dynvllm's workers relay; and the workers' keying rate."""
     from dynvllm.router.block_keys import BlockKeys
-    from dynvllm.router.index import tune_gc
-    from dynvllm.runtime.kv_topic import KvEventBatch
-    from dynvllm.settings import RouterSettings
+    from dynvllm.runtime.kv_topic import KV_EVENTS, KvEventBatch
 
-    tune_gc()  # as the frontend does when it routes by KV
-    router = Router(RouterSettings(router="kv"))
     keyers: dict[int, BlockKeys] = {}
     seq: dict[int, int] = {}
-    evs = []
-    image = os.urandom(4096)
-    uuid = hashing.image_uuid(hashing.image_hash(image))
-    extra = [((uuid, -BS * b),) for b in range(IMAGE_TOKENS // BS)]
+    out, blocks = [], 0
     t0 = time.perf_counter()
-    for i, (w, tokens, hashes) in enumerate(batches):  # what each worker does before relaying
-        keyer = keyers.setdefault(w, BlockKeys())
-        if i % IMAGE == 0:  # an image in the first blocks, as vLLM names it in `extra_keys`
-            ev = keyer.translate(("stored", hashes, None, tokens, BS, None, "GPU", extra))
-        else:
-            ev = keyer.translate(("stored", hashes, None, tokens, BS, None))
-        seq[w] = seq.get(w, 0) + 1
-        evs.append(KvEventBatch(f"w{w}", 0, seq[w], [list(ev)]))
-        if i % OFFLOAD == 0:  # the connector offloads the prompt: a store by hash only
-            off = keyer.translate(("stored", hashes, None, [], 0, None, "CPU"))
-            seq[w] += 1
-            evs.append(KvEventBatch(f"w{w}", 0, seq[w], [list(off)]))
-            blocks += len(hashes)
+    for evs in engine:  # what each worker does before relaying
+        mine = []
+        for ev in evs:
+            w = ev[1]
+            keyer = keyers.setdefault(w, BlockKeys())
+            if ev[0] == "stored":
+                _, _, hashes, parent, tokens, ex, medium = ev
+                bs = BS if tokens else 0
+                rev = keyer.translate(("stored", hashes, parent, tokens, bs, None, medium, ex))
+            else:
+                rev = keyer.translate(("removed", ev[2], ev[3]))
+            if rev is None:
+                continue
+            seq[w] = seq.get(w, 0) + 1
+            mine.append(KV_EVENTS.encode(KvEventBatch(f"w{w}", 0, seq[w], [list(rev)])))
+            blocks += len(rev[1])
+        out.append(mine)
     keying = blocks / (time.perf_counter() - t0)
-    del keyers
-    t0 = time.perf_counter()
-    for b in evs:
-        router.on_kv_events(b)
-    ingest = blocks / (time.perf_counter() - t0)
+    assert not any(k.orphans for k in keyers.values())
+    return out, blocks, keying
+
+
+def one_round(
+    core: Any, dyn: list[Any], ours: list[Any], prompts: list[list[int]], rng: random.Random, image: bytes
+) -> dict[str, Any]:
+    from dynvllm.frontend.routing import Router
+    from dynvllm.router import hashing, image_keys
+    from dynvllm.runtime.kv_topic import KV_EVENTS
+    from dynvllm.settings import RouterSettings
+
+    decode = KV_EVENTS.decode
+    router = Router(RouterSettings(router="kv"))
     index = router.index
-    tiers_in = index is not None and index.tiered(hashing.chain(prompts[1], BS)) is not None
-    assert index is not None and tiers_in == (OFFLOAD == 5)
-    lat, hits = [], 0
-    for k in [hashing.chain(p, BS) for p in prompts]:
-        t = time.perf_counter()
-        s = index.tiered(k)  # what the cost reads
-        if s is None:
-            s = index.overlaps(k)
-        lat.append((time.perf_counter() - t) * 1000)
-        hits += bool(s)
-    candidates = [f"w{i}" for i in range(WORKERS)]
-    for c in candidates:
-        router.load.active_blocks[c] = rng.randrange(0, 200)
-    dec = []
+    assert index is not None
+    tree = core.RadixTree() if core is not None else None
+    spent = {"dynamo": 0.0, "dynvllm": 0.0}
+    cpu = {"dynamo": 0.0, "dynvllm": 0.0}  # CPU seconds of the whole process (all threads)
+    for c, start in enumerate(range(0, len(ours), CHUNK)):
+        sides = ["dynamo", "dynvllm"] if c % 2 == 0 else ["dynvllm", "dynamo"]
+        for side in sides:
+            if side == "dynamo":
+                if tree is None:
+                    continue
+                t, c0 = time.perf_counter(), time.process_time()
+                for evs in dyn[start : start + CHUNK]:
+                    for w, body in evs:
+                        tree.apply_event(w, body)
+                tree.find_matches([0])  # returns after the events queued before it are applied
+                spent["dynamo"] += time.perf_counter() - t
+                cpu["dynamo"] += time.process_time() - c0
+            else:
+                t, c0 = time.perf_counter(), time.process_time()
+                for evs in ours[start : start + CHUNK]:
+                    for b in evs:
+                        router.on_kv_events(decode(b))
+                spent["dynvllm"] += time.perf_counter() - t
+                cpu["dynvllm"] += time.process_time() - c0
+
+    def local_hashes(tokens: list[int]) -> list[int]:
+        return [hash(tuple(tokens[s : s + BS])) & MASK for s in range(0, len(tokens) - BS + 1, BS)]
+
     rule = {"token_id": 1, "count": IMAGE_TOKENS}
+    ours_keys = [
+        image_keys.place(p, [image], rule, BS).keys(BS, None)
+        if image and i % IMAGE == 0
+        else hashing.chain(p, BS)
+        for i, p in enumerate(prompts)
+    ]
+    dyn_keys = [local_hashes(p) for p in prompts]
+    lat: dict[str, list[float]] = {"dynamo": [], "dynvllm": [], "plain": []}
+    hits = {"dynamo": 0, "dynvllm": 0}
+    lookup, overlaps = index.lookup, index.overlaps
+    extended = 0  # lookups where some worker's prefix goes on through an offload tier
+    for i in range(len(prompts)):
+        sides = ("dynamo", "dynvllm", "plain")
+        for side in sides[i % 3 :] + sides[: i % 3]:  # each side as often first, second and last
+            if side == "dynamo":
+                if tree is None:
+                    continue
+                t = time.perf_counter()
+                s = tree.find_matches(dyn_keys[i])
+                lat[side].append((time.perf_counter() - t) * 1000)
+                hits[side] += bool(s.scores)
+            elif side == "dynvllm":
+                t = time.perf_counter()
+                gpu, further = lookup(ours_keys[i])  # what the cost reads
+                lat[side].append((time.perf_counter() - t) * 1000)
+                hits[side] += bool(gpu or further)
+                extended += bool(further)
+            else:
+                t = time.perf_counter()
+                overlaps(ours_keys[i])
+                lat[side].append((time.perf_counter() - t) * 1000)
+    candidates = [f"w{i}" for i in range(WORKERS)]
+    for cand in candidates:
+        router.load.active_blocks[cand] = rng.randrange(0, 200)
+    dec = []
     for i, p in enumerate(prompts):
-        images = [image] if i % IMAGE == 0 else None
+        images = [image] if image and i % IMAGE == 0 else None
         t = time.perf_counter()
         router.choose(candidates, p, BS, None, images, rule)
         dec.append((time.perf_counter() - t) * 1000)
-    return {"ingest": ingest, "lookup": lat, "hits": hits, "decision": dec, "keying": keying}
-
-
-def side(name: str) -> None:
-    data = workload()
-    r = (run_dynamo if name == "dynamo" else run_dynvllm)(*data)
-    out = {
-        "side": name,
-        "blocks": data[1],
-        "ingest": r["ingest"],
-        "lookup_p50": pct(r["lookup"], 0.5),
-        "lookup_p99": pct(r["lookup"], 0.99),
-        "hits": r["hits"],
-    }
-    if "decision" in r:
-        out.update(keying=r["keying"])
-        out.update(decision_p50=pct(r["decision"], 0.5), decision_p99=pct(r["decision"], 0.99))
-    print(json.dumps(out), flush=True)
+    tiers_in = index.tiered(ours_keys[1]) is not None
+    del router, index, tree
+    gc.collect()
+    out = {"spent": spent, "cpu": cpu, "lat": lat, "hits": hits, "decision": dec}
+    return {**out, "tiers_in": tiers_in, "extended": extended}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--side", choices=["dynvllm", "dynamo"], help="run one side in this interpreter")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--plain", action="store_true", help="dynvllm without offload tiers and images")
+    ap.add_argument(
+        "--copies",
+        action="store_true",
+        help="no GPU evictions: the lower tiers hold copies of GPU blocks only",
+    )
     args = ap.parse_args()
-    if args.side:
-        side(args.side)
-        return
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from dynvllm.router.index import tune_gc
+
     peers = Path(os.environ.get("PEERS", "/tmp/peers"))
-    dynamo_py = peers / "dynamo-venv/bin/python"
-    pythons = {"dynvllm": sys.executable, "dynamo": str(dynamo_py)}
-    if not dynamo_py.exists():
-        print(f"no {dynamo_py}: dynvllm only (see ../shared/peers/README.md to install Dynamo)")
-        del pythons["dynamo"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')} {os.cpu_count()} cpus, {WORKERS} workers, ~{BLOCKS:,} blocks")
-    results: dict[str, list[dict]] = {}
+    core = load_dynamo(peers)
+    if core is None:
+        print(f"no Dynamo under {peers}/dynamo-venv: dynvllm only (../shared/peers/README.md installs it)")
+    t0 = time.perf_counter()
+    engine, prompts, rng = workload(args.plain, evict=not args.copies)
+    dyn, dyn_blocks = dynamo_events(engine) if core is not None else ([], 0)
+    ours, our_blocks, keying = dynvllm_events(engine)
+    image = b"" if args.plain else IMAGE_BYTES
+    del engine
+    what = "plain" if args.plain else "tiers + images" + (", tiers hold copies only" if args.copies else "")
+    messages = sum(len(evs) for evs in ours)
+    tune_gc()  # as the frontend does when it routes by KV (also freezes the prepared events)
+    print(
+        f"# {time.strftime('%Y-%m-%d %H:%M')} {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f};"
+        f" {WORKERS} workers; block events: dynvllm {our_blocks:,} ({what}),"
+        f" Dynamo {dyn_blocks:,}; prepared in {time.perf_counter() - t0:.0f} s; worker keying"
+        f" {keying / 1e6:.2f}M blocks/s",
+        flush=True,
+    )
+    rows = []
     for r in range(args.rounds):
-        order = list(pythons) if r % 2 == 0 else list(reversed(pythons))
-        for name in order:
-            out = subprocess.run(
-                [pythons[name], __file__, "--side", name, *(["--plain"] if args.plain else [])],
-                env=env,
-                capture_output=True,
-                text=True,
-                check=True,
+        res = one_round(core, dyn, ours, prompts, rng, image)
+        lat, spent = res["lat"], res["spent"]
+        row = {
+            "round": r + 1,
+            "load": os.getloadavg()[0],
+            "dynvllm_ingest": our_blocks / spent["dynvllm"],
+            "dynvllm_ingest_cpu": our_blocks / res["cpu"]["dynvllm"],
+            "dynvllm_batches": messages / spent["dynvllm"],
+            "extended": res["extended"],
+            "dynvllm_p50": pct(lat["dynvllm"], 0.5),
+            "dynvllm_p99": pct(lat["dynvllm"], 0.99),
+            "plain_p50": pct(lat["plain"], 0.5),
+            "plain_p99": pct(lat["plain"], 0.99),
+            "decision_p50": pct(res["decision"], 0.5),
+            "decision_p99": pct(res["decision"], 0.99),
+            "hits": res["hits"]["dynvllm"],
+            "tiers_in": res["tiers_in"],
+        }
+        print(
+            f"round {r + 1} dynvllm ingest {row['dynvllm_ingest'] / 1e6:.2f}M block events/s"
+            f" ({row['dynvllm_ingest_cpu'] / 1e6:.2f}M per CPU-second; {row['dynvllm_batches']:,.0f} relay"
+            f" batches/s); lookup (tier-aware)"
+            f" p50 {row['dynvllm_p50']:.3f} ms p99 {row['dynvllm_p99']:.3f} ms; GPU-only lookup"
+            f" p50 {row['plain_p50']:.3f} p99 {row['plain_p99']:.3f} ms; decision"
+            f" p50 {row['decision_p50']:.3f} p99 {row['decision_p99']:.3f} ms;"
+            f" hits {row['hits']}/{DECISIONS}, {row['extended']} going on through a lower tier",
+            flush=True,
+        )
+        if core is not None:
+            row.update(
+                dynamo_ingest=dyn_blocks / spent["dynamo"],
+                dynamo_ingest_cpu=dyn_blocks / res["cpu"]["dynamo"],
+                dynamo_p50=pct(lat["dynamo"], 0.5),
+                dynamo_p99=pct(lat["dynamo"], 0.99),
+                dynamo_hits=res["hits"]["dynamo"],
             )
-            res = json.loads(out.stdout.strip().splitlines()[-1])
-            results.setdefault(name, []).append(res)
-            line = (
-                f"round {r + 1} {name:8s} ingest {res['ingest'] / 1e6:.2f}M blocks/s; lookup p50 "
-                f"{res['lookup_p50']:.3f} ms p99 {res['lookup_p99']:.3f} ms; hits {res['hits']}/{DECISIONS}"
-            )
-            if "decision_p99" in res:
-                line += (
-                    f"; decision p50 {res['decision_p50']:.3f} ms p99 {res['decision_p99']:.3f} ms;"
-                    f" worker keying {res['keying'] / 1e6:.2f}M blocks/s"
-                )
-            print(line, flush=True)
-    if len(results) == 2:
-        for r in range(args.rounds):
-            a, b = results["dynvllm"][r], results["dynamo"][r]
             print(
-                f"round {r + 1}: ingest {a['ingest'] / b['ingest']:.2f}x Dynamo's; lookup p99 "
-                f"{a['lookup_p99']:.3f} vs {b['lookup_p99']:.3f} ms"
+                f"round {r + 1} Dynamo  ingest {row['dynamo_ingest'] / 1e6:.2f}M block events/s"
+                f" ({row['dynamo_ingest_cpu'] / 1e6:.2f}M per CPU-second); lookup"
+                f" p50 {row['dynamo_p50']:.3f} ms p99 {row['dynamo_p99']:.3f} ms;"
+                f" hits {row['dynamo_hits']}/{DECISIONS}",
+                flush=True,
             )
+            ingest = row["dynvllm_ingest"] / row["dynamo_ingest"]
+            ingest_cpu = row["dynvllm_ingest_cpu"] / row["dynamo_ingest_cpu"]
+            p50, p99 = row["dynvllm_p50"] / row["dynamo_p50"], row["dynvllm_p99"] / row["dynamo_p99"]
+            print(
+                f"round {r + 1}: ingest {ingest:.2f}x Dynamo's (per CPU-second {ingest_cpu:.2f}x);"
+                f" lookup p50 {p50:.2f}x, p99 {p99:.2f}x Dynamo's; tier-aware lookup"
+                f" p50 {row['dynvllm_p50'] / row['plain_p50']:.2f}x the GPU-only one"
+                f" (load {row['load']:.1f})",
+                flush=True,
+            )
+        rows.append(row)
+    print(json.dumps(rows))
 
 
 if __name__ == "__main__":

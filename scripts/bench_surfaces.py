@@ -6,8 +6,11 @@ length), side by side in one run.
 One `dynvllm serve agg --engine sim` with no prefill or decode time (the frontend is the
 bottleneck); per round and surface, a closed loop at concurrency C of N requests; the surfaces
 take turns (their order rotates each round). Printed: req/s and the frontend process's CPU ms per
-request (user + system, psutil), medians over rounds, and each surface's ratio to chat.
-Run: .venv/bin/python scripts/bench_surfaces.py [--requests 1500] [--concurrency 32] [--rounds 3]
+request (user + system, psutil), medians over rounds, each surface's ratio of medians to chat,
+and the median of its per-round CPU ratios to chat's round ("paired": load from other processes
+drifts between rounds, less within one).
+Run: .venv/bin/python scripts/bench_surfaces.py [--stream] [--unstored] [--api-surfaces LIST]
+[--requests 1500] [--concurrency 32] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -34,9 +37,14 @@ TEXT = (
 OUT = 16
 
 
-def bodies(stream: bool) -> dict[str, tuple[str, dict]]:
-    """Each surface's path and body for the same conversation and output length."""
+def bodies(stream: bool, unstored: bool = False) -> dict[str, tuple[str, dict]]:
+    """Each surface's path and body for the same conversation and output length (`unstored`: a
+    Responses request with `store: false` as well, to tell the store's part)."""
     msgs = [{"role": "user", "content": TEXT}]
+    more = {}
+    if unstored:
+        body = {"model": "m", "input": TEXT, "max_output_tokens": OUT, "stream": stream, "store": False}
+        more["resp-nostore"] = ("/v1/responses", body)
     return {
         "chat": (
             "/v1/chat/completions",
@@ -47,6 +55,7 @@ def bodies(stream: bool) -> dict[str, tuple[str, dict]]:
             {"model": "m", "input": TEXT, "max_output_tokens": OUT, "stream": stream},
         ),
         "messages": ("/v1/messages", {"model": "m", "messages": msgs, "max_tokens": OUT, "stream": stream}),
+        **more,
     }
 
 
@@ -85,6 +94,8 @@ async def main(args) -> None:
     url = f"http://127.0.0.1:{port}"
     sim = ["--engine", "sim", "--sim-prefill-us-per-token", "0", "--sim-decode-ms-per-step", "0"]
     cmd = ["serve", "agg", "--model", str(model), "--served-model-name", "m", "--workers", "1", *sim]
+    if args.api_surfaces:  # their order is the routes' order: a path matched later costs more
+        cmd += ["--api-surfaces", args.api_surfaces]
     cmd += ["--namespace", f"surfaces{os.getpid()}", "--http-host", "127.0.0.1", "--http-port", str(port)]
     log = open(tmp / "serve.log", "wb")
     proc = start(cmd, log)
@@ -98,7 +109,7 @@ async def main(args) -> None:
             frontend = next(
                 p for p in psutil.Process(proc.pid).children(recursive=True) if "frontend" in p.cmdline()
             )
-            surfaces = bodies(args.stream)
+            surfaces = bodies(args.stream, args.unstored)
             for name, (path, body) in surfaces.items():  # warm-up, and the same output length everywhere
                 async with session.post(url + path, json={**body, "stream": False}) as r:
                     assert r.status == 200, (name, await r.text())
@@ -124,16 +135,17 @@ async def main(args) -> None:
     )
     print(
         f"{'surface':10s} {'req/s':>9s} {'(spread)':>15s} {'CPU ms/req':>11s} {'(spread)':>15s} "
-        f"{'rps ratio':>9s} {'CPU ratio':>9s}"
+        f"{'rps ratio':>9s} {'CPU ratio':>9s} {'paired':>7s}"
     )
     base = {k: statistics.median(x[k] for x in results["chat"]) for k in (0, 1)}
     for name, rows in results.items():
         rps = [r[0] for r in rows]
         cpu = [r[1] for r in rows]
         mr, mc = statistics.median(rps), statistics.median(cpu)
+        paired = statistics.median(r[1] / c[1] for r, c in zip(rows, results["chat"], strict=True))
         print(
             f"{name:10s} {mr:9.1f} {f'{min(rps):.0f}-{max(rps):.0f}':>15s} {mc:11.3f} "
-            f"{f'{min(cpu):.3f}-{max(cpu):.3f}':>15s} {mr / base[0]:9.2f} {mc / base[1]:9.2f}"
+            f"{f'{min(cpu):.3f}-{max(cpu):.3f}':>15s} {mr / base[0]:9.2f} {mc / base[1]:9.2f} {paired:7.2f}"
         )
 
 
@@ -141,6 +153,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=1500)
     ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--stream", action="store_true", help="streamed answers (SSE) instead of whole bodies")
+    ap.add_argument("--unstored", action="store_true", help="a Responses row with store: false as well")
+    ap.add_argument("--api-surfaces", help="the frontend's --api-surfaces (default: every installed one)")
     asyncio.run(main(ap.parse_args()))

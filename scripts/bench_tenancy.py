@@ -12,6 +12,9 @@ TTFT p50; then the on/off ratio of the medians.
     .venv/bin/python scripts/bench_tenancy.py --concurrency 32 --new-connections
     .venv/bin/python scripts/bench_tenancy.py --concurrency 2000
     .venv/bin/python scripts/bench_tenancy.py --concurrency 5000 --http-workers 2
+
+The "on" service's queue holds requests by the workers' load reports (`--admission-max-waiting 0`:
+no engine queues any), or with `--saturation inflight` by its own in-flight count.
 """
 
 from __future__ import annotations
@@ -83,8 +86,12 @@ def start(args, model: str, port: int, on: bool, folder: Path) -> subprocess.Pop
     if on and "tenants" in args.on:
         cmd += ["--tenants-file", str(tenants_file(folder))]
     if on and "queue" in args.on:
-        cmd += ["--max-inflight-per-worker", str(args.max_num_seqs)]
+        if args.saturation == "reports":  # the workers' load reports: no engine queues requests
+            cmd += ["--admission-max-waiting", "0"]
+        else:  # the frontend's own count: the engines' batch per worker
+            cmd += ["--max-inflight-per-worker", str(args.max_num_seqs)]
         cmd += ["--admission-queue-size", str(args.concurrency * 2)]
+        cmd += ["--admission-timeout", str(args.admission_timeout)]
     log = open(folder / f"{'on' if on else 'off'}.log", "w")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -191,6 +198,14 @@ def main() -> None:
     ap.add_argument("--keep-logs", action="store_true", help="keep the services' logs (and the model built)")
     ap.add_argument("--together", action="store_true", help="load both services at once in each round")
     ap.add_argument("--on", default="tenants,queue", help="what the 'on' service turns on: tenants, queue")
+    ap.add_argument(
+        "--saturation",
+        choices=["reports", "inflight"],
+        default="reports",
+        help="what holds requests in the queue: the workers' load reports (--admission-max-waiting 0) "
+        "or the frontend's in-flight count (--max-inflight-per-worker = --max-num-seqs)",
+    )
+    ap.add_argument("--admission-timeout", type=float, default=30.0)
     args = ap.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench-tenancy-"))
     model = args.model

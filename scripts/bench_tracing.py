@@ -12,6 +12,10 @@ service samples a share R of them (OTEL_TRACES_SAMPLER=parentbased_traceidratio)
 
     .venv/bin/python scripts/bench_tracing.py --concurrency 32 --new-connections
     .venv/bin/python scripts/bench_tracing.py --concurrency 32 --new-connections --sample 0.05
+
+`--baseline-tree DIR` adds a third service, "base": tracing on as "on", but running the code of
+another source tree (e.g. `git archive HEAD | tar -x -C DIR`), so that a change is measured
+against the code before it in the same run.
 """
 
 from __future__ import annotations
@@ -41,8 +45,7 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 """
 
 
-def start(args, model: str, port: int, otlp: str | None, folder: Path) -> subprocess.Popen:
-    name = "on" if otlp else "off"
+def start(args, name: str, model: str, port: int, otlp: str | None, folder: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "dynvllm", "serve", "agg", "--model", model, "--served-model-name", "m"]
     cmd += [
         "--engine",
@@ -55,6 +58,9 @@ def start(args, model: str, port: int, otlp: str | None, folder: Path) -> subpro
     cmd += ["--namespace", f"bench-tracing-{name}-{os.getpid()}"]
     cmd += ["--http-host", "127.0.0.1", "--http-port", str(port)]
     env = dict(os.environ)
+    if name == "base":
+        tree = str(Path(args.baseline_tree).resolve())
+        env["PYTHONPATH"] = os.pathsep.join([tree, str(Path(tree) / "plugins"), env.get("PYTHONPATH", "")])
     if otlp:
         cmd += ["--otlp-traces-endpoint", otlp]
         env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = "http/protobuf"
@@ -62,7 +68,30 @@ def start(args, model: str, port: int, otlp: str | None, folder: Path) -> subpro
             env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
             env["OTEL_TRACES_SAMPLER_ARG"] = str(args.sample)
     log = open(folder / f"{name}.log", "w")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    # `python -m` puts the working folder first on the path: the baseline runs from its tree.
+    cwd = args.baseline_tree if name == "base" else None
+    return subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=cwd
+    )
+
+
+def cpu_seconds(proc: subprocess.Popen) -> dict[str, float]:
+    """CPU seconds used so far by a service's processes, by kind (serve, frontend, worker)."""
+    import psutil
+
+    out: dict[str, float] = {}
+    root = psutil.Process(proc.pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            args = p.cmdline()
+        except psutil.Error:
+            continue
+        kind = (
+            "serve" if p.pid == proc.pid else next((a for a in ("frontend", "worker") if a in args), "other")
+        )
+        out[kind] = out.get(kind, 0.0) + t.user + t.system
+    return out
 
 
 def traceparent() -> str:
@@ -111,12 +140,11 @@ async def load(base: str, args) -> dict:
 
 
 async def together(ports: dict[str, int], args) -> dict[str, dict]:
-    """Both loads at once: what slows the machine (other work on it) slows both alike, and the
+    """Every load at once: what slows the machine (other work on it) slows all alike, and the
     service that costs more CPU per request serves fewer in the same time."""
-    off, on = await asyncio.gather(
-        load(f"http://127.0.0.1:{ports['off']}", args), load(f"http://127.0.0.1:{ports['on']}", args)
-    )
-    return {"off": off, "on": on}
+    names = list(ports)
+    stats = await asyncio.gather(*(load(f"http://127.0.0.1:{ports[n]}", args) for n in names))
+    return dict(zip(names, stats, strict=True))
 
 
 def main() -> None:
@@ -130,7 +158,8 @@ def main() -> None:
     ap.add_argument("--decode-ms", type=float, default=10.0)
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--sample", type=float, help="share of requests traced (default: every one)")
-    ap.add_argument("--together", action="store_true", help="load both services at once in each round")
+    ap.add_argument("--together", action="store_true", help="load the services at once in each round")
+    ap.add_argument("--baseline-tree", help="a source tree to run a third service from, traced as 'on'")
     args = ap.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench-tracing-"))
     model = args.model
@@ -142,8 +171,10 @@ def main() -> None:
     rport = free_port()
     receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, str(rport)], start_new_session=True)
     ports = {"off": free_port(), "on": free_port()}
+    if args.baseline_tree:
+        ports["base"] = free_port()
     otlp = f"http://127.0.0.1:{rport}/v1/traces"
-    procs = {name: start(args, model, ports[name], otlp if name == "on" else None, folder) for name in ports}
+    procs = {n: start(args, n, model, ports[n], otlp if n != "off" else None, folder) for n in ports}
     try:
         for name, proc in procs.items():
             wait_ready(ports[name], proc)
@@ -151,10 +182,12 @@ def main() -> None:
             asyncio.run(
                 load(f"http://127.0.0.1:{ports[name]}", argparse.Namespace(**{**vars(args), "seconds": 3.0}))
             )
-        rows: dict[str, list[dict]] = {"off": [], "on": []}
+        rows: dict[str, list[dict]] = {n: [] for n in ports}
         for k in range(args.rounds):
-            order = ["off", "on"] if k % 2 == 0 else ["on", "off"]
+            order = list(ports) if k % 2 == 0 else list(reversed(ports))
+            cpu0 = {n: cpu_seconds(procs[n]) for n in ports}
             both = asyncio.run(together(ports, args)) if args.together else {}
+            cpu1 = {n: cpu_seconds(procs[n]) for n in ports}
             for name in order:
                 s = both.get(name) or asyncio.run(load(f"http://127.0.0.1:{ports[name]}", args))
                 rows[name].append(s)
@@ -163,15 +196,31 @@ def main() -> None:
                     f"TTFT p50 {s['ttft_p50_ms']:.1f} ms",
                     flush=True,
                 )
-        off = statistics.median(r["rps"] for r in rows["off"])
-        on = statistics.median(r["rps"] for r in rows["on"])
-        print(
-            f"c={args.concurrency} new_connections={args.new_connections} sample={args.sample} "
-            f"together={args.together}: "
-            f"median req/s off {off:.1f}, "
-            f"on {on:.1f}, on/off {on / off:.3f}; errors off {sum(r['errors'] for r in rows['off'])}, "
-            f"on {sum(r['errors'] for r in rows['on'])}"
-        )
+                if both:  # CPU per answered request, by process kind (both loads ran together)
+                    per = {
+                        kind: (cpu1[name][kind] - cpu0[name].get(kind, 0.0)) / max(1, s["ok"])
+                        for kind in cpu1[name]
+                    }
+                    print(
+                        "    CPU ms/request: "
+                        + ", ".join(f"{kind} {1000 * v:.2f}" for kind, v in per.items())
+                    )
+            ratios = ", ".join(
+                f"{n}/off {rows[n][-1]['rps'] / rows['off'][-1]['rps']:.3f}" for n in ports if n != "off"
+            )
+            print(f"round {k + 1}: {ratios}", flush=True)
+        med = {n: statistics.median(r["rps"] for r in rows[n]) for n in ports}
+        for n in ports:
+            if n == "off":
+                continue
+            per_round = [a["rps"] / b["rps"] for a, b in zip(rows[n], rows["off"], strict=True)]
+            print(
+                f"c={args.concurrency} new_connections={args.new_connections} sample={args.sample} "
+                f"together={args.together}: {n}/off per round "
+                f"{', '.join(f'{x:.3f}' for x in per_round)} (median {statistics.median(per_round):.3f}); "
+                f"median req/s off {med['off']:.1f}, {n} {med[n]:.1f}, ratio {med[n] / med['off']:.3f}; "
+                f"errors off {sum(r['errors'] for r in rows['off'])}, {n} {sum(r['errors'] for r in rows[n])}"
+            )
     finally:
         for proc in procs.values():
             stop(proc)

@@ -66,3 +66,39 @@ def test_a_worker_call_continues_the_callers_trace_and_hands_its_own_span_on():
     handed = seen[0]["trace"]["traceparent"]
     assert handed == f"00-4bf92f3577b34da6a3ce929d0e0e4736-{format(span.context.span_id, '016x')}-01"
     t.shutdown()
+
+
+def test_a_request_makes_three_frontend_spans_and_its_worker_calls_carry_the_root():
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    spans = InMemorySpanExporter()
+    t = tracing.Tracing("unused", "test", SimpleSpanProcessor(spans))
+    root = t.start("dynvllm.request", t.extract({"traceparent": PARENT}), server=True)
+    trace = tracing.RequestTrace(t, root)
+    trace.admission = t.start("admission", root)
+    with trace.span("route", **{"dynvllm.endpoint": "generate"}):
+        pass
+    hop = trace.generate("w1")
+    carried = trace.carrier(hop)
+    # The same header the W3C propagator writes, for the root span.
+    expected: dict[str, str] = {}
+    TraceContextTextMapPropagator().inject(expected, context=t._trace.set_span_in_context(root))
+    assert carried == expected and carried["traceparent"].endswith(
+        f"{root.get_span_context().span_id:016x}-01"
+    )
+    trace.first_token(hop)
+    hop.end()  # no span of its own: nothing ends
+    trace.end("200", **{"dynvllm.completion_tokens": 3})
+    done = {s.name: s for s in spans.get_finished_spans()}
+    assert sorted(done) == ["admission", "dynvllm.request", "route"]
+    top = done["dynvllm.request"]
+    assert [e.name for e in top.events] == ["first token", "stream end"]
+    assert top.events[0].attributes["dynvllm.worker"] == "w1"
+    assert top.attributes["http.status_code"] == 200 and top.attributes["dynvllm.completion_tokens"] == 3
+    assert all(done[n].parent.span_id == top.context.span_id for n in ("admission", "route"))
+    # The resource's hash is computed once (the exporter hashes it for every span).
+    assert hash(top.resource) == hash(top.resource) and top.resource._hash is not None
+    t.shutdown()

@@ -19,14 +19,21 @@ def register(app: typer.Typer) -> None:
         vision: bool = typer.Option(
             False, "--vision", help="A tiny BLIP-2 (images in, text out) instead of the text model."
         ),
+        classify: bool = typer.Option(
+            False,
+            "--classify",
+            help="A tiny Qwen2ForSequenceClassification (3 labels) for `serve embed` and /classify.",
+        ),
     ) -> None:
         """Build a tiny random Qwen2 model (and tokenizer) that vLLM runs in seconds."""
         import os
 
         from dynvllm.cli.failure import fail as _fail
 
-        if vision and lora:
+        if (vision or classify) and lora:
             raise typer.BadParameter("--lora goes with the text model only", param_hint="--lora")
+        if vision and classify:
+            raise typer.BadParameter("choose one of --vision and --classify", param_hint="--classify")
         # Before the heavy imports and the build: a folder that cannot be written is one line.
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -34,8 +41,12 @@ def register(app: typer.Typer) -> None:
             raise _fail(f"cannot create the folder {path}: {exc.strerror or exc}") from None
         if not os.access(path, os.W_OK):
             raise _fail(f"cannot write into the folder {path}: permission denied")
-        from dynvllm.models.tiny import build_tiny_lora, build_tiny_model
+        from dynvllm.models.tiny import build_tiny_classifier, build_tiny_lora, build_tiny_model
 
+        if classify:
+            build_tiny_classifier(path, seed=seed)
+            typer.echo(f"tiny classifier (Qwen2ForSequenceClassification) written to {path}")
+            return
         if vision:
             from dynvllm.models.tiny_vision import build_tiny_vision_model
 

@@ -12,9 +12,12 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Match, Route
+from starlette.routing import Router as StarletteRouter
+from starlette.types import Receive, Scope, Send
 
 from dynvllm.frontend import bodies
 from dynvllm.frontend.admin import AdminCalls, OnDemandAdapters
+from dynvllm.frontend.admission_load import Thresholds
 from dynvllm.frontend.auth import ApiKeyMiddleware
 from dynvllm.frontend.errors import RequestError
 from dynvllm.frontend.gate import AdmissionGate
@@ -27,6 +30,32 @@ from dynvllm.frontend.surface import Surface, load_surfaces
 from dynvllm.frontend.tenancy import Tenants
 from dynvllm.runtime.streams import StreamClientPool
 from dynvllm.settings import Settings
+
+
+class _StaticFirst(StarletteRouter):
+    """Starlette tries routes one by one, so a surface loaded late paid for every route before
+    its own (/v1/responses was 24th of 27: 12.7 us against chat's 6.2). A path without
+    parameters, as every inference route has, finds its routes by one lookup instead; the rest
+    (parameters, a wrong method's 405, unknown paths) goes through Starlette's own matching."""
+
+    def __init__(self, routes: list[BaseRoute]) -> None:
+        super().__init__(routes)
+        self._static: dict[str, list[Route]] = {}
+        for route in routes:
+            if isinstance(route, Route) and not route.param_convertors:
+                self._static.setdefault(route.path, []).append(route)
+
+    async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for route in self._static.get(scope["path"], ()):
+                match, child_scope = route.matches(scope)
+                if match is Match.FULL:
+                    scope.setdefault("router", self)
+                    scope["route"] = route
+                    scope.update(child_scope)
+                    await route.handle(scope, receive, send)
+                    return
+        await super().app(scope, receive, send)
 
 
 class FrontendApp:
@@ -73,6 +102,7 @@ class FrontendApp:
             settings.max_inflight_per_worker,
             settings.admission_queue_size,
             settings.admission_timeout,
+            Thresholds(settings.admission_max_waiting, settings.admission_max_kv_use),
         )
         self.path.on_admit.append(self.gate.enter)
         self.path.on_end.append(self.gate.leave)
@@ -106,6 +136,7 @@ class FrontendApp:
             middleware=middleware,
             exception_handlers={HTTPException: _http_error, Exception: _internal_error},
         )
+        self.app.router = _StaticFirst(routes)
 
     def _registered(self, inst: Any) -> None:
         if inst.component == "worker" and inst.card.get("model"):

@@ -253,9 +253,7 @@ class Dispatch:
             if self.rank is not None:
                 handoff["dp_rank"] = self.rank
             if self.trace is not None:
-                self._hop_span = self.trace.tracing.start(
-                    "generate", self.trace.root, attrs={"dynvllm.worker": self.worker_id}
-                )
+                self._hop_span = self.trace.generate(self.worker_id)
                 handoff["trace"] = self.trace.carrier(self._hop_span)
             stream = conn.call(self.terminal, protocol.generate_request(rid, prompt, sampling, **handoff))
             ticket = self.router.started(self.worker_id, self.blocks, self.rank, keys)

@@ -1,14 +1,19 @@
 """The admission gate: requests wait in the frontend while a model's workers are saturated.
 
-Saturated means: the requests this frontend has let through to a model and not yet seen end reach
-`--max-inflight-per-worker` times the model's ready workers (those that end its chains, awake).
+Saturated means either of (each where set):
+- every ready worker of the model (those that end its chains, awake) reports an engine queue of
+  `--admission-max-waiting` requests or its KV blocks `--admission-max-kv-use` full, counting what
+  this frontend let through since their reports (`admission_load`);
+- the requests this frontend has let through to a model and not yet seen end reach
+  `--max-inflight-per-worker` times its ready workers.
 The rest wait in a `FairQueue` (priority, then tenants in turn), at most `--admission-queue-size`
 of them, each for at most `--admission-timeout` seconds from its arrival; then a 503 with
 Retry-After. A request's priority is its `x-dynvllm-priority` header, else its body's `priority`
 field where the API has one; lower goes first, as in vLLM.
 
-The gate counts what it lets through itself, not what workers report: a released request reaches
-its worker's count only once its stream opens, and counting that late would let a burst through.
+The gate counts what it lets through itself as well as what workers report: a released request
+reaches its worker's count only once its stream opens, and counting that late would let a burst
+through.
 """
 
 from __future__ import annotations
@@ -21,10 +26,13 @@ from typing import Any, NamedTuple
 from prometheus_client import Counter, Gauge, Histogram
 
 from dynvllm.frontend.admission import FairQueue, free_slots
+from dynvllm.frontend.admission_load import Report, Thresholds, fits
 from dynvllm.frontend.errors import RequestError
 from dynvllm.frontend.metrics import FrontendMetrics
 from dynvllm.frontend.models import ModelEntry, ModelRegistry
 from dynvllm.frontend.request_path import Admitted
+from dynvllm.runtime.discovery import Instance
+from dynvllm.runtime.events import LOAD, EventBus, LoadMetrics
 
 PRIORITY_HEADER = "x-dynvllm-priority"
 #: vLLM's server reads its own header of the same meaning; clients written for it send this one.
@@ -46,17 +54,27 @@ class _ModelMetrics(NamedTuple):
     waited: Any
 
 
-def ready_workers(entry: ModelEntry | None, terminal: str) -> int:
+def ready(entry: ModelEntry | None, terminal: str) -> list[Instance]:
     """Workers of the model that end chains at `terminal` and are awake."""
     if entry is None:
-        return 0
-    return sum(
-        1
+        return []
+    return [
+        inst
         for inst in entry.instances.values()
         if terminal in inst.endpoints
         and inst.card.get("terminal", True) is not False
         and not inst.card.get("sleeping")
-    )
+    ]
+
+
+def ready_workers(entry: ModelEntry | None, terminal: str) -> int:
+    return len(ready(entry, terminal))
+
+
+def batch_size(inst: Instance) -> int | None:
+    """Requests the worker's engines run at once (None: its card does not say)."""
+    seqs = inst.card.get("max_num_seqs")
+    return int(seqs) * int(inst.card.get("dp_size") or 1) if seqs else None
 
 
 class AdmissionGate:
@@ -67,10 +85,20 @@ class AdmissionGate:
         limit_per_worker: int,
         queue_size: int,
         timeout: float,
+        thresholds: Thresholds | None = None,
     ) -> None:
         self.models, self.limit, self.size, self.timeout = models, limit_per_worker, queue_size, timeout
+        self.thresholds = thresholds or Thresholds()
+        #: Some measure of saturation is on: requests are counted and may wait.
+        self.active = self.limit > 0 or self.thresholds.on
         self.queues: dict[Key, FairQueue[_Ticket]] = {}
         self.inflight: dict[Key, int] = {}
+        #: Workers' last load reports (with this frontend's counts when each arrived).
+        self.reports: dict[str, Report] = {}
+        #: This frontend's requests let through to each model and not ended, and their prompt blocks.
+        self.model_requests: dict[str, float] = {}
+        self.model_blocks: dict[str, float] = {}
+        self._sub: Any = None
         #: Seconds a released request took to end, averaged (for Retry-After).
         self._service: dict[Key, float] = {}
         self.waiting = 0
@@ -104,7 +132,7 @@ class AdmissionGate:
         priority = request_priority(r)
         for d in r.dispatches:
             d.priority = priority  # the engine's scheduler orders by it too (policy "priority")
-        if self.limit <= 0:
+        if not self.active:
             return
         key = (r.entry.name, r.dispatch.terminal)
         queue = self.queues.setdefault(key, FairQueue())
@@ -138,8 +166,10 @@ class AdmissionGate:
         held = r.notes.pop("gate", None)
         if held is None:
             return
-        key, weight, since = held
+        key, weight, blocks, since = held
         self.inflight[key] -= weight
+        self.model_requests[key[0]] -= weight
+        self.model_blocks[key[0]] -= blocks
         took = time.monotonic() - since
         avg = self._service.get(key)
         self._service[key] = took if avg is None else 0.9 * avg + 0.1 * took
@@ -147,8 +177,41 @@ class AdmissionGate:
 
     def changed(self, _inst: object = None) -> None:
         """Discovery saw a worker come, go or change (woke up): capacity may have grown."""
+        if len(self.reports) > 2 * sum(len(e.instances) for e in self.models.models.values()) + 16:
+            live = {i for e in self.models.models.values() for i in e.instances}
+            self.reports = {w: rep for w, rep in self.reports.items() if w in live}
         for key in list(self.queues):
             self._pump(key)
+
+    def report(self, m: LoadMetrics) -> None:
+        """A worker's load report: its room may have grown (or gone)."""
+        model = next((e.name for e in self.models.models.values() if m.instance_id in e.instances), None)
+        if model is None:
+            return
+        self.reports[m.instance_id] = Report(
+            m.running,
+            m.waiting,
+            m.kv_used_blocks,
+            m.kv_total_blocks,
+            self.model_requests.get(model, 0.0),
+            self.model_blocks.get(model, 0.0),
+        )
+        for key in list(self.queues):
+            if key[0] == model:
+                self._pump(key)
+
+    async def watch(self, nc: Any, namespace: str) -> None:
+        """Take the workers' load reports (only when a threshold on them is set)."""
+        if self.thresholds.on:
+            self._sub = await EventBus(nc, namespace).subscribe(LOAD, self.report)
+
+    async def unwatch(self) -> None:
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            try:
+                await sub.unsubscribe()
+            except Exception:  # NATS already closing: nothing more arrives either way
+                pass
 
     def close(self) -> None:
         """The frontend drains: nobody waits any longer."""
@@ -162,8 +225,16 @@ class AdmissionGate:
 
     # ---- inside -------------------------------------------------------------------------------
     def _free(self, key: Key) -> int:
-        workers = ready_workers(self.models.models.get(key[0]), key[1])
-        return free_slots(self.limit, workers, self.inflight.get(key, 0))
+        workers = ready(self.models.models.get(key[0]), key[1])
+        free = free_slots(self.limit, len(workers), self.inflight.get(key, 0))
+        if free > 0 and self.thresholds.on:
+            loads = [(self.reports.get(inst.id), batch_size(inst)) for inst in workers]
+            model = key[0]
+            if not fits(
+                loads, self.thresholds, self.model_requests.get(model, 0.0), self.model_blocks.get(model, 0.0)
+            ):
+                return 0
+        return free
 
     def _metrics(self, model: str) -> _ModelMetrics:
         """A model's metric children, looked up once."""
@@ -174,8 +245,11 @@ class AdmissionGate:
 
     def _take(self, r: Admitted, key: Key) -> None:
         weight = len(r.dispatches)
+        blocks = sum(d.blocks for d in r.dispatches)
         self.inflight[key] = self.inflight.get(key, 0) + weight
-        r.notes["gate"] = (key, weight, time.monotonic())
+        self.model_requests[key[0]] = self.model_requests.get(key[0], 0.0) + weight
+        self.model_blocks[key[0]] = self.model_blocks.get(key[0], 0.0) + blocks
+        r.notes["gate"] = (key, weight, blocks, time.monotonic())
 
     def _pump(self, key: Key) -> None:
         queue = self.queues.get(key)

@@ -86,11 +86,19 @@ class PostProcessor:
         matcher = self.stops[i]
         if matcher.matched is not None:
             return None
-        ids = d.get("token_ids") or []
-        self.usage.completion_tokens += len(ids)
-        self.generated[i].extend(ids)
+        ids = list(d.get("token_ids") or [])
         stream = self.texts[i]
-        emitted = matcher.feed("".join([stream.step(t) for t in ids]))
+        emitted = ""
+        for k, t in enumerate(ids):
+            emitted += matcher.feed(stream.step(t))
+            if matcher.matched is not None:
+                # Tokens the engine made past a stop string in the same delta are not part of the
+                # output: vLLM's count and token ids end with the token that completed the match.
+                del ids[k + 1 :]
+                break
+        self.usage.completion_tokens += len(ids)
+        context = self.generated[i][-_CONTEXT:]
+        self.generated[i].extend(ids)
         finish = d.get("finish_reason")
         stop_reason = None
         if matcher.matched is not None:
@@ -102,30 +110,62 @@ class PostProcessor:
         if finish is not None:
             self.finished[i] = True
         raw = d.get("logprobs")
-        lps = self._logprobs(ids, raw) if raw is not None else None
-        return ChoiceDelta(i, emitted, list(ids), lps, finish, stop_reason)
+        lps = self._logprobs(ids, raw, context) if raw is not None else None
+        return ChoiceDelta(i, emitted, ids, lps, finish, stop_reason)
 
     def prompt_logprob_entries(self, prompt_ids: list[int]) -> list:
         """[[token_text, logprob | None, [[top_text, logprob], ...] | None], ...] for the prompt."""
-        decode = self.tok.decode
         raw = self.prompt_logprobs or [None] * len(prompt_ids)
         out: list[list[Any]] = []
+        context: list[int] = []  # as vLLM: the prompt tokens before, the first one left out
         for tid, entry in zip(prompt_ids, raw, strict=False):
-            text = decode([tid], skip_special_tokens=False)
             if entry is None:
-                out.append([text, None, None])
+                out.append([token_text(self.tok, tid, []), None, None])
             else:
                 lp, top = entry
-                out.append([text, lp, [[decode([t], skip_special_tokens=False), tlp] for t, tlp in top]])
+                ctx = context[-_CONTEXT:]
+                tops = [[token_text(self.tok, t, ctx), tlp] for t, tlp in top]
+                out.append([token_text(self.tok, tid, ctx), lp, tops])
+                context.append(tid)
         return out
 
-    def _logprobs(self, ids: list[int], raw: list) -> list:
-        decode = self.tok.decode
-        return [
-            [
-                decode([tid], skip_special_tokens=False),
-                lp,
-                [[decode([t], skip_special_tokens=False), tlp] for t, tlp in top],
-            ]
-            for tid, (lp, top) in zip(ids, raw, strict=False)
-        ]
+    def _logprobs(self, ids: list[int], raw: list, context: list[int]) -> list:
+        out = []
+        context = list(context)
+        for tid, (lp, top) in zip(ids, raw, strict=False):
+            ctx = context[-_CONTEXT:]
+            tops = [[token_text(self.tok, t, ctx), tlp] for t, tlp in top]
+            out.append([token_text(self.tok, tid, ctx), lp, tops])
+            context.append(tid)
+        return out
+
+
+#: How many sampled tokens before a logprob entry vLLM reads to finish its UTF-8 character.
+_CONTEXT = 4
+
+
+def token_text(tok: Tokenizer, tid: int, context: list[int]) -> str:
+    """A logprob entry's token text as vLLM's engine gives it: the token decoded alone, unless
+    that ends in U+FFFD (one byte of a character split across tokens); then the text the token
+    adds after up to 4 tokens before it, or "" while the character is still incomplete."""
+    text = tok.decode([tid], skip_special_tokens=False)
+    if not text.endswith("\ufffd"):
+        return text
+    for n in range(1, len(context) + 1):
+        ctx = context[-n:]
+        full = tok.decode([*ctx, tid], skip_special_tokens=False)
+        if full.endswith("\ufffd"):
+            continue
+        clean = len(ctx)
+        while clean > 0 and tok.decode([ctx[clean - 1]], skip_special_tokens=False).endswith("\ufffd"):
+            clean -= 1
+        prefix = tok.decode(ctx[:clean], skip_special_tokens=False) if clean else ""
+        if full.startswith(prefix):
+            return full[len(prefix) :]
+        common = 0
+        for a, b in zip(prefix, full, strict=False):
+            if a != b:
+                break
+            common += 1
+        return full[common:]
+    return ""

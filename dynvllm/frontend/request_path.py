@@ -366,10 +366,12 @@ class RequestPath:
         m.of(m.prompt_tokens, admitted.model).inc(sum(len(p.prompt_ids) for p in parts))
         return admitted
 
-    async def call_all(self, r: Admitted, options: dict[str, Any]) -> list[Any]:
-        """Each prompt's answer from its terminal worker, in prompt order (calls run together)."""
+    async def call_all(self, r: Admitted, options: dict[str, Any], task: str | None = None) -> list[Any]:
+        """Each prompt's answer from its terminal worker, in prompt order (calls run together);
+        `task` names a pooling task other than the stage's own (classify on the embed stage)."""
+        extra = {"task": task} if task is not None else {}
         calls = [
-            d.call(protocol.pool_request(f"{d.request_id}-{k}", d.prompt_ids, options))
+            d.call(protocol.pool_request(f"{d.request_id}-{k}", d.prompt_ids, options, **extra))
             for k, d in enumerate(r.dispatches)
         ]
         return list(await asyncio.gather(*calls))

@@ -60,6 +60,7 @@ async def serve_frontend(settings: Settings) -> int:
     await peers.start(settings.router.router_share_load)
     admin = rt.admin_token.get_secret_value() if rt.admin_token else None
     frontend = FrontendApp(models, pool, router, settings, admin, settings.router.lora_on_demand)
+    await frontend.gate.watch(nc, rt.namespace)
     tracing = setup_tracing(rt.otlp_traces_endpoint, "dynvllm-frontend")
     RequestObserver(frontend.metrics, tracing).install(frontend.path)
     # Tenants' limits divided with the other frontend processes before the first request.
@@ -104,6 +105,7 @@ async def serve_frontend(settings: Settings) -> int:
     await task
     if shared is not None:
         await shared.stop()
+    await frontend.gate.unwatch()
     await peers.stop()
     await watcher.stop()
     await pool.close()

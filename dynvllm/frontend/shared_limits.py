@@ -7,7 +7,9 @@ Subject under the namespace:
     tenants.usage.<process>   msgpack {"t": {tenant: Usage.pack()}} or {"bye": true}
 
 A process silent for a lease (`--lease-ttl`) is gone: the others divide its part among themselves
-at their next report. One that stops says goodbye and is dropped at once.
+at their next report. One that stops says goodbye and is dropped at once. Silence counts only
+while this process's own loop runs: when it was held up (a CPU-starved host), the others' reports
+may be waiting unread in its queue, and the time it stood still says nothing about them.
 """
 
 from __future__ import annotations
@@ -93,13 +95,27 @@ class SharedLimits:
 
     # ---- inside ------------------------------------------------------------------------------
     async def _loop(self) -> None:
+        last = self.clock()
         while True:
             await asyncio.sleep(self.interval)
+            now = self.clock()
+            self._excuse(now - last - self.interval)
+            last = now
             try:
                 self._expire()
                 await self._report()
             except Exception as exc:  # NATS away: limits stay as last divided
                 log.debug("tenant usage report not sent: %s", exc)
+
+    def _excuse(self, stalled: float) -> None:
+        """This loop woke `stalled` seconds late: the others' silence during that time is not
+        counted (their reports may be queued here, unread)."""
+        if stalled <= self.interval:
+            return
+        self.reports = {
+            k: (heard + stalled if k != self.id else heard, usage)
+            for k, (heard, usage) in self.reports.items()
+        }
 
     def _usage(self) -> dict[str, Usage]:
         now = self.clock()

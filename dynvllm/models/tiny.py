@@ -167,6 +167,46 @@ def build_tiny_model(path: str | Path, seed: int = 0, max_position_embeddings: i
     return path
 
 
+#: The tiny classifier's labels (`dynvllm model tiny --classify`).
+CLASSIFIER_LABELS = ("red", "green", "blue")
+
+
+def build_tiny_classifier(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny Qwen2ForSequenceClassification (the text model's shape and tokenizer, a
+    3-label head) to `path`: vLLM serves it with the pooling runner and the classify task."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(path, seed)
+    config = Qwen2Config(
+        vocab_size=max(512, len(tokenizer)),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=4096,
+        initializer_range=1.0,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        id2label=dict(enumerate(CLASSIFIER_LABELS)),
+        label2id={label: i for i, label in enumerate(CLASSIFIER_LABELS)},
+        torch_dtype="bfloat16",
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForSequenceClassification(config)
+    with torch.no_grad():
+        # std 1.0 on a 128-wide input saturates the softmax; 0.05 keeps the probabilities apart
+        # from 0 and 1, so a wrong pooling shows in every one of them.
+        model.score.weight.normal_(0.0, 0.05)
+    model.to(torch.bfloat16).save_pretrained(path, safe_serialization=True)
+    return path
+
+
 def build_tiny_lora(model_path: str | Path, out: str | Path, seed: int = 0, rank: int = 8) -> Path:
     """Write a random LoRA adapter for the tiny model; its std-0.5 weights visibly change output."""
     import torch

@@ -1,14 +1,16 @@
 """How many workers a role needs, and which to drain. Pure: the planner feeds it the predicted
 load, a worker's capacity from the profile, the live workers and the clock.
 
-- Up: ceil(load / capacity) workers, at once (after the cool-down since the last change).
+- Up: ceil(load / capacity) workers, at once: the cool-down holds scale-downs only (the latency
+  target comes first; workers that are still starting count, so an up is never asked twice).
 - Down: only to a count whose capacity times `scale_down_threshold` still carries the load, and
-  only after `scale_down_after` intervals in a row below it (hysteresis: a load near a boundary
-  does not flap). Workers leave by draining (their in-flight requests finish), the least busy
-  first: a decision names them, it never kills.
+  only after `scale_down_after` intervals in a row below it and `cooldown` seconds after the last
+  change (hysteresis: a load near a boundary does not flap). Workers leave by draining (their
+  in-flight requests finish), the least busy first: a decision names them, it never kills.
 - Zero: with `min_workers` 0 a role keeps one worker until it has been idle (no requests, none
-  in flight or waiting) for `idle_after` seconds; a request waiting at zero workers brings one
-  back at once, cool-down or not, since a client is waiting for it.
+  in flight or waiting) for `idle_after` seconds, whatever the predictor still expects; it stays
+  at zero until a request waits, which brings workers back at once, cool-down or not, since a
+  client is waiting for them.
 """
 
 from __future__ import annotations
@@ -76,9 +78,12 @@ def decide(
     policy: Policy,
     now: float,
     current: int | None = None,
+    up_only: bool = False,
 ) -> Decision:
     """The decision for one role this interval; updates `state`. `current` counts workers that
-    started but have not registered yet as well (default: the registered `workers`)."""
+    started but have not registered yet as well (default: the registered `workers`). `up_only`:
+    a check between intervals (requests are held), which may add workers but neither counts
+    an interval toward a scale-down nor the idle time."""
     current = len(workers) if current is None else max(current, len(workers))
     busy = (
         obs.requests > 0
@@ -89,7 +94,7 @@ def decide(
     )
     if busy:
         state.idle_since = None
-    elif state.idle_since is None:
+    elif state.idle_since is None and not up_only:
         state.idle_since = now
     floor = policy.min_workers
     if floor == 0:
@@ -99,6 +104,10 @@ def decide(
             and now - state.idle_since >= policy.idle_after
         )
         floor = 0 if idle_long else 1
+        if idle_long:
+            # Idle means no requests: what a predictor still expects (the tail of a trend that
+            # decays toward zero but never reaches it) holds no worker; a request brings one back.
+            load = 0.0
 
     def clamp(n: int) -> int:
         return max(floor, min(policy.max_workers, n))
@@ -111,8 +120,6 @@ def decide(
     up = clamp(_need(load, capacity))
     if up > current:
         state.below = 0
-        if now - state.last_change < policy.cooldown:
-            return Decision(role, current, current, reason=f"needs {up}, in cool-down")
         state.last_change = now
         return Decision(
             role,
@@ -122,12 +129,15 @@ def decide(
             reason=f"load {load:.2f} req/s over {capacity:.2f} per worker",
         )
 
+    if up_only:
+        return Decision(role, current, current, reason="within capacity")
     down = clamp(_need(load, capacity * policy.scale_down_threshold))
     if down >= current:
         state.below = 0
         return Decision(role, current, current, reason="within capacity")
     state.below += 1
-    if state.below < policy.scale_down_after:
+    # To zero, `idle_after` was the wait: no further intervals are counted.
+    if down and state.below < policy.scale_down_after:
         return Decision(
             role,
             current,

@@ -34,8 +34,12 @@ class Observation:
     waiting_for_worker the frontend's requests held for a worker, both at the interval's end."""
 
     seconds: float
-    requests: float = 0.0
+    requests: float = 0.0  # requests that ended (their status is counted at the end)
     request_rate: float = 0.0
+    # Requests that arrived: those that ended plus the change of those in the frontend (in
+    # flight, held for a worker or a slot). It leads the ended ones by a request's duration and
+    # its wait (a burst shows in it before any of it is answered).
+    arrival_rate: float = 0.0
     isl: float = 0.0
     osl: float = 0.0
     inflight: float = 0.0
@@ -122,13 +126,20 @@ def observe(
         return b1 if reset else {k: v - b0.get(k, 0.0) for k, v in b1.items()}
 
     ttft, itl = window(TTFT), window(ITL)
+
+    def present(samples: list[Sample]) -> float:
+        return sum(total(samples, name, model) for name in (INFLIGHT, WAITING, ADMISSION))
+
+    inflight = total(now, INFLIGHT, model)
+    arrived = max(0.0, requests + present(now) - present(before))
     return Observation(
         seconds=seconds,
         requests=requests,
         request_rate=requests / seconds if seconds > 0 else 0.0,
+        arrival_rate=arrived / seconds if seconds > 0 else 0.0,
         isl=prompt / requests if requests else 0.0,
         osl=output / requests if requests else 0.0,
-        inflight=total(now, INFLIGHT, model),
+        inflight=inflight,
         queue_depth=queue_depth,
         waiting_for_worker=total(now, WAITING, model),
         admission_queue=total(now, ADMISSION, model),

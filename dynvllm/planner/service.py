@@ -145,19 +145,42 @@ class Planner:
         log.warning("planner %s: scaling %s; metrics on port %s", me.id, ", ".join(self.roles), port)
         async with httpx.AsyncClient(timeout=5) as http:
             before, at = await self._scrape(http), time.monotonic()
+            look, look_at = before, at  # the last look between intervals (or the interval's start)
             try:
                 while not stop.is_set():
+                    # Up to the interval's end, looking at held requests every react interval.
+                    left = ps.planner_interval - (time.monotonic() - at)
+                    react = ps.planner_react_interval
                     try:
-                        await asyncio.wait_for(stop.wait(), ps.planner_interval)
+                        await asyncio.wait_for(stop.wait(), max(0.0, min(left, react) if react else left))
                         break
                     except TimeoutError:
                         pass
                     now_samples, now = await self._scrape(http), time.monotonic()
+                    ended = now - at >= ps.planner_interval - 1e-3
                     if now_samples is None or before is None:
-                        before, at = now_samples, now
+                        if ended:
+                            before, at = look, look_at = now_samples, now
+                        continue
+                    if not ended:
+                        # The rate since the last look as well: since the interval began, a
+                        # burst's first second is averaged with the quiet before it.
+                        since = (look, now - look_at) if look is not None else None
+                        await self.step(
+                            before,
+                            now_samples,
+                            now - at,
+                            now,
+                            watcher,
+                            me,
+                            connector,
+                            react=True,
+                            since=since,
+                        )
+                        look, look_at = now_samples, now
                         continue
                     await self.step(before, now_samples, now - at, now, watcher, me, connector)
-                    before, at = now_samples, now
+                    before, at = look, look_at = now_samples, now
             finally:
                 await lease.stop()
                 await watcher.stop()
@@ -186,29 +209,43 @@ class Planner:
         watcher: Any,
         me: Any,
         connector: Any,
+        react: bool = False,
+        since: tuple[list, float] | None = None,
     ) -> list[Decision]:
-        """One interval: observe, predict, and (on the active planner) decide and apply."""
+        """One interval: observe, predict, and (on the active planner) decide and apply.
+
+        A role's load is the predicted rate (its share of it) plus the held requests beyond what
+        its serving workers clear within half the TTFT target, over an interval. `react`: a look
+        between two intervals' ends (`seconds` since the last one) that only adds workers, and
+        only when there is such an excess (none serving: any held request), so a burst does not
+        wait for the interval's end; the predictor and the averages see whole intervals only.
+        `since`: the previous look's samples and the seconds since it; the arrival rate of a
+        look is the higher of that since the interval began and that since the previous look."""
         ps = self.settings.planner
         model = ps.planner_model
         workers = [i for i in watcher.instances("worker") if model is None or i.card.get("model") == model]
         queue = sum(self.load.get(i.id, (0, 0))[1] for i in workers)
         obs = obs_mod.observe(before, now_samples, seconds, model, queue_depth=queue)
-        self.predictor.observe(obs.request_rate)
-        predicted = self.predictor.predict()
-        steps = math.ceil(ps.planner_lookahead / ps.planner_interval - 1e-9)
-        if steps > 1 and hasattr(self.predictor, "forecast"):
-            # Up as early as a start-up needs; down no earlier than the next interval allows.
-            predicted = max(predicted, self.predictor.forecast(steps))
-        if obs.requests:
-            self._isl.observe(obs.isl)
-            self._osl.observe(obs.osl)
-            self.isl, self.osl = self._isl.predict(), self._osl.predict()
-            self._prefill_share.observe(min(1.0, obs.prefill_requests / obs.requests))
         # A backlog is load too, in the engines or held by the frontend for a worker (a burst at
         # zero workers): enough workers to clear it within one interval.
         backlog = obs.queue_depth + obs.waiting_for_worker + obs.admission_queue
-        load = predicted + backlog / max(seconds, 1e-6)
-        self._record(obs, predicted)
+        if react:
+            if not backlog or not self.leader(watcher, me):
+                return []
+            recent = (
+                obs_mod.observe(since[0], now_samples, since[1], model) if since and since[1] > 0 else obs
+            )
+            predicted = max(self._predicted(), obs.arrival_rate, recent.arrival_rate)
+        else:
+            self.predictor.observe(obs.arrival_rate)
+            predicted = self._predicted()
+            if obs.requests:
+                self._isl.observe(obs.isl)
+                self._osl.observe(obs.osl)
+                self.isl, self.osl = self._isl.predict(), self._osl.predict()
+                self._prefill_share.observe(min(1.0, obs.prefill_requests / obs.requests))
+            self._record(obs, predicted)
+        span = max(ps.planner_interval if react else seconds, 1e-6)
         active = self.leader(watcher, me)
         self.metrics.active.set(1 if active else 0)
         decisions = []
@@ -219,6 +256,12 @@ class Planner:
             if not active:
                 continue
             share = self.share(role)
+            # What the serving workers clear within half the TTFT target is no reason to add
+            # one (at a high utilisation a few requests always wait for a batch slot); the rest
+            # is load, to be cleared within one interval.
+            excess = max(0.0, backlog * share - len(mine) * cap * ps.ttft_target / 2)
+            if react and not excess:
+                continue
             try:
                 current = await connector.workers(role)
             except ConnectorError as exc:
@@ -226,18 +269,25 @@ class Planner:
                 current = None
             views = [WorkerView(i.id, sum(self.load.get(i.id, (0, 0)))) for i in mine]
             state = self.states.setdefault(role, RoleState())
-            d = decide(role, load * share, cap, views, obs, state, self.policy, now, current)
+            load = predicted * share + excess / span
+            d = decide(role, load, cap, views, obs, state, self.policy, now, current, up_only=react)
+            if react and d.action == "hold":
+                continue
             self.metrics.workers.labels(role).set(d.current)
             self.metrics.target.labels(role).set(d.target)
             self.metrics.decisions.labels(role, d.action).inc()
             if d.action != "hold":
                 log.warning(
-                    "%s: %d -> %d workers (%s)%s",
+                    "%s: %d -> %d workers (%s)%s [%s: %.1f req/s arrived, %g in flight, %g held]",
                     role,
                     d.current,
                     d.target,
                     d.reason,
                     f"; draining {', '.join(d.drain)}" if d.drain else "",
+                    "look" if react else "interval",
+                    obs.arrival_rate,
+                    obs.inflight,
+                    backlog,
                 )
                 try:
                     await connector.apply(d, {i.id: i for i in mine})
@@ -245,14 +295,26 @@ class Planner:
                     self.metrics.failures.labels(role).inc()
                     log.error("%s: %s", role, exc)
             decisions.append(d)
-        self.history.append((obs, predicted, decisions))
-        del self.history[:-100]
+        if not react:
+            self.history.append((obs, predicted, decisions))
+            del self.history[:-100]
         return decisions
+
+    def _predicted(self) -> float:
+        """The next interval's rate, or the rate `--planner-lookahead` ahead where higher."""
+        ps = self.settings.planner
+        predicted = self.predictor.predict()
+        steps = math.ceil(ps.planner_lookahead / ps.planner_interval - 1e-9)
+        if steps > 1 and hasattr(self.predictor, "forecast"):
+            # Up as early as a start-up needs; down no earlier than the next interval allows.
+            predicted = max(predicted, self.predictor.forecast(steps))
+        return predicted
 
     def _record(self, obs: obs_mod.Observation, predicted: float) -> None:
         self.metrics.predicted.set(predicted)
         for name in (
             "request_rate",
+            "arrival_rate",
             "isl",
             "osl",
             "inflight",

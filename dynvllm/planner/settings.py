@@ -29,6 +29,13 @@ class PlannerSettings(SettingsGroup):
     ttft_target: float = Field(0.5, gt=0, description="Time-to-first-token target (p90), in seconds.")
     itl_target: float = Field(0.05, gt=0, description="Inter-token-latency target (p90), in seconds.")
     planner_interval: float = Field(10.0, gt=0, description="Seconds between observations and decisions.")
+    planner_react_interval: float = Field(
+        1.0,
+        ge=0,
+        description="Seconds between looks at the requests held in the frontend and the engines' "
+        "queues between two intervals: when they would wait beyond half the TTFT target (or no "
+        "worker serves), workers are added at once rather than at the interval's end (0: off).",
+    )
     predictor: str = Field(
         "moving-average",
         description="How the next interval's load is predicted: constant, moving-average, holt-winters "
@@ -49,8 +56,8 @@ class PlannerSettings(SettingsGroup):
     cooldown: float = Field(
         30.0,
         ge=0,
-        description="Seconds after a change before the next one (a waiting request at zero "
-        "workers does not wait for it).",
+        description="Seconds after a change before a scale-down (scale-ups do not wait: workers "
+        "still starting count, so none is asked for twice).",
     )
     scale_down_after: int = Field(
         3, ge=1, description="Intervals the load must stay below the lower threshold before a scale-down."

@@ -84,18 +84,16 @@ class KvPolicy:
         """`load_blocks` is keyed by instance id (a worker's first element), or by the whole
         (instance, rank) worker with `per_rank`. One pass over the candidates: this runs for every
         request, with up to thousands of workers."""
-        tiered = self.index.tiered(keys) if keys else None
+        gpu, further = self.index.lookup(keys) if keys else ({}, {})
         get = load_blocks.get
         # Two loops rather than a key function: a call per candidate would cost more than the rest.
         loads = [get(w, 0.0) for w in candidates] if per_rank else [get(w[0], 0.0) for w in candidates]
-        if tiered is None:
-            overlaps = self.index.overlaps(keys)
-            # An uncached block is prefilled, then held active.
-            n, weight = len(keys), self.prefill_weight + 1.0
-            get_overlap = overlaps.get
-            costs = [weight * (n - get_overlap(w, 0)) + ld for w, ld in zip(candidates, loads, strict=True)]
-        else:
-            overlaps, costs = self._tiered_costs(candidates, keys, loads, tiered)
+        # An uncached block is prefilled, then held active.
+        n, weight = len(keys), self.prefill_weight + 1.0
+        get_overlap = gpu.get
+        costs = [weight * (n - get_overlap(w, 0)) + ld for w, ld in zip(candidates, loads, strict=True)]
+        if further:  # a few workers hold more of the prompt in an offload tier
+            overlaps, costs = self._tiered_costs(candidates, keys, loads, costs, gpu, further)
             get_overlap = overlaps.get
         if self.temperature > 0:
             low = min(costs)
@@ -117,14 +115,20 @@ class KvPolicy:
         candidates: Sequence[Worker],
         keys: list[int],
         loads: list[float],
-        tiered: dict[Worker, tuple[int, int, int]],
+        costs: list[float],
+        gpu: dict[Worker, int],
+        further: dict[Worker, tuple[int, int, int]],
     ) -> tuple[dict[Worker, int], list[float]]:
-        """Costs while offload tiers hold blocks; the overlap reported is what the engine finds
-        cached anywhere (vLLM counts blocks its connector loads among a request's cached tokens)."""
-        n, weight, fc, fd = len(keys), self.prefill_weight, self.cpu_cost, self.disk_cost
-        none = (0, 0, 0)
-        costs = []
-        for w, ld in zip(candidates, loads, strict=True):
-            g, c, u = tiered.get(w, none)
-            costs.append(weight * ((n - u) + fc * (c - g) + fd * (u - c)) + (n - g) + ld)
-        return {w: t[2] for w, t in tiered.items()}, costs
+        """Costs of the workers that `further` names, the others' as they are; the overlap
+        reported is what the engine finds cached anywhere (vLLM counts blocks its connector loads
+        among a request's cached tokens)."""
+        n, weight = len(keys), self.prefill_weight
+        on_cpu, on_disk = weight * self.cpu_cost, weight * self.disk_cost
+        tiers_of = further.get
+        out = [
+            cost
+            if (t := tiers_of(w)) is None
+            else weight * (n - t[2]) + on_cpu * (t[1] - t[0]) + on_disk * (t[2] - t[1]) + (n - t[0]) + ld
+            for w, cost, ld in zip(candidates, costs, loads, strict=True)
+        ]
+        return {**gpu, **{w: t[2] for w, t in further.items()}}, out

@@ -13,8 +13,9 @@ import asyncio
 import logging
 import os
 import secrets
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -56,12 +57,33 @@ def _subject(namespace: str, what: str) -> str:
 
 
 class Lease:
-    """Keeps one instance registered while the process lives."""
+    """Keeps one instance registered while the process lives.
 
-    def __init__(self, nc: Any, namespace: str, instance: Instance, interval: float = 0.5) -> None:
+    With `connect` (a coroutine function opening a NATS connection of its own) the heartbeats
+    go out from a thread with its own event loop: a process whose loop is busy for seconds (an
+    engine stepping through a thousand streams on a starved CPU) stays registered. The loop
+    still marks itself alive at every beat, and the thread stops beating once the loop has not
+    done so for `tolerate` seconds: a process whose loop hangs for good still loses its lease.
+    """
+
+    def __init__(
+        self,
+        nc: Any,
+        namespace: str,
+        instance: Instance,
+        interval: float = 0.5,
+        connect: Callable[[], Awaitable[Any]] | None = None,
+        tolerate: float = 10.0,
+    ) -> None:
         self.nc, self.namespace, self.instance, self.interval = nc, namespace, instance, interval
+        self.connect, self.tolerate = connect, tolerate
         self._task: asyncio.Task | None = None
         self._sub: Any = None
+        self._thread: threading.Thread | None = None
+        self._halt = threading.Event()
+        #: The record the thread sends (bytes: replaced whole, read whole) and when the loop last ran.
+        self._wire = b""
+        self._alive = time.monotonic()
 
     async def start(self) -> None:
         async def on_query(msg: Any) -> None:
@@ -70,20 +92,51 @@ class Lease:
         self._sub = await self.nc.subscribe(_subject(self.namespace, "query"), cb=on_query)
         await self.announce()
         self._task = asyncio.create_task(self._beat())
+        if self.connect is not None:
+            self._thread = threading.Thread(target=self._beat_apart, name="lease", daemon=True)
+            self._thread.start()
 
     async def announce(self) -> None:
+        self._wire = self.instance.to_wire()
         try:
-            await self.nc.publish(_subject(self.namespace, "hb"), self.instance.to_wire())
+            await self.nc.publish(_subject(self.namespace, "hb"), self._wire)
         except Exception as exc:  # disconnected: the client buffers or the next beat retries
             log.debug("heartbeat of %s not sent: %s", self.instance.id, exc)
 
     async def _beat(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            await self.announce()
+            self._alive = time.monotonic()
+            if self._thread is None:
+                await self.announce()
+            else:
+                self._wire = self.instance.to_wire()
+
+    def _beat_apart(self) -> None:
+        async def beat() -> None:
+            assert self.connect is not None
+            nc = await self.connect()
+            subject = _subject(self.namespace, "hb")
+            try:
+                while not self._halt.is_set():
+                    if time.monotonic() - self._alive < self.tolerate:
+                        await nc.publish(subject, self._wire)
+                    await asyncio.sleep(self.interval)
+            finally:
+                await nc.close()
+
+        try:
+            asyncio.run(beat())
+        except Exception as exc:  # the loop's own beats go on (the lease may then lapse under load)
+            log.warning("heartbeat thread of %s stopped: %s", self.instance.id, exc)
 
     async def stop(self) -> None:
         """Deregister now: watchers drop the instance without waiting for the lease."""
+        if self._thread is not None:
+            # Stopped before the goodbye, so that no beat from it re-registers the instance.
+            self._halt.set()
+            await asyncio.to_thread(self._thread.join, 2 * self.interval + 1)
+            self._thread = None
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -199,9 +252,16 @@ class Watcher:
 
     async def _sweep(self) -> None:
         blind = False
+        step = min(0.25, self.lease_ttl / 4)
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(min(0.25, self.lease_ttl / 4))
+            await asyncio.sleep(step)
             now = time.monotonic()
+            late, last = now - last - step, now
+            if late > step:
+                # This loop stood still (a CPU-starved host): heartbeats may be waiting unread in
+                # its queue, and the time it lost says nothing about the instances.
+                self._seen = {iid: (inst, min(now, seen + late)) for iid, (inst, seen) in self._seen.items()}
             if not getattr(self.nc, "is_connected", True):
                 # Our link to NATS is down: missing heartbeats say nothing about the instances
                 # (their streams still work), so no lease expires until we hear again.

@@ -165,13 +165,23 @@ class Worker:
             endpoints=sorted(handlers),
             card=self._card(),
         )
-        self.lease = Lease(self.nc, rt.namespace, self.instance, rt.heartbeat_interval)
+        # Heartbeats from a thread of their own: the engine's streams keep this loop busy, and on a
+        # starved CPU long enough for the lease to lapse while the worker serves.
+        self.lease = Lease(
+            self.nc,
+            rt.namespace,
+            self.instance,
+            rt.heartbeat_interval,
+            connect=lambda: natsrt.connect(rt, name=f"dynvllm-worker-{self.role_name}-lease"),
+            tolerate=max(10.0, 5 * rt.lease_ttl),
+        )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         for relay in self.relays:
             relay.start(self.instance.id)
         await self._canary()
+        self.instance.card = self._card()  # with what the canary learnt (a pooling model's tasks)
         await self.lease.start()
         log.warning(
             "worker %s (%s) serving %s on %s:%d",

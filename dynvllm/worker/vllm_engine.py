@@ -93,6 +93,7 @@ class VllmEngine(Engine):
         self._lora_ids = 0
         self._lora_inflight: dict[str, int] = {}
         self._lora_closing: set[str] = set()
+        self._pooling_tasks: list[str] | None = None
 
     def check_args(self, settings: Settings) -> None:
         from dynvllm.worker.engine_args import parse_engine_args
@@ -163,7 +164,16 @@ class VllmEngine(Engine):
                 else (cfg.model_config.override_generation_config or {}).get("max_new_tokens")
             ),
             **self._ranks_card(cfg.parallel_config),
+            # The pooling tasks its model serves (embed, classify ...), once the canary has asked.
+            **({"pooling_tasks": self._pooling_tasks} if self._pooling_tasks is not None else {}),
+            # A classifier's label names by class index, for /classify (vLLM reads the same).
+            **({"labels": self._labels(cfg)} if "classify" in (self._pooling_tasks or ()) else {}),
         }
+
+    @staticmethod
+    def _labels(cfg: Any) -> dict[str, str]:
+        id2label = getattr(cfg.model_config.hf_config, "id2label", None) or {}
+        return {str(k): str(v) for k, v in id2label.items()}
 
     @staticmethod
     def _ranks_card(pc: Any) -> dict[str, Any]:
@@ -337,6 +347,7 @@ class VllmEngine(Engine):
         if self.llm.vllm_config.model_config.runner_type != "pooling":
             return None
         tasks = list(await self.llm.get_supported_tasks())
+        self._pooling_tasks = sorted(tasks)
         return next((t for t in ("embed", "classify", "score") if t in tasks), tasks[0] if tasks else "embed")
 
     @property

@@ -1,5 +1,6 @@
 """`dynvllm serve embed`: an embedding role ends the chain at its `embed` stage and `/v1/embeddings`
-answers through the real `openai` client with the vectors the model computes."""
+answers through the real `openai` client with the vectors the model computes. A second embed
+worker in the same service serves a tiny sequence-classification model ("cls") for `/classify`."""
 
 from __future__ import annotations
 
@@ -10,38 +11,70 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import OfflineReference, start_agg, stop_in_background, wait_http
+from tests.helpers import (
+    ENGINE_ARGS,
+    OfflineReference,
+    start_agg,
+    start_service,
+    stop_in_background,
+    wait_http,
+)
 
 TEXTS = ["the cat sees a dog and", "red river runs where the old mountain"]
 QUERY = "the cat sees a dog"
 DOCS = ["a dog sees the cat", "red river runs", "the old mountain road and the city", "cat and dog"]
 #: (data_1, data_2) of the score requests: 1:N and N:N.
 SCORES = [(QUERY, DOCS), (["one red fish", "big old tree"], ["red fish", "a new house"])]
+#: Inputs of /classify: sentences of different lengths and words, so their classes differ.
+CLASSIFY = ["the cat sees a dog and", "red river runs where the old mountain", "one", "big old tree."]
 
 
 @pytest.fixture(scope="module")
-def reference_job(tiny_model):
+def classifier(tmp_path_factory):
+    """A tiny Qwen2ForSequenceClassification (labels red, green, blue), as `model tiny --classify`."""
+    from dynvllm.models.tiny import build_tiny_classifier
+
+    return build_tiny_classifier(tmp_path_factory.mktemp("cls") / "model")
+
+
+@pytest.fixture(scope="module")
+def reference_job(tiny_model, classifier):
     """(token ids, the child computing vLLM's offline embedding of each text and the scores of
-    SCORES with `LLM(runner="pooling")` on the same model), started before the service so both
-    engines start side by side."""
+    SCORES with `LLM(runner="pooling")` on the same model, then the classifier's probabilities of
+    CLASSIFY with `LLM.classify`), started before the service so the engines start side by side."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     ids = [tok(text)["input_ids"] for text in TEXTS]
     scores = [{"score": [a, b]} for a, b in SCORES]
-    job = OfflineReference(tiny_model, [*ids, *scores], script="offline_pooling.py")
+    reqs = [*ids, *scores, {"classify": [str(classifier), CLASSIFY]}]
+    job = OfflineReference(tiny_model, reqs, script="offline_pooling.py")
     yield ids, job
     job.close()
 
 
 @pytest.fixture(scope="module")
-def service(tiny_model, tmp_path_factory, reference_job):
-    url, proc = start_agg(tiny_model, tmp_path_factory.mktemp("embed") / "serve.log", "emb", role="embed")
+def service(tiny_model, classifier, tmp_path_factory, reference_job, nats_url):
+    """The embedding model "tiny" and the classifier "cls", each on its embed worker, one frontend."""
+    logs = tmp_path_factory.mktemp("embed")
+    url, proc = start_agg(tiny_model, logs / "serve.log", "emb", "--nats-url", nats_url, role="embed")
+    cls = start_service(
+        ["serve", "embed", "--no-frontend"],
+        logs / "cls.log",
+        "--model",
+        str(classifier),
+        "--served-model-name",
+        "cls",
+        *ENGINE_ARGS,
+        namespace="emb",
+        nats_url=nats_url,
+        http=False,
+    )
     try:
-        wait_http(url + "/health", lambda b: b.get("workers") == 1, proc, timeout=400)
+        wait_http(url + "/health", lambda b: b.get("workers") == 2, proc, timeout=400)
         yield url
     finally:
-        stop_in_background([proc])
+        stop_in_background([proc, cls])
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +88,14 @@ def reference(reference_job):
 def score_reference(reference_job) -> list[list[float]]:
     """vLLM's offline scores (`LLM.score`) of each pair of SCORES."""
     ids, job = reference_job
-    return job.result()[len(ids) :]
+    return job.result()[len(ids) : len(ids) + len(SCORES)]
+
+
+@pytest.fixture(scope="module")
+def classify_reference(reference_job) -> list[list[float]]:
+    """vLLM's offline class probabilities (`LLM.classify`) of each CLASSIFY input."""
+    _ids, job = reference_job
+    return job.result()[-1]
 
 
 def _cos(a: list[float], b: list[float]) -> float:
@@ -65,7 +105,7 @@ def _cos(a: list[float], b: list[float]) -> float:
 
 def test_embeddings_are_the_models_vectors(service, reference):
     client = openai.OpenAI(base_url=service + "/v1", api_key="none", max_retries=0)
-    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert sorted(m.id for m in client.models.list().data) == ["cls", "tiny"]
     r = client.embeddings.create(model="tiny", input=TEXTS)
     assert [d.index for d in r.data] == [0, 1]
     for d, (_ids, want) in zip(r.data, reference, strict=True):
@@ -122,9 +162,9 @@ def test_score_and_rerank_are_vllms_cosine_scores(service, score_reference, tiny
     assert (
         body["usage"]["prompt_tokens"] == _tokens(tiny_model, [QUERY, *DOCS]) == body["usage"]["total_tokens"]
     )
-    # N:N under vLLM's older spelling, at /v1/score; the model may be left out (one is served).
+    # N:N under vLLM's older spelling, at /v1/score.
     left, right = SCORES[1]
-    nn = httpx.post(service + "/v1/score", json={"text_1": left, "text_2": right}).json()
+    nn = httpx.post(service + "/v1/score", json={"model": "tiny", "text_1": left, "text_2": right}).json()
     assert max(abs(d["score"] - w) for d, w in zip(nn["data"], want_nn, strict=True)) < 1e-4
     # Rerank: the same scores, documents by relevance, top_n of them.
     order = sorted(range(len(DOCS)), key=lambda i: want_1n[i], reverse=True)
@@ -151,7 +191,8 @@ def test_pooling_answers_the_embedding_and_what_is_not_served_is_named(service, 
     assert max(abs(a - b) for a, b in zip(body["data"][0]["data"], want, strict=True)) < 1e-4
     assert body["usage"]["prompt_tokens"] == len(ids)
     by_ids = httpx.post(
-        service + "/pooling", json={"input": ids, "task": "embed", "encoding_format": "base64"}
+        service + "/pooling",
+        json={"model": "tiny", "input": ids, "task": "embed", "encoding_format": "base64"},
     )
     blob = base64.b64decode(by_ids.json()["data"][0]["data"])
     assert (
@@ -174,8 +215,44 @@ def test_pooling_answers_the_embedding_and_what_is_not_served_is_named(service, 
     assert "instruction" in refused(
         "/rerank", {"model": "tiny", "query": "a", "documents": DOCS, "instruction": "x"}
     )
-    assert "max_tokens_per_doc" in refused("/score", {"text_1": "a", "text_2": "b", "max_tokens_per_doc": 3})
+    assert "max_tokens_per_doc" in refused(
+        "/score", {"model": "tiny", "text_1": "a", "text_2": "b", "max_tokens_per_doc": 3}
+    )
+    # vLLM's server serves one model and lets a request leave it out; with two, it is named.
+    assert "model is required" in refused("/score", {"text_1": "a", "text_2": "b"})
     assert "queries/documents" in refused("/score", {"model": "tiny", "queries": "a"})
     assert refused("/score", {"model": "nope", "text_1": "a", "text_2": "b"}, 404)
-    ok = httpx.post(service + "/score", json={"text_1": "a", "text_2": "a"})
+    ok = httpx.post(service + "/score", json={"model": "tiny", "text_1": "a", "text_2": "a"})
     assert ok.status_code == 200 and abs(ok.json()["data"][0]["score"] - 1.0) < 1e-5
+
+
+def test_classify_answers_vllms_probabilities_and_labels(service, classify_reference, tiny_model):
+    from dynvllm.models.tiny import CLASSIFIER_LABELS
+
+    r = httpx.post(service + "/classify", json={"model": "cls", "input": CLASSIFY})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"].startswith("classify-") and body["object"] == "list" and body["model"] == "cls"
+    assert [d["index"] for d in body["data"]] == list(range(len(CLASSIFY)))
+    for d, want in zip(body["data"], classify_reference, strict=True):
+        assert d["num_classes"] == len(d["probs"]) == len(want) == 3
+        assert max(abs(a - b) for a, b in zip(d["probs"], want, strict=True)) < 1e-4
+        assert d["label"] == CLASSIFIER_LABELS[max(range(3), key=want.__getitem__)]
+    # the inputs are told apart: not one answer for all
+    assert len({tuple(round(p, 3) for p in w) for w in classify_reference}) == len(CLASSIFY)
+    assert body["usage"]["prompt_tokens"] == _tokens(tiny_model, CLASSIFY) == body["usage"]["total_tokens"]
+    # Token ids in, the same probabilities out (the two models share the tokenizer).
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(tiny_model)(CLASSIFY[0])["input_ids"]
+    again = httpx.post(service + "/classify", json={"model": "cls", "input": ids}).json()["data"][0]
+    assert max(abs(a - b) for a, b in zip(again["probs"], classify_reference[0], strict=True)) < 1e-4
+    # The classifier answers /classify only; the embedding model still refuses it (vLLM's words).
+    for route, req in (
+        ("/pooling", {"model": "cls", "input": "x"}),
+        ("/score", {"model": "cls", "text_1": "a", "text_2": "b"}),
+    ):
+        bad = httpx.post(service + route, json=req)
+        assert bad.status_code == 400 and "classification model" in bad.json()["error"]["message"], bad.text
+    no = httpx.post(service + "/classify", json={"model": "tiny", "input": "x"})
+    assert no.status_code == 501 and "Classification API" in no.json()["error"]["message"]

@@ -5,6 +5,10 @@ forced function calls, structured output and errors in OpenAI's shape."""
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
+import time
 
 import httpx
 import jsonschema
@@ -238,7 +242,7 @@ def test_json_schema_text_format_is_structured_output(client):
     ("extra", "param"),
     [
         ({"tools": [{"type": "web_search"}]}, "tools"),
-        ({"background": True}, "background"),
+        ({"background": True, "store": False}, "background"),
         ({"include": ["reasoning.encrypted_content"]}, "include"),
         ({"reasoning": {"summary": "auto"}}, "reasoning"),
         ({"truncation": "auto"}, "truncation"),
@@ -252,6 +256,99 @@ def test_errors_are_400s_in_openais_shape_naming_the_field(client, extra, param)
         client.responses.create(model="tiny", **kw)
     body = exc.value.body
     assert body["param"] == param and body["type"] == "invalid_request_error", body
+
+
+def _polled(client: openai.OpenAI, rid: str, timeout: float = 60):
+    """The response once it is no longer queued or in progress, and the statuses seen before."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while True:
+        got = client.responses.retrieve(rid)
+        if got.status not in ("queued", "in_progress"):
+            return got, seen
+        seen.append(got.status)
+        assert time.monotonic() < deadline, seen
+        time.sleep(0.05)
+
+
+def test_a_background_response_is_polled_to_the_same_answer(client):
+    want = _respond(client, input="the red mountain", max_output_tokens=12, store=False)
+    r = _respond(client, input="the red mountain", max_output_tokens=12, background=True)
+    assert r.background and r.status in ("queued", "in_progress") and r.output == []
+    got, seen = _polled(client, r.id)
+    assert set(seen) <= {"queued", "in_progress"}
+    assert got.id == r.id and got.background and got.status == want.status
+    assert got.output_text == want.output_text and got.usage.output_tokens == want.usage.output_tokens
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.responses.cancel(r.id)  # finished already
+    assert exc.value.body["param"] == "response_id"
+    # A finished background response continues a conversation as any stored one.
+    more = _respond(client, input="why", previous_response_id=r.id, max_output_tokens=4)
+    assert more.usage.input_tokens > got.usage.input_tokens
+
+    # Streamed: the creating request reads the events as they come; GET ?stream=true reads them
+    # again from any sequence number.
+    events = list(
+        _respond(client, input="the red mountain", max_output_tokens=12, background=True, stream=True)
+    )
+    kinds = [e.type for e in events]
+    assert kinds[:3] == ["response.created", "response.queued", "response.in_progress"]
+    assert kinds[-1] == ("response.completed" if want.status == "completed" else "response.incomplete")
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[0].response.status == "queued" and events[-1].response.output_text == want.output_text
+    rid = events[0].response.id
+    again = list(client.responses.retrieve(rid, stream=True, starting_after=2))
+    assert [e.model_dump() for e in again] == [e.model_dump() for e in events[3:]]
+    assert client.responses.retrieve(rid).output_text == want.output_text
+
+
+def _engine_metrics() -> list[str]:
+    """The metrics address of each worker of the shared service."""
+    out = subprocess.run(
+        [sys.executable, "-m", "dynvllm", "status", "--json", "--namespace", "e2e"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [i["metrics"] for i in json.loads(out.stdout)["instances"] if i["component"] == "worker"]
+
+
+def _running(addresses: list[str]) -> float:
+    """Requests vLLM's engines run now (their own gauge), over every worker."""
+    texts = [httpx.get(f"http://{a}/metrics", timeout=10).text for a in addresses]
+    return sum(
+        float(m) for t in texts for m in re.findall(r"^vllm:num_requests_running\{\S* (\S+)$", t, re.M)
+    )
+
+
+def test_cancelling_a_background_response_aborts_its_engine_request(client):
+    engines = _engine_metrics()
+    tokens = 4000  # far more than the engine makes before the cancel reaches it
+    r = _respond(
+        client, input="go on", max_output_tokens=tokens, background=True, extra_body={"ignore_eos": True}
+    )
+    deadline = time.monotonic() + 60
+    while client.responses.retrieve(r.id).status == "queued":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    started = time.monotonic()
+    time.sleep(0.5)
+    assert _running(engines) >= 1
+    cancelled = client.responses.cancel(r.id)
+    stopped = time.monotonic()
+    assert cancelled.id == r.id and cancelled.status == "cancelled"
+    made = cancelled.usage.output_tokens
+    # The engines run nothing any more within a few seconds, while going on at the rate seen so
+    # far would have taken much longer: the request was aborted.
+    while _running(engines) > 0:
+        assert time.monotonic() - stopped < 5
+        time.sleep(0.1)
+    assert made + made / (stopped - started) * 5 < tokens, made
+    assert client.responses.retrieve(r.id).status == "cancelled"
+    assert client.responses.cancel(r.id).status == "cancelled"  # again: nothing left to stop
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.responses.cancel(_respond(client, input="hi", max_output_tokens=2).id)
+    assert exc.value.body["message"] == "Cannot cancel a synchronous response."
 
 
 def test_an_unknown_model_is_a_404(client):

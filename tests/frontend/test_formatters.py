@@ -54,7 +54,13 @@ def test_plain_chat_streams_content_and_finishes_on_the_last_chunk():
         {"index": 0, "delta": {"content": "Hel"}, "logprobs": None, "finish_reason": None}
     ]
     assert shaper.chunk(1, part, _d("Other", "length", index=1)) == [
-        {"index": 1, "delta": {"content": "Other"}, "logprobs": None, "finish_reason": "length"}
+        {
+            "index": 1,
+            "delta": {"content": "Other"},
+            "logprobs": None,
+            "finish_reason": "length",
+            "stop_reason": None,
+        }
     ]
     assert shaper.chunk(0, part, _d("", token_ids=[])) == []  # nothing to say: no chunk
     assert shaper.chunk(0, part, _d("lo", "stop"))[0]["finish_reason"] == "stop"
@@ -101,7 +107,13 @@ def test_reasoning_is_split_off_and_the_finish_comes_in_a_chunk_of_its_own():
     content = "".join(c["delta"].get("content") or "" for c in streamed)
     assert (reasoning, content) == ("sky is blue", "It is blue.")
     assert all(c["delta"].get("reasoning") == c["delta"].get("reasoning_content") for c in streamed)
-    assert streamed[-1] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+    assert streamed[-1] == {
+        "index": 0,
+        "delta": {},
+        "logprobs": None,
+        "finish_reason": "stop",
+        "stop_reason": None,
+    }
     [choice] = shaper.choices()
     assert choice["message"] == {
         "role": "assistant",
@@ -228,3 +240,23 @@ def test_prompt_logprobs_are_keyed_by_token_id_with_their_text(tok):
     assert shaper.chunk(0, part, _d("a"))[0]["prompt_logprobs"] == [None, want_second]
     assert "prompt_logprobs" not in shaper.chunk(0, part, _d("b", "stop"))[0]  # once per choice
     assert shaper.choices()[0]["prompt_logprobs"] == [None, want_second]
+
+
+def test_chat_echo_and_stop_reason_are_vllms():
+    part = Part([1, 2], None, None)
+    messages = [*USER, {"role": "assistant", "content": "the old"}]
+    req = _chat(messages=messages, echo=True, continue_final_message=True, add_generation_prompt=False)
+    assert req.prompt_logprobs == 0  # echo asks the prompt's logprobs, as vLLM (top_logprobs of them)
+    whole = ChatFormatter().shaper(req, [part], 1)
+    whole.chunk(0, part, _d(" cat", "stop", stop_reason="x"))
+    [choice] = whole.choices()
+    assert choice["message"]["content"] == "the old cat" and choice["stop_reason"] == "x"
+    streamed = ChatFormatter().shaper(
+        _chat(messages=messages, echo=True, add_generation_prompt=False, stream=True), [part], 1
+    )
+    assert [c["delta"] for c in streamed.opening()] == [
+        {"role": "assistant", "content": ""},
+        {"content": "the old"},
+    ]
+    # Under add_generation_prompt the response is the assistant's: a user's last message is not echoed.
+    assert ChatFormatter().shaper(_chat(echo=True), [part], 1).opening()[1:] == []

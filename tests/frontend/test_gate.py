@@ -8,20 +8,23 @@ from types import SimpleNamespace
 
 import pytest
 
+from dynvllm.frontend.admission_load import Thresholds
 from dynvllm.frontend.errors import RequestError
 from dynvllm.frontend.gate import AdmissionGate, request_priority
 from dynvllm.frontend.metrics import FrontendMetrics
 from dynvllm.frontend.models import ModelEntry
+from dynvllm.runtime.events import LoadMetrics
 
 
-def worker(**card) -> SimpleNamespace:
-    return SimpleNamespace(endpoints=["generate"], card=card)
+def worker(id: str = "", **card) -> SimpleNamespace:
+    return SimpleNamespace(id=id, endpoints=["generate"], card=card)
 
 
-def setup(limit=1, size=10, timeout=5.0, workers=1):
-    entry = ModelEntry("m", {}, {f"w{i}": worker() for i in range(workers)})
+def setup(limit=1, size=10, timeout=5.0, workers=1, thresholds=None, **card):
+    entry = ModelEntry("m", {}, {f"w{i}": worker(f"w{i}", **card) for i in range(workers)})
     models = SimpleNamespace(models={"m": entry})
-    return AdmissionGate(models, FrontendMetrics(), limit, size, timeout), entry  # type: ignore[arg-type]
+    gate = AdmissionGate(models, FrontendMetrics(), limit, size, timeout, thresholds)  # type: ignore[arg-type]
+    return gate, entry
 
 
 def request(entry, name="", priority=None, tenant="", headers=None):
@@ -29,7 +32,7 @@ def request(entry, name="", priority=None, tenant="", headers=None):
         name=name,
         entry=entry,
         dispatch=SimpleNamespace(terminal="generate"),
-        dispatches=[SimpleNamespace(priority=0)],
+        dispatches=[SimpleNamespace(priority=0, blocks=2.0)],
         notes={"tenant": tenant},
         client=headers or {},
         arrived=time.monotonic(),
@@ -145,6 +148,85 @@ async def test_no_limit_means_no_queue_and_a_bad_header_is_a_400():
     with pytest.raises(RequestError) as info:
         await gate.enter(request(entry, headers={"x-dynvllm-priority": "high"}))
     assert info.value.status == 400 and info.value.param == "x-dynvllm-priority"
+
+
+def load(worker: str, running: int, waiting: int, used: int = 0, total: int = 100) -> LoadMetrics:
+    return LoadMetrics(worker, running, waiting, used, total, time.time())
+
+
+async def test_requests_wait_while_every_worker_reports_saturation_and_flow_when_one_frees():
+    # Two workers of 2 sequences each, no in-flight cap: the workers' reports decide.
+    gate, entry = setup(limit=0, workers=2, thresholds=Thresholds(max_waiting=1), max_num_seqs=2)
+    for w in ("w0", "w1"):
+        gate.report(load(w, 0, 0))
+    rs = [request(entry, str(i)) for i in range(10)]
+    tasks = [asyncio.create_task(gate.enter(r)) for r in rs]
+    await asyncio.sleep(0.01)
+    # Room for 2 x (2 running + 1 waiting): let through at once, before any report shows them.
+    assert sum(t.done() for t in tasks) == 6 and gate.waiting == 4
+    # The workers report them: w0 full with one waiting, w1 full. Still no room.
+    gate.report(load("w0", 2, 1))
+    gate.report(load("w1", 2, 1))
+    await asyncio.sleep(0.01)
+    assert sum(t.done() for t in tasks) == 6
+    # One ends: its place is free before the next report says so.
+    gate.leave(rs[0], "200")
+    await asyncio.sleep(0.01)
+    assert sum(t.done() for t in tasks) == 7
+    # A report that shows fewer held than this frontend has out (on their way, or ended unseen)
+    # lets nothing more through; their ends, once seen, do.
+    gate.report(load("w1", 1, 0))
+    await asyncio.sleep(0.01)
+    assert sum(t.done() for t in tasks) == 7
+    gate.leave(rs[1], "200")
+    gate.leave(rs[2], "200")
+    await asyncio.sleep(0.01)
+    assert sum(t.done() for t in tasks) == 9
+    # KV use over its threshold saturates a worker however short its queue.
+    gate.thresholds = Thresholds(max_waiting=1, max_kv_use=0.5)
+    gate.report(load("w1", 0, 0, used=90))
+    gate.report(load("w0", 0, 0, used=60))
+    for r in rs[3:9]:
+        gate.leave(r, "200")
+    await asyncio.sleep(0.01)
+    assert sum(t.done() for t in tasks) == 9 and gate.waiting == 1
+    gate.report(load("w0", 0, 0, used=10))
+    await asyncio.gather(*tasks)
+    # A report from a worker the frontend does not know changes nothing.
+    gate.report(load("elsewhere", 0, 0))
+    assert "elsewhere" not in gate.reports
+
+
+async def test_a_worker_that_has_not_reported_counts_as_idle_and_the_cap_still_bounds():
+    gate, entry = setup(limit=0, workers=1, thresholds=Thresholds(max_waiting=1), max_num_seqs=2)
+    rs = [request(entry, str(i)) for i in range(6)]
+    tasks = [asyncio.create_task(gate.enter(r)) for r in rs]
+    await asyncio.sleep(0.01)
+    assert sum(t.done() for t in tasks) == 3  # its batch and one waiting, before any report
+    gate.leave(rs[0], "200")
+    await asyncio.sleep(0.01)
+    assert sum(t.done() for t in tasks) == 4  # what ends gives room back
+    for r in rs[1:4]:
+        gate.leave(r, "200")
+    await asyncio.gather(*tasks)
+    # With both measures the tighter one holds: the in-flight cap here.
+    gate, entry = setup(limit=2, workers=1, thresholds=Thresholds(max_waiting=0))
+    rs = [request(entry, str(i)) for i in range(4)]
+    tasks = [asyncio.create_task(gate.enter(r)) for r in rs]
+    await asyncio.sleep(0.01)
+    assert sum(t.done() for t in tasks) == 1  # no batch size known: one, until it reports
+    gate.report(load("w0", 1, 0))  # one more when nothing waits
+    await asyncio.sleep(0.01)
+    assert sum(t.done() for t in tasks) == 2
+    gate.report(load("w0", 0, 0))
+    await asyncio.sleep(0.01)
+    assert sum(t.done() for t in tasks) == 2  # the in-flight cap of 2
+    gate.leave(rs[0], "200")
+    gate.leave(rs[1], "200")
+    await asyncio.sleep(0.01)
+    assert sum(t.done() for t in tasks) == 3  # one on its way, which the report did not show
+    gate.report(load("w0", 1, 0))
+    await asyncio.gather(*tasks)
 
 
 def test_the_priority_travels_to_the_worker_in_the_generate_request():

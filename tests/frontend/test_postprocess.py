@@ -104,3 +104,26 @@ def test_prompt_logprob_entries_decode_the_prompt_and_its_alternatives(tok):
         {"index": 0, "token_ids": [], "prompt_tokens": 2, "prompt_logprobs": [None, [-1.5, [[ids[0], -0.5]]]]}
     )
     assert post.prompt_logprob_entries(ids) == [[text[0], None, None], [text[1], -1.5, [[text[0], -0.5]]]]
+
+
+def test_tokens_past_a_stop_string_in_the_same_delta_are_not_counted(tok):
+    ids = tok.encode("one two three four five")
+    post = PostProcessor(tok, 1, prompt_tokens=3, stops=["three"], include_stop=True)
+    out = post.feed({"index": 0, "token_ids": ids, "finish_reason": None})  # one delta: the engine ran on
+    assert out is not None and out.text == "one two three" and out.stop_reason == "three"
+    upto = next(k for k in range(len(ids)) if "three" in tok.decode(ids[: k + 1]))
+    assert out.token_ids == ids[: upto + 1] and post.usage.completion_tokens == upto + 1 < len(ids)
+
+
+def test_a_token_that_splits_a_character_reads_as_vllms_logprob_text(tok):
+    from dynvllm.frontend.postprocess import token_text
+
+    ids = tok.encode("é", add_special_tokens=False)
+    assert len(ids) == 2 and tok.decode(ids[:1], skip_special_tokens=False).endswith("\ufffd")
+    # As vLLM's engine: "" while the character is incomplete, then the whole character.
+    assert token_text(tok, ids[0], []) == "" and token_text(tok, ids[1], ids[:1]) == "é"
+    post = PostProcessor(tok, 1, prompt_tokens=1, stops=[])
+    out = post.feed(
+        {"index": 0, "token_ids": ids, "finish_reason": None, "logprobs": [[-0.1, []], [-0.2, []]]}
+    )
+    assert out is not None and [e[0] for e in out.logprobs] == ["", "é"]

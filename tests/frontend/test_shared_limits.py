@@ -155,3 +155,19 @@ async def test_a_request_short_of_a_slot_here_gets_one_freed_elsewhere(nats_url,
         for nc, shared in procs:
             await shared.stop()
             await natsrt.close(nc)
+
+
+def test_a_peer_is_not_counted_silent_while_this_process_stood_still():
+    now = [10.0]
+    shared = SharedLimits(None, "ns", Limits({}, 0.0), 0.1, 2.0, clock=lambda: now[0])
+    shared.reports = {shared.id: (10.0, {}), "peer": (10.0, {})}
+    # This loop woke 3 s late (CPU-starved): the peer's report may be queued here, unread.
+    now[0] = 13.1
+    shared._excuse(3.0)
+    shared._expire()
+    assert "peer" in shared.reports
+    # Silence while this loop runs still counts.
+    now[0] = 15.2
+    shared._excuse(0.0)
+    shared._expire()
+    assert "peer" not in shared.reports

@@ -21,13 +21,25 @@ def test_scales_up_to_ceil_of_load_over_capacity_within_bounds():
     assert d.target == 4
 
 
-def test_cool_down_holds_a_second_change():
+def test_cool_down_holds_a_scale_down_but_never_an_up():
     st = RoleState()
-    pol = Policy(cooldown=30)
+    pol = Policy(cooldown=30, scale_down_after=1)
     assert decide("agg", 25.0, 10.0, workers(1), BUSY, st, pol, now=100).start == 2
-    d = decide("agg", 45.0, 10.0, workers(1, 1, 1), BUSY, st, pol, now=110)
+    # More load 10 s later: up at once, the cool-down does not hold the latency target back.
+    assert decide("agg", 45.0, 10.0, workers(1, 1, 1), BUSY, st, pol, now=110).start == 2
+    # Less load: 1 would do, but not within 30 s of the last change.
+    d = decide("agg", 5.0, 10.0, workers(1, 1, 1, 1, 1), BUSY, st, pol, now=120)
     assert d.action == "hold" and "cool-down" in d.reason
-    assert decide("agg", 45.0, 10.0, workers(1, 1, 1), BUSY, st, pol, now=131).start == 2
+    assert decide("agg", 5.0, 10.0, workers(1, 1, 1, 1, 1), BUSY, st, pol, now=141).target == 1
+
+
+def test_a_look_between_intervals_only_adds():
+    st = RoleState()
+    pol = Policy(cooldown=0, scale_down_after=1)
+    ws = workers(1, 1, 1)
+    d = decide("agg", 5.0, 10.0, ws, BUSY, st, pol, now=100, up_only=True)
+    assert d.action == "hold" and st.below == 0  # a look does not count toward a scale-down
+    assert decide("agg", 45.0, 10.0, ws, BUSY, st, pol, now=101, up_only=True).start == 2
 
 
 def test_scale_down_waits_for_n_intervals_below_the_threshold_and_drains_the_quietest():
@@ -72,6 +84,24 @@ def test_zero_only_after_idle_after_and_back_at_once_for_a_waiting_request():
     waiting = Observation(seconds=10, waiting_for_worker=1)
     d = decide("agg", 0.0, 10.0, [], waiting, st, pol, now=135)  # within the cool-down
     assert d.start == 1 and d.target == 1
+
+
+def test_a_predictions_residue_neither_holds_the_last_worker_nor_brings_one_back():
+    st = RoleState()
+    pol = Policy(min_workers=0, cooldown=0, scale_down_after=1, idle_after=30)
+    decide("agg", 0.01, 10.0, workers(0), IDLE, st, pol, now=100)  # idle from here
+    assert decide("agg", 0.01, 10.0, workers(0), IDLE, st, pol, now=120).target == 1
+    d = decide("agg", 0.01, 10.0, workers(0), IDLE, st, pol, now=131)
+    assert (d.target, d.drain) == (0, ("w0",))
+    assert decide("agg", 0.01, 10.0, [], IDLE, st, pol, now=141).action == "hold"
+
+
+def test_idle_after_is_the_whole_wait_before_zero():
+    st = RoleState()
+    pol = Policy(min_workers=0, cooldown=0, scale_down_after=3, idle_after=30)
+    assert decide("agg", 0.0, 10.0, workers(0), IDLE, st, pol, now=100).target == 1  # idle from here
+    d = decide("agg", 0.0, 10.0, workers(0), IDLE, st, pol, now=130)
+    assert (d.target, d.reason) == (0, "idle")  # not 3 intervals more
 
 
 def test_min_workers_zero_without_idle_after_keeps_one():

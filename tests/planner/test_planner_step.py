@@ -152,3 +152,56 @@ def test_lookahead_asks_for_a_ramps_workers_a_start_up_early():
     # 40 req/s now, 44 next interval (11 workers); 60 s ahead ~64 req/s (16 workers).
     assert run(0) == 11
     assert 15 <= run(60) <= 17
+
+
+def held(requests: int, inflight: int, queued: int) -> list:
+    """A frontend with `queued` requests in its admission queue among `inflight`."""
+    return parse(
+        "# TYPE dynvllm_requests counter\n"
+        f'dynvllm_requests_total{{model="tiny",status="200"}} {requests}\n'
+        "# TYPE dynvllm_inflight_requests gauge\n"
+        f'dynvllm_inflight_requests{{model="tiny"}} {inflight}\n'
+        "# TYPE dynvllm_admission_queue_length gauge\n"
+        f'dynvllm_admission_queue_length{{model="tiny"}} {queued}\n'
+    )
+
+
+def test_held_requests_add_workers_between_intervals_when_they_would_wait_too_long():
+    me = Instance("p1", "planner", started=10.0)
+    worker = Instance("w1", "worker", role="agg", card={"model": "tiny"}, pid=4242)
+    pl = planner(planner_interval=10, ttft_target=0.5)  # one worker: 4 req/s at the targets
+    conn = FakeConnector(running=1)
+    watch = FakeWatcher([me, worker])
+    # 1 held: a quarter second's wait at 4 req/s, within half the target: nothing is done.
+    assert asyncio.run(pl.step(held(0, 0, 0), held(0, 3, 1), 1.0, 1.0, watch, me, conn, react=True)) == []
+    # A burst: 12 arrived in 1 s, 10 of them held: up now, for the arrivals and the held ones
+    # beyond the 1 the serving worker clears within half the target.
+    (d,) = asyncio.run(pl.step(held(0, 0, 0), held(0, 2, 10), 1.0, 2.0, watch, me, conn, react=True))
+    assert (d.current, d.target) == (1, 4)  # ceil((12 + 9 / 10) / 4)
+    # The look fed no predictor and no history: the interval's end sees whole intervals only.
+    assert pl.predictor.predict() == 0 and pl.history == []
+    # No worker serves: any held request asks for one, as at zero workers.
+    pl2, conn0 = planner(planner_interval=10), FakeConnector(running=0)
+    (d,) = asyncio.run(
+        pl2.step(held(0, 0, 0), held(0, 0, 1), 0.5, 1.0, FakeWatcher([me]), me, conn0, react=True)
+    )
+    assert (d.current, d.start) == (0, 1)
+    # A burst 0.5 s old, 1.5 s into the interval: 12 arrived since the last look 0.5 s ago, a
+    # rate of 24 req/s, not 12 / 1.5 s = 8: it asks for the burst's workers at once.
+    pl3, conn3 = planner(planner_interval=10), FakeConnector(running=0)
+    (d,) = asyncio.run(
+        pl3.step(
+            held(0, 0, 0), held(0, 0, 12), 1.5, 1.0, FakeWatcher([me]), me, conn3, react=True,
+            since=(held(0, 0, 0), 0.5),
+        )
+    )  # fmt: skip
+    assert d.target == 7  # ceil((24 + 12 / 10) / 4)
+
+
+def test_the_predictor_is_fed_arrivals_so_a_burst_shows_before_it_is_answered():
+    me = Instance("p1", "planner", started=10.0)
+    pl = planner(planner_interval=2)
+    (d,) = asyncio.run(
+        pl.step(held(0, 0, 0), held(4, 20, 0), 2.0, 2.0, FakeWatcher([me]), me, FakeConnector(1))
+    )
+    assert pl.predictor.predict() == 12.0 and d.target == 3  # (4 ended + 20 in flight) / 2 s

@@ -48,3 +48,13 @@ def test_ids_follow_vllms_prefix_rule():
     assert ps.response_id("score", "abc", None) == "score-abc"
     assert ps.response_id("pooling", "abc", "hdr") == "pooling-hdr"
     assert ps.response_id("pooling", None, None).startswith("pooling-")
+
+
+def test_classify_body_is_vllms_classification_response():
+    labels = {"0": "red", "1": "green"}
+    body = ps.classify_body(
+        "classify-x", "cls", [[0.2, 0.5, 0.3], [0.4, 0.4, 0.2], [0.1, 0.2, 0.7]], labels, 9
+    )
+    assert [d["label"] for d in body["data"]] == ["green", "red", None]  # ties: the first; no name: null
+    assert [d["num_classes"] for d in body["data"]] == [3, 3, 3] and body["data"][2]["index"] == 2
+    assert body["object"] == "list" and body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] == 9

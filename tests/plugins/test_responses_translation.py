@@ -127,7 +127,7 @@ def test_function_tools_tool_choice_and_json_schema_format_map_to_chat():
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"background": True}, "background"),
+        ({"background": True, "store": False}, "background"),
         ({"include": ["message.output_input.image_url"]}, "include"),
         ({"tools": [{"type": "web_search"}]}, "tools"),
         (

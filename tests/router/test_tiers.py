@@ -140,7 +140,7 @@ def test_sim_cpu_tier_events_rebuild_its_state_in_the_index():
     # The fourth prompt repeats the first after two others pushed it out of the GPU (4 blocks)
     # into the CPU tier: it found all 4 blocks and loaded them from there.
     assert found == [(0, 0), (0, 0), (0, 0), (4, 4), (0, 0)]
-    gpu_keys = {k for k, h in index.holders.items() if h == 0}
+    gpu_keys = {k for k, h in index.holders.items() if h == 1}  # worker id 0's bit
     assert gpu_keys == set(cache.ref)
     assert set(index.lower[CPU].holders) == set(cache.cpu)
     assert len(cache.cpu) == 8
@@ -167,20 +167,26 @@ def test_a_peer_snapshot_carries_the_offload_tiers():
 
 
 def test_tiered_depths_match_a_per_worker_walk_on_random_holdings():
+    """Up to 40 workers: holder masks wider than a machine word, groups of many workers."""
     import random
 
     rng = random.Random(5)
-    for _ in range(200):
+    for case in range(200):
         index = KvIndex()
         keys = hashing.chain(list(range(rng.randrange(4, 40))), BS)
         held: dict[tuple[str, int], dict[int, set[int]]] = {}
-        for w in [(f"w{i}", 0) for i in range(rng.randrange(1, 6))]:
+        for w in [(f"w{i}", 0) for i in range(rng.randrange(1, 40 if case % 2 else 6))]:
             held[w] = {}
             for tier in (GPU, CPU, DISK):
-                mine = [k for k in keys if rng.random() < 0.7]
-                held[w][tier] = set(mine)
+                # Long shared prefixes on the GPU (as caches keep them), holes anywhere below.
+                p = 0.97 if tier == GPU else 0.5
+                mine = [k for k in keys if rng.random() < p]
                 if mine:
                     index.apply(w, ("stored", mine) if tier == GPU else ("stored", mine, tier))
+                gone = [k for k in mine if rng.random() < 0.05]
+                if gone:
+                    index.apply(w, ("removed", gone) if tier == GPU else ("removed", gone, tier))
+                held[w][tier] = set(mine) - set(gone)
 
         def depth(w, tiers, keys=keys, held=held):  # type: ignore[no-untyped-def]
             d = 0
@@ -194,3 +200,92 @@ def test_tiered_depths_match_a_per_worker_walk_on_random_holdings():
             if t[2]:
                 want[w] = t
         assert index.tiered(keys) == want
+        gpu, further = index.lookup(keys)
+        assert gpu == index.overlaps(keys) == {w: t[0] for w, t in want.items() if t[0]}
+        assert further == {w: t for w, t in want.items() if t[2] > t[0]}
+
+
+def test_a_gone_instance_frees_its_worker_id_for_the_next():
+    index = KvIndex()
+    keys = hashing.chain(list(range(40)), BS)
+    a, b, c = ("a", 0), ("b", 0), ("c", 0)
+    index.apply(a, ("stored", keys))
+    index.apply(a, ("stored", keys, CPU))
+    index.apply(b, ("stored", keys[:4]))
+    index.drop_instance("a")
+    assert index.tiered(keys) is None and index.overlaps(keys) == {b: 4}
+    index.apply(c, ("stored", keys[:2]))  # takes a's id: none of a's blocks come with it
+    assert index.overlaps(keys) == {b: 4, c: 2}
+    assert index.holders[keys[0]].bit_count() == 2 and len(index._workers) == 2
+    assert list(index.confirmed()) == [(b, keys[:4]), (c, keys[:2])]
+
+
+def test_workers_held_only_below_are_counted_through_any_sequence_of_events():
+    """The per-worker count of blocks held in a lower tier and not on the GPU (what lets a lookup
+    skip the tiers while they hold copies only) stays exact through stores, removals in every
+    tier, predictions that expire, cleared caches and dropped workers; lookups agree with a walk."""
+    import random
+
+    rng = random.Random(11)
+    keys = hashing.chain(list(range(48)), BS)  # 12 blocks
+    workers = [(f"w{i}", 0) for i in range(12)]
+    for _ in range(60):
+        index = KvIndex()
+        held = {w: {GPU: set(), CPU: set(), DISK: set()} for w in workers}
+        predicted: dict[tuple[str, int], set[int]] = {w: set() for w in workers}
+        now = 0.0
+        for _ in range(80):
+            w, tier = rng.choice(workers), rng.choice((GPU, GPU, CPU, DISK))
+            a = rng.randrange(len(keys))
+            some = keys[a : a + rng.randrange(1, 6)]
+            op = rng.random()
+            if op < 0.45:
+                index.apply(w, ("stored", some) if tier == GPU else ("stored", some, tier))
+                held[w][tier].update(some)
+                if tier == GPU:
+                    predicted[w].difference_update(some)
+            elif op < 0.75:
+                index.apply(w, ("removed", some) if tier == GPU else ("removed", some, tier))
+                held[w][tier].difference_update(some)
+                if tier == GPU:
+                    predicted[w].difference_update(some)
+            elif op < 0.85:
+                fresh = [k for k in some if k not in held[w][GPU]]
+                index.predict(w, some, 1.0, now)
+                predicted[w].update(fresh)
+                held[w][GPU].update(some)
+            elif op < 0.9:
+                now += 2.0
+                index.expire(now)
+                for v in workers:
+                    held[v][GPU] -= predicted[v]
+                    predicted[v].clear()
+            elif op < 0.95:
+                index.apply(w, ("cleared",))
+                held[w][GPU].clear()
+                predicted[w].clear()
+            else:
+                index.drop_worker(w)
+                held[w] = {GPU: set(), CPU: set(), DISK: set()}
+                predicted[w].clear()
+            for tier in (CPU, DISK):
+                want_deep = {}
+                for v in workers:
+                    if n := len(held[v][tier] - held[v][GPU]):
+                        want_deep[index._ids[v]] = n
+                child = index.lower.get(tier)
+                assert (child._deep if child is not None else {}) == want_deep
+                assert (child._deep_mask if child is not None else 0) == sum(1 << w for w in want_deep)
+
+        def depth(v, tiers, held=held):  # type: ignore[no-untyped-def]
+            d = 0
+            while d < len(keys) and any(keys[d] in held[v][t] for t in tiers):
+                d += 1
+            return d
+
+        want = {}
+        for v in workers:
+            t = (depth(v, [GPU]), depth(v, [GPU, CPU]), depth(v, [GPU, CPU, DISK]))
+            if t[2] > t[0]:
+                want[v] = t
+        assert index.lookup(keys)[1] == want

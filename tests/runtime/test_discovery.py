@@ -170,3 +170,72 @@ async def test_typed_events(nats_url):
         await asyncio.sleep(0.02)
     assert got == [LoadMetrics("w1", 3, 1, 10, 64, 0.0)]
     await nc.close()
+
+
+async def test_a_lease_beats_from_its_own_thread_while_the_loop_is_busy(nats_url):
+    """A worker's loop busy for seconds keeps its lease (heartbeats from a thread); one that stays
+    stuck past `tolerate` loses it."""
+    import threading
+
+    rt = RuntimeSettings(nats_url=nats_url)
+    seen: list[float] = []
+    ready, done = threading.Event(), threading.Event()
+
+    def listen() -> None:  # an observer with its own loop, as a frontend in another process
+        async def run() -> None:
+            nc = await natsrt.connect(rt)
+
+            async def on_beat(msg) -> None:
+                seen.append(time.monotonic())
+
+            await nc.subscribe("disc9.instances.hb", cb=on_beat)
+            ready.set()
+            while not done.is_set():
+                await asyncio.sleep(0.02)
+            await nc.close()
+
+        asyncio.run(run())
+
+    observer = threading.Thread(target=listen)
+    observer.start()
+    assert ready.wait(10)
+    nc = await natsrt.connect(rt)
+    inst = Instance.new("worker", role="test")
+    lease = Lease(nc, "disc9", inst, 0.1, connect=lambda: natsrt.connect(rt), tolerate=0.8)
+    try:
+        await lease.start()
+        await asyncio.sleep(0.4)
+        t0 = time.monotonic()
+        time.sleep(1.6)  # this loop stands still: none of its own tasks runs
+        assert len([x for x in seen if t0 + 0.1 < x < t0 + 0.7]) >= 3  # the thread beat on
+        assert not [x for x in seen if t0 + 1.05 < x < t0 + 1.6]  # until the loop was stuck too long
+        await asyncio.sleep(0.4)
+        assert seen[-1] > t0 + 1.6  # the loop runs again: so do the beats
+    finally:
+        await lease.stop()
+        done.set()
+        observer.join()
+        await natsrt.close(nc)
+    assert lease._thread is None
+
+
+async def test_a_watcher_whose_loop_stood_still_does_not_expire_what_it_could_not_hear(nats_url):
+    rt = RuntimeSettings(nats_url=nats_url)
+    nc, w = await watcher_for(nats_url, "disc10", ttl=1.0)
+    removed: list[str] = []
+    w.on_remove.append(lambda inst: removed.append(inst.id))
+    lease_nc = await natsrt.connect(rt)
+    inst = Instance.new("worker", role="test")
+    # Heartbeats from a thread: they keep coming while this loop (the watcher's) stands still.
+    lease = Lease(lease_nc, "disc10", inst, 0.1, connect=lambda: natsrt.connect(rt))
+    try:
+        await lease.start()
+        assert await w.wait_for(lambda w: w.get(inst.id) is not None, 3)
+        time.sleep(2.0)  # twice the lease: nothing read here meanwhile
+        await asyncio.sleep(0.6)
+        assert removed == [] and w.get(inst.id) is not None
+    finally:
+        await lease.stop()
+        await w.stop()
+        await natsrt.close(lease_nc)
+        await natsrt.close(nc)

@@ -55,7 +55,7 @@ class Formatter:
         raise NotImplementedError
 
 
-def _chat_logprobs(entries: list | None) -> dict | None:
+def chat_logprobs(entries: list | None) -> dict | None:
     if entries is None:
         return None
     return {
@@ -102,6 +102,20 @@ def _tool_call_json(call: ToolCall, index: int | None = None) -> dict:
     return out if index is None else {"index": index, **out}
 
 
+def _echo_text(req: oa.ChatRequest) -> str:
+    """What `echo` puts before each choice's content, as vLLM's chat serving: the last message's
+    text when its role is the response's (the assistant's under add_generation_prompt, else the
+    last message's own)."""
+    if not req.echo or not req.messages:
+        return ""
+    last = req.messages[-1]
+    if req.add_generation_prompt and last.role != "assistant":
+        return ""
+    if isinstance(last.content, list):
+        return "\n".join(str(p.get("text", "")) for p in last.content if p.get("type") == "text")
+    return last.content or ""
+
+
 class _ChatShaper(Shaper):
     def __init__(
         self, fmt: ChatFormatter, req: oa.ChatRequest, n: int, want_logprobs: bool, parts: list[Part]
@@ -133,8 +147,10 @@ class _ChatShaper(Shaper):
         self.n, self.want_logprobs = n, want_logprobs
         self.acc = [ChatDelta() for _ in range(n)]
         self.finish: list[str | None] = [None] * n
+        self.stop_reason: list[str | int | None] = [None] * n
         self.lps: list[list] = [[] for _ in range(n)]
         self.calls_sent = [0] * n
+        self.echo = _echo_text(req)
         self.prompt_logprobs = req.prompt_logprobs is not None
         self.part: Part | None = None
         self.forced = forced
@@ -143,7 +159,7 @@ class _ChatShaper(Shaper):
         self.prompt_ids = parts[0].prompt_ids if parts else []
 
     def opening(self) -> list[dict]:
-        return [
+        roles = [
             {
                 "index": i,
                 "delta": {"role": "assistant", "content": ""},
@@ -152,9 +168,18 @@ class _ChatShaper(Shaper):
             }
             for i in range(self.n)
         ]
+        echoed = [
+            {"index": i, "delta": {"content": self.echo}, "logprobs": None, "finish_reason": None}
+            for i in range(self.n)
+            if self.echo
+        ]
+        return roles + echoed
 
     def top(self) -> dict:
-        return {"prompt_token_ids": self.prompt_ids} if self.return_ids else {}
+        out: dict[str, Any] = {"prompt_token_ids": self.prompt_ids} if self.return_ids else {}
+        if self.prompt_logprobs and not self.streaming and self.part is not None:
+            out["prompt_logprobs"] = prompt_logprobs_json(self.part)  # vLLM's chat: beside the choices
+        return out
 
     def _finish_reason(self, i: int, finish: str) -> str:
         # As vLLM's server answers (OpenAI's rule): "tool_calls" for calls made under "auto" or
@@ -189,9 +214,11 @@ class _ChatShaper(Shaper):
             self.lps[i] += d.logprobs
         if d.finish_reason:
             self.finish[i] = d.finish_reason
+            self.stop_reason[i] = d.stop_reason
 
-    def chunk(self, index: int, part: Part, d: ChoiceDelta) -> list[dict]:
-        i = index
+    def advance(self, index: int, part: Part, d: ChoiceDelta) -> ChatDelta:
+        """Take one delta into the choice's state: its content, reasoning and tool calls (for
+        surfaces that shape their own output instead of chat's chunks)."""
         self.part = part
         text = d.text
         if (
@@ -205,12 +232,17 @@ class _ChatShaper(Shaper):
             assert part.post is not None
             tail = part.post.tok.decode(d.token_ids[-1:], skip_special_tokens=False)
             text = text[: -len(tail)] if tail and text.endswith(tail) else text
-        out = self.outputs[i].step(text, d.token_ids, d.finish_reason is not None)
-        self._accumulate(i, out, d)
+        out = self.outputs[index].step(text, d.token_ids, d.finish_reason is not None)
+        self._accumulate(index, out, d)
+        if self.return_ids:
+            self.ids[index] += d.token_ids
+        return out
+
+    def chunk(self, index: int, part: Part, d: ChoiceDelta) -> list[dict]:
+        i = index
+        out = self.advance(i, part, d)
         lps = d.logprobs if self.want_logprobs else None
         ids = d.token_ids if self.return_ids else None
-        if ids is not None:
-            self.ids[i] += ids
         if not out and d.finish_reason is None and not lps and not ids:
             return []
         finish = self._finish_reason(i, d.finish_reason) if d.finish_reason else None
@@ -218,9 +250,11 @@ class _ChatShaper(Shaper):
             choice = {
                 "index": i,
                 "delta": {"content": out.content},
-                "logprobs": _chat_logprobs(lps),
+                "logprobs": chat_logprobs(lps),
                 "finish_reason": finish,
             }
+            if finish is not None:
+                choice["stop_reason"] = d.stop_reason
             return [{**choice, "token_ids": ids} if ids is not None else choice]
         choices = []
         if out or lps or (ids and finish is None):
@@ -228,12 +262,20 @@ class _ChatShaper(Shaper):
                 {
                     "index": i,
                     "delta": self._delta(i, out),
-                    "logprobs": _chat_logprobs(lps),
+                    "logprobs": chat_logprobs(lps),
                     "finish_reason": None,
                 }
             )
         if finish is not None:
-            choices.append({"index": i, "delta": {}, "logprobs": None, "finish_reason": finish})
+            choices.append(
+                {
+                    "index": i,
+                    "delta": {},
+                    "logprobs": None,
+                    "finish_reason": finish,
+                    "stop_reason": d.stop_reason,
+                }
+            )
         if ids is not None:  # the delta's token ids, on its first chunk
             choices[0]["token_ids"] = ids
         return choices
@@ -248,14 +290,15 @@ class _ChatShaper(Shaper):
             if acc.tool_calls:
                 message["tool_calls"] = [_tool_call_json(c) for c in acc.tool_calls]
                 message["content"] = acc.content or None
+            if self.echo:
+                message["content"] = self.echo + (message["content"] or "")
             choice = {
                 "index": i,
                 "message": message,
-                "logprobs": _chat_logprobs(self.lps[i] if self.want_logprobs else None),
+                "logprobs": chat_logprobs(self.lps[i] if self.want_logprobs else None),
                 "finish_reason": self._finish_reason(i, self.finish[i] or "stop"),
+                "stop_reason": self.stop_reason[i],
             }
-            if self.prompt_logprobs and self.part is not None:
-                choice["prompt_logprobs"] = prompt_logprobs_json(self.part)
             if self.return_ids:
                 choice["token_ids"] = self.ids[i]
             out.append(choice)
@@ -366,7 +409,7 @@ class ChatFormatter(Formatter):
         add_special = bool(req.add_special_tokens)
         return [(tok.encode(text, add_special_tokens=add_special), None)]
 
-    def shaper(self, req: oa.ChatRequest, parts: list[Part], n: int) -> Shaper:
+    def shaper(self, req: oa.ChatRequest, parts: list[Part], n: int) -> _ChatShaper:
         return _ChatShaper(self, req, n, req.logprobs, parts)
 
 
@@ -407,7 +450,8 @@ class _CompletionShaper(Shaper):
         return {
             "tokens": [t for t, _, _ in entries],
             "token_logprobs": [lp for _, lp, _ in entries],
-            "top_logprobs": [dict(top) if top is not None else None for _, _, top in entries],
+            # As vLLM: the entry's own token first, then the top ones (logprobs N gives up to N+1).
+            "top_logprobs": [{t: lp, **dict(top)} if top is not None else None for t, lp, top in entries],
             "text_offset": offsets,
         }
 
@@ -463,7 +507,8 @@ class _CompletionShaper(Shaper):
                 "finish_reason": self.finish[i] or "stop",
                 "stop_reason": self.stop_reason[i],
             }
-            if self.req.prompt_logprobs is not None:
+            if self.req.prompt_logprobs is not None or (self.req.echo and self.req.logprobs is not None):
+                # echo with logprobs asks the engine for the prompt's logprobs: vLLM returns them
                 choice["prompt_logprobs"] = prompt_logprobs_json(self.parts[i // self.n])
             if self.return_ids:
                 choice["prompt_token_ids"] = self.parts[i // self.n].prompt_ids

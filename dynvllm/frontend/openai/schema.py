@@ -246,6 +246,9 @@ class ChatRequest(_Req):
     chat_template_kwargs: dict[str, Any] | None = None
     #: The last (assistant) message is left open for the model to continue, as vLLM does.
     continue_final_message: bool = False
+    #: vLLM's: the last message's text before each choice's content (when its role is the
+    #: response's), and the prompt's logprobs (`prompt_logprobs` = top_logprobs) on the response.
+    echo: bool = False
     #: A Jinja chat template for this request (the server must trust them: --trust-request-chat-template).
     chat_template: str | None = None
     #: Given to the chat template as `reasoning_effort` (and `enable_thinking`), as vLLM does.
@@ -257,6 +260,8 @@ class ChatRequest(_Req):
     def _check(self) -> ChatRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs=true")
+        if self.echo and self.prompt_logprobs is None:
+            self.prompt_logprobs = self.top_logprobs or 0
         if self.continue_final_message and self.add_generation_prompt:
             raise ValueError(
                 "continue_final_message and add_generation_prompt (true by default) are not compatible: "

@@ -230,6 +230,7 @@ class SimEngine(Engine):
             "context_length": self.context_length,
             "block_size": self.block_size,
             "kv_blocks": self.args.sim_kv_blocks,
+            "max_num_seqs": self.args.sim_max_num_seqs,
         }
 
     # ---- requests ------------------------------------------------------------------

@@ -219,6 +219,19 @@ def _event(name: str, data: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + _json({"type": name, **data}) + b"\n\n"
 
 
+def _text_delta(block: int, text: str) -> bytes:
+    """`_event("content_block_delta", ...)` of a text delta, the same bytes, built the cheap way
+    (one per token)."""
+    return (
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+        b'"delta":{"type":"text_delta","text":%s}}\n\n' % (block, _json(text))
+    )
+
+
+def _answer(body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    return Response(_json(body), media_type="application/json", headers=headers)
+
+
 class AnthropicSurface(Surface):
     description = "Anthropic's Messages API (/v1/messages, /v1/messages/count_tokens)"
 
@@ -255,15 +268,15 @@ class AnthropicSurface(Surface):
     # ---- routes ------------------------------------------------------------------------------
     async def count_tokens(self, request: Request) -> Response:
         try:
-            raw = bodies.json_object(await bodies.read(request, self.max_body))
-            raw.setdefault("max_tokens", 1)
-            req = _parse(json.dumps(raw).encode())
+            data = bodies.json_object(await bodies.read(request, self.max_body))
+            data.setdefault("max_tokens", 1)
+            req = bodies.validate_strict(MessagesRequest, data)
             chat = to_chat(req)
             entry = await self.path.entry(req.model)
             ids = self.chat_fmt.prompts(entry, chat)[0][0]
         except RequestError as exc:
             return self.error_response(exc)
-        return JSONResponse({"input_tokens": len(ids)})
+        return _answer({"input_tokens": len(ids)})
 
     async def messages(self, request: Request) -> Reply:
         model = "?"
@@ -295,7 +308,7 @@ class AnthropicSurface(Surface):
             async for index, part, d in r.deltas():
                 if d.finish_reason:
                     stop = d.stop_reason
-                shaper.chunk(index, part, d)
+                shaper.advance(index, part, d)
             return stop
 
         stop = await self.path.complete(r, consume)
@@ -325,7 +338,7 @@ class AnthropicSurface(Surface):
                 "cache_read_input_tokens": usage.cached_tokens,
             },
         }
-        return JSONResponse(body, headers=r.headers())
+        return _answer(body, r.headers())
 
     async def _stream(self, r: Any, shaper: Any, msg_id: str) -> AsyncIterator[bytes]:
         """Anthropic's events: message_start, a content block per text run or tool call (start,
@@ -354,35 +367,28 @@ class AnthropicSurface(Surface):
             async for index, part, d in r.deltas():
                 if d.finish_reason:
                     finish, stop = d.finish_reason, d.stop_reason
-                for choice in shaper.chunk(index, part, d):
-                    delta = choice.get("delta") or {}
-                    if delta.get("content"):
-                        if kind != "text":
-                            if kind is not None:
-                                out.append(_event("content_block_stop", {"index": block}))
-                            block, kind = block + 1, "text"
-                            out.append(
-                                _event(
-                                    "content_block_start",
-                                    {"index": block, "content_block": {"type": "text", "text": ""}},
-                                )
-                            )
-                        out.append(
-                            _event(
-                                "content_block_delta",
-                                {"index": block, "delta": {"type": "text_delta", "text": delta["content"]}},
-                            )
-                        )
-                    for call in delta.get("tool_calls") or ():
-                        called = True
+                got = shaper.advance(index, part, d)
+                if got.content:
+                    if kind != "text":
                         if kind is not None:
                             out.append(_event("content_block_stop", {"index": block}))
-                        block, kind = block + 1, "tool_use"
-                        fn = call["function"]
-                        head = {"type": "tool_use", "id": call["id"], "name": fn["name"], "input": {}}
-                        out.append(_event("content_block_start", {"index": block, "content_block": head}))
-                        partial = {"type": "input_json_delta", "partial_json": fn.get("arguments") or "{}"}
-                        out.append(_event("content_block_delta", {"index": block, "delta": partial}))
+                        block, kind = block + 1, "text"
+                        out.append(
+                            _event(
+                                "content_block_start",
+                                {"index": block, "content_block": {"type": "text", "text": ""}},
+                            )
+                        )
+                    out.append(_text_delta(block, got.content))
+                for call in got.tool_calls:
+                    called = True
+                    if kind is not None:
+                        out.append(_event("content_block_stop", {"index": block}))
+                    block, kind = block + 1, "tool_use"
+                    head = {"type": "tool_use", "id": call.id, "name": call.name, "input": {}}
+                    out.append(_event("content_block_start", {"index": block, "content_block": head}))
+                    partial = {"type": "input_json_delta", "partial_json": call.arguments or "{}"}
+                    out.append(_event("content_block_delta", {"index": block, "delta": partial}))
                 if out and not d.finish_reason and r.flush_due():
                     sent = True
                     yield b"".join(out)
@@ -395,7 +401,11 @@ class AnthropicSurface(Surface):
                     "message_delta",
                     {
                         "delta": {"stop_reason": reason, "stop_sequence": sequence},
-                        "usage": {"output_tokens": usage.completion_tokens},
+                        # The prompt's count too, as Anthropic's API and vLLM's server send it.
+                        "usage": {
+                            "input_tokens": usage.prompt_tokens,
+                            "output_tokens": usage.completion_tokens,
+                        },
                     },
                 )
             )

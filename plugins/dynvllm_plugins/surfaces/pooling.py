@@ -2,9 +2,10 @@
 `/score` (`/v1/score`), `/rerank` (`/v1/rerank`, `/v2/rerank`) and `/classify`.
 
 An embedding model scores as vLLM scores one (a bi-encoder): queries and documents are embedded
-one by one and each pair's score is the cosine of its two vectors. `/classify` needs a
-sequence-classification model, which no pooling role here serves: it is refused as vLLM's server
-refuses it for an embedding model, naming the model type it lacks."""
+one by one and each pair's score is the cosine of its two vectors. `/classify` answers for a
+sequence-classification model (the embed role runs it with vLLM's classify task; its workers'
+cards list the pooling tasks and the labels); for any other model it is refused with vLLM's
+words."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from dynvllm.frontend.errors import RequestError
 from dynvllm.frontend.models import ModelEntry
 from dynvllm.frontend.request_path import Admitted
 from dynvllm.frontend.surface import Surface
-from dynvllm_plugins.roles.embed import EMBED
+from dynvllm_plugins.roles.embed import CLASSIFY, EMBED
 from dynvllm_plugins.surfaces import pooling_schema as ps
 from dynvllm_plugins.surfaces.embeddings import encode
 
@@ -59,10 +60,32 @@ class PoolingSurface(Surface):
             )
         return served[0]
 
+    async def _tasks(self, model: str) -> list[str]:
+        """The pooling tasks the model's workers serve (embed where a card does not say)."""
+        entry = await self.path.entry(model)
+        return list(entry.card.get("pooling_tasks") or [TASK])
+
+    async def _embedding_model(self, model: str) -> None:
+        if TASK not in await self._tasks(model):
+            raise RequestError(
+                400,
+                f"model {model!r} is a classification model: it answers /classify; embeddings, "
+                "/pooling and bi-encoder /score and /rerank need an embedding model (scoring with a "
+                "cross-encoder is not served)",
+                param="model",
+            )
+
     async def _run(
-        self, request: Request, model: str, texts: list[str | list[int]], add_special: bool, options: dict
+        self,
+        request: Request,
+        model: str,
+        texts: list[str | list[int]],
+        add_special: bool,
+        options: dict,
+        task: str | None = None,
     ) -> tuple[Admitted, list[dict]] | RequestError:
-        """Pool each input on the embed stage: (the admitted request, each input's answer)."""
+        """Pool each input on the embed stage (for `task`, else the stage's own): (the admitted
+        request, each input's answer)."""
 
         def prompts(entry: ModelEntry) -> list[list[int]]:
             tok = entry.tokenizer
@@ -73,7 +96,7 @@ class PoolingSurface(Surface):
             ]
 
         r = await self.path.admit_call("pooling", model, prompts, EMBED, request.headers)
-        answers = await self.path.complete(r, lambda: self.path.call_all(r, options))
+        answers = await self.path.complete(r, lambda: self.path.call_all(r, options, task))
         return answers if isinstance(answers, RequestError) else (r, answers)
 
     async def _handle(self, request: Request, model_cls: type[BaseModel], serve: Callable) -> Response:
@@ -106,6 +129,7 @@ class PoolingSurface(Surface):
             raise RequestError(
                 400, f"Unsupported task: {req.task!r}: this model's pooling task is {TASK!r}", param="task"
             )
+        await self._embedding_model(model)
         ps.check_inputs(req.inputs())
         done = await self._run(request, model, req.inputs(), req.add_special_tokens, self._options(req))
         if isinstance(done, RequestError):
@@ -135,6 +159,7 @@ class PoolingSurface(Surface):
         self, request: Request, req: ps.ScoreRequest | ps.RerankRequest, model: str
     ) -> Response | RequestError:
         ps.check_scoring(req)
+        await self._embedding_model(model)
         if isinstance(req, ps.RerankRequest):
             left, right = [req.query], ps.as_list(req.documents)
         else:
@@ -158,14 +183,28 @@ class PoolingSurface(Surface):
     async def classify(self, request: Request) -> Response:
         return await self._handle(request, ps.ClassifyRequest, self._classify)
 
-    async def _classify(self, request: Request, req: ps.ClassifyRequest, model: str) -> RequestError:
+    async def _classify(
+        self, request: Request, req: ps.ClassifyRequest, model: str
+    ) -> Response | RequestError:
         entry = await self.path.entry(model)
-        return RequestError(
-            501,
-            f"The model does not support Classification API: {entry.name!r} is served by "
-            f"{', '.join(sorted(entry.roles))} workers as an embedding model; /classify needs a "
-            "sequence-classification model (a *ForSequenceClassification checkpoint with a "
-            "classify pooling task), which no dynvllm role serves",
-            "not_implemented",
-            param="model",
+        if CLASSIFY not in await self._tasks(model):
+            return RequestError(
+                501,
+                f"The model does not support Classification API: {entry.name!r} is served by "
+                f"{', '.join(sorted(entry.roles))} workers as an embedding model; /classify needs a "
+                "sequence-classification model (a *ForSequenceClassification checkpoint, which "
+                "`dynvllm serve embed` runs with vLLM's classify task)",
+                "not_implemented",
+                param="model",
+            )
+        ps.check_inputs(req.inputs())
+        done = await self._run(
+            request, model, req.inputs(), req.add_special_tokens, self._options(req), CLASSIFY
         )
+        if isinstance(done, RequestError):
+            return done
+        r, answers = done
+        rid = ps.response_id("classify", req.request_id, request.headers.get("x-request-id"))
+        labels = entry.card.get("labels") or {}
+        body = ps.classify_body(rid, r.model, [a["data"] for a in answers], labels, self._tokens(answers))
+        return JSONResponse(body, headers=r.headers())

@@ -144,6 +144,7 @@ def usage(prompt_tokens: int) -> dict[str, Any]:
         "total_tokens": prompt_tokens,
         "completion_tokens": 0,
         "prompt_tokens_details": None,
+        "completion_tokens_details": None,
     }
 
 
@@ -159,6 +160,25 @@ def score_body(rid: str, model: str, scores: list[float], prompt_tokens: int) ->
         "created": int(time.time()),
         "model": model,
         "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
+        "usage": usage(prompt_tokens),
+    }
+
+
+def classify_body(
+    rid: str, model: str, probs: list[list[float]], labels: dict[str, str], prompt_tokens: int
+) -> dict[str, Any]:
+    """vLLM's ClassificationResponse: each input's class probabilities, the label of the most
+    likely class (the first of equal ones, as numpy's argmax; null without a name) and their count."""
+    data = []
+    for i, p in enumerate(probs):
+        best = max(range(len(p)), key=p.__getitem__) if p else 0
+        data.append({"index": i, "label": labels.get(str(best)), "probs": p, "num_classes": len(p)})
+    return {
+        "id": rid,
+        "object": "list",
+        "created": int(time.time()),
+        "model": model,
+        "data": data,
         "usage": usage(prompt_tokens),
     }
 

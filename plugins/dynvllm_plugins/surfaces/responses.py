@@ -3,26 +3,37 @@
 A Responses request is translated into the chat request it means (`responses_schema`), so prompts
 come from the same chat template and output goes through the same tool and reasoning parsers as
 chat completions; what comes back is shaped as output items and Responses events
-(`responses_output`). Responses created with `store: true` (the default, as at OpenAI) are kept
-in this frontend process's memory, bounded by --responses-store-size: GET and DELETE
-/v1/responses/{id} read and drop them, and `previous_response_id` continues their conversation.
+(`responses_output`) straight from the parsed output, without chat's chunks in between. Responses
+created with `store: true` (the default, as at OpenAI) are kept in this frontend process's memory,
+bounded by --responses-store-size (`responses_store`): GET and DELETE /v1/responses/{id} read
+and drop them, and `previous_response_id` continues their conversation.
+
+`background: true` (with `store: true`) answers at once with a `queued` response and runs it in
+a task: GET polls it (`in_progress`, then `completed`, `incomplete`, `failed`), POST
+/v1/responses/{id}/cancel cancels it (the worker's request is aborted). With `stream: true` as
+well, its events are kept with it: the creating request streams them, and GET ?stream=true
+(&starting_after=N) reads them again from any point.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import AsyncIterator
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from dynvllm.frontend import bodies
 from dynvllm.frontend.errors import RequestError, from_remote
 from dynvllm.frontend.event_stream import EventStream, Last, Reply
-from dynvllm.frontend.openai.formatters import ChatFormatter
+from dynvllm.frontend.models import ModelEntry
+from dynvllm.frontend.openai.formatters import ChatFormatter, chat_logprobs
 from dynvllm.frontend.openai.surface import chat_formatter
 from dynvllm.frontend.request_path import Admitted
 from dynvllm.frontend.surface import Surface
@@ -30,40 +41,16 @@ from dynvllm.runtime.errors import RemoteError
 from dynvllm_plugins.surfaces import responses_output as ro
 from dynvllm_plugins.surfaces.responses_schema import ResponsesRequest, output_messages, parse, to_chat
 from dynvllm_plugins.surfaces.responses_settings import ResponsesSettings
+from dynvllm_plugins.surfaces.responses_store import EventLog, ResponseStore, Stored
+
+__all__ = ["ResponseStore", "ResponsesSurface", "Stored"]
 
 _json = msgspec.json.Encoder().encode
+logger = logging.getLogger("dynvllm.frontend")
 
 
-class Stored:
-    """A stored response: its body, and the conversation a next turn continues."""
-
-    __slots__ = ("body", "conversation")
-
-    def __init__(self, body: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
-        self.body, self.conversation = body, conversation
-
-
-class ResponseStore:
-    """Responses by id, least recently used dropped first beyond `size` (one process's memory)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._items: OrderedDict[str, Stored] = OrderedDict()
-
-    def put(self, rid: str, stored: Stored) -> None:
-        self._items[rid] = stored
-        self._items.move_to_end(rid)
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
-
-    def get(self, rid: str) -> Stored | None:
-        found = self._items.get(rid)
-        if found is not None:
-            self._items.move_to_end(rid)
-        return found
-
-    def pop(self, rid: str) -> Stored | None:
-        return self._items.pop(rid, None)
+def _answer(body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    return Response(_json(body), media_type="application/json", headers=headers)
 
 
 def not_found(rid: str, param: str) -> RequestError:
@@ -80,75 +67,105 @@ def _early_error(exc: Exception) -> tuple[int, bytes] | None:
     return (exc.status, _json(exc.body())) if isinstance(exc, RequestError) else None
 
 
-def _event(data: dict[str, Any]) -> bytes:
-    return b"event: " + data["type"].encode() + b"\ndata: " + _json(data) + b"\n\n"
+def _body_event(out: ro.Output, kind: str, body: bytes) -> bytes:
+    """`ro.sse(out.event(kind, response=...))` for a body already encoded: the same bytes, without
+    encoding the whole response again for each event that carries it."""
+    seq, out.seq = out.seq, out.seq + 1
+    head = kind.encode()
+    return b'event: %s\ndata: {"type":"%s","sequence_number":%d,"response":%s}\n\n' % (head, head, seq, body)
 
 
 class _Run:
-    """One admitted Responses request: its translation, output and what its body echoes."""
+    """One Responses request: its translation, output and what its body echoes."""
 
-    def __init__(self, req: ResponsesRequest, chat: Any, r: Admitted) -> None:
-        self.req, self.chat, self.r = req, chat, r
-        self.id = "resp_" + r.request_id
-        self.out = ro.Output()
+    def __init__(self, req: ResponsesRequest, chat: Any, entry: ModelEntry, rid: str, created: int) -> None:
+        self.req, self.chat, self.id, self.created = req, chat, rid, created
+        self.tokenizer = entry.tokenizer
+        # As the request's sampling options take them: the model's defaults fill what it leaves out.
+        defaults = entry.sampling_defaults
+        self.temperature = req.temperature if req.temperature is not None else defaults.get("temperature")
+        self.top_p = req.top_p if req.top_p is not None else defaults.get("top_p")
+        self.out = ro.Output(events=req.stream)
         self.finish: str | None = None
+        self.r: Admitted | None = None
+        self.error: dict[str, Any] | None = None
 
-    def feed(self, shaper: Any, index: int, part: Any, d: Any) -> list[dict[str, Any]]:
+    def _take(self, shaper: Any, index: int, part: Any, d: Any) -> tuple[str, str, Any, Any]:
+        """One delta's content, reasoning, tool calls and logprob entries."""
         if d.finish_reason:
             self.finish = d.finish_reason
-        events: list[dict[str, Any]] = []
-        for choice in shaper.chunk(index, part, d):
-            lps = (choice.get("logprobs") or {}).get("content")
-            events += self.out.feed(choice.get("delta") or {}, lps)
-        return events
+        out = shaper.advance(index, part, d)
+        lps = d.logprobs if shaper.want_logprobs else None
+        entries = (chat_logprobs(lps) or {}).get("content") if lps else None
+        calls = [(c.id, c.name, c.arguments) for c in out.tool_calls] if out.tool_calls else ()
+        return out.content, out.reasoning, calls, entries
+
+    def feed(self, shaper: Any, index: int, part: Any, d: Any) -> None:
+        self.out.step(*self._take(shaper, index, part, d))
+
+    def events(self, shaper: Any, index: int, part: Any, d: Any) -> list[bytes]:
+        """One delta's events, written for the stream."""
+        return self.out.step_sse(*self._take(shaper, index, part, d))
+
+    def usage(self) -> dict[str, Any] | None:
+        if self.r is None:
+            return None
+        post = self.r.parts[0].post
+        assert post is not None  # a generation's part always has its post-processor
+        tok, reasoning = self.tokenizer, self.out.reasoning
+        return ro.usage(post.usage, len(tok.encode(reasoning, False)) if reasoning and tok else 0)
 
     def body(self, state: str) -> dict[str, Any]:
-        req, sampling = self.req, self.r.dispatch.sampling
+        """The response body in a state: queued, in_progress, done (completed or incomplete),
+        failed or cancelled."""
+        req = self.req
         incomplete = None
         usage = None
         if state == "done":
             state, incomplete = ro.status(self.finish)
-            post = self.r.parts[0].post
-            assert post is not None  # a generation's part always has its post-processor
-            tok = self.r.entry.tokenizer
-            reasoning = len(tok.encode(self.out.reasoning, False)) if self.out.reasoning and tok else 0
-            usage = ro.usage(post.usage, reasoning)
+        if state not in ("queued", "in_progress"):
+            usage = self.usage()
         fmt = (req.text or {}).get("format") or {"type": "text"}
-        temperature = sampling.get("temperature")
-        top_p = sampling.get("top_p")
         return {
             "id": self.id,
             "object": "response",
-            "created_at": self.r.created,
+            "created_at": self.created,
             "status": state,
-            "error": None,
+            "error": self.error,
             "incomplete_details": incomplete,
             "instructions": req.instructions,
             "max_output_tokens": req.max_output_tokens,
             "max_tool_calls": None,
-            "model": self.r.model,
-            "output": self.out.items if state != "in_progress" else [],
+            "model": req.model,
+            "output": self.out.items if state not in ("queued", "in_progress") else [],
             "parallel_tool_calls": req.parallel_tool_calls is not False,
             "previous_response_id": req.previous_response_id,
             "reasoning": {"effort": self.chat.reasoning_effort, "summary": None},
             "service_tier": "default",
             "store": req.store,
-            "temperature": 1.0 if temperature is None else temperature,
+            "temperature": 1.0 if self.temperature is None else self.temperature,
             "text": {"format": fmt, "verbosity": "medium"},
             "tool_choice": req.tool_choice or "auto",
             "tools": req.tools or [],
             "top_logprobs": req.top_logprobs or 0,
-            "top_p": 1.0 if top_p is None else top_p,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
             "truncation": "disabled",
             "usage": usage,
             "user": req.user,
             "metadata": req.metadata or {},
-            "background": False,
+            "background": bool(req.background),
         }
+
+    def conversation(self) -> Callable[[], list[dict[str, Any]]]:
+        """What makes the next turn's history when asked: this turn's input and output
+        (instructions do not carry over). It holds those alone, not the request's state."""
+        messages = self.chat.messages[1:] if self.req.instructions else self.chat.messages
+        items = self.out.items
+        return lambda: [m.model_dump(exclude_none=True) for m in messages] + output_messages(items)
 
 
 class ResponsesSurface(Surface):
-    description = "OpenAI's Responses API (/v1/responses: create, retrieve, delete)"
+    description = "OpenAI's Responses API (/v1/responses: create, background, retrieve, cancel, delete)"
 
     def __init__(self, path: Any, settings: Any) -> None:
         super().__init__(path, settings)
@@ -166,29 +183,70 @@ class ResponsesSurface(Surface):
         ]
 
     # ---- stored responses ---------------------------------------------------------------------
-    async def retrieve(self, request: Request) -> Response:
+    async def retrieve(self, request: Request) -> Reply:
         rid = request.path_params["response_id"]
-        for name in request.query_params:  # include[], stream and starting_after (background runs)
-            err = RequestError(400, f"query parameter {name!r} is not supported by this server", param=name)
-            return self.error_response(err)
-        stored = self.store.get(rid)
-        if stored is None:
-            return self.error_response(not_found(rid, "response_id"))
-        return JSONResponse(stored.body)
+        query = request.query_params
+        try:
+            for name in query:  # include[] and include_obfuscation
+                if name not in ("stream", "starting_after"):
+                    raise RequestError(
+                        400, f"query parameter {name!r} is not supported by this server", param=name
+                    )
+            stream = query.get("stream", "false").lower()
+            if stream not in ("true", "false"):
+                raise RequestError(400, "stream must be true or false", param="stream")
+            after = query.get("starting_after")
+            if after is not None and (stream != "true" or not after.lstrip("-").isdigit()):
+                raise RequestError(
+                    400, "starting_after is a sequence number, with stream=true", param="starting_after"
+                )
+            stored = self.store.get(rid)
+            if stored is None:
+                raise not_found(rid, "response_id")
+            if stream == "true":
+                if stored.log is None:
+                    raise RequestError(
+                        400,
+                        "only a response created with background and stream can be streamed again",
+                        param="stream",
+                    )
+                return EventStream(stored.log.follow(int(after) if after is not None else -1))
+        except RequestError as exc:
+            return self.error_response(exc)
+        return Response(stored.encoded(), media_type="application/json")
 
     async def delete(self, request: Request) -> Response:
         rid = request.path_params["response_id"]
-        if self.store.pop(rid) is None:
+        stored = self.store.pop(rid)
+        if stored is None:
             return self.error_response(not_found(rid, "response_id"))
-        return JSONResponse({"id": rid, "object": "response", "deleted": True})
+        stored.drop()
+        return _answer({"id": rid, "object": "response", "deleted": True})
 
     async def cancel(self, request: Request) -> Response:
         rid = request.path_params["response_id"]
-        if self.store.get(rid) is None:
+        stored = self.store.get(rid)
+        if stored is None:
             return self.error_response(not_found(rid, "response_id"))
-        # Only background responses can be cancelled, and this server runs none.
-        err = RequestError(400, "Cannot cancel a synchronous response.", param="response_id")
-        return self.error_response(err)
+        if stored.task is None:
+            err = RequestError(400, "Cannot cancel a synchronous response.", param="response_id")
+            return self.error_response(err)
+        status = stored.body["status"]
+        if stored.running:
+            task = stored.task
+            task.cancel()
+            # The run ends (its worker request aborted) before the answer goes.
+            await asyncio.gather(task, return_exceptions=True)
+            if stored.running:  # cancelled before its task ever ran
+                stored.body = {**stored.body, "status": "cancelled"}
+                if stored.log is not None:
+                    stored.log.add([], end=True)
+        elif status != "cancelled":
+            err = RequestError(
+                400, f"Cannot cancel a response that is already {status}.", param="response_id"
+            )
+            return self.error_response(err)
+        return _answer(stored.body)
 
     # ---- create ----------------------------------------------------------------------------------
     async def create(self, request: Request) -> Reply:
@@ -201,22 +259,29 @@ class ResponsesSurface(Surface):
                 prev = self.store.get(req.previous_response_id)
                 if prev is None:
                     raise not_found(req.previous_response_id, "previous_response_id")
+                if prev.running:
+                    raise RequestError(
+                        400,
+                        f"Response {req.previous_response_id!r} is still {prev.body['status']}: "
+                        "continue it once it has finished",
+                        param="previous_response_id",
+                    )
                 history = prev.conversation
             chat = to_chat(req, history)
             messages = chat.messages
+            images = lambda: [u for m in messages for u in m.image_urls()]  # noqa: E731
+            if req.background:
+                return await self._start_background(req, chat, images, request.headers)
             r = await self.path.admit(
-                "responses",
-                chat,
-                lambda entry: self.chat_fmt.prompts(entry, chat),
-                lambda: [u for m in messages for u in m.image_urls()],
-                request.headers,
+                "responses", chat, lambda entry: self.chat_fmt.prompts(entry, chat), images, request.headers
             )
         except RequestError as exc:
             if exc.param == "max_tokens":  # the shared budget check names chat's field
                 exc.param = "max_output_tokens"
             self.path.refused(model, exc)
             return self.error_response(exc)
-        run = _Run(req, chat, r)
+        run = _Run(req, chat, r.entry, "resp_" + r.request_id, r.created)
+        run.r = r
         shaper = self.chat_fmt.shaper(chat, r.parts, 1)
         if req.stream:
             return EventStream(self._stream(run, shaper), r.headers, _early_error)
@@ -229,52 +294,130 @@ class ResponsesSurface(Surface):
         if failed is not None:
             return self.error_response(failed)
         run.out.finish()
-        return JSONResponse(self._done(run), headers=r.headers())
-
-    def _done(self, run: _Run) -> dict[str, Any]:
-        """The finished response's body, stored when asked for."""
-        body = run.body("done")
-        if run.req.store:
-            # The next turn's history: this turn's input and output; instructions do not carry over.
-            start = 1 if run.req.instructions else 0
-            conversation = [m.model_dump(exclude_none=True) for m in run.chat.messages[start:]]
-            conversation += output_messages(run.out.items)
-            self.store.put(run.id, Stored(body, conversation))
-        return body
+        body = _json(run.body("done"))
+        if req.store:
+            self.store.put(run.id, Stored(body, run.conversation()))
+        return Response(body, media_type="application/json", headers=r.headers())
 
     async def _stream(self, run: _Run, shaper: Any) -> AsyncIterator[bytes]:
         """Responses events: response.created and response.in_progress, the items' events, then
         response.completed (or response.incomplete when max_output_tokens cut the answer)."""
         r, out = run.r, run.out
+        assert r is not None
         self.path.begin(r)
         status = "200"
-        opening = run.body("in_progress")
-        events = [
-            out.event("response.created", response=opening),
-            out.event("response.in_progress", response=opening),
+        opening = _json(run.body("in_progress"))
+        buf = [
+            _body_event(out, "response.created", opening),
+            _body_event(out, "response.in_progress", opening),
         ]
-        buf: list[bytes] = [_event(e) for e in events]
         sent = False
         try:
             async for index, part, d in r.deltas():
-                buf += [_event(e) for e in run.feed(shaper, index, part, d)]
+                buf += run.events(shaper, index, part, d)
                 if buf and not d.finish_reason and r.flush_due():
                     sent = True
                     yield b"".join(buf)
                     buf.clear()
-            buf += [_event(e) for e in out.finish()]
-            body = self._done(run)
+            buf += [ro.sse(e) for e in out.finish()]
+            body = run.body("done")
+            encoded = _json(body)
+            if run.req.store:
+                self.store.put(run.id, Stored(encoded, run.conversation()))
             kind = "response.incomplete" if body["status"] == "incomplete" else "response.completed"
-            buf.append(_event(out.event(kind, response=body)))
+            buf.append(_body_event(out, kind, encoded))
         except RemoteError as exc:
             err = from_remote(exc)
             status = str(err.status)
             if not sent:
                 raise err from None
-            buf.append(_event(out.event("error", code=err.code, message=err.message, param=err.param)))
+            buf.append(ro.sse(out.event("error", code=err.code, message=err.message, param=err.param)))
         except BaseException:
             status = "499"
             raise
         finally:
             self.path.end(r, status)
         yield Last(b"".join(buf))
+
+    # ---- background ------------------------------------------------------------------------
+    async def _start_background(
+        self, req: ResponsesRequest, chat: Any, images: Callable[[], list[str]], headers: Any
+    ) -> Reply:
+        """Check what can be checked now (model, prompt, budget: the same errors as a request
+        answered at once), store the response as queued and run it in a task."""
+        entry = await self.path.entry(req.model)
+        prompts = self.chat_fmt.prompts(entry, chat)
+        for ids, _ in prompts:
+            self.path.check_tokens(entry, ids)
+            self.path.budget(entry, len(ids), chat.wanted_max_tokens())
+        run = _Run(req, chat, entry, "resp_" + os.urandom(16).hex(), int(time.time()))
+        stored = Stored(run.body("queued"), run.conversation())
+        if req.stream:
+            stored.log = EventLog()
+            opening = [
+                run.out.event(kind, response=stored.body) for kind in ("response.created", "response.queued")
+            ]
+            stored.log.add([ro.sse(e) for e in opening])
+        self.store.put(run.id, stored)
+        stored.task = asyncio.create_task(self._background(run, stored, lambda _: prompts, images, headers))
+        if stored.log is not None:
+            return EventStream(stored.log.follow(-1))
+        return _answer(stored.body)
+
+    async def _background(
+        self,
+        run: _Run,
+        stored: Stored,
+        prompts: Callable[[ModelEntry], list[tuple[list[int], str | None]]],
+        images: Callable[[], list[str]],
+        headers: Any,
+    ) -> None:
+        """Run a background response to its end; its stored body follows (in_progress once
+        admitted, then completed, incomplete, failed, or cancelled when its task is)."""
+        log = stored.log
+        try:
+            try:
+                r = await self.path.admit("responses", run.chat, prompts, images, headers)
+            except RequestError as exc:
+                self.path.refused(run.req.model, exc)
+                self._failed(run, stored, exc)
+                return
+            run.r = r
+            shaper = self.chat_fmt.shaper(run.chat, r.parts, 1)
+            stored.body = run.body("in_progress")
+            if log is not None:
+                log.add([ro.sse(run.out.event("response.in_progress", response=stored.body))])
+
+            async def consume() -> None:
+                async for index, part, d in r.deltas():
+                    if log is None:
+                        run.feed(shaper, index, part, d)
+                    elif events := run.events(shaper, index, part, d):
+                        log.add(events)
+
+            failed = await self.path.complete(r, consume)
+            if failed is not None:
+                self._failed(run, stored, failed)
+                return
+            events = run.out.finish()
+            stored.body = run.body("done")
+            if log is not None:
+                kind = (
+                    "response.incomplete" if stored.body["status"] == "incomplete" else "response.completed"
+                )
+                events.append(run.out.event(kind, response=stored.body))
+                log.add([ro.sse(e) for e in events], end=True)
+        except asyncio.CancelledError:
+            stored.body = run.body("cancelled")
+            if log is not None:
+                log.add([], end=True)
+            raise
+        except Exception:
+            logger.exception("background response %s failed", run.id)
+            self._failed(run, stored, RequestError(500, "the response failed in the server", "server_error"))
+
+    def _failed(self, run: _Run, stored: Stored, err: RequestError) -> None:
+        run.error = {"code": err.code or err.type, "message": err.message}
+        stored.body = run.body("failed")
+        if stored.log is not None:
+            stored.log.add([ro.sse(run.out.event("response.failed", response=stored.body))], end=True)

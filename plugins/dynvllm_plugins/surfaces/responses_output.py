@@ -10,9 +10,24 @@ stream and a plain request give the same items.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
+import msgspec
+
 from dynvllm.frontend.postprocess import Usage
+
+_json = msgspec.json.Encoder().encode
+#: A text delta's event, as `sse` writes the dict `_text` would make (one per token in a stream).
+_TEXT_DELTA = (
+    b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":%d,'
+    b'"output_index":%d,"item_id":"%s","content_index":0,"delta":%s,"logprobs":[]}\n\n'
+)
+
+
+def sse(event: dict[str, Any]) -> bytes:
+    """An event as server-sent events carry it: its type on the event line, itself as data."""
+    return b"event: " + event["type"].encode() + b"\ndata: " + _json(event) + b"\n\n"
 
 
 def item_id(prefix: str) -> str:
@@ -26,7 +41,9 @@ def _output_text(text: str, logprobs: list[dict[str, Any]] | None = None) -> dic
 class Output:
     """Output items of one response and the events that stream them."""
 
-    def __init__(self) -> None:
+    def __init__(self, events: bool = True) -> None:
+        #: Whether text deltas make events (a stream); a whole answer needs only its items.
+        self.events = events
         self.items: list[dict[str, Any]] = []
         self.seq = 0
         self.kind: str | None = None  # the open item's kind: "message" or "reasoning"
@@ -51,13 +68,14 @@ class Output:
     def _open(self, kind: str) -> list[dict[str, Any]]:
         events = self.close()
         self.kind, self.text = kind, ""
+        self.id = item_id("msg" if kind == "message" else "rs")
+        if not self.events:
+            return events
         if kind == "message":
-            self.id = item_id("msg")
             item: dict[str, Any] = {"id": self.id, "type": "message", "role": "assistant"}
             item |= {"status": "in_progress", "content": []}
             part: dict[str, Any] = _output_text("")
         else:
-            self.id = item_id("rs")
             item = {"id": self.id, "type": "reasoning", "summary": [], "status": "in_progress"}
             part = {"type": "reasoning_text", "text": ""}
         where = {"output_index": self.index, "item_id": self.id, "content_index": 0}
@@ -72,61 +90,79 @@ class Output:
     ) -> list[dict[str, Any]]:
         events = self._open(kind) if self.kind != kind else []
         self.text += text
-        where = {"output_index": self.index, "item_id": self.id, "content_index": 0}
         if kind == "message":
-            lps = [*self.pending_logprobs, *(logprobs or ())]
-            self.pending_logprobs = []
-            self.logprobs += lps
-            events.append(self.event("response.output_text.delta", **where, delta=text, logprobs=lps))
+            lps = logprobs or []
+            if self.pending_logprobs:
+                lps, self.pending_logprobs = [*self.pending_logprobs, *lps], []
+            if lps:
+                self.logprobs += lps
+            if self.events:  # one per token: the dict `event` would make, written out
+                events.append(
+                    {
+                        "type": "response.output_text.delta",
+                        "sequence_number": self.seq,
+                        "output_index": len(self.items),
+                        "item_id": self.id,
+                        "content_index": 0,
+                        "delta": text,
+                        "logprobs": lps,
+                    }
+                )
+                self.seq += 1
         else:
             self.reasoning += text
-            events.append(self.event("response.reasoning_text.delta", **where, delta=text))
+            if self.events:
+                where = {"output_index": self.index, "item_id": self.id, "content_index": 0}
+                events.append(self.event("response.reasoning_text.delta", **where, delta=text))
         return events
 
     def close(self) -> list[dict[str, Any]]:
         """Done events for the open text item, if any."""
         if self.kind is None:
             return []
-        where = {"output_index": self.index, "item_id": self.id, "content_index": 0}
         if self.kind == "message":
             lps, self.logprobs = [*self.logprobs, *self.pending_logprobs], []
             self.pending_logprobs = []
             part = _output_text(self.text, lps)
-            done = self.event("response.output_text.done", **where, text=self.text, logprobs=lps)
             item: dict[str, Any] = {"id": self.id, "type": "message", "role": "assistant"}
             item |= {"status": "completed", "content": [part]}
         else:
             part = {"type": "reasoning_text", "text": self.text}
-            done = self.event("response.reasoning_text.done", **where, text=self.text)
             item = {"id": self.id, "type": "reasoning", "summary": [], "content": [part]}
             item["status"] = "completed"
-        events = [
-            done,
-            self.event("response.content_part.done", **where, part=part),
-            self.event("response.output_item.done", output_index=self.index, item=item),
-        ]
+        events = []
+        if self.events:
+            where = {"output_index": self.index, "item_id": self.id, "content_index": 0}
+            if self.kind == "message":
+                done = self.event("response.output_text.done", **where, text=self.text, logprobs=lps)
+            else:
+                done = self.event("response.reasoning_text.done", **where, text=self.text)
+            events = [
+                done,
+                self.event("response.content_part.done", **where, part=part),
+                self.event("response.output_item.done", output_index=self.index, item=item),
+            ]
         self.items.append(item)
         self.kind = None
         return events
 
     # ---- function calls ------------------------------------------------------------------------
-    def _call(self, call: dict[str, Any]) -> list[dict[str, Any]]:
+    def _call(self, call_id: str, name: str, args: str) -> list[dict[str, Any]]:
         events = self.close()
-        fn = call["function"]
-        args = fn.get("arguments") or ""
-        head = {"id": item_id("fc"), "type": "function_call", "call_id": call["id"], "name": fn["name"]}
-        where = {"output_index": self.index, "item_id": head["id"]}
+        head = {"id": item_id("fc"), "type": "function_call", "call_id": call_id, "name": name}
         item = {**head, "arguments": args, "status": "completed"}
-        events += [
-            self.event(
-                "response.output_item.added",
-                output_index=self.index,
-                item={**head, "arguments": "", "status": "in_progress"},
-            ),
-            self.event("response.function_call_arguments.delta", **where, delta=args),
-            self.event("response.function_call_arguments.done", **where, name=fn["name"], arguments=args),
-            self.event("response.output_item.done", output_index=self.index, item=item),
-        ]
+        if self.events:
+            where = {"output_index": self.index, "item_id": head["id"]}
+            events += [
+                self.event(
+                    "response.output_item.added",
+                    output_index=self.index,
+                    item={**head, "arguments": "", "status": "in_progress"},
+                ),
+                self.event("response.function_call_arguments.delta", **where, delta=args),
+                self.event("response.function_call_arguments.done", **where, name=name, arguments=args),
+                self.event("response.output_item.done", output_index=self.index, item=item),
+            ]
         self.items.append(item)
         return events
 
@@ -135,20 +171,54 @@ class Output:
         self, delta: dict[str, Any], logprobs: list[dict[str, Any]] | None = None
     ) -> list[dict[str, Any]]:
         """Events for one chat delta (a chunk choice's `delta`, and its `logprobs.content`)."""
+        calls = [
+            (c["id"], c["function"]["name"], c["function"].get("arguments") or "")
+            for c in delta.get("tool_calls") or ()
+        ]
+        return self.step(delta.get("content") or "", delta.get("reasoning_content") or "", calls, logprobs)
+
+    def step(
+        self,
+        content: str,
+        reasoning: str = "",
+        calls: Sequence[tuple[str, str, str]] = (),
+        logprobs: list[dict[str, Any]] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Events for one piece of a choice's output: its reasoning and content text, tool calls
+        as (call id, name, arguments) and the logprob entries of its tokens."""
         events: list[dict[str, Any]] = []
-        if delta.get("reasoning_content"):
-            events += self._text("reasoning", delta["reasoning_content"])
-        if delta.get("content"):
-            events += self._text("message", delta["content"], logprobs)
+        if reasoning:
+            events += self._text("reasoning", reasoning)
+        if content:
+            events += self._text("message", content, logprobs)
         elif logprobs and self.kind == "message":
             # Tokens with no text of their own yet (held back, the end token): an empty delta
             # carries their entries, so the stream's deltas hold every token's, in order.
             events += self._text("message", "", logprobs)
         elif logprobs:
             self.pending_logprobs += logprobs
-        for call in delta.get("tool_calls") or ():
-            events += self._call(call)
+        for call in calls:
+            events += self._call(*call)
         return events
+
+    def step_sse(
+        self,
+        content: str,
+        reasoning: str = "",
+        calls: Sequence[tuple[str, str, str]] = (),
+        logprobs: list[dict[str, Any]] | None = None,
+    ) -> list[bytes]:
+        """`step`'s events as `sse` writes them. Text for the open message and nothing else (the
+        stream's hot path: one per token) is written straight to bytes, without its dict."""
+        if (
+            content
+            and self.kind == "message"
+            and not (reasoning or calls or logprobs or self.pending_logprobs)
+        ):
+            self.text += content
+            seq, self.seq = self.seq, self.seq + 1
+            return [_TEXT_DELTA % (seq, len(self.items), self.id.encode(), _json(content))]
+        return [sse(e) for e in self.step(content, reasoning, calls, logprobs)]
 
     def finish(self) -> list[dict[str, Any]]:
         """Close the open item; an answer with no output at all still has its (empty) message."""

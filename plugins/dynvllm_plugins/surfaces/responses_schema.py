@@ -76,8 +76,9 @@ class ResponsesRequest(BaseModel):
     service_tier: str | None = None
     truncation: Literal["disabled", "auto"] | None = None
     stream_options: dict[str, Any] | None = None
-    # Not implemented: refused when set (see `refuse_unsupported`).
+    #: Run in a task and answer at once (queued); needs store: true, as at OpenAI.
     background: bool | None = None
+    # Not implemented: refused when set (see `refuse_unsupported`).
     include: list[str] | None = None
     max_tool_calls: int | None = None
     prompt: dict[str, Any] | None = None
@@ -113,8 +114,9 @@ class ResponsesRequest(BaseModel):
         def refuse(field: str, what: str) -> None:
             raise RequestError(400, f"{what} is not supported by this server", param=field)
 
-        if self.background:
-            refuse("background", "background (responses run within the request)")
+        if self.background and not self.store:
+            # vLLM's words; OpenAI refuses it too.
+            raise RequestError(400, "background can only be used when `store` is true", param="background")
         for value in self.include or ():
             if value != INCLUDE_LOGPROBS:
                 refuse("include", f"include {value!r}")
@@ -335,9 +337,8 @@ def to_chat(req: ResponsesRequest, history: list[dict[str, Any]] | None = None) 
     elif req.tool_choice not in (None, "none", "auto"):
         raise RequestError(400, "tool_choice needs tools", param="tool_choice")
     for name in PASSED_TO_CHAT:
-        value = getattr(req, name)
-        if value is not None:
-            data[name] = value
+        if name in req.model_fields_set:  # (the others are None)
+            data[name] = getattr(req, name)
     return oa.validate(oa.ChatRequest, {k: v for k, v in data.items() if v is not None})
 
 
