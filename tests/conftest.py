@@ -80,6 +80,11 @@ def _isolated_state(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["DYN_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # vLLM's CPU engines bind their compute threads by default ("auto"): on a 2-core host every
+    # engine pins to core 0 and keeps core 1 for its scheduler, so the tests' engines (several at
+    # once) all queued on one core. One unbound thread each lets them share both cores.
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -199,5 +199,6 @@ def test_killing_the_prefill_worker_under_load_falls_back(disagg, expected):
         assert body["choices"][0]["text"] == expected[p]
     assert wait_gone(family, 20) == []
     after = _complete(url, LONG[0])  # the decode worker computes prompts itself now
-    assert after.headers["x-dynvllm-prefill"] in ("no_prefill_worker", "failed")
+    # ... or, when the load after the kill already left this prompt in its cache, reuses it.
+    assert after.headers["x-dynvllm-prefill"] in ("no_prefill_worker", "failed", "skipped_cached")
     assert after.json()["choices"][0]["text"] == expected[LONG[0]]
