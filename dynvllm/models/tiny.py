@@ -135,16 +135,12 @@ def build_tokenizer(path: Path, seed: int = 0, vocab_size: int = 512):
     return fast
 
 
-def build_tiny_model(path: str | Path, seed: int = 0, max_position_embeddings: int = 4096) -> Path:
-    """Write a tiny Qwen2 model (2 layers, hidden 128, head_dim 64) and its tokenizer to `path`."""
-    import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+def _qwen2_config(tokenizer, **overrides):
+    """The tiny models' shape: 2 layers, hidden 128, head_dim 64, weights drawn wide (std 1.0)
+    so that greedy output depends on the prompt."""
+    from transformers import Qwen2Config
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(path, seed)
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    config = Qwen2Config(
+    fields = dict(
         vocab_size=max(512, len(tokenizer)),
         hidden_size=128,
         intermediate_size=256,
@@ -152,13 +148,29 @@ def build_tiny_model(path: str | Path, seed: int = 0, max_position_embeddings: i
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=64,
-        max_position_embeddings=max_position_embeddings,
+        max_position_embeddings=4096,
         initializer_range=1.0,
         tie_word_embeddings=False,
-        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        eos_token_id=eos,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id,
         torch_dtype="bfloat16",
+    )
+    return Qwen2Config(**{**fields, **overrides})
+
+
+def build_tiny_model(path: str | Path, seed: int = 0, max_position_embeddings: int = 4096) -> Path:
+    """Write a tiny Qwen2 model (2 layers, hidden 128, head_dim 64) and its tokenizer to `path`."""
+    import torch
+    from transformers import GenerationConfig, Qwen2ForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(path, seed)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config = _qwen2_config(
+        tokenizer,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).to(torch.bfloat16)
@@ -175,27 +187,15 @@ def build_tiny_classifier(path: str | Path, seed: int = 0) -> Path:
     """Write a tiny Qwen2ForSequenceClassification (the text model's shape and tokenizer, a
     3-label head) to `path`: vLLM serves it with the pooling runner and the classify task."""
     import torch
-    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+    from transformers import Qwen2ForSequenceClassification
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(path, seed)
-    config = Qwen2Config(
-        vocab_size=max(512, len(tokenizer)),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        max_position_embeddings=4096,
-        initializer_range=1.0,
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    config = _qwen2_config(
+        tokenizer,
         id2label=dict(enumerate(CLASSIFIER_LABELS)),
         label2id={label: i for i, label in enumerate(CLASSIFIER_LABELS)},
-        torch_dtype="bfloat16",
     )
     torch.manual_seed(seed)
     model = Qwen2ForSequenceClassification(config)
