@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchkit import free_port, stop, wait_ready
+from benchkit import free_port, model_or_tiny, sim_load_options, sim_serve, stop, wait_ready
 
 TENANTS = 8
 
@@ -56,33 +56,8 @@ def tenants_file(folder: Path) -> Path:
 
 
 def start(args, model: str, port: int, on: bool, folder: Path) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "dynvllm",
-        "serve",
-        "agg",
-        "--model",
-        model,
-        "--served-model-name",
-        "m",
-        "--engine",
-        "sim",
-        "--workers",
-        str(args.workers),
-        "--sim-decode-ms-per-step",
-        str(args.decode_ms),
-        "--sim-max-num-seqs",
-        str(args.max_num_seqs),
-        "--namespace",
-        f"bench-tenancy-{'on' if on else 'off'}-{os.getpid()}",
-        "--http-host",
-        "127.0.0.1",
-        "--http-port",
-        str(port),
-        "--http-workers",
-        str(args.http_workers),
-    ]
+    cmd = sim_serve(args, model, port, f"bench-tenancy-{'on' if on else 'off'}-{os.getpid()}")
+    cmd += ["--sim-max-num-seqs", str(args.max_num_seqs), "--http-workers", str(args.http_workers)]
     if on and "tenants" in args.on:
         cmd += ["--tenants-file", str(tenants_file(folder))]
     if on and "queue" in args.on:
@@ -185,18 +160,10 @@ async def together(ports: dict[str, int], args) -> dict[str, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", help="a model folder (tokenizer and config); default: a tiny one built here")
-    ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--new-connections", action="store_true")
-    ap.add_argument("--seconds", type=float, default=15)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=2)
+    sim_load_options(ap, rounds=3)
     ap.add_argument("--http-workers", type=int, default=1)
     ap.add_argument("--max-num-seqs", type=int, default=1024)
-    ap.add_argument("--decode-ms", type=float, default=10.0)
-    ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--keep-logs", action="store_true", help="keep the services' logs (and the model built)")
-    ap.add_argument("--together", action="store_true", help="load both services at once in each round")
     ap.add_argument("--on", default="tenants,queue", help="what the 'on' service turns on: tenants, queue")
     ap.add_argument(
         "--saturation",
@@ -208,12 +175,7 @@ def main() -> None:
     ap.add_argument("--admission-timeout", type=float, default=30.0)
     args = ap.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench-tenancy-"))
-    model = args.model
-    if model is None:
-        model = str(folder / "tiny")
-        subprocess.run(
-            [sys.executable, "-m", "dynvllm", "model", "tiny", model], check=True, capture_output=True
-        )
+    model = model_or_tiny(args.model, folder)
     ports = {"off": free_port(), "on": free_port()}
     procs = {name: start(args, model, ports[name], name == "on", folder) for name in ports}
     try:

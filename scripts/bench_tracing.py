@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchkit import free_port, stop, wait_ready
+from benchkit import free_port, model_or_tiny, sim_load_options, sim_serve, stop, wait_ready
 
 RECEIVER = """
 import sys
@@ -46,17 +46,7 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 
 
 def start(args, name: str, model: str, port: int, otlp: str | None, folder: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "dynvllm", "serve", "agg", "--model", model, "--served-model-name", "m"]
-    cmd += [
-        "--engine",
-        "sim",
-        "--workers",
-        str(args.workers),
-        "--sim-decode-ms-per-step",
-        str(args.decode_ms),
-    ]
-    cmd += ["--namespace", f"bench-tracing-{name}-{os.getpid()}"]
-    cmd += ["--http-host", "127.0.0.1", "--http-port", str(port)]
+    cmd = sim_serve(args, model, port, f"bench-tracing-{name}-{os.getpid()}")
     env = dict(os.environ)
     if name == "base":
         tree = str(Path(args.baseline_tree).resolve())
@@ -149,25 +139,12 @@ async def together(ports: dict[str, int], args) -> dict[str, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", help="a model folder (tokenizer and config); default: a tiny one built here")
-    ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--new-connections", action="store_true")
-    ap.add_argument("--seconds", type=float, default=15)
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--decode-ms", type=float, default=10.0)
-    ap.add_argument("--max-tokens", type=int, default=8)
+    sim_load_options(ap, rounds=4)
     ap.add_argument("--sample", type=float, help="share of requests traced (default: every one)")
-    ap.add_argument("--together", action="store_true", help="load the services at once in each round")
     ap.add_argument("--baseline-tree", help="a source tree to run a third service from, traced as 'on'")
     args = ap.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench-tracing-"))
-    model = args.model
-    if model is None:
-        model = str(folder / "tiny")
-        subprocess.run(
-            [sys.executable, "-m", "dynvllm", "model", "tiny", model], check=True, capture_output=True
-        )
+    model = model_or_tiny(args.model, folder)
     rport = free_port()
     receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, str(rport)], start_new_session=True)
     ports = {"off": free_port(), "on": free_port()}

@@ -1,15 +1,51 @@
-"""What the side-by-side benchmark scripts share: a free port, waiting for a server they started,
-and stopping it with everything it started (engine processes included)."""
+"""What the side-by-side benchmark scripts share: the tiny model and a sim-engine `serve agg`
+command line, a free port, waiting for a server they started, and stopping it with everything it
+started (engine processes included)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
+
+
+def sim_load_options(ap: argparse.ArgumentParser, rounds: int) -> None:
+    """The options of a closed-loop load on sim-engine services, as every such script reads them."""
+    ap.add_argument("--model", help="a model folder (tokenizer and config); default: a tiny one built here")
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--new-connections", action="store_true")
+    ap.add_argument("--seconds", type=float, default=15)
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--decode-ms", type=float, default=10.0)
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--together", action="store_true", help="load the services at once in each round")
+
+
+def model_or_tiny(model: str | None, folder: Path) -> str:
+    """`model`, or a tiny one built in `folder` (the sim engine needs only its tokenizer)."""
+    if model is not None:
+        return model
+    tiny = str(folder / "tiny")
+    subprocess.run([sys.executable, "-m", "dynvllm", "model", "tiny", tiny], check=True, capture_output=True)
+    return tiny
+
+
+def sim_serve(args: argparse.Namespace, model: str, port: int, namespace: str) -> list[str]:
+    """`serve agg` on the sim engine as `sim_load_options` describe it, served as "m"."""
+    return [
+        sys.executable,
+        *("-m", "dynvllm", "serve", "agg", "--model", model, "--served-model-name", "m"),
+        *("--engine", "sim", "--workers", str(args.workers), "--sim-decode-ms-per-step", str(args.decode_ms)),
+        *("--namespace", namespace, "--http-host", "127.0.0.1", "--http-port", str(port)),
+    ]
 
 
 def free_port() -> int:
