@@ -346,3 +346,37 @@ def decode_transfers(nats_url: str, namespace: str) -> dict:
         return (await worker_stats(row))["kv_transfer"]
 
     return natsrt.run(main())
+
+
+class LongStream:
+    """A streamed 1,500-token greedy completion read in a thread from the moment it is made, for
+    tests that stop a service under it: `started` is set at the first chunk, `done` at [DONE]."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self.chunks: list[dict] = []
+        self.started, self.done = threading.Event(), threading.Event()
+        self.url, self.timeout = url, timeout
+        self.thread = threading.Thread(target=self._consume)
+        self.thread.start()
+
+    def _consume(self) -> None:
+        import httpx
+
+        body = {
+            "model": "tiny",
+            "prompt": "the cat",
+            "max_tokens": 1500,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+        }
+        with httpx.stream("POST", self.url + "/v1/completions", json=body, timeout=self.timeout) as r:
+            for line in r.iter_lines():
+                if line == "data: [DONE]":
+                    self.done.set()
+                elif line.startswith("data: "):
+                    self.chunks.append(json.loads(line[6:]))
+                    self.started.set()
+
+    def text(self) -> str:
+        return "".join(c["choices"][0]["text"] for c in self.chunks)

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import subprocess
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import free_port, wait_gone, want_reference
+from tests.helpers import LongStream, free_port, wait_gone, want_reference
 from tests.k8s_local import docker, docker_unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,36 +161,15 @@ def test_cpu_image_serves_the_tiny_model_and_drains_on_docker_stop(
             time.sleep(1)
 
         # docker stop while a long stream is in flight: SIGTERM reaches dynvllm through tini.
-        chunks: list[dict] = []
-        done, started = threading.Event(), threading.Event()
-
-        def consume() -> None:
-            body = {
-                "model": "tiny",
-                "prompt": "the cat",
-                "max_tokens": 1500,
-                "temperature": 0,
-                "stream": True,
-                "ignore_eos": True,
-            }
-            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=180) as r:
-                for line in r.iter_lines():
-                    if line == "data: [DONE]":
-                        done.set()
-                    elif line.startswith("data: "):
-                        chunks.append(json.loads(line[6:]))
-                        started.set()
-
-        t = threading.Thread(target=consume)
-        t.start()
-        assert started.wait(60)
+        stream = LongStream(url, timeout=180)
+        assert stream.started.wait(60)
         stopped = time.monotonic()
         docker("stop", "--time", "90", name, timeout=150)
         took = time.monotonic() - stopped
-        t.join(60)
-        assert done.is_set(), docker("logs", "--tail", "60", name, check=False)
-        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-        assert len("".join(c["choices"][0]["text"] for c in chunks)) > 1000
+        stream.thread.join(60)
+        assert stream.done.is_set(), docker("logs", "--tail", "60", name, check=False)
+        assert stream.chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert len(stream.text()) > 1000
         state = json.loads(docker("inspect", "-f", "{{json .State}}", name))
         assert state["ExitCode"] == 0 and not state["OOMKilled"], (state, took)
         assert took < 90  # drained, not killed at the end of the stop timeout

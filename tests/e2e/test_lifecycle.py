@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import tempfile
-import threading
 from pathlib import Path
 
-import httpx
 import pytest
 
 from dynvllm.runtime import nats as natsrt
 from dynvllm.runtime.discovery import Watcher
 from dynvllm.settings import RuntimeSettings
-from tests.helpers import Proc, start_agg, start_service, wait_gone, wait_http
+from tests.helpers import LongStream, Proc, start_agg, start_service, wait_gone, wait_http
 
 
 async def _wait_registered(url: str, namespace: str, present: bool, timeout: float) -> bool:
@@ -105,37 +102,14 @@ def test_sigterm_during_stream_finishes_stream_then_nothing_remains(services):
     try:
         wait_http(url + "/health", lambda b: b.get("workers") == 1, proc)
         everything = [proc.p.pid] + [p.pid for p in proc.descendants()]
-        chunks: list[dict] = []
-        done = threading.Event()
-        started = threading.Event()
-
-        def consume() -> None:
-            body = {
-                "model": "tiny",
-                "prompt": "the cat",
-                "max_tokens": 1500,
-                "temperature": 0,
-                "stream": True,
-                "ignore_eos": True,
-            }
-            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data: ") and line != "data: [DONE]":
-                        chunks.append(json.loads(line[6:]))
-                        started.set()
-                    elif line == "data: [DONE]":
-                        done.set()
-
-        t = threading.Thread(target=consume)
-        t.start()
-        assert started.wait(60)
+        stream = LongStream(url, timeout=120)
+        assert stream.started.wait(60)
         proc.p.send_signal(signal.SIGTERM)
-        t.join(120)
-        assert done.is_set(), proc.tail()
-        assert "choices" in chunks[-1], chunks[-1]
-        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-        text = "".join(c["choices"][0]["text"] for c in chunks)
-        assert len(text) > 1000
+        stream.thread.join(120)
+        assert stream.done.is_set(), proc.tail()
+        assert "choices" in stream.chunks[-1], stream.chunks[-1]
+        assert stream.chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert len(stream.text()) > 1000
         assert proc.p.wait(120) == 0
         assert wait_gone(everything, 20) == []
         assert sorted(p.name for p in scratch.iterdir()) == []
