@@ -129,6 +129,12 @@ class WorkerSettings(SettingsGroup):
         "(with --data-parallel-size, --data-parallel-size-local, --data-parallel-start-rank, "
         "--data-parallel-address, --data-parallel-rpc-port); needs --no-frontend.",
     )
+    kv_events: bool = Field(
+        True,
+        description="Publish the engine's KV-cache events to routers (needs prefix caching). Off: the "
+        "engine does no event work and a kv router sees no cache contents from this worker (use "
+        "--router kv-approx on the frontend).",
+    )
     max_restarts: int = Field(
         5,
         ge=0,

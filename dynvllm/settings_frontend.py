@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal, TypeVar
+from typing import Annotated, ClassVar, Literal, TypeVar
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
@@ -67,12 +67,12 @@ class FrontendSettings(SettingsGroup):
         description="A Python file or module that registers tool parsers with vLLM's ToolParserManager "
         "(as vLLM's --tool-parser-plugin); its names become valid for --tool-call-parser.",
     )
-    http_workers: int = Field(
+    http_workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
         1,
-        ge=1,
-        le=64,
         description="Frontend processes sharing the HTTP port (each with its own router, fed by the "
-        "same KV events); more use more cores for high request rates.",
+        "same KV events, sharing in-flight load); more use more cores for high request rates. auto: "
+        "one per 4 cores this process may use, at most 4 (1 on a host of fewer than 8 cores). Stored "
+        "Responses are kept per process.",
     )
     mm_prompt_template: str | None = Field(
         None,

@@ -25,6 +25,8 @@ def _cli_type(annotation: Any) -> Any:
     base = args[0] if typing.get_origin(annotation) is typing.Union and len(args) == 1 else annotation
     if typing.get_origin(base) is typing.Literal or base in (SecretStr, Path):
         return str
+    if any(typing.get_origin(a) is typing.Literal for a in args):
+        return str  # e.g. a count or "auto": the settings model validates the text
     return base
 
 

@@ -13,7 +13,13 @@ from dynvllm.frontend.app import FrontendApp
 from dynvllm.frontend.models import ModelRegistry
 from dynvllm.frontend.observe import RequestObserver
 from dynvllm.frontend.peers import RouterPeers
-from dynvllm.frontend.processes import REUSEPORT_ENV, reuseport_socket, run_processes
+from dynvllm.frontend.processes import (
+    REUSEPORT_ENV,
+    process_count,
+    reuseport_socket,
+    run_processes,
+    usable_cores,
+)
 from dynvllm.frontend.routing import Router
 from dynvllm.runtime import nats as natsrt
 from dynvllm.runtime.discovery import Instance, Watcher
@@ -116,7 +122,7 @@ async def serve_frontend(settings: Settings) -> int:
 
 
 def run_frontend(settings: Settings) -> int:
-    if settings.frontend.http_workers > 1:
+    if process_count(settings.frontend.http_workers, usable_cores()) > 1:
         return run_processes(settings)
     logs.setup(settings.runtime.log_level, settings.runtime.log_format, "frontend")
     try:

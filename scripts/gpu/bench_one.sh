@@ -5,7 +5,9 @@
 # ($N1 requests, default 24) and c=$LEVELS (default 16,64,256; $REQS each, default 256), each level on
 # prompts of its own, then stops it. The engine's latency histograms (vLLM's /metrics; dynvllm's
 # worker metrics port) and dynvllm's frontend's are scraped around each level: their means split
-# the client's TTFT into engine and path. JSON lines go to $OUT/gpu_bench.jsonl.
+# the client's TTFT into engine and path. JSON lines go to $OUT/gpu_bench.jsonl. N1=0 skips c=1.
+# SPY_S=N: py-spy records each server process (API/frontend, worker, engine core) for N s from
+# SPY_AFTER s (default 6) into the first level, as collapsed stacks in $SPY_DIR (default /tmp/spy).
 set -uo pipefail
 W=$1; LABEL=$2; HERE=$(cd "$(dirname "$0")" && pwd); LOADGEN=${LOADGEN:-$HERE/loadgen.py}; M=${M:-/tmp/m}; P=8300
 ENG=(--max-model-len 4096 --gpu-memory-utilization 0.80 ${EXTRA:-})
@@ -31,7 +33,14 @@ if [ $ok = 1 ]; then
     CP=(--cpu-pid frontend=$(pgrep -f "dynvllm.child frontend" | head -1) --cpu-pid worker=$(pgrep -f "dynvllm.child worker" | head -1)
         --metrics engine=http://127.0.0.1:$((P + 1))/metrics --metrics frontend=http://127.0.0.1:$P/metrics); fi
   LG+=("${CP[@]}")
-  "${LG[@]}" --concurrency 1 --requests ${N1:-24} --warmup 2 --seed 1
+  [ "${N1:-24}" != 0 ] && "${LG[@]}" --concurrency 1 --requests ${N1:-24} --warmup 2 --seed 1
+  if [ -n "${SPY_S:-}" ]; then  # py-spy samples each process of the server during the first level
+    mkdir -p ${SPY_DIR:-/tmp/spy}; ENGINE=$(pgrep -f EngineCore | head -1)
+    if [ "$W" = vllm ]; then SP="api=$PID core=$ENGINE"; else
+      SP="frontend=$(pgrep -f "dynvllm.child frontend" | head -1) worker=$(pgrep -f "dynvllm.child worker" | head -1) core=$ENGINE"; fi
+    for np in $SP; do (sleep ${SPY_AFTER:-6}; py-spy record --nonblocking -r 200 -d $SPY_S -f raw \
+      -o ${SPY_DIR:-/tmp/spy}/${LABEL}_${np%%=*}.txt -p ${np#*=} > /dev/null 2>&1) & done
+  fi
   "${LG[@]}" --concurrency ${LEVELS:-16,64,256} --requests ${REQS:-256}
 fi
 kill -INT -- -$PID 2>/dev/null; for i in $(seq 1 30); do kill -0 $PID 2>/dev/null || break; sleep 1; done

@@ -1,4 +1,6 @@
-"""kv_probe.py NATS_URL MODEL_DIR [before.json] -- the decode workers' NIXL transfer counters.
+"""kv_probe.py NATS_URL MODEL_DIR [before.json] -- the NIXL transfer counters of the decode and the
+prefill workers (a pull connector counts on the decode side, which READs; the push connector on the
+prefill side, which WRITEs), summed per role.
 
 Without a baseline prints them as JSON (save it); with one prints the difference as bytes,
 transfers, seconds, MB/s and milliseconds per 1,000 prompt tokens moved (tokens from the bytes
@@ -15,16 +17,17 @@ from dynvllm.settings import build_settings
 
 async def counters(url: str) -> dict:
     s = build_settings({"runtime": {"nats_url": url, "namespace": "disagg"}})
-    total: dict = {}
+    total: dict = {"decode": {}, "prefill": {}}
     for row in await collect(s, wait=0.5):
-        if row["role"] != "decode":
+        if row["role"] not in total:
             continue
         host, port = row["address"].split(":")
         conn = Connection(host, int(port), row["id"])
         await conn.open()
         try:
-            for key, (n, v) in ((await unary(conn, "stats", None))["kv_transfer"]).items():
-                t = total.setdefault(key, [0, 0.0])
+            stats = (await unary(conn, "stats", None)).get("kv_transfer") or {}
+            for key, (n, v) in stats.items():
+                t = total[row["role"]].setdefault(key, [0, 0.0])
                 t[0] += n
                 t[1] += v
         finally:
@@ -39,13 +42,20 @@ def main() -> None:
         print(json.dumps(now))
         return
     before = json.load(open(sys.argv[3]))
-    d = {k: [v[0] - before.get(k, [0, 0])[0], v[1] - before.get(k, [0, 0])[1]] for k, v in now.items()}
     cfg = json.load(open(f"{model}/config.json"))
+    for role, counts in now.items():
+        was = before.get(role, {})
+        diff = {k: [v[0] - was.get(k, [0, 0])[0], v[1] - was.get(k, [0, 0])[1]] for k, v in counts.items()}
+        report(role, diff, cfg)
+
+
+def report(role: str, d: dict, cfg: dict) -> None:
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     per_token = cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * head_dim * 2
     moved, secs = d.get("bytes_transferred", [0, 0])[1], d.get("transfer_duration", [0, 0])[1]
     tokens = moved / per_token
     out = {
+        "role": role,
         "bytes": moved,
         "transfers": d.get("transfer_duration", [0, 0])[0],
         "seconds": secs,

@@ -6,8 +6,10 @@
 #         each probed by dp_probe.py (8 system prompts x 8 questions, c=16, then again)
 #   lora: one worker with --enable-lora; a random rank-8 adapter (mkmodel.py lora) loaded at run
 #         time with `dynvllm lora load`; greedy base vs adapter texts, /v1/models, loadgen on both
-#   mm:   the tiny BLIP-2 (`dynvllm model tiny --vision`) through agg, then through an encode
-#         worker (--roles agg=1,encode=1): an image request answered, texts equal
+#   mm:   the tiny BLIP-2 (`dynvllm model tiny --vision`) and a random Qwen2.5-VL (mkmodel_vl.py)
+#         each through agg, then through an encode worker (--roles agg=1,encode=1): mm_probe.py
+#         ($MM_N image chats, default 256, c=16, 8 distinct images repeated; two rounds): greedy
+#         texts per image equal, images/s encode vs agg
 #   embed: `dynvllm serve embed` vs vLLM's server with --runner pooling --convert embed on $M:
 #         embed_bench.py on each (the same probe vectors within 1e-3; embeddings/s at c=16 on
 #         $EMBED_N inputs of ~200 tokens, default 512, two rounds)
@@ -42,33 +44,36 @@ for c in $CASES; do
       setsid "${serve[@]}" --namespace $c --gpu-memory-utilization 0.80 --enable-lora --max-lora-rank 8 \
         --lora-roots /tmp "${ENG[@]}" > /tmp/og_$c.log 2>&1 & pids+=($!); ALL+=($!); n=1 ;;
     mm) python3 -m dynvllm model tiny --vision /tmp/vis > /dev/null
-      python3 - <<'PY'
-import base64, io
-from PIL import Image
-img = Image.new("RGB", (56, 56))
-img.putdata([((x * 37) % 256, (y * 91) % 256, ((x + y) * 13) % 256) for y in range(56) for x in range(56)])
-buf = io.BytesIO(); img.save(buf, "PNG"); open("/tmp/img.b64", "w").write(base64.b64encode(buf.getvalue()).decode())
-PY
+      python3 $HERE/mkmodel_vl.py /tmp/qvl > /tmp/og_mkvl.log 2>&1 || tail -5 /tmp/og_mkvl.log
       ;;
   esac
   if [ $c = mm ]; then
-    for topo in agg encode; do
-      extra=(); [ $topo = encode ] && extra=(--roles agg=1,encode=1)
-      setsid python3 -m dynvllm serve agg --model /tmp/vis --served-model-name m --http-host 127.0.0.1 --http-port $P \
-        --namespace mm$topo --gpu-memory-utilization 0.30 --mm-prompt-template 'Question: <prompt> Answer:' \
-        "${extra[@]}" > /tmp/og_mm_$topo.log 2>&1 & p=$!; ALL+=($p)
-      want=1; [ $topo = encode ] && want=2
-      if ready $want $p; then
-        echo "[mm-$topo] ready after $(( $(date +%s)-t0 )) s"; t0=$(date +%s)
-        body=$(python3 -c 'import json; b=open("/tmp/img.b64").read(); print(json.dumps({"model": "m", "max_tokens": 16, "temperature": 0,
-          "messages": [{"role": "user", "content": [{"type": "text", "text": "describe"},
-          {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b}}]}]}))')
-        res=$(curl -s -D /tmp/h_$topo http://127.0.0.1:$P/v1/chat/completions -H 'content-type: application/json' -d "$body")
-        echo "[mm-$topo] $(grep -i 'x-dynvllm-encode' /tmp/h_$topo | tr -d '\r') $(echo "$res" | head -c 400)"
-        echo "{\"label\": \"mm-$topo\", \"response\": $res}" >> $OUT/one_gpu.jsonl
-      else echo "[mm-$topo] not ready"; tail -5 /tmp/og_mm_$topo.log; fi
-      stop $p; cp /tmp/og_mm_$topo.log $OUT/ 2>/dev/null
+    for mm in ${MM_MODELS:-vis qvl}; do
+      for topo in agg encode; do
+        extra=(); [ $topo = encode ] && extra=(--roles agg=1,encode=1)
+        setsid python3 -m dynvllm serve agg --model /tmp/$mm --served-model-name m --http-host 127.0.0.1 --http-port $P \
+          --namespace mm$mm$topo --gpu-memory-utilization 0.30 "${extra[@]}" > /tmp/og_mm_${mm}_$topo.log 2>&1 & p=$!; ALL+=($p)
+        want=1; [ $topo = encode ] && want=2
+        if ready $want $p; then
+          echo "[mm-$mm-$topo] ready after $(( $(date +%s)-t0 )) s"
+          for r in 1 2; do timeout 200 python3 $HERE/mm_probe.py http://127.0.0.1:$P m mm-$mm-$topo-$r $OUT/one_gpu.jsonl \
+            ${MM_N:-256} 16 8 112 | cut -c1-600; done
+        else echo "[mm-$mm-$topo] not ready"; tail -8 /tmp/og_mm_${mm}_$topo.log; fi
+        stop $p; t0=$(date +%s); cp /tmp/og_mm_${mm}_$topo.log $OUT/ 2>/dev/null
+      done
     done
+    python3 - $OUT/one_gpu.jsonl <<'PY'
+import json, sys
+rows = {r["label"]: r for r in map(json.loads, open(sys.argv[1])) if str(r.get("label", "")).startswith("mm-")}
+for mm in ("vis", "qvl"):
+    a, e = rows.get(f"mm-{mm}-agg-1"), rows.get(f"mm-{mm}-encode-1")
+    if a and e:
+        same = sum(x == y for x, y in zip(a["texts"], e["texts"]))
+        ratio = [round(rows[f"mm-{mm}-encode-{r}"]["images_s"] / rows[f"mm-{mm}-agg-{r}"]["images_s"], 2)
+                 for r in (1, 2) if f"mm-{mm}-encode-{r}" in rows and f"mm-{mm}-agg-{r}" in rows]
+        print(f"[mm-{mm}] greedy texts equal {same}/{len(a['texts'])}; prompt tokens agg {a['prompt_tokens'][:2]} "
+              f"encode {e['prompt_tokens'][:2]}; images/s encode/agg per round {ratio}; encode header {e['encode']}")
+PY
     continue
   fi
   if [ $c = embed ]; then
