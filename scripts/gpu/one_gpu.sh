@@ -49,7 +49,7 @@ for c in $CASES; do
   esac
   if [ $c = mm ]; then
     for mm in ${MM_MODELS:-vis qvl}; do
-      for topo in agg encode; do
+      for topo in ${TOPOS:-agg encode}; do
         extra=(); [ $topo = encode ] && extra=(--roles agg=1,encode=1)
         setsid python3 -m dynvllm serve agg --model /tmp/$mm --served-model-name m --http-host 127.0.0.1 --http-port $P \
           --namespace mm$mm$topo --gpu-memory-utilization 0.30 "${extra[@]}" > /tmp/og_mm_${mm}_$topo.log 2>&1 & p=$!; ALL+=($p)
