@@ -119,3 +119,29 @@ def test_http_workers_share_one_port_and_sum_their_metrics(tiny_model, tmp_path)
         assert r.status_code == 200
     finally:
         assert proc.stop() == 0
+
+
+def test_workers_without_kv_events_relay_none_and_the_engine_still_caches(tiny_model, tmp_path):
+    url, proc = start_agg(
+        tiny_model, tmp_path / "noev.log", "noev", "--no-kv-events", "--block-size", "32", engine_args=SIM
+    )
+    try:
+        wait_http(url + "/health", lambda b: b.get("workers") == 1, proc, timeout=180)
+        settings = build_settings(
+            {"runtime": {"nats_url": state.resolve_nats_url(None, "noev"), "namespace": "noev"}}
+        )
+        (row,) = natsrt.run(collect(settings, wait=0.6))
+        prompt = [random.Random(5).randrange(3, 500) for _ in range(200)]
+        cached = []
+        for _ in range(2):
+            r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 3})
+            assert r.status_code == 200, r.text
+            cached.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+        assert cached == [0, 192]  # the engine's prefix cache works as before
+        metrics = httpx.get(f"http://{row['metrics']}/metrics").text
+        relayed = [
+            line for line in metrics.splitlines() if line.startswith("dynvllm_worker_kv_events_relayed")
+        ]
+        assert relayed and float(relayed[0].split()[-1]) == 0.0, relayed
+    finally:
+        proc.stop()
