@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import signal
 import time
 
 import httpx
@@ -150,3 +151,73 @@ def test_a_frontend_started_late_routes_warm_within_seconds(frontends, tiny_mode
     assert loaded and int(loaded.group(1)) >= 16 * 10, procs[-1].tail()
     print(loaded.group(0), f"; serving {serving:.1f} s after its start")  # shown with -rP
     assert float(loaded.group(2)) < 5.0, (loaded.group(0), f"serving {serving:.1f} s after its start")
+
+
+def test_killing_one_of_three_frontends_under_load_fails_no_request_of_a_retrying_client(frontends):
+    """A client (or gateway) that sends a request whose connection broke to another frontend sees
+    no failure when a frontend is SIGKILLed under load: the survivors route on (their routing state
+    does not wait for the dead one), and each retried request is answered within the 2 s failover
+    goal, kill included. Runs last: it ends frontend C, started by the test above (or here)."""
+    a, b, logs, procs = frontends
+    if len(procs) < 3:
+        procs.append(
+            start_service(
+                ["frontend"], logs / "c.log", namespace=NS, nats_url=state.resolve_nats_url(None, NS)
+            )
+        )
+        wait_workers(procs[-1], 4, timeout=60)
+    c = procs[-1]
+    urls = [a.url, b.url, c.url]
+    live = list(urls)
+    done: list[tuple[float, float, int, int]] = []  # (start, seconds, attempts, tokens)
+    failed: list[str] = []
+    killed_at: list[float] = []
+
+    async def one(client: httpx.AsyncClient, rng: random.Random, turn: int) -> None:
+        prompt, t0, attempts = _question(rng), time.monotonic(), 0
+        while attempts < 3:
+            url = live[(turn + attempts) % len(live)]
+            attempts += 1
+            try:
+                r = await client.post(
+                    url + "/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 16}
+                )
+            except httpx.TransportError:
+                if url in live and len(live) > 1:
+                    live.remove(url)  # refused or reset: this client stops sending there
+                continue
+            if r.status_code != 200:
+                failed.append(f"{r.status_code} {r.text[:200]}")
+                return
+            done.append((t0, time.monotonic() - t0, attempts, r.json()["usage"]["completion_tokens"]))
+            return
+        failed.append(f"no frontend answered after {attempts} attempts")
+
+    async def loop(client: httpx.AsyncClient, seed: int, stop: asyncio.Event) -> None:
+        rng, turn = random.Random(seed), seed
+        while not stop.is_set():
+            await one(client, rng, turn)
+            turn += 1
+
+    async def main() -> None:
+        async with httpx.AsyncClient(timeout=30) as client:
+            stop = asyncio.Event()
+            tasks = [asyncio.create_task(loop(client, 100 + i, stop)) for i in range(12)]
+            await asyncio.sleep(1.5)
+            killed_at.append(time.monotonic())
+            c.signal(signal.SIGKILL)
+            await asyncio.sleep(3.0)
+            stop.set()
+            await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+    kill = killed_at[0]
+    after = [d for d in done if d[0] >= kill]
+    retried = [d for d in done if d[2] > 1]
+    assert not failed, failed
+    assert all(d[3] == 16 for d in done)
+    assert retried, "no request met the dead frontend: the kill was not under load"
+    assert len(after) >= 30, f"{len(after)} requests answered after the kill"  # the survivors serve on
+    slowest = max(d[1] for d in retried)
+    assert slowest <= 2.0, f"a retried request took {slowest:.2f} s"
+    print(f"{len(done)} ok, {len(retried)} retried (slowest {slowest:.2f} s), {len(after)} after the kill")
