@@ -6,30 +6,33 @@ with an expiry instead of learning from events.
 
 A block's holders are a bit mask of small worker ids (an int): a lookup walks the prompt's keys
 with one AND per block however many workers share the prefix, and only workers that drop out
-are ever named one by one.
+are ever named one by one. The masks are the whole truth of who holds what on the GPU. Ingest (a
+million blocks a second at scale) does one dict operation per block: a worker's own blocks, needed
+only to forget it or snapshot it, are the event lists it was stored with, kept as they came
+(`_Log`), not a per-block record.
 
-Blocks in an offload tier (CPU, disk: see `tiers`) live in a child index per tier that shares the
-worker numbering. The GPU walk notes where each group of workers stops; a worker can only go on
-through a lower tier from there (the block it stopped at is not on its GPU), so the tiers cost a
-probe per such place, and a walk only for the workers that do go on (`lookup`). Each tier counts
-per worker the blocks it holds there and not on its GPU: while they are copies only, nobody can go
-on and the tiers cost nothing.
+Blocks in an offload tier (CPU, disk) live in a child index per tier (`tiers.TierBlocks`) that
+shares the worker numbering. The GPU walk notes where each group of workers stops; a worker can
+only go on through a lower tier from there (the block it stopped at is not on its GPU), so the
+tiers cost a probe per such place, and a walk only for the workers that do go on (`lookup`). Each
+tier counts per worker the blocks it holds there and not on its GPU: while they are copies only,
+nobody can go on and the tiers cost nothing.
 """
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict, deque
-from collections.abc import Iterator
-from itertools import compress, islice, repeat
-from operator import is_not
+from collections import deque
+from collections.abc import Iterable, Iterator
+from itertools import chain, filterfalse, islice
 
-from dynvllm.router.tiers import CPU, DISK, GPU
+from dynvllm.router.masks import count_held, members, set_bit
+from dynvllm.router.tiers import CPU, DISK, GPU, TierBlocks
 
 Worker = tuple[str, int]  # (instance id, data-parallel rank)
-_EVENT_BACKED = float("inf")  # expiry of blocks known from events (predictions expire)
 _NOBODY: Worker = ("", -1)  # the name of a released worker id until it is given out again
 _FEW = 8  # workers going on below: walked one by one up to this many, as one sweep of masks above
+_LOG_MIN = 4096  # keys a worker's log may hold before it is first compacted
 
 
 def tune_gc() -> None:
@@ -46,18 +49,55 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 50, 1000)
 
 
-def _members(mask: int) -> list[int]:
-    """The worker ids in `mask` (highest first): a bit at a time, which beats any conversion of
-    the whole mask for the few to hundreds of workers a lookup names."""
-    out = []
-    while mask:
-        w = mask.bit_length() - 1
-        out.append(w)
-        mask ^= 1 << w
-    return out
+class _Log:
+    """A worker's event-backed GPU blocks as the lists they were stored with (no per-block work
+    at ingest), less `gone`: the keys removed since it was last compacted (a store takes its keys
+    back out). Compaction (dedupe, drop what went) runs when what went outweighs what is logged,
+    or the log has grown fourfold: its work is in proportion to the removals, or amortized over
+    the growth, and the log stays within a few times what the worker holds."""
+
+    __slots__ = ("gone", "kept", "last_held", "lists", "size", "tidy")
+
+    def __init__(self) -> None:
+        self.lists: list[list[int]] = []
+        self.size = 0  # keys in `lists`
+        self.kept = 0  # keys kept by the last compaction
+        self.gone: set[int] = set()
+        self.tidy = True  # `lists` is one list of distinct held keys (or none)
+        self.last_held = False  # every key of `lists[-1]` is held (nothing removed since)
+
+    def add(self, keys: list[int]) -> None:
+        self.lists.append(keys)
+        self.size += len(keys)
+        self.tidy = False
+        self.last_held = True
+        if self.gone:
+            self.gone.difference_update(keys)
+        if self.size > 4 * max(_LOG_MIN, self.kept):
+            self.held()
+
+    def drop(self, keys: list[int]) -> None:
+        """`keys` were removed (each was held)."""
+        self.gone.update(keys)
+        self.tidy = self.last_held = False
+        if len(self.gone) > max(_LOG_MIN, self.size // 2):
+            self.held()
+
+    def held(self) -> list[int]:
+        """The keys held now, distinct (compacting the log to them)."""
+        if not self.tidy:
+            keys: Iterable[int] = dict.fromkeys(chain.from_iterable(self.lists))
+            if self.gone:
+                keys = filterfalse(self.gone.__contains__, keys)
+            kept = list(keys)
+            self.lists, self.size, self.kept, self.gone, self.tidy = [kept], len(kept), len(kept), set(), True
+            self.last_held = True
+        return self.lists[0] if self.lists else []
 
 
 class KvIndex:
+    """The GPU tier's blocks, and through `lower` the offload tiers' (`TierBlocks`)."""
+
     def __init__(self) -> None:
         # Workers are small ints inside the index, and sets of them bit masks.
         self._ids: dict[Worker, int] = {}
@@ -65,23 +105,19 @@ class KvIndex:
         self._free: list[int] = []  # ids of workers gone for good, given out again first
         #: key -> the bit mask of the workers holding it (never 0: a key nobody holds is deleted).
         self.holders: dict[int, int] = {}
-        self._keys_of: dict[int, dict[int, float]] = defaultdict(dict)  # key -> expiry (inf: event-backed)
+        #: Per worker: its event-backed GPU blocks (`_Log`), in the order workers first held any.
+        self._logs: dict[int, _Log] = {}
+        #: Per worker: blocks it holds by prediction only, key -> expiry (an event confirming a
+        #: block takes it out: confirmed blocks never expire).
+        self._pred: dict[int, dict[int, float]] = {}
         self._predicted: deque[tuple[float, int, list[int]]] = deque()  # in expiry order (one ttl)
-        #: tier -> its blocks (children share the worker ids; they hold no predictions).
-        self.lower: dict[int, KvIndex] = {}
-        self._top: KvIndex | None = None  # a child's GPU index
-        #: In a lower tier: per worker, how many blocks it holds here and not on its GPU, and the
-        #: mask of workers with any. Only they can go on below where their GPU prefix ends, so
-        #: while lower tiers hold copies of GPU blocks only, a lookup costs what a GPU-only one does.
-        self._deep: dict[int, int] = {}
-        self._deep_mask = 0
+        #: tier -> its blocks.
+        self.lower: dict[int, TierBlocks] = {}
 
-    def _tier(self, tier: int) -> KvIndex:
+    def _tier(self, tier: int) -> TierBlocks:
         child = self.lower.get(tier)
         if child is None:
-            child = self.lower[tier] = KvIndex()
-            child._ids, child._workers, child._free = self._ids, self._workers, self._free
-            child._top = self
+            child = self.lower[tier] = TierBlocks(self.holders)
         return child
 
     def _id(self, worker: Worker) -> int:
@@ -98,108 +134,97 @@ class KvIndex:
 
     # ---- events ---------------------------------------------------------------
     def apply(self, worker: Worker, event: tuple | list) -> None:
-        """One router event, as workers relay them (see `block_keys`)."""
+        """One router event, as workers relay them (see `block_keys`). The index keeps the
+        event's key list: it must not change afterwards (decoded events never do)."""
         kind = event[0]
         if kind == "stored":
-            target = self._tier(event[2]) if len(event) > 2 and event[2] != GPU else self
-            target._store(self._id(worker), event[1])
+            if len(event) > 2 and event[2] != GPU:
+                # Offloads follow the GPU store of the same blocks: its keys need no probe.
+                wid = self._id(worker)
+                log = self._logs.get(wid)
+                last = log.lists[-1] if log is not None and log.last_held else ()
+                self._tier(event[2]).store(wid, event[1], last)
+            else:
+                self._store(self._id(worker), event[1])
         elif kind == "removed":
-            target = self._tier(event[2]) if len(event) > 2 and event[2] != GPU else self
-            wid = self._id(worker)
-            for key in event[1]:
-                target._discard(wid, key)
+            if len(event) > 2 and event[2] != GPU:
+                self._tier(event[2]).remove(self._id(worker), event[1])
+            else:
+                self._remove(self._id(worker), event[1])
         elif kind == "cleared":  # the engine's prefix cache was reset; offload tiers keep theirs
             known = self._ids.get(worker)
             if known is not None:
-                for key in list(self._keys_of.pop(known, {})):
-                    self._unhold(known, key)
+                self._forget(known)
                 for child in self.lower.values():  # all its blocks below, now
-                    child._deeper(known, len(child._keys_of.get(known, ())) - child._deep.get(known, 0))
+                    child.deeper(known, len(child.keys_of.get(known, ())) - child.deep.get(known, 0))
 
-    def _deeper(self, wid: int, n: int) -> None:
-        left = self._deep.get(wid, 0) + n
-        if left > 0:
-            self._deep[wid] = left
-            self._deep_mask |= 1 << wid
-        else:
-            self._deep.pop(wid, None)
-            self._deep_mask &= ~(1 << wid)
+    def _store(self, wid: int, keys: list[int]) -> None:
+        # The hot path of ingest: one setdefault per key (`set_bit`), an append to the log.
+        if self.lower:
+            self._back_on_gpu(wid, keys)
+        pred = self._pred.get(wid)
+        if pred:  # predictions these events confirm
+            for key in pred.keys() & keys:
+                del pred[key]
+        set_bit(self.holders, 1 << wid, keys)
+        log = self._logs.get(wid)
+        if log is None:
+            log = self._logs[wid] = _Log()
+        log.add(keys)
 
     def _back_on_gpu(self, wid: int, keys: list[int]) -> None:
         """`keys` are going onto the worker's GPU: those it held only below no longer are."""
-        holders, bit = self.holders, 1 << wid
         for child in self.lower.values():
-            if wid in child._deep:
-                back = 0
-                for key in child._keys_of[wid].keys() & keys:
-                    if not holders.get(key, 0) & bit:
-                        back += 1
+            if wid in child.deep:
+                back = child.keys_of[wid].intersection(keys)
                 if back:
-                    child._deeper(wid, -back)
+                    back_n = len(back) - count_held(self.holders, 1 << wid, wid, back)
+                    if back_n:
+                        child.deeper(wid, -back_n)
 
-    def _store(self, wid: int, keys: list[int]) -> None:
-        # The hot path of ingest (a million blocks a second at scale): every key goes in through
-        # C-level calls (setdefault over the keys), and Python steps only through the keys that
-        # others already held (setdefault handed back their mask, not this call's `bit`).
-        mine = self._keys_of[wid]
-        top = self._top
-        if top is not None:  # a lower tier: blocks new here and not on the GPU are held only here
-            on_gpu = top._keys_of.get(wid)
-            fresh = set(keys).difference(on_gpu) if on_gpu else set(keys)  # offloads: mostly none
-            if fresh and mine:
-                fresh = fresh.difference(mine)
-            if fresh:
-                self._deeper(wid, len(fresh))
-        elif self.lower:
-            self._back_on_gpu(wid, keys)
-        mine.update(dict.fromkeys(keys, _EVENT_BACKED))
-        holders = self.holders
-        bit = 1 << wid
-        haves = list(map(holders.setdefault, keys, repeat(bit)))
-        for key, have in compress(zip(keys, haves, strict=True), map(is_not, haves, repeat(bit))):
-            if not have & bit:
-                holders[key] = have | bit
-
-    def _hold(self, wid: int, key: int) -> None:
-        bit = 1 << wid
-        have = self.holders.get(key)
-        if have is None:
-            self.holders[key] = bit
-        elif not have & bit:
-            self.holders[key] = have | bit
-
-    def _unhold(self, wid: int, key: int) -> None:
-        have = self.holders.get(key)
-        bit = 1 << wid
-        if have is not None and have & bit:
-            if have == bit:
-                del self.holders[key]
-            else:
-                self.holders[key] = have ^ bit
-
-    def _discard(self, wid: int, key: int) -> None:
-        mine = self._keys_of.get(wid)
-        self._unhold(wid, key)
-        if mine is None or mine.pop(key, None) is None:
+    def _remove(self, wid: int, keys: Iterable[int]) -> None:
+        holders, bit = self.holders, 1 << wid
+        gone = []
+        for key in keys:
+            have = holders.get(key)
+            if have is not None and have & bit:
+                if have == bit:
+                    del holders[key]
+                else:
+                    holders[key] = have ^ bit
+                gone.append(key)
+        if not gone:
             return
-        top = self._top
-        if top is None:  # gone from the GPU: copies below are now the only ones
-            for child in self.lower.values():
-                if key in child._keys_of.get(wid, ()):
-                    child._deeper(wid, 1)
-        elif key not in top._keys_of.get(wid, ()):  # a block held only here went
-            self._deeper(wid, -1)
+        pred = self._pred.get(wid)
+        logged = [key for key in gone if pred.pop(key, None) is None] if pred else gone
+        log = self._logs.get(wid)
+        if log is not None and logged:  # (predicted ones were never logged)
+            log.drop(logged)
+        for child in self.lower.values():  # gone from the GPU: copies below are now the only ones
+            mine = child.keys_of.get(wid)
+            if mine and (n := len(mine.intersection(gone))):
+                child.deeper(wid, n)
+
+    def _forget(self, wid: int) -> None:
+        """All the worker's GPU blocks, known from events or predicted."""
+        log, pred = self._logs.pop(wid, None), self._pred.pop(wid, None)
+        holders, bit = self.holders, 1 << wid
+        for keys in chain(log.lists if log is not None else (), (pred or (),)):
+            for key in keys:
+                have = holders.get(key)
+                if have is not None and have & bit:
+                    if have == bit:
+                        del holders[key]
+                    else:
+                        holders[key] = have ^ bit
 
     def drop_worker(self, worker: Worker) -> None:
         wid = self._ids.get(worker)
         if wid is None:
             return
-        for key in list(self._keys_of.pop(wid, {})):
-            self._unhold(wid, key)
+        self._forget(wid)
         for child in self.lower.values():
-            for key in list(child._keys_of.pop(wid, {})):
-                child._unhold(wid, key)
-            child._deeper(wid, -child._deep.get(wid, 0))
+            child.forget(wid)
 
     def drop_instance(self, instance_id: str) -> None:
         """The instance is gone: its blocks, and its workers' ids (given out again later)."""
@@ -217,11 +242,22 @@ class KvIndex:
         wid = self._id(worker)
         if self.lower:
             self._back_on_gpu(wid, keys)
-        mine = self._keys_of[wid]
+        if wid not in self._logs:
+            self._logs[wid] = _Log()
+        pred = self._pred.get(wid)
+        if pred is None:
+            pred = self._pred[wid] = {}
+        holders, bit = self.holders, 1 << wid
         for key in keys:
-            if mine.get(key, 0.0) < expiry:
-                mine[key] = expiry
-            self._hold(wid, key)
+            have = holders.get(key)
+            if have is None:
+                holders[key] = bit
+                pred[key] = expiry
+            elif not have & bit:
+                holders[key] = have | bit
+                pred[key] = expiry
+            elif pred.get(key, expiry) < expiry:  # predicted before: runs on (event-backed: stays)
+                pred[key] = expiry
         self._predicted.append((expiry, wid, keys))
 
     def expire(self, now: float | None = None) -> None:
@@ -231,39 +267,41 @@ class KvIndex:
         queue = self._predicted
         while queue and queue[0][0] <= now:
             expiry, wid, keys = queue.popleft()
-            mine = self._keys_of.get(wid)
-            if mine is None:
-                continue
-            for key in keys:
-                if mine.get(key) == expiry:  # not refreshed by a later prediction, not confirmed
-                    self._discard(wid, key)
+            pred = self._pred.get(wid)
+            if pred:  # keys not refreshed by a later prediction, not confirmed
+                self._remove(wid, [key for key in keys if pred.get(key) == expiry])
 
     def retract(self, worker: Worker, keys: list[int], expiry: float) -> None:
         """Withdraw a prediction made with this `expiry` (a peer frontend's, when that peer goes):
         keys that a later prediction refreshed or an event confirmed stay."""
         wid = self._ids.get(worker)
-        if wid is None or (mine := self._keys_of.get(wid)) is None:
+        if wid is None or not (pred := self._pred.get(wid)):
             return
-        for key in keys:
-            if mine.get(key) == expiry:
-                self._discard(wid, key)
+        self._remove(wid, [key for key in keys if pred.get(key) == expiry])
 
     # ---- snapshots (a starting frontend loads a live peer's index) ---------------
     def confirmed(self) -> Iterator[tuple[Worker, list[int]]]:
         """Each worker's blocks known from events. Predictions are left out: they expire within
         seconds, and the peers' decisions that made them reach the new frontend as they come."""
-        inf = _EVENT_BACKED
-        for wid, mine in list(self._keys_of.items()):
-            yield self._workers[wid], [k for k, e in mine.items() if e == inf]
+        for wid, log in list(self._logs.items()):
+            if self._logs.get(wid) is not log:  # forgotten while the caller was away
+                continue
+            held = log.held()
+            pred = self._pred.get(wid)
+            yield self._workers[wid], [k for k in held if k not in pred] if pred else list(held)
 
-    def store(self, worker: Worker, keys: list[int], tier: int = GPU) -> None:
+    def store(self, worker: Worker, keys: Iterable[int], tier: int = GPU) -> None:
         """Blocks a worker holds, as a snapshot says (the bulk path of `apply`)."""
-        (self if tier == GPU else self._tier(tier))._store(self._id(worker), keys)
+        keys = list(keys)
+        if tier == GPU:
+            self._store(self._id(worker), keys)
+        else:
+            self._tier(tier).store(self._id(worker), keys)
 
     def confirmed_lower(self) -> Iterator[tuple[int, Worker, list[int]]]:
         """(tier, worker, keys) for blocks in offload tiers (events only ever put them there)."""
         for tier, child in list(self.lower.items()):
-            for wid, mine in list(child._keys_of.items()):
+            for wid, mine in list(child.keys_of.items()):
                 if mine:
                     yield tier, self._workers[wid], list(mine)
 
@@ -330,26 +368,31 @@ class KvIndex:
         stopped at a block that is not on its GPU, so a tier holding that block for it is the
         only way on. A probe per place where workers stopped, then a walk for those that go on: each
         through its own blocks when they are few, one sweep of masks for many."""
-        deep = 0
-        for child in self.lower.values():
-            deep |= child._deep_mask
-        if not deep:
-            return {}
         cpu_tier, disk_tier = self.lower.get(CPU), self.lower.get(DISK)
+        # A worker goes on through a tier only if the tier holds the block it stopped at, which is
+        # not on its GPU: only workers holding blocks there and not on the GPU can, and each tier
+        # is asked for its own such (deep) workers only.
+        cpu_deep = cpu_tier.deep_mask if cpu_tier is not None else 0
+        disk_deep = disk_tier.deep_mask if disk_tier is not None else 0
+        if not (cpu_deep or disk_deep):
+            return {}
         cpu = cpu_tier.holders if cpu_tier is not None else {}
         disk = disk_tier.holders if disk_tier is not None else {}
         n = len(keys)
         begin: dict[int, int] = {}  # depth -> the workers that may go on from there
         for mask, depth in stops:
-            if depth < n and mask & deep:
-                key = keys[depth]
-                go = (cpu.get(key, 0) | disk.get(key, 0)) & mask
+            if depth < n:
+                go = 0
+                if on := mask & cpu_deep:
+                    go = cpu.get(keys[depth], 0) & on
+                if on := mask & disk_deep:
+                    go |= disk.get(keys[depth], 0) & on
                 if go:
                     begin[depth] = go
-        on_gpu = self.holders.get(keys[0], 0)  # = every group of `stops` together
-        if deep & ~on_gpu:  # workers holding the first block in a lower tier only
+        not_on_gpu = ~self.holders.get(keys[0], 0)  # = every group of `stops` together
+        if (cpu_deep | disk_deep) & not_on_gpu:  # workers holding the first block below only
             key = keys[0]
-            fresh = (cpu.get(key, 0) | disk.get(key, 0)) & deep & ~on_gpu
+            fresh = ((cpu.get(key, 0) & cpu_deep) | (disk.get(key, 0) & disk_deep)) & not_on_gpu
             if fresh:
                 begin[0] = fresh
         if not begin:
@@ -391,36 +434,36 @@ class KvIndex:
             u_stops.append((on_c, depth))
         if on_u:
             u_stops.append((on_u, depth))
-        g_of = {w: d for d, mask in begin.items() for w in _members(mask)}
-        c_of = {w: d for mask, d in c_stops for w in _members(mask)}
+        g_of = {w: d for d, mask in begin.items() for w in members(mask)}
+        c_of = {w: d for mask, d in c_stops for w in members(mask)}
         workers = self._workers
-        return {workers[w]: (g_of[w], c_of[w], d) for mask, d in u_stops for w in _members(mask)}
+        return {workers[w]: (g_of[w], c_of[w], d) for mask, d in u_stops for w in members(mask)}
 
     def _walk_each(self, keys: list[int], begin: dict[int, int]) -> dict[Worker, tuple[int, int, int]]:
-        """The sweep for a few workers: each through its own blocks per tier (small dicts), no
-        masks as wide as all workers."""
-        empty: dict[int, float] = {}
-        lower = self.lower
+        """The sweep for a few workers: each through its own blocks per tier (small sets), the
+        GPU's masks asked only for blocks not in them."""
+        empty: set[int] = set()
+        gpu, lower = self.holders, self.lower
         cpu_tier, disk_tier = lower.get(CPU), lower.get(DISK)
         n = len(keys)
         out = {}
         for g, mask in begin.items():
-            for w in _members(mask):
-                on_gpu = self._keys_of.get(w, empty)
-                on_cpu = cpu_tier._keys_of.get(w, empty) if cpu_tier is not None else empty
-                on_disk = disk_tier._keys_of.get(w, empty) if disk_tier is not None else empty
+            for w in members(mask):
+                bit = 1 << w
+                on_cpu = cpu_tier.keys_of.get(w, empty) if cpu_tier is not None else empty
+                on_disk = disk_tier.keys_of.get(w, empty) if disk_tier is not None else empty
                 d = g
-                while d < n and (keys[d] in on_gpu or keys[d] in on_cpu):
+                while d < n and (keys[d] in on_cpu or gpu.get(keys[d], 0) & bit):
                     d += 1
                 c = d
-                while d < n and (keys[d] in on_gpu or keys[d] in on_cpu or keys[d] in on_disk):
+                while d < n and (keys[d] in on_disk or keys[d] in on_cpu or gpu.get(keys[d], 0) & bit):
                     d += 1
                 out[self._workers[w]] = (g, c, d)
         return out
 
     def block_count(self) -> int:
-        """Blocks on the workers' GPUs (offload tiers: `tier_block_count`)."""
-        return sum(len(k) for k in self._keys_of.values())
+        """Blocks on the workers' GPUs (offload tiers: `tier_block_count`); a pass over them all."""
+        return sum(mask.bit_count() for mask in self.holders.values())
 
     def tier_block_count(self, tier: int) -> int:
-        return self.block_count() if tier == GPU else sum(len(k) for k in self._tier(tier)._keys_of.values())
+        return self.block_count() if tier == GPU else sum(len(k) for k in self._tier(tier).keys_of.values())

@@ -200,3 +200,70 @@ def test_predictions_expire_unless_confirmed_or_refreshed():
     assert index.overlaps(b) == {}
     index.apply(w, ("removed", a[:1]))
     assert index.block_count() == 0
+
+
+def test_worker_logs_compact_and_keep_answering_as_the_events_say(monkeypatch):
+    """A worker's GPU blocks are kept as the event lists they came in, compacted as they grow:
+    through any sequence of stores, removals, predictions (expired, confirmed, retracted),
+    cleared caches and drops, holders, counts and snapshots match a per-worker model, and a
+    log stays within a bound of what its worker holds."""
+    import random
+
+    from dynvllm.router import index as index_module
+
+    monkeypatch.setattr(index_module, "_LOG_MIN", 4)
+    rng = random.Random(3)
+    keys = hashing.chain(list(range(24 * BS)), BS)
+    for _ in range(20):
+        index = KvIndex()
+        events: dict[tuple[str, int], set[int]] = {w: set() for w in WORKERS}
+        predicted: dict[tuple[str, int], dict[int, float]] = {w: {} for w in WORKERS}
+        now, made = 0.0, []
+        for _ in range(300):
+            w, op = rng.choice(WORKERS), rng.random()
+            a = rng.randrange(len(keys))
+            some = keys[a : a + rng.randrange(1, 7)]
+            if op < 0.45:
+                index.apply(w, ("stored", list(some)))
+                events[w].update(some)
+                for k in some:
+                    predicted[w].pop(k, None)
+            elif op < 0.75:
+                index.apply(w, ("removed", list(some)))
+                events[w].difference_update(some)
+                for k in some:
+                    predicted[w].pop(k, None)
+            elif op < 0.85:
+                index.predict(w, some, 1.0, now)
+                made.append((w, some, now + 1.0))
+                for k in some:
+                    if k not in events[w]:
+                        predicted[w][k] = now + 1.0
+            elif op < 0.9:
+                now += rng.choice((0.5, 1.0))
+                index.expire(now)
+                for v in WORKERS:
+                    predicted[v] = {k: e for k, e in predicted[v].items() if e > now}
+            elif op < 0.93 and made:
+                v, ks, expiry = rng.choice(made)
+                index.retract(v, ks, expiry)
+                for k in ks:
+                    if predicted[v].get(k) == expiry:
+                        del predicted[v][k]
+            elif op < 0.97:
+                index.apply(w, ("cleared",))
+                events[w].clear()
+                predicted[w].clear()
+            else:
+                index.drop_worker(w)
+                events[w].clear()
+                predicted[w].clear()
+            for k in keys:
+                want = {v: 1 for v in WORKERS if k in events[v] or k in predicted[v]}
+                assert index.overlaps([k]) == want
+            assert index.block_count() == sum(len(events[v] | predicted[v].keys()) for v in WORKERS)
+            for log in index._logs.values():
+                assert sum(len(x) for x in log.lists) <= 4 * len(keys) + 6
+        got = {v: set(ks) for v, ks in index.confirmed() if ks}
+        assert got == {v: events[v] for v in WORKERS if events[v]}
+        assert all(len(ks) == len(set(ks)) for _, ks in index.confirmed())

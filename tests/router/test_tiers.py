@@ -274,8 +274,8 @@ def test_workers_held_only_below_are_counted_through_any_sequence_of_events():
                     if n := len(held[v][tier] - held[v][GPU]):
                         want_deep[index._ids[v]] = n
                 child = index.lower.get(tier)
-                assert (child._deep if child is not None else {}) == want_deep
-                assert (child._deep_mask if child is not None else 0) == sum(1 << w for w in want_deep)
+                assert (child.deep if child is not None else {}) == want_deep
+                assert (child.deep_mask if child is not None else 0) == sum(1 << w for w in want_deep)
 
         def depth(v, tiers, held=held):  # type: ignore[no-untyped-def]
             d = 0
