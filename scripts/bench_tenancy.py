@@ -6,8 +6,9 @@ tenants file, each tenant with a request rate, a token rate and a concurrency li
 stays within, plus one flooder over its limits; the admission queue on, holding what the workers
 cannot take). Rounds alternate off/on; each round is a closed loop of `--concurrency` streams,
 each sending streaming completions one after the other for `--seconds` (`--new-connections`: a
-new connection per request). Printed per round: requests/s, errors other than the flooder's 429s,
-TTFT p50; then the on/off ratio of the medians.
+new connection per request; `--together`: both loaded at once). Printed per round: the load
+average, requests/s, errors other than the flooder's 429s, TTFT p50, CPU per answered request by
+process kind; then the on/off ratios per round and of the medians.
 
     .venv/bin/python scripts/bench_tenancy.py --concurrency 32 --new-connections
     .venv/bin/python scripts/bench_tenancy.py --concurrency 2000
@@ -15,6 +16,12 @@ TTFT p50; then the on/off ratio of the medians.
 
 The "on" service's queue holds requests by the workers' load reports (`--admission-max-waiting 0`:
 no engine queues any), or with `--saturation inflight` by its own in-flight count.
+
+`--on tenants,queue,tracing` (or `--on all`) also traces at "on": spans exported over OTLP/HTTP to a
+local receiver process; every request traced (each client request, at both services, carries a
+sampled W3C traceparent), or with `--sample R` a share R sampled by the service (parent-based):
+
+    .venv/bin/python scripts/bench_tenancy.py --concurrency 32 --new-connections --together --on all
 """
 
 from __future__ import annotations
@@ -31,7 +38,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchkit import free_port, model_or_tiny, sim_load_options, sim_serve, stop, wait_ready
+from benchkit import (
+    cpu_seconds,
+    free_port,
+    model_or_tiny,
+    otlp_receiver,
+    sim_load_options,
+    sim_serve,
+    stop,
+    traced,
+    traceparent,
+    wait_ready,
+)
 
 TENANTS = 8
 
@@ -55,8 +73,11 @@ def tenants_file(folder: Path) -> Path:
     return path
 
 
-def start(args, model: str, port: int, on: bool, folder: Path) -> subprocess.Popen:
+def start(args, model: str, port: int, on: bool, folder: Path, otlp: str | None) -> subprocess.Popen:
     cmd = sim_serve(args, model, port, f"bench-tenancy-{'on' if on else 'off'}-{os.getpid()}")
+    env = dict(os.environ)
+    if on and otlp:
+        traced(cmd, env, otlp, args.sample)
     cmd += ["--sim-max-num-seqs", str(args.max_num_seqs), "--http-workers", str(args.http_workers)]
     if on and "tenants" in args.on:
         cmd += ["--tenants-file", str(tenants_file(folder))]
@@ -68,7 +89,7 @@ def start(args, model: str, port: int, on: bool, folder: Path) -> subprocess.Pop
         cmd += ["--admission-queue-size", str(args.concurrency * 2)]
         cmd += ["--admission-timeout", str(args.admission_timeout)]
     log = open(folder / f"{'on' if on else 'off'}.log", "w")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 async def load(base: str, args, on: bool) -> dict:
@@ -84,8 +105,13 @@ async def load(base: str, args, on: bool) -> dict:
     kinds: dict[int, int] = {}  # error status (0: no answer) -> count
     body = {"model": "m", "prompt": "hello " * 32, "max_tokens": args.max_tokens, "stream": True}
 
+    # Both services get the same requests: a traceparent asks "on" to trace, "off" ignores it.
+    trace = "tracing" in args.on and args.sample is None
+
     async def request(session, key: str | None) -> tuple[int, float]:
         headers = {"authorization": f"Bearer {key}"} if key else {}
+        if trace:
+            headers["traceparent"] = traceparent()
         t0 = time.perf_counter()
         ttft = 0.0
         async with session.post(url, json=body, headers=headers) as r:
@@ -158,13 +184,24 @@ async def together(ports: dict[str, int], args) -> dict[str, dict]:
     return {"off": off, "on": on}
 
 
+def _spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {kind: after[kind] - before.get(kind, 0.0) for kind in after}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sim_load_options(ap, rounds=3)
     ap.add_argument("--http-workers", type=int, default=1)
     ap.add_argument("--max-num-seqs", type=int, default=1024)
     ap.add_argument("--keep-logs", action="store_true", help="keep the services' logs (and the model built)")
-    ap.add_argument("--on", default="tenants,queue", help="what the 'on' service turns on: tenants, queue")
+    ap.add_argument(
+        "--on",
+        default="tenants,queue",
+        help="what the 'on' service turns on: tenants, queue, tracing (or all)",
+    )
+    ap.add_argument(
+        "--sample", type=float, help="with tracing: share of requests traced (default: every one)"
+    )
     ap.add_argument(
         "--saturation",
         choices=["reports", "inflight"],
@@ -174,10 +211,13 @@ def main() -> None:
     )
     ap.add_argument("--admission-timeout", type=float, default=30.0)
     args = ap.parse_args()
+    if args.on == "all":
+        args.on = "tenants,queue,tracing"
     folder = Path(tempfile.mkdtemp(prefix="bench-tenancy-"))
     model = model_or_tiny(args.model, folder)
+    otlp, receiver = otlp_receiver() if "tracing" in args.on else (None, None)
     ports = {"off": free_port(), "on": free_port()}
-    procs = {name: start(args, model, ports[name], name == "on", folder) for name in ports}
+    procs = {name: start(args, model, ports[name], name == "on", folder, otlp) for name in ports}
     try:
         for name, proc in procs.items():
             wait_ready(ports[name], proc)
@@ -187,15 +227,26 @@ def main() -> None:
         rows: dict[str, list[dict]] = {"off": [], "on": []}
         for k in range(args.rounds):
             order = ["off", "on"] if k % 2 == 0 else ["on", "off"]
+            load_before = os.getloadavg()[0]
+            cpu: dict[str, dict[str, float]] = {}
             if args.together:
+                cpu0 = {n: cpu_seconds(procs[n]) for n in ports}
                 both = asyncio.run(together(ports, args))
+                cpu = {n: _spent(cpu0[n], cpu_seconds(procs[n])) for n in ports}
                 for name in order:
                     rows[name].append(both[name])
             else:
                 for name in order:
+                    before = cpu_seconds(procs[name])
                     rows[name].append(
                         asyncio.run(load(f"http://127.0.0.1:{ports[name]}", args, name == "on"))
                     )
+                    cpu[name] = _spent(before, cpu_seconds(procs[name]))
+            print(
+                f"round {k + 1}: load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}, "
+                f"on/off {rows['on'][-1]['rps'] / rows['off'][-1]['rps']:.3f}",
+                flush=True,
+            )
             for name in order:
                 s = rows[name][-1]
                 print(
@@ -204,9 +255,15 @@ def main() -> None:
                     f"flooder {s['flood_ok']} ok / {s['flood_429']} 429, TTFT p50 {s['ttft_p50_ms']:.1f} ms",
                     flush=True,
                 )
-        ratios = sorted(a["rps"] / b["rps"] for a, b in zip(rows["on"], rows["off"], strict=True))
+                # CPU per answered request by process kind ("other": NATS), flooder's included.
+                answered = max(1, s["ok"] + s["flood_ok"])
+                print(
+                    "    CPU ms/request: "
+                    + ", ".join(f"{kind} {1000 * v / answered:.2f}" for kind, v in sorted(cpu[name].items()))
+                )
+        ratios = [a["rps"] / b["rps"] for a, b in zip(rows["on"], rows["off"], strict=True)]
         print(
-            f"on/off per round: {', '.join(f'{x:.3f}' for x in ratios)}; "
+            f"on ({args.on}) / off per round: {', '.join(f'{x:.3f}' for x in ratios)}; "
             f"median {statistics.median(ratios):.3f}"
         )
         off = statistics.median(r["rps"] for r in rows["off"])
@@ -220,6 +277,9 @@ def main() -> None:
     finally:
         for proc in procs.values():
             stop(proc)
+        if receiver is not None:
+            receiver.kill()
+            receiver.wait()
         if args.keep_logs:
             print(f"service logs: {folder}")
         else:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -31,18 +32,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchkit import free_port, model_or_tiny, sim_load_options, sim_serve, stop, wait_ready
-
-RECEIVER = """
-import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-class H(BaseHTTPRequestHandler):
-    def do_POST(self):
-        self.rfile.read(int(self.headers.get("content-length") or 0))
-        self.send_response(200); self.send_header("content-length", "0"); self.end_headers()
-    def log_message(self, *a): pass
-ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-"""
+from benchkit import (
+    cpu_seconds,
+    free_port,
+    model_or_tiny,
+    otlp_receiver,
+    sim_load_options,
+    sim_serve,
+    stop,
+    traced,
+    traceparent,
+    wait_ready,
+)
 
 
 def start(args, name: str, model: str, port: int, otlp: str | None, folder: Path) -> subprocess.Popen:
@@ -52,40 +53,13 @@ def start(args, name: str, model: str, port: int, otlp: str | None, folder: Path
         tree = str(Path(args.baseline_tree).resolve())
         env["PYTHONPATH"] = os.pathsep.join([tree, str(Path(tree) / "plugins"), env.get("PYTHONPATH", "")])
     if otlp:
-        cmd += ["--otlp-traces-endpoint", otlp]
-        env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = "http/protobuf"
-        if args.sample is not None:
-            env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
-            env["OTEL_TRACES_SAMPLER_ARG"] = str(args.sample)
+        traced(cmd, env, otlp, args.sample)
     log = open(folder / f"{name}.log", "w")
     # `python -m` puts the working folder first on the path: the baseline runs from its tree.
     cwd = args.baseline_tree if name == "base" else None
     return subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=cwd
     )
-
-
-def cpu_seconds(proc: subprocess.Popen) -> dict[str, float]:
-    """CPU seconds used so far by a service's processes, by kind (serve, frontend, worker)."""
-    import psutil
-
-    out: dict[str, float] = {}
-    root = psutil.Process(proc.pid)
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-            args = p.cmdline()
-        except psutil.Error:
-            continue
-        kind = (
-            "serve" if p.pid == proc.pid else next((a for a in ("frontend", "worker") if a in args), "other")
-        )
-        out[kind] = out.get(kind, 0.0) + t.user + t.system
-    return out
-
-
-def traceparent() -> str:
-    return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
 
 
 async def load(base: str, args) -> dict:
@@ -142,15 +116,14 @@ def main() -> None:
     sim_load_options(ap, rounds=4)
     ap.add_argument("--sample", type=float, help="share of requests traced (default: every one)")
     ap.add_argument("--baseline-tree", help="a source tree to run a third service from, traced as 'on'")
+    ap.add_argument("--keep-logs", action="store_true", help="keep the services' logs (and the model built)")
     args = ap.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench-tracing-"))
     model = model_or_tiny(args.model, folder)
-    rport = free_port()
-    receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, str(rport)], start_new_session=True)
+    otlp, receiver = otlp_receiver()
     ports = {"off": free_port(), "on": free_port()}
     if args.baseline_tree:
         ports["base"] = free_port()
-    otlp = f"http://127.0.0.1:{rport}/v1/traces"
     procs = {n: start(args, n, model, ports[n], otlp if n != "off" else None, folder) for n in ports}
     try:
         for name, proc in procs.items():
@@ -162,6 +135,7 @@ def main() -> None:
         rows: dict[str, list[dict]] = {n: [] for n in ports}
         for k in range(args.rounds):
             order = list(ports) if k % 2 == 0 else list(reversed(ports))
+            load_before = os.getloadavg()[0]
             cpu0 = {n: cpu_seconds(procs[n]) for n in ports}
             both = asyncio.run(together(ports, args)) if args.together else {}
             cpu1 = {n: cpu_seconds(procs[n]) for n in ports}
@@ -185,7 +159,10 @@ def main() -> None:
             ratios = ", ".join(
                 f"{n}/off {rows[n][-1]['rps'] / rows['off'][-1]['rps']:.3f}" for n in ports if n != "off"
             )
-            print(f"round {k + 1}: {ratios}", flush=True)
+            print(
+                f"round {k + 1}: {ratios}; load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
         med = {n: statistics.median(r["rps"] for r in rows[n]) for n in ports}
         for n in ports:
             if n == "off":
@@ -203,6 +180,10 @@ def main() -> None:
             stop(proc)
         receiver.kill()
         receiver.wait()
+        if args.keep_logs:
+            print(f"service logs: {folder}")
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -89,3 +89,58 @@ def stop(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
+
+
+#: An OTLP/HTTP receiver that reads each batch and answers 200 (what a collector costs aside).
+_OTLP_RECEIVER = """
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        self.send_response(200); self.send_header("content-length", "0"); self.end_headers()
+    def log_message(self, *a): pass
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def otlp_receiver() -> tuple[str, subprocess.Popen]:
+    """A local OTLP/HTTP receiver process: its traces endpoint and the process (kill it at the end)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", _OTLP_RECEIVER, str(port)], start_new_session=True)
+    return f"http://127.0.0.1:{port}/v1/traces", proc
+
+
+def traced(cmd: list[str], env: dict[str, str], endpoint: str, sample: float | None) -> None:
+    """Turns tracing on in a `serve` command line and its environment: OTLP/HTTP to `endpoint`;
+    with `sample`, a parent-based ratio sampler (else every request a client marks sampled)."""
+    cmd += ["--otlp-traces-endpoint", endpoint]
+    env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = "http/protobuf"
+    if sample is not None:
+        env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
+        env["OTEL_TRACES_SAMPLER_ARG"] = str(sample)
+
+
+def traceparent() -> str:
+    """A sampled W3C traceparent of a new trace (the client asks for the request to be traced)."""
+    return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
+
+
+def cpu_seconds(proc: subprocess.Popen) -> dict[str, float]:
+    """CPU seconds used so far by a service's processes, by kind (serve, frontend, worker; other:
+    NATS)."""
+    import psutil
+
+    out: dict[str, float] = {}
+    root = psutil.Process(proc.pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            args = p.cmdline()
+        except psutil.Error:
+            continue
+        kind = (
+            "serve" if p.pid == proc.pid else next((a for a in ("frontend", "worker") if a in args), "other")
+        )
+        out[kind] = out.get(kind, 0.0) + t.user + t.system
+    return out

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 from prometheus_client import Counter, Gauge, Histogram
 
 from dynvllm.frontend.admission import FairQueue, free_slots
-from dynvllm.frontend.admission_load import Report, Thresholds, fits
+from dynvllm.frontend.admission_load import Report, Thresholds, room
 from dynvllm.frontend.errors import RequestError
 from dynvllm.frontend.metrics import FrontendMetrics
 from dynvllm.frontend.models import ModelEntry, ModelRegistry
@@ -37,6 +37,8 @@ from dynvllm.runtime.events import LOAD, EventBus, LoadMetrics
 PRIORITY_HEADER = "x-dynvllm-priority"
 #: vLLM's server reads its own header of the same meaning; clients written for it send this one.
 VLLM_PRIORITY_HEADER = "x-vllm-priority"
+_PRIORITY_HEADERS = (PRIORITY_HEADER, VLLM_PRIORITY_HEADER)
+_RAW_PRIORITY_HEADERS = tuple(h.encode() for h in _PRIORITY_HEADERS)
 
 Key = tuple[str, str]  # (model, terminal stage)
 
@@ -46,7 +48,28 @@ class _Ticket:
 
     def __init__(self, r: Admitted, priority: int, tenant: str) -> None:
         self.r, self.priority, self.tenant = r, priority, tenant
-        self.fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        #: True: let through; False: the frontend closes; None: its time to wait ran out.
+        self.fut: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
+
+
+def _expire(fut: asyncio.Future[bool | None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+_ANY = float(1 << 30)
+
+
+class _Free(NamedTuple):
+    slots: float  # under the in-flight cap
+    requests: float  # room by the workers' reports
+    blocks: float
+
+    @property
+    def any(self) -> bool:
+        # One more request may take a worker a little past a threshold (its prompt may be long):
+        # the thresholds are where letting requests through stops, not hard limits.
+        return self.slots > 0 and self.requests > 0 and self.blocks > 0
 
 
 class _ModelMetrics(NamedTuple):
@@ -136,7 +159,7 @@ class AdmissionGate:
             return
         key = (r.entry.name, r.dispatch.terminal)
         queue = self.queues.setdefault(key, FairQueue())
-        if not queue and self._free(key) > 0:
+        if not queue and self._free(key).any:
             self._take(r, key)
             self._metrics(key[0]).waited.observe(0.0)
             return
@@ -148,17 +171,26 @@ class AdmissionGate:
         queue.push(ticket, ticket.priority, ticket.tenant)
         self.waiting += 1
         self._metrics(key[0]).queued.inc()
+        # The ticket's own future with a timer (a fraction of asyncio.wait's cost, which is paid
+        # by every request that waits, i.e. by nearly all under saturation).
+        fut = ticket.fut
+        timer = asyncio.get_running_loop().call_later(
+            max(0.0, r.arrived + self.timeout - time.monotonic()), _expire, fut
+        )
         try:
-            await asyncio.wait({ticket.fut}, timeout=max(0.0, r.arrived + self.timeout - time.monotonic()))
+            released = await fut
         except BaseException:
-            # Cancelled while waiting. One released meanwhile holds a slot: its on_end frees it.
-            if not ticket.fut.done():
+            # Cancelled while waiting (which cancels the future). One released just before holds
+            # a slot: its on_end frees it.
+            timer.cancel()
+            if fut.cancelled() or not fut.done() or fut.result() is not True:
                 self._unqueue(key, queue, ticket)
             raise
-        if not ticket.fut.done():
+        timer.cancel()
+        if released is None:
             self._unqueue(key, queue, ticket)
             raise self._refuse(key, "timeout", f"no worker slot within {self.timeout:g} s")
-        if not ticket.fut.result():
+        if not released:
             raise self._refuse(key, "closing", "the frontend is shutting down")
 
     def leave(self, r: Admitted, status: str) -> None:
@@ -224,17 +256,20 @@ class AdmissionGate:
                     t.fut.set_result(False)
 
     # ---- inside -------------------------------------------------------------------------------
-    def _free(self, key: Key) -> int:
+    def _free(self, key: Key) -> _Free:
+        """What may be let through now: request slots under the in-flight cap, and the room the
+        workers' reports leave (requests, prompt blocks; both 1 << 30 where not measured). Each
+        goes down by exactly what a request let through takes, so one reading serves a batch."""
         workers = ready(self.models.models.get(key[0]), key[1])
         free = free_slots(self.limit, len(workers), self.inflight.get(key, 0))
-        if free > 0 and self.thresholds.on:
-            loads = [(self.reports.get(inst.id), batch_size(inst)) for inst in workers]
-            model = key[0]
-            if not fits(
-                loads, self.thresholds, self.model_requests.get(model, 0.0), self.model_blocks.get(model, 0.0)
-            ):
-                return 0
-        return free
+        if free <= 0 or not self.thresholds.on:
+            return _Free(free, _ANY, _ANY)
+        loads = [(self.reports.get(inst.id), batch_size(inst)) for inst in workers]
+        model = key[0]
+        left = room(
+            loads, self.thresholds, self.model_requests.get(model, 0.0), self.model_blocks.get(model, 0.0)
+        )
+        return _Free(free, left.requests, left.blocks)
 
     def _metrics(self, model: str) -> _ModelMetrics:
         """A model's metric children, looked up once."""
@@ -243,23 +278,30 @@ class AdmissionGate:
             m = self._children[model] = _ModelMetrics(self.queued.labels(model), self.waited.labels(model))
         return m
 
-    def _take(self, r: Admitted, key: Key) -> None:
+    def _take(self, r: Admitted, key: Key) -> tuple[int, float]:
         weight = len(r.dispatches)
         blocks = sum(d.blocks for d in r.dispatches)
         self.inflight[key] = self.inflight.get(key, 0) + weight
         self.model_requests[key[0]] = self.model_requests.get(key[0], 0.0) + weight
         self.model_blocks[key[0]] = self.model_blocks.get(key[0], 0.0) + blocks
         r.notes["gate"] = (key, weight, blocks, time.monotonic())
+        return weight, blocks
 
     def _pump(self, key: Key) -> None:
         queue = self.queues.get(key)
-        while queue and self._free(key) > 0:
+        if not queue:
+            return
+        free = self._free(key)
+        m = self._metrics(key[0])
+        while queue and free.any:
             t = queue.pop()
             assert t is not None
             self.waiting -= 1
-            m = self._metrics(key[0])
             m.queued.dec()
-            self._take(t.r, key)
+            if t.fut.done():  # ran out of time or cancelled, not yet taken out by its waiter
+                continue
+            weight, blocks = self._take(t.r, key)
+            free = _Free(free.slots - weight, free.requests - weight, free.blocks - blocks)
             m.waited.observe(time.monotonic() - t.r.arrived)
             t.fut.set_result(True)
 
@@ -289,10 +331,7 @@ class AdmissionGate:
 def request_priority(r: Admitted) -> int:
     """A header's priority (ours, else vLLM's), else the body's, else 0; a header that is not
     an integer is a 400."""
-    for header in (PRIORITY_HEADER, VLLM_PRIORITY_HEADER):
-        raw = r.client.get(header)
-        if raw is None:
-            continue
+    for header, raw in _priority_headers(r.client):
         try:
             value = int(raw)
         except ValueError:
@@ -303,3 +342,17 @@ def request_priority(r: Admitted) -> int:
             raise RequestError(400, f"{header} is out of range: {raw}", param=header)
         return value
     return int(r.priority or 0)
+
+
+def _priority_headers(client: Any) -> list[tuple[str, str]]:
+    """The priority headers a client sent, ours first (each name's first value). Starlette's
+    headers are scanned once as ASGI bytes: its case-insensitive lookup of two names that are
+    almost never there cost more than the rest of admission."""
+    raw = getattr(client, "raw", None)
+    if raw is None:
+        return [(h, v) for h in _PRIORITY_HEADERS if (v := client.get(h)) is not None]
+    found: dict[str, str] = {}
+    for name, value in raw:
+        if name in _RAW_PRIORITY_HEADERS:
+            found.setdefault(name.decode(), value.decode("latin-1"))
+    return [(h, found[h]) for h in _PRIORITY_HEADERS if h in found]

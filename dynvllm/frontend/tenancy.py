@@ -58,6 +58,7 @@ class Tenants:
         self._checked = clock()
         self._tickets = itertools.count()
         self._children: dict[str, _TenantMetrics] = {}
+        self._ended: dict[tuple[str, str], Any] = {}
         #: The exchange with other frontend processes, once started (None: this process alone).
         self.shared: SharedLimits | None = None
         r = metrics.registry
@@ -199,7 +200,10 @@ class Tenants:
         name = r.notes.get("tenant")
         if name is None:
             return  # refused before this hook ran
-        self.requests.labels(name, status).inc()
+        done = self._ended.get((name, status))
+        if done is None:  # labels() costs more than the count; tenants x statuses stay few
+            done = self._ended[(name, status)] = self.requests.labels(name, status)
+        done.inc()
         ticket = r.notes.pop("tenant.ticket", None)
         if ticket is None:
             return

@@ -238,3 +238,33 @@ def test_the_priority_travels_to_the_worker_in_the_generate_request():
     assert protocol.parse_generate(protocol.generate_request("r", [1], {})).priority == 0
     with pytest.raises(BadRequest, match="priority must be an integer"):
         protocol.parse_generate({**wire, "priority": "high"})
+
+
+async def test_a_waiter_cancelled_just_before_its_turn_takes_no_slot():
+    gate, entry = setup(limit=1)
+    first = request(entry)
+    await gate.enter(first)
+    gone = asyncio.create_task(gate.enter(request(entry)))
+    await asyncio.sleep(0.01)
+    gone.cancel()  # its future is cancelled now; the task runs its handler later
+    gate.leave(first, "200")  # the pump meets the cancelled waiter first
+    await asyncio.gather(gone, return_exceptions=True)
+    assert gate.waiting == 0 and gate.inflight[("m", "generate")] == 0
+    await asyncio.wait_for(gate.enter(request(entry)), 1)
+
+
+def test_priority_headers_are_read_from_the_asgi_bytes_ours_first():
+    from starlette.datastructures import Headers
+
+    def sent(*pairs: tuple[str, str]) -> Headers:
+        return Headers(raw=[(k.encode(), v.encode()) for k, v in pairs])
+
+    entry = setup()[1]
+    base = [("host", "x"), ("authorization", "Bearer k")]
+    both = sent(*base, ("x-vllm-priority", "7"), ("x-dynvllm-priority", "-2"), ("x-dynvllm-priority", "9"))
+    assert request_priority(request(entry, priority=3, headers=both)) == -2
+    assert request_priority(request(entry, priority=3, headers=sent(*base, ("x-vllm-priority", "7")))) == 7
+    assert request_priority(request(entry, priority=3, headers=sent(*base))) == 3
+    with pytest.raises(RequestError) as info:
+        request_priority(request(entry, headers=sent(("x-vllm-priority", "soon"))))
+    assert info.value.param == "x-vllm-priority"
