@@ -8,7 +8,8 @@ bottleneck); per round and surface, a closed loop at concurrency C of N requests
 take turns (their order rotates each round). Printed: req/s and the frontend process's CPU ms per
 request (user + system, psutil), medians over rounds, each surface's ratio of medians to chat,
 and the median of its per-round CPU ratios to chat's round ("paired": load from other processes
-drifts between rounds, less within one).
+drifts between rounds, less within one); then the kernel's (system) part of the frontend's CPU
+and this client's own CPU per request (it shares the machine: bigger answers cost it more).
 Run: .venv/bin/python scripts/bench_surfaces.py [--stream] [--unstored] [--api-surfaces LIST]
 [--requests 1500] [--concurrency 32] [--rounds 5]
 """
@@ -61,8 +62,9 @@ def bodies(stream: bool, unstored: bool = False) -> dict[str, tuple[str, dict]]:
 
 async def loop(
     session, url: str, path: str, body: dict, n: int, c: int, frontend
-) -> tuple[float, float, int]:
-    """req/s, frontend CPU ms per request and the failures of one closed loop."""
+) -> tuple[float, float, int, float, float]:
+    """req/s, frontend CPU ms per request, the failures of one closed loop, the kernel's (system)
+    part of that CPU time, and this client's CPU ms per request (it shares the machine)."""
     left, ok, failed = n, 0, 0
 
     async def client() -> None:
@@ -76,11 +78,20 @@ async def loop(
                 else:
                     failed += 1
 
-    cpu0 = cpu_seconds([frontend])
+    me = psutil.Process()
+    cpu0, sys0, mine0 = cpu_seconds([frontend]), frontend.cpu_times().system, cpu_seconds([me])
     t0 = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(c)))
     wall = time.perf_counter() - t0
-    return ok / wall, (cpu_seconds([frontend]) - cpu0) * 1000 / max(1, ok), failed
+    per = 1000 / max(1, ok)
+    sys_ms = (frontend.cpu_times().system - sys0) * per
+    return (
+        ok / wall,
+        (cpu_seconds([frontend]) - cpu0) * per,
+        failed,
+        sys_ms,
+        (cpu_seconds([me]) - mine0) * per,
+    )
 
 
 async def main(args) -> None:
@@ -99,7 +110,7 @@ async def main(args) -> None:
     cmd += ["--namespace", f"surfaces{os.getpid()}", "--http-host", "127.0.0.1", "--http-port", str(port)]
     log = open(tmp / "serve.log", "wb")
     proc = start(cmd, log)
-    results: dict[str, list[tuple[float, float]]] = {}
+    results: dict[str, list[tuple[float, float, float, float]]] = {}
     try:
         connector = aiohttp.TCPConnector(limit=args.concurrency * 2)
         async with aiohttp.ClientSession(
@@ -119,12 +130,16 @@ async def main(args) -> None:
                 order = names[k % len(names) :] + names[: k % len(names)]
                 for name in order:
                     path, body = surfaces[name]
-                    rps, cpu, failed = await loop(
+                    rps, cpu, failed, sys_ms, client = await loop(
                         session, url, path, body, args.requests, args.concurrency, frontend
                     )
                     assert not failed, f"{name}: {failed} requests failed"
-                    results.setdefault(name, []).append((rps, cpu))
-                    print(f"round {k + 1} {name:10s} {rps:8.1f} req/s  {cpu:6.3f} CPU ms/req", flush=True)
+                    results.setdefault(name, []).append((rps, cpu, sys_ms, client))
+                    print(
+                        f"round {k + 1} {name:10s} {rps:8.1f} req/s  {cpu:6.3f} CPU ms/req "
+                        f"(system {sys_ms:.3f}; client {client:.3f})",
+                        flush=True,
+                    )
     finally:
         stop([proc])
         log.close()
@@ -135,17 +150,19 @@ async def main(args) -> None:
     )
     print(
         f"{'surface':10s} {'req/s':>9s} {'(spread)':>15s} {'CPU ms/req':>11s} {'(spread)':>15s} "
-        f"{'rps ratio':>9s} {'CPU ratio':>9s} {'paired':>7s}"
+        f"{'rps ratio':>9s} {'CPU ratio':>9s} {'paired':>7s} {'system ms':>9s} {'client ms':>9s}"
     )
     base = {k: statistics.median(x[k] for x in results["chat"]) for k in (0, 1)}
     for name, rows in results.items():
         rps = [r[0] for r in rows]
         cpu = [r[1] for r in rows]
         mr, mc = statistics.median(rps), statistics.median(cpu)
+        ms, mcl = statistics.median(r[2] for r in rows), statistics.median(r[3] for r in rows)
         paired = statistics.median(r[1] / c[1] for r, c in zip(rows, results["chat"], strict=True))
         print(
             f"{name:10s} {mr:9.1f} {f'{min(rps):.0f}-{max(rps):.0f}':>15s} {mc:11.3f} "
-            f"{f'{min(cpu):.3f}-{max(cpu):.3f}':>15s} {mr / base[0]:9.2f} {mc / base[1]:9.2f} {paired:7.2f}"
+            f"{f'{min(cpu):.3f}-{max(cpu):.3f}':>15s} {mr / base[0]:9.2f} {mc / base[1]:9.2f} {paired:7.2f} "
+            f"{ms:9.3f} {mcl:9.3f}"
         )
 
 

@@ -93,3 +93,88 @@ async def test_stored_bodies_and_background_runs_in_the_store():
     store.put("a", done)  # evicts "b": nobody can read it any more, so its run stops
     await asyncio.sleep(0)
     assert running.task.cancelled() and store.get("b") is None
+
+
+#: A stream of plain text, the common case: the message opens and closes straight to bytes.
+PLAIN = [("he", "", (), None), ("llo", "", (), None), (' "q" \\ 100% é\n', "", (), None)]
+
+
+def _events(monkeypatch, steps, fast: bool) -> tuple[list[bytes], list]:
+    counter = itertools.count()
+    monkeypatch.setattr(ro, "item_id", lambda prefix: f"{prefix}_{next(counter)}")
+    out = ro.Output()
+    if fast:
+        wrote = [w for step in steps for w in out.step_sse(*step)] + out.finish_sse()
+    else:
+        wrote = [ro.sse(e) for step in steps for e in out.step(*step)] + [ro.sse(e) for e in out.finish()]
+    return wrote, out.items
+
+
+def test_a_message_opens_and_closes_as_its_encoded_event_dicts(monkeypatch):
+    # Plain text; reasoning first; a message with logprobs (closed the dict way); a tool call last.
+    for steps in (PLAIN, STEPS[:3], STEPS[:5], STEPS, PLAIN[:1] + STEPS[6:7]):
+        fast, items = _events(monkeypatch, steps, fast=True)
+        assert (fast, items) == _events(monkeypatch, steps, fast=False)
+    wrote = b"".join(_events(monkeypatch, PLAIN, fast=True)[0])
+    events = [json.loads(e.split(b"\ndata: ", 1)[1]) for e in wrote.split(b"\n\n") if e]
+    assert [e["type"].split(".", 1)[1] for e in events] == [
+        "output_item.added",
+        "content_part.added",
+        *["output_text.delta"] * 3,
+        "output_text.done",
+        "content_part.done",
+        "output_item.done",
+    ]
+    assert events[-1]["item"]["content"][0]["text"] == "hello" + PLAIN[2][0]
+
+
+def test_a_whole_answers_text_makes_the_items_step_makes(monkeypatch):
+    a, b = ro.Output(events=False), ro.Output(events=False)
+    for out, add in ((a, a.add_text), (b, b.step)):
+        counter = itertools.count()
+        monkeypatch.setattr(ro, "item_id", lambda prefix, c=counter: f"{prefix}_{next(c)}")
+        out.step("", "think")
+        add("he")
+        add("llo")
+        out.step("", "", [("call_1", "f", "{}")])
+        add("after")
+        out.finish()
+    assert a.items == b.items and len(a.items) == 4
+
+
+def test_a_response_body_encoded_from_its_template_is_the_encoded_body():
+    from types import SimpleNamespace
+
+    from dynvllm.frontend.postprocess import Usage
+    from dynvllm.frontend.request_path import Part
+    from dynvllm_plugins.surfaces import responses
+    from dynvllm_plugins.surfaces.responses_schema import parse, to_chat
+
+    entry = SimpleNamespace(tokenizer=None, sampling_defaults={"top_p": 0.5})
+    for body in (
+        {"model": "m", "input": "hi"},
+        {
+            "model": "m %d %s",
+            "input": "hi",
+            "instructions": 'be 100% brief: é \\ "',
+            "metadata": {"k": "%(x)s"},
+            "max_output_tokens": 7,
+            "temperature": 0.2,
+            "text": {"format": {"type": "json_object"}},
+            "reasoning": {"effort": "low"},
+            "tools": [{"type": "function", "name": "f", "parameters": {}}],
+            "tool_choice": "required",
+            "stream": True,
+        },
+    ):
+        req = parse(json.dumps(body).encode())
+        run = responses._Run(req, to_chat(req), entry, "resp_1", 1700000000)
+        run.r = SimpleNamespace(parts=[Part([1, 2], None, SimpleNamespace(usage=Usage(2, 3, 1)))])
+        run.out.step("x%sy")
+        run.out.finish()
+        for finish in (None, "length"):
+            run.finish = finish
+            for state in ("queued", "in_progress", "done", "cancelled"):
+                assert run.encoded(state) == msgspec.json.encode(run.body(state)), (state, finish)
+        run.error = {"code": "x", "message": "%s failed"}
+        assert run.encoded("failed") == msgspec.json.encode(run.body("failed"))

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from dynvllm.frontend import bodies
@@ -25,7 +25,7 @@ from dynvllm.frontend.request_path import Admitted
 from dynvllm.frontend.surface import Surface
 from dynvllm_plugins.roles.embed import CLASSIFY, EMBED
 from dynvllm_plugins.surfaces import pooling_schema as ps
-from dynvllm_plugins.surfaces.embeddings import encode
+from dynvllm_plugins.surfaces.embeddings import answer, encode
 
 #: The pooling task of the embed role's engines (vLLM's `--convert embed`).
 TASK = "embed"
@@ -146,7 +146,7 @@ class PoolingSurface(Surface):
             ],
             "usage": ps.usage(self._tokens(answers)),
         }
-        return JSONResponse(body, headers=r.headers())
+        return answer(body, r.headers())
 
     # ---- /score, /rerank -------------------------------------------------------------------
     async def score(self, request: Request) -> Response:
@@ -177,7 +177,7 @@ class PoolingSurface(Surface):
             body = ps.rerank_body(rid, r.model, right, scores, req.top_n, tokens)
         else:
             body = ps.score_body(rid, r.model, scores, tokens)
-        return JSONResponse(body, headers=r.headers())
+        return answer(body, r.headers())
 
     # ---- /classify -------------------------------------------------------------------------
     async def classify(self, request: Request) -> Response:
@@ -207,4 +207,4 @@ class PoolingSurface(Surface):
         rid = ps.response_id("classify", req.request_id, request.headers.get("x-request-id"))
         labels = entry.card.get("labels") or {}
         body = ps.classify_body(rid, r.model, [a["data"] for a in answers], labels, self._tokens(answers))
-        return JSONResponse(body, headers=r.headers())
+        return answer(body, r.headers())

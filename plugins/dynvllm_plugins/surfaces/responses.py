@@ -89,23 +89,32 @@ class _Run:
         self.finish: str | None = None
         self.r: Admitted | None = None
         self.error: dict[str, Any] | None = None
+        self._pieces: tuple[bytes, bytes, bytes, bytes] | None = None
 
-    def _take(self, shaper: Any, index: int, part: Any, d: Any) -> tuple[str, str, Any, Any]:
+    def _take(self, shaper: Any, out: Any, d: Any) -> tuple[str, str, Any, Any]:
         """One delta's content, reasoning, tool calls and logprob entries."""
-        if d.finish_reason:
-            self.finish = d.finish_reason
-        out = shaper.advance(index, part, d)
         lps = d.logprobs if shaper.want_logprobs else None
         entries = (chat_logprobs(lps) or {}).get("content") if lps else None
         calls = [(c.id, c.name, c.arguments) for c in out.tool_calls] if out.tool_calls else ()
         return out.content, out.reasoning, calls, entries
 
     def feed(self, shaper: Any, index: int, part: Any, d: Any) -> None:
-        self.out.step(*self._take(shaper, index, part, d))
+        if d.finish_reason:
+            self.finish = d.finish_reason
+        out = shaper.advance(index, part, d)
+        if out.reasoning or out.tool_calls or (d.logprobs and shaper.want_logprobs):
+            self.out.step(*self._take(shaper, out, d))
+        elif out.content:  # the common case: text alone
+            self.out.add_text(out.content)
 
     def events(self, shaper: Any, index: int, part: Any, d: Any) -> list[bytes]:
         """One delta's events, written for the stream."""
-        return self.out.step_sse(*self._take(shaper, index, part, d))
+        if d.finish_reason:
+            self.finish = d.finish_reason
+        out = shaper.advance(index, part, d)
+        if out.reasoning or out.tool_calls or (d.logprobs and shaper.want_logprobs):
+            return self.out.step_sse(*self._take(shaper, out, d))
+        return self.out.step_sse(out.content) if out.content else []
 
     def usage(self) -> dict[str, Any] | None:
         if self.r is None:
@@ -115,46 +124,91 @@ class _Run:
         tok, reasoning = self.tokenizer, self.out.reasoning
         return ro.usage(post.usage, len(tok.encode(reasoning, False)) if reasoning and tok else 0)
 
+    def _state(self, state: str) -> tuple[str, Any, Any, Any]:
+        """A state's status, incomplete_details, output and usage."""
+        incomplete = None
+        if state == "done":
+            state, incomplete = ro.status(self.finish)
+        if state in ("queued", "in_progress"):
+            return state, incomplete, [], None
+        return state, incomplete, self.out.items, self.usage()
+
+    def _fixed(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """The body's fields that only the request decides, in the body's order: those between
+        incomplete_details and output, between output and usage, and after usage."""
+        req = self.req
+        fmt = (req.text or {}).get("format") or {"type": "text"}
+        return (
+            {
+                "instructions": req.instructions,
+                "max_output_tokens": req.max_output_tokens,
+                "max_tool_calls": None,
+                "model": req.model,
+            },
+            {
+                "parallel_tool_calls": req.parallel_tool_calls is not False,
+                "previous_response_id": req.previous_response_id,
+                "reasoning": {"effort": self.chat.reasoning_effort, "summary": None},
+                "service_tier": "default",
+                "store": req.store,
+                "temperature": 1.0 if self.temperature is None else self.temperature,
+                "text": {"format": fmt, "verbosity": "medium"},
+                "tool_choice": req.tool_choice or "auto",
+                "tools": req.tools or [],
+                "top_logprobs": req.top_logprobs or 0,
+                "top_p": 1.0 if self.top_p is None else self.top_p,
+                "truncation": "disabled",
+            },
+            {"user": req.user, "metadata": req.metadata or {}, "background": bool(req.background)},
+        )
+
     def body(self, state: str) -> dict[str, Any]:
         """The response body in a state: queued, in_progress, done (completed or incomplete),
         failed or cancelled."""
-        req = self.req
-        incomplete = None
-        usage = None
-        if state == "done":
-            state, incomplete = ro.status(self.finish)
-        if state not in ("queued", "in_progress"):
-            usage = self.usage()
-        fmt = (req.text or {}).get("format") or {"type": "text"}
+        status, incomplete, output, usage = self._state(state)
+        head, middle, tail = self._fixed()
         return {
             "id": self.id,
             "object": "response",
             "created_at": self.created,
-            "status": state,
+            "status": status,
             "error": self.error,
             "incomplete_details": incomplete,
-            "instructions": req.instructions,
-            "max_output_tokens": req.max_output_tokens,
-            "max_tool_calls": None,
-            "model": req.model,
-            "output": self.out.items if state not in ("queued", "in_progress") else [],
-            "parallel_tool_calls": req.parallel_tool_calls is not False,
-            "previous_response_id": req.previous_response_id,
-            "reasoning": {"effort": self.chat.reasoning_effort, "summary": None},
-            "service_tier": "default",
-            "store": req.store,
-            "temperature": 1.0 if self.temperature is None else self.temperature,
-            "text": {"format": fmt, "verbosity": "medium"},
-            "tool_choice": req.tool_choice or "auto",
-            "tools": req.tools or [],
-            "top_logprobs": req.top_logprobs or 0,
-            "top_p": 1.0 if self.top_p is None else self.top_p,
-            "truncation": "disabled",
+            **head,
+            "output": output,
+            **middle,
             "usage": usage,
-            "user": req.user,
-            "metadata": req.metadata or {},
-            "background": bool(req.background),
+            **tail,
         }
+
+    def encoded(self, state: str) -> bytes:
+        """`_json(self.body(state))`, with the fields only the request decides encoded once per
+        response (a stream sends its body twice; those are most of it)."""
+        if self._pieces is None:
+            head, middle, tail = (_json(part) for part in self._fixed())
+            self._pieces = (
+                b'{"id":%s,"object":"response","created_at":%d,"status":' % (_json(self.id), self.created),
+                b"," + head[1:-1] + b',"output":',
+                b"," + middle[1:-1] + b',"usage":',
+                b"," + tail[1:],
+            )
+        status, incomplete, output, usage = self._state(state)
+        start, after_status, after_output, after_usage = self._pieces
+        return b"".join(
+            (
+                start,
+                _json(status),
+                b',"error":',
+                _json(self.error),
+                b',"incomplete_details":',
+                _json(incomplete),
+                after_status,
+                _json(output),
+                after_output,
+                _json(usage),
+                after_usage,
+            )
+        )
 
     def conversation(self) -> Callable[[], list[dict[str, Any]]]:
         """What makes the next turn's history when asked: this turn's input and output
@@ -294,7 +348,7 @@ class ResponsesSurface(Surface):
         if failed is not None:
             return self.error_response(failed)
         run.out.finish()
-        body = _json(run.body("done"))
+        body = run.encoded("done")
         if req.store:
             self.store.put(run.id, Stored(body, run.conversation()))
         return Response(body, media_type="application/json", headers=r.headers())
@@ -306,7 +360,7 @@ class ResponsesSurface(Surface):
         assert r is not None
         self.path.begin(r)
         status = "200"
-        opening = _json(run.body("in_progress"))
+        opening = run.encoded("in_progress")
         buf = [
             _body_event(out, "response.created", opening),
             _body_event(out, "response.in_progress", opening),
@@ -319,12 +373,12 @@ class ResponsesSurface(Surface):
                     sent = True
                     yield b"".join(buf)
                     buf.clear()
-            buf += [ro.sse(e) for e in out.finish()]
-            body = run.body("done")
-            encoded = _json(body)
+            buf += out.finish_sse()
+            encoded = run.encoded("done")
             if run.req.store:
                 self.store.put(run.id, Stored(encoded, run.conversation()))
-            kind = "response.incomplete" if body["status"] == "incomplete" else "response.completed"
+            incomplete = ro.status(run.finish)[0] == "incomplete"
+            kind = "response.incomplete" if incomplete else "response.completed"
             buf.append(_body_event(out, kind, encoded))
         except RemoteError as exc:
             err = from_remote(exc)
@@ -399,14 +453,18 @@ class ResponsesSurface(Surface):
             if failed is not None:
                 self._failed(run, stored, failed)
                 return
-            events = run.out.finish()
+            events: list[bytes] = []
+            if log is None:
+                run.out.finish()
+            else:
+                events = run.out.finish_sse()
             stored.body = run.body("done")
             if log is not None:
                 kind = (
                     "response.incomplete" if stored.body["status"] == "incomplete" else "response.completed"
                 )
-                events.append(run.out.event(kind, response=stored.body))
-                log.add([ro.sse(e) for e in events], end=True)
+                events.append(ro.sse(run.out.event(kind, response=stored.body)))
+                log.add(events, end=True)
         except asyncio.CancelledError:
             stored.body = run.body("cancelled")
             if log is not None:

@@ -23,6 +23,32 @@ _TEXT_DELTA = (
     b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":%d,'
     b'"output_index":%d,"item_id":"%s","content_index":0,"delta":%s,"logprobs":[]}\n\n'
 )
+#: A message's opening and closing events without logprobs, as `sse` writes the dicts `_open`
+#: and `close` would make (once per message in a stream; the text is encoded once for all three).
+_ITEM_ADDED = (
+    b'event: response.output_item.added\ndata: {"type":"response.output_item.added","sequence_number":%d,'
+    b'"output_index":%d,"item":{"id":"%s","type":"message","role":"assistant","status":"in_progress",'
+    b'"content":[]}}\n\n'
+)
+_PART_ADDED = (
+    b'event: response.content_part.added\ndata: {"type":"response.content_part.added","sequence_number":%d,'
+    b'"output_index":%d,"item_id":"%s","content_index":0,"part":{"type":"output_text","text":"",'
+    b'"annotations":[],"logprobs":[]}}\n\n'
+)
+_PART = b'{"type":"output_text","text":%s,"annotations":[],"logprobs":[]}'
+_TEXT_DONE = (
+    b'event: response.output_text.done\ndata: {"type":"response.output_text.done","sequence_number":%d,'
+    b'"output_index":%d,"item_id":"%s","content_index":0,"text":%s,"logprobs":[]}\n\n'
+)
+_PART_DONE = (
+    b'event: response.content_part.done\ndata: {"type":"response.content_part.done","sequence_number":%d,'
+    b'"output_index":%d,"item_id":"%s","content_index":0,"part":%s}\n\n'
+)
+_ITEM_DONE = (
+    b'event: response.output_item.done\ndata: {"type":"response.output_item.done","sequence_number":%d,'
+    b'"output_index":%d,"item":{"id":"%s","type":"message","role":"assistant","status":"completed",'
+    b'"content":[%s]}}\n\n'
+)
 
 
 def sse(event: dict[str, Any]) -> bytes:
@@ -115,6 +141,13 @@ class Output:
                 where = {"output_index": self.index, "item_id": self.id, "content_index": 0}
                 events.append(self.event("response.reasoning_text.delta", **where, delta=text))
         return events
+
+    def add_text(self, text: str) -> None:
+        """`step(text)` for a whole answer's message text (no logprobs), events dropped."""
+        if self.kind == "message" and not self.events and not self.pending_logprobs:
+            self.text += text
+        else:
+            self._text("message", text)
 
     def close(self) -> list[dict[str, Any]]:
         """Done events for the open text item, if any."""
@@ -210,15 +243,41 @@ class Output:
     ) -> list[bytes]:
         """`step`'s events as `sse` writes them. Text for the open message and nothing else (the
         stream's hot path: one per token) is written straight to bytes, without its dict."""
-        if (
-            content
-            and self.kind == "message"
-            and not (reasoning or calls or logprobs or self.pending_logprobs)
-        ):
-            self.text += content
-            seq, self.seq = self.seq, self.seq + 1
-            return [_TEXT_DELTA % (seq, len(self.items), self.id.encode(), _json(content))]
+        if content and not (reasoning or calls or logprobs or self.pending_logprobs):
+            if self.kind == "message":
+                self.text += content
+                seq, self.seq = self.seq, self.seq + 1
+                return [_TEXT_DELTA % (seq, len(self.items), self.id.encode(), _json(content))]
+            if self.kind is None and self.events:  # a message opens with this text
+                self.kind, self.text, self.id = "message", content, item_id("msg")
+                seq, self.seq = self.seq, self.seq + 3
+                where = (len(self.items), self.id.encode())
+                return [
+                    _ITEM_ADDED % (seq, *where),
+                    _PART_ADDED % (seq + 1, *where),
+                    _TEXT_DELTA % (seq + 2, *where, _json(content)),
+                ]
         return [sse(e) for e in self.step(content, reasoning, calls, logprobs)]
+
+    def finish_sse(self) -> list[bytes]:
+        """`finish`'s events as `sse` writes them; a message without logprobs (the common end of
+        a stream) is closed straight to bytes."""
+        if self.kind == "message" and self.events and not (self.logprobs or self.pending_logprobs):
+            text = _json(self.text)
+            part = _PART % text
+            seq, self.seq = self.seq, self.seq + 3
+            where = (len(self.items), self.id.encode())
+            done = [
+                _TEXT_DONE % (seq, *where, text),
+                _PART_DONE % (seq + 1, *where, part),
+                _ITEM_DONE % (seq + 2, *where, part),
+            ]
+            part_dict = _output_text(self.text)
+            item = {"id": self.id, "type": "message", "role": "assistant"}
+            self.items.append(item | {"status": "completed", "content": [part_dict]})
+            self.kind = None
+            return done
+        return [sse(e) for e in self.finish()]
 
     def finish(self) -> list[dict[str, Any]]:
         """Close the open item; an answer with no output at all still has its (empty) message."""

@@ -43,6 +43,7 @@ PASSED_TO_CHAT = (
     "vllm_xargs",
     "kv_transfer_params",
 )
+_PASSED = frozenset(PASSED_TO_CHAT)
 
 
 class ResponsesRequest(BaseModel):
@@ -313,33 +314,48 @@ def to_chat(req: ResponsesRequest, history: list[dict[str, Any]] | None = None) 
     """The chat request a Responses request means (pure). `history` is the conversation so far
     (the previous response's input and output messages); instructions do not carry over."""
     messages = [{"role": "system", "content": req.instructions}] if req.instructions else []
-    messages += [*(history or []), *to_messages(req.input)]
+    if history:
+        messages += history
+    messages += to_messages(req.input)
     if not messages:
         raise RequestError(400, "input must not be empty", param="input")
-    data: dict[str, Any] = {
-        "model": req.model,
-        "messages": messages,
-        "max_tokens": req.max_output_tokens,
-        "temperature": req.temperature,
-        "top_p": req.top_p,
-        "stream": req.stream,
-        "parallel_tool_calls": req.parallel_tool_calls,
-        "response_format": _response_format(req.text),
-        "reasoning_effort": (req.reasoning or {}).get("effort"),
-    }
-    if req.wants_logprobs():
+    # Only the fields a request sets go in (chat's defaults stand for the rest): chat's model
+    # then validates the fewest keys, once per request.
+    data: dict[str, Any] = {"model": req.model, "messages": messages}
+    if req.max_output_tokens is not None:
+        data["max_tokens"] = req.max_output_tokens
+    if req.temperature is not None:
+        data["temperature"] = req.temperature
+    if req.top_p is not None:
+        data["top_p"] = req.top_p
+    if req.stream:
+        data["stream"] = True
+    if req.parallel_tool_calls is not None:
+        data["parallel_tool_calls"] = req.parallel_tool_calls
+    if req.text:
+        response_format = _response_format(req.text)
+        if response_format is not None:
+            data["response_format"] = response_format
+    if req.reasoning and req.reasoning.get("effort") is not None:
+        data["reasoning_effort"] = req.reasoning["effort"]
+    if req.include and req.wants_logprobs():
         data["logprobs"], data["top_logprobs"] = True, req.top_logprobs or 0
     if _continues(req.input):
         data["continue_final_message"], data["add_generation_prompt"] = True, False
     if req.tools:
         data["tools"] = _tools(req.tools)
-        data["tool_choice"] = _tool_choice(req.tool_choice)
+        choice = _tool_choice(req.tool_choice)
+        if choice is not None:
+            data["tool_choice"] = choice
     elif req.tool_choice not in (None, "none", "auto"):
         raise RequestError(400, "tool_choice needs tools", param="tool_choice")
-    for name in PASSED_TO_CHAT:
-        if name in req.model_fields_set:  # (the others are None)
-            data[name] = getattr(req, name)
-    return oa.validate(oa.ChatRequest, {k: v for k, v in data.items() if v is not None})
+    passed = _PASSED.intersection(req.model_fields_set)
+    for name in PASSED_TO_CHAT if passed else ():  # (the others are None)
+        if name in passed:
+            value = getattr(req, name)
+            if value is not None:
+                data[name] = value
+    return oa.validate(oa.ChatRequest, data)
 
 
 def output_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
