@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from itertools import chain, filterfalse, islice
 
-from dynvllm.router.masks import count_held, members, set_bit
+from dynvllm.router.masks import clear_bit, count_held, members, set_bit
 from dynvllm.router.tiers import CPU, DISK, GPU, TierBlocks
 
 Worker = tuple[str, int]  # (instance id, data-parallel rank)
@@ -183,16 +183,7 @@ class KvIndex:
                         child.deeper(wid, -back_n)
 
     def _remove(self, wid: int, keys: Iterable[int]) -> None:
-        holders, bit = self.holders, 1 << wid
-        gone = []
-        for key in keys:
-            have = holders.get(key)
-            if have is not None and have & bit:
-                if have == bit:
-                    del holders[key]
-                else:
-                    holders[key] = have ^ bit
-                gone.append(key)
+        gone = clear_bit(self.holders, 1 << wid, keys)
         if not gone:
             return
         pred = self._pred.get(wid)
@@ -208,15 +199,8 @@ class KvIndex:
     def _forget(self, wid: int) -> None:
         """All the worker's GPU blocks, known from events or predicted."""
         log, pred = self._logs.pop(wid, None), self._pred.pop(wid, None)
-        holders, bit = self.holders, 1 << wid
         for keys in chain(log.lists if log is not None else (), (pred or (),)):
-            for key in keys:
-                have = holders.get(key)
-                if have is not None and have & bit:
-                    if have == bit:
-                        del holders[key]
-                    else:
-                        holders[key] = have ^ bit
+            clear_bit(self.holders, 1 << wid, keys)
 
     def drop_worker(self, worker: Worker) -> None:
         wid = self._ids.get(worker)

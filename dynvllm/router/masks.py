@@ -35,6 +35,20 @@ def set_bit(holders: dict[int, int], bit: int, keys: Iterable[int]) -> None:
         holders.update(zip(compress(keys, old), map(bit.__or__, compress(haves, old)), strict=True))
 
 
+def clear_bit(holders: dict[int, int], bit: int, keys: Iterable[int]) -> list[int]:
+    """Take `bit` out of the masks of `keys` (a key left with no holder goes); the keys that had it."""
+    gone = []
+    for key in keys:
+        have = holders.get(key)
+        if have is not None and have & bit:
+            if have == bit:
+                del holders[key]
+            else:
+                holders[key] = have ^ bit
+            gone.append(key)
+    return gone
+
+
 def count_held(holders: dict[int, int], bit: int, wid: int, keys: Iterable[int]) -> int:
     """How many of `keys` (distinct) have `bit` in their mask (C-level: the bits summed)."""
     return sum(map(bit.__and__, map(holders.get, keys, repeat(0)))) >> wid
