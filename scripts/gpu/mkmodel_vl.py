@@ -55,7 +55,11 @@ def build(out: Path) -> None:
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
             "max_position_embeddings": 4096,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]},
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1000000.0,
+                "mrope_section": [8, 12, 12],
+            },
             "tie_word_embeddings": False,
             "eos_token_id": eos,
             "bos_token_id": bos,

@@ -22,7 +22,11 @@ from PIL import Image
 def image(i: int, size: int) -> str:
     img = Image.new("RGB", (size, size))
     img.putdata(
-        [((x * (37 + i)) % 256, (y * (91 + 7 * i)) % 256, ((x + y) * (13 + i)) % 256) for y in range(size) for x in range(size)]
+        [
+            ((x * (37 + i)) % 256, (y * (91 + 7 * i)) % 256, ((x + y) * (13 + i)) % 256)
+            for y in range(size)
+            for x in range(size)
+        ]
     )
     buf = io.BytesIO()
     img.save(buf, "PNG")
