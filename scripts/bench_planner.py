@@ -20,7 +20,10 @@ tokens. Worker-seconds count worker processes from their start to their exit (st
 draining ones included), polled from the supervisor's control endpoint. Both are printed for
 the whole trace and per phase, with the burst's TTFT and the attainment outside the burst (a
 burst after an idle period at zero workers pays a cold start that no policy can hide). Run:
-  .venv/bin/python scripts/bench_planner.py [--scale 5] [--start 0,60,120] [--min-workers 1]
+  .venv/bin/python scripts/bench_planner.py [--scale 5] [--start 0,60,120] [--min-workers 0,1]
+      [--rounds 3]
+With --rounds N every run is repeated N times, interleaved (static, planner runs, static, ...),
+and each round's table compares its planner runs with that round's static run.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import signal
@@ -258,8 +262,10 @@ def summarize(name: str, results: list, samples: list, wall: float, arrivals: li
     }
 
 
-async def run_one(model: str, name: str, start_s: float | None, profile: Path, arrivals, args, log) -> dict:
-    ns = f"bp{os.getpid()}{name.replace('/', '')}"
+async def run_one(
+    model: str, name: str, start_s: float | None, min_workers: int, profile: Path, arrivals, args, log
+) -> dict:
+    ns = f"bp{os.getpid()}{name.replace('/', '').replace(' ', '')}"
     port = args.port
     url = f"http://127.0.0.1:{port}"
     sim = [*SIM, "--sim-start-s", str((start_s or 0) / args.scale)]
@@ -288,15 +294,20 @@ async def run_one(model: str, name: str, start_s: float | None, profile: Path, a
                     "--idle-after", str(args.idle_after / s),
                     "--scale-down-after", "3", "--predictor", args.predictor, "--predictor-window", "1000",
                     "--planner-lookahead", str((start_s + args.process_start) / s),
-                    "--min-workers", str(args.min_workers), "--max-workers", str(args.max_workers),
+                    "--min-workers", str(min_workers), "--max-workers", str(args.max_workers),
+                    "--planner-noise-band", str(args.noise_band),
+                    "--scale-down-threshold", str(args.scale_down_threshold),
                     "--planner-react-interval", str(args.react_interval / s),
                     "--planner-metrics-port", "-1",
                 ],
                 log,
             )  # fmt: skip
             await asyncio.sleep(2)
+        load_before = os.getloadavg()
         results, samples, wall = await replay(url, arrivals, args.scale, ns)
-        return summarize(name, results, samples, wall, arrivals, args)
+        row = summarize(name, results, samples, wall, arrivals, args)
+        row["load_avg_1m_before_after"] = [round(load_before[0], 1), round(os.getloadavg()[0], 1)]
+        return row
     finally:
         if planner is not None:
             stop(planner)
@@ -333,7 +344,16 @@ def main() -> None:
     ap.add_argument("--start", default="0,60,120", help="engine start-up times, trace seconds")
     ap.add_argument("--max-workers", type=int, default=4)
     ap.add_argument("--max-inflight", type=int, default=8, help="--max-inflight-per-worker of serve (0: off)")
-    ap.add_argument("--min-workers", type=int, default=0, help="the planner's; 0 scales to zero when idle")
+    ap.add_argument(
+        "--min-workers",
+        default="0",
+        help="the planner's, comma-separated: one planner run each (0 scales to zero when idle)",
+    )
+    ap.add_argument("--noise-band", type=float, default=1.0, help="the planner's --planner-noise-band")
+    ap.add_argument("--scale-down-threshold", type=float, default=0.7, help="the planner's")
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="repeat every run this many times, interleaved (ABAB)"
+    )
     ap.add_argument("--idle-after", type=float, default=60.0, help="the planner's, trace seconds")
     ap.add_argument(
         "--react-interval",
@@ -363,27 +383,55 @@ def main() -> None:
     if trace["scale"] != args.scale or trace["phases"] != [list(p) for p in PHASES]:
         sys.exit(f"{args.trace} was recorded for another --scale or other phases: choose another --trace")
     arrivals = trace["arrivals"]
-    rows = []
     with open("/tmp/bench_planner.log", "ab") as log:
         t0 = time.monotonic()
         profile_once(model, args.profile, log)
         print(f"profile: {time.monotonic() - t0:.0f} s, {args.profile}", flush=True)
-        runs: list[tuple[str, float | None]] = [] if args.no_static else [("static", None)]
-        runs += [(f"planner/{s}", float(s)) for s in args.start.split(",") if s]
-        for name, start_s in runs:
-            row = asyncio.run(run_one(model, name, start_s, args.profile, arrivals, args, log))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        for k in range(args.rounds):
+            runs: list[tuple[str, float | None, int]] = [] if args.no_static else [("static", None, 0)]
+            runs += [
+                (f"planner/{s} min {m}", float(s), int(m))
+                for s in args.start.split(",")
+                if s
+                for m in args.min_workers.split(",")
+                if m
+            ]
+            rows = []
+            for name, start_s, min_workers in runs:
+                row = asyncio.run(
+                    run_one(model, name, start_s, min_workers, args.profile, arrivals, args, log)
+                )
+                row["round"] = k + 1
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            table(rows, arrivals, args, k + 1)
+
+
+def fluid_bound(capacity: float, floor: int) -> float:
+    """Trace worker-seconds of a clairvoyant planner with no start-up: ceil(rate / capacity)
+    workers at every instant of PHASES' rate, at least `floor` (idle phases included)."""
+    total = 0.0
+    for _, length, a, b in PHASES:
+        steps = 2000
+        for i in range(steps):
+            rate = a + (b - a) * (i + 0.5) / steps
+            need = math.ceil(rate / capacity - 1e-9) if rate > 0 else 0
+            total += max(floor, need) * length / steps
+    return total
+
+
+def table(rows: list[dict], arrivals: list, args, round_no: int) -> None:
     base = rows[0] if rows and rows[0]["run"] == "static" else None
     print(
-        f"\n{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cpus; trace {len(arrivals)} requests over "
-        f"{sum(p[1] for p in PHASES)} s (x{args.scale:g} faster); targets TTFT {args.ttft_target} s, "
-        f"mean ITL {args.itl_target} s; max {args.max_workers} workers, planner's min {args.min_workers}; "
-        f"predictor {args.predictor}"
+        f"\nround {round_no}, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cpus; trace "
+        f"{len(arrivals)} requests over {sum(p[1] for p in PHASES)} s (x{args.scale:g} faster); targets "
+        f"TTFT {args.ttft_target} s, mean ITL {args.itl_target} s; max {args.max_workers} workers; "
+        f"predictor {args.predictor}; noise band {args.noise_band:g}; scale-down threshold "
+        f"{args.scale_down_threshold:g}"
     )
     print(
-        "run            attainment  failed  worker-s  goodput/worker-s  vs static: attain  ws  goodput"
-        "   outside burst: attain vs static"
+        "run                 attainment  failed  worker-s  goodput/worker-s  vs static: attain  ws  goodput"
+        "   outside burst: attain vs static   load 1m"
     )
     for r in rows:
         rel = (
@@ -395,15 +443,23 @@ def main() -> None:
             else ""
         )
         print(
-            f"{r['run']:<14} {r['attainment']:9.2%}  {r['failed']:6d}  {r['worker_s']:8.0f}  "
-            f"{r['goodput_per_worker_s']:16.3f}  {rel}"
+            f"{r['run']:<19} {r['attainment']:9.2%}  {r['failed']:6d}  {r['worker_s']:8.0f}  "
+            f"{r['goodput_per_worker_s']:16.3f}  {rel}   {r['load_avg_1m_before_after']}"
         )
+    if base:
+        from dynvllm.planner.profile import load as load_profile
+
+        cap = load_profile(args.profile).capacity("agg", ISL, OSL, args.ttft_target, args.itl_target)
+        mins = [int(m) for m in args.min_workers.split(",") if m]
+        bounds = ", ".join(f"min {m}: {fluid_bound(cap, m) / base['worker_s']:.3f}" for m in mins)
+        print(f"fluid lower bound (ceil(rate / {cap:.2f}) workers at every instant, no start-up): {bounds}")
     print("\nper phase (trace s): requests within the SLA / requests; worker-seconds")
     names = [p[0] for p in PHASES]
-    print(f"{'run':<14} " + "  ".join(f"{n:>15}" for n in names))
+    print(f"{'run':<19} " + "  ".join(f"{n:>15}" for n in names))
     for r in rows:
         cells = [f"{r['by_phase'].get(n, '-')}; {r['worker_s_by_phase'].get(n, 0)}" for n in names]
-        print(f"{r['run']:<14} " + "  ".join(f"{c:>15}" for c in cells))
+        print(f"{r['run']:<19} " + "  ".join(f"{c:>15}" for c in cells))
+    print(flush=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import httpx
 from dynvllm import registry
 from dynvllm.planner import observe as obs_mod
 from dynvllm.planner.connector import ConnectorError
-from dynvllm.planner.decide import Decision, Policy, RoleState, WorkerView, decide
+from dynvllm.planner.decide import Decision, Policy, RoleState, WorkerView, decide, rate_noise
 from dynvllm.planner.predictors import MovingAverage
 from dynvllm.planner.profile import Profile
 from dynvllm.settings import Settings
@@ -232,13 +232,14 @@ class Planner:
         if react:
             if not backlog or not self.leader(watcher, me):
                 return []
-            recent = (
-                obs_mod.observe(since[0], now_samples, since[1], model) if since and since[1] > 0 else obs
-            )
-            predicted = max(self._predicted(), obs.arrival_rate, recent.arrival_rate)
+            # (rate, seconds it was measured over): the noise of the highest is that of its window.
+            rates = [(self._predicted(), ps.planner_interval), (obs.arrival_rate, seconds)]
+            if since and since[1] > 0:
+                rates.append((obs_mod.observe(since[0], now_samples, since[1], model).arrival_rate, since[1]))
+            predicted, window = max(rates)
         else:
             self.predictor.observe(obs.arrival_rate)
-            predicted = self._predicted()
+            predicted, window = self._predicted(), ps.planner_interval
             if obs.requests:
                 self._isl.observe(obs.isl)
                 self._osl.observe(obs.osl)
@@ -246,6 +247,8 @@ class Planner:
                 self._prefill_share.observe(min(1.0, obs.prefill_requests / obs.requests))
             self._record(obs, predicted)
         span = max(ps.planner_interval if react else seconds, 1e-6)
+        noise = rate_noise(predicted, window, ps.planner_noise_band)
+        ahead = None if react else self._ahead()
         active = self.leader(watcher, me)
         self.metrics.active.set(1 if active else 0)
         decisions = []
@@ -270,7 +273,21 @@ class Planner:
             views = [WorkerView(i.id, sum(self.load.get(i.id, (0, 0)))) for i in mine]
             state = self.states.setdefault(role, RoleState())
             load = predicted * share + excess / span
-            d = decide(role, load, cap, views, obs, state, self.policy, now, current, up_only=react)
+            d = decide(
+                role,
+                load,
+                cap,
+                views,
+                obs,
+                state,
+                self.policy,
+                now,
+                current,
+                up_only=react,
+                noise=noise * share,
+                ahead=None if ahead is None else ahead * share + excess / span,
+                backlog=excess / span,
+            )
             if react and d.action == "hold":
                 continue
             self.metrics.workers.labels(role).set(d.current)
@@ -278,7 +295,8 @@ class Planner:
             self.metrics.decisions.labels(role, d.action).inc()
             if d.action != "hold":
                 log.warning(
-                    "%s: %d -> %d workers (%s)%s [%s: %.1f req/s arrived, %g in flight, %g held]",
+                    "%s: %d -> %d workers (%s)%s [%s: %.1f req/s arrived, %g in flight, %g held, "
+                    "noise %.1f req/s]",
                     role,
                     d.current,
                     d.target,
@@ -288,6 +306,7 @@ class Planner:
                     obs.arrival_rate,
                     obs.inflight,
                     backlog,
+                    noise * share,
                 )
                 try:
                     await connector.apply(d, {i.id: i for i in mine})
@@ -309,6 +328,16 @@ class Planner:
             # Up as early as a start-up needs; down no earlier than the next interval allows.
             predicted = max(predicted, self.predictor.forecast(steps))
         return predicted
+
+    def _ahead(self) -> float | None:
+        """The rate the predictor expects `--scale-down-after` intervals (or the lookahead, if
+        longer) from now; None for a predictor that sees only the next interval."""
+        ps = self.settings.planner
+        forecast = getattr(self.predictor, "forecast", None)
+        if forecast is None:
+            return None
+        steps = max(ps.scale_down_after, math.ceil(ps.planner_lookahead / ps.planner_interval - 1e-9))
+        return float(forecast(steps))
 
     def _record(self, obs: obs_mod.Observation, predicted: float) -> None:
         self.metrics.predicted.set(predicted)

@@ -51,6 +51,13 @@ class PlannerSettings(SettingsGroup):
         "predictor with a trend (holt-winters) asks for a ramp's workers that much earlier; the "
         "larger of this and the next interval's prediction is used.",
     )
+    planner_noise_band: float = Field(
+        1.0,
+        ge=0,
+        description="Standard deviations of a measured request rate (counted arrivals: Poisson) by "
+        "which the load must exceed the present workers' capacity before a worker is added; held "
+        "requests count in the load in full, so a queue that builds still adds one (0: off).",
+    )
     min_workers: int = Field(1, ge=0, description="Fewest workers per role (0 allows scaling to zero).")
     max_workers: int = Field(8, ge=1, description="Most workers per role.")
     cooldown: float = Field(
@@ -60,7 +67,10 @@ class PlannerSettings(SettingsGroup):
         "still starting count, so none is asked for twice).",
     )
     scale_down_after: int = Field(
-        3, ge=1, description="Intervals the load must stay below the lower threshold before a scale-down."
+        3,
+        ge=1,
+        description="Intervals the load must stay below the lower threshold before a scale-down (not "
+        "waited for when the predictor, holt-winters, expects the load that far ahead to fit as well).",
     )
     scale_down_threshold: float = Field(
         0.7,

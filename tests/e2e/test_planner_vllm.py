@@ -43,7 +43,9 @@ def test_on_vllm_the_local_connector_adds_a_worker_under_load_and_drains_it_afte
             "planner", "--namespace", "e2e", "--frontend-url", url, "--planner-profile", str(profile),
             "--planner-interval", "1", "--predictor", "constant", "--cooldown", "2",
             "--scale-down-after", "2", "--min-workers", "2", "--max-workers", "3",
-            "--planner-metrics-port", str(port),
+            # The load below is evenly spaced, not Poisson: 5 a second, 1 over the two workers'
+            # capacity, is no noise to discount.
+            "--planner-noise-band", "0", "--planner-metrics-port", str(port),
         ],
         tmp_path / "planner.log",
     )  # fmt: skip

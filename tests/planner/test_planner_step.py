@@ -205,3 +205,25 @@ def test_the_predictor_is_fed_arrivals_so_a_burst_shows_before_it_is_answered():
         pl.step(held(0, 0, 0), held(4, 20, 0), 2.0, 2.0, FakeWatcher([me]), me, FakeConnector(1))
     )
     assert pl.predictor.predict() == 12.0 and d.target == 3  # (4 ended + 20 in flight) / 2 s
+
+
+def test_a_looks_short_window_rate_adds_a_worker_only_beyond_its_noise():
+    me = Instance("p1", "planner", started=10.0)
+    three = [Instance(f"w{k}", "worker", role="agg", card={"model": "tiny"}, pid=k + 1) for k in range(3)]
+    watch = FakeWatcher([me, *three])
+
+    def look(band: float) -> list:
+        # 3 workers of 4 req/s; 20 arrived in the 2 s since the interval began (10 req/s), 3 of
+        # them in the 0.2 s since the last look (15 req/s, give or take 8.7); 4 held, 1 beyond
+        # what the three clear within half the TTFT target.
+        pl = planner(planner_interval=10, ttft_target=0.5, planner_noise_band=band)
+        return asyncio.run(
+            pl.step(
+                held(0, 0, 0), held(0, 16, 4), 2.0, 2.0, watch, me, FakeConnector(3), react=True,
+                since=(held(0, 14, 3), 0.2),
+            )
+        )  # fmt: skip
+
+    assert look(1.0) == []  # three carry 12 req/s: the 15 of three arrivals is within noise
+    (d,) = look(0.0)
+    assert (d.current, d.target) == (3, 4)  # ceil((15 + 1 / 10) / 4)
