@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import loadgen
 from bench_serve import ENGINE, WORDS, free_port, stop, wait_ready
+from benchkit import serve_agg
 
 
 def post(url: str, body: dict, headers: dict | None = None) -> tuple[int, str]:
@@ -62,15 +63,7 @@ def main() -> None:
         log = open(Path(tmp) / "serve.log", "wb")
         env = {**os.environ, "DYN_LORA_ROOTS": str(root), "DYN_NAMESPACE": f"benchlora{port}"}
         cmd = [
-            sys.executable,
-            "-m",
-            "dynvllm",
-            "serve",
-            "agg",
-            "--model",
-            str(model),
-            "--served-model-name",
-            "m",
+            *serve_agg(model),
             "--workers",
             "2",
             "--http-host",

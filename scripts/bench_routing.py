@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import loadgen
 from bench_serve import free_port
+from benchkit import serve_agg
 
 POLICIES = ["kv", "kv-approx", "least-loaded", "round-robin", "random"]
 
@@ -124,15 +125,7 @@ def main() -> None:
     log = open("/tmp/bench_routing_serve.log", "wb")
     serve = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "dynvllm",
-            "serve",
-            "agg",
-            "--model",
-            model,
-            "--served-model-name",
-            "m",
+            *serve_agg(model),
             "--workers",
             str(args.workers),
             "--engine",

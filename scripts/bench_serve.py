@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import loadgen
-from benchkit import free_port, stop, wait_ready
+from benchkit import free_port, serve_agg, stop, wait_ready
 
 ENGINE = [
     "--enforce-eager",
@@ -57,15 +57,7 @@ WORDS = [
 def start(system: str, model: str, port: int, log) -> subprocess.Popen:
     if system == "dynvllm":
         cmd = [
-            sys.executable,
-            "-m",
-            "dynvllm",
-            "serve",
-            "agg",
-            "--model",
-            model,
-            "--served-model-name",
-            "m",
+            *serve_agg(model),
             "--http-host",
             "127.0.0.1",
             "--http-port",

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import loadgen
 from bench_routing import wait_workers, workload
 from bench_serve import free_port
+from benchkit import serve_agg
 
 VARIANTS = {
     "tier-aware": [],
@@ -113,15 +114,7 @@ def main() -> None:
     log = open("/tmp/bench_tiers_serve.log", "wb")
     serve = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "dynvllm",
-            "serve",
-            "agg",
-            "--model",
-            model,
-            "--served-model-name",
-            "m",
+            *serve_agg(model),
             "--workers",
             str(args.workers),
             "--engine",

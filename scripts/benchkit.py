@@ -38,11 +38,18 @@ def model_or_tiny(model: str | None, folder: Path) -> str:
     return tiny
 
 
+def serve_agg(model: str | Path, name: str = "m") -> list[str]:
+    """The start of a `dynvllm serve agg` command line serving `model` as `name`."""
+    return [
+        sys.executable,
+        *("-m", "dynvllm", "serve", "agg", "--model", str(model), "--served-model-name", name),
+    ]
+
+
 def sim_serve(args: argparse.Namespace, model: str, port: int, namespace: str) -> list[str]:
     """`serve agg` on the sim engine as `sim_load_options` describe it, served as "m"."""
     return [
-        sys.executable,
-        *("-m", "dynvllm", "serve", "agg", "--model", model, "--served-model-name", "m"),
+        *serve_agg(model),
         *("--engine", "sim", "--workers", str(args.workers), "--sim-decode-ms-per-step", str(args.decode_ms)),
         *("--namespace", namespace, "--http-host", "127.0.0.1", "--http-port", str(port)),
     ]

@@ -30,6 +30,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import paritykit as pk
+from benchkit import serve_agg
 from parity_battery import BATTERY, NAME, Case
 
 VENV_BIN = Path(sys.executable).parent
@@ -244,15 +245,7 @@ def start_servers(model: Path, work: Path) -> tuple[str, str, list[subprocess.Po
     )
     dyn = _start(
         [
-            sys.executable,
-            "-m",
-            "dynvllm",
-            "serve",
-            "agg",
-            "--model",
-            str(model),
-            "--served-model-name",
-            NAME,
+            *serve_agg(model, NAME),
             "--http-port",
             str(dport),
             "--namespace",
