@@ -53,13 +53,13 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def run_processes(settings: Settings) -> int:
+def run_processes(settings: Settings, n: int) -> int:
+    """Start `n` frontend processes on the settings' port and keep them running."""
     from rich.console import Console
 
     from dynvllm.supervisor import Slot, supervise
 
     fe = settings.frontend
-    n = process_count(fe.http_workers, usable_cores())
     if fe.http_port == 0:
         with socket.socket() as probe:
             probe.bind((fe.http_host, 0))

@@ -122,8 +122,9 @@ async def serve_frontend(settings: Settings) -> int:
 
 
 def run_frontend(settings: Settings) -> int:
-    if process_count(settings.frontend.http_workers, usable_cores()) > 1:
-        return run_processes(settings)
+    processes = process_count(settings.frontend.http_workers, usable_cores())
+    if processes > 1:
+        return run_processes(settings, processes)
     logs.setup(settings.runtime.log_level, settings.runtime.log_format, "frontend")
     try:
         return int(natsrt.run(serve_frontend(settings)) or 0)
