@@ -344,6 +344,10 @@ class Settings(BaseSettings):
         plugins = {name: _plugin_class(name)(**values) for name, values in data.get("plugins", {}).items()}
         return cls(**core, plugins=plugins, extra_engine_args=data.get("extra_engine_args", []))
 
+    def publishes_kv_events(self) -> bool:
+        """Whether a worker relays its engine's KV events to routers (prefix caching and --kv-events)."""
+        return self.engine.enable_prefix_caching and self.worker.kv_events
+
     def vllm_argv(self) -> list[str]:
         """vLLM command-line arguments for the engine, validated later by vLLM's own parser."""
         eng = self.engine

@@ -86,7 +86,7 @@ class HeadlessRanks:
         rt = self.settings.runtime
         nc = await natsrt.connect(rt, name="dynvllm-headless")
         endpoint = replay = None
-        if self.settings.engine.enable_prefix_caching and self.settings.worker.kv_events:
+        if self.settings.publishes_kv_events():
             ranks = VllmEngine().local_ranks(self.settings)
             endpoint, replay, self.relays = bind_relays(EventBus(nc, rt.namespace), ranks)
         self.manager = self._start_engines(endpoint, replay)

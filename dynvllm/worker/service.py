@@ -91,7 +91,7 @@ class Worker:
 
         self.engine = registry.load(registry.ENGINES, self.settings.worker.engine)()
         endpoint = replay = None
-        if self.settings.engine.enable_prefix_caching and self.settings.worker.kv_events:
+        if self.settings.publishes_kv_events():
             # Relays forward the engine's events to routers over NATS.
             bus = EventBus(self.nc, self.settings.runtime.namespace)
             endpoint, replay, self.relays = bind_relays(bus, self.engine.local_ranks(self.settings))
