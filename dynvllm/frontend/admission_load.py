@@ -121,10 +121,3 @@ def room(
     # (still on their way there, or ended and not yet seen here).
     sent = max(requests - base_requests / n, requests - held)
     return Room(total_requests - sent, total_blocks - (blocks - base_blocks / n))
-
-
-def fits(
-    workers: Sequence[tuple[Report | None, int | None]], t: Thresholds, requests: float, blocks: float
-) -> bool:
-    """Some worker has room for one more request."""
-    return room(workers, t, requests, blocks).any

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 from prometheus_client import Counter, Gauge, Histogram
 
 from dynvllm.frontend.admission import FairQueue, free_slots
-from dynvllm.frontend.admission_load import Report, Thresholds, room
+from dynvllm.frontend.admission_load import INF, Report, Room, Thresholds, room
 from dynvllm.frontend.errors import RequestError
 from dynvllm.frontend.metrics import FrontendMetrics
 from dynvllm.frontend.models import ModelEntry, ModelRegistry
@@ -57,19 +57,17 @@ def _expire(fut: asyncio.Future[bool | None]) -> None:
         fut.set_result(None)
 
 
-_ANY = float(1 << 30)
-
-
 class _Free(NamedTuple):
     slots: float  # under the in-flight cap
-    requests: float  # room by the workers' reports
-    blocks: float
+    room: Room  # by the workers' reports
 
     @property
     def any(self) -> bool:
-        # One more request may take a worker a little past a threshold (its prompt may be long):
-        # the thresholds are where letting requests through stops, not hard limits.
-        return self.slots > 0 and self.requests > 0 and self.blocks > 0
+        return self.slots > 0 and self.room.any
+
+    def less(self, weight: int, blocks: float) -> _Free:
+        """What is left once a request of `weight` and `blocks` is let through."""
+        return _Free(self.slots - weight, Room(self.room.requests - weight, self.room.blocks - blocks))
 
 
 class _ModelMetrics(NamedTuple):
@@ -258,18 +256,15 @@ class AdmissionGate:
     # ---- inside -------------------------------------------------------------------------------
     def _free(self, key: Key) -> _Free:
         """What may be let through now: request slots under the in-flight cap, and the room the
-        workers' reports leave (requests, prompt blocks; both 1 << 30 where not measured). Each
+        workers' reports leave (requests, prompt blocks; unbounded where not measured). Each
         goes down by exactly what a request let through takes, so one reading serves a batch."""
         workers = ready(self.models.models.get(key[0]), key[1])
         free = free_slots(self.limit, len(workers), self.inflight.get(key, 0))
         if free <= 0 or not self.thresholds.on:
-            return _Free(free, _ANY, _ANY)
+            return _Free(free, Room(INF, INF))
         loads = [(self.reports.get(inst.id), batch_size(inst)) for inst in workers]
-        model = key[0]
-        left = room(
-            loads, self.thresholds, self.model_requests.get(model, 0.0), self.model_blocks.get(model, 0.0)
-        )
-        return _Free(free, left.requests, left.blocks)
+        requests, blocks = self.model_requests.get(key[0], 0.0), self.model_blocks.get(key[0], 0.0)
+        return _Free(free, room(loads, self.thresholds, requests, blocks))
 
     def _metrics(self, model: str) -> _ModelMetrics:
         """A model's metric children, looked up once."""
@@ -301,7 +296,7 @@ class AdmissionGate:
             if t.fut.done():  # ran out of time or cancelled, not yet taken out by its waiter
                 continue
             weight, blocks = self._take(t.r, key)
-            free = _Free(free.slots - weight, free.requests - weight, free.blocks - blocks)
+            free = free.less(weight, blocks)
             m.waited.observe(time.monotonic() - t.r.arrived)
             t.fut.set_result(True)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from dynvllm.frontend.admission_load import Report, Room, Thresholds, fits, room, worker_room
+from dynvllm.frontend.admission_load import Report, Room, Thresholds, room, worker_room
 
 WAIT2 = Thresholds(max_waiting=2)
 
@@ -42,7 +42,7 @@ def test_what_was_let_through_since_the_reports_takes_room_and_what_ended_gives_
     reports = [(Report(3, 0, 0, 0, requests=6, blocks=12), 4), (Report(3, 0, 0, 0, requests=6, blocks=12), 4)]
     assert room(reports, WAIT2, 6, 12).requests == 6  # (4 + 2 - 3) x 2
     assert room(reports, WAIT2, 10, 20).requests == 2  # four let through since
-    assert not fits(reports, WAIT2, 12, 24)
+    assert not room(reports, WAIT2, 12, 24).any
     assert room(reports, WAIT2, 4, 8).requests == 8  # two ended since
     # Reports taken at different moments: what was let through since counts from their mean.
     apart = [(Report(4, 2, 0, 0, requests=8), 4), (Report(2, 0, 0, 0, requests=4), 4)]
@@ -60,14 +60,14 @@ def test_unknown_and_absent_workers():
     # One that has not reported (just started) counts as idle: its batch plus the queue allowed,
     # less what this frontend let through meanwhile (an in-flight cap until it reports).
     assert room([(None, 4), (Report(4, 2, 0, 0, requests=6), 4)], WAIT2, 6, 0).requests == 6 + 0 - (6 - 3)
-    assert not fits([(None, 4)], WAIT2, 6, 0) and fits([(None, 4)], WAIT2, 5, 0)
-    assert fits([(None, None)], Thresholds(max_waiting=0), 0, 0)
-    assert not fits([(None, None)], Thresholds(max_waiting=0), 1, 0)
+    assert not room([(None, 4)], WAIT2, 6, 0).any and room([(None, 4)], WAIT2, 5, 0).any
+    assert room([(None, None)], Thresholds(max_waiting=0), 0, 0).any
+    assert not room([(None, None)], Thresholds(max_waiting=0), 1, 0).any
     # No worker at all has no room.
-    assert not fits([], WAIT2, 0, 0)
+    assert not room([], WAIT2, 0, 0).any
     # Nothing set: never saturated.
     assert room([(Report(9, 99, 100, 100), 4)], Thresholds(), 1000, 1000) == Room(math.inf, math.inf)
     # KV room is blocks: a long prompt still goes when some room is left (soft threshold).
     kv = Thresholds(max_kv_use=0.5)
-    assert fits([(Report(0, 0, 40, 100, blocks=0), None)], kv, 0, 9)
-    assert not fits([(Report(0, 0, 40, 100, blocks=0), None)], kv, 0, 10)
+    assert room([(Report(0, 0, 40, 100, blocks=0), None)], kv, 0, 9).any
+    assert not room([(Report(0, 0, 40, 100, blocks=0), None)], kv, 0, 10).any
