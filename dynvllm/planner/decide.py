@@ -193,9 +193,8 @@ def decide(
             keep = max(keep, clamp(_need(ahead - backlog - noise, capacity)))
         if state.surge and not backlog and keep < current and now - state.last_change >= policy.cooldown:
             state.below, state.last_change, state.surge = 0, now, 0
-            quiet = sorted(workers, key=lambda w: (w.inflight, w.id))[: current - keep]
             why = f"held requests cleared; load {load:.2f} req/s fits {keep}"
-            return Decision(role, current, keep, drain=tuple(w.id for w in quiet), reason=why)
+            return _drain(role, workers, current, keep, why)
     down = clamp(_need(load, capacity * policy.scale_down_threshold))
     if down >= current:
         state.below = 0
@@ -213,6 +212,11 @@ def decide(
     if now - state.last_change < policy.cooldown:
         return Decision(role, current, current, reason=f"{down} would do, in cool-down")
     state.below, state.last_change, state.surge = 0, now, 0
-    quiet = sorted(workers, key=lambda w: (w.inflight, w.id))[: current - down]
     why = "idle" if down == 0 else f"load {load:.2f} req/s fits {down} at {policy.scale_down_threshold:.0%}"
-    return Decision(role, current, down, drain=tuple(w.id for w in quiet), reason=why)
+    return _drain(role, workers, current, down, why)
+
+
+def _drain(role: str, workers: list[WorkerView], current: int, keep: int, why: str) -> Decision:
+    """Down to `keep`: the least busy workers drain (their in-flight requests finish)."""
+    quiet = sorted(workers, key=lambda w: (w.inflight, w.id))[: current - keep]
+    return Decision(role, current, keep, drain=tuple(w.id for w in quiet), reason=why)
