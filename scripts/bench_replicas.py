@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import psutil
 from bench_serve import free_port
+from benchkit import stop_all
 
 VOCAB = 500
 
@@ -42,18 +42,6 @@ def start(args: list[str], log) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "dynvllm", *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
-
-
-def stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
 
 
 async def wait_workers(session, url: str, want: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -176,8 +164,8 @@ async def service(session, model: str, share: bool, ns: str, timing: list[str], 
         }
         yield urls, roles
     finally:
-        stop(procs[1:])
-        stop(procs[:1])
+        stop_all(procs[1:])
+        stop_all(procs[:1])
 
 
 async def one(model: str, share: bool, seed: int, args, log) -> dict:

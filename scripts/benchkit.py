@@ -98,6 +98,20 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM to every process group at once (they drain side by side), then SIGKILL to any
+    group still there after 60 s."""
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
 #: An OTLP/HTTP receiver that reads each batch and answers 200 (what a collector costs aside).
 _OTLP_RECEIVER = """
 import sys

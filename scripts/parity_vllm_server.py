@@ -16,7 +16,6 @@ import argparse
 import inspect
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import paritykit as pk
-from benchkit import serve_agg
+from benchkit import serve_agg, stop_all
 from parity_battery import BATTERY, NAME, Case
 
 VENV_BIN = Path(sys.executable).parent
@@ -214,18 +213,6 @@ def _wait(
     raise SystemExit(f"{url} not ready in {timeout} s; see {log}")
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-
-
 def start_servers(model: Path, work: Path) -> tuple[str, str, list[subprocess.Popen]]:
     env = {"HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING", "VLLM_ENABLE_RESPONSES_API_STORE": "1"}
     vport, dport = _free_port(), _free_port()
@@ -261,7 +248,7 @@ def start_servers(model: Path, work: Path) -> tuple[str, str, list[subprocess.Po
         _wait(vurl, vllm, work / "vllm.log", lambda b: bool(b.get("data")))
         _wait(durl, dyn, work / "dynvllm.log", lambda b: bool(b.get("data")))
     except BaseException:
-        _stop(procs)
+        stop_all(procs)
         raise
     return vurl, durl, procs
 
@@ -339,7 +326,7 @@ def main() -> None:
                 print(f"both servers ready in {time.monotonic() - t0:.0f} s", file=sys.stderr)
             results = run_battery(Server(vurl), Server(durl), cases)
         finally:
-            _stop(procs)
+            stop_all(procs)
     if args.dump:
         args.dump.write_text(json.dumps({c.name: {"vllm": a, "dynvllm": b} for c, a, b in results}, indent=1))
     sys.exit(1 if print_table(results, args.full) else 0)
