@@ -72,7 +72,7 @@ class FrontendSettings(SettingsGroup):
         description="Frontend processes sharing the HTTP port (each with its own router, fed by the "
         "same KV events, sharing in-flight load); more use more cores for high request rates. auto: "
         "one per 4 cores this process may use, at most 4 (1 on a host of fewer than 8 cores). Stored "
-        "Responses are kept per process.",
+        "Responses are shared by every process (through NATS, see --responses-store-size).",
     )
     mm_prompt_template: str | None = Field(
         None,

@@ -28,8 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import psutil
-from bench_replicas import cpu_seconds, start, stop, wait_workers
+from bench_replicas import cpu_seconds, start, wait_workers
 from bench_serve import free_port
+from benchkit import stop_all
 
 TEXT = (
     "the quick red fox runs where the old mountain road meets the river and the city, "
@@ -141,7 +142,7 @@ async def main(args) -> None:
                         flush=True,
                     )
     finally:
-        stop([proc])
+        stop_all([proc])
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)
     print(

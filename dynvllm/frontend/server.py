@@ -71,6 +71,8 @@ async def serve_frontend(settings: Settings) -> int:
     RequestObserver(frontend.metrics, tracing).install(frontend.path)
     # Tenants' limits divided with the other frontend processes before the first request.
     shared = await frontend.tenants.start_sharing(nc, settings) if frontend.tenants else None
+    for surface in frontend.surfaces:
+        await surface.start(nc, rt.namespace)
     config = uvicorn.Config(
         frontend.app,
         host=fe.http_host,
@@ -109,6 +111,8 @@ async def serve_frontend(settings: Settings) -> int:
         scheme = "https" if fe.ssl_certfile else "http"
         print(f"dynvllm frontend listening on {scheme}://{fe.http_host}:{port}", file=sys.stderr, flush=True)
     await task
+    for surface in frontend.surfaces:
+        await surface.stop()
     if shared is not None:
         await shared.stop()
     await frontend.gate.unwatch()

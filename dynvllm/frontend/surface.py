@@ -39,6 +39,14 @@ class Surface:
         """The HTTP routes this surface serves."""
         raise NotImplementedError
 
+    async def start(self, nc: Any, namespace: str) -> None:
+        """Called once the frontend process has its NATS connection (`nc`, namespace), before it
+        serves: state the surface shares with the namespace's other frontend processes. Not called
+        for an app built without NATS."""
+
+    async def stop(self) -> None:
+        """Called when the frontend process stops serving, before its NATS connection closes."""
+
     def error_response(self, err: RequestError, headers: dict[str, str] | None = None) -> Response:
         """An error in this API's shape (default: OpenAI's, as vLLM's server answers)."""
         return JSONResponse(err.body(), status_code=err.status, headers={**err.headers, **(headers or {})})

@@ -4,9 +4,10 @@ A Responses request is translated into the chat request it means (`responses_sch
 come from the same chat template and output goes through the same tool and reasoning parsers as
 chat completions; what comes back is shaped as output items and Responses events
 (`responses_output`) straight from the parsed output, without chat's chunks in between. Responses
-created with `store: true` (the default, as at OpenAI) are kept in this frontend process's memory,
-bounded by --responses-store-size (`responses_store`): GET and DELETE /v1/responses/{id} read
-and drop them, and `previous_response_id` continues their conversation.
+created with `store: true` (the default, as at OpenAI) are kept in this frontend process's memory
+and, where the frontend has NATS, in the namespace's shared store, bounded by
+--responses-store-size (`responses_stored`): GET and DELETE /v1/responses/{id} read and drop
+them from any frontend process, and `previous_response_id` continues their conversation.
 
 `background: true` (with `store: true`) answers at once with a `queued` response and runs it in
 a task: GET polls it (`in_progress`, then `completed`, `incomplete`, `failed`), POST
@@ -42,6 +43,7 @@ from dynvllm_plugins.surfaces import responses_output as ro
 from dynvllm_plugins.surfaces.responses_schema import ResponsesRequest, output_messages, parse, to_chat
 from dynvllm_plugins.surfaces.responses_settings import ResponsesSettings
 from dynvllm_plugins.surfaces.responses_store import EventLog, ResponseStore, Stored
+from dynvllm_plugins.surfaces.responses_stored import Kept
 
 __all__ = ["ResponseStore", "ResponsesSurface", "Stored"]
 
@@ -51,15 +53,6 @@ logger = logging.getLogger("dynvllm.frontend")
 
 def _answer(body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
     return Response(_json(body), media_type="application/json", headers=headers)
-
-
-def not_found(rid: str, param: str) -> RequestError:
-    return RequestError(
-        404,
-        f"Response with id {rid!r} not found (responses are kept with store: true, in the memory of "
-        "the frontend process that created them)",
-        param=param,
-    )
 
 
 def _early_error(exc: Exception) -> tuple[int, bytes] | None:
@@ -226,7 +219,15 @@ class ResponsesSurface(Surface):
         # The same chat template, tool and reasoning parsers as the OpenAI surface's chat.
         self.chat_fmt: ChatFormatter = chat_formatter(settings.frontend)
         own = settings.plugin(ResponsesSettings)
-        self.store = ResponseStore(own.responses_store_size)
+        self.kept = Kept(own.responses_store_size)
+        self.share = own.responses_share
+
+    async def start(self, nc: Any, namespace: str) -> None:
+        if self.share:
+            await self.kept.attach(nc, namespace)
+
+    async def stop(self) -> None:
+        await self.kept.detach()
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -254,53 +255,20 @@ class ResponsesSurface(Surface):
                 raise RequestError(
                     400, "starting_after is a sequence number, with stream=true", param="starting_after"
                 )
-            stored = self.store.get(rid)
-            if stored is None:
-                raise not_found(rid, "response_id")
             if stream == "true":
-                if stored.log is None:
-                    raise RequestError(
-                        400,
-                        "only a response created with background and stream can be streamed again",
-                        param="stream",
-                    )
-                return EventStream(stored.log.follow(int(after) if after is not None else -1))
+                return EventStream(await self.kept.events(rid, int(after) if after is not None else -1))
+            body = await self.kept.body(rid)
         except RequestError as exc:
             return self.error_response(exc)
-        return Response(stored.encoded(), media_type="application/json")
+        return Response(body, media_type="application/json")
 
     async def delete(self, request: Request) -> Response:
-        rid = request.path_params["response_id"]
-        stored = self.store.pop(rid)
-        if stored is None:
-            return self.error_response(not_found(rid, "response_id"))
-        stored.drop()
-        return _answer({"id": rid, "object": "response", "deleted": True})
+        status, body = await self.kept.delete(request.path_params["response_id"])
+        return Response(body, status_code=status, media_type="application/json")
 
     async def cancel(self, request: Request) -> Response:
-        rid = request.path_params["response_id"]
-        stored = self.store.get(rid)
-        if stored is None:
-            return self.error_response(not_found(rid, "response_id"))
-        if stored.task is None:
-            err = RequestError(400, "Cannot cancel a synchronous response.", param="response_id")
-            return self.error_response(err)
-        status = stored.body["status"]
-        if stored.running:
-            task = stored.task
-            task.cancel()
-            # The run ends (its worker request aborted) before the answer goes.
-            await asyncio.gather(task, return_exceptions=True)
-            if stored.running:  # cancelled before its task ever ran
-                stored.body = {**stored.body, "status": "cancelled"}
-                if stored.log is not None:
-                    stored.log.add([], end=True)
-        elif status != "cancelled":
-            err = RequestError(
-                400, f"Cannot cancel a response that is already {status}.", param="response_id"
-            )
-            return self.error_response(err)
-        return _answer(stored.body)
+        status, body = await self.kept.cancel(request.path_params["response_id"])
+        return Response(body, status_code=status, media_type="application/json")
 
     # ---- create ----------------------------------------------------------------------------------
     async def create(self, request: Request) -> Reply:
@@ -310,17 +278,7 @@ class ResponsesSurface(Surface):
             model = req.model
             history: list[dict[str, Any]] = []
             if req.previous_response_id is not None:
-                prev = self.store.get(req.previous_response_id)
-                if prev is None:
-                    raise not_found(req.previous_response_id, "previous_response_id")
-                if prev.running:
-                    raise RequestError(
-                        400,
-                        f"Response {req.previous_response_id!r} is still {prev.body['status']}: "
-                        "continue it once it has finished",
-                        param="previous_response_id",
-                    )
-                history = prev.conversation
+                history = await self.kept.conversation(req.previous_response_id)
             chat = to_chat(req, history)
             messages = chat.messages
             images = lambda: [u for m in messages for u in m.image_urls()]  # noqa: E731
@@ -350,7 +308,7 @@ class ResponsesSurface(Surface):
         run.out.finish()
         body = run.encoded("done")
         if req.store:
-            self.store.put(run.id, Stored(body, run.conversation()))
+            await self.kept.keep(run.id, Stored(body, run.conversation()), ro.status(run.finish)[0])
         return Response(body, media_type="application/json", headers=r.headers())
 
     async def _stream(self, run: _Run, shaper: Any) -> AsyncIterator[bytes]:
@@ -376,7 +334,7 @@ class ResponsesSurface(Surface):
             buf += out.finish_sse()
             encoded = run.encoded("done")
             if run.req.store:
-                self.store.put(run.id, Stored(encoded, run.conversation()))
+                await self.kept.keep(run.id, Stored(encoded, run.conversation()), ro.status(run.finish)[0])
             incomplete = ro.status(run.finish)[0] == "incomplete"
             kind = "response.incomplete" if incomplete else "response.completed"
             buf.append(_body_event(out, kind, encoded))
@@ -412,11 +370,11 @@ class ResponsesSurface(Surface):
                 run.out.event(kind, response=stored.body) for kind in ("response.created", "response.queued")
             ]
             stored.log.add([ro.sse(e) for e in opening])
-        self.store.put(run.id, stored)
         stored.task = asyncio.create_task(self._background(run, stored, lambda _: prompts, images, headers))
-        if stored.log is not None:
-            return EventStream(stored.log.follow(-1))
-        return _answer(stored.body)
+        # The answer says queued, as written: the run may be further once the record is shared.
+        reply = EventStream(stored.log.follow(-1)) if stored.log is not None else _answer(stored.body)
+        await self.kept.keep(run.id, stored, "queued")
+        return reply
 
     async def _background(
         self,
@@ -427,20 +385,22 @@ class ResponsesSurface(Surface):
         headers: Any,
     ) -> None:
         """Run a background response to its end; its stored body follows (in_progress once
-        admitted, then completed, incomplete, failed, or cancelled when its task is)."""
+        admitted, then completed, incomplete, failed, or cancelled when its task is), and its
+        shared record with it, written before a stream's last event."""
         log = stored.log
         try:
             try:
                 r = await self.path.admit("responses", run.chat, prompts, images, headers)
             except RequestError as exc:
                 self.path.refused(run.req.model, exc)
-                self._failed(run, stored, exc)
+                await self._failed(run, stored, exc)
                 return
             run.r = r
             shaper = self.chat_fmt.shaper(run.chat, r.parts, 1)
             stored.body = run.body("in_progress")
             if log is not None:
                 log.add([ro.sse(run.out.event("response.in_progress", response=stored.body))])
+            await self.kept.share(run.id, stored)
 
             async def consume() -> None:
                 async for index, part, d in r.deltas():
@@ -451,7 +411,7 @@ class ResponsesSurface(Surface):
 
             failed = await self.path.complete(r, consume)
             if failed is not None:
-                self._failed(run, stored, failed)
+                await self._failed(run, stored, failed)
                 return
             events: list[bytes] = []
             if log is None:
@@ -459,6 +419,7 @@ class ResponsesSurface(Surface):
             else:
                 events = run.out.finish_sse()
             stored.body = run.body("done")
+            await self.kept.share(run.id, stored)
             if log is not None:
                 kind = (
                     "response.incomplete" if stored.body["status"] == "incomplete" else "response.completed"
@@ -467,15 +428,18 @@ class ResponsesSurface(Surface):
                 log.add(events, end=True)
         except asyncio.CancelledError:
             stored.body = run.body("cancelled")
+            await self.kept.share(run.id, stored)
             if log is not None:
                 log.add([], end=True)
             raise
         except Exception:
             logger.exception("background response %s failed", run.id)
-            self._failed(run, stored, RequestError(500, "the response failed in the server", "server_error"))
+            err = RequestError(500, "the response failed in the server", "server_error")
+            await self._failed(run, stored, err)
 
-    def _failed(self, run: _Run, stored: Stored, err: RequestError) -> None:
+    async def _failed(self, run: _Run, stored: Stored, err: RequestError) -> None:
         run.error = {"code": err.code or err.type, "message": err.message}
         stored.body = run.body("failed")
+        await self.kept.share(run.id, stored)
         if stored.log is not None:
             stored.log.add([ro.sse(run.out.event("response.failed", response=stored.body))], end=True)

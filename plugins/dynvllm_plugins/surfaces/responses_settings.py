@@ -15,7 +15,15 @@ class ResponsesSettings(SettingsGroup):
     responses_store_size: int = Field(
         1000,
         ge=1,
-        description="Responses kept for GET /v1/responses/{id} and previous_response_id (store: true), "
-        "in each frontend process's memory; the least recently used go first. With --http-workers N a "
-        "response is known only to the process that created it.",
+        description="Responses kept for GET /v1/responses/{id}, DELETE, cancel and previous_response_id "
+        "(store: true). Each frontend process keeps up to this many of those it made in memory (the least "
+        "recently used go first); every frontend process of the namespace (--http-workers, other frontends) "
+        "reads them from a NATS JetStream bucket that keeps the newest this many written, the oldest "
+        "dropped first.",
+    )
+    responses_share: bool = Field(
+        True,
+        description="Share stored responses with every frontend process of the namespace through NATS "
+        "JetStream. Off: each process knows only the responses it made (a GET, DELETE, cancel or "
+        "previous_response_id that reaches another process or frontend gets a 404).",
     )

@@ -1,6 +1,6 @@
 """Stored responses of the Responses API: bodies by id in one frontend process's memory, the
 conversation a next turn continues, and for background responses the task that runs them and
-the events of their streams.
+the events of their streams (what other processes read of them: `responses_shared`).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class Stored:
     responses as dicts are tens of thousands of objects more for every garbage collection to walk.
     """
 
-    __slots__ = ("_body", "_conversation", "log", "task")
+    __slots__ = ("_body", "_conversation", "gone", "log", "task")
 
     def __init__(
         self, body: dict[str, Any] | bytes, conversation: list[dict[str, Any]] | Callable[[], list]
@@ -69,6 +69,8 @@ class Stored:
         self.task: asyncio.Task | None = None
         #: A streamed background response's events.
         self.log: EventLog | None = None
+        #: Deleted: a run still ending must not write its record again.
+        self.gone = False
 
     @property
     def body(self) -> dict[str, Any]:
@@ -102,7 +104,7 @@ class Stored:
 
 class ResponseStore:
     """Responses by id, least recently used dropped first beyond `size` (one process's memory);
-    a background response still running when dropped is cancelled."""
+    a background response still running when dropped is cancelled (its record then says so)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
