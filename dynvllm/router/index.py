@@ -9,14 +9,15 @@ with one AND per block however many workers share the prefix, and only workers t
 are ever named one by one. The masks are the whole truth of who holds what on the GPU. Ingest (a
 million blocks a second at scale) does one dict operation per block: a worker's own blocks, needed
 only to forget it or snapshot it, are the event lists it was stored with, kept as they came
-(`_Log`), not a per-block record.
+(`key_log`), not a per-block record.
 
 Blocks in an offload tier (CPU, disk) live in a child index per tier (`tiers.TierBlocks`) that
 shares the worker numbering. The GPU walk notes where each group of workers stops; a worker can
 only go on through a lower tier from there (the block it stopped at is not on its GPU), so the
 tiers cost a probe per such place, and a walk only for the workers that do go on (`lookup`). Each
-tier counts per worker the blocks it holds there and not on its GPU: while they are copies only,
-nobody can go on and the tiers cost nothing.
+tier keeps per worker the blocks it holds there and not on its GPU: while they are copies only,
+nobody can go on and the tiers cost nothing. A tier's stores, like the GPU's, are kept as their
+event lists (`KeyLog`), not as per-worker sets.
 """
 
 from __future__ import annotations
@@ -24,15 +25,15 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from itertools import chain, filterfalse, islice
+from itertools import chain, islice
 
-from dynvllm.router.masks import clear_bit, count_held, members, set_bit
+from dynvllm.router.key_log import KeyLog
+from dynvllm.router.masks import clear_bit, members, set_bit
 from dynvllm.router.tiers import CPU, DISK, GPU, TierBlocks
 
 Worker = tuple[str, int]  # (instance id, data-parallel rank)
 _NOBODY: Worker = ("", -1)  # the name of a released worker id until it is given out again
 _FEW = 8  # workers going on below: walked one by one up to this many, as one sweep of masks above
-_LOG_MIN = 4096  # keys a worker's log may hold before it is first compacted
 
 
 def tune_gc() -> None:
@@ -49,52 +50,6 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 50, 1000)
 
 
-class _Log:
-    """A worker's event-backed GPU blocks as the lists they were stored with (no per-block work
-    at ingest), less `gone`: the keys removed since it was last compacted (a store takes its keys
-    back out). Compaction (dedupe, drop what went) runs when what went outweighs what is logged,
-    or the log has grown fourfold: its work is in proportion to the removals, or amortized over
-    the growth, and the log stays within a few times what the worker holds."""
-
-    __slots__ = ("gone", "kept", "last_held", "lists", "size", "tidy")
-
-    def __init__(self) -> None:
-        self.lists: list[list[int]] = []
-        self.size = 0  # keys in `lists`
-        self.kept = 0  # keys kept by the last compaction
-        self.gone: set[int] = set()
-        self.tidy = True  # `lists` is one list of distinct held keys (or none)
-        self.last_held = False  # every key of `lists[-1]` is held (nothing removed since)
-
-    def add(self, keys: list[int]) -> None:
-        self.lists.append(keys)
-        self.size += len(keys)
-        self.tidy = False
-        self.last_held = True
-        if self.gone:
-            self.gone.difference_update(keys)
-        if self.size > 4 * max(_LOG_MIN, self.kept):
-            self.held()
-
-    def drop(self, keys: list[int]) -> None:
-        """`keys` were removed (each was held)."""
-        self.gone.update(keys)
-        self.tidy = self.last_held = False
-        if len(self.gone) > max(_LOG_MIN, self.size // 2):
-            self.held()
-
-    def held(self) -> list[int]:
-        """The keys held now, distinct (compacting the log to them)."""
-        if not self.tidy:
-            keys: Iterable[int] = dict.fromkeys(chain.from_iterable(self.lists))
-            if self.gone:
-                keys = filterfalse(self.gone.__contains__, keys)
-            kept = list(keys)
-            self.lists, self.size, self.kept, self.gone, self.tidy = [kept], len(kept), len(kept), set(), True
-            self.last_held = True
-        return self.lists[0] if self.lists else []
-
-
 class KvIndex:
     """The GPU tier's blocks, and through `lower` the offload tiers' (`TierBlocks`)."""
 
@@ -105,8 +60,8 @@ class KvIndex:
         self._free: list[int] = []  # ids of workers gone for good, given out again first
         #: key -> the bit mask of the workers holding it (never 0: a key nobody holds is deleted).
         self.holders: dict[int, int] = {}
-        #: Per worker: its event-backed GPU blocks (`_Log`), in the order workers first held any.
-        self._logs: dict[int, _Log] = {}
+        #: Per worker: its event-backed GPU blocks (`KeyLog`), in the order workers first held any.
+        self._logs: dict[int, KeyLog] = {}
         #: Per worker: blocks it holds by prediction only, key -> expiry (an event confirming a
         #: block takes it out: confirmed blocks never expire).
         self._pred: dict[int, dict[int, float]] = {}
@@ -156,7 +111,7 @@ class KvIndex:
             if known is not None:
                 self._forget(known)
                 for child in self.lower.values():  # all its blocks below, now
-                    child.deeper(known, len(child.keys_of.get(known, ())) - child.deep.get(known, 0))
+                    child.all_off_gpu(known)
 
     def _store(self, wid: int, keys: list[int]) -> None:
         # The hot path of ingest: one setdefault per key (`set_bit`), an append to the log.
@@ -169,18 +124,13 @@ class KvIndex:
         set_bit(self.holders, 1 << wid, keys)
         log = self._logs.get(wid)
         if log is None:
-            log = self._logs[wid] = _Log()
+            log = self._logs[wid] = KeyLog()
         log.add(keys)
 
     def _back_on_gpu(self, wid: int, keys: list[int]) -> None:
         """`keys` are going onto the worker's GPU: those it held only below no longer are."""
         for child in self.lower.values():
-            if wid in child.deep:
-                back = child.keys_of[wid].intersection(keys)
-                if back:
-                    back_n = len(back) - count_held(self.holders, 1 << wid, wid, back)
-                    if back_n:
-                        child.deeper(wid, -back_n)
+            child.back_on_gpu(wid, keys)
 
     def _remove(self, wid: int, keys: Iterable[int]) -> None:
         gone = clear_bit(self.holders, 1 << wid, keys)
@@ -192,9 +142,7 @@ class KvIndex:
         if log is not None and logged:  # (predicted ones were never logged)
             log.drop(logged)
         for child in self.lower.values():  # gone from the GPU: copies below are now the only ones
-            mine = child.keys_of.get(wid)
-            if mine and (n := len(mine.intersection(gone))):
-                child.deeper(wid, n)
+            child.off_gpu(wid, gone)
 
     def _forget(self, wid: int) -> None:
         """All the worker's GPU blocks, known from events or predicted."""
@@ -227,7 +175,7 @@ class KvIndex:
         if self.lower:
             self._back_on_gpu(wid, keys)
         if wid not in self._logs:
-            self._logs[wid] = _Log()
+            self._logs[wid] = KeyLog()
         pred = self._pred.get(wid)
         if pred is None:
             pred = self._pred[wid] = {}
@@ -285,8 +233,8 @@ class KvIndex:
     def confirmed_lower(self) -> Iterator[tuple[int, Worker, list[int]]]:
         """(tier, worker, keys) for blocks in offload tiers (events only ever put them there)."""
         for tier, child in list(self.lower.items()):
-            for wid, mine in list(child.keys_of.items()):
-                if mine:
+            for wid in list(child.logs):
+                if child.logs.get(wid) is not None and (mine := child.held(wid)):
                     yield tier, self._workers[wid], list(mine)
 
     # ---- queries ---------------------------------------------------------------
@@ -424,8 +372,9 @@ class KvIndex:
         return {workers[w]: (g_of[w], c_of[w], d) for mask, d in u_stops for w in members(mask)}
 
     def _walk_each(self, keys: list[int], begin: dict[int, int]) -> dict[Worker, tuple[int, int, int]]:
-        """The sweep for a few workers: each through its own blocks per tier (small sets), the
-        GPU's masks asked only for blocks not in them."""
+        """The sweep for a few workers, each on its own: a block is on its GPU or in a tier iff
+        its GPU mask has the worker or it is among the worker's blocks held in that tier only
+        (`deep`: small sets, asked first)."""
         empty: set[int] = set()
         gpu, lower = self.holders, self.lower
         cpu_tier, disk_tier = lower.get(CPU), lower.get(DISK)
@@ -434,8 +383,8 @@ class KvIndex:
         for g, mask in begin.items():
             for w in members(mask):
                 bit = 1 << w
-                on_cpu = cpu_tier.keys_of.get(w, empty) if cpu_tier is not None else empty
-                on_disk = disk_tier.keys_of.get(w, empty) if disk_tier is not None else empty
+                on_cpu = cpu_tier.deep.get(w, empty) if cpu_tier is not None else empty
+                on_disk = disk_tier.deep.get(w, empty) if disk_tier is not None else empty
                 d = g
                 while d < n and (keys[d] in on_cpu or gpu.get(keys[d], 0) & bit):
                     d += 1
@@ -450,4 +399,6 @@ class KvIndex:
         return sum(mask.bit_count() for mask in self.holders.values())
 
     def tier_block_count(self, tier: int) -> int:
-        return self.block_count() if tier == GPU else sum(len(k) for k in self._tier(tier).keys_of.values())
+        if tier == GPU:
+            return self.block_count()
+        return sum(mask.bit_count() for mask in self._tier(tier).holders.values())

@@ -8,7 +8,7 @@ C-level passes (map, compress, dict.update) so that Python steps through as few 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from itertools import compress, repeat
+from itertools import compress, islice, repeat
 from operator import is_not
 
 
@@ -26,13 +26,23 @@ def members(mask: int) -> list[int]:
 def set_bit(holders: dict[int, int], bit: int, keys: Iterable[int]) -> None:
     """Add `bit` to the masks of `keys` in C-level passes: new keys take `bit` itself
     (setdefault); only if some were held already (the dict grew by fewer than `keys`), those
-    are found and ORed."""
+    are found and ORed. Keys chain, so the ones other workers hold come first in a store: when
+    every key after the first `bit` got just `bit`, only those first ones are ORed."""
     keys = keys if isinstance(keys, list) else list(keys)
     size = len(holders)
     haves = list(map(holders.setdefault, keys, repeat(bit)))
-    if len(holders) - size != len(keys):
-        old = list(map(is_not, haves, repeat(bit)))
-        holders.update(zip(compress(keys, old), map(bit.__or__, compress(haves, old)), strict=True))
+    n = len(keys)
+    if len(holders) - size == n:
+        return
+    try:
+        lead = haves.index(bit)
+    except ValueError:
+        lead = n
+    if haves.count(bit) == n - lead:  # [lead:] all bit-only, [:lead] none: OR the lead alone
+        holders.update(zip(islice(keys, lead), map(bit.__or__, islice(haves, lead)), strict=True))
+        return
+    old = list(map(is_not, haves, repeat(bit)))
+    holders.update(zip(compress(keys, old), map(bit.__or__, compress(haves, old)), strict=True))
 
 
 def clear_bit(holders: dict[int, int], bit: int, keys: Iterable[int]) -> list[int]:
@@ -47,8 +57,3 @@ def clear_bit(holders: dict[int, int], bit: int, keys: Iterable[int]) -> list[in
                 holders[key] = have ^ bit
             gone.append(key)
     return gone
-
-
-def count_held(holders: dict[int, int], bit: int, wid: int, keys: Iterable[int]) -> int:
-    """How many of `keys` (distinct) have `bit` in their mask (C-level: the bits summed)."""
-    return sum(map(bit.__and__, map(holders.get, keys, repeat(0)))) >> wid

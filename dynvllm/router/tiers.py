@@ -11,8 +11,11 @@ router's index (`index`) keeps per offload tier.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import compress, filterfalse, repeat
+from operator import not_
 
-from dynvllm.router.masks import count_held, set_bit
+from dynvllm.router.key_log import KeyLog
+from dynvllm.router.masks import clear_bit, set_bit
 
 GPU, CPU, DISK = 0, 1, 2
 NAMES = {GPU: "GPU", CPU: "CPU", DISK: "DISK"}
@@ -40,68 +43,92 @@ def tier_of(medium: object) -> int:
 
 
 class TierBlocks:
-    """An offload tier's blocks: holder masks (worker ids of the GPU index), and per worker a set
-    of its keys (stores here are a fraction of the GPU's, and the sets answer the walks below)."""
+    """An offload tier's blocks: holder masks (worker ids of the GPU index), per worker the event
+    lists it stored here (`KeyLog`: for forgetting and snapshots only), and per worker the keys it
+    holds here and not on its GPU (`deep`). Only those workers can go on below where their GPU
+    prefix ends, so while lower tiers hold copies of GPU blocks only, a lookup costs what a
+    GPU-only one does; and the sets stay as small as what the GPU dropped."""
 
     def __init__(self, gpu: dict[int, int]) -> None:
         self.gpu = gpu  # the GPU index's holder masks
         self.holders: dict[int, int] = {}
-        self.keys_of: dict[int, set[int]] = {}
-        #: Per worker, how many blocks it holds here and not on its GPU, and the mask of workers
-        #: with any. Only they can go on below where their GPU prefix ends, so while lower tiers
-        #: hold copies of GPU blocks only, a lookup costs what a GPU-only one does.
-        self.deep: dict[int, int] = {}
+        self.logs: dict[int, KeyLog] = {}
+        #: Per worker: its keys held here and not on its GPU (never empty), and the mask of them.
+        self.deep: dict[int, set[int]] = {}
         self.deep_mask = 0
 
-    def deeper(self, wid: int, n: int) -> None:
-        left = self.deep.get(wid, 0) + n
-        if left > 0:
-            self.deep[wid] = left
-            self.deep_mask |= 1 << wid
-        else:
-            self.deep.pop(wid, None)
-            self.deep_mask &= ~(1 << wid)
-
-    def store(self, wid: int, keys: list[int], on_gpu: Iterable[int] = ()) -> None:
-        """`on_gpu`: keys known to be on the worker's GPU (spares probing the GPU's masks)."""
-        mine = self.keys_of.get(wid)
+    def _deeper(self, wid: int, keys: Iterable[int]) -> None:
+        mine = self.deep.get(wid)
         if mine is None:
-            mine = self.keys_of[wid] = set()
-        fresh = set(keys).difference(mine) if mine else set(keys)
-        if not fresh:
-            return
+            mine = set(keys)
+            if mine:
+                self.deep[wid] = mine
+                self.deep_mask |= 1 << wid
+        else:
+            mine.update(keys)
+
+    def back_on_gpu(self, wid: int, keys: list[int]) -> None:
+        """`keys` are on the worker's GPU now: none of them is held here only."""
+        mine = self.deep.get(wid)
+        if mine is not None:
+            mine.difference_update(keys)
+            if not mine:
+                self._shallow(wid)
+
+    def off_gpu(self, wid: int, keys: list[int]) -> None:
+        """`keys` left the worker's GPU: those it holds here are now held here only."""
+        if wid in self.logs:
+            bit = 1 << wid
+            self._deeper(wid, compress(keys, map(bit.__and__, map(self.holders.get, keys, repeat(0)))))
+
+    def all_off_gpu(self, wid: int) -> None:
+        """The worker's GPU cache was cleared: all it holds here is held here only."""
+        log = self.logs.get(wid)
+        if log is not None:
+            self._deeper(wid, log.held())
+
+    def _shallow(self, wid: int) -> None:
+        del self.deep[wid]
+        self.deep_mask &= ~(1 << wid)
+
+    def store(self, wid: int, keys: list[int], on_gpu: list[int] | tuple[()] = ()) -> None:
+        """`on_gpu`: keys known to be on the worker's GPU (spares probing the GPU's masks)."""
+        # Keys the worker held here already are set, logged and counted again: the masks, the
+        # log (deduped when compacted) and the sets take each once.
         bit = 1 << wid
-        # New here and not on the GPU: held only here (offloads of GPU blocks: none).
-        unsure = fresh.difference(on_gpu) if on_gpu else fresh
-        only_here = len(unsure) - count_held(self.gpu, bit, wid, unsure) if unsure else 0
-        if only_here:
-            self.deeper(wid, only_here)
-        mine.update(fresh)
-        set_bit(self.holders, bit, fresh)
+        set_bit(self.holders, bit, keys)
+        log = self.logs.get(wid)
+        if log is None:
+            log = self.logs[wid] = KeyLog()
+        log.add(keys)
+        # Not on the GPU: held only here (offloads of the GPU's last store: none).
+        if on_gpu and keys != on_gpu:
+            last = set(on_gpu)
+            unsure: list[int] = list(filterfalse(last.__contains__, keys))
+        else:
+            unsure = [] if on_gpu else keys
+        if unsure:
+            on = map(bit.__and__, map(self.gpu.get, unsure, repeat(0)))
+            self._deeper(wid, compress(unsure, map(not_, on)))
 
     def remove(self, wid: int, keys: Iterable[int]) -> None:
-        mine = self.keys_of.get(wid)
-        if not mine:
+        log = self.logs.get(wid)
+        if log is None:
             return
-        holders, gpu, bit = self.holders, self.gpu, 1 << wid
-        for key in keys:
-            if key not in mine:
-                continue
-            mine.discard(key)
-            have = holders[key]
-            if have == bit:
-                del holders[key]
-            else:
-                holders[key] = have ^ bit
-            if not gpu.get(key, 0) & bit:  # a block held only here went
-                self.deeper(wid, -1)
+        gone = clear_bit(self.holders, 1 << wid, keys)
+        if gone:
+            log.drop(gone)
+            self.back_on_gpu(wid, gone)  # (gone from here: not held here only either)
 
     def forget(self, wid: int) -> None:
-        holders, bit = self.holders, 1 << wid
-        for key in self.keys_of.pop(wid, ()):
-            have = holders[key]
-            if have == bit:
-                del holders[key]
-            else:
-                holders[key] = have ^ bit
-        self.deeper(wid, -self.deep.get(wid, 0))
+        log = self.logs.pop(wid, None)
+        if log is not None:
+            bit = 1 << wid
+            for keys in log.lists:
+                clear_bit(self.holders, bit, keys)
+        if wid in self.deep:
+            self._shallow(wid)
+
+    def held(self, wid: int) -> list[int]:
+        log = self.logs.get(wid)
+        return log.held() if log is not None else []

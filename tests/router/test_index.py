@@ -209,9 +209,9 @@ def test_worker_logs_compact_and_keep_answering_as_the_events_say(monkeypatch):
     log stays within a bound of what its worker holds."""
     import random
 
-    from dynvllm.router import index as index_module
+    from dynvllm.router import key_log
 
-    monkeypatch.setattr(index_module, "_LOG_MIN", 4)
+    monkeypatch.setattr(key_log, "LOG_MIN", 4)
     rng = random.Random(3)
     keys = hashing.chain(list(range(24 * BS)), BS)
     for _ in range(20):
