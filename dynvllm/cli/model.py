@@ -22,7 +22,15 @@ def register(app: typer.Typer) -> None:
         classify: bool = typer.Option(
             False,
             "--classify",
-            help="A tiny Qwen2ForSequenceClassification (3 labels) for `serve embed` and /classify.",
+            help="A tiny Qwen2ForSequenceClassification for `serve embed` and /classify.",
+        ),
+        labels: int = typer.Option(
+            3,
+            "--labels",
+            min=1,
+            max=3,
+            help="The classifier's labels (with --classify): 3 (red, green, blue), or 1 for a "
+            "cross-encoder that /score and /rerank score text pairs with.",
         ),
     ) -> None:
         """Build a tiny random Qwen2 model (and tokenizer) that vLLM runs in seconds."""
@@ -34,6 +42,8 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("--lora goes with the text model only", param_hint="--lora")
         if vision and classify:
             raise typer.BadParameter("choose one of --vision and --classify", param_hint="--classify")
+        if labels != 3 and not classify:
+            raise typer.BadParameter("--labels goes with --classify", param_hint="--labels")
         # Before the heavy imports and the build: a folder that cannot be written is one line.
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -44,8 +54,9 @@ def register(app: typer.Typer) -> None:
         from dynvllm.models.tiny import build_tiny_classifier, build_tiny_lora, build_tiny_model
 
         if classify:
-            build_tiny_classifier(path, seed=seed)
-            typer.echo(f"tiny classifier (Qwen2ForSequenceClassification) written to {path}")
+            build_tiny_classifier(path, seed=seed, labels=labels)
+            kind = "cross-encoder" if labels == 1 else f"{labels} labels"
+            typer.echo(f"tiny classifier (Qwen2ForSequenceClassification, {kind}) written to {path}")
             return
         if vision:
             from dynvllm.models.tiny_vision import build_tiny_vision_model

@@ -178,6 +178,15 @@ class Tokenizer:
             return list(self._slow.encode(text, add_special_tokens=add_special_tokens))
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_pair(self, text: str, pair: str, add_special_tokens: bool = True) -> list[int]:
+        """The ids of a text pair as transformers' `tokenizer(text, text_pair=pair)` gives them
+        (the tokenizer's pair template places the separators): vLLM's cross-encoder prompt."""
+        if self._slow is not None:
+            return list(self._slow(text, text_pair=pair, add_special_tokens=add_special_tokens)["input_ids"])
+        if not pair:  # transformers encodes an empty pair as no pair: no second separator
+            return self.encode(text, add_special_tokens)
+        return self._tok.encode(text, pair, add_special_tokens=add_special_tokens).ids
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         if self._slow is not None:
             return str(self._slow.decode(ids, skip_special_tokens=skip_special_tokens))

@@ -181,27 +181,42 @@ def build_tiny_model(path: str | Path, seed: int = 0, max_position_embeddings: i
 
 #: The tiny classifier's labels (`dynvllm model tiny --classify`).
 CLASSIFIER_LABELS = ("red", "green", "blue")
+#: The label of a one-label classifier (`--classify --labels 1`): a cross-encoder's relevance.
+CROSS_ENCODER_LABEL = "relevant"
 
 
-def build_tiny_classifier(path: str | Path, seed: int = 0) -> Path:
-    """Write a tiny Qwen2ForSequenceClassification (the text model's shape and tokenizer, a
-    3-label head) to `path`: vLLM serves it with the pooling runner and the classify task."""
+def classifier_labels(n: int) -> tuple[str, ...]:
+    """The label names of a tiny classifier with `n` labels (1 to 3)."""
+    if n == 1:
+        return (CROSS_ENCODER_LABEL,)
+    if not 2 <= n <= len(CLASSIFIER_LABELS):
+        raise ValueError(f"a tiny classifier has 1 to {len(CLASSIFIER_LABELS)} labels, not {n}")
+    return CLASSIFIER_LABELS[:n]
+
+
+def build_tiny_classifier(path: str | Path, seed: int = 0, labels: int = 3) -> Path:
+    """Write a tiny Qwen2ForSequenceClassification (the text model's shape and tokenizer, a head
+    of `labels` outputs) to `path`: vLLM serves it with the pooling runner and the classify task.
+    With one label it is a cross-encoder: vLLM scores (query, document) pairs with it (/score,
+    /rerank, `LLM.score`) and its activation is a sigmoid instead of a softmax."""
     import torch
     from transformers import Qwen2ForSequenceClassification
 
+    names = classifier_labels(labels)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(path, seed)
     config = _qwen2_config(
         tokenizer,
-        id2label=dict(enumerate(CLASSIFIER_LABELS)),
-        label2id={label: i for i, label in enumerate(CLASSIFIER_LABELS)},
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
+        label2id={label: i for i, label in enumerate(names)},
     )
     torch.manual_seed(seed)
     model = Qwen2ForSequenceClassification(config)
     with torch.no_grad():
-        # std 1.0 on a 128-wide input saturates the softmax; 0.05 keeps the probabilities apart
-        # from 0 and 1, so a wrong pooling shows in every one of them.
+        # std 1.0 on a 128-wide input saturates the softmax (or the one label's sigmoid); 0.05
+        # keeps the probabilities apart from 0 and 1, so a wrong pooling shows in every one.
         model.score.weight.normal_(0.0, 0.05)
     model.to(torch.bfloat16).save_pretrained(path, safe_serialization=True)
     return path

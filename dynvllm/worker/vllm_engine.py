@@ -82,6 +82,21 @@ def _vllm_sampling(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def _cross_encoder(model_config: Any, tokenizer: Any) -> dict[str, Any]:
+    """How vLLM's server prompts a cross-encoder (a one-label classifier scoring text pairs):
+    `sep`, the tokenizer's pair encoding (else query + document as one text); `unserved`, what
+    the frontend cannot reproduce (None when it can)."""
+    from vllm.model_executor.model_loader import get_model_cls
+    from vllm.model_executor.models.interfaces import supports_score_template
+
+    unserved = None
+    if supports_score_template(get_model_cls(model_config)):
+        unserved = "its model's own score template"
+    elif "token_type_ids" in (getattr(tokenizer, "model_input_names", None) or ()):
+        unserved = "token type ids"
+    return {"sep": bool(model_config.use_sep_token), "unserved": unserved}
+
+
 class VllmEngine(Engine):
     kind = "vllm"
 
@@ -94,6 +109,7 @@ class VllmEngine(Engine):
         self._lora_inflight: dict[str, int] = {}
         self._lora_closing: set[str] = set()
         self._pooling_tasks: list[str] | None = None
+        self._cross_encoder: dict[str, Any] | None = None
 
     def check_args(self, settings: Settings) -> None:
         from dynvllm.worker.engine_args import parse_engine_args
@@ -168,6 +184,8 @@ class VllmEngine(Engine):
             **({"pooling_tasks": self._pooling_tasks} if self._pooling_tasks is not None else {}),
             # A classifier's label names by class index, for /classify (vLLM reads the same).
             **({"labels": self._labels(cfg)} if "classify" in (self._pooling_tasks or ()) else {}),
+            # A one-label classifier scores (query, document) pairs: how vLLM builds their prompts.
+            **({"cross_encoder": self._cross_encoder} if self._cross_encoder is not None else {}),
         }
 
     @staticmethod
@@ -348,6 +366,9 @@ class VllmEngine(Engine):
             return None
         tasks = list(await self.llm.get_supported_tasks())
         self._pooling_tasks = sorted(tasks)
+        mc = self.llm.vllm_config.model_config
+        if "classify" in tasks and getattr(mc.hf_config, "num_labels", 0) == 1:
+            self._cross_encoder = _cross_encoder(mc, self.llm.tokenizer)
         return next((t for t in ("embed", "classify", "score") if t in tasks), tasks[0] if tasks else "embed")
 
     @property

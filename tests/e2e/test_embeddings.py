@@ -1,10 +1,12 @@
 """`dynvllm serve embed`: an embedding role ends the chain at its `embed` stage and `/v1/embeddings`
 answers through the real `openai` client with the vectors the model computes. A second embed
-worker in the same service serves a tiny sequence-classification model ("cls") for `/classify`."""
+worker in the same service serves a tiny one-label sequence-classification model ("cls"): vLLM's
+`/classify` answers with it, and so do `/score` and `/rerank` as with a cross-encoder."""
 
 from __future__ import annotations
 
 import base64
+import math
 import struct
 
 import httpx
@@ -25,36 +27,68 @@ QUERY = "the cat sees a dog"
 DOCS = ["a dog sees the cat", "red river runs", "the old mountain road and the city", "cat and dog"]
 #: (data_1, data_2) of the score requests: 1:N and N:N.
 SCORES = [(QUERY, DOCS), (["one red fish", "big old tree"], ["red fish", "a new house"])]
+#: A score template (the second frontend's --chat-template): vLLM renders each pair with it.
+SCORE_TEMPLATE = (
+    "{% if instruction %}<|im_start|>system\n{{ instruction }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+)
+INSTRUCTION = "Is the document about the query?"
 #: Inputs of /classify: sentences of different lengths and words, so their classes differ.
 CLASSIFY = ["the cat sees a dog and", "red river runs where the old mountain", "one", "big old tree."]
 
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
-    """A tiny Qwen2ForSequenceClassification (labels red, green, blue), as `model tiny --classify`."""
+    """A tiny Qwen2ForSequenceClassification with one label (a cross-encoder), as
+    `model tiny --classify --labels 1`."""
     from dynvllm.models.tiny import build_tiny_classifier
 
-    return build_tiny_classifier(tmp_path_factory.mktemp("cls") / "model")
+    return build_tiny_classifier(tmp_path_factory.mktemp("cls") / "model", labels=1)
 
 
 @pytest.fixture(scope="module")
 def reference_job(tiny_model, classifier):
     """(token ids, the child computing vLLM's offline embedding of each text and the scores of
     SCORES with `LLM(runner="pooling")` on the same model, then the classifier's probabilities of
-    CLASSIFY with `LLM.classify`), started before the service so the engines start side by side."""
+    CLASSIFY with `LLM.classify` and its cross-encoder scores of SCORES with `LLM.score`), started
+    before the service so the engines start side by side."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     ids = [tok(text)["input_ids"] for text in TEXTS]
     scores = [{"score": [a, b]} for a, b in SCORES]
-    reqs = [*ids, *scores, {"classify": [str(classifier), CLASSIFY]}]
+    cross = [{"cross_score": [str(classifier), a, b]} for a, b in SCORES]
+    (q, docs), (left, right) = SCORES
+    cross += [
+        {"cross_score": [str(classifier), q, docs, SCORE_TEMPLATE, {"instruction": INSTRUCTION}]},
+        {"cross_score": [str(classifier), left, right, SCORE_TEMPLATE, {}]},
+    ]
+    reqs = [*ids, *scores, *cross, {"classify": [str(classifier), CLASSIFY]}]
     job = OfflineReference(tiny_model, reqs, script="offline_pooling.py")
     yield ids, job
     job.close()
 
 
 @pytest.fixture(scope="module")
-def service(tiny_model, classifier, tmp_path_factory, reference_job, nats_url):
+def template_frontend(tmp_path_factory, nats_url):
+    """A second frontend of the service with a --chat-template, which vLLM's server uses as the
+    cross-encoder's score template (started first: it needs no engine)."""
+    logs = tmp_path_factory.mktemp("embfe")
+    (logs / "score.jinja").write_text(SCORE_TEMPLATE)
+    fe = start_service(
+        ["frontend"],
+        logs / "fe.log",
+        "--chat-template",
+        str(logs / "score.jinja"),
+        namespace="emb",
+        nats_url=nats_url,
+    )
+    yield fe
+    stop_in_background([fe])
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model, classifier, tmp_path_factory, reference_job, nats_url, template_frontend):
     """The embedding model "tiny" and the classifier "cls", each on its embed worker, one frontend."""
     logs = tmp_path_factory.mktemp("embed")
     url, proc = start_agg(tiny_model, logs / "serve.log", "emb", "--nats-url", nats_url, role="embed")
@@ -89,6 +123,14 @@ def score_reference(reference_job) -> list[list[float]]:
     """vLLM's offline scores (`LLM.score`) of each pair of SCORES."""
     ids, job = reference_job
     return job.result()[len(ids) : len(ids) + len(SCORES)]
+
+
+@pytest.fixture(scope="module")
+def cross_reference(reference_job) -> list[list[float]]:
+    """vLLM's offline scores (`LLM.score`) of each pair of SCORES by the one-label classifier."""
+    ids, job = reference_job
+    start = len(ids) + len(SCORES)
+    return job.result()[start : start + 2 * len(SCORES)]
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +269,7 @@ def test_pooling_answers_the_embedding_and_what_is_not_served_is_named(service, 
 
 
 def test_classify_answers_vllms_probabilities_and_labels(service, classify_reference, tiny_model):
-    from dynvllm.models.tiny import CLASSIFIER_LABELS
+    from dynvllm.models.tiny import CROSS_ENCODER_LABEL
 
     r = httpx.post(service + "/classify", json={"model": "cls", "input": CLASSIFY})
     assert r.status_code == 200, r.text
@@ -235,24 +277,123 @@ def test_classify_answers_vllms_probabilities_and_labels(service, classify_refer
     assert body["id"].startswith("classify-") and body["object"] == "list" and body["model"] == "cls"
     assert [d["index"] for d in body["data"]] == list(range(len(CLASSIFY)))
     for d, want in zip(body["data"], classify_reference, strict=True):
-        assert d["num_classes"] == len(d["probs"]) == len(want) == 3
-        assert max(abs(a - b) for a, b in zip(d["probs"], want, strict=True)) < 1e-4
-        assert d["label"] == CLASSIFIER_LABELS[max(range(3), key=want.__getitem__)]
+        # One label: vLLM's activation is a sigmoid, so the one probability is not 1.
+        assert d["num_classes"] == len(d["probs"]) == len(want) == 1 and 0.05 < want[0] < 0.95
+        assert abs(d["probs"][0] - want[0]) < 1e-4
+        assert d["label"] == CROSS_ENCODER_LABEL
     # the inputs are told apart: not one answer for all
-    assert len({tuple(round(p, 3) for p in w) for w in classify_reference}) == len(CLASSIFY)
+    assert len({round(w[0], 3) for w in classify_reference}) == len(CLASSIFY)
     assert body["usage"]["prompt_tokens"] == _tokens(tiny_model, CLASSIFY) == body["usage"]["total_tokens"]
     # Token ids in, the same probabilities out (the two models share the tokenizer).
     from transformers import AutoTokenizer
 
     ids = AutoTokenizer.from_pretrained(tiny_model)(CLASSIFY[0])["input_ids"]
     again = httpx.post(service + "/classify", json={"model": "cls", "input": ids}).json()["data"][0]
-    assert max(abs(a - b) for a, b in zip(again["probs"], classify_reference[0], strict=True)) < 1e-4
-    # The classifier answers /classify only; the embedding model still refuses it (vLLM's words).
-    for route, req in (
-        ("/pooling", {"model": "cls", "input": "x"}),
-        ("/score", {"model": "cls", "text_1": "a", "text_2": "b"}),
-    ):
-        bad = httpx.post(service + route, json=req)
-        assert bad.status_code == 400 and "classification model" in bad.json()["error"]["message"], bad.text
+    assert abs(again["probs"][0] - classify_reference[0][0]) < 1e-4
+    # The classifier does not embed; the embedding model refuses /classify (vLLM's words).
+    bad = httpx.post(service + "/pooling", json={"model": "cls", "input": "x"})
+    assert bad.status_code == 400 and "classification model" in bad.json()["error"]["message"], bad.text
     no = httpx.post(service + "/classify", json={"model": "tiny", "input": "x"})
     assert no.status_code == 501 and "Classification API" in no.json()["error"]["message"]
+
+
+def _pair_tokens(tiny_model, pairs: list[tuple[str, str]]) -> int:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    return sum(len(tok(q, text_pair=d)["input_ids"]) for q, d in pairs)
+
+
+def test_a_cross_encoder_scores_pairs_as_vllm(service, cross_reference, score_reference, tiny_model):
+    """The one-label classifier scores each (query, document) pair tokenized together, as vLLM's
+    server and `LLM.score` do: the same scores within 1e-4, rerank order, top_n, usage."""
+    (want_1n, want_nn) = cross_reference[:2]
+    assert len({round(w, 3) for w in want_1n}) == len(DOCS)  # the scores tell the documents apart
+    # Not the embedding model's cosines: the cross-encoder reads the pair.
+    assert max(abs(a - b) for a, b in zip(want_1n, score_reference[0], strict=True)) > 0.05
+    r = httpx.post(service + "/score", json={"model": "cls", "queries": QUERY, "documents": DOCS})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"].startswith("score-") and body["object"] == "list" and body["model"] == "cls"
+    assert [(d["index"], d["object"]) for d in body["data"]] == [(i, "score") for i in range(len(DOCS))]
+    assert max(abs(d["score"] - w) for d, w in zip(body["data"], want_1n, strict=True)) < 1e-4
+    # Each pair is one prompt: the query counts once per document, as vLLM counts it.
+    tokens = _pair_tokens(tiny_model, [(QUERY, d) for d in DOCS])
+    assert body["usage"]["prompt_tokens"] == tokens == body["usage"]["total_tokens"]
+    left, right = SCORES[1]
+    nn = httpx.post(service + "/v1/score", json={"model": "cls", "text_1": left, "text_2": right})
+    assert nn.status_code == 200, nn.text
+    assert max(abs(d["score"] - w) for d, w in zip(nn.json()["data"], want_nn, strict=True)) < 1e-4
+    assert nn.json()["usage"]["prompt_tokens"] == _pair_tokens(
+        tiny_model, list(zip(left, right, strict=True))
+    )
+    # use_activation false: the raw logit, whose sigmoid is the score.
+    raw = httpx.post(
+        service + "/score", json={"model": "cls", "data_1": QUERY, "data_2": DOCS[0], "use_activation": False}
+    ).json()["data"][0]["score"]
+    assert abs(1 / (1 + math.exp(-raw)) - want_1n[0]) < 1e-4 and abs(raw) > 1e-3
+    order = sorted(range(len(DOCS)), key=lambda i: want_1n[i], reverse=True)
+    for route in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        rr = httpx.post(service + route, json={"model": "cls", "query": QUERY, "documents": DOCS, "top_n": 3})
+        assert rr.status_code == 200, rr.text
+        results = rr.json()["results"]
+        assert [x["index"] for x in results] == order[:3]
+        assert [x["document"]["text"] for x in results] == [DOCS[i] for i in order[:3]]
+        assert max(abs(x["relevance_score"] - want_1n[x["index"]]) for x in results) < 1e-4
+        assert rr.json()["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+    every = httpx.post(service + "/rerank", json={"model": "cls", "query": QUERY, "documents": DOCS}).json()
+    assert [x["index"] for x in every["results"]] == order
+    # Bad requests are named; the service keeps scoring.
+    for req, named in (
+        ({"queries": ["a", "b"], "documents": DOCS}, "1:1, 1:N or N:N"),
+        ({"queries": "a", "documents": []}, "text_pair"),
+        ({"query": "a", "documents": DOCS, "instruction": "x"}, "instruction"),
+        ({"query": "a", "documents": DOCS, "truncate_prompt_tokens": 4}, "truncate_prompt_tokens"),
+        ({"query": "a", "documents": DOCS, "top_n": -1}, "top_n"),
+    ):
+        route = "/rerank" if "query" in req else "/score"
+        bad = httpx.post(service + route, json={"model": "cls", **req})
+        assert bad.status_code == 400 and named in bad.json()["error"]["message"], (req, bad.text)
+    again = httpx.post(service + "/score", json={"model": "cls", "queries": QUERY, "documents": DOCS[:1]})
+    assert again.status_code == 200 and abs(again.json()["data"][0]["score"] - want_1n[0]) < 1e-4
+
+
+def test_a_cross_encoder_under_a_score_template_renders_each_pair(
+    service, template_frontend, cross_reference, tiny_model
+):
+    """With the service's --chat-template, each pair is the template's text for the messages
+    query and document (with `instruction`), as vLLM's server and `LLM.score(chat_template=...)`."""
+    from transformers import AutoTokenizer
+
+    wait_http(
+        template_frontend.url + "/health", lambda b: b.get("workers") == 2, template_frontend, timeout=60
+    )
+    plain_1n, plain_nn, want_1n, want_nn = cross_reference
+    # the template counts: no score is the plain pair's
+    assert min(abs(a - b) for a, b in zip([*want_1n, *want_nn], [*plain_1n, *plain_nn], strict=True)) > 1e-3
+    url = template_frontend.url
+    r = httpx.post(
+        url + "/score", json={"model": "cls", "queries": QUERY, "documents": DOCS, "instruction": INSTRUCTION}
+    )
+    assert r.status_code == 200, r.text
+    assert max(abs(d["score"] - w) for d, w in zip(r.json()["data"], want_1n, strict=True)) < 1e-4
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    messages = [[{"role": "query", "content": QUERY}, {"role": "document", "content": d}] for d in DOCS]
+    texts = [
+        tok.apply_chat_template(m, chat_template=SCORE_TEMPLATE, tokenize=False, instruction=INSTRUCTION)
+        for m in messages
+    ]
+    assert r.json()["usage"]["prompt_tokens"] == sum(len(tok(t)["input_ids"]) for t in texts)
+    left, right = SCORES[1]
+    rr = httpx.post(url + "/v1/rerank", json={"model": "cls", "query": left[0], "documents": right[:1]})
+    assert rr.status_code == 200 and abs(rr.json()["results"][0]["relevance_score"] - want_nn[0]) < 1e-4
+    nn = httpx.post(url + "/score", json={"model": "cls", "text_1": left, "text_2": right}).json()
+    assert max(abs(d["score"] - w) for d, w in zip(nn["data"], want_nn, strict=True)) < 1e-4
+    bad = httpx.post(
+        url + "/rerank",
+        json={"model": "cls", "query": "a", "documents": DOCS, "chat_template_kwargs": {"tokenize": True}},
+    )
+    assert bad.status_code == 400 and "reserved keys" in bad.json()["error"]["message"]
+    # The embedding model scores by cosine there too: the template is a cross-encoder's only.
+    cos = httpx.post(url + "/score", json={"model": "tiny", "text_1": "a", "text_2": "a"})
+    assert cos.status_code == 200 and abs(cos.json()["data"][0]["score"] - 1.0) < 1e-5

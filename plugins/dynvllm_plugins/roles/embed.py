@@ -2,8 +2,9 @@
 and answers once (`dynvllm serve embed --model M` serves `/v1/embeddings` on its own).
 
 A sequence-classification checkpoint (`*ForSequenceClassification`) runs as vLLM runs it, with
-the classify task: the same stage then answers `/classify`. Each call names its pooling task
-(embed unless it says otherwise); the engine refuses a task its model lacks."""
+the classify task: the same stage then answers `/classify`, and, for a one-label classifier (a
+cross-encoder), `/score` and `/rerank` with each (query, document) pair as one prompt. Each call
+names its pooling task (embed unless it says otherwise); the engine refuses a task its model lacks."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ class EmbedRole(Role):
     standalone = True
     description = (
         "Pooling worker: a vLLM engine with a pooling runner (serves /v1/embeddings, or /classify "
-        "for a sequence-classification model)."
+        "for a sequence-classification model, and /score for a one-label one)."
     )
     stage = EMBED
 

@@ -2,16 +2,19 @@
 `/score` (`/v1/score`), `/rerank` (`/v1/rerank`, `/v2/rerank`) and `/classify`.
 
 An embedding model scores as vLLM scores one (a bi-encoder): queries and documents are embedded
-one by one and each pair's score is the cosine of its two vectors. `/classify` answers for a
-sequence-classification model (the embed role runs it with vLLM's classify task; its workers'
-cards list the pooling tasks and the labels); for any other model it is refused with vLLM's
-words."""
+one by one and each pair's score is the cosine of its two vectors. A sequence-classification model
+with one label is a cross-encoder, as in vLLM: each (query, document) pair is one prompt (the
+tokenizer's pair encoding, or the service's --chat-template rendered as a score template) run
+with the classify task, whose one output (a sigmoid probability) is the pair's score.
+`/classify` answers for a sequence-classification model (the embed role runs it with vLLM's
+classify task; its workers' cards list the pooling tasks, the labels and, for one label, how
+pairs are prompted); for any other model it is refused with vLLM's words."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 from starlette.requests import Request
@@ -21,11 +24,15 @@ from starlette.routing import BaseRoute, Route
 from dynvllm.frontend import bodies
 from dynvllm.frontend.errors import RequestError
 from dynvllm.frontend.models import ModelEntry
-from dynvllm.frontend.request_path import Admitted
+from dynvllm.frontend.request_path import Admitted, RequestPath
 from dynvllm.frontend.surface import Surface
+from dynvllm.frontend.tokenizer import Tokenizer, read_chat_template
 from dynvllm_plugins.roles.embed import CLASSIFY, EMBED
 from dynvllm_plugins.surfaces import pooling_schema as ps
 from dynvllm_plugins.surfaces.embeddings import answer, encode
+
+if TYPE_CHECKING:
+    from dynvllm.settings import Settings
 
 #: The pooling task of the embed role's engines (vLLM's `--convert embed`).
 TASK = "embed"
@@ -35,6 +42,12 @@ class PoolingSurface(Surface):
     description = (
         "vLLM's pooling APIs (/pooling, /score, /rerank, /classify), served by pooling roles (embed)"
     )
+
+    def __init__(self, path: RequestPath, settings: Settings) -> None:
+        super().__init__(path, settings)
+        # vLLM's server prompts a cross-encoder's pairs with its --chat-template when it has one.
+        given = self.frontend.chat_template
+        self.score_template = read_chat_template(given) if given else None
 
     def routes(self) -> list[BaseRoute]:
         score, rerank = self.score, self.rerank
@@ -69,31 +82,50 @@ class PoolingSurface(Surface):
         if TASK not in await self._tasks(model):
             raise RequestError(
                 400,
-                f"model {model!r} is a classification model: it answers /classify; embeddings, "
-                "/pooling and bi-encoder /score and /rerank need an embedding model (scoring with a "
-                "cross-encoder is not served)",
+                f"model {model!r} is a classification model: it answers /classify (and /score and "
+                "/rerank when it has one label); embeddings and /pooling need an embedding model",
                 param="model",
             )
+
+    async def _scorer(self, model: str) -> dict[str, Any] | None:
+        """How the model scores: None for an embedding model (a bi-encoder), else its workers'
+        cross-encoder card (a one-label classifier, as vLLM enables scoring for classifiers)."""
+        entry = await self.path.entry(model)
+        if TASK in await self._tasks(model):
+            return None
+        cross = entry.card.get("cross_encoder")
+        if not isinstance(cross, dict):
+            labels = len(entry.card.get("labels") or {})
+            raise RequestError(
+                400,
+                f"model {model!r} is a classification model with {labels} labels: it answers "
+                "/classify; /score and /rerank need an embedding model or a cross-encoder (a "
+                "classifier with one label, as vLLM's server scores with)",
+                param="model",
+            )
+        if cross.get("unserved"):
+            raise RequestError(
+                400,
+                f"model {model!r} is a cross-encoder whose pair prompts need {cross['unserved']}: "
+                "scoring with it is not served",
+                param="model",
+            )
+        return cross
 
     async def _run(
         self,
         request: Request,
         model: str,
-        texts: list[str | list[int]],
-        add_special: bool,
+        encode: Callable[[Tokenizer], list[list[int]]],
         options: dict,
         task: str | None = None,
     ) -> tuple[Admitted, list[dict]] | RequestError:
-        """Pool each input on the embed stage (for `task`, else the stage's own): (the admitted
-        request, each input's answer)."""
+        """Pool each prompt `encode` makes with the model's tokenizer on the embed stage (for
+        `task`, else the stage's own): (the admitted request, each prompt's answer)."""
 
         def prompts(entry: ModelEntry) -> list[list[int]]:
-            tok = entry.tokenizer
-            assert tok is not None
-            return [
-                tok.encode(t, add_special_tokens=add_special) if isinstance(t, str) else list(t)
-                for t in texts
-            ]
+            assert entry.tokenizer is not None
+            return encode(entry.tokenizer)
 
         r = await self.path.admit_call("pooling", model, prompts, EMBED, request.headers)
         answers = await self.path.complete(r, lambda: self.path.call_all(r, options, task))
@@ -109,6 +141,13 @@ class PoolingSurface(Surface):
             self.path.refused(model, exc)
             return self.error_response(exc)
         return out if isinstance(out, Response) else self.error_response(out)
+
+    @staticmethod
+    def _texts(texts: list[str | list[int]], add_special: bool) -> Callable[[Tokenizer], list[list[int]]]:
+        """Each input's ids: a text tokenized (with the special tokens or not), ids as given."""
+        return lambda tok: [
+            tok.encode(t, add_special_tokens=add_special) if isinstance(t, str) else list(t) for t in texts
+        ]
 
     @staticmethod
     def _options(req: ps.PoolingBase) -> dict[str, Any]:
@@ -131,7 +170,9 @@ class PoolingSurface(Surface):
             )
         await self._embedding_model(model)
         ps.check_inputs(req.inputs())
-        done = await self._run(request, model, req.inputs(), req.add_special_tokens, self._options(req))
+        done = await self._run(
+            request, model, self._texts(req.inputs(), req.add_special_tokens), self._options(req)
+        )
         if isinstance(done, RequestError):
             return done
         r, answers = done
@@ -159,18 +200,39 @@ class PoolingSurface(Surface):
         self, request: Request, req: ps.ScoreRequest | ps.RerankRequest, model: str
     ) -> Response | RequestError:
         ps.check_scoring(req)
-        await self._embedding_model(model)
+        cross = await self._scorer(model)
         if isinstance(req, ps.RerankRequest):
             left, right = [req.query], ps.as_list(req.documents)
         else:
             left, right = req.sides()
         ps.check_pairs(left, right)
-        # vLLM tokenizes each side with the model's special tokens (add_special_tokens=True).
-        done = await self._run(request, model, [*left, *right], True, self._options(req))
+        template = self.score_template if cross is not None else None
+        if template is None and req.template_fields():
+            name = req.template_fields()[0]
+            raise RequestError(
+                400,
+                f"{name}: reaches only a cross-encoder's score template (the service's "
+                "--chat-template); this request has none",
+                param=name,
+            )
+        kwargs = req.template_kwargs() if template is not None else {}
+        if cross is None:
+            # vLLM tokenizes each side with the model's special tokens (add_special_tokens=True).
+            done = await self._run(request, model, self._texts([*left, *right], True), self._options(req))
+        else:
+            pairs, sep = ps.pairs(left, right), bool(cross.get("sep", True))
+            done = await self._run(
+                request,
+                model,
+                lambda tok: [ps.cross_encoder_prompt(tok, q, d, sep, template, kwargs) for q, d in pairs],
+                self._options(req),
+                CLASSIFY,
+            )
         if isinstance(done, RequestError):
             return done
         r, answers = done
-        scores = ps.pair_scores([a["data"] for a in answers], len(left))
+        outputs = [a["data"] for a in answers]
+        scores = ps.pair_scores(outputs, len(left)) if cross is None else ps.cross_scores(outputs)
         rid = ps.response_id("score", req.request_id, request.headers.get("x-request-id"))
         tokens = self._tokens(answers)
         if isinstance(req, ps.RerankRequest):
@@ -199,7 +261,7 @@ class PoolingSurface(Surface):
             )
         ps.check_inputs(req.inputs())
         done = await self._run(
-            request, model, req.inputs(), req.add_special_tokens, self._options(req), CLASSIFY
+            request, model, self._texts(req.inputs(), req.add_special_tokens), self._options(req), CLASSIFY
         )
         if isinstance(done, RequestError):
             return done

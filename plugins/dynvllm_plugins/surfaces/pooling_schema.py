@@ -55,6 +55,28 @@ class ScoringBase(PoolingBase):
     # vLLM's per-side truncation: only its default (0, none) is served; see `check_scoring`.
     max_tokens_per_query: int = 0
     max_tokens_per_doc: int = 0
+    # A cross-encoder's score template arguments (`instruction` is chat_template_kwargs'
+    # "instruction" unless those name one): they reach only a template (`template_kwargs`).
+    instruction: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """The score template's arguments, as vLLM merges them (reserved names refused)."""
+        kwargs = dict(self.chat_template_kwargs or {})
+        if self.instruction is not None:
+            kwargs.setdefault("instruction", self.instruction)
+        reserved = {"chat_template", "tools", "tokenize"} & kwargs.keys()
+        if reserved:
+            raise RequestError(
+                400,
+                "chat_template_kwargs contains reserved keys that conflict with fixed scorer "
+                f"arguments: {sorted(reserved)}",
+                param="chat_template_kwargs",
+            )
+        return kwargs
+
+    def template_fields(self) -> list[str]:
+        return [f for f in ("instruction", "chat_template_kwargs") if getattr(self, f) is not None]
 
 
 class ScoreRequest(ScoringBase):
@@ -120,12 +142,74 @@ def check_pairs(left: list[str], right: list[str]) -> None:
         raise RequestError(400, "At least one text_pair element must be given")
 
 
+def pairs(left: list[str], right: list[str]) -> list[tuple[str, str]]:
+    """The (query, document) pairs of a score: one query stands for all when there is one."""
+    return list(zip(left * len(right) if len(left) == 1 else left, right, strict=True))
+
+
+def cross_encoder_prompt(
+    tok: Any,
+    query: str,
+    document: str,
+    sep: bool,
+    template: str | None = None,
+    kwargs: dict[str, Any] | None = None,
+) -> list[int]:
+    """A pair's prompt for a cross-encoder as vLLM's server builds it (`get_score_prompt`): with a
+    score template (the server's --chat-template), the template's text for the messages
+    query and document; else the tokenizer's pair encoding, or, for a language model converted to
+    a reranker (`use_sep_token` false), the two texts as one; tokenized with the special tokens."""
+    if template is not None:
+        text = score_template_text(template, tok.special_tokens, query, document, kwargs or {})
+        return list(tok.encode(text, add_special_tokens=True))
+    if sep:
+        return list(tok.encode_pair(query, document, add_special_tokens=True))
+    return list(tok.encode(query + document, add_special_tokens=True))
+
+
+_RENDER_PARAMS = ("add_generation_prompt", "continue_final_message", "documents")
+
+
+def score_template_text(
+    template: str, special_tokens: dict[str, str], query: str, document: str, kwargs: dict[str, Any]
+) -> str:
+    """A score template rendered as vLLM renders it (transformers' renderer; the two messages
+    as they are, roles query and document, no generation prompt; the arguments the template
+    reads)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from dynvllm.frontend import templates
+
+    try:
+        chosen = templates.select_kwargs(template, kwargs)
+        # transformers' own parameters that shape the rendering; its others never reach a template
+        named = {k: chosen.pop(k) for k in _RENDER_PARAMS if k in chosen}
+        readable = templates.template_variables(template)
+        rendered, _ = render_jinja_template(
+            conversations=[[{"role": "query", "content": query}, {"role": "document", "content": document}]],
+            chat_template=template,
+            **named,
+            **{**special_tokens, **{k: v for k, v in chosen.items() if k in readable}},
+        )
+    except Exception as exc:  # the template's own refusal (raise_exception ...) is the caller's
+        raise RequestError(400, f"the score template failed: {exc}") from None
+    return str(rendered[0])
+
+
 def cosine(a: list[float], b: list[float]) -> float:
     """Cosine similarity as torch computes it (each norm clamped by eps 1e-8)."""
     dot = math.fsum(x * y for x, y in zip(a, b, strict=True))
     na = max(math.sqrt(math.fsum(x * x for x in a)), 1e-8)
     nb = max(math.sqrt(math.fsum(y * y for y in b)), 1e-8)
     return dot / (na * nb)
+
+
+def cross_scores(outputs: list[list[float]]) -> list[float]:
+    """A cross-encoder's scores: each pair's one output (vLLM's ScoringOutput of a one-label
+    classifier: its probability under the classify task's sigmoid, or its logit without it)."""
+    if any(len(o) != 1 for o in outputs):
+        raise ValueError("a cross-encoder gives one value a pair")
+    return [float(o[0]) for o in outputs]
 
 
 def pair_scores(vectors: list[list[float]], n_left: int) -> list[float]:
