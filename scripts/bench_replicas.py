@@ -1,17 +1,29 @@
 #!/usr/bin/env python
-"""Several frontends on one NATS: do they route the same prompt to the same worker, and what does
-sharing their decisions cost? Sharing off ("before") and on ("after"), side by side in one run.
+"""Several frontends on one NATS: do they route the same prompt to the same worker, do they find
+as many cached prompt tokens as one frontend does, and what does sharing their decisions cost?
 
-Each round and mode starts `dynvllm serve agg --engine sim --workers W` (its frontend is replica 1)
-and N-1 more `dynvllm frontend`s on its NATS, all with `--[no-]router-share-load`, then:
+Modes, side by side in one run (each round runs them in turn, alternating their order):
+  one    one frontend (`serve agg` alone): the cache-hit reference
+  off    N frontends, `--no-router-share-load`
+  on     N frontends, `--router-share-load`
+  base   as `on`, with the dynvllm of another source tree (`--baseline DIR`, e.g. an export of
+         the last commit; its processes run there, so `python -m dynvllm` imports its package):
+         the code before a change, in the same run
+Each mode starts `dynvllm serve agg --engine sim --workers W` (its frontend is replica 1) and N-1
+more `dynvllm frontend`s on its NATS, then:
   agreement  B background streams over the frontends (system prompt + question, a few output
              tokens); meanwhile P probes, each one new prompt over a known system prompt sent to
              every frontend at the same moment; agreed = all frontends chose the same worker
              (`x-dynvllm-worker`).
+  hit rate   of the background requests: prompt tokens the workers found cached (their own
+             count, `usage.prompt_tokens_details.cached_tokens`) / prompt tokens; "vs one" is
+             that over the `one` mode's in the same round.
   cost       a closed loop at concurrency C over all frontends (ISL 128 / OSL 16, sim engine with
-             no prefill or decode time, so the frontends are the bottleneck): req/s.
-Modes alternate (off, on, off, on ...), ROUNDS times; `--probes 0` measures the cost only. Run:
-  .venv/bin/python scripts/bench_replicas.py [--frontends 2] [--rounds 2]
+             no prefill or decode time, so the frontends are the bottleneck): req/s (not for `one`).
+`--probes 0` measures the cost only. Run:
+  .venv/bin/python scripts/bench_replicas.py [--frontends 8] [--rounds 2] [--modes one,off,on]
+  git archive HEAD dynvllm | tar -x -C /tmp/head
+  .venv/bin/python scripts/bench_replicas.py --frontends 8 --baseline /tmp/head
 """
 
 from __future__ import annotations
@@ -38,9 +50,15 @@ from benchkit import stop_all
 VOCAB = 500
 
 
-def start(args: list[str], log) -> subprocess.Popen:
+def start(args: list[str], log, source: str | None = None) -> subprocess.Popen:
+    """`dynvllm ARGS`; `source`: a source tree whose dynvllm package runs instead of this one
+    (`python -m` puts its working directory first on the path)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "dynvllm", *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        [sys.executable, "-m", "dynvllm", *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=source,
     )
 
 
@@ -60,15 +78,23 @@ async def wait_workers(session, url: str, want: int, proc: subprocess.Popen, tim
 
 
 STATUS: Counter[str] = Counter()
+#: Prompt tokens of the background requests, and of them those the workers found cached.
+TOKENS: Counter[str] = Counter()
 
 
-async def post(session, url: str, prompt: list[int], max_tokens: int) -> str | None:
+async def post(session, url: str, prompt: list[int], max_tokens: int, count: bool = False) -> str | None:
     body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True}
     try:
         async with session.post(url + "/v1/completions", json=body) as r:
-            await r.read()
+            data = await r.read()
             STATUS[str(r.status)] += 1
-            return r.headers.get("x-dynvllm-worker") if r.status == 200 else None
+            if r.status != 200:
+                return None
+            if count:
+                usage = json.loads(data)["usage"]
+                TOKENS["prompt"] += usage["prompt_tokens"]
+                TOKENS["cached"] += (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+            return r.headers.get("x-dynvllm-worker")
     except Exception as exc:
         STATUS[type(exc).__name__] += 1
         return None
@@ -86,7 +112,7 @@ async def agreement(session, urls: list[str], seed: int, args) -> tuple[int, int
     async def background(i: int) -> None:
         url = urls[i % len(urls)]
         while not done.is_set():
-            await post(session, url, prompt(), args.background_tokens)
+            await post(session, url, prompt(), args.background_tokens, count=True)
 
     for s in systems:  # every system prompt cached somewhere before the probes
         await post(session, urls[0], s, 1)
@@ -98,6 +124,8 @@ async def agreement(session, urls: list[str], seed: int, args) -> tuple[int, int
         workers = await asyncio.gather(*(post(session, u, p, 1) for u in urls))
         agreed += None not in workers and len(set(workers)) == 1
         await asyncio.sleep(0.05)
+    if len(urls) == 1:  # the hit-rate reference: as long a run as the others', no one to agree with
+        agreed = args.probes
     done.set()
     await asyncio.gather(*streams)
     return agreed, args.probes
@@ -137,23 +165,28 @@ async def throughput(session, urls: list[str], procs: dict, args) -> tuple[float
 
 
 @contextlib.asynccontextmanager
-async def service(session, model: str, share: bool, ns: str, timing: list[str], args, log):
-    """`serve agg` (replica 1) and N-1 frontends on its NATS; yields their URLs."""
-    flag = "--router-share-load" if share else "--no-router-share-load"
-    ports = [free_port() for _ in range(args.frontends)]
+async def service(session, model: str, mode: str, ns: str, timing: list[str], args, log):
+    """`serve agg` (replica 1) and N-1 frontends on its NATS (one for mode `one`); yields their
+    URLs."""
+    flag = "--no-router-share-load" if mode == "off" else "--router-share-load"
+    source = args.baseline if mode == "base" else None
+    port = free_port()
     sim = ["--engine", "sim", "--block-size", "32", "--sim-kv-blocks", str(args.kv_blocks), *timing]
     workers = ["--model", model, "--served-model-name", "m", "--workers", str(args.workers), *sim]
     http = ["--http-host", "127.0.0.1", "--http-port"]
-    procs = [start(["serve", "agg", *workers, "--namespace", ns, *http, str(ports[0]), flag], log)]
-    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    procs = [start(["serve", "agg", *workers, "--namespace", ns, *http, str(port), flag], log, source)]
+    urls = [f"http://127.0.0.1:{port}"]
     try:
         await wait_workers(session, urls[0], args.workers, procs[0])
         from dynvllm.runtime import state
 
         nats = state.resolve_nats_url(None, ns)
-        for port in ports[1:]:
+        # Ports taken now, not before the workers started: a worker could have taken one since.
+        for _ in range(0 if mode == "one" else args.frontends - 1):
+            port = free_port()
+            urls.append(f"http://127.0.0.1:{port}")
             fe = ["frontend", "--nats-url", nats, "--namespace", ns, flag]
-            procs.append(start([*fe, *http, str(port)], log))
+            procs.append(start([*fe, *http, str(port)], log, source))
         for url, proc in zip(urls[1:], procs[1:], strict=True):
             await wait_workers(session, url, args.workers, proc)
         children = psutil.Process(procs[0].pid).children(recursive=True)
@@ -168,10 +201,10 @@ async def service(session, model: str, share: bool, ns: str, timing: list[str], 
         stop_all(procs[:1])
 
 
-async def one(model: str, share: bool, seed: int, args, log) -> dict:
+async def one(model: str, mode: str, seed: int, args, log) -> dict:
     import aiohttp
 
-    ns = f"replicas{os.getpid()}x{seed}"
+    ns = f"replicas{os.getpid()}x{seed}{mode}"
     connector = aiohttp.TCPConnector(limit=256)
     timeout = aiohttp.ClientTimeout(total=120)
     # Agreement on the sim engine's default timing (requests take what a small GPU model takes);
@@ -183,22 +216,29 @@ async def one(model: str, share: bool, seed: int, args, log) -> dict:
         str(args.decode_ms),
     ]
     free = ["--sim-prefill-us-per-token", "0", "--sim-decode-ms-per-step", "0"]
+    load = os.getloadavg()[0]
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         agreed = probes = 0
+        rps = fe_ms = nats_ms = 0.0
         if args.probes:
-            async with service(session, model, share, ns + "a", timing, args, log) as (urls, _):
+            async with service(session, model, mode, ns + "a", timing, args, log) as (urls, _):
                 agreed, probes = await agreement(session, urls, seed, args)
-        async with service(session, model, share, ns + "t", free, args, log) as (urls, procs):
-            rps, fe_ms, nats_ms = await throughput(session, urls, procs, args)
-    status = dict(STATUS)
+        if mode != "one":
+            async with service(session, model, mode, ns + "t", free, args, log) as (urls, procs):
+                rps, fe_ms, nats_ms = await throughput(session, urls, procs, args)
+    status, tokens = dict(STATUS), dict(TOKENS)
     STATUS.clear()
+    TOKENS.clear()
     return {
-        "share": share,
+        "mode": mode,
         "agreed": agreed,
         "probes": probes,
+        "hit_rate": round(tokens.get("cached", 0) / max(1, tokens.get("prompt", 0)), 4),
+        "prompt_tokens": tokens.get("prompt", 0),
         "req_s": round(rps, 1),
         "frontend_cpu_ms": round(fe_ms, 3),
         "nats_cpu_ms": round(nats_ms, 3),
+        "load": round(load, 2),
         "status": status,
     }
 
@@ -219,7 +259,14 @@ def main() -> None:
     ap.add_argument("--prefill-us", type=float, default=100.0, help="sim engine, agreement phase")
     ap.add_argument("--decode-ms", type=float, default=10.0, help="sim engine, agreement phase")
     ap.add_argument("--model")
+    ap.add_argument("--modes", default="one,off,on", help="of one, off, on, base (see above)")
+    ap.add_argument("--baseline", help="a source tree whose dynvllm runs the `base` mode")
     args = ap.parse_args()
+    modes = args.modes.split(",")
+    if args.baseline and "base" not in modes:
+        modes.append("base")
+    if "base" in modes and not args.baseline:
+        ap.error("mode base needs --baseline")
     model = args.model
     if not model:
         from dynvllm.models.tiny import build_tiny_model
@@ -228,8 +275,9 @@ def main() -> None:
     rows = []
     with open("/tmp/bench_replicas.log", "wb") as log:
         for r in range(args.rounds):
-            for share in (False, True):
-                row = asyncio.run(one(model, share, 100 * r + share, args, log))
+            # ABAB..., BABA... in the next round: no mode always runs first or last.
+            for m, mode in enumerate(modes if r % 2 == 0 else modes[::-1]):
+                row = asyncio.run(one(model, mode, 100 * r + m, args, log))
                 row["round"] = r + 1
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -238,21 +286,23 @@ def main() -> None:
         f"sim x {args.workers}, {args.systems} system prompts of {args.system_tokens} tokens, "
         f"{args.background} background streams, {args.probes} probes; c={args.concurrency} ISL 128 / OSL 16"
     )
-    print(
-        f"sharing  agreement  per round            req/s at c={args.concurrency}, median"
-        "  frontend CPU ms/req  NATS CPU ms/req"
-    )
-    for share in (False, True):
-        mine = [r for r in rows if r["share"] == share]
-        agree = ", ".join(f"{r['agreed']}/{r['probes']}" for r in mine)
+    print("per round: agreed/probes, cache-hit rate (vs one's that round), req/s; load average at the start")
+    ref = {r["round"]: r["hit_rate"] for r in rows if r["mode"] == "one"}
+    off = {r["round"]: r["req_s"] for r in rows if r["mode"] == "off"}
+    for mode in modes:
+        mine = [r for r in rows if r["mode"] == mode]
         total = sum(r["agreed"] for r in mine) / max(1, sum(r["probes"] for r in mine))
-        rps = statistics.median(r["req_s"] for r in mine)
+        cells = []
+        for r in mine:
+            hit = f"{r['hit_rate']:.3f}"
+            if ref.get(r["round"]):
+                hit += f" ({r['hit_rate'] / ref[r['round']]:.3f})"
+            rps = f"{r['req_s']:.0f}" if mode != "one" else "-"
+            if mode != "off" and off.get(r["round"]) and mode != "one":
+                rps += f" ({r['req_s'] / off[r['round']]:.2f}x off)"
+            cells.append(f"{r['agreed']}/{r['probes']} {hit} {rps} @{r['load']}")
         fe = statistics.median(r["frontend_cpu_ms"] for r in mine)
-        nats = statistics.median(r["nats_cpu_ms"] for r in mine)
-        print(
-            f"{'on ' if share else 'off'}      {total:6.1%}     {agree:22s} {rps:8.0f}"
-            f"           {fe:8.3f}         {nats:8.3f}"
-        )
+        print(f"{mode:4s} agreement {total:6.1%}  frontend CPU {fe:.3f} ms/req  |  " + "  |  ".join(cells))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     cost = weight x uncached prompt blocks  (the prefill the worker would run)
          + uncached prompt blocks           (which then join that worker's active blocks)
-         + the worker's active blocks       (distinct blocks of its in-flight requests)
+         + the worker's active blocks       (distinct blocks of its in-flight requests, less the
+                                             leading blocks of this prompt they hold: `Load.others`)
 
 A prefix block held only in an offload tier (see `tiers`) is not prefilled but loaded: it costs
 the tier's load cost (a share of a prefill) in place of 1 in the prefill term, and still joins

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -39,9 +39,14 @@ class Load:
     ranks: dict[str, tuple[int, int]] = field(default_factory=dict)
     #: (instance, rank) -> block key -> requests in flight there holding it.
     held: dict[tuple[str, int], dict[int, int]] = field(default_factory=dict)
+    #: A prompt's first block key -> (instance, rank) -> requests in flight there starting so.
+    starts: dict[int, dict[tuple[str, int], int]] = field(default_factory=dict)
 
     def add(self, worker: str, rank: int, blocks: float, keys: Sequence[int]) -> None:
         """A request starts: its blocks not yet held there, and its partial last block."""
+        if keys:
+            on = self.starts.setdefault(keys[0], {})
+            on[(worker, rank)] = on.get((worker, rank), 0) + 1
         held = self.held.setdefault((worker, rank), {})
         get = held.get
         new = 0
@@ -52,6 +57,13 @@ class Load:
         self.count(worker, rank, new + max(0.0, blocks - len(keys)))
 
     def remove(self, worker: str, rank: int, blocks: float, keys: Sequence[int]) -> None:
+        if keys and (on := self.starts.get(keys[0])) and (c := on.get((worker, rank))):
+            if c > 1:
+                on[(worker, rank)] = c - 1
+            elif len(on) > 1:
+                del on[(worker, rank)]
+            else:
+                del self.starts[keys[0]]
         held = self.held.get((worker, rank), {})
         gone = 0
         for k in keys:
@@ -68,6 +80,31 @@ class Load:
         self.active_blocks[worker] = max(0.0, self.active_blocks[worker] + delta)
         self.rank_blocks[(worker, rank)] = max(0.0, self.rank_blocks[(worker, rank)] + delta)
 
+    def others(self, keys: Sequence[int], blocks: dict, per_rank: bool) -> Mapping:
+        """`blocks` (active blocks by instance, or by (instance, rank) with `per_rank`) less the
+        leading blocks of `keys` that requests in flight there hold already: a request with that
+        prefix shares them there, it does not add to them (block keys chain, so a held key holds
+        the prefix before it too). This also keeps frontends that share their load choosing alike
+        for a prompt sent to several at once: one that has heard of a peer's request for the same
+        prompt finds its worker no dearer for it, where counting that request's whole prompt as
+        load turned such a frontend to another worker than those that had not heard yet."""
+        on = self.starts.get(keys[0]) if keys else None
+        if not on:
+            return blocks
+        out = dict(blocks)
+        for target in on:
+            # Held keys of the prompt form a prefix of it: the shared depth is found by bisection.
+            held, lo, hi = self.held[target], 1, len(keys)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if keys[mid - 1] in held:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            name = target if per_rank else target[0]
+            out[name] = max(0.0, out.get(name, 0.0) - lo)
+        return out
+
     def forget(self, worker: str) -> None:
         self.inflight.pop(worker, None)
         self.active_blocks.pop(worker, None)
@@ -76,6 +113,11 @@ class Load:
             del self.rank_blocks[key]
         for key in [k for k in self.held if k[0] == worker]:
             del self.held[key]
+        for first, on in list(self.starts.items()):
+            for target in [t for t in on if t[0] == worker]:
+                del on[target]
+            if not on:
+                del self.starts[first]
 
 
 class Pick(NamedTuple):
@@ -199,7 +241,7 @@ class KvRouting(Policy):
         index, ttl = self.index, self._predict_ttl()
         if ttl > 0:
             index.expire()
-        decision = self._decide(candidates, keys, load)
+        decision = self._decide(candidates, keys, load, ttl > 0)
         if ttl > 0:
             # The prompt is on its way to that worker: requests sharing its prefix that arrive
             # before the worker's events (its prefill still running) should follow it there.
@@ -210,16 +252,20 @@ class KvRouting(Policy):
     def _predict_ttl(self) -> float:
         return self.settings.router_predict_ttl
 
-    def _decide(self, candidates: Sequence[str], keys: list[int], load: Load) -> Decision:
+    def _decide(self, candidates: Sequence[str], keys: list[int], load: Load, predicted: bool) -> Decision:
+        """`predicted`: the blocks of requests in flight count as cached where they went (until
+        events say so), so a request sharing them shares them there (see `Load.others`)."""
         ranks = load.ranks
         if not ranks:
-            return self.cost.choose([(c, 0) for c in candidates], keys, load.active_blocks)
+            blocks = load.others(keys, load.active_blocks, False) if predicted else load.active_blocks
+            return self.cost.choose([(c, 0) for c in candidates], keys, blocks)
         # Data-parallel instances: each rank has its own KV cache and queue, so each is a target.
         targets: list[Worker] = []
         for c in candidates:
             first, count = ranks.get(c, (0, 1))
             targets.extend((c, r) for r in range(first, first + count))
-        return self.cost.choose(targets, keys, load.rank_blocks, per_rank=True)
+        per_rank = load.others(keys, load.rank_blocks, True) if predicted else load.rank_blocks
+        return self.cost.choose(targets, keys, per_rank, per_rank=True)
 
     def on_kv_events(self, batch: KvEventBatch) -> None:
         """Apply relayed engine events; a gap in a rank's relay sequence drops that rank's state."""

@@ -188,3 +188,50 @@ def test_a_lone_frontend_publishes_heartbeats_only_and_a_newcomer_learns_what_is
     a.peers.drop("c")
     _route(a, ["w1"], list(range(2000, 2064)))
     assert a.outbox.batch() is None
+
+
+def test_a_peers_request_for_the_same_prompt_does_not_turn_a_frontend_elsewhere():
+    """The same prompt reaches two frontends at once; the second hears of the first's choice
+    before it chooses. That request's blocks are ones the prompt would share on its worker, so they
+    do not count against it there: both choose alike whichever heard first. Counting them as load
+    sent the second frontend to the other worker holding the system prompt."""
+    a, b = _pair()
+    system = list(range(10_000, 10_000 + 12 * BS))
+    prompt = system + list(range(2 * BS))  # 14 blocks, the first 12 cached on both workers
+    for r in (a, b):
+        assert r.index is not None
+        for w in ("w1", "w2"):
+            r.index.apply((w, 0), ("stored", hashing.chain(system, BS)))
+    # Requests of other prompts in flight: w2 a little busier than w1.
+    a.started("w1", 14.0, None, hashing.chain(list(range(14 * BS)), BS))
+    a.started("w2", 16.0, None, hashing.chain(list(range(50_000, 50_000 + 16 * BS)), BS))
+    _send(a, b)
+    assert b.load.active_blocks == {"w1": 14, "w2": 16}
+    worker, _ = _route(a, ["w1", "w2"], prompt)
+    assert worker == "w1"
+    _send(a, b)
+    assert b.load.active_blocks["w1"] == 28  # the peer's copy, all of its 14 blocks new there
+    pick = b.choose(["w1", "w2"], prompt, BS)
+    assert (pick.worker, pick.overlap) == ("w1", 14)
+
+
+def test_the_load_a_prompt_meets_leaves_out_the_blocks_it_would_share():
+    router = Router(RouterSettings(router="kv"))
+    load = router.load
+    prompt = hashing.chain(list(range(6 * BS)), BS)
+    load.add("w1", 0, 4.0, prompt[:4])
+    load.add("w1", 0, 3.0, prompt[:2] + [7])
+    load.add("w2", 0, 5.0, [8, 9] + prompt[2:5])  # shares keys but not the prefix: no chain
+    assert dict(load.active_blocks) == {"w1": 5, "w2": 5}
+    assert load.others(prompt, load.active_blocks, False) == {"w1": 1, "w2": 5}
+    assert load.others(prompt, load.rank_blocks, True) == {("w1", 0): 1, ("w2", 0): 5}
+    assert load.others([1, 2], load.active_blocks, False) is load.active_blocks
+    load.remove("w1", 0, 4.0, prompt[:4])
+    assert load.others(prompt, load.active_blocks, False) == {"w1": 3 - 2, "w2": 5}
+    load.remove("w1", 0, 3.0, prompt[:2] + [7])
+    load.forget("w2")
+    assert not load.starts and not any(load.held.values())
+    # Without predictions (events only), a request in flight does not count as cached anywhere.
+    events_only = Router(RouterSettings(router="kv", router_predict_ttl=0))
+    events_only.started("w1", 6.0, None, prompt)
+    assert events_only.choose(["w1", "w2"], list(range(6 * BS)), BS).worker == "w2"
