@@ -74,6 +74,10 @@ class Tokenizer:
             from tokenizers import Tokenizer as HFTokenizer
 
             self._tok = HFTokenizer.from_file(str(tj))
+            # A saved tokenizer.json often keeps the truncation and padding of its trainer's last
+            # call; transformers (so vLLM) sets its own on every call and never applies those.
+            self._tok.no_truncation()
+            self._tok.no_padding()
             self.special_ids = set(self._tok.get_added_tokens_decoder().keys())
             special = {**_read_json(self.folder / "special_tokens_map.json"), **self.config}
             self.special_tokens = {

@@ -98,6 +98,10 @@ def pair_tokenizers(tmp_path_factory):
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
     )
+    # Hub files often keep the truncation and padding of the trainer's last call; transformers
+    # (and so vLLM) sets its own on each call, so a prompt never carries them.
+    bert_tok.enable_truncation(max_length=6)
+    bert_tok.enable_padding(pad_id=0, pad_token="[PAD]", length=16)
     bert = tmp_path_factory.mktemp("bert")
     PreTrainedTokenizerFast(
         tokenizer_object=bert_tok, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]"
@@ -175,5 +179,9 @@ def test_how_a_model_scores_follows_its_workers_card():
     assert scorer({"pooling_tasks": ["classify"], "labels": {"0": "x"}, "cross_encoder": cross}) == cross
     with pytest.raises(RequestError, match="with 3 labels"):
         scorer({"pooling_tasks": ["classify"], "labels": {"0": "a", "1": "b", "2": "c"}})
+    # A late-interaction model is no classifier: the refusal says what it serves, not /classify.
+    with pytest.raises(RequestError, match=r"pooling tasks \['token_embed'\].*late interaction") as late:
+        scorer({"pooling_tasks": ["token_embed"]})
+    assert "/classify" not in late.value.message
     with pytest.raises(RequestError, match="token type ids"):
         scorer({"pooling_tasks": ["classify"], "cross_encoder": {"sep": True, "unserved": "token type ids"}})

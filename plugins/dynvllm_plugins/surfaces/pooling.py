@@ -91,8 +91,17 @@ class PoolingSurface(Surface):
         """How the model scores: None for an embedding model (a bi-encoder), else its workers'
         cross-encoder card (a one-label classifier, as vLLM enables scoring for classifiers)."""
         entry = await self.path.entry(model)
-        if TASK in await self._tasks(model):
+        tasks = await self._tasks(model)
+        if TASK in tasks:
             return None
+        if CLASSIFY not in tasks:
+            raise RequestError(
+                400,
+                f"model {model!r} serves the pooling tasks {sorted(tasks)}: /score and /rerank need "
+                "an embedding model or a cross-encoder (a classifier with one label); late "
+                "interaction (token_embed) is not served",
+                param="model",
+            )
         cross = entry.card.get("cross_encoder")
         if not isinstance(cross, dict):
             labels = len(entry.card.get("labels") or {})
