@@ -155,3 +155,191 @@ async def test_a_nats_server_without_jetstream_leaves_responses_in_each_process(
     finally:
         server.terminate()
         server.wait(10)
+
+
+async def test_a_deleted_record_leaves_nothing_that_counts_against_the_bound(nats_url):
+    conns, a, b = await _pair(nats_url, 3)
+    try:
+        for r in "abc":
+            await a.put(f"resp_{r}", _record(a.subject, b"{}"))
+        await b.purge("resp_a")
+        await b.purge("resp_b")
+        await a.put("resp_d", _record(a.subject, b"{}"))
+        # Two deleted, two live: the bound of 3 keeps both live ones.
+        assert [await b.get(f"resp_{r}") is not None for r in "abcd"] == [False, False, True, True]
+        a.limit = 10_000
+        await a.put("resp_big", _record(a.subject, b"x" * 25_000))
+        await a.purge("resp_big")
+        js = a.nc.jetstream()
+        assert (await js.stream_info(f"KV_{a.chunks_bucket}")).state.messages == 0
+        assert (await js.stream_info(f"KV_{a.bucket}")).state.messages == 2
+    finally:
+        await _close(conns, a, b)
+
+
+async def test_a_delete_passed_to_the_owner_answers_what_the_owner_answered(nats_url):
+    import nats
+
+    from dynvllm.frontend.errors import RequestError
+    from dynvllm_plugins.surfaces.responses_store import Stored
+    from dynvllm_plugins.surfaces.responses_stored import Kept
+
+    ns = "t" + secrets.token_hex(4)
+    conns = [await nats.connect(nats_url) for _ in range(2)]
+    owner, other = Kept(10), Kept(10)
+    for kept, nc in zip((owner, other), conns, strict=True):
+        await kept.attach(nc, ns)
+    assert owner.shared is not None and other.shared is not None
+    try:
+        for rid in ("resp_a", "resp_b"):
+            await owner.keep(rid, Stored(b'{"id":"%s"}' % rid.encode(), []), "completed")
+        assert await other.delete("resp_a") == (200, b'{"id":"resp_a","object":"response","deleted":true}')
+        for kept in (owner, other):
+            with pytest.raises(RequestError) as exc:
+                await kept.body("resp_a")
+            assert exc.value.status == 404
+        # The owner cannot take resp_b out of the shared store (its chunks' stream is gone): the
+        # DELETE passed to it fails with the owner's 503, not a 200 while the record stays.
+        await conns[0].jetstream().delete_stream(f"KV_{owner.shared.chunks_bucket}")
+        status, body = await other.delete("resp_b")
+        assert status == 503 and b"unreachable" in body
+    finally:
+        for kept in (owner, other):
+            await kept.detach()
+        js = conns[0].jetstream()
+        await js.delete_stream(f"KV_{owner.shared.bucket}")
+        for nc in conns:
+            await nc.close()
+
+
+async def test_buckets_lost_with_a_restarted_nats_server_are_made_again():
+    import nats
+
+    from dynvllm.runtime.nats import EmbeddedNats
+    from tests.helpers import free_port
+
+    port = free_port()
+    server = EmbeddedNats(port=port)
+    server.start()
+    back = asyncio.Event()
+
+    async def reconnected() -> None:
+        back.set()
+
+    conns = []
+    try:
+        opts = {"reconnect_time_wait": 0.1, "reconnected_cb": reconnected}
+        conns = [await nats.connect(server.url, **opts) for _ in range(2)]
+        a, b = (SharedResponses(nc, "restart", 5) for nc in conns)
+        await a.start()
+        await b.start()
+        await a.put("resp_a", _record(a.subject, b"{}"))
+        server.stop()  # and its JetStream state with it
+        server = EmbeddedNats(port=port)
+        server.start()
+        await asyncio.wait_for(back.wait(), 10)
+        while not all(nc.is_connected for nc in conns):
+            await asyncio.sleep(0.05)
+        # A read finds the buckets gone: made again, empty (404, not 503 for ever after).
+        assert await b.get("resp_a") is None
+        await a.put("resp_b", _record(a.subject, b'{"b":1}'))
+        assert (await b.get("resp_b")).body == b'{"b":1}'
+    finally:
+        for nc in conns:
+            await nc.close()
+        server.stop()
+
+
+async def test_a_running_response_deleted_meanwhile_is_not_written_back_as_failed(nats_url):
+    """Another process reads a running response's record, then asks its owner, which has just
+    deleted it: the deleted response stays deleted (not written back as failed by a GET, or as
+    cancelled by a cancel)."""
+    import nats
+
+    from dynvllm.frontend.errors import RequestError
+    from dynvllm_plugins.surfaces.responses_store import Stored
+    from dynvllm_plugins.surfaces.responses_stored import Kept
+
+    ns = "t" + secrets.token_hex(4)
+    conns = [await nats.connect(nats_url) for _ in range(2)]
+    owner, other = Kept(10), Kept(10)
+    for kept, nc in zip((owner, other), conns, strict=True):
+        await kept.attach(nc, ns)
+    assert owner.shared is not None and other.shared is not None
+    stored = Stored({"id": "resp_run", "status": "in_progress"}, [])
+    stored.task = asyncio.create_task(asyncio.sleep(60))
+    ask = other.shared.ask
+
+    async def deleted_first(owner_subject: str, op: str, rid: str, **more):  # type: ignore[no-untyped-def]
+        assert (await owner.delete(rid))[0] == 200
+        return await ask(owner_subject, op, rid, **more)
+
+    try:
+        await owner.keep("resp_run", stored, "in_progress")
+        other.shared.ask = deleted_first  # type: ignore[method-assign]
+        for kept in (other, owner, other):
+            with pytest.raises(RequestError) as exc:
+                await kept.body("resp_run")
+            assert exc.value.status == 404
+            other.shared.ask = ask  # type: ignore[method-assign]
+        # The same for a cancel passed to an owner that has just deleted it.
+        again = Stored({"id": "resp_run2", "status": "in_progress"}, [])
+        again.task = asyncio.create_task(asyncio.sleep(60))
+        await owner.keep("resp_run2", again, "in_progress")
+        other.shared.ask = deleted_first  # type: ignore[method-assign]
+        status, _ = await other.cancel("resp_run2")
+        other.shared.ask = ask  # type: ignore[method-assign]
+        assert status == 404 and await other.shared.get("resp_run2") is None
+    finally:
+        for kept in (owner, other):
+            await kept.detach()
+        js = conns[0].jetstream()
+        for bucket in (owner.shared.bucket, owner.shared.chunks_bucket):
+            await js.delete_stream(f"KV_{bucket}")
+        for nc in conns:
+            await nc.close()
+
+
+async def test_delete_and_cancel_say_503_while_nats_is_away(nats_url):
+    import nats
+
+    from dynvllm_plugins.surfaces.responses_stored import Kept
+
+    nc = await nats.connect(nats_url)
+    kept = Kept(10)
+    await kept.attach(nc, "t" + secrets.token_hex(4))
+    assert kept.shared is not None
+    js = nc.jetstream()
+    for bucket in (kept.shared.bucket, kept.shared.chunks_bucket):
+        await js.delete_stream(f"KV_{bucket}")
+    await kept.detach()
+    await nc.close()
+    for status, body in (await kept.delete("resp_x"), await kept.cancel("resp_x")):
+        assert status == 503 and b"the shared store of responses is unreachable" in body
+
+
+async def test_an_owner_reconnecting_to_nats_is_waited_for_not_counted_gone(nats_url):
+    """For a moment after NATS restarts, a process that is back before the owner finds nobody on
+    the owner's subject: it waits for it rather than recording its running responses failed."""
+    from nats.errors import NoRespondersError
+
+    conns, a, b = await _pair(nats_url, 10)
+    a.body = lambda rid: (200, b'{"status":"in_progress"}')
+    request = b.nc.request
+    owner = f"{a.subject}.back"  # the owner's subject while it is reconnecting: nobody listens
+
+    async def owner_back_after_first(*args, **kw):  # type: ignore[no-untyped-def]
+        try:
+            return await request(*args, **kw)
+        except NoRespondersError:  # the owner resubscribes (reconnected) just after
+            await a.nc.subscribe(owner, cb=a._received)
+            await a.nc.flush()
+            b.nc.request = request
+            raise
+
+    try:
+        b.nc.request = owner_back_after_first
+        assert await b.ask(owner, "get", "resp_x") == (200, b'{"status":"in_progress"}')
+        assert await b.ask(f"{a.subject}x", "get", "resp_x") is None  # gone for good: after the wait
+    finally:
+        await _close(conns, a, b)

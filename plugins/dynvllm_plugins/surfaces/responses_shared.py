@@ -28,8 +28,9 @@ import asyncio
 import logging
 import re
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -49,6 +50,11 @@ KEEPALIVE = 5.0
 ASK_TIMEOUT = 10.0
 #: How long a write or read of the bucket may take before the store counts as unreachable.
 STORE_TIMEOUT = 2.0
+#: How long an owner nobody listens for may still be reconnecting to NATS (which takes our
+#: clients 0.25 s a try) before it counts as gone and its running responses as lost.
+GONE_AFTER = 0.5
+#: Buckets found gone are made again at most this often (seconds).
+REMAKE_EVERY = 5.0
 
 BACKGROUND, STREAMED = 1, 2
 
@@ -64,6 +70,8 @@ class Record:
     body: bytes
     #: The conversation a next turn continues, as JSON (None while the response runs).
     conversation: bytes | None = None
+    #: The head's sequence number in the bucket's stream, as read (0: not read from it).
+    revision: int = field(default=0, compare=False)
 
     @property
     def running(self) -> bool:
@@ -106,6 +114,10 @@ class Unreachable(RuntimeError):
     """The shared store could not be asked (NATS away)."""
 
 
+class Changed(RuntimeError):
+    """A record written only as it was read had been written again or deleted since."""
+
+
 class SharedResponses:
     """This process's side of the shared store. Its callbacks answer what other processes ask
     of a response this process holds: `body(id)`, `cancel(id)` and `delete(id)` give (HTTP
@@ -122,6 +134,7 @@ class SharedResponses:
         self.kv: Any = None
         self.chunks: Any = None
         self._sub: Any = None
+        self._remade = -REMAKE_EVERY
         #: Requests being answered and streams being relayed.
         self._relays: set[asyncio.Task] = set()
         self.body: Callable[[str], tuple[int, bytes] | None] | None = None
@@ -132,10 +145,29 @@ class SharedResponses:
     async def start(self) -> None:
         """Create (or join) the buckets and listen on this process's subject. Raises where NATS
         has no JetStream."""
+        await self._buckets()
+        self._sub = await self.nc.subscribe(self.subject, cb=self._received)
+
+    async def _buckets(self) -> None:
         js = self.nc.jetstream()
         self.kv = await self._bucket(js, self.bucket, "stored responses of /v1/responses")
         self.chunks = await self._bucket(js, self.chunks_bucket, "chunks of large stored responses")
-        self._sub = await self.nc.subscribe(self.subject, cb=self._received)
+
+    async def _remake(self) -> bool:
+        """No stream answers for the buckets: the NATS server restarted without its JetStream
+        state. Make them again (at most every REMAKE_EVERY s); whether they are there now.
+        Without this, sharing would stay broken until every frontend restarted."""
+        now = time.monotonic()
+        if now - self._remade < REMAKE_EVERY:
+            return False
+        self._remade = now
+        try:
+            await self._buckets()
+        except Exception as exc:
+            log.debug("the shared store's buckets not made again: %s", exc)
+            return False
+        log.warning("the shared store of responses was gone (NATS restarted without its state): made again")
+        return True
 
     async def _bucket(self, js: Any, bucket: str, what: str) -> Any:
         from nats.js import api
@@ -172,20 +204,35 @@ class SharedResponses:
                 log.debug("responses subject not left: %s", exc)
 
     # ---- the bucket ------------------------------------------------------------------------
-    async def put(self, rid: str, record: Record) -> None:
+    async def put(self, rid: str, record: Record, since: int = 0) -> None:
         """Write a record, acknowledged by the server before this returns (so that a request
-        that reaches another process next finds it). Raises Unreachable."""
+        that reaches another process next finds it). Raises Unreachable. `since`: write it only
+        if its head is still the one read at that revision (else Changed): a process that is not
+        the owner must not write back a response its owner has finished or deleted meanwhile."""
+        from nats.errors import NoRespondersError
+
         self._connected()
-        for key, value in pack(rid, record, self.limit):
+        pairs = pack(rid, record, self.limit)
+        # (Not for a chunked record: its chunks would be written before its head was refused.)
+        expect = {"Nats-Expected-Last-Subject-Sequence": str(since)} if since and len(pairs) == 1 else None
+        for key, value in pairs:
             bucket = self.bucket if key == rid else self.chunks_bucket
+            headers = expect if key == rid else None
             # A plain request to the key's subject: what kv.put sends, without its ack parsing.
             # (Atomic batches, one acknowledgement for the heads of an event-loop turn, halved
             # the frontend's CPU for this but tripled the server's and halved the rate.)
             try:
-                ack = await self.nc.request(f"$KV.{bucket}.{key}", value, timeout=STORE_TIMEOUT)
+                try:
+                    ack = await self.nc.request(f"$KV.{bucket}.{key}", value, STORE_TIMEOUT, headers=headers)
+                except NoRespondersError:
+                    if not await self._remake():
+                        raise
+                    ack = await self.nc.request(f"$KV.{bucket}.{key}", value, STORE_TIMEOUT, headers=headers)
             except Exception as exc:
                 raise Unreachable(str(exc) or type(exc).__name__) from exc
             if ack.data.startswith(b'{"error"'):
+                if b'"err_code":10071' in ack.data:  # wrong last sequence
+                    raise Changed(rid)
                 raise Unreachable(ack.data.decode(errors="replace"))
 
     def _connected(self) -> None:
@@ -194,38 +241,58 @@ class SharedResponses:
 
     async def get(self, rid: str) -> Record | None:
         """The record of `rid`; None where no process has it (raises Unreachable)."""
+        from nats.errors import NoRespondersError
+
         if not valid_id(rid):
             return None
         self._connected()
         try:
-            head = await self._value(self.kv, rid)
-            if head is None:
+            try:
+                entry = await self._entry(self.kv, rid)
+            except NoRespondersError:
+                if not await self._remake():
+                    raise
+                entry = await self._entry(self.kv, rid)
+            if entry is None:
                 return None
+            head = entry.value
             n = chunk_count(head)
             chunks = [await self._value(self.chunks, f"{rid}.{k}") for k in range(1, n + 1)] if n else None
         except Exception as exc:
             raise Unreachable(str(exc) or type(exc).__name__) from exc
         if chunks is not None and any(c is None for c in chunks):
             return None  # its chunks were dropped before its head: gone
-        return unpack(head, chunks)  # type: ignore[arg-type]
+        record = unpack(head, chunks)  # type: ignore[arg-type]
+        record.revision = int(entry.revision or 0)
+        return record
 
     @staticmethod
-    async def _value(kv: Any, key: str) -> bytes | None:
+    async def _entry(kv: Any, key: str) -> Any:
         from nats.js.errors import KeyNotFoundError
 
         try:
-            entry = await kv.get(key)
+            return await kv.get(key)
         except KeyNotFoundError:  # KeyDeletedError is one
             return None
-        return entry.value
+
+    @classmethod
+    async def _value(cls, kv: Any, key: str) -> bytes | None:
+        entry = await cls._entry(kv, key)
+        return None if entry is None else entry.value
 
     async def purge(self, rid: str) -> None:
+        """Take a record and its chunks out of the streams (raises Unreachable). Not kv.purge:
+        the marker it leaves counts against the bound like a record, so deleted responses would
+        push out the newest live ones."""
         self._connected()
-        head = await self._value(self.kv, rid)
-        n = chunk_count(head) if head is not None else 0
-        await self.kv.purge(rid)
-        for k in range(1, n + 1):
-            await self.chunks.purge(f"{rid}.{k}")
+        if not valid_id(rid):
+            return
+        js = self.nc.jetstream(timeout=STORE_TIMEOUT)
+        try:
+            await js.purge_stream(f"KV_{self.bucket}", subject=f"$KV.{self.bucket}.{rid}")
+            await js.purge_stream(f"KV_{self.chunks_bucket}", subject=f"$KV.{self.chunks_bucket}.{rid}.*")
+        except Exception as exc:
+            raise Unreachable(str(exc) or type(exc).__name__) from exc
 
     # ---- the process that holds a response -------------------------------------------------
     async def ask(self, owner: str, op: str, rid: str, **more: Any) -> tuple[int, bytes] | None:
@@ -233,14 +300,19 @@ class SharedResponses:
         does not have the response. Unreachable where NATS or the process does not answer in time."""
         from nats.errors import NoRespondersError
 
-        self._connected()
-        try:
-            wait = STORE_TIMEOUT if op == "get" else ASK_TIMEOUT
-            reply = await self.nc.request(owner, msgpack.packb({"op": op, "id": rid, **more}), timeout=wait)
-        except NoRespondersError:
-            return None
-        except Exception as exc:
-            raise Unreachable(str(exc) or type(exc).__name__) from exc
+        wait = STORE_TIMEOUT if op == "get" else ASK_TIMEOUT
+        asked = msgpack.packb({"op": op, "id": rid, **more})
+        for last in (False, True):
+            self._connected()
+            try:
+                reply = await self.nc.request(owner, asked, timeout=wait)
+                break
+            except NoRespondersError:
+                if last:
+                    return None
+            except Exception as exc:
+                raise Unreachable(str(exc) or type(exc).__name__) from exc
+            await asyncio.sleep(GONE_AFTER)
         status, body = msgpack.unpackb(reply.data)
         return None if status == 0 else (int(status), body)
 

@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 
 from dynvllm.frontend.errors import RequestError
-from dynvllm_plugins.surfaces.responses_shared import Record, SharedResponses, Unreachable
+from dynvllm_plugins.surfaces.responses_shared import Changed, Record, SharedResponses, Unreachable
 from dynvllm_plugins.surfaces.responses_store import ResponseStore, Stored
 
 log = logging.getLogger("dynvllm.frontend")
@@ -154,13 +154,19 @@ class Kept:
         return None if stored is None else (200, stored.encoded())
 
     async def _lost(self, rid: str, record: Record) -> bytes:
-        """Record a running response whose process is gone as failed."""
+        """Record a running response whose process is gone as failed (unless its record was
+        written again or deleted since it was read: then as it is now)."""
         error = {"code": "server_error", "message": "the frontend process running this response stopped"}
         body = {**msgspec.json.decode(record.body), "status": "failed", "error": error}
         record.body, record.status = _json(body), "failed"
         assert self.shared is not None
         try:
-            await self.shared.put(rid, record)
+            await self.shared.put(rid, record, since=record.revision)
+        except Changed:
+            now = await self.record(rid)
+            if now is None:
+                raise self.missing(rid, "response_id") from None
+            return now.body
         except Unreachable as exc:
             log.warning("response %s not recorded as failed: %s", rid, exc)
         return record.body
@@ -223,13 +229,18 @@ class Kept:
         here = await self.delete_here(rid)
         if here is not None:
             return here
-        record = await self.record(rid)
+        try:
+            record = await self.record(rid)
+        except RequestError as exc:
+            return _error(exc)
         if record is None:
             return _error(self.missing(rid, "response_id"))
         assert self.shared is not None
         try:
-            if await self.shared.ask(record.owner, "delete", rid) is None:
-                await self.shared.purge(rid)
+            answer = await self.shared.ask(record.owner, "delete", rid)
+            if answer is not None:  # the owner's own (a 503 where it could not purge)
+                return answer
+            await self.shared.purge(rid)
         except Exception as exc:
             return _error(_unreachable(exc if isinstance(exc, Unreachable) else Unreachable(str(exc))))
         return 200, _json({"id": rid, "object": "response", "deleted": True})
@@ -251,7 +262,10 @@ class Kept:
         here = await self.cancel_here(rid)
         if here is not None:
             return here
-        record = await self.record(rid)
+        try:
+            record = await self.record(rid)
+        except RequestError as exc:
+            return _error(exc)
         if record is None:
             return _error(self.missing(rid, "response_id"))
         if not record.background:
@@ -265,7 +279,9 @@ class Kept:
                 # Its process is gone, and its run with it: the record says what became of it.
                 body = {**msgspec.json.decode(record.body), "status": "cancelled"}
                 record.body, record.status = _json(body), "cancelled"
-                await self.shared.put(rid, record)
+                await self.shared.put(rid, record, since=record.revision)
+            except Changed:  # finished or deleted by its owner meanwhile: as it is now
+                return await self.cancel(rid)
             except Unreachable as exc:
                 return _error(_unreachable(exc))
             return 200, record.body
