@@ -343,3 +343,21 @@ async def test_an_owner_reconnecting_to_nats_is_waited_for_not_counted_gone(nats
         assert await b.ask(f"{a.subject}x", "get", "resp_x") is None  # gone for good: after the wait
     finally:
         await _close(conns, a, b)
+
+
+async def test_a_frontend_joining_a_bucket_changes_its_size_only(nats_url):
+    """What an operator set on the bucket (here a max age) outlives a frontend that starts with
+    another --responses-store-size; that frontend's size is the bucket's from then on."""
+    conns, a, b = await _pair(nats_url, 15)
+    js = a.nc.jetstream()
+    have = (await js.stream_info(f"KV_{a.bucket}")).config
+    have.max_age = 3600.0
+    await js.update_stream(have)
+    import nats
+
+    nc = await nats.connect(nats_url)
+    c = SharedResponses(nc, a.bucket.removeprefix("responses_"), 7)
+    await c.start()
+    now = (await js.stream_info(f"KV_{a.bucket}")).config
+    assert (now.max_msgs, now.max_age) == (7, 3600.0)
+    await _close([*conns, nc], a, b, c)

@@ -189,8 +189,12 @@ class SharedResponses:
         )
         try:
             await js.add_stream(stream)
-        except BadRequestError:  # there, with another size: the frontend started last decides
-            await js.update_stream(stream)
+        except BadRequestError:  # there already, made by another frontend or by an operator
+            have = (await js.stream_info(stream.name)).config
+            if have.max_msgs != self.size:  # the frontend started last decides the size only:
+                # what else an operator set on the bucket (replicas, max age ...) is kept.
+                have.max_msgs = self.size
+                await js.update_stream(have)
         return await js.key_value(bucket)
 
     async def stop(self) -> None:
