@@ -224,17 +224,20 @@ class Kept:
             )
         return followed
 
-    # ---- changing ----------------------------------------------------------------------------
-    async def delete(self, rid: str) -> tuple[int, bytes]:
-        here = await self.delete_here(rid)
-        if here is not None:
-            return here
+    async def _elsewhere(self, rid: str) -> Record | tuple[int, bytes]:
+        """The shared record of a response this process does not hold, or the error to answer."""
         try:
             record = await self.record(rid)
         except RequestError as exc:
             return _error(exc)
-        if record is None:
-            return _error(self.missing(rid, "response_id"))
+        return _error(self.missing(rid, "response_id")) if record is None else record
+
+    # ---- changing ----------------------------------------------------------------------------
+    async def delete(self, rid: str) -> tuple[int, bytes]:
+        found = await self.delete_here(rid) or await self._elsewhere(rid)
+        if isinstance(found, tuple):
+            return found
+        record = found
         assert self.shared is not None
         try:
             answer = await self.shared.ask(record.owner, "delete", rid)
@@ -259,15 +262,10 @@ class Kept:
         return 200, _json({"id": rid, "object": "response", "deleted": True})
 
     async def cancel(self, rid: str) -> tuple[int, bytes]:
-        here = await self.cancel_here(rid)
-        if here is not None:
-            return here
-        try:
-            record = await self.record(rid)
-        except RequestError as exc:
-            return _error(exc)
-        if record is None:
-            return _error(self.missing(rid, "response_id"))
+        found = await self.cancel_here(rid) or await self._elsewhere(rid)
+        if isinstance(found, tuple):
+            return found
+        record = found
         if not record.background:
             return _error(_sync())
         assert self.shared is not None
