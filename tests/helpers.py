@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -28,9 +29,29 @@ COMPACT = {"backend": "xgrammar", "disable_any_whitespace": True}
 
 
 def free_port() -> int:
+    """A free port below the kernel's ephemeral range: a port from that range may be taken as
+    the local end of any outgoing connection in the seconds before the process given it binds."""
+    for _ in range(200):
+        port = random.randrange(10000, max(10001, _EPHEMERAL_LOW - 1))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_EPHEMERAL_LOW = _ephemeral_low()
 
 
 class Proc:
