@@ -27,6 +27,8 @@ def test_a_score_templates_arguments_merge_as_vllms():
     got = req(', "instruction": "i", "chat_template_kwargs": {"x": 1}')
     assert got.template_kwargs() == {"x": 1, "instruction": "i"}
     assert got.template_fields() == ["instruction", "chat_template_kwargs"]
+    # An empty chat_template_kwargs asks nothing of a template (vLLM accepts it without one).
+    assert req(', "chat_template_kwargs": {}').template_fields() == []
     # chat_template_kwargs' own instruction wins over the field
     assert req(', "instruction": "i", "chat_template_kwargs": {"instruction": "k"}').template_kwargs() == {
         "instruction": "k"

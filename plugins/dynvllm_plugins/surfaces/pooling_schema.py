@@ -76,7 +76,8 @@ class ScoringBase(PoolingBase):
         return kwargs
 
     def template_fields(self) -> list[str]:
-        return [f for f in ("instruction", "chat_template_kwargs") if getattr(self, f) is not None]
+        """The template arguments a request sets (an empty `chat_template_kwargs` sets none)."""
+        return [f for f in ("instruction", "chat_template_kwargs") if getattr(self, f) not in (None, {})]
 
 
 class ScoreRequest(ScoringBase):
