@@ -361,3 +361,27 @@ async def test_a_frontend_joining_a_bucket_changes_its_size_only(nats_url):
     now = (await js.stream_info(f"KV_{a.bucket}")).config
     assert (now.max_msgs, now.max_age) == (7, 3600.0)
     await _close([*conns, nc], a, b, c)
+
+
+async def test_a_follower_that_leaves_stops_the_owners_relay(nats_url):
+    """A client that stops reading a followed stream before its end: the owner stops relaying it
+    (else a client re-following in a loop would leave one relay per try until the run ends)."""
+    conns, a, b = await _pair(nats_url, 10)
+    log = EventLog()
+    log.add([b"e0"])
+    a.events = lambda rid, after: log.follow(after)
+    try:
+        followed = await b.follow(a.subject, "resp_mine", -1)
+        assert followed is not None
+        it = followed.__aiter__()
+        assert await asyncio.wait_for(it.__anext__(), 5) == b"e0"
+        assert len(a._following) == 1
+        relay = next(iter(a._following.values()))
+        await it.aclose()
+        for _ in range(100):
+            if relay.done():
+                break
+            await asyncio.sleep(0.02)
+        assert relay.cancelled() and not a._following
+    finally:
+        await _close(conns, a, b)

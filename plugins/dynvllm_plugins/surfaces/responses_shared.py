@@ -18,7 +18,8 @@ dropped is gone.
 
 Subjects under the namespace:
     responses.owner.<process>   msgpack {"op": "get" | "cancel" | "delete" | "follow", "id", ...},
-                                answered msgpack [status, body]
+                                answered msgpack [status, body]; {"op": "unfollow", "to": inbox}
+                                (a follower left before the end), not answered
     <inbox of a follower>       a followed stream: b"+" events, b"." the end, b"" still running
 """
 
@@ -137,6 +138,8 @@ class SharedResponses:
         self._remade = -REMAKE_EVERY
         #: Requests being answered and streams being relayed.
         self._relays: set[asyncio.Task] = set()
+        #: Relays of streams to followers in other processes, by the follower's inbox.
+        self._following: dict[str, asyncio.Task] = {}
         self.body: Callable[[str], tuple[int, bytes] | None] | None = None
         self.cancel: Callable[[str], Awaitable[tuple[int, bytes] | None]] | None = None
         self.delete: Callable[[str], Awaitable[tuple[int, bytes] | None]] | None = None
@@ -332,16 +335,18 @@ class SharedResponses:
         except BaseException:
             await sub.unsubscribe()
             raise
-        return self._read(sub)
+        return self._read(sub, owner, rid)
 
-    async def _read(self, sub: Any) -> AsyncIterator[bytes]:
+    async def _read(self, sub: Any, owner: str, rid: str) -> AsyncIterator[bytes]:
         from nats.errors import TimeoutError
 
+        ended = False
         try:
             while True:
                 try:
                     msg = await sub.next_msg(timeout=3 * KEEPALIVE)
                 except TimeoutError:
+                    ended = True
                     yield Last(
                         b'event: error\ndata: {"type":"error","code":"server_error","message":'
                         b'"the frontend process running this response stopped answering"}\n\n'
@@ -351,9 +356,17 @@ class SharedResponses:
                 if data[:1] == b"+":
                     yield data[1:]
                 elif data[:1] == b".":
+                    ended = True
                     yield Last(data[1:])
                     return
         finally:
+            if not ended:  # the client left first: its relay in the owner need not go on
+                try:
+                    await self.nc.publish(
+                        owner, msgpack.packb({"op": "unfollow", "id": rid, "to": sub.subject})
+                    )
+                except Exception as exc:
+                    log.debug("owner not told of a follower leaving: %s", exc)
             try:
                 await sub.unsubscribe()
             except Exception as exc:
@@ -379,17 +392,24 @@ class SharedResponses:
             elif op == "follow" and self.events is not None:
                 events = self.events(rid, int(req.get("after", -1)))
                 if events is not None:
-                    task = asyncio.create_task(self._relay(events, req["to"]))
+                    to = req["to"]
+                    task = asyncio.create_task(self._relay(events, to))
                     self._relays.add(task)
+                    self._following[to] = task
                     task.add_done_callback(self._relays.discard)
+                    task.add_done_callback(lambda _t: self._following.pop(to, None))
                     answer = (200, b"")
+            elif op == "unfollow":
+                if (relay := self._following.pop(req.get("to", ""), None)) is not None:
+                    relay.cancel()
+                return  # a plain message: no one waits for an answer
             await msg.respond(msgpack.packb(list(answer) if answer is not None else [0, b""]))
         except Exception:
             log.exception("a request about a stored response failed")
 
     async def _relay(self, events: AsyncIterator[bytes], to: str) -> None:
         """Publish a stream's events to a follower in another process, a keepalive while there
-        are none; to the end of the run (a follower that left is not known here)."""
+        are none; to the end of the run or until the follower says it left (`unfollow`)."""
         pending: asyncio.Future | None = None
         it = events.__aiter__()
         try:
