@@ -114,6 +114,11 @@ def chunk_count(head: bytes) -> int:
 class Unreachable(RuntimeError):
     """The shared store could not be asked (NATS away)."""
 
+    @classmethod
+    def of(cls, exc: BaseException) -> Unreachable:
+        """`exc` as this error (itself where it is one), named by its message or its type."""
+        return exc if isinstance(exc, Unreachable) else cls(str(exc) or type(exc).__name__)
+
 
 class Changed(RuntimeError):
     """A record written only as it was read had been written again or deleted since."""
@@ -236,7 +241,7 @@ class SharedResponses:
                         raise
                     ack = await self.nc.request(f"$KV.{bucket}.{key}", value, STORE_TIMEOUT, headers=headers)
             except Exception as exc:
-                raise Unreachable(str(exc) or type(exc).__name__) from exc
+                raise Unreachable.of(exc) from exc
             if ack.data.startswith(b'{"error"'):
                 if b'"err_code":10071' in ack.data:  # wrong last sequence
                     raise Changed(rid)
@@ -266,7 +271,7 @@ class SharedResponses:
             n = chunk_count(head)
             chunks = [await self._value(self.chunks, f"{rid}.{k}") for k in range(1, n + 1)] if n else None
         except Exception as exc:
-            raise Unreachable(str(exc) or type(exc).__name__) from exc
+            raise Unreachable.of(exc) from exc
         if chunks is not None and any(c is None for c in chunks):
             return None  # its chunks were dropped before its head: gone
         record = unpack(head, chunks)  # type: ignore[arg-type]
@@ -299,7 +304,7 @@ class SharedResponses:
             await js.purge_stream(f"KV_{self.bucket}", subject=f"$KV.{self.bucket}.{rid}")
             await js.purge_stream(f"KV_{self.chunks_bucket}", subject=f"$KV.{self.chunks_bucket}.{rid}.*")
         except Exception as exc:
-            raise Unreachable(str(exc) or type(exc).__name__) from exc
+            raise Unreachable.of(exc) from exc
 
     # ---- the process that holds a response -------------------------------------------------
     async def ask(self, owner: str, op: str, rid: str, **more: Any) -> tuple[int, bytes] | None:
@@ -318,7 +323,7 @@ class SharedResponses:
                 if last:
                     return None
             except Exception as exc:
-                raise Unreachable(str(exc) or type(exc).__name__) from exc
+                raise Unreachable.of(exc) from exc
             await asyncio.sleep(GONE_AFTER)
         status, body = msgpack.unpackb(reply.data)
         return None if status == 0 else (int(status), body)

@@ -53,10 +53,17 @@ def _finished(status: str) -> RequestError:
     return RequestError(400, f"Cannot cancel a response that is already {status}.", param="response_id")
 
 
-def _unreachable(exc: Unreachable) -> RequestError:
+def _unreachable(exc: Exception) -> RequestError:
     return RequestError(
-        503, f"the shared store of responses is unreachable: {exc}", "service_unavailable", code="unavailable"
+        503,
+        f"the shared store of responses is unreachable: {Unreachable.of(exc)}",
+        "service_unavailable",
+        code="unavailable",
     )
+
+
+def _deleted(rid: str) -> tuple[int, bytes]:
+    return 200, _json({"id": rid, "object": "response", "deleted": True})
 
 
 class Kept:
@@ -157,11 +164,8 @@ class Kept:
         """Record a running response whose process is gone as failed (unless its record was
         written again or deleted since it was read: then as it is now)."""
         error = {"code": "server_error", "message": "the frontend process running this response stopped"}
-        body = {**msgspec.json.decode(record.body), "status": "failed", "error": error}
-        record.body, record.status = _json(body), "failed"
-        assert self.shared is not None
         try:
-            await self.shared.put(rid, record, since=record.revision)
+            await self._restate(rid, record, "failed", error=error)
         except Changed:
             now = await self.record(rid)
             if now is None:
@@ -170,6 +174,14 @@ class Kept:
         except Unreachable as exc:
             log.warning("response %s not recorded as failed: %s", rid, exc)
         return record.body
+
+    async def _restate(self, rid: str, record: Record, status: str, **fields: Any) -> None:
+        """Write `record` again with `status` (and `fields` in its body), unless it was written
+        again or deleted since it was read (raises Changed; Unreachable where NATS is away)."""
+        body = {**msgspec.json.decode(record.body), "status": status, **fields}
+        record.body, record.status = _json(body), status
+        assert self.shared is not None
+        await self.shared.put(rid, record, since=record.revision)
 
     async def conversation(self, rid: str) -> list[dict[str, Any]]:
         """The conversation `previous_response_id` continues."""
@@ -214,7 +226,7 @@ class Kept:
         try:
             followed = await self.shared.follow(record.owner, rid, after)
         except Exception as exc:
-            raise _unreachable(Unreachable(str(exc) or type(exc).__name__)) from None
+            raise _unreachable(exc) from None
         if followed is None:
             raise RequestError(
                 404,
@@ -245,8 +257,8 @@ class Kept:
                 return answer
             await self.shared.purge(rid)
         except Exception as exc:
-            return _error(_unreachable(exc if isinstance(exc, Unreachable) else Unreachable(str(exc))))
-        return 200, _json({"id": rid, "object": "response", "deleted": True})
+            return _error(_unreachable(exc))
+        return _deleted(rid)
 
     async def delete_here(self, rid: str) -> tuple[int, bytes] | None:
         stored = self.local.pop(rid)
@@ -258,8 +270,8 @@ class Kept:
             try:
                 await self.shared.purge(rid)
             except Exception as exc:
-                return _error(_unreachable(Unreachable(str(exc) or type(exc).__name__)))
-        return 200, _json({"id": rid, "object": "response", "deleted": True})
+                return _error(_unreachable(exc))
+        return _deleted(rid)
 
     async def cancel(self, rid: str) -> tuple[int, bytes]:
         found = await self.cancel_here(rid) or await self._elsewhere(rid)
@@ -275,9 +287,7 @@ class Kept:
                 if answer is not None:
                     return answer
                 # Its process is gone, and its run with it: the record says what became of it.
-                body = {**msgspec.json.decode(record.body), "status": "cancelled"}
-                record.body, record.status = _json(body), "cancelled"
-                await self.shared.put(rid, record, since=record.revision)
+                await self._restate(rid, record, "cancelled")
             except Changed:  # finished or deleted by its owner meanwhile: as it is now
                 return await self.cancel(rid)
             except Unreachable as exc:
