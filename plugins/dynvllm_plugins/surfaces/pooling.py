@@ -74,9 +74,7 @@ class PoolingSurface(Surface):
         return served[0]
 
     async def _tasks(self, model: str) -> list[str]:
-        """The pooling tasks the model's workers serve (embed where a card does not say)."""
-        entry = await self.path.entry(model)
-        return list(entry.card.get("pooling_tasks") or [TASK])
+        return _tasks_of(await self.path.entry(model))
 
     async def _embedding_model(self, model: str) -> None:
         if TASK not in await self._tasks(model):
@@ -91,7 +89,7 @@ class PoolingSurface(Surface):
         """How the model scores: None for an embedding model (a bi-encoder), else its workers'
         cross-encoder card (a one-label classifier, as vLLM enables scoring for classifiers)."""
         entry = await self.path.entry(model)
-        tasks = await self._tasks(model)
+        tasks = _tasks_of(entry)
         if TASK in tasks:
             return None
         if CLASSIFY not in tasks:
@@ -216,8 +214,8 @@ class PoolingSurface(Surface):
             left, right = req.sides()
         ps.check_pairs(left, right)
         template = self.score_template if cross is not None else None
-        if template is None and req.template_fields():
-            name = req.template_fields()[0]
+        if template is None and (asked := req.template_fields()):
+            name = asked[0]
             raise RequestError(
                 400,
                 f"{name}: reaches only a cross-encoder's score template (the service's "
@@ -279,3 +277,8 @@ class PoolingSurface(Surface):
         labels = entry.card.get("labels") or {}
         body = ps.classify_body(rid, r.model, [a["data"] for a in answers], labels, self._tokens(answers))
         return answer(body, r.headers())
+
+
+def _tasks_of(entry: ModelEntry) -> list[str]:
+    """The pooling tasks the model's workers serve (embed where a card does not say)."""
+    return list(entry.card.get("pooling_tasks") or [TASK])
