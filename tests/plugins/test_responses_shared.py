@@ -13,6 +13,7 @@ import pytest
 from dynvllm.frontend.event_stream import Last
 from dynvllm_plugins.surfaces.responses_shared import Record, SharedResponses, Unreachable, pack, unpack
 from dynvllm_plugins.surfaces.responses_store import EventLog
+from dynvllm_plugins.surfaces.responses_stored import Kept
 
 
 def _record(owner: str, body: bytes, conversation: bytes | None = b"[]", status: str = "completed") -> Record:
@@ -44,6 +45,18 @@ async def _pair(nats_url: str, size: int) -> tuple[list, SharedResponses, Shared
     await a.start()
     await b.start()
     return conns, a, b
+
+
+async def _kept_pair(nats_url: str) -> tuple[list, Kept, Kept]:
+    """Two processes' stored responses (`Kept`, size 10) sharing one namespace."""
+    import nats
+
+    ns = "t" + secrets.token_hex(4)
+    conns = [await nats.connect(nats_url) for _ in range(2)]
+    owner, other = Kept(10), Kept(10)
+    for kept, nc in zip((owner, other), conns, strict=True):
+        await kept.attach(nc, ns)
+    return conns, owner, other
 
 
 async def _close(conns: list, *stores: SharedResponses) -> None:
@@ -132,7 +145,6 @@ async def test_a_nats_server_without_jetstream_leaves_responses_in_each_process(
     import nats
 
     from dynvllm.runtime.nats import nats_server_binary
-    from dynvllm_plugins.surfaces.responses_stored import Kept
     from tests.helpers import free_port
 
     port = free_port()
@@ -178,17 +190,11 @@ async def test_a_deleted_record_leaves_nothing_that_counts_against_the_bound(nat
 
 
 async def test_a_delete_passed_to_the_owner_answers_what_the_owner_answered(nats_url):
-    import nats
 
     from dynvllm.frontend.errors import RequestError
     from dynvllm_plugins.surfaces.responses_store import Stored
-    from dynvllm_plugins.surfaces.responses_stored import Kept
 
-    ns = "t" + secrets.token_hex(4)
-    conns = [await nats.connect(nats_url) for _ in range(2)]
-    owner, other = Kept(10), Kept(10)
-    for kept, nc in zip((owner, other), conns, strict=True):
-        await kept.attach(nc, ns)
+    conns, owner, other = await _kept_pair(nats_url)
     assert owner.shared is not None and other.shared is not None
     try:
         for rid in ("resp_a", "resp_b"):
@@ -254,17 +260,11 @@ async def test_a_running_response_deleted_meanwhile_is_not_written_back_as_faile
     """Another process reads a running response's record, then asks its owner, which has just
     deleted it: the deleted response stays deleted (not written back as failed by a GET, or as
     cancelled by a cancel)."""
-    import nats
 
     from dynvllm.frontend.errors import RequestError
     from dynvllm_plugins.surfaces.responses_store import Stored
-    from dynvllm_plugins.surfaces.responses_stored import Kept
 
-    ns = "t" + secrets.token_hex(4)
-    conns = [await nats.connect(nats_url) for _ in range(2)]
-    owner, other = Kept(10), Kept(10)
-    for kept, nc in zip((owner, other), conns, strict=True):
-        await kept.attach(nc, ns)
+    conns, owner, other = await _kept_pair(nats_url)
     assert owner.shared is not None and other.shared is not None
     stored = Stored({"id": "resp_run", "status": "in_progress"}, [])
     stored.task = asyncio.create_task(asyncio.sleep(60))
@@ -291,19 +291,11 @@ async def test_a_running_response_deleted_meanwhile_is_not_written_back_as_faile
         other.shared.ask = ask  # type: ignore[method-assign]
         assert status == 404 and await other.shared.get("resp_run2") is None
     finally:
-        for kept in (owner, other):
-            await kept.detach()
-        js = conns[0].jetstream()
-        for bucket in (owner.shared.bucket, owner.shared.chunks_bucket):
-            await js.delete_stream(f"KV_{bucket}")
-        for nc in conns:
-            await nc.close()
+        await _close(conns, owner.shared, other.shared)
 
 
 async def test_delete_and_cancel_say_503_while_nats_is_away(nats_url):
     import nats
-
-    from dynvllm_plugins.surfaces.responses_stored import Kept
 
     nc = await nats.connect(nats_url)
     kept = Kept(10)
