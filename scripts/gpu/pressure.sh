@@ -9,6 +9,7 @@
 #            its own (SALT), so no run finds another's blocks
 #   tier:    the four engines again with vLLM's native CPU offloading (--kv-offloading-size $TIER_GIB
 #            each, default 8): kv and round-robin
+# four and tier also count the KV events relayed to the routers by medium (kv_tier_probe.py).
 # Results: one line per run on stdout, JSON lines in $OUT/pressure.jsonl.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd); M=${M:-/tmp/m}; P=8300; OUT=${OUT:-/tmp}; CASES=${CASES:-"ceiling four"}
@@ -57,10 +58,12 @@ for c in $CASES; do
       done
       if ready $P 4 $s && ready $((P + 1)) 4 ${fr[0]} && ready $((P + 2)) 4 ${fr[1]}; then
         echo "[$c] ready after $(( $(date +%s)-t0 )) s"
+        python3 $HERE/kv_tier_probe.py $NATS $NS $OUT/pressure.jsonl & sniff=$!  # events by medium
         for r in 1 2; do for pol in $pols; do
           case $pol in kv) port=$P ;; rr) port=$((P + 1)) ;; ll) port=$((P + 2)) ;; esac
           probe $port $c-$pol-$r
         done; done
+        kill -TERM $sniff; wait $sniff
       else echo "[$c] not ready"; tail -20 /tmp/pr_$c.log; fi
       stop "${fr[@]}" $s ;;
   esac

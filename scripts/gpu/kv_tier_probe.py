@@ -1,0 +1,51 @@
+"""kv_tier_probe.py NATS_URL NAMESPACE OUTFILE -- counts the KV events that workers relay to the
+routers of NAMESPACE, by kind and medium (the tier the engine names: None or "GPU" for its own
+cache, "CPU" for vLLM's offloading connector), until SIGTERM/SIGINT; then appends one JSON line to
+OUTFILE. It answers whether an engine's offload tier reaches the router's index at all."""
+
+import asyncio
+import json
+import signal
+import sys
+import time
+from collections import Counter
+
+import nats
+
+from dynvllm.runtime.kv_topic import KV_EVENTS
+
+
+async def main(url: str, namespace: str, outfile: str) -> None:
+    nc = await nats.connect(url)
+    batches, blocks = Counter(), Counter()
+
+    async def on_msg(msg) -> None:
+        batch = KV_EVENTS.decode(msg.data)
+        for event in batch.events:
+            kind = event[0]
+            if kind == "stored":
+                key, n = f"stored:{event[6]}", len(event[1])
+            elif kind == "removed":
+                key, n = f"removed:{event[2]}", len(event[1])
+            else:
+                key, n = str(kind), 1
+            batches[key] += 1
+            blocks[key] += n
+
+    await nc.subscribe(KV_EVENTS.subject(namespace), cb=on_msg)
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, done.set)
+    t0 = time.time()
+    await done.wait()
+    await nc.drain()
+    row = {"label": f"tier-events-{namespace}", "seconds": round(time.time() - t0, 1)}
+    row.update(events=dict(batches), blocks=dict(blocks))
+    with open(outfile, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    asyncio.run(main(*sys.argv[1:4]))
