@@ -1,6 +1,6 @@
 """kv_tier_probe.py NATS_URL NAMESPACE OUTFILE -- counts the KV events that workers relay to the
-routers of NAMESPACE, by kind and medium (the tier the engine names: None or "GPU" for its own
-cache, "CPU" for vLLM's offloading connector), until SIGTERM/SIGINT; then appends one JSON line to
+routers of NAMESPACE, by kind and tier (the medium the engine names: its own GPU cache, or "CPU"
+for vLLM's offloading connector), until SIGTERM/SIGINT; then appends one JSON line to
 OUTFILE. It answers whether an engine's offload tier reaches the router's index at all."""
 
 import asyncio
@@ -12,7 +12,10 @@ from collections import Counter
 
 import nats
 
+from dynvllm.router.tiers import CPU, DISK
 from dynvllm.runtime.kv_topic import KV_EVENTS
+
+TIER_NAMES = {CPU: "CPU", DISK: "DISK"}
 
 
 async def main(url: str, namespace: str, outfile: str) -> None:
@@ -21,12 +24,12 @@ async def main(url: str, namespace: str, outfile: str) -> None:
 
     async def on_msg(msg) -> None:
         batch = KV_EVENTS.decode(msg.data)
+        # Relayed as router events: ("stored"|"removed", keys[, tier]) or ("cleared",).
         for event in batch.events:
             kind = event[0]
-            if kind == "stored":
-                key, n = f"stored:{event[6]}", len(event[1])
-            elif kind == "removed":
-                key, n = f"removed:{event[2]}", len(event[1])
+            if kind in ("stored", "removed"):
+                tier = TIER_NAMES.get(event[2], event[2]) if len(event) > 2 else "GPU"
+                key, n = f"{kind}:{tier}", len(event[1])
             else:
                 key, n = str(kind), 1
             batches[key] += 1
