@@ -68,11 +68,12 @@ class FrontendSettings(SettingsGroup):
         "(as vLLM's --tool-parser-plugin); its names become valid for --tool-call-parser.",
     )
     http_workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
-        1,
+        "auto",
         description="Frontend processes sharing the HTTP port (each with its own router, fed by the "
         "same KV events, sharing in-flight load); more use more cores for high request rates. auto: "
-        "one per 4 cores this process may use, at most 4 (1 on a host of fewer than 8 cores). Stored "
-        "Responses are shared by every process (through NATS, see --responses-store-size).",
+        "one per 4 cores this process may use (its CPU quota counted), at most 4, 1 on a host of fewer "
+        "than 8 cores, and never more than the cores left after two for each engine `serve` starts "
+        "beside it. Stored Responses are shared by every process (through NATS).",
     )
     mm_prompt_template: str | None = Field(
         None,

@@ -186,13 +186,27 @@ class Service:
         )
         now = time.monotonic()
         if self.with_frontend:
-            self.frontend = Slot("frontend", ("frontend",), state=SlotState(started_at=now))
+            self.frontend = Slot(
+                "frontend", ("frontend",), state=SlotState(started_at=now), settings=self._frontend_settings()
+            )
             self._spawn(self.frontend)
         for role, count in self.roles:
             for _ in range(count):
                 self._add_worker(role, now)
         self.control = ControlServer(rt)
         self.control.start()
+
+    def _frontend_settings(self) -> Settings | None:
+        """`--http-workers auto` sized here, where the engines this service starts on the same
+        host are known: the frontend leaves them their cores."""
+        if self.settings.frontend.http_workers != "auto":
+            return None
+        from dynvllm.frontend.processes import process_count, usable_cores
+
+        engines = sum(n for _, n in self.roles) * (self.settings.engine.tensor_parallel_size or 1)
+        own = self.settings.model_copy(deep=True)
+        own.frontend.http_workers = process_count("auto", usable_cores(), engines)
+        return own
 
     def _add_worker(self, role: str, now: float) -> Slot:
         slot = Slot(role, ("worker", role), state=SlotState(started_at=now))

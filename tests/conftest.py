@@ -85,6 +85,9 @@ def _isolated_state(tmp_path_factory: pytest.TempPathFactory) -> None:
     # once) all queued on one core. One unbound thread each lets them share both cores.
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # One frontend process whatever the host's cores (the default, auto, gives several on 8 or
+    # more): tests that want more ask for them.
+    os.environ.setdefault("DYN_HTTP_WORKERS", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)

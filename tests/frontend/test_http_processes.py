@@ -3,7 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
-from dynvllm.frontend.processes import process_count
+from dynvllm.frontend.processes import process_count, quota_cores
 from dynvllm.settings import build_settings
 
 
@@ -26,3 +26,41 @@ def test_settings_take_a_count_or_auto(given, kept):
 def test_settings_refuse_other_values(bad):
     with pytest.raises(ValidationError, match="http_workers"):
         build_settings({"frontend": {"http_workers": bad}})
+
+
+@pytest.mark.parametrize(
+    ("cores", "engines", "expected"), [(16, 1, 4), (16, 6, 4), (16, 7, 2), (16, 8, 1), (32, 8, 4), (8, 4, 1)]
+)
+def test_auto_leaves_two_cores_to_each_engine_started_beside_it(cores, engines, expected):
+    assert process_count("auto", cores, engines) == expected
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "v1", "expected"),
+    [
+        ("max 100000", None, None),
+        ("200000 100000", None, 2),
+        ("250000 100000", None, 2),
+        ("50000 100000", None, 1),
+        ("garbage", None, None),
+        (None, ("-1", "100000"), None),
+        (None, ("400000", "100000"), 4),
+        (None, None, None),
+    ],
+)
+def test_a_cgroup_cpu_quota_caps_the_cores(cpu_max, v1, expected):
+    assert quota_cores(cpu_max, *(v1 or (None, None))) == expected
+
+
+def test_serve_sizes_auto_for_the_engines_it_starts(monkeypatch):
+    import dynvllm.frontend.processes as processes
+    from dynvllm.supervisor import Service
+
+    monkeypatch.setattr(processes, "usable_cores", lambda: 16)
+    monkeypatch.delenv("DYN_HTTP_WORKERS", raising=False)  # the suite pins one process
+    settings = build_settings({"engine": {"model": "m", "tensor_parallel_size": 2}})
+    assert settings.frontend.http_workers == "auto"  # the default
+    assert Service(settings, [("agg", 1)])._frontend_settings().frontend.http_workers == 4
+    assert Service(settings, [("prefill", 2), ("decode", 2)])._frontend_settings().frontend.http_workers == 1
+    fixed = build_settings({"frontend": {"http_workers": 3}})
+    assert Service(fixed, [("agg", 8)])._frontend_settings() is None  # a number is kept as given
