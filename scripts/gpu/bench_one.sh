@@ -6,6 +6,7 @@
 # prompts of its own, then stops it. The engine's latency histograms (vLLM's /metrics; dynvllm's
 # worker metrics port) and dynvllm's frontend's are scraped around each level: their means split
 # the client's TTFT into engine and path. JSON lines go to $OUT/gpu_bench.jsonl. N1=0 skips c=1.
+# VLLM_EVENTS=1 (vllm only): the engine publishes KV events, as under dynvllm.
 # SPY_S=N: py-spy records each server process (API/frontend, worker, engine core) for N s from
 # SPY_AFTER s (default 6) into the first level, as collapsed stacks in $SPY_DIR (default /tmp/spy).
 set -uo pipefail
@@ -13,8 +14,12 @@ W=$1; LABEL=$2; HERE=$(cd "$(dirname "$0")" && pwd); LOADGEN=${LOADGEN:-$HERE/lo
 ENG=(--max-model-len 4096 --gpu-memory-utilization 0.80 ${EXTRA:-})
 export PATH=/tmp/site/bin:$PATH
 if [ "$W" = vllm ]; then
+  # VLLM_EVENTS=1: vLLM's server publishes KV events as dynvllm's workers have it do (ZMQ, with a
+  # replay socket), so the engine core does the same work per step and the rest of the gap shows.
+  EV=(); [ "${VLLM_EVENTS:-0}" = 1 ] && EV=(--kv-events-config \
+    '{"enable_kv_cache_events": true, "publisher": "zmq", "topic": "kv", "endpoint": "tcp://*:8390", "replay_endpoint": "tcp://*:8391"}')
   setsid python3 -m vllm.entrypoints.openai.api_server --model $M --served-model-name m --host 127.0.0.1 --port $P \
-    --disable-uvicorn-access-log "${ENG[@]}" > /tmp/srv_$LABEL.log 2>&1 &
+    --disable-uvicorn-access-log "${EV[@]}" "${ENG[@]}" > /tmp/srv_$LABEL.log 2>&1 &
 else
   setsid python3 -m dynvllm serve agg --model $M --served-model-name m --http-host 127.0.0.1 --http-port $P \
     --metrics-port $((P + 1)) "${ENG[@]}" > /tmp/srv_$LABEL.log 2>&1 &
