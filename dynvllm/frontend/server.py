@@ -102,6 +102,10 @@ async def serve_frontend(settings: Settings) -> int:
         loop.add_signal_handler(sig, stop)
     sockets = None
     if os.environ.get(REUSEPORT_ENV):
+        # Siblings already serve this port: connections reach this process as soon as it listens,
+        # so it first hears every worker's heartbeat once, and never answers "no such model" for
+        # one they serve (a process restarted after a crash, under load).
+        await asyncio.sleep(rt.heartbeat_interval)
         sockets = [reuseport_socket(fe.http_host, fe.http_port)]
     task = asyncio.create_task(server.serve(sockets=sockets))
     while not server.started and not task.done():
