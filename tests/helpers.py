@@ -369,6 +369,22 @@ def decode_transfers(nats_url: str, namespace: str) -> dict:
     return natsrt.run(main())
 
 
+def kv_probe(nats_url: str, namespace: str, model: Path, before: dict | None = None) -> dict:
+    """scripts/gpu/kv_probe.py's report of the KV moved since `before` (counters as the probe
+    prints them; all since the workers started when None): role -> bytes, tokens, transfers, ..."""
+    probe = Path(__file__).resolve().parents[1] / "scripts" / "gpu" / "kv_probe.py"
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as base:
+        json.dump(before or {}, base)
+        base.flush()
+        out = subprocess.run(
+            [sys.executable, str(probe), nats_url, namespace, str(model), base.name],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line[3:]) for line in out.stdout.splitlines() if line.startswith("KV ")]
+    return {r["role"]: r for r in rows}
+
+
 class LongStream:
     """A streamed 1,500-token greedy completion read in a thread from the moment it is made, for
     tests that stop a service under it: `started` is set at the first chunk, `done` at [DONE]."""

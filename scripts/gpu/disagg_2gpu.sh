@@ -7,7 +7,8 @@
 #   push:   the same with `--connector nixl-push`: prefill WRITEs into decode's blocks (cuda_ipc
 #           serves remote writes at device speed where reads fall back to TCP: one GPU, no NVLink)
 # Each: greedy texts of 8 prompts, then loadgen at two shapes (ISL/OSL 1000/200 c=16 and
-# 3000/100 c=8, 64 requests each); disagg also reads NIXL's transfer counters (kv_probe.py).
+# 3000/100 c=8, 64 requests each); disagg and push also read NIXL's transfer counters (kv_probe.py:
+# pull counts on the decode worker, push on the prefill worker).
 # JSON lines in $OUT/disagg_2gpu.jsonl, texts in $OUT/texts_CASE.json, logs in $OUT/CASE/.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd); REPO=$(cd "$HERE/../.." && pwd); OUT=${OUT:-/tmp}; CASES=${CASES:-"agg2 disagg"}
@@ -41,12 +42,12 @@ for p in prompts:
 json.dump(texts, open(f"{out}/texts_{c}.json", "w"))
 print(f"[{c}] greedy: {len(texts)} texts, prefill outcomes {sorted(set(str(t[1]) for t in texts))}")
 PY
-  [ "$c" != agg2 ] && python3 "$HERE/kv_probe.py" nats://127.0.0.1:$NATS_PORT /tmp/m > /tmp/kv_before.json
+  [ "$c" != agg2 ] && python3 "$HERE/kv_probe.py" nats://127.0.0.1:$NATS_PORT $NAMESPACE /tmp/m > /tmp/kv_before.json
   python3 "$HERE/loadgen.py" --url http://127.0.0.1:8300 --model m --tokenizer /tmp/m --concurrency 16 --requests 64 \
     --input-tokens 1000 --output-tokens 200 --ignore-eos --label "$c-1000-200" --out $OUT/disagg_2gpu.jsonl | tail -3
   python3 "$HERE/loadgen.py" --url http://127.0.0.1:8300 --model m --tokenizer /tmp/m --concurrency 8 --requests 64 \
     --input-tokens 3000 --output-tokens 100 --ignore-eos --label "$c-3000-100" --out $OUT/disagg_2gpu.jsonl | tail -3
-  [ "$c" != agg2 ] && python3 "$HERE/kv_probe.py" nats://127.0.0.1:$NATS_PORT /tmp/m /tmp/kv_before.json
+  [ "$c" != agg2 ] && python3 "$HERE/kv_probe.py" nats://127.0.0.1:$NATS_PORT $NAMESPACE /tmp/m /tmp/kv_before.json
   kill -TERM $pid; for i in $(seq 90); do kill -0 $pid 2>/dev/null || break; sleep 1; done
 done
 python3 - "$OUT" <<'PY'

@@ -1,10 +1,14 @@
-"""kv_probe.py NATS_URL MODEL_DIR [before.json] -- the NIXL transfer counters of the decode and the
-prefill workers (a pull connector counts on the decode side, which READs; the push connector on the
-prefill side, which WRITEs), summed per role.
+"""kv_probe.py NATS_URL NAMESPACE MODEL_DIR [before.json] -- the NIXL transfer counters of the decode
+and the prefill workers of one service (a pull connector counts on the decode side, which READs;
+the push connector on the prefill side, which WRITEs), summed per role.
 
-Without a baseline prints them as JSON (save it); with one prints the difference as bytes,
-transfers, seconds, MB/s and milliseconds per 1,000 prompt tokens moved (tokens from the bytes
-and the model's KV shape: layers x 2 x kv heads x head dim x 2 bytes)."""
+Without a baseline prints them as JSON (save it); with one prints, per role, the difference as
+bytes, tokens, transfers, seconds, MB/s and milliseconds per 1,000 tokens moved (tokens from the
+bytes and the model's KV shape: layers x 2 x kv heads x head dim x 2 bytes). A baseline of `{}`
+reports the totals since the workers started.
+
+Exits with an error when the namespace has no prefill or decode worker: counters of no worker
+would read as zero transfers."""
 
 import asyncio
 import json
@@ -14,13 +18,16 @@ from dynvllm.cli.status import collect
 from dynvllm.runtime.streams import Connection, unary
 from dynvllm.settings import build_settings
 
+ROLES = ("decode", "prefill")
 
-async def counters(url: str) -> dict:
-    s = build_settings({"runtime": {"nats_url": url, "namespace": "disagg"}})
-    total: dict = {"decode": {}, "prefill": {}}
-    for row in await collect(s, wait=0.5):
-        if row["role"] not in total:
-            continue
+
+async def counters(url: str, namespace: str) -> dict:
+    s = build_settings({"runtime": {"nats_url": url, "namespace": namespace}})
+    rows = [r for r in await collect(s, wait=0.5) if r["role"] in ROLES]
+    if not rows:
+        sys.exit(f"kv_probe: no prefill or decode worker in namespace {namespace!r} at {url}")
+    total: dict = {role: {} for role in ROLES}
+    for row in rows:
         host, port = row["address"].split(":")
         conn = Connection(host, int(port), row["id"])
         await conn.open()
@@ -36,12 +43,14 @@ async def counters(url: str) -> dict:
 
 
 def main() -> None:
-    url, model = sys.argv[1], sys.argv[2]
-    now = asyncio.run(counters(url))
-    if len(sys.argv) < 4:
+    if len(sys.argv) not in (4, 5):
+        sys.exit(__doc__)
+    url, namespace, model = sys.argv[1:4]
+    now = asyncio.run(counters(url, namespace))
+    if len(sys.argv) < 5:
         print(json.dumps(now))
         return
-    before = json.load(open(sys.argv[3]))
+    before = json.load(open(sys.argv[4]))
     cfg = json.load(open(f"{model}/config.json"))
     for role, counts in now.items():
         was = before.get(role, {})
@@ -57,6 +66,7 @@ def report(role: str, d: dict, cfg: dict) -> None:
     out = {
         "role": role,
         "bytes": moved,
+        "tokens": tokens,
         "transfers": d.get("transfer_duration", [0, 0])[0],
         "seconds": secs,
         "MB_s": moved / secs / 1e6 if secs else None,

@@ -17,6 +17,7 @@ from dynvllm.runtime import state
 from dynvllm.settings import build_settings
 from tests.helpers import (
     decode_transfers,
+    kv_probe,
     start_service,
     stop_in_background,
     wait_gone,
@@ -111,7 +112,7 @@ def _decode_transfers(url: str) -> dict:
     return decode_transfers(state.resolve_nats_url(None, "dis"), "dis")
 
 
-def test_kv_really_moves_through_nixl(disagg, expected):
+def test_kv_really_moves_through_nixl(disagg, expected, tiny_model):
     """NIXL's own transfer counters on the decode engine grow with remote prefills only."""
     url, _ = disagg
     before = _decode_transfers(url)
@@ -121,6 +122,12 @@ def test_kv_really_moves_through_nixl(disagg, expected):
     middle = _decode_transfers(url)
     moved = middle["bytes_transferred"][1] - before.get("bytes_transferred", [0, 0.0])[1]
     assert moved > 0 and middle["transfer_duration"][0] > before.get("transfer_duration", [0, 0])[0]
+    # The GPU scripts' probe reads the same in this namespace: the prompt in whole 32-token
+    # blocks, READ by the decode worker (the pull mode; the prefill worker drives nothing).
+    probe = kv_probe(state.resolve_nats_url(None, "dis"), "dis", tiny_model, {"decode": before})
+    assert probe["decode"]["bytes"] == moved, probe
+    assert probe["decode"]["tokens"] == -(-r.json()["usage"]["prompt_tokens"] // 32) * 32, probe
+    assert probe["prefill"]["tokens"] == 0, probe
     _complete(url, SHORT)  # bypass: nothing may move
     after = _decode_transfers(url)
     assert after["bytes_transferred"] == middle["bytes_transferred"]

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from dynvllm.process import child_preexec
-from tests.helpers import ENGINE_ARGS, free_port, wait_gone, want_reference
+from tests.helpers import ENGINE_ARGS, free_port, kv_probe, wait_gone, want_reference
 
 pytestmark = pytest.mark.vllm
 
@@ -72,6 +72,7 @@ class Launch:
 
     def __init__(self, script: str, model: Path, log_dir: Path, env: dict) -> None:
         self.port = free_port()
+        self.namespace = f"launch{self.port}"
         self.log = log_dir / "launch.out"
         full = {
             **os.environ,
@@ -80,7 +81,7 @@ class Launch:
             "HTTP_HOST": "127.0.0.1",
             "HTTP_PORT": str(self.port),
             "NATS_PORT": str(free_port()),
-            "NAMESPACE": f"launch{self.port}",
+            "NAMESPACE": self.namespace,
             "ENGINE_ARGS": " ".join(ENGINE_ARGS),
             "LOG_DIR": str(log_dir),
             "READY_TIMEOUT": "400",
@@ -92,6 +93,7 @@ class Launch:
             preexec_fn=_as_from_a_terminal,
         )  # fmt: skip
         self.url = f"http://127.0.0.1:{self.port}"
+        self.nats_url = f"nats://127.0.0.1:{full['NATS_PORT']}"
         self.seen: set[int] = set()
 
     def text(self) -> str:
@@ -189,6 +191,14 @@ def test_launch_script_serves_and_stops(script, tiny_model, expected, tmp_path):
             assert first.headers["x-dynvllm-prefill"].startswith("remote:"), dict(first.headers)
         if script == "disagg_router.sh":  # the KV router knows the decode worker now holds it all
             assert again.headers["x-dynvllm-prefill"] == "skipped_cached", dict(again.headers)
+            # The one pushed prompt, in whole 32-token blocks, as the prefill worker counted its
+            # WRITEs (the GPU scripts' probe, in this service's namespace); the decode side
+            # drives no transfer in push mode.
+            moved = kv_probe(run.nats_url, run.namespace, model)
+            blocks = -(-first.parse().usage.prompt_tokens // 32)
+            assert moved["prefill"]["tokens"] == blocks * 32, moved
+            assert moved["prefill"]["transfers"] >= 1 and moved["prefill"]["ms_per_1000_tokens"] > 0, moved
+            assert moved["decode"]["tokens"] == 0 and moved["prefill"]["failed"] == 0, moved
         if "disagg" not in script:  # the repeat finds its prefix cached where the router sent it
             assert again.parse().usage.prompt_tokens_details.cached_tokens >= 32
     finally:
