@@ -4,9 +4,13 @@ that places images, built locally (no hub). The shape the disaggregated-encoder 
 use, small enough to start in seconds.
 
 The language model's weights are drawn wide (std 0.5) so that greedy output depends on the image and
-the prompt: with default init a random model repeats one token whatever it is shown. Needs
-torchvision (the image and video processors are transformers' torch ones), so it is a GPU-host tool;
-dynvllm's CPU suite uses the tiny BLIP-2 (`dynvllm model tiny --vision`)."""
+the prompt: with default init a random model repeats one token whatever it is shown. The price is
+near-ties: its greedy text follows one-ulp differences of the image embedding (in bf16, one ulp on
+a random 10% of the embedding's entries changed 4-5 of the 8 probe images' texts), so two engines
+that compute the vision tower with other kernels (an eager encode worker behind a compiled agg)
+give other texts without any fault in the hand-off; compare embeddings (mm_embed_probe.py) or run
+in float32. Needs torchvision (the image and video processors are transformers' torch ones), so it
+is a GPU-host tool; dynvllm's CPU suite uses the tiny BLIP-2 (`dynvllm model tiny --vision`)."""
 
 import json
 import sys

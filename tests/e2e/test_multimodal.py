@@ -112,6 +112,7 @@ def services(vision_model, plain_vision_model, media, expected_job, tmp_path_fac
     (--mm-prompt-template places the text), side by side (their engines start while vLLM's
     offline one computes `expected`)."""
     log = tmp_path_factory.mktemp("mm")
+    cache = tmp_path_factory.mktemp("encoder-cache")  # named, so a test can read what is handed over
     agg_url, agg = start_agg(vision_model, log / "agg.log", "mm-agg", *_args(media))
     enc_url, enc = start_agg(
         plain_vision_model,
@@ -122,11 +123,13 @@ def services(vision_model, plain_vision_model, media, expected_job, tmp_path_fac
         TEMPLATE,
         "--roles",
         "agg=1,encode=1",
+        "--encoder-cache-dir",
+        str(cache),
     )
     try:
         wait_http(agg_url + "/health", lambda b: b.get("workers") == 1, agg, timeout=400)
         wait_http(enc_url + "/health", lambda b: b.get("workers") == 2, enc, timeout=400)
-        yield {"agg": agg_url, "enc": enc_url, "enc_proc": enc, "model": vision_model}
+        yield {"agg": agg_url, "enc": enc_url, "enc_proc": enc, "model": vision_model, "cache": cache}
     finally:
         stop_in_background([agg, enc])
 
@@ -192,6 +195,40 @@ def test_the_encode_role_gives_the_same_output_and_reuses_embeddings(services, e
     metrics = urllib.request.urlopen(url + "/metrics").read().decode()
     assert 'dynvllm_encode_total{model="tiny",outcome="remote"} 2.0' in metrics
     assert 'dynvllm_encode_total{model="tiny",outcome="cached"} 1.0' in metrics
+
+
+def test_the_encode_worker_hands_over_the_models_own_embedding_of_each_image(services):
+    """What the language worker loads for an image, under that image's content key, is the
+    model's own embedding of it (BLIP-2's Q-Former output projected into the language model),
+    here computed by transformers from the same pixels: the right image, shape and values."""
+    import torch
+    from PIL import Image
+    from safetensors.torch import load_file
+    from transformers import Blip2ForConditionalGeneration
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    from dynvllm.router.hashing import image_hash, image_uuid
+
+    data = _png(5)
+    r = _chat(services["enc"], _data_uri(data))
+    assert r.status_code == 200 and r.headers["x-dynvllm-encode"].startswith("remote:"), r.text
+    handed = services["cache"] / image_uuid(image_hash(data)) / "encoder_cache.safetensors"
+    stored = load_file(handed)["ec_cache"]
+    model = Blip2ForConditionalGeneration.from_pretrained(services["model"]).eval()
+    pixels = BlipImageProcessorPil.from_pretrained(services["model"])
+
+    def embedding(png: bytes) -> torch.Tensor:
+        px = pixels(Image.open(io.BytesIO(png)).convert("RGB"), return_tensors="pt").pixel_values
+        with torch.no_grad():
+            return model.get_image_features(pixel_values=px).pooler_output[0]
+
+    ref, other = embedding(data), embedding(_png(6))
+    assert stored.shape == ref.shape  # 8 query tokens x the language model's width
+    scale = ref.abs().max().item()
+    # The engine runs the tower in its own dtype: equal up to that dtype's rounding, and far from
+    # another image's embedding.
+    assert (stored.float() - ref).abs().max().item() < 0.02 * scale
+    assert (stored.float() - other).abs().max().item() > 0.2 * scale
 
 
 @pytest.mark.parametrize(

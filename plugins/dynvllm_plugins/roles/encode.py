@@ -26,6 +26,7 @@ from dynvllm.stages import Stage, StageContext
 from dynvllm.worker.role import EngineHandle, Role
 from dynvllm_plugins.roles import encoder_cache
 from dynvllm_plugins.roles.encoder_cache import EncoderCacheSettings
+from dynvllm_plugins.roles.encoder_kernels import encoder_kernels
 
 log = logging.getLogger("dynvllm.encode")
 ENCODE = "encode"
@@ -68,7 +69,9 @@ class EncodeRole(Role):
         cfg = settings.plugin(EncoderCacheSettings)
         self.limit, self.folder = cfg.encoder_cache_entries, cfg.encoder_cache_dir
         overrides = encoder_cache.engine_overrides(settings, "ec_producer")
-        return {**super().engine_overrides(settings), **overrides, **ENCODER_ONLY}
+        # The language workers' kernels, so the embeddings are the ones they would compute.
+        kernels = encoder_kernels(settings)
+        return {**super().engine_overrides(settings), **overrides, **ENCODER_ONLY, **kernels}
 
     def check(self, settings: Any) -> None:
         super().check(settings)
