@@ -82,6 +82,24 @@ def _vllm_sampling(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def sampling_params(req: protocol.GenerateRequest) -> Any:
+    """The SamplingParams of a generate request, as vLLM's server builds them for the same body
+    (tests/worker/test_engine_request.py compares the two), except `detokenize`: the frontend
+    turns token ids into text. Built fresh per request, so vLLM need not deep-copy it
+    (`skip_clone`, as its server sets)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    extra_args = {"kv_transfer_params": req.kv_transfer_params} if req.kv_transfer_params else None
+    try:
+        kwargs = _vllm_sampling(protocol.sampling_kwargs(req.sampling))
+        return SamplingParams(
+            **kwargs, output_kind=RequestOutputKind.DELTA, extra_args=extra_args, skip_clone=True
+        )
+    except _client_errors() as exc:
+        raise BadRequest(f"invalid sampling options: {exc}") from None
+
+
 def _cross_encoder(model_config: Any, tokenizer: Any) -> dict[str, Any]:
     """How vLLM's server prompts a cross-encoder (a one-label classifier scoring text pairs):
     `sep`, the tokenizer's pair encoding (else query + document as one text); `unserved`, what
@@ -207,17 +225,10 @@ class VllmEngine(Engine):
 
     async def generate(self, payload: Any) -> AsyncIterator[dict]:
         """One vLLM request, its output deltas mapped to wire deltas as they come."""
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
 
         req = protocol.parse_generate(payload)
-        extra_args = {"kv_transfer_params": req.kv_transfer_params} if req.kv_transfer_params else None
-        try:
-            kwargs = _vllm_sampling(protocol.sampling_kwargs(req.sampling))
-            params = SamplingParams(**kwargs, output_kind=RequestOutputKind.DELTA, extra_args=extra_args)
-        except _client_errors() as exc:
-            raise BadRequest(f"invalid sampling options: {exc}") from None
+        params = sampling_params(req)
         rid, n_prompt = req.request_id, len(req.token_ids)
         k = req.sampling.get("logprobs")
         pk = req.sampling.get("prompt_logprobs")
