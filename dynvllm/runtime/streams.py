@@ -38,11 +38,14 @@ class Inflight:
 
     def __init__(self) -> None:
         self.count = 0
+        #: When the last call came in (monotonic): a drain waits for quiet, not only for idle.
+        self.last = float("-inf")
         self._idle = asyncio.Event()
         self._idle.set()
 
     def enter(self) -> None:
         self.count += 1
+        self.last = time.monotonic()
         self._idle.clear()
 
     def leave(self) -> None:
@@ -57,6 +60,20 @@ class Inflight:
             return True
         except TimeoutError:
             return False
+
+    async def wait_quiet(self, quiet: float, timeout: float) -> bool:
+        """True once nothing is in flight and no call came in for `quiet` seconds; False if
+        `timeout` passed first. A draining server's goodbye reaches its callers a moment after it
+        is sent: a call routed just before still comes, and must find the server serving."""
+        end = time.monotonic() + timeout
+        while await self.wait_idle(max(0.0, end - time.monotonic())):
+            wait = quiet - (time.monotonic() - self.last)
+            if wait <= 0:
+                return True
+            if time.monotonic() + wait > end:
+                return False
+            await asyncio.sleep(wait)
+        return False
 
 
 class StreamServer:

@@ -203,8 +203,11 @@ class Worker:
         assert self.lease is not None and self.server is not None
         await self.lease.stop()
         deadline = time.monotonic() + self.settings.worker.drain_timeout
+        # A worker that had calls lately leaves only after a heartbeat interval with none: routers
+        # hear the goodbye a moment late (an idle worker leaves at once).
+        quiet = self.settings.runtime.heartbeat_interval
         while not self.engine_dead and time.monotonic() < deadline:
-            if await self.inflight.wait_idle(min(0.5, deadline - time.monotonic())):
+            if await self.inflight.wait_quiet(quiet, min(1.0, deadline - time.monotonic())):
                 break
         await self.server.close()  # cancels what is left: each handler aborts its engine request
         for relay in self.relays:

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from dynvllm.runtime.errors import BadRequest, InstanceLost, RemoteError, UnknownEndpoint
-from dynvllm.runtime.streams import WINDOW, Connection, StreamClientPool, StreamServer, unary
+from dynvllm.runtime.streams import WINDOW, Connection, Inflight, StreamClientPool, StreamServer, unary
 
 
 class Probe:
@@ -175,3 +175,23 @@ async def test_an_expired_lease_drops_a_connection_only_once_it_is_quiet(served)
     assert 1.0 <= waited < 2.0, waited  # the 0.9 s of stream left, then 0.3 s of quiet
     assert len(got) >= 30 and conn.closed
     assert lost and "nothing heard" in lost[0].message
+
+
+async def test_a_drain_waits_for_quiet_after_the_last_call_not_only_for_idle():
+    """A call routed just before a worker's goodbye reached the routers still comes: draining
+    waits until no call came in for `quiet` seconds, and an idle server is quiet at once."""
+    calls = Inflight()
+    t0 = time.monotonic()
+    assert await calls.wait_quiet(0.3, 1.0)  # never called: quiet at once
+    assert time.monotonic() - t0 < 0.1
+    calls.enter()
+    assert not await calls.wait_quiet(0.3, 0.2)  # in flight: not even idle
+    calls.leave()
+    calls.enter()
+    calls.leave()
+    t0 = time.monotonic()
+    assert await calls.wait_quiet(0.3, 1.0)  # idle, but the call came in just now
+    assert 0.25 < time.monotonic() - t0 < 0.6
+    calls.enter()
+    calls.leave()
+    assert not await calls.wait_quiet(0.3, 0.1)  # the timeout comes before the quiet
