@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO
 
+from dynvllm import cores
 from dynvllm.envnames import RESTARTS_ENV, SETTINGS_ENV
 from dynvllm.process import child_preexec, terminate
 from dynvllm.restarts import RestartPolicy, SlotState
@@ -201,11 +202,9 @@ class Service:
         host are known: the frontend leaves them their cores."""
         if self.settings.frontend.http_workers != "auto":
             return None
-        from dynvllm.frontend.processes import process_count, usable_cores
-
         engines = sum(n for _, n in self.roles) * (self.settings.engine.tensor_parallel_size or 1)
         own = self.settings.model_copy(deep=True)
-        own.frontend.http_workers = process_count("auto", usable_cores(), engines)
+        own.frontend.http_workers = cores.process_count("auto", cores.usable_cores(), engines)
         return own
 
     def _add_worker(self, role: str, now: float) -> Slot:

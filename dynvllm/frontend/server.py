@@ -8,18 +8,12 @@ import os
 import signal
 import sys
 
-from dynvllm import logs
+from dynvllm import cores, logs
 from dynvllm.frontend.app import FrontendApp
 from dynvllm.frontend.models import ModelRegistry
 from dynvllm.frontend.observe import RequestObserver
 from dynvllm.frontend.peers import RouterPeers
-from dynvllm.frontend.processes import (
-    REUSEPORT_ENV,
-    process_count,
-    reuseport_socket,
-    run_processes,
-    usable_cores,
-)
+from dynvllm.frontend.processes import REUSEPORT_ENV, reuseport_socket, run_processes
 from dynvllm.frontend.routing import Router
 from dynvllm.runtime import nats as natsrt
 from dynvllm.runtime.discovery import Instance, Watcher
@@ -130,7 +124,7 @@ async def serve_frontend(settings: Settings) -> int:
 
 
 def run_frontend(settings: Settings) -> int:
-    processes = process_count(settings.frontend.http_workers, usable_cores())
+    processes = cores.process_count(settings.frontend.http_workers, cores.usable_cores())
     if processes > 1:
         return run_processes(settings, processes)
     logs.setup(settings.runtime.log_level, settings.runtime.log_format, "frontend")

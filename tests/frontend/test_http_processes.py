@@ -3,7 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
-from dynvllm.frontend.processes import process_count, quota_cores
+from dynvllm.cores import process_count, quota_cores
 from dynvllm.settings import build_settings
 
 
@@ -53,10 +53,10 @@ def test_a_cgroup_cpu_quota_caps_the_cores(cpu_max, v1, expected):
 
 
 def test_serve_sizes_auto_for_the_engines_it_starts(monkeypatch):
-    import dynvllm.frontend.processes as processes
+    from dynvllm import cores
     from dynvllm.supervisor import Service
 
-    monkeypatch.setattr(processes, "usable_cores", lambda: 16)
+    monkeypatch.setattr(cores, "usable_cores", lambda: 16)
     monkeypatch.delenv("DYN_HTTP_WORKERS", raising=False)  # the suite pins one process
     settings = build_settings({"engine": {"model": "m", "tensor_parallel_size": 2}})
     assert settings.frontend.http_workers == "auto"  # the default
