@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+from benchkit import free_port
+
 SUBSCRIBER = r"""
 import json, signal, sys, zmq
 sock = zmq.Context().socket(zmq.SUB); sock.connect(sys.argv[1]); sock.setsockopt(zmq.SUBSCRIBE, b"")
@@ -75,7 +77,7 @@ def main() -> None:
     ap.add_argument("--osl", type=int, default=200)
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--kv-bytes", type=int, default=512 << 20)
-    ap.add_argument("--port", type=int, default=19577)
+    ap.add_argument("--port", type=int, default=0, help="the events' port (default: a free one)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--graphs", action="store_true", help="compile and capture graphs (GPU); default eager")
     args = ap.parse_args()
@@ -92,11 +94,10 @@ def main() -> None:
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.llm_engine import LLMEngine
 
-    kv = KVEventsConfig(
-        enable_kv_cache_events=True, publisher="zmq", endpoint=f"tcp://*:{args.port}", topic="kv"
-    )
+    port = args.port or free_port()
+    kv = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", endpoint=f"tcp://*:{port}", topic="kv")
     sub = subprocess.Popen(
-        [sys.executable, "-c", SUBSCRIBER, f"tcp://127.0.0.1:{args.port}"], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", SUBSCRIBER, f"tcp://127.0.0.1:{port}"], stdout=subprocess.PIPE, text=True
     )
     engine = LLMEngine.from_engine_args(
         EngineArgs(
