@@ -101,7 +101,8 @@ def compare(folders: dict[str, str]) -> dict:
             equal += bool(torch.equal(a, b))
             worst = max(worst, (a.float() - b.float()).abs().max().item())
         out[config] = {"bit_equal": f"{equal}/{len(keys)}", "max_abs_diff": worst, "missing": missing}
-    out["dtype"] = str(load("agg", keys[0]).dtype) if load("agg", keys[0]) is not None else None
+    first = load("agg", keys[0])
+    out["dtype"] = str(first.dtype) if first is not None else None
     return out
 
 
