@@ -2,7 +2,7 @@
 """Router index side by side: dynvllm's KV index vs NVIDIA Dynamo's Rust RadixTree, one process.
 
     PEERS=/tmp/peers .venv/bin/python scripts/bench_router_index.py [--rounds 3] [--plain | --copies]
-        [--workers 1024]
+        [--workers 1024] [--impls native,python]
 
 Workload (= scripts/bench_router_cost.py): 1,024 workers, ~1M blocks of 32 tokens from 64 shared
 system prompts plus unique tails, then 2,000 lookups of 4,096-token prompts, half sharing a
@@ -34,6 +34,9 @@ lookup the cost reads, its GPU-only lookup timed beside it; Dynamo's `find_match
 with the worker -> overlap dict its result builds when read, which is what dynvllm's lookup
 returns), and for dynvllm its whole routing decision (prompt hashing + lookup + cost over all
 the workers) and the worker-side keying rate.
+dynvllm's index runs on each holders table named by `--impls` (default: the compiled one, if
+built, and the pure-Python one; see `dynvllm.router.masks`), each its own router, interleaved with
+Dynamo's in the same rounds; ratios are printed for each against Dynamo.
 `--copies`: no GPU evictions, so the lower tiers hold copies of GPU blocks only (no worker's
 prefix goes on through them: the tier-aware lookup should cost what the GPU-only one does).
 """
@@ -204,23 +207,32 @@ def dynvllm_events(engine: list[list[tuple[Any, ...]]]) -> tuple[list[list[bytes
 
 
 def one_round(
-    core: Any, dyn: list[Any], ours: list[Any], prompts: list[list[int]], rng: random.Random, image: bytes
+    core: Any,
+    dyn: list[Any],
+    ours: list[Any],
+    prompts: list[list[int]],
+    rng: random.Random,
+    image: bytes,
+    impls: list[str],
 ) -> dict[str, Any]:
     from dynvllm.frontend.routing import Router
-    from dynvllm.router import hashing, image_keys
+    from dynvllm.router import hashing, image_keys, masks
     from dynvllm.runtime.kv_topic import KV_EVENTS
     from dynvllm.settings import RouterSettings
 
     decode = KV_EVENTS.decode
-    router = Router(RouterSettings(router="kv"))
-    index = router.index
-    assert index is not None
+    routers = {}
+    for impl in impls:  # each router's index on its table (the variable is read when one is made)
+        os.environ[masks.IMPL_ENV] = impl
+        routers[impl] = Router(RouterSettings(router="kv"))
+        made = routers[impl].index
+        assert made is not None and made.impl == impl
     tree = core.RadixTree() if core is not None else None
-    spent = {"dynamo": 0.0, "dynvllm": 0.0}
-    cpu = {"dynamo": 0.0, "dynvllm": 0.0}  # CPU seconds of the whole process (all threads)
+    spent = {side: 0.0 for side in ["dynamo", *impls]}
+    cpu = dict(spent)  # CPU seconds of the whole process (all threads)
+    order = ["dynamo", *impls]
     for c, start in enumerate(range(0, len(ours), CHUNK)):
-        sides = ["dynamo", "dynvllm"] if c % 2 == 0 else ["dynvllm", "dynamo"]
-        for side in sides:
+        for side in order[c % len(order) :] + order[: c % len(order)]:
             if side == "dynamo":
                 if tree is None:
                     continue
@@ -232,12 +244,13 @@ def one_round(
                 spent["dynamo"] += time.perf_counter() - t
                 cpu["dynamo"] += time.process_time() - c0
             else:
+                on_kv_events = routers[side].on_kv_events
                 t, c0 = time.perf_counter(), time.process_time()
                 for evs in ours[start : start + CHUNK]:
                     for b in evs:
-                        router.on_kv_events(decode(b))
-                spent["dynvllm"] += time.perf_counter() - t
-                cpu["dynvllm"] += time.process_time() - c0
+                        on_kv_events(decode(b))
+                spent[side] += time.perf_counter() - t
+                cpu[side] += time.process_time() - c0
 
     def local_hashes(tokens: list[int]) -> list[int]:
         return [hash(tuple(tokens[s : s + BS])) & MASK for s in range(0, len(tokens) - BS + 1, BS)]
@@ -250,13 +263,19 @@ def one_round(
         for i, p in enumerate(prompts)
     ]
     dyn_keys = [local_hashes(p) for p in prompts]
-    lat: dict[str, list[float]] = {"dynamo": [], "dynamo_scores": [], "dynvllm": [], "plain": []}
-    hits = {"dynamo": 0, "dynvllm": 0}
-    lookup, overlaps = index.lookup, index.overlaps
-    extended = 0  # lookups where some worker's prefix goes on through an offload tier
+    lat: dict[str, list[float]] = {"dynamo": [], "dynamo_scores": []}
+    hits = {"dynamo": 0}
+    extended = dict.fromkeys(impls, 0)  # lookups where some worker's prefix goes on through a tier
+    lookups: dict[str, Any] = {}
+    answers: dict[str, list[Any]] = {}
+    for impl in impls:
+        index = routers[impl].index
+        assert index is not None
+        lookups[impl], lookups[impl + " plain"] = index.lookup, index.overlaps
+        lat[impl], lat[impl + " plain"], hits[impl], answers[impl] = [], [], 0, []
+    sides = ["dynamo", *lookups]
     for i in range(len(prompts)):
-        sides = ("dynamo", "dynvllm", "plain")
-        for side in sides[i % 3 :] + sides[: i % 3]:  # each side as often first, second and last
+        for side in sides[i % len(sides) :] + sides[: i % len(sides)]:  # each side as often in each place
             if side == "dynamo":
                 if tree is None:
                     continue
@@ -267,27 +286,32 @@ def one_round(
                 lat[side].append((found - t) * 1000)
                 lat["dynamo_scores"].append((time.perf_counter() - t) * 1000)
                 hits[side] += bool(scores)
-            elif side == "dynvllm":
+            elif side in hits:
                 t = time.perf_counter()
-                gpu, further = lookup(ours_keys[i])  # what the cost reads
+                gpu, further = lookups[side](ours_keys[i])  # what the cost reads
                 lat[side].append((time.perf_counter() - t) * 1000)
                 hits[side] += bool(gpu or further)
-                extended += bool(further)
+                extended[side] += bool(further)
+                answers[side].append((gpu, further))
             else:
                 t = time.perf_counter()
-                overlaps(ours_keys[i])
+                lookups[side](ours_keys[i])
                 lat[side].append((time.perf_counter() - t) * 1000)
+    assert all(answers[impl] == answers[impls[0]] for impl in impls), "the tables answered differently"
     candidates = [f"w{i}" for i in range(WORKERS)]
-    for cand in candidates:
-        router.load.active_blocks[cand] = rng.randrange(0, 200)
-    dec = []
-    for i, p in enumerate(prompts):
-        images = [image] if image and i % IMAGE == 0 else None
-        t = time.perf_counter()
-        router.choose(candidates, p, BS, None, images, rule)
-        dec.append((time.perf_counter() - t) * 1000)
-    tiers_in = index.tiered(ours_keys[1]) is not None
-    del router, index, tree
+    loads = [rng.randrange(0, 200) for _ in candidates]
+    dec: dict[str, list[float]] = {impl: [] for impl in impls}
+    for impl in impls:
+        router = routers[impl]
+        router.load.active_blocks.update(zip(candidates, loads, strict=True))
+        for i, p in enumerate(prompts):
+            images = [image] if image and i % IMAGE == 0 else None
+            t = time.perf_counter()
+            router.choose(candidates, p, BS, None, images, rule)
+            dec[impl].append((time.perf_counter() - t) * 1000)
+    first = routers[impls[0]].index
+    tiers_in = first is not None and first.tiered(ours_keys[1]) is not None
+    del routers, router, first, tree
     gc.collect()
     out = {"spent": spent, "cpu": cpu, "lat": lat, "hits": hits, "decision": dec}
     return {**out, "tiers_in": tiers_in, "extended": extended}
@@ -303,10 +327,15 @@ def main() -> None:
         action="store_true",
         help="no GPU evictions: the lower tiers hold copies of GPU blocks only",
     )
+    ap.add_argument("--impls", default="", help="holders tables, comma-separated (default: native,python)")
     args = ap.parse_args()
     globals()["WORKERS"] = args.workers
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from dynvllm.router import masks
     from dynvllm.router.index import tune_gc
+
+    default = ["python"] if masks.NATIVE_MISSING else ["native", "python"]
+    impls = args.impls.split(",") if args.impls else default
 
     peers = Path(os.environ.get("PEERS", "/tmp/peers"))
     core = load_dynamo(peers)
@@ -325,71 +354,74 @@ def main() -> None:
         f"# {time.strftime('%Y-%m-%d %H:%M')} {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f};"
         f" {WORKERS} workers; block events: dynvllm {our_blocks:,} ({what}),"
         f" Dynamo {dyn_blocks:,}; prepared in {time.perf_counter() - t0:.0f} s; worker keying"
-        f" {keying / 1e6:.2f}M blocks/s",
+        f" {keying / 1e6:.2f}M blocks/s; holders tables: {', '.join(impls)}"
+        + (f" (no compiled table: {masks.NATIVE_MISSING})" if masks.NATIVE_MISSING else ""),
         flush=True,
     )
     rows = []
     for r in range(args.rounds):
-        res = one_round(core, dyn, ours, prompts, rng, image)
-        lat, spent = res["lat"], res["spent"]
-        row = {
-            "round": r + 1,
-            "load": os.getloadavg()[0],
-            "dynvllm_ingest": our_blocks / spent["dynvllm"],
-            "dynvllm_ingest_cpu": our_blocks / res["cpu"]["dynvllm"],
-            "dynvllm_batches": messages / spent["dynvllm"],
-            "extended": res["extended"],
-            "dynvllm_p50": pct(lat["dynvllm"], 0.5),
-            "dynvllm_p99": pct(lat["dynvllm"], 0.99),
-            "plain_p50": pct(lat["plain"], 0.5),
-            "plain_p99": pct(lat["plain"], 0.99),
-            "decision_p50": pct(res["decision"], 0.5),
-            "decision_p99": pct(res["decision"], 0.99),
-            "hits": res["hits"]["dynvllm"],
-            "tiers_in": res["tiers_in"],
-        }
-        print(
-            f"round {r + 1} dynvllm ingest {row['dynvllm_ingest'] / 1e6:.2f}M block events/s"
-            f" ({row['dynvllm_ingest_cpu'] / 1e6:.2f}M per CPU-second; {row['dynvllm_batches']:,.0f} relay"
-            f" batches/s); lookup (tier-aware)"
-            f" p50 {row['dynvllm_p50']:.3f} ms p99 {row['dynvllm_p99']:.3f} ms; GPU-only lookup"
-            f" p50 {row['plain_p50']:.3f} p99 {row['plain_p99']:.3f} ms; decision"
-            f" p50 {row['decision_p50']:.3f} p99 {row['decision_p99']:.3f} ms;"
-            f" hits {row['hits']}/{DECISIONS}, {row['extended']} going on through a lower tier",
-            flush=True,
-        )
+        res = one_round(core, dyn, ours, prompts, rng, image, impls)
+        lat, spent, load = res["lat"], res["spent"], os.getloadavg()[0]
         if core is not None:
-            row.update(
-                dynamo_ingest=dyn_blocks / spent["dynamo"],
-                dynamo_ingest_cpu=dyn_blocks / res["cpu"]["dynamo"],
-                dynamo_p50=pct(lat["dynamo"], 0.5),
-                dynamo_p99=pct(lat["dynamo"], 0.99),
-                dynamo_scores_p50=pct(lat["dynamo_scores"], 0.5),
-                dynamo_scores_p99=pct(lat["dynamo_scores"], 0.99),
-                dynamo_hits=res["hits"]["dynamo"],
-            )
+            dynamo = {
+                "ingest": dyn_blocks / spent["dynamo"],
+                "ingest_cpu": dyn_blocks / res["cpu"]["dynamo"],
+                "p50": pct(lat["dynamo"], 0.5),
+                "p99": pct(lat["dynamo"], 0.99),
+                "scores_p50": pct(lat["dynamo_scores"], 0.5),
+                "scores_p99": pct(lat["dynamo_scores"], 0.99),
+                "hits": res["hits"]["dynamo"],
+            }
+            rows.append({"round": r + 1, "side": "dynamo", "load": load, **dynamo})
             print(
-                f"round {r + 1} Dynamo  ingest {row['dynamo_ingest'] / 1e6:.2f}M block events/s"
-                f" ({row['dynamo_ingest_cpu'] / 1e6:.2f}M per CPU-second); lookup"
-                f" p50 {row['dynamo_p50']:.3f} ms p99 {row['dynamo_p99']:.3f} ms (with its scores dict"
-                f" p50 {row['dynamo_scores_p50']:.3f} p99 {row['dynamo_scores_p99']:.3f} ms);"
-                f" hits {row['dynamo_hits']}/{DECISIONS}",
+                f"round {r + 1} Dynamo  ingest {dynamo['ingest'] / 1e6:.2f}M block events/s"
+                f" ({dynamo['ingest_cpu'] / 1e6:.2f}M per CPU-second); lookup"
+                f" p50 {dynamo['p50']:.3f} ms p99 {dynamo['p99']:.3f} ms (with its scores dict"
+                f" p50 {dynamo['scores_p50']:.3f} p99 {dynamo['scores_p99']:.3f} ms);"
+                f" hits {dynamo['hits']}/{DECISIONS}",
                 flush=True,
             )
-            ingest = row["dynvllm_ingest"] / row["dynamo_ingest"]
-            ingest_cpu = row["dynvllm_ingest_cpu"] / row["dynamo_ingest_cpu"]
-            p50, p99 = row["dynvllm_p50"] / row["dynamo_p50"], row["dynvllm_p99"] / row["dynamo_p99"]
-            s50 = row["dynvllm_p50"] / row["dynamo_scores_p50"]
-            s99 = row["dynvllm_p99"] / row["dynamo_scores_p99"]
+        for impl in impls:
+            row = {
+                "round": r + 1,
+                "side": impl,
+                "load": load,
+                "ingest": our_blocks / spent[impl],
+                "ingest_cpu": our_blocks / res["cpu"][impl],
+                "batches": messages / spent[impl],
+                "extended": res["extended"][impl],
+                "p50": pct(lat[impl], 0.5),
+                "p99": pct(lat[impl], 0.99),
+                "plain_p50": pct(lat[impl + " plain"], 0.5),
+                "plain_p99": pct(lat[impl + " plain"], 0.99),
+                "decision_p50": pct(res["decision"][impl], 0.5),
+                "decision_p99": pct(res["decision"][impl], 0.99),
+                "hits": res["hits"][impl],
+                "tiers_in": res["tiers_in"],
+            }
+            rows.append(row)
             print(
-                f"round {r + 1}: ingest {ingest:.2f}x Dynamo's (per CPU-second {ingest_cpu:.2f}x);"
-                f" lookup p50 {p50:.2f}x, p99 {p99:.2f}x Dynamo's find_matches (with its scores dict"
-                f" p50 {s50:.2f}x, p99 {s99:.2f}x); tier-aware lookup"
-                f" p50 {row['dynvllm_p50'] / row['plain_p50']:.2f}x the GPU-only one"
-                f" (load {row['load']:.1f})",
+                f"round {r + 1} dynvllm ({impl} table) ingest {row['ingest'] / 1e6:.2f}M block events/s"
+                f" ({row['ingest_cpu'] / 1e6:.2f}M per CPU-second; {row['batches']:,.0f} relay"
+                f" batches/s); lookup (tier-aware) p50 {row['p50']:.3f} ms p99 {row['p99']:.3f} ms;"
+                f" GPU-only lookup p50 {row['plain_p50']:.3f} p99 {row['plain_p99']:.3f} ms; decision"
+                f" p50 {row['decision_p50']:.3f} p99 {row['decision_p99']:.3f} ms;"
+                f" hits {row['hits']}/{DECISIONS}, {row['extended']} going on through a lower tier",
                 flush=True,
             )
-        rows.append(row)
+            if core is not None:
+                ingest = row["ingest"] / dynamo["ingest"]
+                ingest_cpu = row["ingest_cpu"] / dynamo["ingest_cpu"]
+                p50, p99 = row["p50"] / dynamo["p50"], row["p99"] / dynamo["p99"]
+                s50, s99 = row["p50"] / dynamo["scores_p50"], row["p99"] / dynamo["scores_p99"]
+                print(
+                    f"round {r + 1} {impl}: ingest {ingest:.2f}x Dynamo's (per CPU-second {ingest_cpu:.2f}x);"
+                    f" lookup p50 {p50:.2f}x, p99 {p99:.2f}x Dynamo's find_matches (with its scores dict"
+                    f" p50 {s50:.2f}x, p99 {s99:.2f}x); GPU-only lookup p99"
+                    f" {row['plain_p99'] / dynamo['p99']:.2f}x; tier-aware lookup"
+                    f" p50 {row['p50'] / row['plain_p50']:.2f}x the GPU-only one (load {load:.1f})",
+                    flush=True,
+                )
     print(json.dumps(rows))
 
 

@@ -10,9 +10,11 @@ from dynvllm import reference
 from dynvllm import settings as S
 
 ROOT = Path(__file__).resolve().parents[1]
-# Variables read outside the settings model (state folder, plugin allow-list, installer, child hand-off).
-# DYN_PORT belongs to the Dynamo peer kit that scripts/bench_overhead.sh drives.
+# Variables read outside the settings model (state folder, plugin allow-list, installer, child hand-off,
+# the router index's holders table). DYN_PORT belongs to the Dynamo peer kit that
+# scripts/bench_overhead.sh drives.
 OTHER = {
+    "DYN_ROUTER_INDEX",
     "DYN_STATE_DIR",
     "DYN_LOAD_PLUGINS",
     "DYN_INSTALL_TARGET",

@@ -6,10 +6,11 @@ with an expiry instead of learning from events.
 
 A block's holders are a bit mask of small worker ids (an int): a lookup walks the prompt's keys
 with one AND per block however many workers share the prefix, and only workers that drop out
-are ever named one by one. The masks are the whole truth of who holds what on the GPU. Ingest (a
-million blocks a second at scale) does one dict operation per block: a worker's own blocks, needed
-only to forget it or snapshot it, are the event lists it was stored with, kept as they came
-(`key_log`), not a per-block record.
+are ever named one by one. The masks are the whole truth of who holds what on the GPU. They live
+in a holders table (`masks`: compiled, or a dict where it was not built) that takes an event's or
+a prompt's keys in one call, so ingest (millions of blocks a second at scale) and lookups do no
+Python-level step per block. A worker's own blocks, needed only to forget it or snapshot it, are
+the event lists it was stored with, kept as they came (`key_log`), not a per-block record.
 
 Blocks in an offload tier (CPU, disk) live in a child index per tier (`tiers.TierBlocks`) that
 shares the worker numbering. The GPU walk notes where each group of workers stops; a worker can
@@ -22,14 +23,19 @@ event lists (`KeyLog`), not as per-worker sets.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from itertools import chain, islice
+from itertools import chain
 
+from dynvllm.router import masks
 from dynvllm.router.key_log import KeyLog
-from dynvllm.router.masks import clear_bit, members, set_bit
+from dynvllm.router.masks import members
 from dynvllm.router.tiers import CPU, DISK, GPU, TierBlocks
+
+log = logging.getLogger("dynvllm.router")
+_told: set[str] = set()  # implementations logged already (once per process)
 
 Worker = tuple[str, int]  # (instance id, data-parallel rank)
 _NOBODY: Worker = ("", -1)  # the name of a released worker id until it is given out again
@@ -53,13 +59,23 @@ def tune_gc() -> None:
 class KvIndex:
     """The GPU tier's blocks, and through `lower` the offload tiers' (`TierBlocks`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, impl: str | None = None) -> None:
+        """`impl`: the holders table, "native" or "python" (`masks.implementation`)."""
+        self.impl = masks.implementation(impl)
+        self._table, self._walk = masks.kit(self.impl)
+        if self.impl not in _told:
+            _told.add(self.impl)
+            if self.impl == "native":
+                log.info("router index: compiled holders table (dynvllm.router._holders)")
+            else:
+                why = masks.NATIVE_MISSING or f"{masks.IMPL_ENV}=python"
+                log.warning("router index: pure-Python holders table, slower ingest (%s)", why)
         # Workers are small ints inside the index, and sets of them bit masks.
         self._ids: dict[Worker, int] = {}
         self._workers: list[Worker] = []
         self._free: list[int] = []  # ids of workers gone for good, given out again first
         #: key -> the bit mask of the workers holding it (never 0: a key nobody holds is deleted).
-        self.holders: dict[int, int] = {}
+        self.holders: masks.Table = self._table()
         #: Per worker: its event-backed GPU blocks (`KeyLog`), in the order workers first held any.
         self._logs: dict[int, KeyLog] = {}
         #: Per worker: blocks it holds by prediction only, key -> expiry (an event confirming a
@@ -72,7 +88,7 @@ class KvIndex:
     def _tier(self, tier: int) -> TierBlocks:
         child = self.lower.get(tier)
         if child is None:
-            child = self.lower[tier] = TierBlocks(self.holders)
+            child = self.lower[tier] = TierBlocks(self.holders, self._table)
         return child
 
     def _id(self, worker: Worker) -> int:
@@ -96,8 +112,8 @@ class KvIndex:
             if len(event) > 2 and event[2] != GPU:
                 # Offloads follow the GPU store of the same blocks: its keys need no probe.
                 wid = self._id(worker)
-                log = self._logs.get(wid)
-                last = log.lists[-1] if log is not None and log.last_held else ()
+                mine = self._logs.get(wid)
+                last = mine.lists[-1] if mine is not None and mine.last_held else ()
                 self._tier(event[2]).store(wid, event[1], last)
             else:
                 self._store(self._id(worker), event[1])
@@ -114,18 +130,18 @@ class KvIndex:
                     child.all_off_gpu(known)
 
     def _store(self, wid: int, keys: list[int]) -> None:
-        # The hot path of ingest: one setdefault per key (`set_bit`), an append to the log.
+        # The hot path of ingest: a worker's bit set in each key's mask (`set_bit`), a log append.
         if self.lower:
             self._back_on_gpu(wid, keys)
         pred = self._pred.get(wid)
         if pred:  # predictions these events confirm
             for key in pred.keys() & keys:
                 del pred[key]
-        set_bit(self.holders, 1 << wid, keys)
-        log = self._logs.get(wid)
-        if log is None:
-            log = self._logs[wid] = KeyLog()
-        log.add(keys)
+        self.holders.set_bit(wid, keys)
+        mine = self._logs.get(wid)
+        if mine is None:
+            mine = self._logs[wid] = KeyLog()
+        mine.add(keys)
 
     def _back_on_gpu(self, wid: int, keys: list[int]) -> None:
         """`keys` are going onto the worker's GPU: those it held only below no longer are."""
@@ -133,22 +149,22 @@ class KvIndex:
             child.back_on_gpu(wid, keys)
 
     def _remove(self, wid: int, keys: Iterable[int]) -> None:
-        gone = clear_bit(self.holders, 1 << wid, keys)
+        gone = self.holders.clear_bit(wid, keys)
         if not gone:
             return
         pred = self._pred.get(wid)
         logged = [key for key in gone if pred.pop(key, None) is None] if pred else gone
-        log = self._logs.get(wid)
-        if log is not None and logged:  # (predicted ones were never logged)
-            log.drop(logged)
+        mine = self._logs.get(wid)
+        if mine is not None and logged:  # (predicted ones were never logged)
+            mine.drop(logged)
         for child in self.lower.values():  # gone from the GPU: copies below are now the only ones
             child.off_gpu(wid, gone)
 
     def _forget(self, wid: int) -> None:
         """All the worker's GPU blocks, known from events or predicted."""
-        log, pred = self._logs.pop(wid, None), self._pred.pop(wid, None)
-        for keys in chain(log.lists if log is not None else (), (pred or (),)):
-            clear_bit(self.holders, 1 << wid, keys)
+        logged, pred = self._logs.pop(wid, None), self._pred.pop(wid, None)
+        for keys in chain(logged.lists if logged is not None else (), (pred or (),)):
+            self.holders.clear_bit(wid, keys)
 
     def drop_worker(self, worker: Worker) -> None:
         wid = self._ids.get(worker)
@@ -179,17 +195,13 @@ class KvIndex:
         pred = self._pred.get(wid)
         if pred is None:
             pred = self._pred[wid] = {}
-        holders, bit = self.holders, 1 << wid
-        for key in keys:
-            have = holders.get(key)
-            if have is None:
-                holders[key] = bit
-                pred[key] = expiry
-            elif not have & bit:
-                holders[key] = have | bit
-                pred[key] = expiry
-            elif pred.get(key, expiry) < expiry:  # predicted before: runs on (event-backed: stays)
-                pred[key] = expiry
+        fresh = self.holders.without_bit(wid, keys)
+        if len(fresh) < len(keys):  # held already: if predicted before, that runs on (events: stay)
+            for key in pred.keys() & set(keys).difference(fresh):
+                if pred[key] < expiry:
+                    pred[key] = expiry
+        self.holders.set_bit(wid, fresh)
+        pred.update(dict.fromkeys(fresh, expiry))
         self._predicted.append((expiry, wid, keys))
 
     def expire(self, now: float | None = None) -> None:
@@ -215,10 +227,10 @@ class KvIndex:
     def confirmed(self) -> Iterator[tuple[Worker, list[int]]]:
         """Each worker's blocks known from events. Predictions are left out: they expire within
         seconds, and the peers' decisions that made them reach the new frontend as they come."""
-        for wid, log in list(self._logs.items()):
-            if self._logs.get(wid) is not log:  # forgotten while the caller was away
+        for wid, logged in list(self._logs.items()):
+            if self._logs.get(wid) is not logged:  # forgotten while the caller was away
                 continue
-            held = log.held()
+            held = logged.held()
             pred = self._pred.get(wid)
             yield self._workers[wid], [k for k in held if k not in pred] if pred else list(held)
 
@@ -240,17 +252,24 @@ class KvIndex:
     # ---- queries ---------------------------------------------------------------
     def overlaps(self, keys: list[int]) -> dict[Worker, int]:
         """For each worker, how many leading blocks of `keys` it holds."""
-        return self._named(self._stops(keys))
+        return self.holders.lookup(keys, self._workers)[0]
 
     def lookup(self, keys: list[int]) -> tuple[dict[Worker, int], dict[Worker, tuple[int, int, int]]]:
         """`overlaps`, and for the workers whose prefix goes on through an offload tier how many
         leading blocks of `keys` they hold (g) on the GPU, (c) on the GPU or in CPU memory, (u)
         anywhere (g <= c <= u, u > g; blocks [g, c) load from the CPU, [c, u) from disk)."""
-        stops = self._stops(keys)
-        gpu = self._named(stops)
-        if not self.lower or not keys:
+        # A worker goes on through a tier only if the tier holds the block it stopped at, which is
+        # not on its GPU: only workers holding blocks there and not on the GPU can, and each tier
+        # is asked for its own such (deep) workers only, at each place where a group stopped.
+        tiers: list[object] = []
+        for tier in (CPU, DISK):
+            child = self.lower.get(tier)
+            if child is not None and child.deep_mask:
+                tiers += (child.holders, child.deep_mask)
+        gpu, begin = self.holders.lookup(keys, self._workers, *tiers)
+        if not tiers or not keys:
             return gpu, {}
-        return gpu, self._further(keys, stops)
+        return gpu, self._further(keys, begin)
 
     def tiered(self, keys: list[int]) -> dict[Worker, tuple[int, int, int]] | None:
         """(g, c, u) as `lookup` says, for every worker holding a prefix of `keys` anywhere; None
@@ -262,66 +281,20 @@ class KvIndex:
         out.update(further)
         return out
 
-    def _stops(self, keys: list[int]) -> list[tuple[int, int]]:
-        """(mask, depth): the workers whose GPU prefix of `keys` ends at that depth, by depth."""
-        holders = self.holders
-        active = holders.get(keys[0]) if keys else None
-        if active is None:
-            return []
-        stops = []
-        depth = 1
-        for key in islice(keys, 1, None):
-            have = holders.get(key)
-            if have is None:
-                break
-            still = active & have
-            if still != active:
-                if not still:
-                    break
-                stops.append((active ^ still, depth))
-                active = still
-            depth += 1
-        stops.append((active, depth))
-        return stops
-
-    def _named(self, stops: list[tuple[int, int]]) -> dict[Worker, int]:
-        """{worker: depth} from (mask, depth) groups."""
-        workers = self._workers
-        out: dict[Worker, int] = {}
-        for mask, depth in stops:
-            while mask:
-                w = mask.bit_length() - 1
-                out[workers[w]] = depth
-                mask ^= 1 << w
-        return out
-
-    def _further(self, keys: list[int], stops: list[tuple[int, int]]) -> dict[Worker, tuple[int, int, int]]:
+    def _further(self, keys: list[int], begin: dict[int, int]) -> dict[Worker, tuple[int, int, int]]:
         """Workers that go on through a lower tier from where their GPU prefix ends: a worker
         stopped at a block that is not on its GPU, so a tier holding that block for it is the
-        only way on. A probe per place where workers stopped, then a walk for those that go on: each
-        through its own blocks when they are few, one sweep of masks for many."""
+        only way on. `begin`: depth -> the workers that may go on from there (by depth), from
+        a probe per place where workers stopped; then a walk for those that go on: each through
+        its own blocks when they are few, one sweep of masks for many."""
         cpu_tier, disk_tier = self.lower.get(CPU), self.lower.get(DISK)
-        # A worker goes on through a tier only if the tier holds the block it stopped at, which is
-        # not on its GPU: only workers holding blocks there and not on the GPU can, and each tier
-        # is asked for its own such (deep) workers only.
         cpu_deep = cpu_tier.deep_mask if cpu_tier is not None else 0
         disk_deep = disk_tier.deep_mask if disk_tier is not None else 0
-        if not (cpu_deep or disk_deep):
-            return {}
-        cpu = cpu_tier.holders if cpu_tier is not None else {}
-        disk = disk_tier.holders if disk_tier is not None else {}
+        none: dict[int, int] = {}
+        cpu: masks.Table | dict[int, int] = cpu_tier.holders if cpu_tier is not None else none
+        disk: masks.Table | dict[int, int] = disk_tier.holders if disk_tier is not None else none
         n = len(keys)
-        begin: dict[int, int] = {}  # depth -> the workers that may go on from there
-        for mask, depth in stops:
-            if depth < n:
-                go = 0
-                if on := mask & cpu_deep:
-                    go = cpu.get(keys[depth], 0) & on
-                if on := mask & disk_deep:
-                    go |= disk.get(keys[depth], 0) & on
-                if go:
-                    begin[depth] = go
-        not_on_gpu = ~self.holders.get(keys[0], 0)  # = every group of `stops` together
+        not_on_gpu = ~self.holders.get(keys[0], 0)  # = every group that stopped, together
         if (cpu_deep | disk_deep) & not_on_gpu:  # workers holding the first block below only
             key = keys[0]
             fresh = ((cpu.get(key, 0) & cpu_deep) | (disk.get(key, 0) & disk_deep)) & not_on_gpu
@@ -373,11 +346,16 @@ class KvIndex:
 
     def _walk_each(self, keys: list[int], begin: dict[int, int]) -> dict[Worker, tuple[int, int, int]]:
         """The sweep for a few workers, each on its own: a block is on its GPU or in a tier iff
-        its GPU mask has the worker or it is among the worker's blocks held in that tier only
-        (`deep`: small sets, asked first)."""
+        the GPU's or the tier's table has the worker on it. The compiled tables walk that in one
+        call a run (`_holders.walk_each`); with the dicts, the worker's blocks held in a tier and
+        not on its GPU (`deep`: small sets) stand for the tier's table, asked first."""
+        cpu_tier, disk_tier = self.lower.get(CPU), self.lower.get(DISK)
+        if self._walk is not None:
+            cpu = (self.holders, cpu_tier.holders) if cpu_tier is not None else (self.holders,)
+            tables = (*cpu, disk_tier.holders) if disk_tier is not None else cpu
+            return self._walk(keys, begin, self._workers, len(cpu), *tables)
         empty: set[int] = set()
-        gpu, lower = self.holders, self.lower
-        cpu_tier, disk_tier = lower.get(CPU), lower.get(DISK)
+        gpu = self.holders
         n = len(keys)
         out = {}
         for g, mask in begin.items():

@@ -1,15 +1,37 @@
-"""Sets of workers as bit masks of small worker ids, per block key (pure).
+"""Sets of workers as bit masks of small worker ids, per block key: the holders table (pure).
 
 A block's holders are one int: a lookup ANDs them along a prompt, and ingest sets a worker's bit
-in many keys' masks at once. These are the bulk operations on a `{key: mask}` dict, written as
-C-level passes (map, compress, dict.update) so that Python steps through as few keys as it can.
+in many keys' masks at once. The table is a `{key: mask}` mapping with those bulk operations as
+methods (`Table`), in two implementations with the same answers:
+
+- `dynvllm.router._holders.Holders` (compiled, `_holders.c`): keys as raw 64-bit ints in one
+  open-addressed array, each bulk call one C loop; no Python object per key.
+- `PyHolders`: a dict, the bulk operations written as C-level passes (map, compress,
+  dict.update) so that Python steps through as few keys as it can. The reference, and what runs
+  where the compiled module was not built (no C compiler at install).
+
+`DYN_ROUTER_INDEX` (read here only) picks one: `native` (the compiled table; an error if it is
+not built), `python`, or `auto` (unset: the compiled table when built).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import compress, islice, repeat
-from operator import is_not
+from operator import is_not, not_
+from typing import Any, NamedTuple, Protocol, overload
+
+try:
+    from dynvllm.router import _holders
+except ImportError as exc:  # built without a C compiler, or not built yet
+    _holders = None  # type: ignore[assignment]
+    NATIVE_MISSING = str(exc)
+else:
+    NATIVE_MISSING = ""
+
+IMPL_ENV = "DYN_ROUTER_INDEX"
+Stops = list[tuple[int, int]]
 
 
 def members(mask: int) -> list[int]:
@@ -57,3 +79,152 @@ def clear_bit(holders: dict[int, int], bit: int, keys: Iterable[int]) -> list[in
                 holders[key] = have ^ bit
             gone.append(key)
     return gone
+
+
+def walk(holders: dict[int, int], keys: Sequence[int]) -> Stops:
+    """(mask, depth): the workers whose prefix of `keys` ends at that depth, by depth."""
+    active = holders.get(keys[0]) if keys else None
+    if active is None:
+        return []
+    stops = []
+    depth = 1
+    for key in islice(keys, 1, None):
+        have = holders.get(key)
+        if have is None:
+            break
+        still = active & have
+        if still != active:
+            if not still:
+                break
+            stops.append((active ^ still, depth))
+            active = still
+        depth += 1
+    stops.append((active, depth))
+    return stops
+
+
+def named(stops: Stops, workers: list[Any]) -> dict[Any, int]:
+    """{workers[w]: depth} for the (mask, depth) groups of `stops`, highest w first."""
+    out: dict[Any, int] = {}
+    for mask, depth in stops:
+        while mask:
+            w = mask.bit_length() - 1
+            out[workers[w]] = depth
+            mask ^= 1 << w
+    return out
+
+
+def run(wid: int, keys: Sequence[int], start: int, *tables: dict[int, int]) -> int:
+    """The first depth from `start` whose key none of `tables` has `wid` on."""
+    d, n, bit = start, len(keys), 1 << wid
+    gets = [table.get for table in tables]
+    while d < n and any(get(keys[d], 0) & bit for get in gets):
+        d += 1
+    return d
+
+
+def walk_each(
+    keys: Sequence[int], begin: dict[int, int], workers: list[Any], ncpu: int, *tables: dict[int, int]
+) -> dict[Any, tuple[int, int, int]]:
+    """{workers[w]: (g, c, u)} for each worker w of each `begin[g]` (highest w first): c ends its
+    run from g through `tables[:ncpu]`, u its run on from c through all `tables`."""
+    out = {}
+    for g, mask in begin.items():
+        for w in members(mask):
+            c = run(w, keys, g, *tables[:ncpu])
+            out[workers[w]] = (g, c, run(w, keys, c, *tables))
+    return out
+
+
+class Table(Protocol):
+    """What the index asks of a holders table (worker ids `wid`, masks as ints)."""
+
+    def set_bit(self, wid: int, keys: list[int]) -> None: ...
+    def clear_bit(self, wid: int, keys: Iterable[int]) -> list[int]: ...
+    def with_bit(self, wid: int, keys: Sequence[int]) -> list[int]: ...
+    def without_bit(self, wid: int, keys: Sequence[int]) -> list[int]: ...
+    def stops(self, keys: Sequence[int]) -> Stops: ...
+    def lookup(
+        self, keys: Sequence[int], workers: list[Any], *tiers: Any
+    ) -> tuple[dict[Any, int], dict[int, int]]: ...
+    @overload
+    def get(self, key: int, /) -> int | None: ...
+    @overload
+    def get(self, key: int, default: int, /) -> int: ...
+    def items(self) -> Iterable[tuple[int, int]]: ...
+    def values(self) -> Iterable[int]: ...
+    def __getitem__(self, key: int) -> int: ...
+    def __setitem__(self, key: int, mask: int) -> None: ...
+    def __contains__(self, key: object) -> bool: ...
+    def __iter__(self) -> Iterator[int]: ...
+    def __len__(self) -> int: ...
+
+
+class PyHolders(dict[int, int]):
+    """The holders table as a dict (the reference implementation of `Table`)."""
+
+    __slots__ = ()
+
+    def set_bit(self, wid: int, keys: list[int]) -> None:
+        set_bit(self, 1 << wid, keys)
+
+    def clear_bit(self, wid: int, keys: Iterable[int]) -> list[int]:
+        return clear_bit(self, 1 << wid, keys)
+
+    def with_bit(self, wid: int, keys: Sequence[int]) -> list[int]:
+        return list(compress(keys, map((1 << wid).__and__, map(self.get, keys, repeat(0)))))
+
+    def without_bit(self, wid: int, keys: Sequence[int]) -> list[int]:
+        return list(compress(keys, map(not_, map((1 << wid).__and__, map(self.get, keys, repeat(0))))))
+
+    def stops(self, keys: Sequence[int]) -> Stops:
+        return walk(self, keys)
+
+    def lookup(
+        self, keys: Sequence[int], workers: list[Any], *tiers: Any
+    ) -> tuple[dict[Any, int], dict[int, int]]:
+        """({workers[w]: GPU prefix}, {depth: workers that may go on below from there}): `tiers`
+        alternate a lower tier's table and its deep mask (workers holding blocks there only); at
+        each depth where a group stopped, its deep workers that the tier holds the block for."""
+        stops = walk(self, keys)
+        begin: dict[int, int] = {}
+        if tiers:
+            n = len(keys)
+            probes = [(tiers[i].get, tiers[i + 1]) for i in range(0, len(tiers), 2)]
+            for mask, depth in stops:
+                if depth < n:
+                    go, key = 0, keys[depth]
+                    for get, deep in probes:
+                        if on := mask & deep:
+                            go |= get(key, 0) & on
+                    if go:
+                        begin[depth] = go
+        return named(stops, workers), begin
+
+
+def implementation(choice: str | None = None) -> str:
+    """ "native" or "python": `choice`, else $DYN_ROUTER_INDEX, else the compiled table if built."""
+    choice = (choice or os.environ.get(IMPL_ENV) or "auto").lower()
+    if choice not in ("auto", "native", "python"):
+        raise ValueError(f"{IMPL_ENV}={choice!r}: expected native, python or auto")
+    if choice == "native" and _holders is None:
+        raise RuntimeError(f"{IMPL_ENV}=native, but the compiled table is not built ({NATIVE_MISSING})")
+    if choice == "auto":
+        return "native" if _holders is not None else "python"
+    return choice
+
+
+class Kit(NamedTuple):
+    """An implementation: its table, and its walk of a few workers through the tiers (None: the
+    index walks the dicts its own way; `walk_each` here is the reference the compiled one is
+    tested against)."""
+
+    table: Callable[[], Table]
+    walk_each: Callable[..., dict[Any, tuple[int, int, int]]] | None
+
+
+def kit(impl: str) -> Kit:
+    if impl == "native":
+        assert _holders is not None
+        return Kit(_holders.Holders, _holders.walk_each)
+    return Kit(PyHolders, None)

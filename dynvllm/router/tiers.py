@@ -10,12 +10,11 @@ router's index (`index`) keeps per offload tier.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from itertools import compress, filterfalse, repeat
-from operator import not_
+from collections.abc import Callable, Iterable
+from itertools import filterfalse
 
 from dynvllm.router.key_log import KeyLog
-from dynvllm.router.masks import clear_bit, set_bit
+from dynvllm.router.masks import PyHolders, Table
 
 GPU, CPU, DISK = 0, 1, 2
 NAMES = {GPU: "GPU", CPU: "CPU", DISK: "DISK"}
@@ -49,9 +48,9 @@ class TierBlocks:
     prefix ends, so while lower tiers hold copies of GPU blocks only, a lookup costs what a
     GPU-only one does; and the sets stay as small as what the GPU dropped."""
 
-    def __init__(self, gpu: dict[int, int]) -> None:
+    def __init__(self, gpu: Table, table: Callable[[], Table] = PyHolders) -> None:
         self.gpu = gpu  # the GPU index's holder masks
-        self.holders: dict[int, int] = {}
+        self.holders = table()
         self.logs: dict[int, KeyLog] = {}
         #: Per worker: its keys held here and not on its GPU (never empty), and the mask of them.
         self.deep: dict[int, set[int]] = {}
@@ -78,8 +77,7 @@ class TierBlocks:
     def off_gpu(self, wid: int, keys: list[int]) -> None:
         """`keys` left the worker's GPU: those it holds here are now held here only."""
         if wid in self.logs:
-            bit = 1 << wid
-            self._deeper(wid, compress(keys, map(bit.__and__, map(self.holders.get, keys, repeat(0)))))
+            self._deeper(wid, self.holders.with_bit(wid, keys))
 
     def all_off_gpu(self, wid: int) -> None:
         """The worker's GPU cache was cleared: all it holds here is held here only."""
@@ -95,8 +93,7 @@ class TierBlocks:
         """`on_gpu`: keys known to be on the worker's GPU (spares probing the GPU's masks)."""
         # Keys the worker held here already are set, logged and counted again: the masks, the
         # log (deduped when compacted) and the sets take each once.
-        bit = 1 << wid
-        set_bit(self.holders, bit, keys)
+        self.holders.set_bit(wid, keys)
         log = self.logs.get(wid)
         if log is None:
             log = self.logs[wid] = KeyLog()
@@ -108,14 +105,13 @@ class TierBlocks:
         else:
             unsure = [] if on_gpu else keys
         if unsure:
-            on = map(bit.__and__, map(self.gpu.get, unsure, repeat(0)))
-            self._deeper(wid, compress(unsure, map(not_, on)))
+            self._deeper(wid, self.gpu.without_bit(wid, unsure))
 
     def remove(self, wid: int, keys: Iterable[int]) -> None:
         log = self.logs.get(wid)
         if log is None:
             return
-        gone = clear_bit(self.holders, 1 << wid, keys)
+        gone = self.holders.clear_bit(wid, keys)
         if gone:
             log.drop(gone)
             self.back_on_gpu(wid, gone)  # (gone from here: not held here only either)
@@ -123,9 +119,8 @@ class TierBlocks:
     def forget(self, wid: int) -> None:
         log = self.logs.pop(wid, None)
         if log is not None:
-            bit = 1 << wid
             for keys in log.lists:
-                clear_bit(self.holders, bit, keys)
+                self.holders.clear_bit(wid, keys)
         if wid in self.deep:
             self._shallow(wid)
 

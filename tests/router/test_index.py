@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import msgpack
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dynvllm.router import hashing
+from dynvllm.router import hashing, masks
 from dynvllm.router.block_keys import BlockKeys
 from dynvllm.router.index import KvIndex
 from dynvllm.router.kv_events import decode_batch
@@ -14,6 +15,18 @@ from dynvllm.router.kv_policy import KvPolicy
 
 BS = 4
 WORKERS = [("a", 0), ("b", 0), ("c", 0)]
+
+
+@pytest.fixture(scope="module", autouse=True, params=["native", "python"])
+def table(request):
+    """Every test here runs on each holders table (`masks`): the compiled one and the dict."""
+    if request.param == "native" and masks.NATIVE_MISSING:
+        pytest.skip(f"compiled holders table not built: {masks.NATIVE_MISSING}")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(masks.IMPL_ENV, request.param)
+        yield request.param
+
+
 prompts = st.lists(st.integers(0, 2), min_size=BS, max_size=BS * 5)
 ops = st.lists(
     st.tuples(
