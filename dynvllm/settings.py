@@ -135,6 +135,12 @@ class WorkerSettings(SettingsGroup):
         "engine does no event work and a kv router sees no cache contents from this worker (use "
         "--router kv-approx on the frontend).",
     )
+    engine_start_method: Literal["spawn", "fork"] | None = Field(
+        None,
+        description="How the engine core's processes start: spawn (a fresh interpreter, as `vllm "
+        "serve` starts them) or fork (a copy of the worker). Default: VLLM_WORKER_MULTIPROC_METHOD "
+        "when set, else spawn; forked engine cores stepped ~6% slower on a GPU (docs/benchmarks.md).",
+    )
     max_restarts: int = Field(
         5,
         ge=0,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from dynvllm.settings import Settings
@@ -93,6 +95,19 @@ def publish_kv_events(args: Any, endpoint: str | None, replay: str | None) -> No
             endpoint=endpoint,
             replay_endpoint=replay,
         )
+
+
+def start_method(chosen: str | None, environ: Mapping[str, str]) -> str:
+    """How vLLM starts the engine core's processes: the operator's choice, else vLLM's own
+    variable, else spawn, which `vllm serve` sets too (vLLM's library default is fork). Measured
+    on an H200 at c=16: a forked engine core stepped 6% slower than a spawned one (inter-token
+    p50 2.34-2.39 vs 2.19-2.21 ms, KV events on or off alike), and started no faster."""
+    return chosen or environ.get("VLLM_WORKER_MULTIPROC_METHOD") or "spawn"
+
+
+def use_start_method(settings: Settings) -> None:
+    """Set `start_method` where vLLM reads it (before the engine starts its processes)."""
+    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = start_method(settings.worker.engine_start_method, os.environ)
 
 
 def vllm_config(args: Any, headless: bool = False) -> Any:

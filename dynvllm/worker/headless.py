@@ -53,7 +53,12 @@ class HeadlessRanks:
         from vllm.v1.executor import Executor
 
         from dynvllm.models.hub import resolve_model
-        from dynvllm.worker.engine_args import parse_engine_args, publish_kv_events, vllm_config
+        from dynvllm.worker.engine_args import (
+            parse_engine_args,
+            publish_kv_events,
+            use_start_method,
+            vllm_config,
+        )
 
         eng = self.settings.engine
         assert eng.model
@@ -62,6 +67,7 @@ class HeadlessRanks:
             {"model": resolve_model(eng.model, eng.revision), **self.role.engine_overrides(self.settings)},
         )
         publish_kv_events(args, kv_endpoint, kv_replay)
+        use_start_method(self.settings)
         cfg = vllm_config(args, headless=True)
         pc = cfg.parallel_config
         self.first_rank, self.count = pc.data_parallel_rank, pc.data_parallel_size_local

@@ -57,6 +57,11 @@ def encode_all(model: str, config: str, folder: str) -> None:
     overrides = encoder_cache.engine_overrides(settings, "ec_producer")
     if config != "agg":
         overrides.update(ENCODER_ONLY)
+    else:
+        # An encoder-cache producer registers no language-model attention, so capturing CUDA
+        # graphs fails (KeyError on layer 0's attention, seen on an H200). Compiled without graphs,
+        # the engine still picks its ops as a compiled agg engine does: what the images meet there.
+        overrides["compilation_config"] = {"cudagraph_mode": "NONE"}
     if config == "encode":
         overrides.update(encoder_kernels(settings))
     args = parse_engine_args(settings, overrides)

@@ -70,6 +70,10 @@ def test_sigkill_of_worker_leaves_no_engine_process(services, nats_url):
     try:
         everything = [p.pid for p in proc.descendants()]
         assert _engine_pids(proc), [p.name() for p in proc.descendants()]
+        # Spawned, as `vllm serve` starts them: a spawned process begins with the environment the
+        # worker set for it (a forked one keeps the worker's initial block, without the variable).
+        environs = [Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") for pid in _engine_pids(proc)]
+        assert all(b"VLLM_WORKER_MULTIPROC_METHOD=spawn" in env for env in environs), environs
         proc.p.send_signal(signal.SIGKILL)
         proc.p.wait()
         assert wait_gone(everything, 20) == []

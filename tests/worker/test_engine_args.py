@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from dynvllm import settings as S
-from dynvllm.worker.engine_args import parse_engine_args, publish_kv_events, vllm_config
+from dynvllm.worker.engine_args import parse_engine_args, publish_kv_events, start_method, vllm_config
 
 
 def test_the_engine_gets_the_servers_batch_defaults(tiny_model, monkeypatch):
@@ -68,3 +68,16 @@ def test_kv_events_go_to_the_relay_unless_caching_is_off_or_the_user_set_them():
     nowhere = args()
     publish_kv_events(nowhere, None, None)
     assert nowhere.kv_events_config is None
+
+
+@pytest.mark.parametrize(
+    ("chosen", "environ", "method"),
+    [
+        (None, {}, "spawn"),  # as `vllm serve` (vLLM's library default would fork)
+        (None, {"VLLM_WORKER_MULTIPROC_METHOD": "fork"}, "fork"),  # vLLM's own knob is kept
+        ("fork", {}, "fork"),
+        ("spawn", {"VLLM_WORKER_MULTIPROC_METHOD": "fork"}, "spawn"),  # the flag wins over the env
+    ],
+)
+def test_engine_processes_spawn_unless_the_operator_says_otherwise(chosen, environ, method):
+    assert start_method(chosen, environ) == method
