@@ -82,14 +82,20 @@ static PyObject *bulk(Holders *h, PyObject *const *args, Py_ssize_t nargs, int m
     }
     if (worker_of(args[0], &w) < 0)
         return NULL;
-    PyObject *seq = PySequence_Fast(args[1], "keys: a sequence of ints");
-    if (seq == NULL)
+    /* The list first: making it may run the collector, whose finalizers could change the
+     * caller's list of keys, read below through `items`. */
+    PyObject *out = PyList_New(0), *seq = out ? PySequence_Fast(args[1], "keys: a sequence of ints") : NULL;
+    if (seq == NULL) {
+        Py_XDECREF(out);
         return NULL;
+    }
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq), *out = NULL;
+    PyObject **items = PySequence_Fast_ITEMS(seq);
     Keys ks;
-    if (keys_load(&ks, items, n) < 0 || (out = PyList_New(0)) == NULL)
+    if (keys_load(&ks, items, n) < 0) {
+        Py_CLEAR(out);
         goto done;
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
         if (i + PREFETCH < n)
             prefetch(h, ks.k[i + PREFETCH]);
@@ -192,13 +198,14 @@ static PyObject *Holders_get(Holders *h, PyObject *const *args, Py_ssize_t nargs
     return dflt;
 }
 
-/* keys (0), values (1) or (key, mask) pairs (2), as a list */
+/* keys (0), values (1) or (key, mask) pairs (2), as a list. Making a pair may run the collector
+ * (before 3.12), whose finalizers could change the table: that raises, as a dict's iteration does. */
 static PyObject *listing(Holders *h, int what) {
-    PyObject *out = PyList_New(h->used);
-    Py_ssize_t j = 0;
+    Py_ssize_t size = h->used, j = 0;
+    PyObject *out = PyList_New(size);
     if (out == NULL)
         return NULL;
-    for (size_t i = 0; i < h->cap; i++) {
+    for (size_t i = 0; i < h->cap && j < size; i++) {
         Slot *s = &h->slots[i];
         if (s->val == 0)
             continue;
@@ -214,6 +221,11 @@ static PyObject *listing(Holders *h, int what) {
             return NULL;
         }
         PyList_SET_ITEM(out, j++, item);
+    }
+    if (j != size || h->used != size) {
+        Py_DECREF(out);
+        PyErr_SetString(PyExc_RuntimeError, "Holders changed size during iteration");
+        return NULL;
     }
     return out;
 }
@@ -333,7 +345,7 @@ static struct PyModuleDef module_def = {
 };
 
 PyMODINIT_FUNC PyInit__holders(void) {
-    if (PyType_Ready(&HoldersType) < 0)
+    if (draw_mult() < 0 || PyType_Ready(&HoldersType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module_def);
     if (m == NULL)
@@ -341,6 +353,13 @@ PyMODINIT_FUNC PyInit__holders(void) {
     Py_INCREF(&HoldersType);
     if (PyModule_AddObject(m, "Holders", (PyObject *)&HoldersType) < 0) {
         Py_DECREF(&HoldersType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    /* (for tests that build keys sharing a home slot) */
+    PyObject *k = PyLong_FromUnsignedLongLong(mult);
+    if (k == NULL || PyModule_AddObject(m, "MULTIPLIER", k) < 0) {
+        Py_XDECREF(k);
         Py_DECREF(m);
         return NULL;
     }

@@ -1,6 +1,8 @@
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, overload
 
+MULTIPLIER: int
+
 class Holders:
     def set_bit(self, wid: int, keys: list[int], /) -> None: ...
     def clear_bit(self, wid: int, keys: Iterable[int], /) -> list[int]: ...

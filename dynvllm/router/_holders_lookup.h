@@ -32,9 +32,17 @@ static int walk(const Holders *h, const int64_t *k, Py_ssize_t n, Stops *st) {
     View v;
     view_init(&v, vals[0]);
     Py_ssize_t lo = v.base, hi = v.base + v.n, w = hi, depth = 1;
+    /* Each stop names at least one of the first key's workers, and there is at most one per key:
+     * room for that many (not one per key: a long prompt over wide masks made that megabytes),
+     * and for one at least (the final stop) should a mask ever be empty. */
+    Py_ssize_t most = 0;
+    for (Py_ssize_t i = 0; i < v.n; i++)
+        most += __builtin_popcountll(v.w[i]);
+    most = most < m ? most : m;
+    most = most > 1 ? most : 1;
     st->width = w;
-    st->depth = PyMem_Malloc((size_t)(m + 1) * sizeof(Py_ssize_t));
-    st->masks = PyMem_Calloc((size_t)(m + 1) * (size_t)w, 8);
+    st->depth = PyMem_Malloc((size_t)most * sizeof(Py_ssize_t));
+    st->masks = PyMem_Calloc((size_t)most * (size_t)w, 8);
     act = PyMem_Calloc((size_t)w, 8);
     if (st->depth == NULL || st->masks == NULL || act == NULL)
         goto nomem;
@@ -142,9 +150,13 @@ static PyObject *name_stops(const Stops *st, PyObject *workers) {
         Py_ssize_t end = j;
         for (Py_ssize_t x = 0; x < st->width; x++)
             end += __builtin_popcountll(st->masks[i * st->width + x]);
-        for (; depth != NULL && j < end; j++)
-            if (PyDict_SetItem(out, PyList_GET_ITEM(workers, ids[j]), depth) < 0)
+        for (; depth != NULL && j < end; j++) {
+            PyObject *worker = worker_at(workers, ids[j]);
+            int rc = worker == NULL ? -1 : PyDict_SetItem(out, worker, depth);
+            Py_XDECREF(worker);
+            if (rc < 0)
                 break;
+        }
         if (depth == NULL || j < end)
             Py_CLEAR(out);
         Py_XDECREF(depth);
@@ -302,7 +314,7 @@ static PyObject *walk_each(PyObject *Py_UNUSED(module), PyObject *const *args, P
     if (seq == NULL || out == NULL)
         goto fail;
     Holders *const *t = (Holders *const *)args + 4;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), pos = 0, nw = PyList_GET_SIZE(args[2]), nt = nargs - 4;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), pos = 0, nt = nargs - 4;
     Keys ks;
     if (keys_load(&ks, PySequence_Fast_ITEMS(seq), n) < 0) {
         keys_free(&ks);
@@ -310,22 +322,21 @@ static PyObject *walk_each(PyObject *Py_UNUSED(module), PyObject *const *args, P
     }
     while (PyDict_Next(args[1], &pos, &g, &mask)) {
         Py_ssize_t from = PyLong_AsSsize_t(g);
-        Words m;
+        Words m = {.n = 0};
         int rc = from < 0 ? -1 : words_load(&m, mask);
         for (Py_ssize_t x = m.n - 1; rc == 0 && x >= 0; x--)
             for (uint64_t bits = m.w[x]; bits && rc == 0;) {
                 int b = 63 - __builtin_clzll(bits);
                 Py_ssize_t w = x * 64 + b, c, u;
                 bits &= ~(1ULL << b);
-                if (w >= nw) {
-                    PyErr_SetString(PyExc_IndexError, "a worker id past the workers");
-                    rc = -1;
-                    break;
+                PyObject *worker = worker_at(args[2], w), *gcu = NULL;
+                if (worker != NULL) {
+                    c = from < n ? run_of(t, ncpu < nt ? ncpu : nt, w, ks.k, from, n) : from;
+                    u = c < n ? run_of(t, nt, w, ks.k, c, n) : c;
+                    gcu = Py_BuildValue("(nnn)", from, c, u);
                 }
-                c = from < n ? run_of(t, ncpu < nt ? ncpu : nt, w, ks.k, from, n) : from;
-                u = c < n ? run_of(t, nt, w, ks.k, c, n) : c;
-                PyObject *gcu = Py_BuildValue("(nnn)", from, c, u);
-                rc = gcu == NULL ? -1 : PyDict_SetItem(out, PyList_GET_ITEM(args[2], w), gcu);
+                rc = gcu == NULL ? -1 : PyDict_SetItem(out, worker, gcu);
+                Py_XDECREF(worker);
                 Py_XDECREF(gcu);
             }
         if (from >= 0)

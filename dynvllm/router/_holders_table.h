@@ -259,9 +259,33 @@ static int val_clear(uint64_t *val, Py_ssize_t w) {
 
 /* ---- the table ------------------------------------------------------------------------------ */
 
-static inline size_t home(const Holders *h, int64_t key) {
-    return (size_t)(((uint64_t)key * 0x9E3779B97F4A7C15ULL) >> h->shift);
+/* A key's home slot is the top bits of its product with `mult`, an odd number drawn at random
+ * once per process (`draw_mult`). Keys are hashes of tokens that clients choose, and the hash is
+ * the same in every process: with a fixed multiplier, crafted prompts could pile their keys onto
+ * a few home slots, one long run that every insert, lookup and removal landing there walks (a
+ * dict's probing, which mixes in every bit of the hash, shrugs that off). */
+static uint64_t mult;
+
+static int draw_mult(void) {
+    if (mult)
+        return 0; /* tables made already keep their slots */
+    PyObject *os = PyImport_ImportModule("os"), *got = os ? PyObject_CallMethod(os, "urandom", "i", 8) : NULL;
+    Py_XDECREF(os);
+    if (got == NULL)
+        return -1;
+    int ok = PyBytes_Check(got) && PyBytes_GET_SIZE(got) == 8;
+    if (ok)
+        memcpy(&mult, PyBytes_AS_STRING(got), 8);
+    Py_DECREF(got);
+    if (!ok) {
+        PyErr_SetString(PyExc_RuntimeError, "os.urandom(8) gave no 8 bytes");
+        return -1;
+    }
+    mult |= 1;
+    return 0;
 }
+
+static inline size_t home(const Holders *h, int64_t key) { return (size_t)(((uint64_t)key * mult) >> h->shift); }
 
 static Slot *find(const Holders *h, int64_t key) {
     for (size_t i = home(h, key);; i = (i + 1) & (h->cap - 1)) {
@@ -344,7 +368,13 @@ static void vacate(Holders *h, Slot *s) {
     h->used--;
 }
 
+/* Only ints (bool and subclasses included): converting anything else would run its __index__,
+ * Python code that could change the list of keys being read under the bulk calls. */
 static int key_of(PyObject *obj, int64_t *key) {
+    if (!PyLong_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "a block key is an int, not %.100s", Py_TYPE(obj)->tp_name);
+        return -1;
+    }
     long long k = PyLong_AsLongLong(obj);
     if (k == -1 && PyErr_Occurred())
         return -1;
@@ -361,6 +391,18 @@ static int worker_of(PyObject *obj, Py_ssize_t *w) {
         return -1;
     }
     return 0;
+}
+
+/* workers[w], a new reference (IndexError past the end). Taken at the moment of use: hashing a
+ * worker into a dict may run Python code, which could shorten the list. */
+static PyObject *worker_at(PyObject *workers, Py_ssize_t w) {
+    if (w >= PyList_GET_SIZE(workers)) {
+        PyErr_SetString(PyExc_IndexError, "a worker id past the workers");
+        return NULL;
+    }
+    PyObject *worker = PyList_GET_ITEM(workers, w);
+    Py_INCREF(worker);
+    return worker;
 }
 
 /* A list's keys as raw ints (on the stack when few). */

@@ -66,9 +66,12 @@ class EventBus:
             except Exception as exc:  # dropped, never fatal to the subscriber
                 self._dropped(msg.subject, exc)
                 return
-            res = cb(event)
-            if res is not None:
-                await res
+            try:
+                res = cb(event)
+                if res is not None:
+                    await res
+            except Exception as exc:  # e.g. a key the router's table refuses: the rest goes on
+                self._dropped(msg.subject, exc)
 
         return await self.nc.subscribe(topic.subject(self.namespace), cb=on_msg)
 
