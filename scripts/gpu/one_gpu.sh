@@ -58,6 +58,8 @@ for c in $CASES; do
           echo "[mm-$mm-$topo] ready after $(( $(date +%s)-t0 )) s"
           for r in 1 2; do timeout 200 python3 $HERE/mm_probe.py http://127.0.0.1:$P m mm-$mm-$topo-$r $OUT/one_gpu.jsonl \
             ${MM_N:-256} 16 8 112 | cut -c1-600; done
+          # One image at a time: texts without batch neighbours (bf16 GEMMs round by batch shape).
+          timeout 100 python3 $HERE/mm_probe.py http://127.0.0.1:$P m mm-$mm-$topo-c1 $OUT/one_gpu.jsonl 8 1 8 112 | cut -c1-300
         else echo "[mm-$mm-$topo] not ready"; tail -8 /tmp/og_mm_${mm}_$topo.log; fi
         stop $p; t0=$(date +%s); cp /tmp/og_mm_${mm}_$topo.log $OUT/ 2>/dev/null
       done
@@ -73,6 +75,11 @@ for mm in ("vis", "qvl"):
                  for r in (1, 2) if f"mm-{mm}-encode-{r}" in rows and f"mm-{mm}-agg-{r}" in rows]
         print(f"[mm-{mm}] greedy texts equal {same}/{len(a['texts'])}; prompt tokens agg {a['prompt_tokens'][:2]} "
               f"encode {e['prompt_tokens'][:2]}; images/s encode/agg per round {ratio}; encode header {e['encode']}")
+    a1, e1 = rows.get(f"mm-{mm}-agg-c1"), rows.get(f"mm-{mm}-encode-c1")
+    if a1 and a:
+        print(f"[mm-{mm}] agg's texts at c=1 equal its c=16 texts for {sum(x == y for x, y in zip(a1['texts'], a['texts']))}/8")
+    if a1 and e1:
+        print(f"[mm-{mm}] at c=1 encode and agg texts equal {sum(x == y for x, y in zip(a1['texts'], e1['texts']))}/8")
 PY
     continue
   fi
