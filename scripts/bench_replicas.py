@@ -19,7 +19,10 @@ more `dynvllm frontend`s on its NATS, then:
              count, `usage.prompt_tokens_details.cached_tokens`) / prompt tokens; "vs one" is
              that over the `one` mode's in the same round.
   cost       a closed loop at concurrency C over all frontends (ISL 128 / OSL 16, sim engine with
-             no prefill or decode time, so the frontends are the bottleneck): req/s (not for `one`).
+             no prefill or decode time, so the frontends are the bottleneck): req/s (not for `one`),
+             requests per CPU-second of the frontends, and the decision batches they published
+             per request (a listener on the namespace counts them; every other frontend receives
+             each: at ~50 us a batch that is most of what sharing costs).
 `--probes 0` measures the cost only. Run:
   .venv/bin/python scripts/bench_replicas.py [--frontends 8] [--rounds 2] [--modes one,off,on]
   git archive HEAD dynvllm | tar -x -C /tmp/head
@@ -142,8 +145,24 @@ def cpu_seconds(procs: list[psutil.Process]) -> float:
     return total
 
 
-async def throughput(session, urls: list[str], procs: dict, args) -> tuple[float, float, float]:
-    """req/s, and CPU ms per request of the frontends and of the NATS server."""
+async def throughput(
+    session, urls: list[str], procs: dict, ns: str, args
+) -> tuple[float, float, float, float]:
+    """req/s, CPU ms per request of the frontends and of the NATS server, and the decision
+    batches the frontends published per request (each is received by every other frontend)."""
+    from dynvllm.runtime import nats as natsrt
+    from dynvllm.runtime import state
+    from dynvllm.settings import RuntimeSettings
+
+    batches = 0
+
+    async def counted(msg) -> None:
+        nonlocal batches
+        batches += 1
+
+    nc = await natsrt.connect(RuntimeSettings(nats_url=state.resolve_nats_url(None, ns), namespace=ns))
+    await nc.subscribe(f"{ns}.router.decisions.*", cb=counted)
+    await nc.flush()
     rng = random.Random(7)
     prompts = [[rng.randrange(3, VOCAB) for _ in range(128)] for _ in range(args.requests)]
     queue = list(enumerate(prompts))
@@ -158,10 +177,13 @@ async def throughput(session, urls: list[str], procs: dict, args) -> tuple[float
 
     cpu0 = {k: cpu_seconds(v) for k, v in procs.items()}
     t0 = time.perf_counter()
+    batches0 = batches
     await asyncio.gather(*(client(c) for c in range(args.concurrency)))
     rps = ok / (time.perf_counter() - t0)
     cpu = {k: (cpu_seconds(v) - cpu0[k]) * 1000 / max(1, ok) for k, v in procs.items()}
-    return rps, cpu["frontends"], cpu["nats"]
+    sent = (batches - batches0) / max(1, ok)
+    await natsrt.close(nc)
+    return rps, cpu["frontends"], cpu["nats"], sent
 
 
 @contextlib.asynccontextmanager
@@ -219,13 +241,13 @@ async def one(model: str, mode: str, seed: int, args, log) -> dict:
     load = os.getloadavg()[0]
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         agreed = probes = 0
-        rps = fe_ms = nats_ms = 0.0
+        rps = fe_ms = nats_ms = sent = 0.0
         if args.probes:
             async with service(session, model, mode, ns + "a", timing, args, log) as (urls, _):
                 agreed, probes = await agreement(session, urls, seed, args)
         if mode != "one":
             async with service(session, model, mode, ns + "t", free, args, log) as (urls, procs):
-                rps, fe_ms, nats_ms = await throughput(session, urls, procs, args)
+                rps, fe_ms, nats_ms, sent = await throughput(session, urls, procs, ns + "t", args)
     status, tokens = dict(STATUS), dict(TOKENS)
     STATUS.clear()
     TOKENS.clear()
@@ -238,6 +260,7 @@ async def one(model: str, mode: str, seed: int, args, log) -> dict:
         "req_s": round(rps, 1),
         "frontend_cpu_ms": round(fe_ms, 3),
         "nats_cpu_ms": round(nats_ms, 3),
+        "batches_per_req": round(sent, 3),
         "load": round(load, 2),
         "status": status,
     }
@@ -286,9 +309,13 @@ def main() -> None:
         f"sim x {args.workers}, {args.systems} system prompts of {args.system_tokens} tokens, "
         f"{args.background} background streams, {args.probes} probes; c={args.concurrency} ISL 128 / OSL 16"
     )
-    print("per round: agreed/probes, cache-hit rate (vs one's that round), req/s; load average at the start")
+    print(
+        "per round: agreed/probes, cache-hit rate (vs one's that round), req/s, requests per CPU-second "
+        "of the frontends (vs off's that round); load average at the start"
+    )
     ref = {r["round"]: r["hit_rate"] for r in rows if r["mode"] == "one"}
     off = {r["round"]: r["req_s"] for r in rows if r["mode"] == "off"}
+    off_cpu = {r["round"]: r["frontend_cpu_ms"] for r in rows if r["mode"] == "off"}
     for mode in modes:
         mine = [r for r in rows if r["mode"] == mode]
         total = sum(r["agreed"] for r in mine) / max(1, sum(r["probes"] for r in mine))
@@ -300,6 +327,13 @@ def main() -> None:
             rps = f"{r['req_s']:.0f}" if mode != "one" else "-"
             if mode != "off" and off.get(r["round"]) and mode != "one":
                 rps += f" ({r['req_s'] / off[r['round']]:.2f}x off)"
+            if r.get("batches_per_req"):
+                rps += f" {r['batches_per_req']:.2f} batches/req"
+            if mode != "one" and r["frontend_cpu_ms"]:
+                # Requests per CPU-second of the frontends: sharing's cost on cores of their own.
+                rps += f" {1000 / r['frontend_cpu_ms']:.0f}/fe-cpu-s"
+                if mode != "off" and off_cpu.get(r["round"]):
+                    rps += f" ({off_cpu[r['round']] / r['frontend_cpu_ms']:.2f}x off)"
             cells.append(f"{r['agreed']}/{r['probes']} {hit} {rps} @{r['load']}")
         fe = statistics.median(r["frontend_cpu_ms"] for r in mine)
         print(f"{mode:4s} agreement {total:6.1%}  frontend CPU {fe:.3f} ms/req  |  " + "  |  ".join(cells))

@@ -55,6 +55,8 @@ class RouterPeers:
         self._own = f"{self._decisions}.{self.replica}"
         self._snapshot_subject = f"{namespace}.router.snapshot"
         self._wake = asyncio.Event()
+        #: The timer of a batch that waits for more records (`Outbox.linger`).
+        self._later: asyncio.TimerHandle | None = None
         self._beat_due = False
         self._subs: list[Any] = []
         self._tasks: list[asyncio.Task] = []
@@ -71,7 +73,7 @@ class RouterPeers:
             # No echo: at a batch per few ms, its own batches coming back would cost this
             # frontend as much again as its peers' do.
             self._dnc = await natsrt.connect(self.rt, name="dynvllm-frontend-decisions", no_echo=True)
-            router.share(self.replica, self._wake.set, self.silence)
+            router.share(self.replica, self._wake.set, self.silence, self._wake_later)
             self._subs.append(await self._dnc.subscribe(self._decisions + ".*", cb=self._on_decisions))
             self._tasks.append(asyncio.create_task(self._publish()))
             self._tasks.append(asyncio.create_task(self._beat()))
@@ -107,6 +109,8 @@ class RouterPeers:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._later is not None:
+            self._later.cancel()
         outbox = self.router.outbox
         if outbox is not None and self._dnc is not None:
             try:
@@ -123,6 +127,11 @@ class RouterPeers:
             await natsrt.close(self._dnc)
 
     # ---- decisions ------------------------------------------------------------------
+    def _wake_later(self, delay: float) -> None:
+        if self._later is not None:
+            self._later.cancel()
+        self._later = asyncio.get_running_loop().call_later(delay, self._wake.set)
+
     async def _publish(self) -> None:
         outbox = self.router.outbox
         assert outbox is not None
@@ -143,6 +152,9 @@ class RouterPeers:
             self._beat_due = False
             if batch is None:
                 continue
+            if self._later is not None:  # what it waited for goes now
+                self._later.cancel()
+                self._later = None
             last = time.monotonic()
             try:
                 await self._dnc.publish(self._own, msgpack.packb(batch))

@@ -3,6 +3,7 @@ with its peers' when frontends share their decisions (`share`, see `dynvllm.rout
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -34,10 +35,17 @@ class Router:
         #: KV event batches held back while the index loads from a peer (None: applied at once).
         self._buffered: list[KvEventBatch] | None = None
 
-    def share(self, replica: str, wake: Callable[[], None], silence: float) -> None:
-        """Publish decisions through an outbox (`wake` asks for a batch) and take peers'."""
+    def share(
+        self,
+        replica: str,
+        wake: Callable[[], None],
+        silence: float,
+        wake_later: Callable[[float], None] | None = None,
+    ) -> None:
+        """Publish decisions through an outbox (`wake` asks for a batch, `wake_later` for one
+        after a delay: see `Outbox`) and take peers'."""
         # Alone until a peer's first batch arrives: no records published per request till then.
-        self.outbox = Outbox(replica, wake, alone=True)
+        self.outbox = Outbox(replica, wake, alone=True, wake_later=wake_later)
         self.peers = Peers(replica, self.load, self.policy, silence, self.outbox.peers_changed)
 
     @property
@@ -86,11 +94,17 @@ class Router:
         return 0
 
     def grow(self, worker_id: str | None, rank: int | None, blocks: int, ticket: int = 0) -> None:
-        """A request in flight there filled `blocks` more KV blocks with its output."""
+        """A request in flight there filled `blocks` more KV blocks with its output (shared: they
+        count when its peers are told, see `Outbox.grew`)."""
         if worker_id and self.inflight.get(worker_id, 0) > 0:
-            self.load.count(worker_id, rank or 0, blocks)
             if ticket and self.outbox is not None:
-                self.outbox.grew(ticket, blocks)
+                self.outbox.grew(ticket, blocks, functools.partial(self._grown, worker_id, rank or 0, blocks))
+            else:
+                self.load.count(worker_id, rank or 0, blocks)
+
+    def _grown(self, worker_id: str, rank: int, blocks: int) -> None:
+        if self.inflight.get(worker_id, 0) > 0:  # (not forgotten meanwhile)
+            self.load.count(worker_id, rank, blocks)
 
     def finished(
         self,
@@ -102,14 +116,22 @@ class Router:
         ticket: int = 0,
     ) -> None:
         """The request ended; `grown`: the blocks its output added (see `grow`); `ticket`: what
-        `started` returned."""
+        `started` returned. Shared, it leaves this frontend's Load when its peers are told (see
+        `Outbox.finished`), so that they all count the same requests."""
+        if worker_id and self.outbox is not None:
+            release = functools.partial(self._release, worker_id, blocks, rank, keys, grown)
+            self.outbox.finished(ticket or self.outbox.match(worker_id, rank or 0, keys), release)
+        else:
+            self._release(worker_id, blocks, rank, keys, grown)
+
+    def _release(
+        self, worker_id: str | None, blocks: float, rank: int | None, keys: Sequence[int], grown: int
+    ) -> None:
         if worker_id and self.inflight.get(worker_id, 0) > 0:
             self.inflight[worker_id] -= 1
             self.load.remove(worker_id, rank or 0, blocks, keys)
             if grown:
                 self.load.count(worker_id, rank or 0, -grown)
-        if worker_id and self.outbox is not None:
-            self.outbox.finished(ticket or self.outbox.match(worker_id, rank or 0, keys))
 
     def forget(self, worker_id: str) -> None:
         self.load.forget(worker_id)

@@ -10,10 +10,26 @@ publishes its decisions and applies its peers' to its own Load and predictions:
     [1, ticket]                                 finished
     [2, ticket, blocks]                         its output filled `blocks` more KV blocks
 
-A batch, one per event-loop turn of the publisher: `[replica, seq, records, open, bye]`. A
-heartbeat batch (sent even when idle) lists the tickets still open in `open`: a peer whose
+A batch, at most one per `min_interval` of the publisher: `[replica, seq, records, open, bye]`.
+A heartbeat batch (sent even when idle) lists the tickets still open in `open`: a peer whose
 finish record went missing prunes it then. A peer that says `bye`, or falls silent, has its
 requests taken out of the Load and its predictions withdrawn.
+
+What sharing costs is mostly messages, not records: a batch costs each receiver a wake-up of
+its process, 50-200 us of CPU (the rarer they come, the dearer: `scripts/bench_decision_wire.py`),
+where applying a record costs ~6 (`scripts/bench_share_records.py`). So only a started record
+sends a batch at once: a finished or grew record lingers (up to `linger` seconds) until a
+started one sends it along, and this frontend applies it to its own Load only when it goes out,
+so that it and its peers still count the same (a request's end and its output's blocks count
+up to `linger` later everywhere). At 100 requests/s of a frontend that halves the batches a
+request costs (2.0 -> 1.0; with 8 output blocks each, 4.7 -> 1.0); at 1,000 the publisher's
+`min_interval` batches records anyway. A record lingers only while this frontend starts
+requests often enough that one likely takes it along, the more peers the likelier it need be
+(`Outbox._lingers`): otherwise its timer costs the publisher a wake-up of its own (at 10
+requests/s, +7% of the sender's CPU with nothing saved).
+(A `linger` of 50 ms, the gap between `scripts/bench_replicas.py`'s probes, released the last
+probe's requests in every frontend just as the next probe was routed: agreement 94.7%, 97.5%
+before in that run; 20 ms does not meet them.)
 
 A frontend with no peer publishes no records, only its heartbeats (`Outbox.alone`): a lone
 frontend then pays nothing per request for sharing. A peer that appears (its first batch) is
@@ -24,6 +40,8 @@ them already skip the repeats.
 from __future__ import annotations
 
 import itertools
+import math
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,14 +71,40 @@ class Predictor(Protocol):
 class Outbox:
     """This frontend's decisions since the last batch, and its requests still in flight."""
 
-    def __init__(self, replica: str, wake: Callable[[], None] = lambda: None, alone: bool = False) -> None:
+    def __init__(
+        self,
+        replica: str,
+        wake: Callable[[], None] = lambda: None,
+        alone: bool = False,
+        wake_later: Callable[[float], None] | None = None,
+        linger: float = 0.02,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.replica = replica
         #: No peer to tell: records are not kept (requests in flight still are, in `open`).
         self.alone = alone
-        #: Called when the first record of a batch arrives: the publisher sends the batch on its
-        #: next turn, so a request costs one list append, never a publish of its own.
+        #: Called when the first record of a batch that must go soon arrives (a started one; any,
+        #: when lingering does not pay): the publisher sends the batch on its next turn, so a
+        #: request costs one list append, never a publish of its own.
         self.wake = wake
+        #: Called with `linger` when a finished or grew record arrives with nothing else to send:
+        #: the publisher sends the batch then unless a started record sends it first. Without it,
+        #: those records wake the publisher like started ones.
+        self.wake_later = wake_later
+        self.linger = linger
+        self.clock = clock
+        #: Peers told (each saves a batch's wake-up when a record rides along).
+        self.peers = 0 if alone else 1
+        #: When this frontend last started a request, and the mean gap between its starts: a
+        #: record lingers only while a start is likely enough to take it along (see `_lingers`).
+        self._last_start = -math.inf
+        self._gap = 0.0
         self.records: list[list] = []
+        #: The publisher was woken for the records waiting (one of them must go soon).
+        self._woken = False
+        #: This frontend's own output growth and finished requests, applied to its Load as their
+        #: records go out (in order).
+        self._releases: list[Callable[[], None]] = []
         #: ticket -> (instance, rank, keys) of each request in flight.
         self.open: dict[int, tuple[str, int, Sequence[int]]] = {}
         #: ticket -> blocks it holds (prompt, then output grown), for peers that join late.
@@ -74,35 +118,75 @@ class Outbox:
     def _add(self, record: list) -> None:
         if self.alone:
             return
-        if not self.records:
+        if not self._woken:
+            self._woken = True
             self.wake()
         self.records.append(record)
 
+    def _add_lingering(self, record: list) -> None:
+        if self.wake_later is None or not self._lingers():
+            self._add(record)
+            return
+        if not self.records:
+            self.wake_later(self.linger)
+        self.records.append(record)
+
+    def _lingers(self) -> bool:
+        """Whether waiting for a start is worth it. A record that rides along saves each peer a
+        batch; one that does not costs the publisher a timer wake-up of its own. With starts at
+        mean gap g (this frontend's, or the silence since its last, if longer), one comes within
+        `linger` with probability 1 - exp(-linger / g): worth it above 1 / (peers + 1)."""
+        gap = max(self._gap, self.clock() - self._last_start)
+        return gap * math.log1p(1 / max(1, self.peers)) < self.linger
+
     def started(self, worker: str, rank: int, blocks: float, keys: Sequence[int]) -> int:
+        if not self.alone and self.wake_later is not None:
+            now = self.clock()
+            if self._last_start > -math.inf:
+                self._gap += 0.2 * (min(now - self._last_start, 1.0) - self._gap)
+            self._last_start = now
         ticket = next(self._tickets)
         self.open[ticket] = (worker, rank, keys)
         self._blocks[ticket] = blocks
         self._add([STARTED, ticket, worker, rank, blocks, keys])
         return ticket
 
-    def grew(self, ticket: int, blocks: int) -> None:
+    def grew(self, ticket: int, blocks: int, count: Callable[[], None] | None = None) -> None:
+        """The request's output filled `blocks` more KV blocks; `count` adds them to this
+        frontend's Load: called when the record goes out, as for `finished`."""
         if ticket in self.open:
             self._blocks[ticket] += blocks
-            self._add([GREW, ticket, blocks])
+            if not self.alone:
+                self._add_lingering([GREW, ticket, blocks])
+                if count is not None:
+                    self._releases.append(count)
+                return
+        if count is not None:
+            count()
 
-    def finished(self, ticket: int) -> None:
+    def finished(self, ticket: int, release: Callable[[], None] | None = None) -> None:
+        """The request ended; `release` takes it out of this frontend's Load: called when its
+        record goes out (at once when no peer is told)."""
         if self.open.pop(ticket, None) is not None:
             del self._blocks[ticket]
-            self._add([FINISHED, ticket])
+            if not self.alone:
+                self._add_lingering([FINISHED, ticket])
+                if release is not None:
+                    self._releases.append(release)
+                return
+        if release is not None:
+            release()
 
     def peers_changed(self, peers: int, joined: bool) -> None:
         """The number of peers changed (`joined`: one appeared). Records stop while there are
         none; a peer that appears learns every request still in flight."""
-        self.alone = peers == 0
+        self.alone, self.peers = peers == 0, peers
         if self.alone:
             self.records.clear()
+            self._woken = False
+            self._release()
         elif joined:
-            self._greet = True
+            self._greet = self._woken = True
             self.wake()
             blocks = self._blocks
             for ticket, (worker, rank, keys) in self.open.items():
@@ -121,24 +205,25 @@ class Outbox:
         if not self.records and not heartbeat and not bye:
             return None
         self.seq += 1
-        records, self.records = self.records, []
+        records, self.records, self._woken = self.records, [], False
+        self._release()
         return [self.replica, self.seq, records, list(self.open) if heartbeat else None, bye]
 
-
-@dataclass
-class _Request:
-    worker: str
-    rank: int
-    blocks: float
-    keys: Sequence[int]
-    grown: int = 0
+    def _release(self) -> None:
+        releases, self._releases = self._releases, []
+        for release in releases:
+            release()
 
 
 @dataclass
 class _Peer:
     seq: int = 0
     seen: float = 0.0
-    requests: dict[int, _Request] = field(default_factory=dict)
+    #: ticket -> its started record as decoded, `[0, ticket, instance, rank, blocks, keys]`: kept
+    #: as it came (a request costs no object of its own here).
+    requests: dict[int, list] = field(default_factory=dict)
+    #: ticket -> output blocks grown, for the requests that grew.
+    grown: dict[int, float] = field(default_factory=dict)
     #: (expiry, worker, keys) of its predictions not yet expired, oldest first.
     predictions: deque[tuple[float, Worker, list[int]]] = field(default_factory=deque)
 
@@ -185,40 +270,45 @@ class Peers:
         while predictions and predictions[0][0] <= now:
             predictions.popleft()
         load, requests = self.load, peer.requests
+        inflight, add, predict = load.inflight, load.add, self.predictor.predict_for_peer
         for record in records:
             kind = record[0]
             if kind == STARTED:
-                _, ticket, worker, rank, blocks, keys = record
+                ticket = record[1]
                 if ticket in requests:
                     continue  # sent again for a frontend that joined after it started
-                requests[ticket] = _Request(worker, rank, blocks, keys)
-                load.inflight[worker] += 1
-                load.add(worker, rank, blocks, keys)
+                requests[ticket] = record
+                _, _, worker, rank, blocks, keys = record
+                inflight[worker] += 1
+                add(worker, rank, blocks, keys)
                 if keys:
-                    expiry = self.predictor.predict_for_peer((worker, rank), keys, now)
+                    target = (worker, rank)
+                    expiry = predict(target, keys, now)
                     if expiry is not None:
-                        predictions.append((expiry, (worker, rank), keys))
+                        predictions.append((expiry, target, keys))
             elif kind == FINISHED:
                 req = requests.pop(record[1], None)
                 if req is not None:
-                    self._end(req)
+                    self._end(peer, req)
             elif kind == GREW:
                 req = requests.get(record[1])
-                if req is not None and load.inflight.get(req.worker, 0) > 0:
-                    req.grown += record[2]
-                    load.count(req.worker, req.rank, record[2])
+                if req is not None and inflight.get(req[2], 0) > 0:
+                    peer.grown[req[1]] = peer.grown.get(req[1], 0) + record[2]
+                    load.count(req[2], req[3], record[2])
         if open_ is not None:
             still = set(open_)
             for ticket in [t for t in requests if t not in still]:
-                self._end(requests.pop(ticket))
+                self._end(peer, requests.pop(ticket))
 
-    def _end(self, req: _Request) -> None:
+    def _end(self, peer: _Peer, req: list) -> None:
+        _, ticket, worker, rank, blocks, keys = req
         load = self.load
-        if load.inflight.get(req.worker, 0) > 0:
-            load.inflight[req.worker] -= 1
-            load.remove(req.worker, req.rank, req.blocks, req.keys)
-            if req.grown:
-                load.count(req.worker, req.rank, -req.grown)
+        grown = peer.grown.pop(ticket, 0) if peer.grown else 0
+        if load.inflight.get(worker, 0) > 0:
+            load.inflight[worker] -= 1
+            load.remove(worker, rank, blocks, keys)
+            if grown:
+                load.count(worker, rank, -grown)
 
     def drop(self, replica: str) -> None:
         """A peer left: its requests leave the Load, its predictions are withdrawn."""
@@ -227,7 +317,7 @@ class Peers:
             return
         self.on_change(len(self._peers), False)
         for req in peer.requests.values():
-            self._end(req)
+            self._end(peer, req)
         for expiry, worker, keys in peer.predictions:
             self.predictor.retract(worker, keys, expiry)
 
@@ -241,5 +331,6 @@ class Peers:
     def forget_worker(self, worker: str) -> None:
         """A worker left: the Load forgot it already; so do the peers' requests on it."""
         for peer in self._peers.values():
-            for ticket in [t for t, r in peer.requests.items() if r.worker == worker]:
+            for ticket in [t for t, r in peer.requests.items() if r[2] == worker]:
                 del peer.requests[ticket]
+                peer.grown.pop(ticket, None)

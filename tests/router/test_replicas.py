@@ -235,3 +235,133 @@ def test_the_load_a_prompt_meets_leaves_out_the_blocks_it_would_share():
     events_only = Router(RouterSettings(router="kv", router_predict_ttl=0))
     events_only.started("w1", 6.0, None, prompt)
     assert events_only.choose(["w1", "w2"], list(range(6 * BS)), BS).worker == "w2"
+
+
+def test_a_finished_record_waits_for_the_next_batch_and_the_sender_counts_the_request_till_then():
+    """A batch costs its receivers far more than its records, so a finished record does not send
+    one of its own: it rides with the next started record, or goes after `linger`. Until it goes
+    out, the sender itself still counts the request, as its peers do."""
+    a, b = _pair()
+    _send(a, b)  # its greeting to b, answering b's hello
+    woken: list[str] = []
+    assert a.outbox is not None
+    a.outbox.wake = lambda: woken.append("now")
+    a.outbox.wake_later = lambda delay: woken.append(f"in {delay}")
+    a.outbox.linger = 0.05
+    prompt = list(range(128))
+    worker, ticket = _route(a, ["w1"], prompt)
+    assert woken == ["now"]
+    _send(a, b)
+    a.finished(worker, 4.0, None, hashing.chain(prompt, BS), 0, ticket)
+    assert woken == ["now", "in 0.05"]  # no batch of its own yet
+    assert a.inflight[worker] == b.inflight[worker] == 1
+    assert a.load.active_blocks[worker] == b.load.active_blocks[worker] == 4
+    # The next request's start sends both records, and both frontends count alike again.
+    other = list(range(1000, 1064))
+    _route(a, ["w1"], other)
+    assert woken == ["now", "in 0.05", "now"]
+    batch = _send(a, b)
+    assert batch is not None and [r[0] for r in batch[2]] == [1, 0]
+    assert a.inflight[worker] == b.inflight[worker] == 1
+    assert a.load.active_blocks[worker] == b.load.active_blocks[worker] == 2
+    # A lone finish goes when its timer fires (the publisher then asks for a batch).
+    a.finished(worker, 2.0, None, hashing.chain(other, BS), 0, 2)
+    assert a.inflight[worker] == 1 and woken[-1] == "in 0.05"
+    _send(a, b)
+    assert a.inflight[worker] == b.inflight[worker] == 0
+    assert a.load.active_blocks[worker] == b.load.active_blocks[worker] == 0
+
+
+def test_a_frontend_without_peers_takes_a_finished_request_out_at_once():
+    a = Router(RouterSettings(router="kv"))
+    a.share("a", lambda: None, silence=2.0, wake_later=lambda delay: None)
+    worker, ticket = _route(a, ["w1"], list(range(64)))
+    a.finished(worker, 2.0, None, hashing.chain(list(range(64)), BS), 0, ticket)
+    assert a.inflight[worker] == 0 and a.load.active_blocks[worker] == 0
+    # With a peer, finished requests wait for their record; the peer leaving lets them go.
+    b = Router(RouterSettings(router="kv"))
+    b.share("b", lambda: None, silence=2.0)
+    _send(b, a, now=0.0, heartbeat=True)
+    worker, ticket = _route(a, ["w1"], list(range(64)))
+    a.finished(worker, 2.0, None, hashing.chain(list(range(64)), BS), 0, ticket)
+    assert a.inflight[worker] == 1
+    assert a.peers is not None
+    a.peers.drop("b")
+    assert a.inflight[worker] == 0 and a.load.active_blocks[worker] == 0
+    assert a.outbox is not None and a.outbox.records == []
+
+
+def test_a_peers_output_growth_is_taken_back_with_its_request_or_its_worker():
+    a, b = _pair()
+    w, t1 = _route(a, ["w1"], list(range(64)))
+    _, t2 = _route(a, ["w1"], list(range(1000, 1064)))
+    a.grow(w, None, 3, t1)
+    a.grow(w, None, 1, t2)
+    a.grow(w, None, 2, t1)
+    _send(a, b)
+    assert b.load.active_blocks[w] == 2 + 2 + 6
+    a.finished(w, 2.0, None, hashing.chain(list(range(64)), BS), 5, t1)
+    _send(a, b)
+    assert b.load.active_blocks[w] == a.load.active_blocks[w] == 2 + 1
+    b.forget(w)
+    assert b.peers is not None
+    a.finished(w, 2.0, None, hashing.chain(list(range(1000, 1064)), BS), 1, t2)
+    _send(a, b)
+    assert b.inflight.get(w, 0) == 0 and b.load.active_blocks.get(w, 0) == 0
+
+
+def test_output_growth_rides_with_the_next_start_and_counts_for_the_sender_when_it_goes():
+    a, b = _pair()
+    _send(a, b)
+    woken: list[str] = []
+    assert a.outbox is not None
+    a.outbox.wake = lambda: woken.append("now")
+    a.outbox.wake_later = lambda delay: woken.append("later")
+    w, t1 = _route(a, ["w1"], list(range(64)))
+    _send(a, b)
+    a.grow(w, None, 3, t1)
+    a.grow(w, None, 1, t1)
+    assert woken == ["now", "later"]  # one timer for the batch, no batch of their own
+    assert a.load.active_blocks[w] == b.load.active_blocks[w] == 2
+    _route(a, ["w1"], list(range(1000, 1064)))
+    batch = _send(a, b)
+    assert batch is not None and [r[0] for r in batch[2]] == [2, 2, 0]
+    assert a.load.active_blocks[w] == b.load.active_blocks[w] == 2 + 4 + 2
+
+
+def test_a_record_lingers_only_while_a_start_is_likely_to_take_it_along():
+    """A lingering record that no start takes along costs its publisher a timer wake-up of its
+    own, and one that rides saves each peer a batch: it lingers while starts come often enough
+    (the more peers, the less often they need come)."""
+    now = [0.0]
+    woken: list[str] = []
+    box = Outbox(
+        "r", lambda: woken.append("now"), wake_later=lambda d: woken.append("later"), clock=lambda: now[0]
+    )
+    box.linger, box.peers = 0.02, 1
+    tickets = []
+    for i in range(5):  # a start every 10 ms
+        now[0] = i * 0.01
+        tickets.append(box.started("w", 0, 2.0, [i]))
+    box.batch()
+    woken.clear()
+    now[0] = 0.045
+    box.finished(tickets[0])  # a start is likely within 20 ms: waits for it
+    assert woken == ["later"]
+    box.batch()
+    now[0] = 0.5
+    box.finished(tickets[1])  # quiet for 460 ms: goes on the publisher's next turn
+    assert woken == ["later", "now"]
+    assert [r[0] for r in box.batch()[2]] == [1]
+    # Starts 100 ms apart: not worth it for one peer (one saved batch), worth it for seven.
+    for i in range(20):
+        now[0] = 1 + i * 0.1
+        tickets.append(box.started("w", 0, 2.0, [i]))
+    box.batch()
+    woken.clear()
+    now[0] += 0.05
+    box.finished(tickets[2])
+    box.batch()
+    box.peers = 7
+    box.finished(tickets[3])
+    assert woken == ["now", "later"]
