@@ -219,16 +219,25 @@ fail:
  * a tier's table and the mask of its deep workers. */
 static PyTypeObject HoldersType;
 
+#define TABLES "expected holders tables (Holders)"
+
+/* Every `step`-th argument from `from` on is a table, or a TypeError saying `msg`. */
+static int all_tables(PyObject *const *args, Py_ssize_t from, Py_ssize_t nargs, Py_ssize_t step, const char *msg) {
+    for (Py_ssize_t j = from; j < nargs; j += step)
+        if (!PyObject_TypeCheck(args[j], &HoldersType)) {
+            PyErr_SetString(PyExc_TypeError, msg);
+            return -1;
+        }
+    return 0;
+}
+
 static PyObject *Holders_lookup(Holders *h, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs < 2 || nargs % 2 || !PyList_Check(args[1])) {
         PyErr_SetString(PyExc_TypeError, "lookup(keys, workers: list, *(table, deep))");
         return NULL;
     }
-    for (Py_ssize_t t = 2; t < nargs; t += 2)
-        if (!PyObject_TypeCheck(args[t], &HoldersType)) {
-            PyErr_SetString(PyExc_TypeError, "lookup(): a tier's table must be Holders");
-            return NULL;
-        }
+    if (all_tables(args, 2, nargs, 2, "lookup(): a tier's table must be Holders") < 0)
+        return NULL;
     PyObject *seq = PySequence_Fast(args[0], "keys: a sequence of ints"), *out = NULL;
     if (seq == NULL)
         return NULL;
@@ -236,7 +245,9 @@ static PyObject *Holders_lookup(Holders *h, PyObject *const *args, Py_ssize_t na
     Stops st;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     if (keys_load(&ks, PySequence_Fast_ITEMS(seq), n) == 0 && walk(h, ks.k, n, &st) == 0) {
-        PyObject *named = name_stops(&st, args[1]), *begin = named ? goes_on(&st, ks.k, n, args + 2, nargs - 2) : NULL;
+        PyObject *named = name_stops(&st, args[1]), *begin = named == NULL ? NULL
+                                : nargs == 2  ? PyDict_New() /* no tier: nobody goes on below */
+                                              : goes_on(&st, ks.k, n, args + 2, nargs - 2);
         out = begin ? PyTuple_Pack(2, named, begin) : NULL;
         Py_XDECREF(named);
         Py_XDECREF(begin);
@@ -270,15 +281,6 @@ static Py_ssize_t run_of(Holders *const *t, Py_ssize_t nt, Py_ssize_t w, const i
     return d;
 }
 
-static int all_tables(PyObject *const *args, Py_ssize_t from, Py_ssize_t nargs) {
-    for (Py_ssize_t j = from; j < nargs; j++)
-        if (!PyObject_TypeCheck(args[j], &HoldersType)) {
-            PyErr_SetString(PyExc_TypeError, "expected holders tables (Holders)");
-            return -1;
-        }
-    return 0;
-}
-
 /* run(wid, keys, start, *tables): the first depth from `start` whose key none of `tables` has wid
  * on (the end of a worker's run through those tables). */
 static PyObject *run(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
@@ -287,7 +289,7 @@ static PyObject *run(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssiz
         PyErr_SetString(PyExc_TypeError, "run(wid, keys, start, *tables)");
         return NULL;
     }
-    if (all_tables(args, 3, nargs) < 0 || worker_of(args[0], &w) < 0 || worker_of(args[2], &d) < 0)
+    if (all_tables(args, 3, nargs, 1, TABLES) < 0 || worker_of(args[0], &w) < 0 || worker_of(args[2], &d) < 0)
         return NULL;
     PyObject *seq = PySequence_Fast(args[1], "keys: a sequence of ints"), *out = NULL;
     if (seq == NULL)
@@ -308,7 +310,7 @@ static PyObject *walk_each(PyObject *Py_UNUSED(module), PyObject *const *args, P
         PyErr_SetString(PyExc_TypeError, "walk_each(keys, begin: dict, workers: list, ncpu, *tables)");
         return NULL;
     }
-    if (all_tables(args, 4, nargs) < 0 || worker_of(args[3], &ncpu) < 0)
+    if (all_tables(args, 4, nargs, 1, TABLES) < 0 || worker_of(args[3], &ncpu) < 0)
         return NULL;
     PyObject *seq = PySequence_Fast(args[0], "keys: a sequence of ints"), *out = PyDict_New(), *g, *mask;
     if (seq == NULL || out == NULL)

@@ -114,28 +114,6 @@ def named(stops: Stops, workers: list[Any]) -> dict[Any, int]:
     return out
 
 
-def run(wid: int, keys: Sequence[int], start: int, *tables: dict[int, int]) -> int:
-    """The first depth from `start` whose key none of `tables` has `wid` on."""
-    d, n, bit = start, len(keys), 1 << wid
-    gets = [table.get for table in tables]
-    while d < n and any(get(keys[d], 0) & bit for get in gets):
-        d += 1
-    return d
-
-
-def walk_each(
-    keys: Sequence[int], begin: dict[int, int], workers: list[Any], ncpu: int, *tables: dict[int, int]
-) -> dict[Any, tuple[int, int, int]]:
-    """{workers[w]: (g, c, u)} for each worker w of each `begin[g]` (highest w first): c ends its
-    run from g through `tables[:ncpu]`, u its run on from c through all `tables`."""
-    out = {}
-    for g, mask in begin.items():
-        for w in members(mask):
-            c = run(w, keys, g, *tables[:ncpu])
-            out[workers[w]] = (g, c, run(w, keys, c, *tables))
-    return out
-
-
 class Table(Protocol):
     """What the index asks of a holders table (worker ids `wid`, masks as ints)."""
 
@@ -216,8 +194,8 @@ def implementation(choice: str | None = None) -> str:
 
 class Kit(NamedTuple):
     """An implementation: its table, and its walk of a few workers through the tiers (None: the
-    index walks the dicts its own way; `walk_each` here is the reference the compiled one is
-    tested against)."""
+    index walks the dicts its own way; tests/router/test_index_native.py holds the compiled walk to
+    a Python reference)."""
 
     table: Callable[[], Table]
     walk_each: Callable[..., dict[Any, tuple[int, int, int]]] | None
