@@ -76,10 +76,9 @@ def workload(args, seed: int) -> tuple[list[str], list[list[int]], list[tuple[st
     rng = random.Random(seed)
     workers = [f"{i:032x}" for i in range(args.workers)]
     systems = [[rng.randrange(3, 500) for _ in range(args.system_tokens)] for _ in range(args.systems)]
+    chains = [hashing.chain(s, BS) for s in systems]
     router = Router(RouterSettings(router="kv"))
-    assert router.index is not None
-    for i, s in enumerate(systems):
-        router.index.apply((workers[i % len(workers)], 0), ("stored", hashing.chain(s, BS)))
+    seed_systems(router, workers, chains)
     requests = []
     for _ in range(args.requests):
         if rng.random() < args.shared:
@@ -88,7 +87,14 @@ def workload(args, seed: int) -> tuple[list[str], list[list[int]], list[tuple[st
             prompt = [rng.randrange(3, 500) for _ in range(128)]
         pick = router.choose(workers, prompt, BS)
         requests.append((pick.worker, list(pick.keys)))
-    return workers, [hashing.chain(s, BS) for s in systems], requests
+    return workers, chains, requests
+
+
+def seed_systems(router: Router, workers: list[str], chains: list[list[int]]) -> None:
+    """The system prompts cached on the workers in turn, as the router's index knows them."""
+    assert router.index is not None
+    for i, keys in enumerate(chains):
+        router.index.apply((workers[i % len(workers)], 0), ("stored", keys))
 
 
 def timeline(args, n: int) -> list[tuple[float, int, int, int]]:
@@ -112,9 +118,8 @@ def timeline(args, n: int) -> list[tuple[float, int, int, int]]:
 def run_side(mod: ModuleType, args, work, events) -> dict[str, float]:
     workers, systems, requests = work
     receiver = Router(RouterSettings(router="kv"))
+    seed_systems(receiver, workers, systems)
     assert receiver.index is not None
-    for i, keys in enumerate(systems):
-        receiver.index.apply((workers[i % len(workers)], 0), ("stored", keys))
     peers = mod.Peers("recv", receiver.load, receiver.policy, silence=1e9)
     receiver.peers = peers
     # When each peer's publisher is due: now (a started record) or at a time (a lingering one).
@@ -139,8 +144,6 @@ def run_side(mod: ModuleType, args, work, events) -> dict[str, float]:
                 linger=args.linger,
                 clock=lambda: clock_now[0],
             )
-        if "wake_later" in params:
-            return mod.Outbox(f"peer{p}", wake, alone=False, wake_later=wake_later, linger=args.linger)
         return mod.Outbox(f"peer{p}", wake, alone=False)
 
     outboxes = [outbox(p) for p in range(args.peers)]
@@ -190,19 +193,15 @@ def run_side(mod: ModuleType, args, work, events) -> dict[str, float]:
     records = nbytes = 0
     unpackb = msgpack.unpackb
     index = receiver.index
-    receive = getattr(mod, "receive", None)
     for step, batches in enumerate(wire):
         now_s = (step + 1) * args.interval
         for data in batches:
             nbytes += len(data)
             t0 = clock()
-            batch = unpackb(data, raw=False) if receive is None else None
+            batch = unpackb(data, raw=False)
             t1 = clock()
-            if receive is None:
-                records += len(batch[2])
-                peers.apply(batch, now_s)
-            else:
-                records += receive(peers, data, now_s)
+            records += len(batch[2])
+            peers.apply(batch, now_s)
             t2 = clock()
             decode += t1 - t0
             apply += t2 - t1

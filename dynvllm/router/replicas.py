@@ -81,8 +81,6 @@ class Outbox:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.replica = replica
-        #: No peer to tell: records are not kept (requests in flight still are, in `open`).
-        self.alone = alone
         #: Called when the first record of a batch that must go soon arrives (a started one; any,
         #: when lingering does not pay): the publisher sends the batch on its next turn, so a
         #: request costs one list append, never a publish of its own.
@@ -114,6 +112,11 @@ class Outbox:
         self._greet = False
         self.seq = 0
         self._tickets = itertools.count(1)
+
+    @property
+    def alone(self) -> bool:
+        """No peer to tell: records are not kept (requests in flight still are, in `open`)."""
+        return self.peers == 0
 
     def _add(self, record: list) -> None:
         if self.alone:
@@ -157,9 +160,7 @@ class Outbox:
         if ticket in self.open:
             self._blocks[ticket] += blocks
             if not self.alone:
-                self._add_lingering([GREW, ticket, blocks])
-                if count is not None:
-                    self._releases.append(count)
+                self._defer([GREW, ticket, blocks], count)
                 return
         if count is not None:
             count()
@@ -170,17 +171,21 @@ class Outbox:
         if self.open.pop(ticket, None) is not None:
             del self._blocks[ticket]
             if not self.alone:
-                self._add_lingering([FINISHED, ticket])
-                if release is not None:
-                    self._releases.append(release)
+                self._defer([FINISHED, ticket], release)
                 return
         if release is not None:
             release()
 
+    def _defer(self, record: list, then: Callable[[], None] | None) -> None:
+        """Queue a record that may linger, and what this frontend applies when it goes out."""
+        self._add_lingering(record)
+        if then is not None:
+            self._releases.append(then)
+
     def peers_changed(self, peers: int, joined: bool) -> None:
         """The number of peers changed (`joined`: one appeared). Records stop while there are
         none; a peer that appears learns every request still in flight."""
-        self.alone, self.peers = peers == 0, peers
+        self.peers = peers
         if self.alone:
             self.records.clear()
             self._woken = False

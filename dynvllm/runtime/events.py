@@ -61,16 +61,13 @@ class EventBus:
 
     async def subscribe(self, topic: EventTopic[T], cb: Callable[[T], Awaitable[None] | None]) -> Any:
         async def on_msg(msg: Any) -> None:
+            # An event that does not decode, or that its subscriber refuses (e.g. a key the
+            # router's table cannot hold), is dropped: never fatal to the subscriber.
             try:
-                event = topic.decode(msg.data)
-            except Exception as exc:  # dropped, never fatal to the subscriber
-                self._dropped(msg.subject, exc)
-                return
-            try:
-                res = cb(event)
+                res = cb(topic.decode(msg.data))
                 if res is not None:
                     await res
-            except Exception as exc:  # e.g. a key the router's table refuses: the rest goes on
+            except Exception as exc:
                 self._dropped(msg.subject, exc)
 
         return await self.nc.subscribe(topic.subject(self.namespace), cb=on_msg)

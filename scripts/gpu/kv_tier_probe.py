@@ -12,10 +12,8 @@ from collections import Counter
 
 import nats
 
-from dynvllm.router.tiers import CPU, DISK
+from dynvllm.router.tiers import NAMES
 from dynvllm.runtime.kv_topic import KV_EVENTS
-
-TIER_NAMES = {CPU: "CPU", DISK: "DISK"}
 
 
 async def main(url: str, namespace: str, outfile: str) -> None:
@@ -28,7 +26,7 @@ async def main(url: str, namespace: str, outfile: str) -> None:
         for event in batch.events:
             kind = event[0]
             if kind in ("stored", "removed"):
-                tier = TIER_NAMES.get(event[2], event[2]) if len(event) > 2 else "GPU"
+                tier = NAMES.get(event[2], event[2]) if len(event) > 2 else "GPU"
                 key, n = f"{kind}:{tier}", len(event[1])
             else:
                 key, n = str(kind), 1

@@ -13,7 +13,6 @@ model's (EXTRA_ARGS="--dtype float32" for another)."""
 
 import base64
 import dataclasses
-import importlib.util
 import io
 import json
 import os
@@ -23,15 +22,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
 CONFIGS = ("agg", "encode", "encode-plain")
 
 
 def probe_images() -> list[bytes]:
-    spec = importlib.util.spec_from_file_location("mm_probe", HERE / "mm_probe.py")
-    assert spec and spec.loader
-    mm_probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mm_probe)
+    import mm_probe  # beside this script, first on sys.path
+
     return [base64.b64decode(mm_probe.image(i, 112).split(",", 1)[1]) for i in range(8)]
 
 
@@ -95,18 +91,19 @@ def compare(folders: dict[str, str]) -> dict:
         path = Path(folders[config]) / key / "encoder_cache.safetensors"
         return load_file(path)["ec_cache"] if path.exists() else None
 
+    agg = {key: load("agg", key) for key in keys}
     out: dict = {}
     for config in CONFIGS[1:]:
         equal, worst, missing = 0, 0.0, 0
         for key in keys:
-            a, b = load("agg", key), load(config, key)
+            a, b = agg[key], load(config, key)
             if a is None or b is None or a.shape != b.shape:
                 missing += 1
                 continue
             equal += bool(torch.equal(a, b))
             worst = max(worst, (a.float() - b.float()).abs().max().item())
         out[config] = {"bit_equal": f"{equal}/{len(keys)}", "max_abs_diff": worst, "missing": missing}
-    first = load("agg", keys[0])
+    first = agg[keys[0]]
     out["dtype"] = str(first.dtype) if first is not None else None
     return out
 
