@@ -324,25 +324,11 @@ def offline_reference(model: Path, requests: list[dict], llm_kwargs: dict | None
     return OfflineReference(model, requests, llm_kwargs).result()
 
 
-async def worker_stats(row: dict) -> dict:
-    """A worker's stats endpoint (in-flight calls, KV-connector counters, ...), for a row of
-    `dynvllm status` (its id and address)."""
-    from dynvllm.runtime.streams import Connection, unary
-
-    host, port = row["address"].split(":")
-    conn = Connection(host, int(port), row["id"])
-    await conn.open()
-    try:
-        return await unary(conn, "stats", None)
-    finally:
-        await conn.close()
-
-
 def all_worker_stats(nats_url: str, namespace: str) -> list[dict]:
     """Stats of every worker of a namespace, as `dynvllm status` finds them."""
     import asyncio
 
-    from dynvllm.cli.status import collect
+    from dynvllm.cli.status import collect, worker_stats
     from dynvllm.runtime import nats as natsrt
     from dynvllm.settings import build_settings
 
@@ -357,7 +343,7 @@ def all_worker_stats(nats_url: str, namespace: str) -> list[dict]:
 def decode_transfers(nats_url: str, namespace: str) -> dict:
     """The first decode worker's KV-connector counters (NIXL's: bytes_transferred, ...):
     key -> [count, sum]."""
-    from dynvllm.cli.status import collect
+    from dynvllm.cli.status import collect, worker_stats
     from dynvllm.runtime import nats as natsrt
     from dynvllm.settings import build_settings
 

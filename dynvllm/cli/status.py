@@ -76,6 +76,20 @@ _HEADERS = (
 _TABLE_WIDTH = 150  # below this a table would squeeze ids and addresses
 
 
+async def worker_stats(row: dict) -> dict:
+    """A worker's stats endpoint (in-flight calls, KV-connector counters, ...), for a row of
+    `collect` (its id and address)."""
+    from dynvllm.runtime.streams import Connection, unary
+
+    host, port = row["address"].split(":")
+    conn = Connection(host, int(port), row["id"])
+    await conn.open()
+    try:
+        return await unary(conn, "stats", None)
+    finally:
+        await conn.close()
+
+
 def _cells(r: dict) -> list[str]:
     return [
         r["role"] or r["component"],

@@ -14,8 +14,7 @@ import asyncio
 import json
 import sys
 
-from dynvllm.cli.status import collect
-from dynvllm.runtime.streams import Connection, unary
+from dynvllm.cli.status import collect, worker_stats
 from dynvllm.settings import build_settings
 
 ROLES = ("decode", "prefill")
@@ -28,17 +27,11 @@ async def counters(url: str, namespace: str) -> dict:
         sys.exit(f"kv_probe: no prefill or decode worker in namespace {namespace!r} at {url}")
     total: dict = {role: {} for role in ROLES}
     for row in rows:
-        host, port = row["address"].split(":")
-        conn = Connection(host, int(port), row["id"])
-        await conn.open()
-        try:
-            stats = (await unary(conn, "stats", None)).get("kv_transfer") or {}
-            for key, (n, v) in stats.items():
-                t = total[row["role"]].setdefault(key, [0, 0.0])
-                t[0] += n
-                t[1] += v
-        finally:
-            await conn.close()
+        stats = (await worker_stats(row)).get("kv_transfer") or {}
+        for key, (n, v) in stats.items():
+            t = total[row["role"]].setdefault(key, [0, 0.0])
+            t[0] += n
+            t[1] += v
     return total
 
 

@@ -15,7 +15,8 @@ import urllib.request
 import openai
 import pytest
 
-from tests.helpers import wait_gone, worker_stats
+from dynvllm.cli.status import worker_stats
+from tests.helpers import wait_gone
 
 NS = "e2e"
 PROMPT = "the cat sees a dog and the old river runs"
