@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -265,7 +266,21 @@ def test_on_demand_loads_a_known_adapter_evicting_the_least_recently_used(servic
         assert fe_url
         wait_http(fe_url + "/health", lambda b: b.get("workers") == 2, fe)
         client = openai.OpenAI(base_url=fe_url + "/v1", api_key="none", max_retries=0)
-        client.completions.create(model="a2", prompt="x", max_tokens=2)  # a2 used recently, a3 not
+        # a2 used recently on both workers, a3 on neither: whichever worker the load picks for
+        # a1 (a request's end may count there a few ms later), a3 is its least recently used.
+        served: set[str] = set()
+        with ThreadPoolExecutor(4) as pool:
+            for attempt in range(20):
+                raws = pool.map(
+                    lambda i: client.completions.with_raw_response.create(
+                        model="a2", prompt=f"x {i}", max_tokens=8
+                    ),
+                    range(4 * attempt, 4 * attempt + 4),
+                )
+                served |= {raw.headers["x-dynvllm-worker"] for raw in raws}
+                if served == {w1, w2}:
+                    break
+        assert served == {w1, w2}
         r = client.completions.with_raw_response.create(
             model="a1", prompt=PROMPTS[0], max_tokens=16, temperature=0
         )
