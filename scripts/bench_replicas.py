@@ -19,7 +19,10 @@ more `dynvllm frontend`s on its NATS, then:
              count, `usage.prompt_tokens_details.cached_tokens`) / prompt tokens; "vs one" is
              that over the `one` mode's in the same round.
   cost       a closed loop at concurrency C over all frontends (ISL 128 / OSL 16, sim engine with
-             no prefill or decode time, so the frontends are the bottleneck): req/s (not for `one`),
+             no prefill or decode time, so the frontends are the bottleneck; with
+             `--cost-decode-ms D` a step takes D ms and the engines bound the rate, as GPUs do in a
+             deployment, which is how a throughput cost of shared router state is usually
+             measured): req/s (not for `one`),
              requests per CPU-second of the frontends, and the decision batches they published
              per request (a listener on the namespace counts them; every other frontend receives
              each: at ~50 us a batch that is most of what sharing costs).
@@ -237,7 +240,7 @@ async def one(model: str, mode: str, seed: int, args, log) -> dict:
         "--sim-decode-ms-per-step",
         str(args.decode_ms),
     ]
-    free = ["--sim-prefill-us-per-token", "0", "--sim-decode-ms-per-step", "0"]
+    free = ["--sim-prefill-us-per-token", "0", "--sim-decode-ms-per-step", str(args.cost_decode_ms)]
     load = os.getloadavg()[0]
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         agreed = probes = 0
@@ -281,6 +284,7 @@ def main() -> None:
     ap.add_argument("--kv-blocks", type=int, default=2048)
     ap.add_argument("--prefill-us", type=float, default=100.0, help="sim engine, agreement phase")
     ap.add_argument("--decode-ms", type=float, default=10.0, help="sim engine, agreement phase")
+    ap.add_argument("--cost-decode-ms", type=float, default=0.0, help="sim engine, cost phase")
     ap.add_argument("--model")
     ap.add_argument("--modes", default="one,off,on", help="of one, off, on, base (see above)")
     ap.add_argument("--baseline", help="a source tree whose dynvllm runs the `base` mode")
@@ -307,7 +311,8 @@ def main() -> None:
     print(
         f"\n{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cpus, {args.frontends} frontends, "
         f"sim x {args.workers}, {args.systems} system prompts of {args.system_tokens} tokens, "
-        f"{args.background} background streams, {args.probes} probes; c={args.concurrency} ISL 128 / OSL 16"
+        f"{args.background} background streams, {args.probes} probes; c={args.concurrency} ISL 128 / OSL 16, "
+        f"decode step {args.cost_decode_ms} ms"
     )
     print(
         "per round: agreed/probes, cache-hit rate (vs one's that round), req/s, requests per CPU-second "

@@ -4,7 +4,9 @@ before it serves (`dynvllm.router.snapshot`). This module is the I/O; the logic 
 
 Subjects under the namespace:
     router.decisions.<replica>   a frontend's decision batches (every frontend listens to all,
-                                 over a connection of their own that is not sent its own ones)
+                                 over a connection read only when it routes and every
+                                 `pull_interval`: `dynvllm.runtime.nats_pull`, or over nats-py
+                                 where that cannot connect, TLS)
     router.snapshot              request/reply, one answering frontend (a queue group): the
                                  index as chunked messages to the requester's inbox
 """
@@ -24,6 +26,7 @@ from dynvllm.router import snapshot as snap
 from dynvllm.runtime import nats as natsrt
 from dynvllm.runtime.events import EventBus
 from dynvllm.runtime.kv_topic import KV_EVENTS
+from dynvllm.runtime.nats_pull import Pulled, Unsupported
 from dynvllm.settings import RuntimeSettings
 
 log = logging.getLogger("dynvllm.frontend.peers")
@@ -40,6 +43,7 @@ class RouterPeers:
         router: Router,
         snapshot_timeout: float = 3.0,
         min_interval: float = 0.002,
+        pull_interval: float = 0.05,
     ) -> None:
         """`nc`: the frontend's connection (KV events, snapshots); decisions get their own."""
         self.nc, self.rt, self.router = nc, rt, router
@@ -49,7 +53,12 @@ class RouterPeers:
         self.snapshot_timeout = snapshot_timeout
         #: Seconds between decision batches at least (see `_publish`).
         self.min_interval = min_interval
+        #: Seconds between reads of the peers' decisions while this frontend routes none (a
+        #: routing decision reads them first): a slow timer keeps the buffers short.
+        self.pull_interval = pull_interval
         self._dnc: Any = None
+        #: The decisions' subscription read on demand (None: nats-py delivers them).
+        self._pulled: Pulled | None = None
         self.replica = secrets.token_hex(6)
         self._decisions = f"{namespace}.router.decisions"
         self._own = f"{self._decisions}.{self.replica}"
@@ -70,11 +79,16 @@ class RouterPeers:
         and load a peer's index, then answer later frontends' snapshot requests."""
         router = self.router
         if share:
-            # No echo: at a batch per few ms, its own batches coming back would cost this
-            # frontend as much again as its peers' do.
-            self._dnc = await natsrt.connect(self.rt, name="dynvllm-frontend-decisions", no_echo=True)
             router.share(self.replica, self._wake.set, self.silence, self._wake_later)
-            self._subs.append(await self._dnc.subscribe(self._decisions + ".*", cb=self._on_decisions))
+            self._pulled = await self._open_pull()
+            if self._pulled is not None:
+                router.pull = self.pull
+                self._tasks.append(asyncio.create_task(self._pull_loop()))
+            else:
+                # No echo: at a batch per few ms, its own batches coming back would cost this
+                # frontend as much again as its peers' do.
+                self._dnc = await natsrt.connect(self.rt, name="dynvllm-frontend-decisions", no_echo=True)
+                self._subs.append(await self._dnc.subscribe(self._decisions + ".*", cb=self._on_decisions))
             self._tasks.append(asyncio.create_task(self._publish()))
             self._tasks.append(asyncio.create_task(self._beat()))
             # Said at once, not a heartbeat later: peers learn of this frontend before it routes.
@@ -111,13 +125,19 @@ class RouterPeers:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._later is not None:
             self._later.cancel()
+        self.router.pull = None
         outbox = self.router.outbox
-        if outbox is not None and self._dnc is not None:
+        if outbox is not None and (self._pulled is not None or self._dnc is not None):
             try:
-                await self._dnc.publish(self._own, msgpack.packb(outbox.batch(bye=True)))
-                await self._dnc.flush(timeout=1)
+                await self._send(msgpack.packb(outbox.batch(bye=True)))
+                if self._pulled is not None:
+                    await self._pulled.flush()
+                else:
+                    await self._dnc.flush(timeout=1)
             except Exception as exc:  # peers then notice the silence instead
                 log.debug("goodbye to the peer frontends not sent: %s", exc)
+        if self._pulled is not None:
+            self._pulled.close()
         for sub in self._subs:
             try:
                 await sub.unsubscribe()
@@ -157,9 +177,15 @@ class RouterPeers:
                 self._later = None
             last = time.monotonic()
             try:
-                await self._dnc.publish(self._own, msgpack.packb(batch))
+                await self._send(msgpack.packb(batch))
             except Exception as exc:  # disconnected: the next heartbeat tells peers what is open
                 log.debug("decision batch not sent: %s", exc)
+
+    async def _send(self, data: bytes) -> None:
+        if self._pulled is not None:
+            self._pulled.publish(self._own, data)
+        else:
+            await self._dnc.publish(self._own, data)
 
     async def _beat(self) -> None:
         peers = self.router.peers
@@ -171,19 +197,75 @@ class RouterPeers:
             for replica in peers.expire(time.monotonic()):
                 log.info("peer frontend %s went silent; its load is dropped", replica)
 
-    async def _on_decisions(self, msg: Any) -> None:
-        if msg.subject == self._own:
+    async def _open_pull(self) -> Pulled | None:
+        """The decisions' subscription on a connection read on demand; None where it cannot be
+        had (TLS, or the server refused it: nats-py's subscription serves then)."""
+        if self.rt.nats_tls_ca or self.rt.nats_tls_cert or not self.rt.nats_url:
+            return None
+        try:
+            return await self._connect_pull()
+        except Unsupported:
+            return None
+        except ConnectionError as exc:
+            log.warning("peer decisions over nats-py: the on-demand connection failed (%s)", exc)
+            return None
+
+    async def _connect_pull(self) -> Pulled:
+        rt = self.rt
+        assert rt.nats_url
+        return await Pulled.open(
+            rt.nats_url.split(","),
+            self._decisions + ".*",
+            name="dynvllm-frontend-peers",
+            token=rt.nats_token.get_secret_value() if rt.nats_token else None,
+            user=rt.nats_user,
+            password=rt.nats_password.get_secret_value() if rt.nats_password else None,
+        )
+
+    def pull(self) -> None:
+        """Apply the peers' batches that have arrived (a routing decision is about to be made)."""
+        pulled = self._pulled
+        if pulled is None or pulled.closed:
             return
+        try:
+            batches = pulled.read()
+        except ConnectionError as exc:  # `_pull_loop` connects again
+            log.info("peer decisions: connection lost (%s); reconnecting", exc)
+            return
+        if batches:
+            now = time.monotonic()
+            for subject, data in batches:
+                if subject != self._own:
+                    self._apply(subject, data, now)
+
+    async def _pull_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.pull_interval)
+            pulled = self._pulled
+            if pulled is None or not pulled.closed:
+                self.pull()
+                continue
+            # Lost (a NATS restart): batches missed meanwhile show as sequence gaps, and the
+            # peers' heartbeats list what is still open.
+            try:
+                self._pulled = await self._connect_pull()
+            except (ConnectionError, Unsupported) as exc:
+                log.debug("peer decisions: reconnecting failed (%s)", exc)
+                await asyncio.sleep(0.25)
+
+    async def _on_decisions(self, msg: Any) -> None:
+        if msg.subject != self._own:
+            self._apply(msg.subject, msg.data, time.monotonic())
+
+    def _apply(self, subject: str, data: bytes, now: float) -> None:
         peers = self.router.peers
         assert peers is not None
         try:
-            peers.apply(msgpack.unpackb(msg.data, raw=False), time.monotonic())
+            peers.apply(msgpack.unpackb(data, raw=False), now)
         except Exception as exc:  # one bad batch must not stop the others
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 1000 == 0:
-                log.warning(
-                    "dropped a decision batch from %s (%d so far): %r", msg.subject, self.dropped, exc
-                )
+                log.warning("dropped a decision batch from %s (%d so far): %r", subject, self.dropped, exc)
 
     # ---- index snapshots ----------------------------------------------------------------
     async def _fetch(self) -> snap.Snapshot | None:

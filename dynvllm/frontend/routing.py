@@ -34,6 +34,9 @@ class Router:
         self.peers: Peers | None = None
         #: KV event batches held back while the index loads from a peer (None: applied at once).
         self._buffered: list[KvEventBatch] | None = None
+        #: Takes in the peers' decisions that have arrived, called before each choice (set when
+        #: they are read on demand: `dynvllm.runtime.nats_pull`).
+        self.pull: Callable[[], None] | None = None
 
     def share(
         self,
@@ -67,6 +70,8 @@ class Router:
     ) -> Pick:
         """The worker (and rank, where the policy picks one) for a request. A prompt with images
         is keyed with them (`image_rule`: the workers' card's `image_placeholder`)."""
+        if self.pull is not None:
+            self.pull()
         choose_keys = getattr(self.policy, "choose_keys", None)
         if images and block_size > 0 and choose_keys is not None:
             keys = image_keys.place(tokens, images, image_rule, block_size).keys(block_size, lora)

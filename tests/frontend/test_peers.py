@@ -66,3 +66,39 @@ def test_a_late_frontend_loads_the_index_and_peers_share_their_load(nats_url):
                 await nc.close()
 
     asyncio.run(main())
+
+
+def test_peer_decisions_are_taken_in_when_a_frontend_routes_not_when_they_arrive(nats_url):
+    """The peers' batches wait in the socket (no wake-up each) until this frontend routes."""
+
+    async def main() -> None:
+        rt = RuntimeSettings(nats_url=nats_url, namespace=NS + "pull", heartbeat_interval=0.1, lease_ttl=5.0)
+        nc_a, nc_b = [await natsrt.connect(rt) for _ in range(2)]
+        a, b = Router(RouterSettings(router="kv")), Router(RouterSettings(router="kv"))
+        # b's timer never comes in this test: only its routing reads the peers' batches.
+        peers_a, peers_b = RouterPeers(nc_a, rt, a), RouterPeers(nc_b, rt, b, pull_interval=3600)
+        try:
+            await peers_a.start(share=True)
+            await peers_b.start(share=True)
+            assert peers_b._pulled is not None and b.pull is not None
+            await _until(lambda: a.peers is not None and len(a.peers) == 1)  # b's hello, read by a's timer
+            await asyncio.sleep(0.3)
+            assert b.peers is not None and len(b.peers) == 0  # a's hello waits in b's socket
+            b.choose(["w1", "w2"], list(range(1000, 1064)), 32)
+            assert len(b.peers) == 1
+
+            prompt = list(range(320))
+            pick = a.choose(["w1", "w2"], prompt, 32)
+            a.started(pick.worker, 10.0, pick.rank, pick.keys)
+            await asyncio.sleep(0.3)  # published, delivered, and not applied
+            assert b.inflight.get(pick.worker, 0) == 0
+            b.choose(["w1", "w2"], list(range(2000, 2064)), 32)
+            assert b.inflight.get(pick.worker, 0) == 1
+            assert b.load.active_blocks[pick.worker] == 10
+        finally:
+            await peers_a.stop()
+            await peers_b.stop()
+            for nc in (nc_a, nc_b):
+                await nc.close()
+
+    asyncio.run(main())
