@@ -43,7 +43,7 @@ class RouterPeers:
         router: Router,
         snapshot_timeout: float = 3.0,
         min_interval: float = 0.002,
-        pull_interval: float = 0.05,
+        pull_interval: float = 0.2,
     ) -> None:
         """`nc`: the frontend's connection (KV events, snapshots); decisions get their own."""
         self.nc, self.rt, self.router = nc, rt, router
@@ -79,8 +79,8 @@ class RouterPeers:
         and load a peer's index, then answer later frontends' snapshot requests."""
         router = self.router
         if share:
-            router.share(self.replica, self._wake.set, self.silence, self._wake_later)
             self._pulled = await self._open_pull()
+            router.share(self.replica, self._wake.set, self.silence, self._wake_later)
             if self._pulled is not None:
                 router.pull = self.pull
                 self._tasks.append(asyncio.create_task(self._pull_loop()))
@@ -245,13 +245,24 @@ class RouterPeers:
             if pulled is None or not pulled.closed:
                 self.pull()
                 continue
-            # Lost (a NATS restart): batches missed meanwhile show as sequence gaps, and the
-            # peers' heartbeats list what is still open.
+            # Lost (a NATS restart): what was published meanwhile is lost both ways. Peers' ends
+            # of requests are mended by their heartbeats' lists of open ones, their starts by
+            # the gap our next batch shows them (they send theirs again: `Peers.apply`). Ours are
+            # announced again now, as to a peer that just joined (peers skip those they know),
+            # and once more a heartbeat later for peers that reconnect after us.
             try:
                 self._pulled = await self._connect_pull()
             except (ConnectionError, Unsupported) as exc:
                 log.debug("peer decisions: reconnecting failed (%s)", exc)
                 await asyncio.sleep(0.25)
+                continue
+            self._announce()
+            asyncio.get_running_loop().call_later(self.heartbeat, self._announce)
+
+    def _announce(self) -> None:
+        outbox = self.router.outbox
+        if outbox is not None and not outbox.alone:
+            outbox.peers_changed(outbox.peers, joined=True)
 
     async def _on_decisions(self, msg: Any) -> None:
         if msg.subject != self._own:

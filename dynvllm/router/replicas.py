@@ -12,21 +12,26 @@ publishes its decisions and applies its peers' to its own Load and predictions:
 
 A batch, at most one per `min_interval` of the publisher: `[replica, seq, records, open, bye]`.
 A heartbeat batch (sent even when idle) lists the tickets still open in `open`: a peer whose
-finish record went missing prunes it then. A peer that says `bye`, or falls silent, has its
-requests taken out of the Load and its predictions withdrawn.
+finish record went missing prunes it then. A gap in a peer's sequence (batches lost: a NATS
+outage) has the receiver send that peer its requests in flight again, as to a peer that joins.
+A peer that says `bye`, or falls silent, has its requests taken out of the Load and its
+predictions withdrawn.
 
-What sharing costs is mostly messages, not records: a batch costs each receiver a wake-up of
-its process, 50-200 us of CPU (the rarer they come, the dearer: `scripts/bench_decision_wire.py`),
-where applying a record costs ~6 (`scripts/bench_share_records.py`). So only a started record
-sends a batch at once: a finished or grew record lingers (up to `linger` seconds) until a
-started one sends it along, and this frontend applies it to its own Load only when it goes out,
-so that it and its peers still count the same (a request's end and its output's blocks count
-up to `linger` later everywhere). At 100 requests/s of a frontend that halves the batches a
-request costs (2.0 -> 1.0; with 8 output blocks each, 4.7 -> 1.0); at 1,000 the publisher's
-`min_interval` batches records anyway. A record lingers only while this frontend starts
-requests often enough that one likely takes it along, the more peers the likelier it need be
-(`Outbox._lingers`): otherwise its timer costs the publisher a wake-up of its own (at 10
-requests/s, +7% of the sender's CPU with nothing saved).
+What sharing costs is mostly wake-ups and messages, not records: a batch that arrives by itself
+wakes its receiver's process, ~70 us of CPU, where applying a record costs ~6
+(`scripts/bench_share_records.py`). Frontends therefore read their peers' batches on demand
+(`dynvllm.runtime.nats_pull`: when they route, and on a slow timer), which costs no wake-up; where
+they cannot (TLS), nats-py delivers each batch. Each message still costs its sender a socket write
+(on loopback, the delivery too) and NATS a fan-out to every peer, so only a started record sends
+a batch at once: a finished or grew record lingers (up to `linger` seconds) until a started one
+sends it along, and this frontend applies it to its own Load only when it goes out, so that it
+and its peers still count the same (a request's end and its output's blocks count up to `linger`
+later everywhere). At 100 requests/s of a frontend that halves the batches a request costs (2.0 ->
+1.0; with 8 output blocks each, 4.7 -> 1.0); at 1,000 the publisher's `min_interval` batches
+records anyway. A record lingers only while this frontend starts requests often enough that one
+likely takes it along, the more peers the likelier it need be (`Outbox._lingers`): otherwise its
+timer costs the publisher a wake-up of its own (at 10 requests/s, +7% of the sender's CPU with
+nothing saved).
 (A `linger` of 50 ms, the gap between `scripts/bench_replicas.py`'s probes, released the last
 probe's requests in every frontend just as the next probe was routed: agreement 94.7%, 97.5%
 before in that run; 20 ms does not meet them.)
@@ -269,7 +274,10 @@ class Peers:
             peer = self._peers[replica] = _Peer(seq=seq - 1)
             self.on_change(len(self._peers), True)
         if seq != peer.seq + 1:
+            # Its batches were lost (a NATS outage, a slow consumer), and so were ours, likely:
+            # it is sent every request still in flight here, as a peer that joins is.
             self.gaps += 1
+            self.on_change(len(self._peers), True)
         peer.seq, peer.seen = seq, now
         predictions = peer.predictions
         while predictions and predictions[0][0] <= now:

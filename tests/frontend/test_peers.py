@@ -102,3 +102,45 @@ def test_peer_decisions_are_taken_in_when_a_frontend_routes_not_when_they_arrive
                 await nc.close()
 
     asyncio.run(main())
+
+
+def test_peers_share_again_after_a_nats_restart(tmp_path):
+    """The on-demand connection is lost with the server and made again by its timer; records
+    published meanwhile are lost, the heartbeats' open lists mend the count."""
+    from tests.helpers import free_port
+
+    port = free_port()
+    server = natsrt.EmbeddedNats(port=port, store_dir=str(tmp_path / "js"))
+    server.start()
+
+    async def main() -> None:
+        nonlocal server
+        rt = RuntimeSettings(nats_url=server.url, namespace=NS + "re", heartbeat_interval=0.1, lease_ttl=5.0)
+        nc_a, nc_b = [await natsrt.connect(rt) for _ in range(2)]
+        a, b = Router(RouterSettings(router="kv")), Router(RouterSettings(router="kv"))
+        peers_a, peers_b = RouterPeers(nc_a, rt, a), RouterPeers(nc_b, rt, b)
+        try:
+            await peers_a.start(share=True)
+            await peers_b.start(share=True)
+            await _until(lambda: a.peers is not None and len(a.peers) == 1 and len(b.peers or ()) == 1)
+            first = peers_b._pulled
+            server.stop()
+            await asyncio.sleep(0.3)
+            assert first is not None and first.closed
+            pick = a.choose(["w1", "w2"], list(range(320)), 32)
+            a.started(pick.worker, 10.0, pick.rank, pick.keys)  # its record is lost: no server
+            server = natsrt.EmbeddedNats(port=port, store_dir=str(tmp_path / "js"))
+            server.start()
+            # The heartbeat's list of open requests brings it in once both are connected again.
+            await _until(lambda: b.inflight.get(pick.worker, 0) == 1, timeout=10)
+            assert peers_b._pulled is not first and not peers_b._pulled.closed  # type: ignore[union-attr]
+        finally:
+            await peers_a.stop()
+            await peers_b.stop()
+            for nc in (nc_a, nc_b):
+                await nc.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.stop()

@@ -119,6 +119,25 @@ def test_a_heartbeat_prunes_requests_whose_end_was_lost():
     assert b.inflight["w1"] == 1 and b.load.active_blocks["w1"] == 2
 
 
+def test_batches_lost_both_ways_are_mended_by_the_side_that_sees_the_gap():
+    """A NATS outage: each side's started records are lost; the first batch after it shows the
+    receiver a gap, and the receiver sends its own requests in flight again."""
+    a, b = _pair()
+    _route(a, ["w1"], list(range(64)))
+    _route(b, ["w2"], list(range(1000, 1064)))
+    a.outbox.batch()  # both lost on the way
+    b.outbox.batch()
+    assert a.inflight.get("w2", 0) == 0 and b.inflight.get("w1", 0) == 0
+    _send(b, a, heartbeat=True)  # b is back first: a sees the gap
+    assert a.peers is not None and a.peers.gaps == 1
+    assert a.inflight.get("w2", 0) == 0  # a heartbeat does not bring a lost start back ...
+    _send(a, b)  # ... but a, seeing the gap, sends its own requests again: b counts them
+    assert b.inflight["w1"] == 1
+    _send(b, a)  # and b, seeing a's gap in turn, sends its own
+    assert a.inflight["w2"] == 1
+    assert a.outbox.batch() is None  # and no more: sequences run on without gaps
+
+
 def test_a_worker_that_leaves_is_forgotten_with_the_peers_requests_on_it():
     a, b = _pair()
     worker, ticket = _route(a, ["w1"], list(range(64)))
