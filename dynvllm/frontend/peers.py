@@ -66,6 +66,8 @@ class RouterPeers:
         self._wake = asyncio.Event()
         #: The timer of a batch that waits for more records (`Outbox.linger`).
         self._later: asyncio.TimerHandle | None = None
+        #: The second announcement after a reconnection (see `_pull_loop`).
+        self._again: asyncio.TimerHandle | None = None
         self._beat_due = False
         self._subs: list[Any] = []
         self._tasks: list[asyncio.Task] = []
@@ -123,8 +125,9 @@ class RouterPeers:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._later is not None:
-            self._later.cancel()
+        for timer in (self._later, self._again):
+            if timer is not None:
+                timer.cancel()
         self.router.pull = None
         outbox = self.router.outbox
         if outbox is not None and (self._pulled is not None or self._dnc is not None):
@@ -257,7 +260,7 @@ class RouterPeers:
                 await asyncio.sleep(0.25)
                 continue
             self._announce()
-            asyncio.get_running_loop().call_later(self.heartbeat, self._announce)
+            self._again = asyncio.get_running_loop().call_later(self.heartbeat, self._announce)
 
     def _announce(self) -> None:
         outbox = self.router.outbox

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+log = logging.getLogger("dynvllm.runtime.nats_pull")
 MSG, PING, PONG, ERR = 0, 1, 2, 3
 _CRLF = b"\r\n"
 
@@ -107,6 +109,8 @@ class Pulled:
         self._frames = frames
         #: Messages that came with the handshake, before the server's answer to it.
         self._early = early
+        #: The server's last -ERR text.
+        self.error = ""
         self.closed = False
 
     @classmethod
@@ -218,15 +222,18 @@ class Pulled:
                 raise ConnectionError(str(exc)) from exc
             if not data:
                 self.close()
-                raise ConnectionError("NATS closed the connection")
+                raise ConnectionError(f"NATS closed the connection ({self.error or 'no reason given'})")
             for frame in frames.feed(data):
                 if frame[0] == MSG:
                     out.append((frame[1], frame[2]))
                 elif frame[0] == PING:
                     self._send(b"PONG\r\n")
                 elif frame[0] == ERR:
-                    self.close()
-                    raise ConnectionError(f"NATS error: {frame[1]}")
+                    # Some errors end the connection (the server closes it next: the recv says
+                    # so, with this text), some do not (a permissions violation): said once.
+                    if frame[1] != self.error:
+                        log.warning("NATS said: %s", frame[1])
+                    self.error = frame[1]
         return out
 
     def publish(self, subject: str, data: bytes) -> None:

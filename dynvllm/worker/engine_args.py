@@ -110,6 +110,18 @@ def use_start_method(settings: Settings) -> None:
     os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = start_method(settings.worker.engine_start_method, os.environ)
 
 
+def engine_start_args(
+    settings: Settings, model: str, overrides: dict[str, Any], kv_endpoint: str | None, kv_replay: str | None
+) -> Any:
+    """The arguments an engine about to start takes (agg, and headless ranks alike): parsed as
+    `vllm serve` parses them with the role's `overrides`, its KV events sent to the worker's
+    relay, and the engine core's start method set."""
+    args = parse_engine_args(settings, {"model": model, **overrides})
+    publish_kv_events(args, kv_endpoint, kv_replay)
+    use_start_method(settings)
+    return args
+
+
 def vllm_config(args: Any, headless: bool = False) -> Any:
     """The engine configuration `vllm serve` builds from the same arguments (`headless`: for
     engine ranks whose leader runs elsewhere).

@@ -53,21 +53,13 @@ class HeadlessRanks:
         from vllm.v1.executor import Executor
 
         from dynvllm.models.hub import resolve_model
-        from dynvllm.worker.engine_args import (
-            parse_engine_args,
-            publish_kv_events,
-            use_start_method,
-            vllm_config,
-        )
+        from dynvllm.worker.engine_args import engine_start_args, vllm_config
 
         eng = self.settings.engine
         assert eng.model
-        args = parse_engine_args(
-            self.settings,
-            {"model": resolve_model(eng.model, eng.revision), **self.role.engine_overrides(self.settings)},
-        )
-        publish_kv_events(args, kv_endpoint, kv_replay)
-        use_start_method(self.settings)
+        model = resolve_model(eng.model, eng.revision)
+        overrides = self.role.engine_overrides(self.settings)
+        args = engine_start_args(self.settings, model, overrides, kv_endpoint, kv_replay)
         cfg = vllm_config(args, headless=True)
         pc = cfg.parallel_config
         self.first_rank, self.count = pc.data_parallel_rank, pc.data_parallel_size_local

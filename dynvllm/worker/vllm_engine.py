@@ -155,20 +155,13 @@ class VllmEngine(Engine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from dynvllm.models.hub import resolve_model
-        from dynvllm.worker.engine_args import (
-            parse_engine_args,
-            publish_kv_events,
-            use_start_method,
-            vllm_config,
-        )
+        from dynvllm.worker.engine_args import engine_start_args, vllm_config
 
         eng = settings.engine
         assert eng.model
         self.local_model = resolve_model(eng.model, eng.revision)
         self._tokenizer = eng.tokenizer
-        args = parse_engine_args(settings, {"model": self.local_model, **overrides})
-        publish_kv_events(args, kv_endpoint, kv_replay)
-        use_start_method(settings)
+        args = engine_start_args(settings, self.local_model, overrides, kv_endpoint, kv_replay)
         if not args.served_model_name:
             args.served_model_name = [eng.served_model_name or eng.model]
         # Built as vLLM's OpenAI server builds its engine, so a user gets the engine `vllm serve` gives.

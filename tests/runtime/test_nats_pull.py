@@ -172,3 +172,30 @@ def test_auth_and_a_lost_server(tmp_path):
     finally:
         if s.proc.poll() is None:
             s.stop()
+
+
+def test_a_refused_publish_is_said_and_the_connection_lives_on(tmp_path):
+    config = (
+        'authorization { users = [ {user: a, password: b, permissions: {publish: {deny: ["d.no"]}}} ] }\n'
+    )
+    s = NatsServer(tmp_path, config=config)
+    try:
+
+        async def main() -> None:
+            pulled = await Pulled.open([f"nats://a:b@127.0.0.1:{s.port}"], "d.*")
+            try:
+                pulled.publish("d.no", b"refused")
+                pulled.publish("d.yes", b"taken")
+                await pulled.flush()
+                pub = await nats.connect(s.url, user="a", password="b")
+                await pub.publish("d.1", b"after")
+                await pub.flush()
+                assert await _read_until(pulled, 1) == [("d.1", b"after")]
+                assert "Permissions Violation" in pulled.error and not pulled.closed
+                await pub.close()
+            finally:
+                pulled.close()
+
+        asyncio.run(main())
+    finally:
+        s.stop()
