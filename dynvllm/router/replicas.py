@@ -18,7 +18,7 @@ A peer that says `bye`, or falls silent, has its requests taken out of the Load 
 predictions withdrawn.
 
 What sharing costs is mostly wake-ups and messages, not records: a batch that arrives by itself
-wakes its receiver's process, ~70 us of CPU, where applying a record costs ~6
+wakes its receiver's process, 50-100 us of CPU, where applying a record costs ~6
 (`scripts/bench_share_records.py`). Frontends therefore read their peers' batches on demand
 (`dynvllm.runtime.nats_pull`: when they route, and on a slow timer), which costs no wake-up; where
 they cannot (TLS), nats-py delivers each batch. Each message still costs its sender a socket write

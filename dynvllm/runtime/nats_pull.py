@@ -2,8 +2,9 @@
 its own; it publishes without a task of its own too.
 
 A message that arrives by itself costs its receiver a wake-up: on the 2-core VMs this project is
-tested on, ~70 us of CPU however little the client does with it (`nats-py` ~95-110 us, a bare
-asyncio protocol ~72-75 us, measured with one 150-byte message every 4 ms). Frontends that share
+tested on, 50-100 us of CPU however little the client does with it (`scripts/bench_nats_wakeup.py`,
+one 150-byte message every 4 ms: nats-py 82-99 us, a bare asyncio protocol 50-75 us, this
+connection read every 200 ms 9 us). Frontends that share
 their routing decisions receive every peer's batch, one a request of each peer: at 8 frontends
 that was ~8 wake-ups, ~0.6 ms of CPU, per request routed. Yet a frontend needs its peers'
 decisions only when it routes one of its own, and it is awake then anyway. So this connection's
