@@ -48,13 +48,9 @@ static PyObject *Holders_set_bit(Holders *h, PyObject *const *args, Py_ssize_t n
     }
     if (worker_of(args[0], &w) < 0)
         return NULL;
-    PyObject *seq = PySequence_Fast(args[1], "keys: a sequence of ints");
-    if (seq == NULL)
-        return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t n;
     Keys ks;
-    int rc = keys_load(&ks, PySequence_Fast_ITEMS(seq), n);
-    Py_DECREF(seq);
+    int rc = keys_take(&ks, args[1], &n);
     if (rc == 0 && (rc = reserve(h, n)) == 0) {
         for (Py_ssize_t i = 0; i < n; i++) {
             if (i + PREFETCH < n)

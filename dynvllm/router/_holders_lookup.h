@@ -88,13 +88,11 @@ nomem:
 
 /* stops(keys): [(mask, depth)] as `masks.walk` gives. */
 static PyObject *Holders_stops(Holders *h, PyObject *keys) {
-    PyObject *seq = PySequence_Fast(keys, "keys: a sequence of ints"), *out = NULL;
-    if (seq == NULL)
-        return NULL;
+    PyObject *out = NULL;
     Keys ks;
     Stops st;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    if (keys_load(&ks, PySequence_Fast_ITEMS(seq), n) == 0 && walk(h, ks.k, n, &st) == 0) {
+    Py_ssize_t n;
+    if (keys_take(&ks, keys, &n) == 0 && walk(h, ks.k, n, &st) == 0) {
         out = PyList_New(st.n);
         for (Py_ssize_t i = 0; out != NULL && i < st.n; i++) {
             PyObject *pair = Py_BuildValue("(Nn)", int_from_words(st.masks + i * st.width, st.width), st.depth[i]);
@@ -106,7 +104,6 @@ static PyObject *Holders_stops(Holders *h, PyObject *keys) {
         stops_free(&st);
     }
     keys_free(&ks);
-    Py_DECREF(seq);
     return out;
 }
 
@@ -238,13 +235,11 @@ static PyObject *Holders_lookup(Holders *h, PyObject *const *args, Py_ssize_t na
     }
     if (all_tables(args, 2, nargs, 2, "lookup(): a tier's table must be Holders") < 0)
         return NULL;
-    PyObject *seq = PySequence_Fast(args[0], "keys: a sequence of ints"), *out = NULL;
-    if (seq == NULL)
-        return NULL;
+    PyObject *out = NULL;
     Keys ks;
     Stops st;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    if (keys_load(&ks, PySequence_Fast_ITEMS(seq), n) == 0 && walk(h, ks.k, n, &st) == 0) {
+    Py_ssize_t n;
+    if (keys_take(&ks, args[0], &n) == 0 && walk(h, ks.k, n, &st) == 0) {
         PyObject *named = name_stops(&st, args[1]), *begin = named == NULL ? NULL
                                 : nargs == 2  ? PyDict_New() /* no tier: nobody goes on below */
                                               : goes_on(&st, ks.k, n, args + 2, nargs - 2);
@@ -254,7 +249,6 @@ static PyObject *Holders_lookup(Holders *h, PyObject *const *args, Py_ssize_t na
         stops_free(&st);
     }
     keys_free(&ks);
-    Py_DECREF(seq);
     return out;
 }
 
@@ -291,15 +285,12 @@ static PyObject *run(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssiz
     }
     if (all_tables(args, 3, nargs, 1, TABLES) < 0 || worker_of(args[0], &w) < 0 || worker_of(args[2], &d) < 0)
         return NULL;
-    PyObject *seq = PySequence_Fast(args[1], "keys: a sequence of ints"), *out = NULL;
-    if (seq == NULL)
-        return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject *out = NULL;
+    Py_ssize_t n;
     Keys ks;
-    if (keys_load(&ks, PySequence_Fast_ITEMS(seq), n) == 0)
+    if (keys_take(&ks, args[1], &n) == 0)
         out = PyLong_FromSsize_t(d < n ? run_of((Holders *const *)args + 3, nargs - 3, w, ks.k, d, n) : d);
     keys_free(&ks);
-    Py_DECREF(seq);
     return out;
 }
 

@@ -428,6 +428,19 @@ static void keys_free(Keys *ks) {
         PyMem_Free(ks->k);
 }
 
+/* The keys of a sequence as raw ints, into `ks` and their count into `n`; `keys_free` after,
+ * whatever it returns. */
+static int keys_take(Keys *ks, PyObject *keys, Py_ssize_t *n) {
+    ks->k = ks->buf;
+    PyObject *seq = PySequence_Fast(keys, "keys: a sequence of ints");
+    if (seq == NULL)
+        return -1;
+    *n = PySequence_Fast_GET_SIZE(seq);
+    int rc = keys_load(ks, PySequence_Fast_ITEMS(seq), *n);
+    Py_DECREF(seq);
+    return rc;
+}
+
 /* The values of keys k[0..n) up to the first absent key (returns how many): the slots fetched
  * PREFETCH ahead, then all their wide masks asked for at once, so a lookup's cache misses
  * overlap instead of queueing one behind another. */
