@@ -14,6 +14,7 @@ Subjects under the namespace:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -30,6 +31,12 @@ from dynvllm.runtime.nats_pull import Pulled, Unsupported
 from dynvllm.settings import RuntimeSettings
 
 log = logging.getLogger("dynvllm.frontend.peers")
+
+
+def _packed_size(obj: Any) -> int:
+    return len(msgpack.packb(obj))
+
+
 _NO_RESPONDERS = "503"
 #: Bytes of snapshot sent between flushes: the client's outgoing buffer stays well under its limit.
 _FLUSH_EVERY = 4 << 20
@@ -44,6 +51,7 @@ class RouterPeers:
         snapshot_timeout: float = 3.0,
         min_interval: float = 0.002,
         pull_interval: float = 0.2,
+        ping_interval: float = 5.0,
     ) -> None:
         """`nc`: the frontend's connection (KV events, snapshots); decisions get their own."""
         self.nc, self.rt, self.router = nc, rt, router
@@ -56,6 +64,9 @@ class RouterPeers:
         #: Seconds between reads of the peers' decisions while this frontend routes none (a
         #: routing decision reads them first): a slow timer keeps the buffers short.
         self.pull_interval = pull_interval
+        #: Seconds between pings of the on-demand connection (3 unanswered: reconnect), as the
+        #: frontend's nats-py connections ping.
+        self.ping_interval = ping_interval
         self._dnc: Any = None
         #: The decisions' subscription read on demand (None: nats-py delivers them).
         self._pulled: Pulled | None = None
@@ -140,6 +151,10 @@ class RouterPeers:
             except Exception as exc:  # peers then notice the silence instead
                 log.debug("goodbye to the peer frontends not sent: %s", exc)
         if self._pulled is not None:
+            # What is unread is read first: a socket closed with bytes unread is reset, which
+            # could overtake the goodbye on its way.
+            with contextlib.suppress(ConnectionError):
+                self._pulled.read()
             self._pulled.close()
         for sub in self._subs:
             try:
@@ -179,12 +194,21 @@ class RouterPeers:
                 self._later.cancel()
                 self._later = None
             last = time.monotonic()
-            try:
-                await self._send(msgpack.packb(batch))
-            except Exception as exc:  # disconnected: the next heartbeat tells peers what is open
-                log.debug("decision batch not sent: %s", exc)
+            data = msgpack.packb(batch)
+            limit = self._pulled.max_payload if self._pulled is not None else self._dnc.max_payload
+            if len(data) > limit:  # many requests in flight announced at once
+                parts = [msgpack.packb(b) for b in outbox.split(batch, limit, _packed_size)]
+            else:
+                parts = [data]
+            for part in parts:
+                try:
+                    await self._send(part)
+                except Exception as exc:  # disconnected: peers see a gap and are sent all again
+                    log.debug("decision batch not sent: %s", exc)
+                    break
 
     async def _send(self, data: bytes) -> None:
+        """Publish one encoded batch (over the on-demand connection where there is one)."""
         if self._pulled is not None:
             self._pulled.publish(self._own, data)
         else:
@@ -214,10 +238,14 @@ class RouterPeers:
             return None
 
     async def _connect_pull(self) -> Pulled:
+        """Over the configured servers, then those of their cluster the last connection heard of."""
         rt = self.rt
         assert rt.nats_url
+        urls = [u.strip() for u in rt.nats_url.split(",")]
+        if self._pulled is not None:
+            urls += [f"nats://{u}" for u in self._pulled.cluster if f"nats://{u}" not in urls]
         return await Pulled.open(
-            rt.nats_url.split(","),
+            urls,
             self._decisions + ".*",
             name="dynvllm-frontend-peers",
             token=rt.nats_token.get_secret_value() if rt.nats_token else None,
@@ -242,11 +270,22 @@ class RouterPeers:
                     self._apply(subject, data, now)
 
     async def _pull_loop(self) -> None:
+        pinged = time.monotonic()
         while True:
             await asyncio.sleep(self.pull_interval)
             pulled = self._pulled
             if pulled is None or not pulled.closed:
                 self.pull()
+                if (
+                    pulled is not None
+                    and not pulled.closed
+                    and time.monotonic() - pinged >= self.ping_interval
+                ):
+                    pinged = time.monotonic()
+                    try:  # a server gone without closing the connection answers no pings
+                        pulled.ping()
+                    except ConnectionError as exc:
+                        log.info("peer decisions: %s; reconnecting", exc)
                 continue
             # Lost (a NATS restart): what was published meanwhile is lost both ways. Peers' ends
             # of requests are mended by their heartbeats' lists of open ones, their starts by
@@ -260,6 +299,8 @@ class RouterPeers:
                 await asyncio.sleep(0.25)
                 continue
             self._announce()
+            if self._again is not None:
+                self._again.cancel()
             self._again = asyncio.get_running_loop().call_later(self.heartbeat, self._announce)
 
     def _announce(self) -> None:

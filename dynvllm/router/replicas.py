@@ -196,11 +196,15 @@ class Outbox:
             self._woken = False
             self._release()
         elif joined:
+            # A greeting not yet sent carries every request in flight already (several peers
+            # joining or showing gaps at once must not copy them several times into one batch).
+            again = not self._greet
             self._greet = self._woken = True
             self.wake()
-            blocks = self._blocks
-            for ticket, (worker, rank, keys) in self.open.items():
-                self._add([STARTED, ticket, worker, rank, blocks[ticket], keys])
+            if again:
+                blocks = self._blocks
+                for ticket, (worker, rank, keys) in self.open.items():
+                    self._add([STARTED, ticket, worker, rank, blocks[ticket], keys])
 
     def match(self, worker: str, rank: int, keys: Sequence[int]) -> int:
         """The ticket of a request in flight like this one (for callers that kept no ticket)."""
@@ -218,6 +222,32 @@ class Outbox:
         records, self.records, self._woken = self.records, [], False
         self._release()
         return [self.replica, self.seq, records, list(self.open) if heartbeat else None, bye]
+
+    def split(self, batch: list, limit: int, size: Callable[[Any], int]) -> list[list]:
+        """`batch` (the last from `batch()`) as batches whose encoding (`size`) stays under
+        `limit` bytes, numbered on from its sequence number, the open list and goodbye with the
+        last: a NATS server refuses a message over its max_payload and closes the connection.
+        A record over the limit by itself cannot go and is left out."""
+        replica, seq, records, open_, bye = batch
+        room = limit - size([replica, seq, [], None, False]) - 16
+        parts: list[list] = [[]]
+        used = 0
+        for record in records:
+            n = size(record)
+            if n > room:
+                continue
+            if used + n > room:
+                parts.append([])
+                used = 0
+            parts[-1].append(record)
+            used += n
+        tail = size([replica, seq, [], open_, bye])
+        if used + tail > limit - 16:
+            parts.append([])
+        self.seq = seq + len(parts) - 1
+        out = [[replica, seq + i, part, None, False] for i, part in enumerate(parts)]
+        out[-1][3:] = [open_, bye]
+        return out
 
     def _release(self) -> None:
         releases, self._releases = self._releases, []

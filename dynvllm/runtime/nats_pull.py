@@ -31,7 +31,9 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 log = logging.getLogger("dynvllm.runtime.nats_pull")
-MSG, PING, PONG, ERR = 0, 1, 2, 3
+MSG, PING, PONG, ERR, INFO = 0, 1, 2, 3, 4
+#: Published bytes the socket has not taken past which the server counts as gone.
+OUT_LIMIT = 8 << 20
 _CRLF = b"\r\n"
 
 
@@ -41,7 +43,8 @@ class Unsupported(Exception):
 
 class Frames:
     """Server-to-client frames from a byte stream fed in pieces: `(MSG, subject, payload)`,
-    `(PING,)`, `(PONG,)` and `(ERR, text)`; INFO and +OK are consumed silently."""
+    `(PING,)`, `(PONG,)`, `(ERR, text)` and `(INFO, json text)`; +OK is consumed silently.
+    Raises ValueError on a malformed message line."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
@@ -58,6 +61,8 @@ class Frames:
             if buf.startswith(b"MSG ", i) or buf.startswith(b"HMSG ", i):
                 # MSG subject sid [reply] size | HMSG subject sid [reply] header-size total-size
                 parts = bytes(buf[i:j]).split()
+                if len(parts) < 4:
+                    raise ValueError(f"malformed message line: {bytes(buf[i:j])[:80]!r}")
                 size, header = int(parts[-1]), int(parts[-2]) if parts[0] == b"HMSG" else 0
                 end = j + 2 + size
                 if end + 2 > n:
@@ -71,6 +76,8 @@ class Frames:
                 out.append((PONG,))
             elif buf.startswith(b"-ERR", i):
                 out.append((ERR, bytes(buf[i + 4 : j]).decode(errors="replace").strip().strip("'")))
+            elif buf.startswith(b"INFO ", i):
+                out.append((INFO, bytes(buf[i + 5 : j]).decode(errors="replace")))
             i = j + 2
         del buf[:i]
         return out
@@ -86,23 +93,35 @@ class Server:
 
     @classmethod
     def parse(cls, url: str) -> Server:
+        """`tls` also for websocket URLs: neither is spoken here."""
         parts = urlsplit(url if "://" in url else "nats://" + url)
         return cls(
             parts.hostname or "127.0.0.1",
             parts.port or 4222,
             parts.username,
             parts.password,
-            parts.scheme in ("tls", "wss"),
+            parts.scheme in ("tls", "ws", "wss"),
         )
 
 
 class Pulled:
     """One subscription on a connection of its own; `read()` returns the messages received so far
-    as (subject, payload), answering the server's pings on the way. Raises `ConnectionError`
-    once the connection is lost (open another)."""
+    as (subject, payload), answering the server's pings on the way; `ping()`, called now and then,
+    finds a server that vanished without closing the connection. Raises `ConnectionError` once
+    the connection is lost (open another)."""
 
-    def __init__(self, sock: socket.socket, subject: str, frames: Frames, early: list[tuple]) -> None:
+    #: Pings unanswered after which the server counts as gone (as nats-py's default).
+    max_outstanding_pings = 3
+
+    def __init__(
+        self, sock: socket.socket, subject: str, frames: Frames, early: list[tuple], info: dict
+    ) -> None:
         self.sock, self.subject = sock, subject
+        #: The largest message the server takes (it closes the connection of one that sends more).
+        self.max_payload = int(info.get("max_payload") or 1 << 20)
+        #: The cluster's other servers, as the server announces them ("host:port").
+        self.cluster: list[str] = list(info.get("connect_urls") or ())
+        self._pings = 0
         self._loop = asyncio.get_running_loop()
         #: Bytes published that the socket has not taken yet (sent when it is writable).
         self._out = bytearray()
@@ -131,12 +150,12 @@ class Pulled:
         for url in urls:
             server = Server.parse(url.strip())
             if server.tls:
-                raise Unsupported(f"{url}: TLS")
+                raise Unsupported(f"{url}: TLS or websocket")
             try:
                 return await asyncio.wait_for(
                     cls._open(server, subject, name, token, user, password), timeout
                 )
-            except (OSError, TimeoutError, ConnectionError) as exc:
+            except (OSError, TimeoutError, ConnectionError, ValueError) as exc:
                 errors.append(f"{url}: {type(exc).__name__}: {exc}")
         raise ConnectionError("; ".join(errors) or "no NATS server given")
 
@@ -158,6 +177,7 @@ class Pulled:
         try:
             await loop.sock_connect(sock, address)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             buf = b""
             while _CRLF not in buf:
                 chunk = await loop.sock_recv(sock, 4096)
@@ -181,11 +201,16 @@ class Pulled:
                 "no_responders": True,
                 "echo": False,
             }
-            user, password = user or server.user, password or server.password
-            if token or (user and not password):
-                connect["auth_token"] = token or user
+            # As nats-py: the settings' token or user (an empty password allowed), else the
+            # URL's `user:password@` or `token@`.
+            if token:
+                connect["auth_token"] = token
             elif user:
-                connect["user"], connect["pass"] = user, password
+                connect["user"], connect["pass"] = user, password or ""
+            elif server.user and server.password is not None:
+                connect["user"], connect["pass"] = server.user, server.password
+            elif server.user:
+                connect["auth_token"] = server.user
             hello = f"CONNECT {json.dumps(connect)}\r\nSUB {subject} 1\r\nPING\r\n".encode()
             await loop.sock_sendall(sock, hello)
             # The PONG to our PING says CONNECT and SUB were taken; messages may come before it.
@@ -200,7 +225,7 @@ class Pulled:
                         early.append((frame[1], frame[2]))
                     answered = answered or frame[0] == PONG
                 if answered:
-                    return cls(sock, subject, frames, early)
+                    return cls(sock, subject, frames, early, info)
                 data = await loop.sock_recv(sock, 65536)
                 if not data:
                     raise ConnectionError("closed during the handshake")
@@ -224,11 +249,20 @@ class Pulled:
             if not data:
                 self.close()
                 raise ConnectionError(f"NATS closed the connection ({self.error or 'no reason given'})")
-            for frame in frames.feed(data):
+            try:
+                got = frames.feed(data)
+            except ValueError as exc:
+                self.close()
+                raise ConnectionError(f"NATS stream unreadable: {exc}") from exc
+            for frame in got:
                 if frame[0] == MSG:
                     out.append((frame[1], frame[2]))
                 elif frame[0] == PING:
                     self._send(b"PONG\r\n")
+                elif frame[0] == PONG:
+                    self._pings = 0
+                elif frame[0] == INFO:
+                    self._learn(frame[1])
                 elif frame[0] == ERR:
                     # Some errors end the connection (the server closes it next: the recv says
                     # so, with this text), some do not (a permissions violation): said once.
@@ -237,9 +271,30 @@ class Pulled:
                     self.error = frame[1]
         return out
 
-    def publish(self, subject: str, data: bytes) -> None:
+    def _learn(self, text: str) -> None:
+        try:
+            self.cluster = list(json.loads(text).get("connect_urls") or self.cluster)
+        except ValueError:
+            pass
+
+    def ping(self) -> None:
+        """Ask for a PONG (`read()` takes it); with `max_outstanding_pings` unanswered, the
+        server is gone though the connection stands (a host lost without closing it): closed."""
         if self.closed:
             raise ConnectionError("pulled connection closed")
+        if self._pings >= self.max_outstanding_pings:
+            self.close()
+            raise ConnectionError(f"NATS answered none of {self._pings} pings")
+        self._pings += 1
+        self._send(b"PING\r\n")
+
+    def publish(self, subject: str, data: bytes) -> None:
+        """Raises ValueError for a message over the server's max_payload (as nats-py does: the
+        server would close the connection), ConnectionError once the connection is lost."""
+        if self.closed:
+            raise ConnectionError("pulled connection closed")
+        if len(data) > self.max_payload:
+            raise ValueError(f"{len(data)} bytes: over the server's max_payload of {self.max_payload}")
         self._send(b"PUB %s %d\r\n%s\r\n" % (subject.encode(), len(data), data))
 
     async def flush(self, timeout: float = 1.0) -> None:
@@ -251,6 +306,8 @@ class Pulled:
     def _send(self, data: bytes) -> None:
         if self._out:  # behind earlier bytes, in order
             self._out += data
+            if len(self._out) > OUT_LIMIT:  # the server takes nothing: as good as gone
+                self.close()
             return
         try:
             sent = self.sock.send(data)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 
 from dynvllm.frontend.peers import RouterPeers
@@ -105,8 +106,9 @@ def test_peer_decisions_are_taken_in_when_a_frontend_routes_not_when_they_arrive
 
 
 def test_peers_share_again_after_a_nats_restart(tmp_path):
-    """The on-demand connection is lost with the server and made again by its timer; records
-    published meanwhile are lost, the heartbeats' open lists mend the count."""
+    """The on-demand connection is lost with the server and made again by its timer; a record
+    published meanwhile is lost, and sent again: by its frontend once reconnected, and to a peer
+    that shows it a gap in its sequence."""
     from tests.helpers import free_port
 
     port = free_port()
@@ -144,3 +146,54 @@ def test_peers_share_again_after_a_nats_restart(tmp_path):
         asyncio.run(main())
     finally:
         server.stop()
+
+
+def test_many_requests_announced_at_once_go_in_parts_under_the_servers_max_payload(tmp_path):
+    """A frontend with many requests in flight greets a newcomer with all of them: more than
+    the server takes in one message, which would cost the connection (and again at each retry)."""
+    from tests.helpers import free_port
+
+    conf = tmp_path / "nats.conf"
+    conf.write_text("max_payload: 4096\n")
+    port = free_port()
+    proc = subprocess.Popen(
+        [natsrt.nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-c", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    async def main() -> None:
+        url = f"nats://127.0.0.1:{port}"
+        nc_a = nc_b = None
+        for _ in range(100):
+            try:
+                nc_a = await natsrt.connect(RuntimeSettings(nats_url=url), give_up_after=0.2)
+                break
+            except natsrt.NatsUnavailable:
+                await asyncio.sleep(0.05)
+        assert nc_a is not None
+        rt = RuntimeSettings(nats_url=url, namespace=NS + "big", heartbeat_interval=0.1, lease_ttl=5.0)
+        nc_b = await natsrt.connect(rt)
+        a, b = Router(RouterSettings(router="kv")), Router(RouterSettings(router="kv"))
+        peers_a, peers_b = RouterPeers(nc_a, rt, a), RouterPeers(nc_b, rt, b)
+        try:
+            await peers_a.start(share=True)
+            for i in range(100):  # alone: nothing published per request yet
+                pick = a.choose(["w1", "w2"], list(range(1000 * i, 1000 * i + 320)), 32)
+                a.started(pick.worker, 10.0, pick.rank, pick.keys)
+            first = peers_a._pulled
+            await peers_b.start(share=True)
+            await _until(lambda: sum(b.inflight.values()) == 100, timeout=5)
+            assert dict(b.inflight) == dict(a.inflight)
+            assert peers_a._pulled is first and first is not None and not first.closed
+        finally:
+            await peers_a.stop()
+            await peers_b.stop()
+            await nc_a.close()
+            await nc_b.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        proc.terminate()
+        proc.wait(5)

@@ -384,3 +384,49 @@ def test_a_record_lingers_only_while_a_start_is_likely_to_take_it_along():
     box.peers = 7
     box.finished(tickets[3])
     assert woken == ["now", "later"]
+
+
+def test_peers_joining_at_once_get_each_request_in_flight_once():
+    a, _ = _pair()
+    for i in range(10):
+        _route(a, ["w1"], list(range(100 * i, 100 * i + 64)))
+    assert a.outbox is not None
+    a.outbox.batch()
+    for peers in (2, 3, 4):  # three peers join (or show gaps) before the next batch goes
+        a.outbox.peers_changed(peers, joined=True)
+    batch = a.outbox.batch()
+    assert batch is not None
+    tickets = [r[1] for r in batch[2]]
+    assert sorted(tickets) == sorted(a.outbox.open) and len(tickets) == 10
+
+
+def test_a_batch_over_the_limit_goes_as_numbered_parts_that_peers_apply_alike():
+    import msgpack
+
+    a, b = _pair()
+    c = Router(RouterSettings(router="kv"))
+    c.share("c", lambda: None, silence=2.0)
+    assert a.outbox is not None and b.peers is not None and c.peers is not None
+    hello = a.outbox.batch(heartbeat=True)  # c hears of a as b does
+    b.peers.apply(hello, 0.0)
+    c.peers.apply(hello, 0.0)
+    for i in range(40):
+        _route(a, ["w1", "w2"], [7] * 5 + list(range(1000 * i, 1000 * i + 600)))
+    batch = a.outbox.batch(heartbeat=True)
+    assert batch is not None
+    whole = len(msgpack.packb(batch))
+    parts = a.outbox.split(batch, whole // 5, lambda x: len(msgpack.packb(x)))
+    assert len(parts) >= 5 and all(len(msgpack.packb(p)) <= whole // 5 for p in parts)
+    assert [p[1] for p in parts] == list(range(batch[1], batch[1] + len(parts)))
+    assert [r for p in parts for r in p[2]] == batch[2]  # every record, in order
+    assert [p[3:] for p in parts] == [[None, False]] * (len(parts) - 1) + [batch[3:]]
+    for p in parts:
+        b.peers.apply(p, 0.0)
+    c.peers.apply(batch, 0.0)
+    assert b.peers.gaps == 0 and dict(b.inflight) == dict(c.inflight) and sum(b.inflight.values()) == 40
+    assert dict(b.load.active_blocks) == dict(c.load.active_blocks)
+    nxt = a.outbox.batch(heartbeat=True)  # numbering goes on after the parts
+    assert nxt is not None and nxt[1] == parts[-1][1] + 1
+    # A record that alone is over the limit cannot go; the rest do.
+    small = a.outbox.split(batch, 2000, lambda x: len(msgpack.packb(x)))
+    assert all(r not in [q for p in small for q in p[2]] for r in batch[2] if len(msgpack.packb(r)) > 1980)

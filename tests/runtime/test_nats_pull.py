@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -12,7 +14,7 @@ import nats
 import pytest
 
 from dynvllm.runtime.nats import nats_server_binary
-from dynvllm.runtime.nats_pull import ERR, MSG, PING, PONG, Frames, Pulled, Server
+from dynvllm.runtime.nats_pull import ERR, INFO, MSG, PING, PONG, Frames, Pulled, Server
 from tests.helpers import free_port
 
 STREAM = (
@@ -25,7 +27,8 @@ STREAM = (
     b"PONG\r\n"
     b"-ERR 'Stale Connection'\r\n"
 )
-WANT = [(MSG, "a.b", b"PING\r\n"), (PING,), (MSG, "a.c", b"hello"), (MSG, "a.d", b""), (PONG,)]
+WANT = [(INFO, '{"server_id":"x","max_payload":1048576}'), (MSG, "a.b", b"PING\r\n"), (PING,)]
+WANT += [(MSG, "a.c", b"hello"), (MSG, "a.d", b""), (PONG,)]
 WANT.append((ERR, "Stale Connection"))
 
 
@@ -38,10 +41,15 @@ def test_frames_from_a_stream_cut_anywhere():
     assert [f for b in range(len(STREAM)) for f in frames.feed(STREAM[b : b + 1])] == WANT
 
 
+def test_a_malformed_message_line_is_an_error():
+    with pytest.raises(ValueError, match="malformed"):
+        Frames().feed(b"MSG a.b\r\nxx\r\n")
+
+
 def test_server_urls():
     assert Server.parse("nats://u:p@h:4223") == Server("h", 4223, "u", "p", False)
     assert Server.parse("h2") == Server("h2", 4222)
-    assert Server.parse("tls://h:1").tls
+    assert Server.parse("tls://h:1").tls and Server.parse("ws://h:1").tls
 
 
 class NatsServer:
@@ -155,7 +163,7 @@ def test_auth_and_a_lost_server(tmp_path):
         async def main() -> None:
             with pytest.raises(ConnectionError, match="Authorization Violation"):
                 await Pulled.open([s.url], "d.*", token="wrong")
-            with pytest.raises(ConnectionError):  # the first server is down, so is the second
+            with pytest.raises(ConnectionError):  # no server listens there
                 await Pulled.open([f"nats://127.0.0.1:{free_port()}"], "d.*", token="s3cret")
             pulled = await Pulled.open([f"nats://127.0.0.1:{free_port()}", s.url], "d.*", token="s3cret")
             pub = await nats.connect(s.url, token="s3cret")
@@ -182,6 +190,10 @@ def test_a_refused_publish_is_said_and_the_connection_lives_on(tmp_path):
     try:
 
         async def main() -> None:
+            # The settings' user and password, or the URL's.
+            with pytest.raises(ConnectionError, match="Authorization Violation"):
+                await Pulled.open([s.url], "d.*", user="a", password="wrong")
+            (await Pulled.open([s.url], "d.*", user="a", password="b")).close()
             pulled = await Pulled.open([f"nats://a:b@127.0.0.1:{s.port}"], "d.*")
             try:
                 pulled.publish("d.no", b"refused")
@@ -193,6 +205,59 @@ def test_a_refused_publish_is_said_and_the_connection_lives_on(tmp_path):
                 assert await _read_until(pulled, 1) == [("d.1", b"after")]
                 assert "Permissions Violation" in pulled.error and not pulled.closed
                 await pub.close()
+            finally:
+                pulled.close()
+
+        asyncio.run(main())
+    finally:
+        s.stop()
+
+
+def test_a_message_over_max_payload_is_refused_here_and_the_connection_lives_on(tmp_path):
+    s = NatsServer(tmp_path, config="max_payload: 4096\n")
+    try:
+
+        async def main() -> None:
+            pulled = await Pulled.open([s.url], "d.*")
+            try:
+                assert pulled.max_payload == 4096
+                with pytest.raises(ValueError, match="max_payload"):
+                    pulled.publish("d.big", b"x" * 5000)
+                pub = await nats.connect(s.url)
+                await pub.publish("d.1", b"y" * 4096)
+                await pub.flush()
+                assert await _read_until(pulled, 1) == [("d.1", b"y" * 4096)]
+                await pub.close()
+            finally:
+                pulled.close()
+
+        asyncio.run(main())
+    finally:
+        s.stop()
+
+
+def test_pings_answered_keep_it_and_a_server_that_stops_answering_is_given_up(tmp_path):
+    s = NatsServer(tmp_path)
+    try:
+
+        async def main() -> None:
+            pulled = await Pulled.open([s.url], "d.*")
+            try:
+                for _ in range(6):  # answered: the count starts again each time
+                    pulled.ping()
+                    await asyncio.sleep(0.05)
+                    pulled.read()
+                os.kill(s.proc.pid, signal.SIGSTOP)  # the connection stands, nothing answers
+                try:
+                    for _ in range(3):
+                        pulled.ping()
+                        await asyncio.sleep(0.05)
+                        assert pulled.read() == []
+                    with pytest.raises(ConnectionError, match="none of 3 pings"):
+                        pulled.ping()
+                    assert pulled.closed
+                finally:
+                    os.kill(s.proc.pid, signal.SIGCONT)
             finally:
                 pulled.close()
 
