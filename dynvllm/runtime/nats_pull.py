@@ -277,6 +277,11 @@ class Pulled:
         except ValueError:
             pass
 
+    @property
+    def unanswered(self) -> int:
+        """Pings sent since the last PONG read."""
+        return self._pings
+
     def ping(self) -> None:
         """Ask for a PONG (`read()` takes it); with `max_outstanding_pings` unanswered, the
         server is gone though the connection stands (a host lost without closing it): closed."""

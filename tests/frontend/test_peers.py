@@ -85,16 +85,19 @@ def test_peer_decisions_are_taken_in_when_a_frontend_routes_not_when_they_arrive
             await _until(lambda: a.peers is not None and len(a.peers) == 1)  # b's hello, read by a's timer
             await asyncio.sleep(0.3)
             assert b.peers is not None and len(b.peers) == 0  # a's hello waits in b's socket
-            b.choose(["w1", "w2"], list(range(1000, 1064)), 32)
-            assert len(b.peers) == 1
+            peers = b.peers
+            await _until(lambda: b.choose(["w1", "w2"], list(range(1000, 1064)), 32) and len(peers) == 1)
 
             prompt = list(range(320))
             pick = a.choose(["w1", "w2"], prompt, 32)
             a.started(pick.worker, 10.0, pick.rank, pick.keys)
             await asyncio.sleep(0.3)  # published, delivered, and not applied
             assert b.inflight.get(pick.worker, 0) == 0
-            b.choose(["w1", "w2"], list(range(2000, 2064)), 32)
-            assert b.inflight.get(pick.worker, 0) == 1
+            await _until(
+                lambda: (
+                    b.choose(["w1", "w2"], list(range(2000, 2064)), 32) and b.inflight.get(pick.worker) == 1
+                )
+            )
             assert b.load.active_blocks[pick.worker] == 10
         finally:
             await peers_a.stop()
@@ -127,8 +130,8 @@ def test_peers_share_again_after_a_nats_restart(tmp_path):
             await _until(lambda: a.peers is not None and len(a.peers) == 1 and len(b.peers or ()) == 1)
             first = peers_b._pulled
             server.stop()
-            await asyncio.sleep(0.3)
-            assert first is not None and first.closed
+            assert first is not None
+            await _until(lambda: first.closed, timeout=5)
             pick = a.choose(["w1", "w2"], list(range(320)), 32)
             a.started(pick.worker, 10.0, pick.rank, pick.keys)  # its record is lost: no server
             server = natsrt.EmbeddedNats(port=port, store_dir=str(tmp_path / "js"))

@@ -78,7 +78,7 @@ class NatsServer:
 
 @pytest.fixture
 def server(tmp_path):
-    s = NatsServer(tmp_path, config='ping_interval: "100ms"\nping_max: 2\n')
+    s = NatsServer(tmp_path, config='ping_interval: "200ms"\nping_max: 2\n')
     yield s
     s.stop()
 
@@ -148,7 +148,7 @@ def test_a_subscription_never_read_is_dropped_by_the_server_and_says_so(server):
 
     async def main() -> None:
         pulled = await Pulled.open([server.url], "d.*")
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(1.5)
         with pytest.raises(ConnectionError, match=r"Stale Connection|closed"):
             pulled.read()
         assert pulled.closed
@@ -242,13 +242,22 @@ def test_pings_answered_keep_it_and_a_server_that_stops_answering_is_given_up(tm
 
         async def main() -> None:
             pulled = await Pulled.open([s.url], "d.*")
+
+            async def answered() -> None:
+                deadline = time.monotonic() + 10
+                while pulled.unanswered:
+                    assert time.monotonic() < deadline, "no PONG"
+                    await asyncio.sleep(0.01)
+                    pulled.read()
+
             try:
                 for _ in range(6):  # answered: the count starts again each time
                     pulled.ping()
-                    await asyncio.sleep(0.05)
-                    pulled.read()
+                    assert pulled.unanswered == 1
+                    await answered()
                 os.kill(s.proc.pid, signal.SIGSTOP)  # the connection stands, nothing answers
                 try:
+                    await asyncio.sleep(0.1)
                     for _ in range(3):
                         pulled.ping()
                         await asyncio.sleep(0.05)
