@@ -44,6 +44,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class NatsServer:
+    """A nats-server with the options a test gives (`args`, a `config` file's text), on a free
+    port, listening once made (`EmbeddedNats` is the service's own, with JetStream)."""
+
+    def __init__(self, tmp_path: Path, *args: str, config: str = "") -> None:
+        from dynvllm.runtime.nats import nats_server_binary
+
+        self.port = free_port()
+        cmd = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), *args]
+        if config:
+            path = tmp_path / f"nats-{self.port}.conf"
+            path.write_text(config)
+            cmd += ["-c", str(path)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"nats://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "nats-server did not start"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(5)
+
+
 def _ephemeral_low() -> int:
     try:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])

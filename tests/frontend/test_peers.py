@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 
 from dynvllm.frontend.peers import RouterPeers
@@ -13,6 +12,7 @@ from dynvllm.runtime import nats as natsrt
 from dynvllm.runtime.events import EventBus
 from dynvllm.runtime.kv_topic import KV_EVENTS, KvEventBatch
 from dynvllm.settings import RouterSettings, RuntimeSettings
+from tests.helpers import NatsServer, free_port
 
 NS = "peers"
 
@@ -112,8 +112,6 @@ def test_peers_share_again_after_a_nats_restart(tmp_path):
     """The on-demand connection is lost with the server and made again by its timer; a record
     published meanwhile is lost, and sent again: by its frontend once reconnected, and to a peer
     that shows it a gap in its sequence."""
-    from tests.helpers import free_port
-
     port = free_port()
     server = natsrt.EmbeddedNats(port=port, store_dir=str(tmp_path / "js"))
     server.start()
@@ -154,29 +152,11 @@ def test_peers_share_again_after_a_nats_restart(tmp_path):
 def test_many_requests_announced_at_once_go_in_parts_under_the_servers_max_payload(tmp_path):
     """A frontend with many requests in flight greets a newcomer with all of them: more than
     the server takes in one message, which would cost the connection (and again at each retry)."""
-    from tests.helpers import free_port
-
-    conf = tmp_path / "nats.conf"
-    conf.write_text("max_payload: 4096\n")
-    port = free_port()
-    proc = subprocess.Popen(
-        [natsrt.nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-c", str(conf)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = NatsServer(tmp_path, config="max_payload: 4096\n")
 
     async def main() -> None:
-        url = f"nats://127.0.0.1:{port}"
-        nc_a = nc_b = None
-        for _ in range(100):
-            try:
-                nc_a = await natsrt.connect(RuntimeSettings(nats_url=url), give_up_after=0.2)
-                break
-            except natsrt.NatsUnavailable:
-                await asyncio.sleep(0.05)
-        assert nc_a is not None
-        rt = RuntimeSettings(nats_url=url, namespace=NS + "big", heartbeat_interval=0.1, lease_ttl=5.0)
-        nc_b = await natsrt.connect(rt)
+        rt = RuntimeSettings(nats_url=server.url, namespace=NS + "big", heartbeat_interval=0.1, lease_ttl=5.0)
+        nc_a, nc_b = [await natsrt.connect(rt) for _ in range(2)]
         a, b = Router(RouterSettings(router="kv")), Router(RouterSettings(router="kv"))
         peers_a, peers_b = RouterPeers(nc_a, rt, a), RouterPeers(nc_b, rt, b)
         try:
@@ -198,5 +178,4 @@ def test_many_requests_announced_at_once_go_in_parts_under_the_servers_max_paylo
     try:
         asyncio.run(main())
     finally:
-        proc.terminate()
-        proc.wait(5)
+        server.stop()

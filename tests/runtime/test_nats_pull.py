@@ -6,16 +6,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
-import subprocess
 import time
 
 import nats
 import pytest
 
-from dynvllm.runtime.nats import nats_server_binary
 from dynvllm.runtime.nats_pull import ERR, INFO, MSG, PING, PONG, Frames, Pulled, Server
-from tests.helpers import free_port
+from tests.helpers import NatsServer, free_port
 
 STREAM = (
     b'INFO {"server_id":"x","max_payload":1048576}\r\n'
@@ -50,30 +47,6 @@ def test_server_urls():
     assert Server.parse("nats://u:p@h:4223") == Server("h", 4223, "u", "p", False)
     assert Server.parse("h2") == Server("h2", 4222)
     assert Server.parse("tls://h:1").tls and Server.parse("ws://h:1").tls
-
-
-class NatsServer:
-    def __init__(self, tmp_path, *args: str, config: str = "") -> None:
-        self.port = free_port()
-        cmd = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), *args]
-        if config:
-            path = tmp_path / f"nats-{self.port}.conf"
-            path.write_text(config)
-            cmd += ["-c", str(path)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.url = f"nats://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "nats-server did not start"
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(5)
 
 
 @pytest.fixture
