@@ -31,15 +31,13 @@ from dynvllm.runtime.nats_pull import Pulled, Unsupported
 from dynvllm.settings import RuntimeSettings
 
 log = logging.getLogger("dynvllm.frontend.peers")
+_NO_RESPONDERS = "503"
+#: Bytes of snapshot sent between flushes: the client's outgoing buffer stays well under its limit.
+_FLUSH_EVERY = 4 << 20
 
 
 def _packed_size(obj: Any) -> int:
     return len(msgpack.packb(obj))
-
-
-_NO_RESPONDERS = "503"
-#: Bytes of snapshot sent between flushes: the client's outgoing buffer stays well under its limit.
-_FLUSH_EVERY = 4 << 20
 
 
 class RouterPeers:
@@ -274,34 +272,34 @@ class RouterPeers:
         while True:
             await asyncio.sleep(self.pull_interval)
             pulled = self._pulled
-            if pulled is None or not pulled.closed:
-                self.pull()
-                if (
-                    pulled is not None
-                    and not pulled.closed
-                    and time.monotonic() - pinged >= self.ping_interval
-                ):
-                    pinged = time.monotonic()
-                    try:  # a server gone without closing the connection answers no pings
-                        pulled.ping()
-                    except ConnectionError as exc:
-                        log.info("peer decisions: %s; reconnecting", exc)
+            assert pulled is not None
+            if pulled.closed:
+                await self._reconnect()
                 continue
-            # Lost (a NATS restart): what was published meanwhile is lost both ways. Peers' ends
-            # of requests are mended by their heartbeats' lists of open ones, their starts by
-            # the gap our next batch shows them (they send theirs again: `Peers.apply`). Ours are
-            # announced again now, as to a peer that just joined (peers skip those they know),
-            # and once more a heartbeat later for peers that reconnect after us.
-            try:
-                self._pulled = await self._connect_pull()
-            except (ConnectionError, Unsupported) as exc:
-                log.debug("peer decisions: reconnecting failed (%s)", exc)
-                await asyncio.sleep(0.25)
-                continue
-            self._announce()
-            if self._again is not None:
-                self._again.cancel()
-            self._again = asyncio.get_running_loop().call_later(self.heartbeat, self._announce)
+            self.pull()
+            if not pulled.closed and time.monotonic() - pinged >= self.ping_interval:
+                pinged = time.monotonic()
+                try:  # a server gone without closing the connection answers no pings
+                    pulled.ping()
+                except ConnectionError as exc:
+                    log.info("peer decisions: %s; reconnecting", exc)
+
+    async def _reconnect(self) -> None:
+        """The on-demand connection was lost (a NATS restart): what was published meanwhile is
+        lost both ways. Peers' ends of requests are mended by their heartbeats' lists of open
+        ones, their starts by the gap our next batch shows them (they send theirs again:
+        `Peers.apply`). Ours are announced again now, as to a peer that just joined (peers skip
+        those they know), and once more a heartbeat later for peers that reconnect after us."""
+        try:
+            self._pulled = await self._connect_pull()
+        except (ConnectionError, Unsupported) as exc:
+            log.debug("peer decisions: reconnecting failed (%s)", exc)
+            await asyncio.sleep(0.25)
+            return
+        self._announce()
+        if self._again is not None:
+            self._again.cancel()
+        self._again = asyncio.get_running_loop().call_later(self.heartbeat, self._announce)
 
     def _announce(self) -> None:
         outbox = self.router.outbox

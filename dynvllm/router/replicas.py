@@ -13,7 +13,8 @@ publishes its decisions and applies its peers' to its own Load and predictions:
 A batch, at most one per `min_interval` of the publisher: `[replica, seq, records, open, bye]`.
 A heartbeat batch (sent even when idle) lists the tickets still open in `open`: a peer whose
 finish record went missing prunes it then. A gap in a peer's sequence (batches lost: a NATS
-outage) has the receiver send that peer its requests in flight again, as to a peer that joins.
+outage) has the receiver announce its requests in flight again (in one batch, to all its peers),
+as to a peer that joins.
 A peer that says `bye`, or falls silent, has its requests taken out of the Load and its
 predictions withdrawn.
 
@@ -131,14 +132,6 @@ class Outbox:
             self.wake()
         self.records.append(record)
 
-    def _add_lingering(self, record: list) -> None:
-        if self.wake_later is None or not self._lingers():
-            self._add(record)
-            return
-        if not self.records:
-            self.wake_later(self.linger)
-        self.records.append(record)
-
     def _lingers(self) -> bool:
         """Whether waiting for a start is worth it. A record that rides along saves each peer a
         batch; one that does not costs the publisher a timer wake-up of its own. With starts at
@@ -183,7 +176,12 @@ class Outbox:
 
     def _defer(self, record: list, then: Callable[[], None] | None) -> None:
         """Queue a record that may linger, and what this frontend applies when it goes out."""
-        self._add_lingering(record)
+        if self.wake_later is None or not self._lingers():
+            self._add(record)
+        else:
+            if not self.records:
+                self.wake_later(self.linger)
+            self.records.append(record)
         if then is not None:
             self._releases.append(then)
 
@@ -305,7 +303,7 @@ class Peers:
             self.on_change(len(self._peers), True)
         if seq != peer.seq + 1:
             # Its batches were lost (a NATS outage, a slow consumer), and so were ours, likely:
-            # it is sent every request still in flight here, as a peer that joins is.
+            # every request still in flight here is announced again, as to a peer that joins.
             self.gaps += 1
             self.on_change(len(self._peers), True)
         peer.seq, peer.seen = seq, now
