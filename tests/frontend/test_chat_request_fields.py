@@ -9,7 +9,8 @@ import pytest
 from dynvllm.frontend.errors import RequestError
 from dynvllm.frontend.models import ModelEntry
 from dynvllm.frontend.openai import schema as oa
-from dynvllm.frontend.openai.formatters import ChatFormatter, CompletionFormatter
+from dynvllm.frontend.openai.completion_format import CompletionFormatter
+from dynvllm.frontend.openai.formatters import ChatFormatter
 from dynvllm.frontend.postprocess import ChoiceDelta
 from dynvllm.frontend.request_path import Part
 from dynvllm.frontend.tokenizer import Tokenizer

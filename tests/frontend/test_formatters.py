@@ -10,7 +10,8 @@ import pytest
 
 from dynvllm import registry
 from dynvllm.frontend.openai import schema as oa
-from dynvllm.frontend.openai.formatters import ChatFormatter, CompletionFormatter, prompt_logprobs_json
+from dynvllm.frontend.openai.completion_format import CompletionFormatter
+from dynvllm.frontend.openai.formatters import ChatFormatter, prompt_logprobs_json
 from dynvllm.frontend.postprocess import ChoiceDelta, PostProcessor
 from dynvllm.frontend.request_path import Part
 from dynvllm.frontend.tokenizer import Tokenizer

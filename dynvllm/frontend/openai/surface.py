@@ -20,7 +20,8 @@ from dynvllm.frontend.errors import RequestError, from_remote
 from dynvllm.frontend.event_stream import EventStream, Last, Reply
 from dynvllm.frontend.models import ModelEntry
 from dynvllm.frontend.openai import schema as oa
-from dynvllm.frontend.openai.formatters import ChatFormatter, CompletionFormatter, Formatter, Shaper
+from dynvllm.frontend.openai.completion_format import CompletionFormatter
+from dynvllm.frontend.openai.formatters import ChatFormatter, Formatter, Shaper
 from dynvllm.frontend.request_path import Admitted, RequestPath
 from dynvllm.frontend.surface import Surface
 from dynvllm.frontend.tokenizer import read_chat_template
