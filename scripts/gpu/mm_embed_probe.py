@@ -58,6 +58,10 @@ def encode_all(model: str, config: str, folder: str) -> None:
         # graphs fails (KeyError on layer 0's attention, seen on an H200). Compiled without graphs,
         # the engine still picks its ops as a compiled agg engine does: what the images meet there.
         overrides["compilation_config"] = {"cudagraph_mode": "NONE"}
+        # Nor has it an attention group for prefix caching to coordinate (vLLM 0.26 on an H100:
+        # "HybridKVCacheCoordinator requires at least two attention groups"). Caching prefixes
+        # never touches how an image is encoded.
+        overrides["enable_prefix_caching"] = False
     if config == "encode":
         overrides.update(encoder_kernels(settings))
     args = parse_engine_args(settings, overrides)
