@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from dynvllm.frontend.peers import RouterPeers
@@ -22,6 +23,22 @@ async def _until(check, timeout: float = 3.0) -> None:
     while not check():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def _two_frontends(rt: RuntimeSettings, **b_options):
+    """Two KV routers with their RouterPeers (not started), each on a NATS connection of its own;
+    stopped and closed on the way out. `b_options` go to the second's RouterPeers."""
+    nc_a, nc_b = [await natsrt.connect(rt) for _ in range(2)]
+    a, b = Router(RouterSettings(router="kv")), Router(RouterSettings(router="kv"))
+    peers_a, peers_b = RouterPeers(nc_a, rt, a), RouterPeers(nc_b, rt, b, **b_options)
+    try:
+        yield a, b, peers_a, peers_b
+    finally:
+        await peers_a.stop()
+        await peers_b.stop()
+        for nc in (nc_a, nc_b):
+            await nc.close()
 
 
 def test_a_late_frontend_loads_the_index_and_peers_share_their_load(nats_url):
@@ -74,11 +91,8 @@ def test_peer_decisions_are_taken_in_when_a_frontend_routes_not_when_they_arrive
 
     async def main() -> None:
         rt = RuntimeSettings(nats_url=nats_url, namespace=NS + "pull", heartbeat_interval=0.1, lease_ttl=5.0)
-        nc_a, nc_b = [await natsrt.connect(rt) for _ in range(2)]
-        a, b = Router(RouterSettings(router="kv")), Router(RouterSettings(router="kv"))
         # b's timer never comes in this test: only its routing reads the peers' batches.
-        peers_a, peers_b = RouterPeers(nc_a, rt, a), RouterPeers(nc_b, rt, b, pull_interval=3600)
-        try:
+        async with _two_frontends(rt, pull_interval=3600) as (a, b, peers_a, peers_b):
             await peers_a.start(share=True)
             await peers_b.start(share=True)
             assert peers_b._pulled is not None and b.pull is not None
@@ -99,11 +113,6 @@ def test_peer_decisions_are_taken_in_when_a_frontend_routes_not_when_they_arrive
                 )
             )
             assert b.load.active_blocks[pick.worker] == 10
-        finally:
-            await peers_a.stop()
-            await peers_b.stop()
-            for nc in (nc_a, nc_b):
-                await nc.close()
 
     asyncio.run(main())
 
@@ -119,10 +128,7 @@ def test_peers_share_again_after_a_nats_restart(tmp_path):
     async def main() -> None:
         nonlocal server
         rt = RuntimeSettings(nats_url=server.url, namespace=NS + "re", heartbeat_interval=0.1, lease_ttl=5.0)
-        nc_a, nc_b = [await natsrt.connect(rt) for _ in range(2)]
-        a, b = Router(RouterSettings(router="kv")), Router(RouterSettings(router="kv"))
-        peers_a, peers_b = RouterPeers(nc_a, rt, a), RouterPeers(nc_b, rt, b)
-        try:
+        async with _two_frontends(rt) as (a, b, peers_a, peers_b):
             await peers_a.start(share=True)
             await peers_b.start(share=True)
             await _until(lambda: a.peers is not None and len(a.peers) == 1 and len(b.peers or ()) == 1)
@@ -137,11 +143,6 @@ def test_peers_share_again_after_a_nats_restart(tmp_path):
             # The heartbeat's list of open requests brings it in once both are connected again.
             await _until(lambda: b.inflight.get(pick.worker, 0) == 1, timeout=10)
             assert peers_b._pulled is not first and not peers_b._pulled.closed  # type: ignore[union-attr]
-        finally:
-            await peers_a.stop()
-            await peers_b.stop()
-            for nc in (nc_a, nc_b):
-                await nc.close()
 
     try:
         asyncio.run(main())
@@ -156,10 +157,7 @@ def test_many_requests_announced_at_once_go_in_parts_under_the_servers_max_paylo
 
     async def main() -> None:
         rt = RuntimeSettings(nats_url=server.url, namespace=NS + "big", heartbeat_interval=0.1, lease_ttl=5.0)
-        nc_a, nc_b = [await natsrt.connect(rt) for _ in range(2)]
-        a, b = Router(RouterSettings(router="kv")), Router(RouterSettings(router="kv"))
-        peers_a, peers_b = RouterPeers(nc_a, rt, a), RouterPeers(nc_b, rt, b)
-        try:
+        async with _two_frontends(rt) as (a, b, peers_a, peers_b):
             await peers_a.start(share=True)
             for i in range(100):  # alone: nothing published per request yet
                 pick = a.choose(["w1", "w2"], list(range(1000 * i, 1000 * i + 320)), 32)
@@ -169,11 +167,6 @@ def test_many_requests_announced_at_once_go_in_parts_under_the_servers_max_paylo
             await _until(lambda: sum(b.inflight.values()) == 100, timeout=5)
             assert dict(b.inflight) == dict(a.inflight)
             assert peers_a._pulled is first and first is not None and not first.closed
-        finally:
-            await peers_a.stop()
-            await peers_b.stop()
-            await nc_a.close()
-            await nc_b.close()
 
     try:
         asyncio.run(main())
