@@ -225,7 +225,7 @@ class RouterPeers:
     async def _open_pull(self) -> Pulled | None:
         """The decisions' subscription on a connection read on demand; None where it cannot be
         had (TLS, or the server refused it: nats-py's subscription serves then)."""
-        if self.rt.nats_tls_ca or self.rt.nats_tls_cert or not self.rt.nats_url:
+        if natsrt.uses_tls(self.rt) or not self.rt.nats_url:
             return None
         try:
             return await self._connect_pull()
@@ -237,18 +237,12 @@ class RouterPeers:
 
     async def _connect_pull(self) -> Pulled:
         """Over the configured servers, then those of their cluster the last connection heard of."""
-        rt = self.rt
-        assert rt.nats_url
-        urls = [u.strip() for u in rt.nats_url.split(",")]
+        assert self.rt.nats_url
+        urls = natsrt.server_urls(self.rt.nats_url)
         if self._pulled is not None:
             urls += [f"nats://{u}" for u in self._pulled.cluster if f"nats://{u}" not in urls]
         return await Pulled.open(
-            urls,
-            self._decisions + ".*",
-            name="dynvllm-frontend-peers",
-            token=rt.nats_token.get_secret_value() if rt.nats_token else None,
-            user=rt.nats_user,
-            password=rt.nats_password.get_secret_value() if rt.nats_password else None,
+            urls, self._decisions + ".*", name="dynvllm-frontend-peers", **natsrt.credentials(self.rt)
         )
 
     def pull(self) -> None:

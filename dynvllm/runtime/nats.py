@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 from dynvllm.settings import RuntimeSettings
 
@@ -101,6 +101,33 @@ class EmbeddedNats:
         self.stop()
 
 
+def server_urls(url: str) -> list[str]:
+    """The servers of a `--nats-url` (comma-separated)."""
+    return [u.strip() for u in url.split(",")]
+
+
+class Credentials(TypedDict, total=False):
+    token: str
+    user: str
+    password: str
+
+
+def credentials(rt: RuntimeSettings) -> Credentials:
+    """The settings' token or user and password, as nats-py's `connect` (and `nats_pull`) take
+    them (an empty password where a user has none)."""
+    out: Credentials = {}
+    if rt.nats_token:
+        out["token"] = rt.nats_token.get_secret_value()
+    if rt.nats_user:
+        out["user"] = rt.nats_user
+        out["password"] = rt.nats_password.get_secret_value() if rt.nats_password else ""
+    return out
+
+
+def uses_tls(rt: RuntimeSettings) -> bool:
+    return bool(rt.nats_tls_ca or rt.nats_tls_cert)
+
+
 async def connect(
     rt: RuntimeSettings,
     url: str | None = None,
@@ -120,7 +147,7 @@ async def connect(
             "no NATS server: pass --nats-url / DYN_NATS_URL or start one with `dynvllm serve`"
         )
     opts: dict = dict(
-        servers=[u.strip() for u in url.split(",")],
+        servers=server_urls(url),
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.25,
@@ -129,13 +156,9 @@ async def connect(
         ping_interval=5,
         max_outstanding_pings=3,
         no_echo=no_echo,
+        **credentials(rt),
     )
-    if rt.nats_token:
-        opts["token"] = rt.nats_token.get_secret_value()
-    if rt.nats_user:
-        opts["user"] = rt.nats_user
-        opts["password"] = rt.nats_password.get_secret_value() if rt.nats_password else ""
-    if rt.nats_tls_ca or rt.nats_tls_cert:
+    if uses_tls(rt):
         ctx = ssl.create_default_context(cafile=str(rt.nats_tls_ca) if rt.nats_tls_ca else None)
         if rt.nats_tls_cert:
             ctx.load_cert_chain(str(rt.nats_tls_cert), str(rt.nats_tls_key) if rt.nats_tls_key else None)
