@@ -115,6 +115,18 @@ def _cross_encoder(model_config: Any, tokenizer: Any) -> dict[str, Any]:
     return {"sep": bool(model_config.use_sep_token), "unserved": unserved}
 
 
+def _cache_vllm_environment() -> None:
+    """Read vLLM's environment settings once from now on, as its engine processes do once
+    started: the output handler in this process reads one per generated token
+    (VLLM_COMPUTE_NANS_IN_LOGITS, 1.85 us uncached vs 0.33 us cached). Nothing here changes
+    VLLM_* variables after the engine has started."""
+    from vllm import envs
+
+    enable = getattr(envs, "enable_envs_cache", None)  # vLLM >= 0.11
+    if enable is not None:
+        enable()
+
+
 class VllmEngine(Engine):
     kind = "vllm"
 
@@ -172,6 +184,7 @@ class VllmEngine(Engine):
             enable_log_requests=args.enable_log_requests,
             disable_log_stats=args.disable_log_stats,
         )
+        _cache_vllm_environment()
 
     def card(self) -> dict[str, Any]:
         cfg = self.llm.vllm_config
