@@ -50,7 +50,10 @@ def test_profile_sweeps_one_sim_worker(tiny_model, tmp_path):
         one, four = p["sweep"]
         assert (one["concurrency"], four["concurrency"]) == (1, 4)
         assert four["request_rate"] > one["request_rate"] > 0  # a batch serves more at once
-        assert 0 < one["ttft_p50"] <= one["ttft_p90"] and 0.004 < one["itl_p50"] < 0.1
+        assert 0 < one["ttft_p50"] <= one["ttft_p90"]
+        # Gaps near the sim's 5 ms step; a loaded host may read two tokens in one chunk (a gap
+        # near 0 beside one near 10 ms), which moves p50 but not p90 below the step.
+        assert 0 < one["itl_p50"] <= one["itl_p90"] and 0.004 < one["itl_p90"] < 0.1
 
 
 def metric(url: str, name: str, labels: str = "") -> float | None:
