@@ -51,8 +51,9 @@ def tune_gc() -> None:
     """
     import gc
 
-    gc.collect()
-    gc.freeze()
+    from dynvllm import heap
+
+    heap.freeze()
     gc.set_threshold(50_000, 50, 1000)
 
 

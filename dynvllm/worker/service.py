@@ -14,7 +14,7 @@ import signal
 import time
 from typing import Any
 
-from dynvllm import logs, protocol, tracing
+from dynvllm import heap, logs, protocol, tracing
 from dynvllm.envnames import RESTARTS_ENV
 from dynvllm.process import become_group_leader, private_ipc_dir, start_group_reaper
 from dynvllm.runtime import nats as natsrt
@@ -182,6 +182,7 @@ class Worker:
             relay.start(self.instance.id)
         await self._canary()
         self.instance.card = self._card()  # with what the canary learnt (a pooling model's tasks)
+        heap.freeze()  # the engine's start-up heap, before the first request comes
         await self.lease.start()
         log.warning(
             "worker %s (%s) serving %s on %s:%d",
