@@ -206,7 +206,7 @@ def local_address_towards(url: str) -> str:
     import socket
     from urllib.parse import urlparse
 
-    host = urlparse(url.split(",")[0]).hostname or "127.0.0.1"
+    host = urlparse(server_urls(url)[0]).hostname or "127.0.0.1"
     if host in ("127.0.0.1", "localhost", "::1"):
         return "127.0.0.1"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:

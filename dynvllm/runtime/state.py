@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from dynvllm.runtime.nats import server_urls
+
 #: Seconds to wait for a recorded NATS to accept a connection before the record counts as stale.
 PROBE_TIMEOUT = 0.5
 
@@ -82,7 +84,7 @@ def _pid_alive(pid: int) -> bool:
 
 def nats_reachable(url: str, timeout: float = PROBE_TIMEOUT) -> bool:
     """Whether the first server of a NATS URL accepts a TCP connection."""
-    first = urlsplit(url.split(",")[0].strip())
+    first = urlsplit(server_urls(url)[0])
     try:
         with socket.create_connection((first.hostname or "127.0.0.1", first.port or 4222), timeout):
             return True
