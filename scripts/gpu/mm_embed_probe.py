@@ -4,8 +4,10 @@ the ones the language worker computes itself, bit for bit, on this host's vLLM.
 Each engine runs offline as an encoder-cache producer, so it stores the embedding of every image
 it encodes (mm_probe.py's 8 probe images, 112x112, one request each, keyed as dynvllm keys them):
   agg          the language worker's engine as `serve agg` starts it (vLLM's defaults: compiled)
-  encode       the encode role's engine: encoder-only, eager, the language workers' kernels
-  encode-plain the same without taking those kernels (the encode role before that change)
+  encode       the encode role's engine: encoder-only, compiled as the language workers are,
+               without CUDA graphs
+  encode-plain the same eager, as vLLM's disaggregated-encoder examples run it (the encode role
+               before 2026-12-05: one bf16 step off agg on Qwen2.5-VL)
 Prints and appends one JSON line: per configuration, how many images are bit-equal to agg's
 and the largest difference. Greedy texts of a random model follow one-ulp differences (see
 mkmodel_vl.py), so this is the check that tells the hand-off from numerics. vLLM's dtype is the
@@ -22,7 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-CONFIGS = ("agg", "encode", "encode-plain")
+#: agg first: the others are compared with it. PROBE_CONFIGS="agg encode" skips the eager one.
+CONFIGS = tuple(os.environ.get("PROBE_CONFIGS", "agg encode encode-plain").split())
 
 
 def probe_images() -> list[bytes]:

@@ -46,7 +46,7 @@ def is_multimodal(model: str) -> bool | None:
 #: What an engine that only encodes images needs, as vLLM's disaggregated-encoder examples run
 #: it: no language model (without it CUDA graph capture looks for the language model's attention
 #: layers), no prefix caching (with no attention layer left, KV-cache set-up fails on it) and
-#: eager mode (nothing to capture).
+#: eager mode (nothing to capture), unless the language workers compile (`encoder_kernels`).
 ENCODER_ONLY = {"mm_encoder_only": True, "enable_prefix_caching": False, "enforce_eager": True}
 
 
@@ -69,7 +69,7 @@ class EncodeRole(Role):
         cfg = settings.plugin(EncoderCacheSettings)
         self.limit, self.folder = cfg.encoder_cache_entries, cfg.encoder_cache_dir
         overrides = encoder_cache.engine_overrides(settings, "ec_producer")
-        # The language workers' kernels, so the embeddings are the ones they would compute.
+        # Compiled as the language workers are, so the embeddings are the ones they would compute.
         kernels = encoder_kernels(settings)
         return {**super().engine_overrides(settings), **overrides, **ENCODER_ONLY, **kernels}
 
