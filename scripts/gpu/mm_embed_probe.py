@@ -67,6 +67,8 @@ def encode_all(model: str, config: str, folder: str) -> None:
         overrides["enable_prefix_caching"] = False
     if config == "encode":
         overrides.update(encoder_kernels(settings))
+    elif config == "encode-plain":
+        overrides["enforce_eager"] = True  # as vLLM's disaggregated-encoder examples run it
     args = parse_engine_args(settings, overrides)
     llm = LLM(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineArgs)})
     tok = AutoTokenizer.from_pretrained(model)

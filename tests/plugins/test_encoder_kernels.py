@@ -9,21 +9,7 @@ import pytest
 
 from dynvllm import settings as S
 from dynvllm_plugins.roles.encode import ENCODER_ONLY
-from dynvllm_plugins.roles.encoder_kernels import compiles, encoder_kernels
-
-
-@pytest.mark.parametrize(
-    ("eager", "mode", "level", "compiled"),
-    [
-        (False, None, 2, True),  # vLLM's default
-        (True, None, 2, False),  # --enforce-eager
-        (False, 0, 2, False),  # -cc.mode=0
-        (False, None, 0, False),  # -O0
-        (False, 3, 0, True),  # a mode given wins over -O0
-    ],
-)
-def test_which_configurations_compile(eager, mode, level, compiled):
-    assert compiles(eager, mode, level) is compiled
+from dynvllm_plugins.roles.encoder_kernels import encoder_kernels
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +39,9 @@ def _kernels(config) -> tuple:
     [
         (),  # vLLM's default: compiled
         ("--enforce-eager",),  # eager language workers: the encode engine eager too
+        ("-O0",),  # not compiled
+        ("-cc", '{"mode": 0}'),
+        ("-O0", "-cc", '{"mode": 3}'),  # a mode given wins over -O0
         ("-cc", '{"custom_ops": ["all"]}'),  # the operator's choice reaches both
     ],
 )

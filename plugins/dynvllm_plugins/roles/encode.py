@@ -43,11 +43,11 @@ def is_multimodal(model: str) -> bool | None:
     return any(k in data for k in ("vision_config", "vision_tower", "visual", "image_token_index"))
 
 
-#: What an engine that only encodes images needs, as vLLM's disaggregated-encoder examples run
-#: it: no language model (without it CUDA graph capture looks for the language model's attention
-#: layers), no prefix caching (with no attention layer left, KV-cache set-up fails on it) and
-#: eager mode (nothing to capture), unless the language workers compile (`encoder_kernels`).
-ENCODER_ONLY = {"mm_encoder_only": True, "enable_prefix_caching": False, "enforce_eager": True}
+#: What an engine that only encodes images needs: no language model and no prefix caching (with no
+#: attention layer left, KV-cache set-up fails on it). vLLM's disaggregated-encoder examples also
+#: run it eager, as CUDA graph capture looks for the language model's attention layers; the encode
+#: role instead compiles as the language workers do and captures no graphs (`encoder_kernels`).
+ENCODER_ONLY = {"mm_encoder_only": True, "enable_prefix_caching": False}
 
 
 class EncodeRole(Role):

@@ -18,26 +18,15 @@ import copy
 from typing import Any
 
 
-def compiles(enforce_eager: bool, mode: int | None, optimization_level: int) -> bool:
-    """Whether an engine of these arguments compiles (vLLM's own rule: no mode given means compile
-    unless eager or -O0)."""
-    if enforce_eager or mode == 0:
-        return False
-    return not (mode is None and optimization_level == 0)
-
-
 def encoder_kernels(settings: Any) -> dict[str, Any]:
     """AsyncEngineArgs for the encode engine on top of its encoder-only ones: the language
-    workers' compilation without CUDA graphs (nothing when they run eager, the encode engine's
-    own choice)."""
+    workers' compilation (and eagerness) without CUDA graphs. vLLM resolves from these what it
+    resolves for them (eager, -O0 or a mode given), so the two engines pick the same kernels."""
     from vllm.config.compilation import CUDAGraphMode
 
     from dynvllm.worker.engine_args import parse_engine_args
 
     args = parse_engine_args(settings)  # the language workers' arguments: the same settings
-    level = int(getattr(args, "optimization_level", 2))
-    if not compiles(bool(args.enforce_eager), args.compilation_config.mode, level):
-        return {}
     cc = copy.deepcopy(args.compilation_config)
     cc.cudagraph_mode = CUDAGraphMode.NONE
-    return {"enforce_eager": False, "compilation_config": cc}
+    return {"enforce_eager": bool(args.enforce_eager), "compilation_config": cc}
