@@ -79,8 +79,6 @@ for mm in ("vis", "qvl"):
     if a1 and a:
         print(f"[mm-{mm}] agg's texts at c=1 equal its c=16 texts for {sum(x == y for x, y in zip(a1['texts'], a['texts']))}/8")
     if a1 and e1:
-        print(f"[mm-{mm}] at c=1 the encode role's texts equal agg's for {sum(x == y for x, y in zip(a1['texts'], e1['texts']))}/8")
-    if a1 and e1:
         print(f"[mm-{mm}] at c=1 encode and agg texts equal {sum(x == y for x, y in zip(a1['texts'], e1['texts']))}/8")
 PY
     continue
