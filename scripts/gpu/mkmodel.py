@@ -2,6 +2,7 @@
 
     mkmodel.py OUTDIR [LAYERS]     Qwen3-0.6B-shaped model + BPE tokenizer
     mkmodel.py OUTDIR 8b           Qwen3-8B-shaped (hidden 4096, 36 layers, 32/8 heads; ~7B params)
+    mkmodel.py OUTDIR 4b           Qwen3-4B-shaped (hidden 2560, 36 layers, 32/8 heads; ~3.6B params)
     mkmodel.py lora MODEL OUTDIR   a random rank-8 LoRA adapter on q/k/v/o of MODEL (PEFT format)
 
 Tokenizer: byte-level BPE whose merges are built programmatically (256 bytes + N*N pair merges,
@@ -61,8 +62,11 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 out = sys.argv[1]
 shape = sys.argv[2] if len(sys.argv) > 2 else "28"
-big = shape == "8b"
-layers = 36 if big else int(shape)
+# (hidden, intermediate, attention heads, tied embeddings) of Qwen3-8B, Qwen3-4B and Qwen3-0.6B
+hidden, inter, heads, tied = {"8b": (4096, 12288, 32, False), "4b": (2560, 9728, 32, True)}.get(
+    shape, (1024, 3072, 16, True)
+)
+layers = 36 if shape in ("8b", "4b") else int(shape)
 t0 = time.time()
 os.makedirs(out, exist_ok=True)
 alpha = pre_tokenizers.ByteLevel.alphabet()
@@ -103,16 +107,16 @@ fast.save_pretrained(out)
 V = len(fast)
 cfg = Qwen3Config(
     vocab_size=V,
-    hidden_size=4096 if big else 1024,
-    intermediate_size=12288 if big else 3072,
+    hidden_size=hidden,
+    intermediate_size=inter,
     num_hidden_layers=layers,
-    num_attention_heads=32 if big else 16,
+    num_attention_heads=heads,
     num_key_value_heads=8,
     head_dim=128,
     max_position_embeddings=40960,
     rms_norm_eps=1e-6,
     rope_theta=1000000.0,
-    tie_word_embeddings=not big,
+    tie_word_embeddings=tied,
     eos_token_id=fast.convert_tokens_to_ids("<|im_end|>"),
     bos_token_id=None,
 )

@@ -5,8 +5,9 @@
 # default 48,000, through --kv-cache-memory-bytes) and smaller than four.
 #   ceiling: one engine with four times the KV budget: the cached-share ceiling
 #   four:    four engines on the GPU behind three frontends on one NATS: kv (port P), round-robin (P+1),
-#            least-loaded (P+2); each policy runs the trace twice (rounds), each run with prompts of
-#            its own (SALT), so no run finds another's blocks
+#            least-loaded (P+2; THIRD=kv4: kv with --router-prefill-weight 4 instead); each policy of
+#            $POLS (default "kv rr ll") runs the trace twice (rounds), each run with prompts of its
+#            own (SALT), so no run finds another's blocks
 #   tier:    the four engines again with vLLM's native CPU offloading (--kv-offloading-size $TIER_GIB
 #            each, default 8): kv and round-robin
 # four and tier also count the KV events relayed to the routers by medium (kv_tier_probe.py).
@@ -16,8 +17,12 @@ HERE=$(cd "$(dirname "$0")" && pwd); M=${M:-/tmp/m}; P=8300; OUT=${OUT:-/tmp}; C
 KV_TOKENS=${KV_TOKENS:-48000}
 # mkmodel.py's tokenizer makes ~3.2 tokens of a pressure_probe word: 620 words are ~2,000 tokens.
 PROBE_ARGS=${PROBE_ARGS:-"64 3 620 16"}
-# Qwen3-0.6B: 28 layers x 8 KV heads x 128 x (K, V) x 2 bytes = 114,688 bytes per token.
-KV=$((KV_TOKENS * 114688))
+# Bytes a token's KV takes in the model's shape (Qwen3-0.6B: 28 layers x 8 KV heads x 128 x (K, V) x
+# 2 bytes = 114,688; mkmodel.py's 4b shape: 36 layers, 147,456).
+KV_TOKEN_BYTES=$(python3 -c "import json; c = json.load(open('$M/config.json'))
+print(c['num_hidden_layers'] * c['num_key_value_heads'] * (c.get('head_dim') or c['hidden_size'] // c['num_attention_heads']) * 4)")
+KV=$((KV_TOKENS * KV_TOKEN_BYTES))
+THIRD=${THIRD:-ll}
 ENG=(--max-model-len 8192 ${EXTRA:-})
 export PATH=/tmp/site/bin:$PATH
 NATS=nats://127.0.0.1:4322
@@ -46,21 +51,22 @@ for c in $CASES; do
       else echo "[$c] not ready"; tail -20 /tmp/pr_$c.log; fi
       stop $s ;;
     four|tier)
-      extra=(); pols="kv rr ll"
-      [ $c = tier ] && { extra=(--kv-offloading-size ${TIER_GIB:-8}); pols="kv rr"; }
+      extra=(); pols=${POLS:-"kv rr $THIRD"}
+      [ $c = tier ] && { extra=(--kv-offloading-size ${TIER_GIB:-8}); pols=${POLS:-"kv rr"}; }
       setsid python3 -m dynvllm serve agg --model $M --served-model-name m --nats-url $NATS --namespace $NS \
         --http-host 127.0.0.1 --http-port $P --router kv --workers 4 --gpu-memory-utilization 0.12 \
         --kv-cache-memory-bytes $KV "${extra[@]}" "${ENG[@]}" > /tmp/pr_$c.log 2>&1 & s=$!; ALL+=($s)
       fr=()
-      for pr in "round-robin $((P + 1))" "least-loaded $((P + 2))"; do set -- $pr
+      third="least-loaded $((P + 2))"; [ $THIRD = kv4 ] && third="kv $((P + 2)) --router-prefill-weight 4"
+      for pr in "round-robin $((P + 1))" "$third"; do set -- $pr
         setsid python3 -m dynvllm frontend --nats-url $NATS --namespace $NS --router $1 --http-host 127.0.0.1 \
-          --http-port $2 > /tmp/pr_${c}_$1.log 2>&1 & fr+=($!); ALL+=($!)
+          --http-port $2 "${@:3}" > /tmp/pr_${c}_$1_$2.log 2>&1 & fr+=($!); ALL+=($!)
       done
       if ready $P 4 $s && ready $((P + 1)) 4 ${fr[0]} && ready $((P + 2)) 4 ${fr[1]}; then
         echo "[$c] ready after $(( $(date +%s)-t0 )) s"
         python3 $HERE/kv_tier_probe.py $NATS $NS $OUT/pressure.jsonl & sniff=$!  # events by medium
         for r in 1 2; do for pol in $pols; do
-          case $pol in kv) port=$P ;; rr) port=$((P + 1)) ;; ll) port=$((P + 2)) ;; esac
+          case $pol in kv) port=$P ;; rr) port=$((P + 1)) ;; ll|kv4) port=$((P + 2)) ;; esac
           probe $port $c-$pol-$r
         done; done
         kill -TERM $sniff; wait $sniff
