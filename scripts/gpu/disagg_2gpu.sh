@@ -14,6 +14,12 @@ set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd); REPO=$(cd "$HERE/../.." && pwd); OUT=${OUT:-/tmp}; CASES=${CASES:-"agg2 disagg"}
 export PATH=/tmp/site/bin:$PATH MODEL=/tmp/m SERVED_NAME=m HTTP_HOST=127.0.0.1 HTTP_PORT=8300 GPUS=${GPUS:-"0 1"} ROUTER=kv
 export ENGINE_ARGS="--max-model-len 4096 --gpu-memory-utilization ${MEM:-0.80} ${EXTRA:-}" READY_TIMEOUT=600 ONE_BY_ONE=${ONE_BY_ONE:-0}
+# The launch runs in a session of its own: stop it here when this script is stopped (a `timeout`
+# around it once left both engines holding 80% of the GPU for the next script).
+pid=
+stop_launch() { [ -n "$pid" ] || return 0; kill -TERM $pid 2>/dev/null
+  for i in $(seq 90); do kill -0 $pid 2>/dev/null || break; sleep 1; done; kill -KILL -- -$pid 2>/dev/null; pid=; }
+trap stop_launch EXIT; trap 'exit 143' TERM INT
 for c in $CASES; do
   export NAMESPACE=$c LOG_DIR=$OUT/$c NATS_PORT=$((14000 + RANDOM % 1000))
   case $c in
@@ -24,7 +30,7 @@ for c in $CASES; do
   esac
   pid=$!; t0=$(date +%s)
   for i in $(seq 600); do grep -q "^ready:\|exited" $OUT/launch_$c.txt && break; sleep 1; done
-  if ! grep -q "^ready:" $OUT/launch_$c.txt; then echo "[$c] not ready"; grep -h -E "Error|rror:|Exception" $LOG_DIR/*.log | grep -v "^ *File" | head -20 | cut -c1-300; kill -TERM $pid; wait; continue; fi
+  if ! grep -q "^ready:" $OUT/launch_$c.txt; then echo "[$c] not ready"; grep -h -E "Error|rror:|Exception" $LOG_DIR/*.log | grep -v "^ *File" | head -20 | cut -c1-300; stop_launch; continue; fi
   echo "[$c] ready after $(( $(date +%s) - t0 )) s"
   python3 - "$c" "$OUT" <<'PY'
 import json, sys, urllib.request
@@ -48,7 +54,7 @@ PY
   python3 "$HERE/loadgen.py" --url http://127.0.0.1:8300 --model m --tokenizer /tmp/m --concurrency 8 --requests 64 \
     --input-tokens 3000 --output-tokens 100 --ignore-eos --label "$c-3000-100" --out $OUT/disagg_2gpu.jsonl | tail -3
   [ "$c" != agg2 ] && python3 "$HERE/kv_probe.py" nats://127.0.0.1:$NATS_PORT $NAMESPACE /tmp/m /tmp/kv_before.json
-  kill -TERM $pid; for i in $(seq 90); do kill -0 $pid 2>/dev/null || break; sleep 1; done
+  stop_launch
 done
 python3 - "$OUT" <<'PY'
 import json, sys
