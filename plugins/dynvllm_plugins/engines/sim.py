@@ -8,6 +8,15 @@ context, not language. Flags (unknown ones are ignored): --sim-prefill-us-per-to
 --sim-decode-ms-per-step, --sim-kv-blocks, --sim-max-num-seqs, --sim-start-s (seconds the engine
 takes to start, as a model's load and warm-up would: the worker registers after them).
 
+A step computes at most --sim-max-num-batched-tokens tokens (vLLM's max_num_batched_tokens; 0: no
+limit), as vLLM's scheduler fills it: a token for each decoding request first, then the prompts
+still prefilling, then new requests; a prompt that does not fit is prefilled in chunks over several
+steps, and its first token comes with the step that ends its prompt. With
+--sim-async-scheduling 1 (vLLM's default) the next step is scheduled while one runs: a request
+that arrives while the engine is busy joins the step after next. Engines given the same
+--sim-device share one device: their steps run one at a time (a file lock), as several engines'
+steps do on one GPU; give them the whole device's timings.
+
 An optional CPU tier (--sim-cpu-blocks N) stands for an offloading connector: blocks the GPU
 cache evicts move there (events with medium "CPU", stored as vLLM's connector reports them,
 hash only), and a prompt whose prefix continues there loads those blocks back at
@@ -18,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import json
 import shlex
+import tempfile
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
@@ -42,6 +53,9 @@ def sim_args(settings: Settings) -> argparse.Namespace:
     ap.add_argument("--sim-decode-ms-per-step", type=float, default=10.0)
     ap.add_argument("--sim-kv-blocks", type=int, default=2048)
     ap.add_argument("--sim-max-num-seqs", type=int, default=64)
+    ap.add_argument("--sim-max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--sim-device", default="")
+    ap.add_argument("--sim-async-scheduling", type=int, default=1)
     ap.add_argument("--sim-start-s", type=float, default=0.0)
     ap.add_argument("--sim-cpu-blocks", type=int, default=0)
     ap.add_argument("--sim-cpu-load-us-per-block", type=float, default=None)
@@ -59,7 +73,8 @@ class _Req:
     held: list[int] = field(default_factory=list)  # cache keys this request pins
     generated: int = 0
     cached_tokens: int = 0
-    prefilled: bool = False
+    todo: int = 0  # prompt tokens still to prefill
+    arrived: float = field(default_factory=time.monotonic)
     tail: list[int] = field(default_factory=list)  # the context's last tokens, generated included
 
 
@@ -184,6 +199,7 @@ class SimEngine(Engine):
         self._seq = 0
         self._load_us = 0.0  # CPU-tier loads of the requests admitted this step
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=10_000)
+        self._device: Any = None
 
     def check_args(self, settings: Settings) -> None:
         if not settings.engine.model:
@@ -212,6 +228,9 @@ class SimEngine(Engine):
         if per_block is None:
             per_block = 0.1 * self.block_size * self.args.sim_prefill_us_per_token
         self.cpu_load_us = per_block
+        if self.args.sim_device:
+            lock = Path(tempfile.gettempdir()) / f"dynvllm-sim-device-{self.args.sim_device}.lock"
+            self._device = open(lock, "a")  # held for the engine's life
         if kv_endpoint:
             import zmq
 
@@ -278,11 +297,28 @@ class SimEngine(Engine):
     async def _loop(self) -> None:
         # The worker's canary waits for this loop, so the worker registers once "started".
         await asyncio.sleep(self.args.sim_start_s)
+        scheduled = float("inf")  # when the step now starting was scheduled (vLLM: one step ahead)
         while True:
             if not self.running and not self.waiting:
                 self._wake.clear()
                 await self._wake.wait()
-            prefill_tokens = self._admit()
+                scheduled = float("inf")
+            now = time.monotonic()
+            cutoff, scheduled = (scheduled, now) if self.args.sim_async_scheduling else (now, now)
+            budget = self.args.sim_max_num_batched_tokens or 1 << 62
+            budget -= sum(1 for r in self.running.values() if not r.todo)  # decodes first
+            prefill_tokens = 0
+            for req in self.running.values():  # then prompts that are part way (admission order)
+                chunk = min(req.todo, max(0, budget))
+                req.todo -= chunk
+                budget -= chunk
+                prefill_tokens += chunk
+            prefill_tokens += self._admit(budget, cutoff)
+            if not self.running and self.waiting and self.waiting[0].arrived > cutoff:
+                # Nothing was scheduled ahead, so vLLM would not run an empty step first: admit
+                # the newcomer now.
+                scheduled = float("inf")
+                continue
             self._publish_events()
             self._serve_replay()
             step = (
@@ -291,18 +327,31 @@ class SimEngine(Engine):
                 + self._load_us / 1e6
             )
             self._load_us = 0.0
-            await asyncio.sleep(step)
+            await self._step(step)
             for req in list(self.running.values()):
-                self._emit(req)
+                if not req.todo:
+                    self._emit(req)
             s = self.snapshot
             s.running, s.waiting = len(self.running), len(self.waiting)
             s.kv_usage = len(self.cache.ref) / max(1, self.cache.capacity)
             s.updated = time.time()
 
-    def _admit(self) -> int:
+    async def _step(self, seconds: float) -> None:
+        if self._device is None:
+            await asyncio.sleep(seconds)
+            return
+        await asyncio.to_thread(fcntl.flock, self._device, fcntl.LOCK_EX)
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            fcntl.flock(self._device, fcntl.LOCK_UN)
+
+    def _admit(self, budget: int, cutoff: float) -> int:
         tokens = 0
-        while self.waiting and len(self.running) < self.args.sim_max_num_seqs:
+        while self.waiting and len(self.running) < self.args.sim_max_num_seqs and budget > 0:
             req = self.waiting[0]
+            if req.arrived > cutoff:
+                break  # came after this step was scheduled
             hits = self.cache.acquire(req.keys, req.tokens, self.block_size)
             if hits is None:
                 break  # no room until running requests finish
@@ -311,7 +360,13 @@ class SimEngine(Engine):
             req.cached_tokens = hits * self.block_size
             self.snapshot.prefix_queries += len(req.tokens)
             self.snapshot.prefix_hits += req.cached_tokens
-            tokens += len(req.tokens) - req.cached_tokens
+            # vLLM computes at least the prompt's last token; the rest of the prompt waits for
+            # later steps when the budget runs out.
+            todo = max(1, len(req.tokens) - req.cached_tokens)
+            chunk = min(todo, budget)
+            req.todo = todo - chunk
+            budget -= chunk
+            tokens += chunk
             self._load_us += self.cache.loaded * self.cpu_load_us
             self.running[req.rid] = req
         return tokens
@@ -361,3 +416,5 @@ class SimEngine(Engine):
         for sock in (self._pub, self._replay):
             if sock is not None:
                 sock.close(linger=0)
+        if self._device is not None:
+            self._device.close()
