@@ -39,8 +39,7 @@ from benchkit import model_or_tiny, serve_agg, stop_all, wait_ready
 
 HERE = Path(__file__).resolve().parent
 PROBE = HERE / "gpu" / "pressure_probe.py"
-POLICIES = {"kv": 0, "rr": 1, "kv4": 2}  # port offset from --port
-FRONTENDS = [["--router", "round-robin"], ["--router", "kv", "--router-prefill-weight", "4"]]
+POLICIES = {"kv": 0, "rr": 1, "kv4": 2, "alt": 2}  # port offset from --port
 
 
 def options() -> argparse.Namespace:
@@ -54,6 +53,7 @@ def options() -> argparse.Namespace:
     ap.add_argument("--systems", type=int, default=64)
     ap.add_argument("--users", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--osl", type=int, default=32, help="output tokens a request")
     ap.add_argument("--ceiling", action="store_true", help="also run one engine with 4x the blocks")
     ap.add_argument(
         "--shared-device",
@@ -63,6 +63,11 @@ def options() -> argparse.Namespace:
     )
     ap.add_argument("--sim-args", default="", help="more engine flags, e.g. '--sim-async-scheduling 0'")
     ap.add_argument("--policies", default="kv,rr,kv4")
+    ap.add_argument(
+        "--alt",
+        default="--router kv --router-prefill-weight 4",
+        help="the third frontend's routing flags (policy kv4; name it alt when you change them)",
+    )
     ap.add_argument("--model", help="a model folder (tokenizer, config); default: a tiny one built here")
     ap.add_argument("--port", type=int, default=9400, help="kv frontend; rr +1, kv4 +2, ceiling +3")
     ap.add_argument("--nats-port", type=int, default=9490)
@@ -164,7 +169,7 @@ class Bench:
         trace = [str(a.systems), str(a.users), str(a.words), str(a.concurrency)]
         self.client = subprocess.Popen(
             [sys.executable, str(PROBE), f"http://127.0.0.1:{port}", label, str(self.out), *trace],
-            env={**os.environ, "SALT": str(self.salt)},
+            env={**os.environ, "SALT": str(self.salt), "OSL": str(a.osl)},
             start_new_session=True,
         )
         self.client.wait()
@@ -196,7 +201,8 @@ class Bench:
             stop_all([s])
         t0 = time.monotonic()
         s = self.serve("four", a.port, 4, a.kv_blocks)
-        fes = [self.frontend("four", a.port + 1 + i, extra) for i, extra in enumerate(FRONTENDS)]
+        frontends = [["--router", "round-robin"], shlex.split(a.alt)]
+        fes = [self.frontend("four", a.port + 1 + i, extra) for i, extra in enumerate(frontends)]
         for port, proc in [(a.port, s), (a.port + 1, fes[0]), (a.port + 2, fes[1])]:
             self.ready(port, proc, 4)
         print(f"[four] ready after {time.monotonic() - t0:.0f} s", flush=True)
@@ -214,11 +220,15 @@ class Bench:
             f"{a.kv_blocks} blocks x 16, {a.words} words, shared device {a.shared_device}, "
             f"{a.sim_args or 'no other flags'}; {os.cpu_count()} cpus"
         )
-        print("label           req/s  TTFT p50  TTFT p90  cached  of ceiling  prompt tok/req  wall s")
+        print(
+            "label           req/s  TTFT p50  TTFT p90  latency p50"
+            "  cached  of ceiling  prompt tok/req  wall s"
+        )
         for k, r in by.items():
             of = f"{r['cached_share'] / top:9.1%}" if top else "        -"
             print(
                 f"{k:14s} {r['req_s']:6.1f} {r['ttft_p50_ms']:9.1f} {r['ttft_p90_ms']:9.1f} "
+                f"{r['latency_p50_ms']:12.1f} "
                 f"{r['cached_share']:7.1%}  {of}  {r['prompt_tokens'] / r['requests']:14.0f} "
                 f"{r['wall_s']:7.1f}"
             )

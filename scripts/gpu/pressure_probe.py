@@ -1,11 +1,12 @@
 """pressure_probe.py URL LABEL OUT [SYSTEMS USERS SYS_WORDS CONCURRENCY] -- a multi-turn trace
 whose working set is larger than one engine's KV cache: SYSTEMS system prompts (default 64) of
 ~SYS_WORDS tokens (default 2000), USERS conversations on each (default 3), two turns each (the
-second carries the first answer), CONCURRENCY requests in flight (default 16). Turn-one requests
-go in a shuffled order; a conversation's second turn joins the queue when its first has ended.
+second carries the first answer), CONCURRENCY requests in flight (default 16), $OSL output tokens
+a request (default 32). Turn-one requests go in a shuffled order; a conversation's second turn
+joins the queue when its first has ended.
 
-Prints and writes (one JSON line to OUT): req/s, first-text TTFT p50/p90 per turn and overall, the
-share of prompt tokens served from cache (usage.prompt_tokens_details.cached_tokens) and where the
+Prints and writes (one JSON line to OUT): req/s, first-text TTFT p50/p90 per turn and overall,
+request latency p50/p90 (the whole answer), the share of prompt tokens served from cache (usage.prompt_tokens_details.cached_tokens) and where the
 requests went (x-dynvllm-worker). The same trace (seeded) for every run, so runs compare."""
 
 import asyncio
@@ -27,6 +28,7 @@ WORDS = probekit.WORDS
 rng = random.Random(0)
 # Each system prompt differs from its first token on, so prompts share no blocks by accident.
 SALT = os.environ.get("SALT", "0")  # another salt, another set of prompts: runs share no cache
+OSL = int(os.environ.get("OSL", "32"))
 SYSTEM_TEXTS = [
     f"run {SALT} system {i}. " + " ".join(rng.choice(WORDS) for _ in range(SYS_WORDS)) for i in range(SYSTEMS)
 ]
@@ -38,12 +40,14 @@ def question(s: int, u: int, turn: int) -> str:
 
 
 async def one(session, messages, out):
-    r, first, text, usage = await probekit.stream_chat(session, URL, probekit.chat_body(messages))
+    t0 = time.perf_counter()
+    r, first, text, usage = await probekit.stream_chat(session, URL, probekit.chat_body(messages, OSL))
     if r.status != 200:
         out["errors"] += 1
         return ""
     worker = r.headers.get("x-dynvllm-worker", "?")[:8]
     out["ttft"].append(first * 1000)
+    out["latency"].append((time.perf_counter() - t0) * 1000)
     out["prompt"] += usage.get("prompt_tokens", 0)
     out["cached"] += (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
     out["spread"][worker] += 1
@@ -57,7 +61,7 @@ def pct(xs, q):
 
 async def main():
     turns = {
-        t: {"ttft": [], "prompt": 0, "cached": 0, "errors": 0, "spread": collections.Counter()}
+        t: {"ttft": [], "latency": [], "prompt": 0, "cached": 0, "errors": 0, "spread": collections.Counter()}
         for t in (1, 2)
     }
     queue: asyncio.Queue = asyncio.Queue()
@@ -92,12 +96,20 @@ async def main():
         await one(
             session,
             [{"role": "user", "content": "warm up"}],
-            {"ttft": [], "prompt": 0, "cached": 0, "errors": 0, "spread": collections.Counter()},
+            {
+                "ttft": [],
+                "latency": [],
+                "prompt": 0,
+                "cached": 0,
+                "errors": 0,
+                "spread": collections.Counter(),
+            },
         )
         t0 = time.perf_counter()
         await asyncio.gather(*(runner(session) for _ in range(CONC)))
         wall = time.perf_counter() - t0
     allt = turns[1]["ttft"] + turns[2]["ttft"]
+    latency = turns[1]["latency"] + turns[2]["latency"]
     prompt = turns[1]["prompt"] + turns[2]["prompt"]
     cached = turns[1]["cached"] + turns[2]["cached"]
     spread = turns[1]["spread"] + turns[2]["spread"]
@@ -108,6 +120,8 @@ async def main():
         "req_s": len(allt) / wall,
         "ttft_p50_ms": pct(allt, 0.5),
         "ttft_p90_ms": pct(allt, 0.9),
+        "latency_p50_ms": pct(latency, 0.5),
+        "latency_p90_ms": pct(latency, 0.9),
         "cached_share": cached / max(prompt, 1),
         "prompt_tokens": prompt,
         "turn1": {
@@ -119,11 +133,18 @@ async def main():
             "cached_share": turns[2]["cached"] / max(turns[2]["prompt"], 1),
         },
         "spread": dict(spread),
-        "trace": {"systems": SYSTEMS, "users": USERS, "sys_words": SYS_WORDS, "concurrency": CONC},
+        "trace": {
+            "systems": SYSTEMS,
+            "users": USERS,
+            "sys_words": SYS_WORDS,
+            "concurrency": CONC,
+            "osl": OSL,
+        },
     }
     print(
         f"[{LABEL}] {res['requests']} req ({res['errors']} errors) {res['req_s']:.1f} req/s, first-text TTFT p50 "
-        f"{res['ttft_p50_ms']:.1f} ms p90 {res['ttft_p90_ms']:.1f} ms, cached {res['cached_share']:.1%} "
+        f"{res['ttft_p50_ms']:.1f} ms p90 {res['ttft_p90_ms']:.1f} ms, latency p50 {res['latency_p50_ms']:.0f} ms "
+        f"p90 {res['latency_p90_ms']:.0f} ms, cached {res['cached_share']:.1%} "
         f"(turn 1 {res['turn1']['cached_share']:.1%}, turn 2 {res['turn2']['cached_share']:.1%}), spread {res['spread']}"
     )
     with open(OUT, "a") as f:

@@ -101,3 +101,21 @@ def test_engines_on_one_device_take_turns(tmp_path):
         assert asyncio.run(both("")) < 0.48
     finally:
         (Path(tempfile.gettempdir()) / f"dynvllm-sim-device-{device}.lock").unlink(missing_ok=True)
+
+
+def test_a_step_reads_the_kv_of_every_decoding_context(tmp_path):
+    async def decode_time(per_kv_token_us: str) -> float:
+        engine = _engine(
+            tmp_path,
+            *("--sim-decode-ms-per-step", "10", "--sim-prefill-us-per-token", "0"),
+            *("--sim-decode-us-per-kv-token", per_kv_token_us),
+        )
+        try:
+            times = await _tokens(engine, _request(1000, 5))
+            return times[-1] - times[0]
+        finally:
+            engine.shutdown()
+
+    # Four decode steps after the first token, each reading ~1,000 tokens' KV at 10 us: 20 ms a step.
+    assert asyncio.run(decode_time("10")) >= 0.075
+    assert asyncio.run(decode_time("0")) < 0.075

@@ -15,7 +15,9 @@ steps, and its first token comes with the step that ends its prompt. With
 --sim-async-scheduling 1 (vLLM's default) the next step is scheduled while one runs: a request
 that arrives while the engine is busy joins the step after next. Engines given the same
 --sim-device share one device: their steps run one at a time (a file lock), as several engines'
-steps do on one GPU; give them the whole device's timings.
+steps do on one GPU; give them the whole device's timings. --sim-decode-us-per-kv-token (default
+0) adds to a step the time to read the KV of every decoding request's context, so a larger or
+longer batch steps slower, as attention makes it on a GPU.
 
 An optional CPU tier (--sim-cpu-blocks N) stands for an offloading connector: blocks the GPU
 cache evicts move there (events with medium "CPU", stored as vLLM's connector reports them,
@@ -56,6 +58,7 @@ def sim_args(settings: Settings) -> argparse.Namespace:
     ap.add_argument("--sim-max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--sim-device", default="")
     ap.add_argument("--sim-async-scheduling", type=int, default=1)
+    ap.add_argument("--sim-decode-us-per-kv-token", type=float, default=0.0)
     ap.add_argument("--sim-start-s", type=float, default=0.0)
     ap.add_argument("--sim-cpu-blocks", type=int, default=0)
     ap.add_argument("--sim-cpu-load-us-per-block", type=float, default=None)
@@ -306,7 +309,13 @@ class SimEngine(Engine):
             now = time.monotonic()
             cutoff, scheduled = (scheduled, now) if self.args.sim_async_scheduling else (now, now)
             budget = self.args.sim_max_num_batched_tokens or 1 << 62
-            budget -= sum(1 for r in self.running.values() if not r.todo)  # decodes first
+            decoding = [r for r in self.running.values() if not r.todo]
+            budget -= len(decoding)  # decodes first
+            kv_read = (
+                sum(len(r.tokens) + r.generated for r in decoding)
+                if self.args.sim_decode_us_per_kv_token
+                else 0
+            )
             prefill_tokens = 0
             for req in self.running.values():  # then prompts that are part way (admission order)
                 chunk = min(req.todo, max(0, budget))
@@ -325,6 +334,7 @@ class SimEngine(Engine):
                 self.args.sim_decode_ms_per_step / 1000
                 + prefill_tokens * self.args.sim_prefill_us_per_token / 1e6
                 + self._load_us / 1e6
+                + kv_read * self.args.sim_decode_us_per_kv_token / 1e6
             )
             self._load_us = 0.0
             await self._step(step)
