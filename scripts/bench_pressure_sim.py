@@ -2,8 +2,8 @@
 """KV routing under cache pressure on SIMULATED engines: the sim's prediction of what
 scripts/gpu/pressure.sh measures on a GPU.
 
-A private nats-server; `dynvllm serve agg --engine sim --workers 4` behind the kv router, plus two
-`dynvllm frontend`s on the same namespace (round-robin, and kv with --router-prefill-weight 4), all
+`dynvllm serve agg --engine sim --workers 4` behind the kv router, plus two `dynvllm frontend`s
+joining its private NATS (round-robin, and kv with --router-prefill-weight 4), all
 seeing the same four engines. scripts/gpu/pressure_probe.py's multi-turn trace runs against each
 policy for --rounds rounds, each run with prompts of its own (SALT) after `dynvllm kv clear`.
 --ceiling first runs one engine with four times the blocks (the cached-share ceiling). Prints the
@@ -25,7 +25,6 @@ import os
 import resource
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
 from benchkit import model_or_tiny, serve_agg, stop_all, wait_ready
+
+from dynvllm.runtime.state import resolve_nats_url
 
 HERE = Path(__file__).resolve().parent
 PROBE = HERE / "gpu" / "pressure_probe.py"
@@ -70,7 +71,6 @@ def options() -> argparse.Namespace:
     )
     ap.add_argument("--model", help="a model folder (tokenizer, config); default: a tiny one built here")
     ap.add_argument("--port", type=int, default=9400, help="kv frontend; rr +1, kv4 +2, ceiling +3")
-    ap.add_argument("--nats-port", type=int, default=9490)
     ap.add_argument("--out", default=None, help="JSON lines of the runs (default: in a temporary folder)")
     return ap.parse_args()
 
@@ -78,38 +78,18 @@ def options() -> argparse.Namespace:
 class Bench:
     def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
         self.args, self.tmp = args, tmp
-        self.nats = f"nats://127.0.0.1:{args.nats_port}"
+        self.nats: dict[str, str] = {}  # namespace -> its `serve agg`'s private NATS
         self.out = Path(args.out or tmp / "pressure.jsonl")
         self.procs: list[subprocess.Popen] = []
         self.salt = int(time.time()) % 100_000 * 100  # fresh prompts in every run, across invocations
         self.results: list[dict] = []
         self.client: subprocess.Popen | None = None
-        self.nats_proc: subprocess.Popen | None = None
 
     def spawn(self, cmd: list[str], log: str) -> subprocess.Popen:
         with open(self.tmp / log, "ab") as f:
             p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(p)
         return p
-
-    def start_nats(self) -> None:
-        from dynvllm.runtime.nats import nats_server_binary
-
-        port = self.args.nats_port
-        self.nats_proc = self.spawn(
-            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(self.tmp / "js")],
-            "nats.log",
-        )
-        self.procs.remove(self.nats_proc)  # stopped last
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.nats_proc.poll() is not None:
-                    raise RuntimeError("nats-server did not start (see nats.log)") from None
-                time.sleep(0.1)
 
     def serve(self, ns: str, port: int, workers: int, blocks: int) -> subprocess.Popen:
         a = self.args
@@ -126,13 +106,13 @@ class Bench:
         cmd = [
             *serve_agg(self.model),
             *("--engine", "sim", "--workers", str(workers), "--router", "kv", "--max-model-len", "8192"),
-            *f"--nats-url {self.nats} --namespace {ns} --http-host 127.0.0.1 --http-port {port}".split(),
+            *f"--namespace {ns} --http-host 127.0.0.1 --http-port {port}".split(),
             *sim,
         ]
         return self.spawn(cmd, f"serve_{ns}.log")
 
     def frontend(self, ns: str, port: int, extra: list[str]) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "dynvllm", "frontend", "--nats-url", self.nats, "--namespace", ns]
+        cmd = [sys.executable, "-m", "dynvllm", "frontend", "--nats-url", self.nats[ns], "--namespace", ns]
         cmd += ["--http-host", "127.0.0.1", "--http-port", str(port), *extra]
         return self.spawn(cmd, f"frontend_{port}.log")
 
@@ -143,7 +123,7 @@ class Bench:
     def cpu(self) -> dict[int, tuple[str, float]]:
         """CPU seconds so far of every process started here (and their children), by pid."""
         seen: dict[int, tuple[str, float]] = {}
-        for p in [*self.procs, *([self.nats_proc] if self.nats_proc else [])]:
+        for p in self.procs:
             try:
                 root = psutil.Process(p.pid)
                 for q in [root, *root.children(recursive=True)]:
@@ -160,7 +140,7 @@ class Bench:
         a = self.args
         self.salt += 1
         subprocess.run(
-            [sys.executable, "-m", "dynvllm", "kv", "clear", "--nats-url", self.nats, "--namespace", ns],
+            [sys.executable, "-m", "dynvllm", "kv", "clear", "--nats-url", self.nats[ns], "--namespace", ns],
             capture_output=True,
             timeout=60,
         )
@@ -189,11 +169,11 @@ class Bench:
     def run(self) -> None:
         a = self.args
         self.model = model_or_tiny(a.model, self.tmp)
-        self.start_nats()
         if a.ceiling:
             t0 = time.monotonic()
             s = self.serve("ceiling", a.port + 3, 1, 4 * a.kv_blocks)
             self.ready(a.port + 3, s, 1)
+            self.nats["ceiling"] = resolve_nats_url(None, "ceiling")
             print(f"[ceiling] ready after {time.monotonic() - t0:.0f} s", flush=True)
             for r in range(1, a.rounds + 1):
                 self.probe("ceiling", a.port + 3, f"ceiling-{r}")
@@ -201,9 +181,11 @@ class Bench:
             stop_all([s])
         t0 = time.monotonic()
         s = self.serve("four", a.port, 4, a.kv_blocks)
+        self.ready(a.port, s, 4)
+        self.nats["four"] = resolve_nats_url(None, "four")
         frontends = [["--router", "round-robin"], shlex.split(a.alt)]
         fes = [self.frontend("four", a.port + 1 + i, extra) for i, extra in enumerate(frontends)]
-        for port, proc in [(a.port, s), (a.port + 1, fes[0]), (a.port + 2, fes[1])]:
+        for port, proc in [(a.port + 1, fes[0]), (a.port + 2, fes[1])]:
             self.ready(port, proc, 4)
         print(f"[four] ready after {time.monotonic() - t0:.0f} s", flush=True)
         for r in range(1, a.rounds + 1):
@@ -252,8 +234,6 @@ def main() -> None:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the cleanup
         stop_all([p for p in (bench.client, *bench.procs) if p is not None])
-        if bench.nats_proc is not None:
-            stop_all([bench.nats_proc])
         for lock in Path(tempfile.gettempdir()).glob(f"dynvllm-sim-device-bench-pressure-{os.getpid()}-*"):
             lock.unlink()
         bench.report()

@@ -6,8 +6,9 @@ a request (default 32). Turn-one requests go in a shuffled order; a conversation
 joins the queue when its first has ended.
 
 Prints and writes (one JSON line to OUT): req/s, first-text TTFT p50/p90 per turn and overall,
-request latency p50/p90 (the whole answer), the share of prompt tokens served from cache (usage.prompt_tokens_details.cached_tokens) and where the
-requests went (x-dynvllm-worker). The same trace (seeded) for every run, so runs compare."""
+request latency p50/p90 (the whole answer), the share of prompt tokens served from cache
+(usage.prompt_tokens_details.cached_tokens) and where the requests went (x-dynvllm-worker). The
+same trace (seeded) for every run, so runs compare."""
 
 import asyncio
 import collections
@@ -54,16 +55,17 @@ async def one(session, messages, out):
     return text
 
 
+def tally() -> dict:
+    return {"ttft": [], "latency": [], "prompt": 0, "cached": 0, "errors": 0, "spread": collections.Counter()}
+
+
 def pct(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
 
 
 async def main():
-    turns = {
-        t: {"ttft": [], "latency": [], "prompt": 0, "cached": 0, "errors": 0, "spread": collections.Counter()}
-        for t in (1, 2)
-    }
+    turns = {t: tally() for t in (1, 2)}
     queue: asyncio.Queue = asyncio.Queue()
     firsts = [(s, u) for s in range(SYSTEMS) for u in range(USERS)]
     random.Random(1).shuffle(firsts)
@@ -93,18 +95,7 @@ async def main():
                 queue.put_nowait((s, u, 2, text or "ok"))
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
-        await one(
-            session,
-            [{"role": "user", "content": "warm up"}],
-            {
-                "ttft": [],
-                "latency": [],
-                "prompt": 0,
-                "cached": 0,
-                "errors": 0,
-                "spread": collections.Counter(),
-            },
-        )
+        await one(session, [{"role": "user", "content": "warm up"}], tally())
         t0 = time.perf_counter()
         await asyncio.gather(*(runner(session) for _ in range(CONC)))
         wall = time.perf_counter() - t0
