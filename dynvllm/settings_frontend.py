@@ -247,6 +247,14 @@ class RouterSettings(SettingsGroup):
         description="Cost of prefilling one uncached prompt block relative to holding one active "
         "block (an uncached block also becomes an active one).",
     )
+    router_decode_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Load of one block of a request in flight, counted per request (its prompt, "
+        "shared prefix included, and its output so far), beside the worker's distinct active "
+        "blocks: a decode step reads every sequence's whole context, so requests piling onto the "
+        "worker that holds a hot prefix cost it per request (0: distinct blocks only).",
+    )
     router_temperature: float = Field(
         0.0, ge=0, description="0 picks the cheapest worker; above 0 samples softmax(-cost/T)."
     )

@@ -2,10 +2,11 @@
 """KV routing under cache pressure on SIMULATED engines: the sim's prediction of what
 scripts/gpu/pressure.sh measures on a GPU.
 
-`dynvllm serve agg --engine sim --workers 4` behind the kv router, plus two `dynvllm frontend`s
-joining its private NATS (round-robin, and kv with --router-prefill-weight 4), all
-seeing the same four engines. scripts/gpu/pressure_probe.py's multi-turn trace runs against each
-policy for --rounds rounds, each run with prompts of its own (SALT) after `dynvllm kv clear`.
+`dynvllm serve agg --engine sim --workers 4` behind the kv router, plus a `dynvllm frontend`
+joining its private NATS for each other policy named (rr: round-robin; kv4: kv with
+--router-prefill-weight 4; alt: kv with the flags of --alt), all seeing the same four engines.
+scripts/gpu/pressure_probe.py's multi-turn trace runs against each policy for --rounds rounds,
+each run with prompts of its own (SALT) after `dynvllm kv clear`.
 --ceiling first runs one engine with four times the blocks (the cached-share ceiling). Prints the
 probe lines, the TTFT ratios (rr/kv, rr/kv4), each policy's cached share as a share of the
 ceiling, and the CPU the services used (this host's cores are shared with the engines' timers).
@@ -40,7 +41,8 @@ from dynvllm.runtime.state import resolve_nats_url
 
 HERE = Path(__file__).resolve().parent
 PROBE = HERE / "gpu" / "pressure_probe.py"
-POLICIES = {"kv": 0, "rr": 1, "kv4": 2, "alt": 2}  # port offset from --port
+POLICIES = {"kv": 0, "rr": 1, "kv4": 2, "alt": 4}  # port offset from --port (the ceiling +3)
+FRONTENDS = {"rr": ["--router", "round-robin"], "kv4": ["--router", "kv", "--router-prefill-weight", "4"]}
 
 
 def options() -> argparse.Namespace:
@@ -66,11 +68,11 @@ def options() -> argparse.Namespace:
     ap.add_argument("--policies", default="kv,rr,kv4")
     ap.add_argument(
         "--alt",
-        default="--router kv --router-prefill-weight 4",
-        help="the third frontend's routing flags (policy kv4; name it alt when you change them)",
+        default="--router kv --router-decode-weight 0.5",
+        help="routing flags of the frontend that policy alt names (started only when named)",
     )
     ap.add_argument("--model", help="a model folder (tokenizer, config); default: a tiny one built here")
-    ap.add_argument("--port", type=int, default=9400, help="kv frontend; rr +1, kv4 +2, ceiling +3")
+    ap.add_argument("--port", type=int, default=9400, help="kv frontend; rr +1, kv4 +2, ceiling +3, alt +4")
     ap.add_argument("--out", default=None, help="JSON lines of the runs (default: in a temporary folder)")
     return ap.parse_args()
 
@@ -183,10 +185,11 @@ class Bench:
         s = self.serve("four", a.port, 4, a.kv_blocks)
         self.ready(a.port, s, 4)
         self.nats["four"] = resolve_nats_url(None, "four")
-        frontends = [["--router", "round-robin"], shlex.split(a.alt)]
-        fes = [self.frontend("four", a.port + 1 + i, extra) for i, extra in enumerate(frontends)]
-        for port, proc in [(a.port + 1, fes[0]), (a.port + 2, fes[1])]:
-            self.ready(port, proc, 4)
+        named = [p for p in dict.fromkeys(a.policies.split(",")) if p != "kv"]
+        flags = {**FRONTENDS, "alt": shlex.split(a.alt)}
+        fes = {p: self.frontend("four", a.port + POLICIES[p], flags[p]) for p in named}
+        for p, proc in fes.items():
+            self.ready(a.port + POLICIES[p], proc, 4)
         print(f"[four] ready after {time.monotonic() - t0:.0f} s", flush=True)
         for r in range(1, a.rounds + 1):
             for pol in a.policies.split(","):

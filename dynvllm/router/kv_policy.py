@@ -4,6 +4,8 @@
          + uncached prompt blocks           (which then join that worker's active blocks)
          + the worker's active blocks       (distinct blocks of its in-flight requests, less the
                                              leading blocks of this prompt they hold: `Load.others`)
+         + decode weight x its contexts     (every in-flight request's prompt and output blocks,
+                                             shared prefix included: `Load.decoding`; off at 0)
 
 A prefix block held only in an offload tier (see `tiers`) is not prefilled but loaded: it costs
 the tier's load cost (a share of a prefill) in place of 1 in the prefill term, and still joins
@@ -13,7 +15,10 @@ Active blocks are distinct: requests in flight that share a prefix share its blo
 so a request joining others with its prefix adds only its own blocks there. Counting every
 request's whole prompt instead (the first version) made one request's worth of load imbalance
 cancel a whole cached prefix: on a GPU, eight system prompts over two engines then cached no more
-than round-robin did.
+than round-robin did. The per-request term answers the opposite case: requests sharing one hot
+prompt pile onto its holder, which looks lightly loaded by distinct blocks while every decode step
+there reads each sequence's whole context (`--router-decode-weight`: a spread of about
+(prefill weight + 1) / decode weight requests before the prompt is prefilled on another worker).
 
 Pure logic. Ties go to the worker with less load, then to one the prompt's last block key
 picks (the same in every frontend; prompts shorter than a block rotate); a positive temperature

@@ -30,11 +30,14 @@ class Load:
     """What the frontend has in flight on each worker: requests and the distinct prompt blocks
     they hold, per instance and per (instance, data-parallel rank); and how many ranks each
     instance has. Requests sharing a prefix on one engine share its blocks, so a block counts once
-    however many requests in flight there hold it."""
+    however many requests in flight there hold it. `contexts` counts every request's whole context
+    (prompt and output so far) instead, shared prefix included: what a decode step reads."""
 
     inflight: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     active_blocks: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     rank_blocks: dict[tuple[str, int], float] = field(default_factory=lambda: defaultdict(float))
+    contexts: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    rank_contexts: dict[tuple[str, int], float] = field(default_factory=lambda: defaultdict(float))
     #: Instance id -> its data-parallel ranks (first rank, count); absent means one engine.
     ranks: dict[str, tuple[int, int]] = field(default_factory=dict)
     #: (instance, rank) -> block key -> requests in flight there holding it.
@@ -54,7 +57,8 @@ class Load:
             c = get(k, 0)
             held[k] = c + 1
             new += not c
-        self.count(worker, rank, new + max(0.0, blocks - len(keys)))
+        self._distinct(worker, rank, new + max(0.0, blocks - len(keys)))
+        self._context(worker, rank, blocks)
 
     def remove(self, worker: str, rank: int, blocks: float, keys: Sequence[int]) -> None:
         if keys and (on := self.starts.get(keys[0])) and (c := on.get((worker, rank))):
@@ -73,12 +77,33 @@ class Load:
             elif c:
                 del held[k]
                 gone += 1
-        self.count(worker, rank, -(gone + max(0.0, blocks - len(keys))))
+        self._distinct(worker, rank, -(gone + max(0.0, blocks - len(keys))))
+        self._context(worker, rank, -blocks)
 
     def count(self, worker: str, rank: int, delta: float) -> None:
-        """Blocks held there that no other request shares (a partial block, output)."""
+        """A request's output filled (or, ending, freed) `delta` blocks there: its own."""
+        self._distinct(worker, rank, delta)
+        self._context(worker, rank, delta)
+
+    def _distinct(self, worker: str, rank: int, delta: float) -> None:
         self.active_blocks[worker] = max(0.0, self.active_blocks[worker] + delta)
         self.rank_blocks[(worker, rank)] = max(0.0, self.rank_blocks[(worker, rank)] + delta)
+
+    def _context(self, worker: str, rank: int, delta: float) -> None:
+        self.contexts[worker] = max(0.0, self.contexts[worker] + delta)
+        self.rank_contexts[(worker, rank)] = max(0.0, self.rank_contexts[(worker, rank)] + delta)
+
+    def decoding(self, blocks: Mapping, per_rank: bool, weight: float) -> Mapping:
+        """`blocks` (as `others` gives them) plus `weight` x the contexts of the requests in flight
+        there (see `KvPolicy`)."""
+        if weight <= 0:
+            return blocks
+        contexts = self.rank_contexts if per_rank else self.contexts
+        get = blocks.get
+        out = {w: get(w, 0.0) + weight * c for w, c in contexts.items() if c}
+        for w, b in blocks.items():
+            out.setdefault(w, b)
+        return out
 
     def others(self, keys: Sequence[int], blocks: dict, per_rank: bool) -> Mapping:
         """`blocks` (active blocks by instance, or by (instance, rank) with `per_rank`) less the
@@ -108,9 +133,12 @@ class Load:
     def forget(self, worker: str) -> None:
         self.inflight.pop(worker, None)
         self.active_blocks.pop(worker, None)
+        self.contexts.pop(worker, None)
         self.ranks.pop(worker, None)
         for key in [k for k in self.rank_blocks if k[0] == worker]:
             del self.rank_blocks[key]
+        for key in [k for k in self.rank_contexts if k[0] == worker]:
+            del self.rank_contexts[key]
         for key in [k for k in self.held if k[0] == worker]:
             del self.held[key]
         for first, on in list(self.starts.items()):
@@ -255,9 +283,10 @@ class KvRouting(Policy):
     def _decide(self, candidates: Sequence[str], keys: list[int], load: Load, predicted: bool) -> Decision:
         """`predicted`: the blocks of requests in flight count as cached where they went (until
         events say so), so a request sharing them shares them there (see `Load.others`)."""
-        ranks = load.ranks
+        ranks, decode = load.ranks, self.settings.router_decode_weight
         if not ranks:
             blocks = load.others(keys, load.active_blocks, False) if predicted else load.active_blocks
+            blocks = load.decoding(blocks, False, decode)
             return self.cost.choose([(c, 0) for c in candidates], keys, blocks)
         # Data-parallel instances: each rank has its own KV cache and queue, so each is a target.
         targets: list[Worker] = []
@@ -265,6 +294,7 @@ class KvRouting(Policy):
             first, count = ranks.get(c, (0, 1))
             targets.extend((c, r) for r in range(first, first + count))
         per_rank = load.others(keys, load.rank_blocks, True) if predicted else load.rank_blocks
+        per_rank = load.decoding(per_rank, True, decode)
         return self.cost.choose(targets, keys, per_rank, per_rank=True)
 
     def on_kv_events(self, batch: KvEventBatch) -> None:

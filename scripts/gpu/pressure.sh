@@ -5,7 +5,8 @@
 # default 48,000, through --kv-cache-memory-bytes) and smaller than four.
 #   ceiling: one engine with four times the KV budget: the cached-share ceiling
 #   four:    four engines on the GPU behind three frontends on one NATS: kv (port P), round-robin (P+1),
-#            least-loaded (P+2; THIRD=kv4: kv with --router-prefill-weight 4 instead); each policy of
+#            least-loaded (P+2; THIRD=kv4: kv with --router-prefill-weight 4 instead; THIRD=alt: kv
+#            with the flags of $ALT, e.g. ALT="--router-decode-weight 0.5"); each policy of
 #            $POLS (default "kv rr ll") runs the trace twice (rounds), each run with prompts of its
 #            own (SALT), so no run finds another's blocks
 #   tier:    the four engines again with vLLM's native CPU offloading (--kv-offloading-size $TIER_GIB
@@ -57,7 +58,8 @@ for c in $CASES; do
         --http-host 127.0.0.1 --http-port $P --router kv --workers 4 --gpu-memory-utilization 0.12 \
         --kv-cache-memory-bytes $KV "${extra[@]}" "${ENG[@]}" > /tmp/pr_$c.log 2>&1 & s=$!; ALL+=($s)
       fr=()
-      third="least-loaded $((P + 2))"; [ $THIRD = kv4 ] && third="kv $((P + 2)) --router-prefill-weight 4"
+      case $THIRD in kv4) third="kv $((P + 2)) --router-prefill-weight 4" ;; alt) third="kv $((P + 2)) ${ALT:-}" ;;
+        *) third="least-loaded $((P + 2))" ;; esac
       for pr in "round-robin $((P + 1))" "$third"; do set -- $pr
         setsid python3 -m dynvllm frontend --nats-url $NATS --namespace $NS --router $1 --http-host 127.0.0.1 \
           --http-port $2 "${@:3}" > /tmp/pr_${c}_$1_$2.log 2>&1 & fr+=($!); ALL+=($!)
@@ -66,7 +68,7 @@ for c in $CASES; do
         echo "[$c] ready after $(( $(date +%s)-t0 )) s"
         python3 $HERE/kv_tier_probe.py $NATS $NS $OUT/pressure.jsonl & sniff=$!  # events by medium
         for r in 1 2; do for pol in $pols; do
-          case $pol in kv) port=$P ;; rr) port=$((P + 1)) ;; ll|kv4) port=$((P + 2)) ;; esac
+          case $pol in kv) port=$P ;; rr) port=$((P + 1)) ;; ll|kv4|alt) port=$((P + 2)) ;; esac
           probe $port $c-$pol-$r
         done; done
         kill -TERM $sniff; wait $sniff

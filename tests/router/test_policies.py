@@ -170,3 +170,19 @@ def test_kv_router_spreads_one_hot_prefix_as_output_fills_the_cache():
     hits, spread = _shared_prefix_run(router, ["a", "b"], systems=1, output=True)
     assert hits == 62 and min(spread.values()) >= 24, (hits, spread)
     assert not any(router.load.active_blocks.values()) and not any(router.load.held.values())
+
+
+def test_decode_weight_spreads_one_hot_prefix_that_distinct_blocks_pile_up():
+    """Requests sharing one hot prompt add only their own tails to its holder's distinct blocks,
+    so without output filling the cache all 64 go there while the other worker idles; a decode
+    step reads every sequence's context, and `router_decode_weight` counts it per request. The
+    prefix is then paid for once more, and eight prompts stay about as well kept together."""
+    piled, spread = _shared_prefix_run(Router(RouterSettings(router="kv")), ["a", "b"], systems=1)
+    assert (piled, sorted(spread.values())) == (63, [64])
+    weighted = RouterSettings(router="kv", router_decode_weight=0.5)
+    router = Router(weighted)
+    hits, spread = _shared_prefix_run(router, ["a", "b"], systems=1)
+    assert hits == 62 and min(spread.values()) >= 28, (hits, spread)
+    assert not any(router.load.contexts.values()) and not any(router.load.rank_contexts.values())
+    hits, spread = _shared_prefix_run(Router(weighted), ["a", "b"], systems=8, output=True)
+    assert hits >= 64 - 8 - 3 and min(spread.values()) >= 24, (hits, spread)

@@ -193,6 +193,7 @@ def test_a_lone_frontend_publishes_heartbeats_only_and_a_newcomer_learns_what_is
     _send(a, b, now=0.0)
     assert b.inflight["w1"] == 2
     assert b.load.active_blocks["w1"] == 2 + 3 + 2  # both prompts' blocks and the first's output
+    assert b.load.contexts == a.load.contexts == {"w1": 2 + 3 + 2}
     # A third joins: the records are sent again; the second skips those it knows.
     c = Router(RouterSettings(router="kv"))
     c.share("c", lambda: None, silence=2.0)
@@ -244,6 +245,10 @@ def test_the_load_a_prompt_meets_leaves_out_the_blocks_it_would_share():
     assert dict(load.active_blocks) == {"w1": 5, "w2": 5}
     assert load.others(prompt, load.active_blocks, False) == {"w1": 1, "w2": 5}
     assert load.others(prompt, load.rank_blocks, True) == {("w1", 0): 1, ("w2", 0): 5}
+    # Per request, the shared prefix counts in each request's context: 4 + 3 on w1.
+    others = load.others(prompt, load.active_blocks, False)
+    assert load.decoding(others, False, 0.5) == {"w1": 1 + 3.5, "w2": 5 + 2.5}
+    assert load.decoding(others, False, 0.0) is others
     assert load.others([1, 2], load.active_blocks, False) is load.active_blocks
     load.remove("w1", 0, 4.0, prompt[:4])
     assert load.others(prompt, load.active_blocks, False) == {"w1": 3 - 2, "w2": 5}
