@@ -250,10 +250,10 @@ class RouterSettings(SettingsGroup):
     router_decode_weight: float = Field(
         0.0,
         ge=0,
-        description="Load of one block of a request in flight, counted per request (its prompt, "
-        "shared prefix included, and its output so far), beside the worker's distinct active "
-        "blocks: a decode step reads every sequence's whole context, so requests piling onto the "
-        "worker that holds a hot prefix cost it per request (0: distinct blocks only).",
+        le=1,
+        description="How much a prompt prefix that requests in flight on a worker share counts per "
+        "request in its load: 0 once (the blocks its cache holds), 1 once per request (what every "
+        "decode step reads). Above 0, requests on one hot prompt stop piling onto its holder.",
     )
     router_temperature: float = Field(
         0.0, ge=0, description="0 picks the cheapest worker; above 0 samples softmax(-cost/T)."

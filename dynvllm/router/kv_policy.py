@@ -4,8 +4,9 @@
          + uncached prompt blocks           (which then join that worker's active blocks)
          + the worker's active blocks       (distinct blocks of its in-flight requests, less the
                                              leading blocks of this prompt they hold: `Load.others`)
-         + decode weight x its contexts     (every in-flight request's prompt and output blocks,
-                                             shared prefix included: `Load.decoding`; off at 0)
+                                             moved `decode_weight` of the way to the sum of its
+                                             requests' contexts, shared prefix once per request
+                                             (`Load.decoding`; 0 by default)
 
 A prefix block held only in an offload tier (see `tiers`) is not prefilled but loaded: it costs
 the tier's load cost (a share of a prefill) in place of 1 in the prefill term, and still joins
@@ -17,8 +18,10 @@ request's whole prompt instead (the first version) made one request's worth of l
 cancel a whole cached prefix: on a GPU, eight system prompts over two engines then cached no more
 than round-robin did. The per-request term answers the opposite case: requests sharing one hot
 prompt pile onto its holder, which looks lightly loaded by distinct blocks while every decode step
-there reads each sequence's whole context (`--router-decode-weight`: a spread of about
-(prefill weight + 1) / decode weight requests before the prompt is prefilled on another worker).
+there reads each sequence's whole context. `--router-decode-weight` w in (0, 1] counts a prefix
+that n requests share (1 - w + n w) times: a hot prompt then spreads once about
+(prefill weight + 1) / w more requests run on its holder than elsewhere, while load that shares
+nothing counts as before.
 
 Pure logic. Ties go to the worker with less load, then to one the prompt's last block key
 picks (the same in every frontend; prompts shorter than a block rotate); a positive temperature

@@ -94,15 +94,17 @@ class Load:
         self.rank_contexts[(worker, rank)] = max(0.0, self.rank_contexts[(worker, rank)] + delta)
 
     def decoding(self, blocks: Mapping, per_rank: bool, weight: float) -> Mapping:
-        """`blocks` (as `others` gives them) plus `weight` x the contexts of the requests in flight
-        there (see `KvPolicy`)."""
+        """`blocks` (distinct, as `others` gives them) moved `weight` of the way to the contexts of
+        the requests in flight there: (1 - weight) x blocks + weight x contexts. Where no two
+        requests share a block the two agree and nothing changes; a prefix that n requests share
+        counts n x weight times more (see `KvPolicy`)."""
         if weight <= 0:
             return blocks
         contexts = self.rank_contexts if per_rank else self.contexts
-        get = blocks.get
-        out = {w: get(w, 0.0) + weight * c for w, c in contexts.items() if c}
+        get, keep = blocks.get, 1.0 - weight
+        out = {w: keep * get(w, 0.0) + weight * c for w, c in contexts.items() if c}
         for w, b in blocks.items():
-            out.setdefault(w, b)
+            out.setdefault(w, keep * b)
         return out
 
     def others(self, keys: Sequence[int], blocks: dict, per_rank: bool) -> Mapping:

@@ -6,7 +6,8 @@
 #   ceiling: one engine with four times the KV budget: the cached-share ceiling
 #   four:    four engines on the GPU behind three frontends on one NATS: kv (port P), round-robin (P+1),
 #            least-loaded (P+2; THIRD=kv4: kv with --router-prefill-weight 4 instead; THIRD=alt: kv
-#            with the flags of $ALT, e.g. ALT="--router-decode-weight 0.5"); each policy of
+#            with the flags of $ALT, e.g. ALT="--router-decode-weight 0.5"; KV_ARGS: more flags for
+#            the kv frontend on P, e.g. KV_ARGS="--router-prefill-weight 4"); each policy of
 #            $POLS (default "kv rr ll") runs the trace twice (rounds), each run with prompts of its
 #            own (SALT), so no run finds another's blocks
 #   tier:    the four engines again with vLLM's native CPU offloading (--kv-offloading-size $TIER_GIB
@@ -55,7 +56,7 @@ for c in $CASES; do
       extra=(); pols=${POLS:-"kv rr $THIRD"}
       [ $c = tier ] && { extra=(--kv-offloading-size ${TIER_GIB:-8}); pols=${POLS:-"kv rr"}; }
       setsid python3 -m dynvllm serve agg --model $M --served-model-name m --nats-url $NATS --namespace $NS \
-        --http-host 127.0.0.1 --http-port $P --router kv --workers 4 --gpu-memory-utilization 0.12 \
+        --http-host 127.0.0.1 --http-port $P --router kv ${KV_ARGS:-} --workers 4 --gpu-memory-utilization 0.12 \
         --kv-cache-memory-bytes $KV "${extra[@]}" "${ENG[@]}" > /tmp/pr_$c.log 2>&1 & s=$!; ALL+=($s)
       fr=()
       case $THIRD in kv4) third="kv $((P + 2)) --router-prefill-weight 4" ;; alt) third="kv $((P + 2)) ${ALT:-}" ;;

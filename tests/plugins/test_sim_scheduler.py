@@ -119,3 +119,27 @@ def test_a_step_reads_the_kv_of_every_decoding_context(tmp_path):
     # Four decode steps after the first token, each reading ~1,000 tokens' KV at 10 us: 20 ms a step.
     assert asyncio.run(decode_time("10")) >= 0.075
     assert asyncio.run(decode_time("0")) < 0.075
+
+
+def test_host_work_of_a_step_overlaps_another_engines_device_work(tmp_path):
+    async def both(*flags: str) -> float:
+        common = ("--sim-prefill-us-per-token", "0", "--sim-device", device, *flags)
+        a, b = _engine(tmp_path, *common), _engine(tmp_path, *common)
+        try:
+            t0 = time.monotonic()
+            await asyncio.gather(_tokens(a, _request(32, 10, 1)), _tokens(b, _request(32, 10, 2)))
+            return time.monotonic() - t0
+        finally:
+            a.shutdown()
+            b.shutdown()
+
+    device = f"test-{uuid.uuid4().hex[:8]}"
+    try:
+        # Ten steps each of 25 ms: all on the device, the two engines take 0.5 s in turns; with
+        # 15 ms of each on the host, one engine's host part runs while the other holds the device
+        # (~0.26 s), and no engine's step is shorter than its two parts (>= 0.25 s).
+        assert asyncio.run(both("--sim-decode-ms-per-step", "25")) >= 0.48
+        overlapped = asyncio.run(both("--sim-decode-ms-per-step", "10", "--sim-host-ms-per-step", "15"))
+        assert 0.24 <= overlapped < 0.45, overlapped
+    finally:
+        (Path(tempfile.gettempdir()) / f"dynvllm-sim-device-{device}.lock").unlink(missing_ok=True)

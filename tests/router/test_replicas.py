@@ -245,9 +245,11 @@ def test_the_load_a_prompt_meets_leaves_out_the_blocks_it_would_share():
     assert dict(load.active_blocks) == {"w1": 5, "w2": 5}
     assert load.others(prompt, load.active_blocks, False) == {"w1": 1, "w2": 5}
     assert load.others(prompt, load.rank_blocks, True) == {("w1", 0): 1, ("w2", 0): 5}
-    # Per request, the shared prefix counts in each request's context: 4 + 3 on w1.
+    # Per request, the shared prefix counts in each request's context: 4 + 3 on w1; w2's requests
+    # share nothing, so their contexts are its distinct blocks and its load does not move.
     others = load.others(prompt, load.active_blocks, False)
-    assert load.decoding(others, False, 0.5) == {"w1": 1 + 3.5, "w2": 5 + 2.5}
+    assert load.decoding(others, False, 0.5) == {"w1": 0.5 * 1 + 0.5 * 7, "w2": 5}
+    assert load.decoding(others, False, 1.0) == {"w1": 7, "w2": 5}
     assert load.decoding(others, False, 0.0) is others
     assert load.others([1, 2], load.active_blocks, False) is load.active_blocks
     load.remove("w1", 0, 4.0, prompt[:4])

@@ -15,7 +15,9 @@ steps, and its first token comes with the step that ends its prompt. With
 --sim-async-scheduling 1 (vLLM's default) the next step is scheduled while one runs: a request
 that arrives while the engine is busy joins the step after next. Engines given the same
 --sim-device share one device: their steps run one at a time (a file lock), as several engines'
-steps do on one GPU; give them the whole device's timings. --sim-decode-us-per-kv-token (default
+steps do on one GPU; give them the whole device's timings. --sim-host-ms-per-step (default 0) is
+the part of every step spent on the host (scheduling, sampling, outputs), outside that lock: one
+engine's host work overlaps another's kernels, as it does on a GPU. --sim-decode-us-per-kv-token (default
 0) adds to a step the time to read the KV of every decoding request's context, so a larger or
 longer batch steps slower, as attention makes it on a GPU.
 
@@ -59,6 +61,7 @@ def sim_args(settings: Settings) -> argparse.Namespace:
     ap.add_argument("--sim-device", default="")
     ap.add_argument("--sim-async-scheduling", type=int, default=1)
     ap.add_argument("--sim-decode-us-per-kv-token", type=float, default=0.0)
+    ap.add_argument("--sim-host-ms-per-step", type=float, default=0.0)
     ap.add_argument("--sim-start-s", type=float, default=0.0)
     ap.add_argument("--sim-cpu-blocks", type=int, default=0)
     ap.add_argument("--sim-cpu-load-us-per-block", type=float, default=None)
@@ -347,9 +350,12 @@ class SimEngine(Engine):
             s.updated = time.time()
 
     async def _step(self, seconds: float) -> None:
+        host = self.args.sim_host_ms_per_step / 1000
         if self._device is None:
-            await asyncio.sleep(seconds)
+            await asyncio.sleep(seconds + host)
             return
+        if host:
+            await asyncio.sleep(host)
         await asyncio.to_thread(fcntl.flock, self._device, fcntl.LOCK_EX)
         try:
             await asyncio.sleep(seconds)
