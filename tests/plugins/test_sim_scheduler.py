@@ -81,24 +81,25 @@ def test_a_request_arriving_mid_step_joins_the_step_after_next(tmp_path):
     assert asyncio.run(ttft("0")) < 0.375
 
 
-def test_engines_on_one_device_take_turns(tmp_path):
-    async def both(device: str) -> float:
-        flags = ("--sim-decode-ms-per-step", "25", "--sim-prefill-us-per-token", "0")
-        a = _engine(tmp_path, *flags, *(["--sim-device", device] if device else []))
-        b = _engine(tmp_path, *flags, *(["--sim-device", device] if device else []))
-        try:
-            t0 = time.monotonic()
-            await asyncio.gather(_tokens(a, _request(32, 10, 1)), _tokens(b, _request(32, 10, 2)))
-            return time.monotonic() - t0
-        finally:
-            a.shutdown()
-            b.shutdown()
+async def _both(tmp_path, *flags: str) -> float:
+    """Seconds two engines take to decode ten tokens each, side by side."""
+    a, b = _engine(tmp_path, *flags), _engine(tmp_path, *flags)
+    try:
+        t0 = time.monotonic()
+        await asyncio.gather(_tokens(a, _request(32, 10, 1)), _tokens(b, _request(32, 10, 2)))
+        return time.monotonic() - t0
+    finally:
+        a.shutdown()
+        b.shutdown()
 
+
+def test_engines_on_one_device_take_turns(tmp_path):
     device = f"test-{uuid.uuid4().hex[:8]}"
+    flags = ("--sim-decode-ms-per-step", "25", "--sim-prefill-us-per-token", "0")
     try:
         # Ten steps each of 25 ms: 0.5 s in turns on one device, 0.25 s side by side.
-        assert asyncio.run(both(device)) >= 0.48
-        assert asyncio.run(both("")) < 0.48
+        assert asyncio.run(_both(tmp_path, *flags, "--sim-device", device)) >= 0.48
+        assert asyncio.run(_both(tmp_path, *flags)) < 0.48
     finally:
         (Path(tempfile.gettempdir()) / f"dynvllm-sim-device-{device}.lock").unlink(missing_ok=True)
 
@@ -122,24 +123,17 @@ def test_a_step_reads_the_kv_of_every_decoding_context(tmp_path):
 
 
 def test_host_work_of_a_step_overlaps_another_engines_device_work(tmp_path):
-    async def both(*flags: str) -> float:
-        common = ("--sim-prefill-us-per-token", "0", "--sim-device", device, *flags)
-        a, b = _engine(tmp_path, *common), _engine(tmp_path, *common)
-        try:
-            t0 = time.monotonic()
-            await asyncio.gather(_tokens(a, _request(32, 10, 1)), _tokens(b, _request(32, 10, 2)))
-            return time.monotonic() - t0
-        finally:
-            a.shutdown()
-            b.shutdown()
-
     device = f"test-{uuid.uuid4().hex[:8]}"
+
+    def both(*flags: str) -> float:
+        return asyncio.run(_both(tmp_path, "--sim-prefill-us-per-token", "0", "--sim-device", device, *flags))
+
     try:
         # Ten steps each of 25 ms: all on the device, the two engines take 0.5 s in turns; with
         # 15 ms of each on the host, one engine's host part runs while the other holds the device
         # (~0.26 s), and no engine's step is shorter than its two parts (>= 0.25 s).
-        assert asyncio.run(both("--sim-decode-ms-per-step", "25")) >= 0.48
-        overlapped = asyncio.run(both("--sim-decode-ms-per-step", "10", "--sim-host-ms-per-step", "15"))
+        assert both("--sim-decode-ms-per-step", "25") >= 0.48
+        overlapped = both("--sim-decode-ms-per-step", "10", "--sim-host-ms-per-step", "15")
         assert 0.24 <= overlapped < 0.45, overlapped
     finally:
         (Path(tempfile.gettempdir()) / f"dynvllm-sim-device-{device}.lock").unlink(missing_ok=True)
