@@ -27,7 +27,7 @@ class Router:
         self.policy_name = self.settings.router
         # The whole settings: a policy may read its own plugin group.
         self.policy = make_policy(settings)
-        self.load = Load()
+        self.load = Load(decode_weight=self.settings.router_decode_weight)
         self.inflight = self.load.inflight
         #: This frontend's decisions for its peers, and theirs (None: not shared).
         self.outbox: Outbox | None = None

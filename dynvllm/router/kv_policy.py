@@ -6,7 +6,7 @@
                                              leading blocks of this prompt they hold: `Load.others`)
                                              moved `decode_weight` of the way to the sum of its
                                              requests' contexts, shared prefix once per request
-                                             (`Load.decoding`; 0 by default)
+                                             (`Load.load`; 0 by default)
 
 A prefix block held only in an offload tier (see `tiers`) is not prefilled but loaded: it costs
 the tier's load cost (a share of a prefill) in place of 1 in the prefill term, and still joins

@@ -38,6 +38,11 @@ class Load:
     rank_blocks: dict[tuple[str, int], float] = field(default_factory=lambda: defaultdict(float))
     contexts: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     rank_contexts: dict[tuple[str, int], float] = field(default_factory=lambda: defaultdict(float))
+    #: With a decode weight w > 0: (1 - w) x active blocks + w x contexts, kept as they change so
+    #: that a choice among thousands of workers reads it as it reads the active blocks.
+    decode_weight: float = 0.0
+    blended: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    rank_blended: dict[tuple[str, int], float] = field(default_factory=lambda: defaultdict(float))
     #: Instance id -> its data-parallel ranks (first rank, count); absent means one engine.
     ranks: dict[str, tuple[int, int]] = field(default_factory=dict)
     #: (instance, rank) -> block key -> requests in flight there holding it.
@@ -88,26 +93,33 @@ class Load:
     def _distinct(self, worker: str, rank: int, delta: float) -> None:
         self.active_blocks[worker] = max(0.0, self.active_blocks[worker] + delta)
         self.rank_blocks[(worker, rank)] = max(0.0, self.rank_blocks[(worker, rank)] + delta)
+        if self.decode_weight > 0:
+            self._blend(worker, rank, (1.0 - self.decode_weight) * delta)
 
     def _context(self, worker: str, rank: int, delta: float) -> None:
         self.contexts[worker] = max(0.0, self.contexts[worker] + delta)
         self.rank_contexts[(worker, rank)] = max(0.0, self.rank_contexts[(worker, rank)] + delta)
+        if self.decode_weight > 0:
+            self._blend(worker, rank, self.decode_weight * delta)
 
-    def decoding(self, blocks: Mapping, per_rank: bool, weight: float) -> Mapping:
-        """`blocks` (distinct, as `others` gives them) moved `weight` of the way to the contexts of
-        the requests in flight there: (1 - weight) x blocks + weight x contexts. Where no two
-        requests share a block the two agree and nothing changes; a prefix that n requests share
-        counts n x weight times more (see `KvPolicy`)."""
-        if weight <= 0:
-            return blocks
-        contexts = self.rank_contexts if per_rank else self.contexts
-        get, keep = blocks.get, 1.0 - weight
-        out = {w: keep * get(w, 0.0) + weight * c for w, c in contexts.items() if c}
-        for w, b in blocks.items():
-            out.setdefault(w, keep * b)
-        return out
+    def _blend(self, worker: str, rank: int, delta: float) -> None:
+        self.blended[worker] = max(0.0, self.blended[worker] + delta)
+        self.rank_blended[(worker, rank)] = max(0.0, self.rank_blended[(worker, rank)] + delta)
 
-    def others(self, keys: Sequence[int], blocks: dict, per_rank: bool) -> Mapping:
+    def load(self, keys: Sequence[int], per_rank: bool, predicted: bool) -> Mapping:
+        """What `KvPolicy` weighs a worker's load by, by instance (or by (instance, rank) with
+        `per_rank`): its active blocks, moved `decode_weight` w of the way to its requests'
+        contexts, (1 - w) x distinct + w x contexts. Where no two requests share a block the two
+        agree; a prefix that n requests share counts (1 - w + n w) times. `predicted`: less the
+        leading blocks of `keys` requests in flight there hold (`others`)."""
+        w = self.decode_weight
+        if w > 0:
+            blocks = self.rank_blended if per_rank else self.blended
+        else:
+            blocks = self.rank_blocks if per_rank else self.active_blocks
+        return self.others(keys, blocks, per_rank, 1.0 - w) if predicted else blocks
+
+    def others(self, keys: Sequence[int], blocks: dict, per_rank: bool, share: float = 1.0) -> Mapping:
         """`blocks` (active blocks by instance, or by (instance, rank) with `per_rank`) less the
         leading blocks of `keys` that requests in flight there hold already: a request with that
         prefix shares them there, it does not add to them (block keys chain, so a held key holds
@@ -129,18 +141,21 @@ class Load:
                 else:
                     hi = mid - 1
             name = target if per_rank else target[0]
-            out[name] = max(0.0, out.get(name, 0.0) - lo)
+            out[name] = max(0.0, out.get(name, 0.0) - share * lo)
         return out
 
     def forget(self, worker: str) -> None:
         self.inflight.pop(worker, None)
         self.active_blocks.pop(worker, None)
         self.contexts.pop(worker, None)
+        self.blended.pop(worker, None)
         self.ranks.pop(worker, None)
         for key in [k for k in self.rank_blocks if k[0] == worker]:
             del self.rank_blocks[key]
         for key in [k for k in self.rank_contexts if k[0] == worker]:
             del self.rank_contexts[key]
+        for key in [k for k in self.rank_blended if k[0] == worker]:
+            del self.rank_blended[key]
         for key in [k for k in self.held if k[0] == worker]:
             del self.held[key]
         for first, on in list(self.starts.items()):
@@ -285,19 +300,15 @@ class KvRouting(Policy):
     def _decide(self, candidates: Sequence[str], keys: list[int], load: Load, predicted: bool) -> Decision:
         """`predicted`: the blocks of requests in flight count as cached where they went (until
         events say so), so a request sharing them shares them there (see `Load.others`)."""
-        ranks, decode = load.ranks, self.settings.router_decode_weight
+        ranks = load.ranks
         if not ranks:
-            blocks = load.others(keys, load.active_blocks, False) if predicted else load.active_blocks
-            blocks = load.decoding(blocks, False, decode)
-            return self.cost.choose([(c, 0) for c in candidates], keys, blocks)
+            return self.cost.choose([(c, 0) for c in candidates], keys, load.load(keys, False, predicted))
         # Data-parallel instances: each rank has its own KV cache and queue, so each is a target.
         targets: list[Worker] = []
         for c in candidates:
             first, count = ranks.get(c, (0, 1))
             targets.extend((c, r) for r in range(first, first + count))
-        per_rank = load.others(keys, load.rank_blocks, True) if predicted else load.rank_blocks
-        per_rank = load.decoding(per_rank, True, decode)
-        return self.cost.choose(targets, keys, per_rank, per_rank=True)
+        return self.cost.choose(targets, keys, load.load(keys, True, predicted), per_rank=True)
 
     def on_kv_events(self, batch: KvEventBatch) -> None:
         """Apply relayed engine events; a gap in a rank's relay sequence drops that rank's state."""

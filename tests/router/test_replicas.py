@@ -7,6 +7,7 @@ import time
 
 from dynvllm.frontend.routing import Router
 from dynvllm.router import hashing
+from dynvllm.router.policies import Load
 from dynvllm.router.replicas import Outbox
 from dynvllm.settings import RouterSettings
 
@@ -245,12 +246,24 @@ def test_the_load_a_prompt_meets_leaves_out_the_blocks_it_would_share():
     assert dict(load.active_blocks) == {"w1": 5, "w2": 5}
     assert load.others(prompt, load.active_blocks, False) == {"w1": 1, "w2": 5}
     assert load.others(prompt, load.rank_blocks, True) == {("w1", 0): 1, ("w2", 0): 5}
-    # Per request, the shared prefix counts in each request's context: 4 + 3 on w1; w2's requests
-    # share nothing, so their contexts are its distinct blocks and its load does not move.
-    others = load.others(prompt, load.active_blocks, False)
-    assert load.decoding(others, False, 0.5) == {"w1": 0.5 * 1 + 0.5 * 7, "w2": 5}
-    assert load.decoding(others, False, 1.0) == {"w1": 7, "w2": 5}
-    assert load.decoding(others, False, 0.0) is others
+    assert load.load(prompt, False, True) == {"w1": 1, "w2": 5}
+    assert load.load(prompt, True, False) is load.rank_blocks
+    # With a decode weight, the shared prefix counts in each request's context (4 + 3 blocks on
+    # w1); w2's requests share nothing, so their contexts are its distinct blocks and its load
+    # does not move.
+    for weight, w1 in ((0.5, 0.5 * 1 + 0.5 * 7), (1.0, 7)):
+        weighted = Load(decode_weight=weight)
+        weighted.add("w1", 0, 4.0, prompt[:4])
+        weighted.add("w1", 0, 3.0, prompt[:2] + [7])
+        weighted.add("w2", 0, 5.0, [8, 9] + prompt[2:5])
+        assert weighted.load(prompt, False, True) == {"w1": w1, "w2": 5}
+        assert weighted.load(prompt, True, True) == {("w1", 0): w1, ("w2", 0): 5}
+        weighted.count("w2", 0, 2.0)  # output: its own blocks, one context's
+        assert weighted.load(prompt, False, False) == {"w1": 0.5 * 5 + 0.5 * 7 if weight < 1 else 7, "w2": 7}
+        weighted.remove("w1", 0, 4.0, prompt[:4])
+        weighted.remove("w1", 0, 3.0, prompt[:2] + [7])
+        weighted.forget("w2")
+        assert not any(weighted.blended.values()) and not any(weighted.rank_blended.values())
     assert load.others([1, 2], load.active_blocks, False) is load.active_blocks
     load.remove("w1", 0, 4.0, prompt[:4])
     assert load.others(prompt, load.active_blocks, False) == {"w1": 3 - 2, "w2": 5}
