@@ -137,3 +137,17 @@ def test_host_work_of_a_step_overlaps_another_engines_device_work(tmp_path):
         assert 0.24 <= overlapped < 0.45, overlapped
     finally:
         (Path(tempfile.gettempdir()) / f"dynvllm-sim-device-{device}.lock").unlink(missing_ok=True)
+
+
+def test_steps_cost_what_the_model_says_on_average(tmp_path):
+    async def decode_time() -> float:
+        engine = _engine(tmp_path, "--sim-decode-ms-per-step", "2.1", "--sim-prefill-us-per-token", "0")
+        try:
+            times = await _tokens(engine, _request(32, 101))
+            return times[-1] - times[0]
+        finally:
+            engine.shutdown()
+
+    # 100 steps of 2.1 ms. asyncio's epoll waits whole milliseconds, rounded up, so each such sleep
+    # took ~3.1 ms: uncorrected, 0.31 s, and the error depended on a step's length.
+    assert 0.2 <= asyncio.run(decode_time()) < 0.26
