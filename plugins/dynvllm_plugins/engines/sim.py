@@ -33,7 +33,9 @@ import argparse
 import asyncio
 import fcntl
 import json
+import os
 import shlex
+import struct
 import tempfile
 import time
 from collections import OrderedDict, deque
@@ -205,7 +207,7 @@ class SimEngine(Engine):
         self._seq = 0
         self._load_us = 0.0  # CPU-tier loads of the requests admitted this step
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=10_000)
-        self._device: Any = None
+        self._device: int | None = None  # the shared device's lock file
         #: Seconds this engine's step sleeps have overrun their costs so far: asyncio's epoll waits
         #: whole milliseconds, rounded up (a 2.1 ms step slept ~3.1, a 4.4 ms one ~5), and the next
         #: sleeps are shortened by it, so a step's cost holds on average and the error does not
@@ -241,7 +243,8 @@ class SimEngine(Engine):
         self.cpu_load_us = per_block
         if self.args.sim_device:
             lock = Path(tempfile.gettempdir()) / f"dynvllm-sim-device-{self.args.sim_device}.lock"
-            self._device = open(lock, "a")  # held for the engine's life
+            # Held for the engine's life; its first 8 bytes: when the device was last released.
+            self._device = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)  # (not O_APPEND: pwrite)
         if kv_endpoint:
             import zmq
 
@@ -361,11 +364,20 @@ class SimEngine(Engine):
             return
         if host:
             await self._sleep(host)
-        await asyncio.to_thread(fcntl.flock, self._device, fcntl.LOCK_EX)
+        fd = self._device
+        asked = time.monotonic()
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
         try:
+            # The device sat idle from its release until this engine's thread took the lock and
+            # its event loop woke (~0.3 ms a step on a busy host); a GPU switches in microseconds.
+            # That time is taken off this step, as an overrun is.
+            released = struct.unpack("d", os.pread(fd, 8, 0).ljust(8, b"\0"))[0]
+            if released > asked:
+                self._overrun = min(0.01, self._overrun + time.monotonic() - released)
             await self._sleep(seconds)
         finally:
-            fcntl.flock(self._device, fcntl.LOCK_UN)
+            os.pwrite(fd, struct.pack("d", time.monotonic()), 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     async def _sleep(self, seconds: float) -> None:
         t0 = time.monotonic()
@@ -446,4 +458,5 @@ class SimEngine(Engine):
             if sock is not None:
                 sock.close(linger=0)
         if self._device is not None:
-            self._device.close()
+            os.close(self._device)
+            self._device = None
