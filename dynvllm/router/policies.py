@@ -126,7 +126,8 @@ class Load:
         the prefix before it too). This also keeps frontends that share their load choosing alike
         for a prompt sent to several at once: one that has heard of a peer's request for the same
         prompt finds its worker no dearer for it, where counting that request's whole prompt as
-        load turned such a frontend to another worker than those that had not heard yet."""
+        load turned such a frontend to another worker than those that had not heard yet. `share`:
+        how much of each such block `blocks` counts (1 - w in the decode-weighted blend)."""
         on = self.starts.get(keys[0]) if keys else None
         if not on:
             return blocks
