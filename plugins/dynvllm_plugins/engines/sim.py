@@ -373,7 +373,7 @@ class SimEngine(Engine):
             # That time is taken off this step, as an overrun is.
             released = struct.unpack("d", os.pread(fd, 8, 0).ljust(8, b"\0"))[0]
             if released > asked:
-                self._overrun = min(0.01, self._overrun + time.monotonic() - released)
+                self._owe(time.monotonic() - released)
             await self._sleep(seconds)
         finally:
             os.pwrite(fd, struct.pack("d", time.monotonic()), 0)
@@ -384,8 +384,12 @@ class SimEngine(Engine):
         target = seconds - self._overrun
         if target > 0:
             await asyncio.sleep(target)
-        # A longer stall (the host busy) is repaid only up to 10 ms: not a burst of empty steps.
-        self._overrun = min(0.01, self._overrun + time.monotonic() - t0 - seconds)
+        self._owe(time.monotonic() - t0 - seconds)
+
+    def _owe(self, seconds: float) -> None:
+        """Count `seconds` against the next sleeps. A longer stall (the host busy) is repaid only up
+        to 10 ms: not a burst of empty steps."""
+        self._overrun = min(0.01, self._overrun + seconds)
 
     def _admit(self, budget: int, cutoff: float) -> int:
         tokens = 0
