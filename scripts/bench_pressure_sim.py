@@ -35,7 +35,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchkit import model_or_tiny, serve_agg, stop_all, wait_ready
+from benchkit import cpu_by_process, model_or_tiny, serve_agg, stop_all, wait_ready
 
 from dynvllm.runtime.state import resolve_nats_url
 
@@ -127,15 +127,13 @@ class Bench:
         seen: dict[int, tuple[str, float]] = {}
         for p in self.procs:
             try:
-                root = psutil.Process(p.pid)
-                for q in [root, *root.children(recursive=True)]:
-                    t = q.cpu_times()
-                    argv = q.cmdline()
-                    kind = next((k for k in ("worker", "frontend", "serve") if k in argv), "other")
-                    kind = "nats" if argv[0].endswith("nats-server") else "reaper" if "-c" in argv else kind
-                    seen[q.pid] = (kind, t.user + t.system)
+                tree = cpu_by_process(p)
             except psutil.Error:
                 continue
+            for pid, (argv, seconds) in tree.items():
+                kind = next((k for k in ("worker", "frontend", "serve") if k in argv), "other")
+                kind = "nats" if argv[0].endswith("nats-server") else "reaper" if "-c" in argv else kind
+                seen[pid] = (kind, seconds)
         return seen
 
     def probe(self, ns: str, port: int, label: str) -> None:
@@ -185,14 +183,15 @@ class Bench:
         s = self.serve("four", a.port, 4, a.kv_blocks)
         self.ready(a.port, s, 4)
         self.nats["four"] = resolve_nats_url(None, "four")
-        named = [p for p in dict.fromkeys(a.policies.split(",")) if p != "kv"]
+        policies = a.policies.split(",")
+        named = [p for p in dict.fromkeys(policies) if p != "kv"]
         flags = {**FRONTENDS, "alt": shlex.split(a.alt)}
         fes = {p: self.frontend("four", a.port + POLICIES[p], flags[p]) for p in named}
         for p, proc in fes.items():
             self.ready(a.port + POLICIES[p], proc, 4)
         print(f"[four] ready after {time.monotonic() - t0:.0f} s", flush=True)
         for r in range(1, a.rounds + 1):
-            for pol in a.policies.split(","):
+            for pol in policies:
                 self.probe("four", a.port + POLICIES[pol], f"four-{pol}-{r}")
 
     def report(self) -> None:

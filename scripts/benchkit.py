@@ -147,12 +147,13 @@ def traceparent() -> str:
     return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
 
 
-def cpu_seconds(proc: subprocess.Popen) -> dict[str, float]:
-    """CPU seconds used so far by a service's processes, by kind (serve, frontend, worker; other:
-    NATS)."""
+def cpu_by_process(proc: subprocess.Popen) -> dict[int, tuple[list[str], float]]:
+    """CPU seconds (user + system) used so far by a started process and each of its live children,
+    by pid, with the process's command line. Raises psutil's error when the process itself is gone;
+    a child that ends meanwhile is left out."""
     import psutil
 
-    out: dict[str, float] = {}
+    out: dict[int, tuple[list[str], float]] = {}
     root = psutil.Process(proc.pid)
     for p in [root, *root.children(recursive=True)]:
         try:
@@ -160,8 +161,15 @@ def cpu_seconds(proc: subprocess.Popen) -> dict[str, float]:
             args = p.cmdline()
         except psutil.Error:
             continue
-        kind = (
-            "serve" if p.pid == proc.pid else next((a for a in ("frontend", "worker") if a in args), "other")
-        )
-        out[kind] = out.get(kind, 0.0) + t.user + t.system
+        out[p.pid] = (args, t.user + t.system)
+    return out
+
+
+def cpu_seconds(proc: subprocess.Popen) -> dict[str, float]:
+    """CPU seconds used so far by a service's processes, by kind (serve, frontend, worker; other:
+    NATS)."""
+    out: dict[str, float] = {}
+    for pid, (args, seconds) in cpu_by_process(proc).items():
+        kind = "serve" if pid == proc.pid else next((a for a in ("frontend", "worker") if a in args), "other")
+        out[kind] = out.get(kind, 0.0) + seconds
     return out
