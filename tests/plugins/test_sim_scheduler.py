@@ -12,6 +12,8 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
+
 from dynvllm.settings import build_settings
 from dynvllm.worker.stats import SchedulerSnapshot
 from dynvllm_plugins.engines.sim import SimEngine
@@ -38,6 +40,28 @@ async def _tokens(engine: SimEngine, request: dict) -> list[float]:
     async for _ in engine.generate(request):
         times.append(time.monotonic())
     return times
+
+
+def _decode_seconds(tmp_path, request: dict, *flags: str) -> float:
+    """Seconds from a lone request's first token to its last, on an engine of its own."""
+
+    async def run() -> float:
+        engine = _engine(tmp_path, "--sim-prefill-us-per-token", "0", *flags)
+        try:
+            times = await _tokens(engine, request)
+            return times[-1] - times[0]
+        finally:
+            engine.shutdown()
+
+    return asyncio.run(run())
+
+
+@pytest.fixture
+def device():
+    """A --sim-device name of this test's own; its lock file is removed afterwards."""
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    yield name
+    (Path(tempfile.gettempdir()) / f"dynvllm-sim-device-{name}.lock").unlink(missing_ok=True)
 
 
 def test_a_prompt_larger_than_the_step_budget_is_prefilled_over_several_steps(tmp_path):
@@ -93,61 +117,39 @@ async def _both(tmp_path, *flags: str) -> float:
         b.shutdown()
 
 
-def test_engines_on_one_device_take_turns(tmp_path):
-    device = f"test-{uuid.uuid4().hex[:8]}"
+def test_engines_on_one_device_take_turns(tmp_path, device):
     flags = ("--sim-decode-ms-per-step", "25", "--sim-prefill-us-per-token", "0")
-    try:
-        # Ten steps each of 25 ms: 0.5 s in turns on one device, 0.25 s side by side.
-        assert asyncio.run(_both(tmp_path, *flags, "--sim-device", device)) >= 0.48
-        assert asyncio.run(_both(tmp_path, *flags)) < 0.48
-    finally:
-        (Path(tempfile.gettempdir()) / f"dynvllm-sim-device-{device}.lock").unlink(missing_ok=True)
+    # Ten steps each of 25 ms: 0.5 s in turns on one device, 0.25 s side by side.
+    assert asyncio.run(_both(tmp_path, *flags, "--sim-device", device)) >= 0.48
+    assert asyncio.run(_both(tmp_path, *flags)) < 0.48
 
 
 def test_a_step_reads_the_kv_of_every_decoding_context(tmp_path):
-    async def decode_time(per_kv_token_us: str) -> float:
-        engine = _engine(
+    def decode_time(per_kv_token_us: str) -> float:
+        return _decode_seconds(
             tmp_path,
-            *("--sim-decode-ms-per-step", "10", "--sim-prefill-us-per-token", "0"),
-            *("--sim-decode-us-per-kv-token", per_kv_token_us),
+            _request(1000, 5),
+            *("--sim-decode-ms-per-step", "10", "--sim-decode-us-per-kv-token", per_kv_token_us),
         )
-        try:
-            times = await _tokens(engine, _request(1000, 5))
-            return times[-1] - times[0]
-        finally:
-            engine.shutdown()
 
     # Four decode steps after the first token, each reading ~1,000 tokens' KV at 10 us: 20 ms a step.
-    assert asyncio.run(decode_time("10")) >= 0.075
-    assert asyncio.run(decode_time("0")) < 0.075
+    assert decode_time("10") >= 0.075
+    assert decode_time("0") < 0.075
 
 
-def test_host_work_of_a_step_overlaps_another_engines_device_work(tmp_path):
-    device = f"test-{uuid.uuid4().hex[:8]}"
-
+def test_host_work_of_a_step_overlaps_another_engines_device_work(tmp_path, device):
     def both(*flags: str) -> float:
         return asyncio.run(_both(tmp_path, "--sim-prefill-us-per-token", "0", "--sim-device", device, *flags))
 
-    try:
-        # Ten steps each of 25 ms: all on the device, the two engines take 0.5 s in turns; with
-        # 15 ms of each on the host, one engine's host part runs while the other holds the device
-        # (~0.26 s), and no engine's step is shorter than its two parts (>= 0.25 s).
-        assert both("--sim-decode-ms-per-step", "25") >= 0.48
-        overlapped = both("--sim-decode-ms-per-step", "10", "--sim-host-ms-per-step", "15")
-        assert 0.24 <= overlapped < 0.45, overlapped
-    finally:
-        (Path(tempfile.gettempdir()) / f"dynvllm-sim-device-{device}.lock").unlink(missing_ok=True)
+    # Ten steps each of 25 ms: all on the device, the two engines take 0.5 s in turns; with
+    # 15 ms of each on the host, one engine's host part runs while the other holds the device
+    # (~0.26 s), and no engine's step is shorter than its two parts (>= 0.25 s).
+    assert both("--sim-decode-ms-per-step", "25") >= 0.48
+    overlapped = both("--sim-decode-ms-per-step", "10", "--sim-host-ms-per-step", "15")
+    assert 0.24 <= overlapped < 0.45, overlapped
 
 
 def test_steps_cost_what_the_model_says_on_average(tmp_path):
-    async def decode_time() -> float:
-        engine = _engine(tmp_path, "--sim-decode-ms-per-step", "2.1", "--sim-prefill-us-per-token", "0")
-        try:
-            times = await _tokens(engine, _request(32, 101))
-            return times[-1] - times[0]
-        finally:
-            engine.shutdown()
-
     # 100 steps of 2.1 ms. asyncio's epoll waits whole milliseconds, rounded up, so each such sleep
     # took ~3.1 ms: uncorrected, 0.31 s, and the error depended on a step's length.
-    assert 0.2 <= asyncio.run(decode_time()) < 0.26
+    assert 0.2 <= _decode_seconds(tmp_path, _request(32, 101), "--sim-decode-ms-per-step", "2.1") < 0.26

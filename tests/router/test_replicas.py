@@ -251,15 +251,16 @@ def test_the_load_a_prompt_meets_leaves_out_the_blocks_it_would_share():
     # With a decode weight, the shared prefix counts in each request's context (4 + 3 blocks on
     # w1); w2's requests share nothing, so their contexts are its distinct blocks and its load
     # does not move.
-    for weight, w1 in ((0.5, 0.5 * 1 + 0.5 * 7), (1.0, 7)):
+    for weight in (0.5, 1.0):
         weighted = Load(decode_weight=weight)
         weighted.add("w1", 0, 4.0, prompt[:4])
         weighted.add("w1", 0, 3.0, prompt[:2] + [7])
         weighted.add("w2", 0, 5.0, [8, 9] + prompt[2:5])
+        w1 = (1 - weight) * 1 + weight * 7  # distinct less the prompt's 2 shared, contexts 4 + 3
         assert weighted.load(prompt, False, True) == {"w1": w1, "w2": 5}
         assert weighted.load(prompt, True, True) == {("w1", 0): w1, ("w2", 0): 5}
         weighted.count("w2", 0, 2.0)  # output: its own blocks, one context's
-        assert weighted.load(prompt, False, False) == {"w1": 0.5 * 5 + 0.5 * 7 if weight < 1 else 7, "w2": 7}
+        assert weighted.load(prompt, False, False) == {"w1": (1 - weight) * 5 + weight * 7, "w2": 7}
         weighted.remove("w1", 0, 4.0, prompt[:4])
         weighted.remove("w1", 0, 3.0, prompt[:2] + [7])
         weighted.forget("w2")
