@@ -62,8 +62,7 @@ class Load:
             c = get(k, 0)
             held[k] = c + 1
             new += not c
-        self._distinct(worker, rank, new + max(0.0, blocks - len(keys)))
-        self._context(worker, rank, blocks)
+        self._change(worker, rank, new + max(0.0, blocks - len(keys)), blocks)
 
     def remove(self, worker: str, rank: int, blocks: float, keys: Sequence[int]) -> None:
         if keys and (on := self.starts.get(keys[0])) and (c := on.get((worker, rank))):
@@ -82,29 +81,23 @@ class Load:
             elif c:
                 del held[k]
                 gone += 1
-        self._distinct(worker, rank, -(gone + max(0.0, blocks - len(keys))))
-        self._context(worker, rank, -blocks)
+        self._change(worker, rank, -(gone + max(0.0, blocks - len(keys))), -blocks)
 
     def count(self, worker: str, rank: int, delta: float) -> None:
         """A request's output filled (or, ending, freed) `delta` blocks there: its own."""
-        self._distinct(worker, rank, delta)
-        self._context(worker, rank, delta)
+        self._change(worker, rank, delta, delta)
 
-    def _distinct(self, worker: str, rank: int, delta: float) -> None:
-        self.active_blocks[worker] = max(0.0, self.active_blocks[worker] + delta)
-        self.rank_blocks[(worker, rank)] = max(0.0, self.rank_blocks[(worker, rank)] + delta)
-        if self.decode_weight > 0:
-            self._blend(worker, rank, (1.0 - self.decode_weight) * delta)
-
-    def _context(self, worker: str, rank: int, delta: float) -> None:
-        self.contexts[worker] = max(0.0, self.contexts[worker] + delta)
-        self.rank_contexts[(worker, rank)] = max(0.0, self.rank_contexts[(worker, rank)] + delta)
-        if self.decode_weight > 0:
-            self._blend(worker, rank, self.decode_weight * delta)
-
-    def _blend(self, worker: str, rank: int, delta: float) -> None:
-        self.blended[worker] = max(0.0, self.blended[worker] + delta)
-        self.rank_blended[(worker, rank)] = max(0.0, self.rank_blended[(worker, rank)] + delta)
+    def _change(self, worker: str, rank: int, distinct: float, context: float) -> None:
+        """The worker's distinct blocks and its requests' contexts moved by these; the blend too."""
+        target = (worker, rank)
+        self.active_blocks[worker] = max(0.0, self.active_blocks[worker] + distinct)
+        self.rank_blocks[target] = max(0.0, self.rank_blocks[target] + distinct)
+        self.contexts[worker] = max(0.0, self.contexts[worker] + context)
+        self.rank_contexts[target] = max(0.0, self.rank_contexts[target] + context)
+        if (w := self.decode_weight) > 0:
+            delta = (1.0 - w) * distinct + w * context
+            self.blended[worker] = max(0.0, self.blended[worker] + delta)
+            self.rank_blended[target] = max(0.0, self.rank_blended[target] + delta)
 
     def load(self, keys: Sequence[int], per_rank: bool, predicted: bool) -> Mapping:
         """What `KvPolicy` weighs a worker's load by, by instance (or by (instance, rank) with
