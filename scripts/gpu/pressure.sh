@@ -7,8 +7,9 @@
 #   four:    four engines on the GPU behind three frontends on one NATS: kv (port P), round-robin (P+1),
 #            least-loaded (P+2; THIRD=kv4: kv with --router-prefill-weight 4 instead; THIRD=alt: kv
 #            with the flags of $ALT, e.g. ALT="--router-decode-weight 0.5"; KV_ARGS: more flags for
-#            the kv frontend on P, e.g. KV_ARGS="--router-prefill-weight 4"); each policy of
-#            $POLS (default "kv rr ll") runs the trace twice (rounds), each run with prompts of its
+#            the kv frontend on P, e.g. KV_ARGS="--router-prefill-weight 4"; alt2 in $POLS: a fourth
+#            frontend on P+3, kv with the flags of $ALT2); each policy of
+#            $POLS (default "kv rr ll") runs the trace $ROUNDS times (default 2), each run with prompts of its
 #            own (SALT), so no run finds another's blocks
 #   tier:    the four engines again with vLLM's native CPU offloading (--kv-offloading-size $TIER_GIB
 #            each, default 8): kv and round-robin
@@ -61,15 +62,18 @@ for c in $CASES; do
       fr=()
       case $THIRD in kv4) third="kv $((P + 2)) --router-prefill-weight 4" ;; alt) third="kv $((P + 2)) ${ALT:-}" ;;
         *) third="least-loaded $((P + 2))" ;; esac
-      for pr in "round-robin $((P + 1))" "$third"; do set -- $pr
+      prs=("round-robin $((P + 1))" "$third")
+      case " $pols " in *" alt2 "*) prs+=("kv $((P + 3)) ${ALT2:-}") ;; esac
+      for pr in "${prs[@]}"; do set -- $pr
         setsid python3 -m dynvllm frontend --nats-url $NATS --namespace $NS --router $1 --http-host 127.0.0.1 \
           --http-port $2 "${@:3}" > /tmp/pr_${c}_$1_$2.log 2>&1 & fr+=($!); ALL+=($!)
       done
-      if ready $P 4 $s && ready $((P + 1)) 4 ${fr[0]} && ready $((P + 2)) 4 ${fr[1]}; then
+      if ready $P 4 $s && ready $((P + 1)) 4 ${fr[0]} && ready $((P + 2)) 4 ${fr[1]} \
+        && { [ ${#fr[@]} -lt 3 ] || ready $((P + 3)) 4 ${fr[2]}; }; then
         echo "[$c] ready after $(( $(date +%s)-t0 )) s"
         python3 $HERE/kv_tier_probe.py $NATS $NS $OUT/pressure.jsonl & sniff=$!  # events by medium
-        for r in 1 2; do for pol in $pols; do
-          case $pol in kv) port=$P ;; rr) port=$((P + 1)) ;; ll|kv4|alt) port=$((P + 2)) ;; esac
+        for r in $(seq ${ROUNDS:-2}); do for pol in $pols; do
+          case $pol in kv) port=$P ;; rr) port=$((P + 1)) ;; ll|kv4|alt) port=$((P + 2)) ;; alt2) port=$((P + 3)) ;; esac
           probe $port $c-$pol-$r
         done; done
         kill -TERM $sniff; wait $sniff
