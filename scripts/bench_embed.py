@@ -27,8 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import psutil
-from benchkit import free_port, model_or_tiny, stop, wait_ready
+from benchkit import cpu_by_process, free_port, model_or_tiny, stop, wait_ready
 
 #: The same engine arguments for both servers (the test suite's, for a tiny model on CPU).
 ENGINE = ["--enforce-eager", "--kv-cache-memory-bytes", str(128 << 20), "--block-size", "32"]
@@ -62,14 +61,14 @@ def command(server: str, model: str, port: int) -> list[str]:
     ]
 
 
-def _kind(p: psutil.Process) -> str:
-    """Which part of a server a process is: vLLM's engine core or model runner (its CPU worker
-    process), dynvllm's frontend, worker or NATS server, else the main process (vLLM's API
-    server, dynvllm's supervisor)."""
-    name, cmd = p.name(), " ".join(p.cmdline())
-    if "EngineCore" in name or "EngineCore" in cmd:
+def _kind(args: list[str]) -> str:
+    """Which part of a server a process is, by its command line (vLLM's processes retitle
+    themselves): vLLM's engine core or model runner (its CPU worker process), dynvllm's frontend,
+    worker or NATS server, else the main process (vLLM's API server, dynvllm's supervisor)."""
+    cmd = " ".join(args)
+    if "EngineCore" in cmd:
         return "engine-core"
-    if "VLLM::Worker" in name or "VLLM::Worker" in cmd:
+    if "VLLM::Worker" in cmd:
         return "model-runner"
     for kind in ("frontend", "worker", "nats-server"):
         if kind in cmd:
@@ -77,20 +76,16 @@ def _kind(p: psutil.Process) -> str:
     return "main"
 
 
-def tree_cpu(root: psutil.Process) -> dict[str, float]:
-    """CPU seconds (user + system) of a process and its live children, by `_kind`."""
+def tree_cpu(proc: subprocess.Popen) -> dict[str, float]:
+    """CPU seconds (user + system) of a started server and its live children, by `_kind`."""
     out: dict[str, float] = {}
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-            kind = _kind(p)
-        except psutil.NoSuchProcess:
-            continue
-        out[kind] = out.get(kind, 0.0) + t.user + t.system
+    for args, seconds in cpu_by_process(proc).values():
+        kind = _kind(args)
+        out[kind] = out.get(kind, 0.0) + seconds
     return out
 
 
-async def load(url: str, inputs: list, c: int, root: psutil.Process) -> dict:
+async def load(url: str, inputs: list, c: int, proc: subprocess.Popen) -> dict:
     """One closed loop at concurrency `c` over `inputs` (each one request's input)."""
     import aiohttp
 
@@ -112,9 +107,9 @@ async def load(url: str, inputs: list, c: int, root: psutil.Process) -> dict:
                 lat.append(time.perf_counter() - t0)
                 count += len(body["data"])
 
-        cpu0, t0 = tree_cpu(root), time.perf_counter()
+        cpu0, t0 = tree_cpu(proc), time.perf_counter()
         await asyncio.gather(*(client() for _ in range(c)))
-        secs, cpu1 = time.perf_counter() - t0, tree_cpu(root)
+        secs, cpu1 = time.perf_counter() - t0, tree_cpu(proc)
     lat.sort()
     parts = {k: (v - cpu0.get(k, 0.0)) * 1000 / count for k, v in sorted(cpu1.items())}
     return {
@@ -159,8 +154,8 @@ def one_round(
         started = time.monotonic() - t0
         url = f"http://127.0.0.1:{port}"
         vectors = asyncio.run(probe(url, probes))
-        asyncio.run(load(url, inputs[: args.concurrency * 2], args.concurrency, psutil.Process(proc.pid)))
-        row = asyncio.run(load(url, inputs, args.concurrency, psutil.Process(proc.pid)))
+        asyncio.run(load(url, inputs[: args.concurrency * 2], args.concurrency, proc))
+        row = asyncio.run(load(url, inputs, args.concurrency, proc))
         row["start_s"] = started
         return row, vectors
     except BaseException:

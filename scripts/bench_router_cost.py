@@ -13,6 +13,8 @@ import os
 import random
 import time
 
+from loadgen import pct
+
 from dynvllm.frontend.routing import Router
 from dynvllm.router.block_keys import BlockKeys
 from dynvllm.router.index import tune_gc
@@ -20,11 +22,6 @@ from dynvllm.runtime.kv_topic import KvEventBatch
 from dynvllm.settings import RouterSettings
 
 BS = 32
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 def main() -> None:

@@ -56,17 +56,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loadgen import pct
+
 BS, WORKERS, BLOCKS, PROMPT, DECISIONS, CHUNK = 32, 1024, 1_000_000, 4096, 2000, 256
 OFFLOAD, EVICT, DISK, IMAGE, IMAGE_TOKENS = 5, 10, 11, 8, 64
 MASK = (1 << 63) - 1
 IMAGE_BYTES = random.Random(1).randbytes(4096)
 # = hashing.image_uuid(hashing.image_hash(IMAGE_BYTES)), without importing dynvllm at module level
 IMAGE_UUID = f"{int.from_bytes(hashlib.blake2b(IMAGE_BYTES, digest_size=8).digest(), 'big'):016x}"
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 def workload(

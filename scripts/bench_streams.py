@@ -18,6 +18,7 @@ import sys
 import time
 
 import msgpack
+from loadgen import pct
 
 SERVER = r"""
 import asyncio, sys, time, msgpack
@@ -51,11 +52,6 @@ async def main(url):
 
 asyncio.run(main(sys.argv[1]))
 """
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 async def socket_stream(conn, n: int, lat: list[float], gap: float = 0) -> float:
