@@ -13,6 +13,7 @@
 #            own (SALT), so no run finds another's blocks
 #   tier:    the four engines again with vLLM's native CPU offloading (--kv-offloading-size $TIER_GIB
 #            each, default 8): kv and round-robin
+# UTIL: each of the four engines' --gpu-memory-utilization (default 0.12, an H200's 17 GB; an H100 needs 0.22).
 # four and tier also count the KV events relayed to the routers by medium (kv_tier_probe.py).
 # Results: one line per run on stdout, JSON lines in $OUT/pressure.jsonl.
 set -uo pipefail
@@ -57,7 +58,7 @@ for c in $CASES; do
       extra=(); pols=${POLS:-"kv rr $THIRD"}
       [ $c = tier ] && { extra=(--kv-offloading-size ${TIER_GIB:-8}); pols=${POLS:-"kv rr"}; }
       setsid python3 -m dynvllm serve agg --model $M --served-model-name m --nats-url $NATS --namespace $NS \
-        --http-host 127.0.0.1 --http-port $P --router kv ${KV_ARGS:-} --workers 4 --gpu-memory-utilization 0.12 \
+        --http-host 127.0.0.1 --http-port $P --router kv ${KV_ARGS:-} --workers 4 --gpu-memory-utilization ${UTIL:-0.12} \
         --kv-cache-memory-bytes $KV "${extra[@]}" "${ENG[@]}" > /tmp/pr_$c.log 2>&1 & s=$!; ALL+=($s)
       fr=()
       case $THIRD in kv4) third="kv $((P + 2)) --router-prefill-weight 4" ;; alt) third="kv $((P + 2)) ${ALT:-}" ;;
