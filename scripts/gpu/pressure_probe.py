@@ -7,8 +7,10 @@ joins the queue when its first has ended.
 
 Prints and writes (one JSON line to OUT): req/s, first-text TTFT p50/p90 per turn and overall,
 request latency p50/p90 (the whole answer), the share of prompt tokens served from cache
-(usage.prompt_tokens_details.cached_tokens) and where the requests went (x-dynvllm-worker). The
-same trace (seeded) for every run, so runs compare."""
+(usage.prompt_tokens_details.cached_tokens) and where the requests went (x-dynvllm-worker); per
+worker, its requests, the mean number it had in flight and the mean gap between a request's output
+tokens after the first (its engine's step as that worker's clients saw it). The same trace (seeded)
+for every run, so runs compare."""
 
 import asyncio
 import collections
@@ -47,8 +49,13 @@ async def one(session, messages, out):
         out["errors"] += 1
         return ""
     worker = r.headers.get("x-dynvllm-worker", "?")[:8]
+    latency = time.perf_counter() - t0
     out["ttft"].append(first * 1000)
-    out["latency"].append((time.perf_counter() - t0) * 1000)
+    out["latency"].append(latency * 1000)
+    tokens = usage.get("completion_tokens", 0)
+    out["busy"][worker] += latency
+    if tokens > 1:
+        out["gaps"][worker].append((latency - first) * 1000 / (tokens - 1))
     out["prompt"] += usage.get("prompt_tokens", 0)
     out["cached"] += (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
     out["spread"][worker] += 1
@@ -56,7 +63,16 @@ async def one(session, messages, out):
 
 
 def tally() -> dict:
-    return {"ttft": [], "latency": [], "prompt": 0, "cached": 0, "errors": 0, "spread": collections.Counter()}
+    return {
+        "ttft": [],
+        "latency": [],
+        "prompt": 0,
+        "cached": 0,
+        "errors": 0,
+        "spread": collections.Counter(),
+        "busy": collections.Counter(),  # seconds of requests in flight, by worker
+        "gaps": collections.defaultdict(list),  # ms between output tokens, per request, by worker
+    }
 
 
 def pct(xs, q):
@@ -104,6 +120,15 @@ async def main():
     prompt = turns[1]["prompt"] + turns[2]["prompt"]
     cached = turns[1]["cached"] + turns[2]["cached"]
     spread = turns[1]["spread"] + turns[2]["spread"]
+    busy = turns[1]["busy"] + turns[2]["busy"]
+    workers = {
+        w: {
+            "requests": n,
+            "in_flight": busy[w] / wall,
+            "gap_ms": sum(g) / len(g) if (g := turns[1]["gaps"][w] + turns[2]["gaps"][w]) else None,
+        }
+        for w, n in sorted(spread.items())
+    }
     res = {
         "label": LABEL,
         "requests": len(allt),
@@ -124,6 +149,7 @@ async def main():
             "cached_share": turns[2]["cached"] / max(turns[2]["prompt"], 1),
         },
         "spread": dict(spread),
+        "workers": workers,
         "trace": {
             "systems": SYSTEMS,
             "users": USERS,
@@ -138,6 +164,9 @@ async def main():
         f"p90 {res['latency_p90_ms']:.0f} ms, cached {res['cached_share']:.1%} "
         f"(turn 1 {res['turn1']['cached_share']:.1%}, turn 2 {res['turn2']['cached_share']:.1%}), spread {res['spread']}"
     )
+    for w, v in workers.items():
+        gap = f"{v['gap_ms']:.2f} ms" if v["gap_ms"] is not None else "-"
+        print(f"    {w}: {v['requests']} req, {v['in_flight']:.1f} in flight, output token gap {gap}")
     with open(OUT, "a") as f:
         f.write(json.dumps(res) + "\n")
 
