@@ -8,12 +8,13 @@
 #            least-loaded (P+2; THIRD=kv4: kv with --router-prefill-weight 4 instead; THIRD=alt: kv
 #            with the flags of $ALT, e.g. ALT="--router-decode-weight 0.5"; KV_ARGS: more flags for
 #            the kv frontend on P, e.g. KV_ARGS="--router-prefill-weight 4"; alt2 in $POLS: a fourth
-#            frontend on P+3, kv with the flags of $ALT2); each policy of
-#            $POLS (default "kv rr ll") runs the trace $ROUNDS times (default 2), each run with prompts of its
-#            own (SALT), so no run finds another's blocks
+#            frontend on P+3, kv with the flags of $ALT2); each policy of $POLS (default "kv rr ll")
+#            runs the trace $ROUNDS times (default 2), each run with prompts of its own (SALT), so
+#            no run finds another's blocks
 #   tier:    the four engines again with vLLM's native CPU offloading (--kv-offloading-size $TIER_GIB
 #            each, default 8): kv and round-robin
-# UTIL: each of the four engines' --gpu-memory-utilization (default 0.12, an H200's 17 GB; an H100 needs 0.22).
+# UTIL: each of the four engines' --gpu-memory-utilization (default 0.12, 17 GB of an H200; an H100
+# needs 0.22).
 # four and tier also count the KV events relayed to the routers by medium (kv_tier_probe.py).
 # Results: one line per run on stdout, JSON lines in $OUT/pressure.jsonl.
 set -uo pipefail
