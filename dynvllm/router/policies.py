@@ -144,14 +144,9 @@ class Load:
         self.contexts.pop(worker, None)
         self.blended.pop(worker, None)
         self.ranks.pop(worker, None)
-        for key in [k for k in self.rank_blocks if k[0] == worker]:
-            del self.rank_blocks[key]
-        for key in [k for k in self.rank_contexts if k[0] == worker]:
-            del self.rank_contexts[key]
-        for key in [k for k in self.rank_blended if k[0] == worker]:
-            del self.rank_blended[key]
-        for key in [k for k in self.held if k[0] == worker]:
-            del self.held[key]
+        for by_rank in (self.rank_blocks, self.rank_contexts, self.rank_blended, self.held):
+            for key in [k for k in by_rank if k[0] == worker]:
+                del by_rank[key]
         for first, on in list(self.starts.items()):
             for target in [t for t in on if t[0] == worker]:
                 del on[target]
