@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchkit import cpu_by_process, free_port, model_or_tiny, stop, wait_ready
+from benchkit import cpu_seconds, free_port, model_or_tiny, stop, wait_ready
 
 #: The same engine arguments for both servers (the test suite's, for a tiny model on CPU).
 ENGINE = ["--enforce-eager", "--kv-cache-memory-bytes", str(128 << 20), "--block-size", "32"]
@@ -76,15 +76,6 @@ def _kind(args: list[str]) -> str:
     return "main"
 
 
-def tree_cpu(proc: subprocess.Popen) -> dict[str, float]:
-    """CPU seconds (user + system) of a started server and its live children, by `_kind`."""
-    out: dict[str, float] = {}
-    for args, seconds in cpu_by_process(proc).values():
-        kind = _kind(args)
-        out[kind] = out.get(kind, 0.0) + seconds
-    return out
-
-
 async def load(url: str, inputs: list, c: int, proc: subprocess.Popen) -> dict:
     """One closed loop at concurrency `c` over `inputs` (each one request's input)."""
     import aiohttp
@@ -107,9 +98,9 @@ async def load(url: str, inputs: list, c: int, proc: subprocess.Popen) -> dict:
                 lat.append(time.perf_counter() - t0)
                 count += len(body["data"])
 
-        cpu0, t0 = tree_cpu(proc), time.perf_counter()
+        cpu0, t0 = cpu_seconds(proc, _kind), time.perf_counter()
         await asyncio.gather(*(client() for _ in range(c)))
-        secs, cpu1 = time.perf_counter() - t0, tree_cpu(proc)
+        secs, cpu1 = time.perf_counter() - t0, cpu_seconds(proc, _kind)
     lat.sort()
     parts = {k: (v - cpu0.get(k, 0.0)) * 1000 / count for k, v in sorted(cpu1.items())}
     return {

@@ -165,11 +165,16 @@ def cpu_by_process(proc: subprocess.Popen) -> dict[int, tuple[list[str], float]]
     return out
 
 
-def cpu_seconds(proc: subprocess.Popen) -> dict[str, float]:
-    """CPU seconds used so far by a service's processes, by kind (serve, frontend, worker; other:
-    NATS)."""
+def cpu_seconds(proc: subprocess.Popen, kind: Callable[[list[str]], str] | None = None) -> dict[str, float]:
+    """CPU seconds used so far by a service's processes, by kind: `kind` of a process's command
+    line, else serve (the process itself), frontend, worker, other (NATS)."""
     out: dict[str, float] = {}
     for pid, (args, seconds) in cpu_by_process(proc).items():
-        kind = "serve" if pid == proc.pid else next((a for a in ("frontend", "worker") if a in args), "other")
-        out[kind] = out.get(kind, 0.0) + seconds
+        if kind is not None:
+            name = kind(args)
+        elif pid == proc.pid:
+            name = "serve"
+        else:
+            name = next((a for a in ("frontend", "worker") if a in args), "other")
+        out[name] = out.get(name, 0.0) + seconds
     return out
