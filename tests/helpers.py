@@ -28,17 +28,31 @@ SIM = ("--engine", "sim")  # engine_args of start_service for simulated workers
 COMPACT = {"backend": "xgrammar", "disable_any_whitespace": True}
 
 
+_GIVEN: set[int] = set()
+# pytest-xdist's processes draw from disjoint residues of the range, so two of them never hand out
+# the same port in the moment before either binds it.
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+_WORKERS = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
 def free_port() -> int:
     """A free port below the kernel's ephemeral range: a port from that range may be taken as
-    the local end of any outgoing connection in the seconds before the process given it binds."""
-    for _ in range(200):
-        port = random.randrange(10000, max(10001, _EPHEMERAL_LOW - 1))
+    the local end of any outgoing connection in the seconds before the process given it binds.
+    Never the same port twice in one test process: a server given several ports at once (a NATS
+    pod's client, cluster and monitor ports) binds none of them until it starts."""
+    top = max(10001, _EPHEMERAL_LOW - 1)
+    for _ in range(500):
+        port = random.randrange(10000, top)
+        port += (_WORKER - port) % _WORKERS
+        if port >= top or port in _GIVEN:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _GIVEN.add(port)
+        return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
