@@ -2,9 +2,10 @@
 """KV routing under cache pressure on SIMULATED engines: the sim's prediction of what
 scripts/gpu/pressure.sh measures on a GPU.
 
-`dynvllm serve agg --engine sim --workers 4` behind the kv router, plus a `dynvllm frontend`
-joining its private NATS for each other policy named (rr: round-robin; kv4: kv with
---router-prefill-weight 4; alt: kv with the flags of --alt), all seeing the same four engines.
+`dynvllm serve agg --engine sim --workers 4` behind the kv router with its defaults, plus a
+`dynvllm frontend` joining its private NATS for each other policy named (rr: round-robin; kv4: kv
+with --router-prefill-weight 4; kv1: kv with weight 1 and no decode weight, the defaults before
+2026-12-06; alt: kv with the flags of --alt), all seeing the same four engines.
 scripts/gpu/pressure_probe.py's multi-turn trace runs against each policy for --rounds rounds,
 each run with prompts of its own (SALT) after `dynvllm kv clear`.
 --ceiling first runs one engine with four times the blocks (the cached-share ceiling). Prints the
@@ -41,8 +42,12 @@ from dynvllm.runtime.state import resolve_nats_url
 
 HERE = Path(__file__).resolve().parent
 PROBE = HERE / "gpu" / "pressure_probe.py"
-POLICIES = {"kv": 0, "rr": 1, "kv4": 2, "alt": 4}  # port offset from --port (the ceiling +3)
-FRONTENDS = {"rr": ["--router", "round-robin"], "kv4": ["--router", "kv", "--router-prefill-weight", "4"]}
+POLICIES = {"kv": 0, "rr": 1, "kv4": 2, "alt": 4, "kv1": 5}  # port offset from --port (the ceiling +3)
+FRONTENDS = {
+    "rr": ["--router", "round-robin"],
+    "kv4": ["--router", "kv", "--router-prefill-weight", "4"],
+    "kv1": ["--router", "kv", "--router-prefill-weight", "1", "--router-decode-weight", "0"],
+}
 
 
 def options() -> argparse.Namespace:
@@ -72,7 +77,9 @@ def options() -> argparse.Namespace:
         help="routing flags of the frontend that policy alt names (started only when named)",
     )
     ap.add_argument("--model", help="a model folder (tokenizer, config); default: a tiny one built here")
-    ap.add_argument("--port", type=int, default=9400, help="kv frontend; rr +1, kv4 +2, ceiling +3, alt +4")
+    ap.add_argument(
+        "--port", type=int, default=9400, help="kv frontend; rr +1, kv4 +2, ceiling +3, alt +4, kv1 +5"
+    )
     ap.add_argument("--out", default=None, help="JSON lines of the runs (default: in a temporary folder)")
     return ap.parse_args()
 

@@ -165,11 +165,15 @@ def test_kv_router_keeps_shared_prefixes_together_under_load():
 
 def test_kv_router_spreads_one_hot_prefix_as_output_fills_the_cache():
     """One system prompt for everything: the output blocks requests fill make the busy worker
-    dearer until the second takes requests too (paying for the prefix once)."""
+    dearer until the second takes requests too (paying for the prefix once). With the default
+    prefill weight of 8 that takes the default decode weight: without it the holder's distinct
+    blocks never outweigh eight times the prefix, and all 64 pile onto it."""
     router = Router(RouterSettings(router="kv"))
     hits, spread = _shared_prefix_run(router, ["a", "b"], systems=1, output=True)
     assert hits == 62 and min(spread.values()) >= 24, (hits, spread)
     assert not any(router.load.active_blocks.values()) and not any(router.load.held.values())
+    piled = Router(RouterSettings(router="kv", router_decode_weight=0))
+    assert sorted(_shared_prefix_run(piled, ["a", "b"], systems=1, output=True)[1].values()) == [64]
 
 
 def test_decode_weight_spreads_one_hot_prefix_that_distinct_blocks_pile_up():
@@ -177,9 +181,10 @@ def test_decode_weight_spreads_one_hot_prefix_that_distinct_blocks_pile_up():
     so without output filling the cache all 64 go there while the other worker idles; a decode
     step reads every sequence's context, and `router_decode_weight` counts it per request. The
     prefix is then paid for once more, and eight prompts stay about as well kept together."""
-    piled, spread = _shared_prefix_run(Router(RouterSettings(router="kv")), ["a", "b"], systems=1)
+    distinct = RouterSettings(router="kv", router_prefill_weight=1, router_decode_weight=0)
+    piled, spread = _shared_prefix_run(Router(distinct), ["a", "b"], systems=1)
     assert (piled, sorted(spread.values())) == (63, [64])
-    weighted = RouterSettings(router="kv", router_decode_weight=0.5)
+    weighted = RouterSettings(router="kv", router_prefill_weight=1, router_decode_weight=0.5)
     router = Router(weighted)
     hits, spread = _shared_prefix_run(router, ["a", "b"], systems=1)
     assert hits == 62 and min(spread.values()) >= 28, (hits, spread)

@@ -237,7 +237,7 @@ def test_a_peers_request_for_the_same_prompt_does_not_turn_a_frontend_elsewhere(
 
 
 def test_the_load_a_prompt_meets_leaves_out_the_blocks_it_would_share():
-    router = Router(RouterSettings(router="kv"))
+    router = Router(RouterSettings(router="kv", router_decode_weight=0))
     load = router.load
     prompt = hashing.chain(list(range(6 * BS)), BS)
     load.add("w1", 0, 4.0, prompt[:4])
