@@ -13,8 +13,9 @@
 #            no run finds another's blocks
 #   tier:    the four engines again with vLLM's native CPU offloading (--kv-offloading-size $TIER_GIB
 #            each, default 8): kv and round-robin
-# UTIL: each of the four engines' --gpu-memory-utilization (default by the card: 0.12, 17 GB, on an
-# H200's 141 GB; 0.22 on an H100's 80 GB).
+# UTIL: each of the four engines' --gpu-memory-utilization (default 0.12). With
+# --kv-cache-memory-bytes vLLM sizes the KV cache from that alone, so 0.12 runs on an H100 too.
+# kv on P runs the router's defaults (weight 8, decode weight 0.5 since 2026-12-06) plus $KV_ARGS.
 # four and tier also count the KV events relayed to the routers by medium (kv_tier_probe.py).
 # Results: one line per run on stdout, JSON lines in $OUT/pressure.jsonl.
 set -uo pipefail
@@ -28,10 +29,6 @@ KV_TOKEN_BYTES=$(python3 -c "import json; c = json.load(open('$M/config.json'))
 print(c['num_hidden_layers'] * c['num_key_value_heads'] * (c.get('head_dim') or c['hidden_size'] // c['num_attention_heads']) * 4)")
 KV=$((KV_TOKENS * KV_TOKEN_BYTES))
 THIRD=${THIRD:-ll}
-if [ -z "${UTIL:-}" ]; then
-    MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
-    UTIL=$([ "${MIB:-0}" -gt 120000 ] && echo 0.12 || echo 0.22)
-fi
 ENG=(--max-model-len 8192 ${EXTRA:-})
 export PATH=/tmp/site/bin:$PATH
 NATS=nats://127.0.0.1:4322
@@ -63,7 +60,7 @@ for c in $CASES; do
       extra=(); pols=${POLS:-"kv rr $THIRD"}
       [ $c = tier ] && { extra=(--kv-offloading-size ${TIER_GIB:-8}); pols=${POLS:-"kv rr"}; }
       setsid python3 -m dynvllm serve agg --model $M --served-model-name m --nats-url $NATS --namespace $NS \
-        --http-host 127.0.0.1 --http-port $P --router kv ${KV_ARGS:-} --workers 4 --gpu-memory-utilization $UTIL \
+        --http-host 127.0.0.1 --http-port $P --router kv ${KV_ARGS:-} --workers 4 --gpu-memory-utilization ${UTIL:-0.12} \
         --kv-cache-memory-bytes $KV "${extra[@]}" "${ENG[@]}" > /tmp/pr_$c.log 2>&1 & s=$!; ALL+=($s)
       fr=()
       case $THIRD in kv4) third="kv $((P + 2)) --router-prefill-weight 4" ;; alt) third="kv $((P + 2)) ${ALT:-}" ;;
