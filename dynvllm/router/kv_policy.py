@@ -1,12 +1,12 @@
 """The KV-aware choice: the worker where the request costs least, counting in KV blocks
 
-    cost = weight x uncached prompt blocks  (the prefill the worker would run)
+    cost = weight x uncached prompt blocks  (the prefill the worker would run; 8 in the settings)
          + uncached prompt blocks           (which then join that worker's active blocks)
          + the worker's active blocks       (distinct blocks of its in-flight requests, less the
                                              leading blocks of this prompt they hold: `Load.others`)
                                              moved `decode_weight` of the way to the sum of its
                                              requests' contexts, shared prefix once per request
-                                             (`Load.load`; 0 by default)
+                                             (`Load.load`; 0.5 in the settings)
 
 A prefix block held only in an offload tier (see `tiers`) is not prefilled but loaded: it costs
 the tier's load cost (a share of a prefill) in place of 1 in the prefill term, and still joins
