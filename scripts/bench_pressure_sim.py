@@ -76,6 +76,12 @@ def options() -> argparse.Namespace:
         default="--router kv --router-decode-weight 0.5",
         help="routing flags of the frontend that policy alt names (started only when named)",
     )
+    ap.add_argument(
+        "--http-workers",
+        default="1",
+        help="each frontend's processes (a GPU host's 16 cores give `auto` 4: its routers share "
+        "decisions through NATS, and their lag spreads a hot prompt more than one process does)",
+    )
     ap.add_argument("--model", help="a model folder (tokenizer, config); default: a tiny one built here")
     ap.add_argument(
         "--port", type=int, default=9400, help="kv frontend; rr +1, kv4 +2, ceiling +3, alt +4, kv1 +5"
@@ -116,13 +122,15 @@ class Bench:
             *serve_agg(self.model),
             *("--engine", "sim", "--workers", str(workers), "--router", "kv", "--max-model-len", "8192"),
             *f"--namespace {ns} --http-host 127.0.0.1 --http-port {port}".split(),
+            *("--http-workers", a.http_workers),
             *sim,
         ]
         return self.spawn(cmd, f"serve_{ns}.log")
 
     def frontend(self, ns: str, port: int, extra: list[str]) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "dynvllm", "frontend", "--nats-url", self.nats[ns], "--namespace", ns]
-        cmd += ["--http-host", "127.0.0.1", "--http-port", str(port), *extra]
+        cmd += ["--http-host", "127.0.0.1", "--http-port", str(port)]
+        cmd += ["--http-workers", self.args.http_workers, *extra]
         return self.spawn(cmd, f"frontend_{port}.log")
 
     @staticmethod
