@@ -4,7 +4,7 @@ scripts/gpu/pressure.sh measures on a GPU.
 
 `dynvllm serve agg --engine sim --workers 4` behind the kv router with its defaults, plus a
 `dynvllm frontend` joining its private NATS for each other policy named (rr: round-robin; kv4: kv
-with --router-prefill-weight 4; kv1: kv with weight 1 and no decode weight, the defaults before
+with weight 4 and no decode weight; kv1: kv with weight 1 and no decode weight, the defaults before
 2026-12-06; alt: kv with the flags of --alt), all seeing the same four engines.
 scripts/gpu/pressure_probe.py's multi-turn trace runs against each policy for --rounds rounds,
 each run with prompts of its own (SALT) after `dynvllm kv clear`.
@@ -45,7 +45,7 @@ PROBE = HERE / "gpu" / "pressure_probe.py"
 POLICIES = {"kv": 0, "rr": 1, "kv4": 2, "alt": 4, "kv1": 5}  # port offset from --port (the ceiling +3)
 FRONTENDS = {
     "rr": ["--router", "round-robin"],
-    "kv4": ["--router", "kv", "--router-prefill-weight", "4"],
+    "kv4": ["--router", "kv", "--router-prefill-weight", "4", "--router-decode-weight", "0"],
     "kv1": ["--router", "kv", "--router-prefill-weight", "1", "--router-decode-weight", "0"],
 }
 
@@ -73,8 +73,9 @@ def options() -> argparse.Namespace:
     ap.add_argument("--policies", default="kv,rr,kv4")
     ap.add_argument(
         "--alt",
-        default="--router kv --router-decode-weight 0.5",
-        help="routing flags of the frontend that policy alt names (started only when named)",
+        default="--router kv --router-decode-weight 0",
+        help="routing flags of the frontend that policy alt names (started only when named; "
+        "default: weight 8 with no decode weight)",
     )
     ap.add_argument(
         "--http-workers",

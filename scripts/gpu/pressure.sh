@@ -5,8 +5,8 @@
 # default 48,000, through --kv-cache-memory-bytes) and smaller than four.
 #   ceiling: one engine with four times the KV budget: the cached-share ceiling
 #   four:    four engines on the GPU behind three frontends on one NATS: kv (port P), round-robin (P+1),
-#            least-loaded (P+2; THIRD=kv4: kv with --router-prefill-weight 4 instead; THIRD=alt: kv
-#            with the flags of $ALT, e.g. ALT="--router-decode-weight 0.5"; KV_ARGS: more flags for
+#            least-loaded (P+2; THIRD=kv4: kv with weight 4 and no decode weight instead; THIRD=alt: kv
+#            with the flags of $ALT, e.g. ALT="--router-decode-weight 0"; KV_ARGS: more flags for
 #            the kv frontend on P, e.g. KV_ARGS="--router-prefill-weight 4"; alt2 in $POLS: a fourth
 #            frontend on P+3, kv with the flags of $ALT2); each policy of $POLS (default "kv rr ll")
 #            runs the trace $ROUNDS times (default 2), each run with prompts of its own (SALT), so
@@ -63,7 +63,7 @@ for c in $CASES; do
         --http-host 127.0.0.1 --http-port $P --router kv ${KV_ARGS:-} --workers 4 --gpu-memory-utilization ${UTIL:-0.12} \
         --kv-cache-memory-bytes $KV "${extra[@]}" "${ENG[@]}" > /tmp/pr_$c.log 2>&1 & s=$!; ALL+=($s)
       fr=()
-      case $THIRD in kv4) third="kv $((P + 2)) --router-prefill-weight 4" ;; alt) third="kv $((P + 2)) ${ALT:-}" ;;
+      case $THIRD in kv4) third="kv $((P + 2)) --router-prefill-weight 4 --router-decode-weight 0" ;; alt) third="kv $((P + 2)) ${ALT:-}" ;;
         *) third="least-loaded $((P + 2))" ;; esac
       prs=("round-robin $((P + 1))" "$third")
       case " $pols " in *" alt2 "*) prs+=("kv $((P + 3)) ${ALT2:-}") ;; esac

@@ -149,18 +149,22 @@ def test_kv_router_keeps_shared_prefixes_together_under_load():
     """Found on a GPU: with every in-flight prompt block counted as load, one request's worth of
     imbalance outweighed a cached 900-token prefix, and two engines cached no more than
     round-robin. In-flight requests sharing a prefix share its blocks, so the load counts them
-    once: each system prompt misses once (as on one engine), and both workers still get work."""
+    once: each system prompt misses once (as on one engine), and both workers still get work. At
+    weight 1 with no decode weight, where counting whole prompts broke it; the defaults too."""
     one, _ = _shared_prefix_run(Router(RouterSettings(router="kv")), ["solo"])
     assert one == 64 - 8
-    router = Router(RouterSettings(router="kv"))
-    hits, spread = _shared_prefix_run(router, ["a", "b"])
-    assert hits >= one - 2, (hits, spread)
-    assert min(spread.values()) >= 16, spread
+    for router in (
+        Router(RouterSettings(router="kv", router_prefill_weight=1, router_decode_weight=0)),
+        Router(RouterSettings(router="kv")),
+    ):
+        hits, spread = _shared_prefix_run(router, ["a", "b"])
+        assert hits >= one - 2, (hits, spread)
+        assert min(spread.values()) >= 16, spread
+        # All finished: no load is left, however much of it was shared.
+        assert not any(router.load.active_blocks.values()) and not any(router.load.held.values())
     # Round-robin finds a prefix where it sends a request only about every other time.
     rr_hits, _ = _shared_prefix_run(Router(RouterSettings(router="round-robin")), ["a", "b"])
     assert rr_hits < one - 4
-    # All finished: no load is left, however much of it was shared.
-    assert not any(router.load.active_blocks.values()) and not any(router.load.held.values())
 
 
 def test_kv_router_spreads_one_hot_prefix_as_output_fills_the_cache():
@@ -168,10 +172,13 @@ def test_kv_router_spreads_one_hot_prefix_as_output_fills_the_cache():
     dearer until the second takes requests too (paying for the prefix once). With the default
     prefill weight of 8 that takes the default decode weight: without it the holder's distinct
     blocks never outweigh eight times the prefix, and all 64 pile onto it."""
-    router = Router(RouterSettings(router="kv"))
-    hits, spread = _shared_prefix_run(router, ["a", "b"], systems=1, output=True)
-    assert hits == 62 and min(spread.values()) >= 24, (hits, spread)
-    assert not any(router.load.active_blocks.values()) and not any(router.load.held.values())
+    for router in (
+        Router(RouterSettings(router="kv")),
+        Router(RouterSettings(router="kv", router_prefill_weight=1, router_decode_weight=0)),
+    ):
+        hits, spread = _shared_prefix_run(router, ["a", "b"], systems=1, output=True)
+        assert hits == 62 and min(spread.values()) >= 24, (hits, spread)
+        assert not any(router.load.active_blocks.values()) and not any(router.load.held.values())
     piled = Router(RouterSettings(router="kv", router_decode_weight=0))
     assert sorted(_shared_prefix_run(piled, ["a", "b"], systems=1, output=True)[1].values()) == [64]
 

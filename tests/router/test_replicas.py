@@ -215,8 +215,9 @@ def test_a_peers_request_for_the_same_prompt_does_not_turn_a_frontend_elsewhere(
     """The same prompt reaches two frontends at once; the second hears of the first's choice
     before it chooses. That request's blocks are ones the prompt would share on its worker, so they
     do not count against it there: both choose alike whichever heard first. Counting them as load
-    sent the second frontend to the other worker holding the system prompt."""
-    a, b = _pair()
+    sent the second frontend to the other worker holding the system prompt. (At weight 1 with no
+    decode weight: a higher prefill weight favours w1 by its two uncached blocks alone.)"""
+    a, b = _pair(router_prefill_weight=1, router_decode_weight=0)
     system = list(range(10_000, 10_000 + 12 * BS))
     prompt = system + list(range(2 * BS))  # 14 blocks, the first 12 cached on both workers
     for r in (a, b):
