@@ -55,7 +55,9 @@ def free_port() -> int:
         return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    _GIVEN.add(port)
+    return port
 
 
 class NatsServer:
