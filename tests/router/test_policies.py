@@ -13,6 +13,9 @@ from dynvllm.router.policies import make_policy
 from dynvllm.settings import RouterSettings
 
 POLICIES = registry.names(registry.ROUTER_POLICIES)
+# The distinct-block load alone, the defaults before 2026-12-06: the cases that guard it run at
+# these weights, where a higher prefill weight alone would pass them.
+DISTINCT = RouterSettings(router="kv", router_prefill_weight=1, router_decode_weight=0)
 
 
 def test_the_settings_accept_exactly_the_installed_policies():
@@ -154,7 +157,7 @@ def test_kv_router_keeps_shared_prefixes_together_under_load():
     one, _ = _shared_prefix_run(Router(RouterSettings(router="kv")), ["solo"])
     assert one == 64 - 8
     for router in (
-        Router(RouterSettings(router="kv", router_prefill_weight=1, router_decode_weight=0)),
+        Router(DISTINCT),
         Router(RouterSettings(router="kv")),
     ):
         hits, spread = _shared_prefix_run(router, ["a", "b"])
@@ -174,7 +177,7 @@ def test_kv_router_spreads_one_hot_prefix_as_output_fills_the_cache():
     blocks never outweigh eight times the prefix, and all 64 pile onto it."""
     for router in (
         Router(RouterSettings(router="kv")),
-        Router(RouterSettings(router="kv", router_prefill_weight=1, router_decode_weight=0)),
+        Router(DISTINCT),
     ):
         hits, spread = _shared_prefix_run(router, ["a", "b"], systems=1, output=True)
         assert hits == 62 and min(spread.values()) >= 24, (hits, spread)
@@ -188,8 +191,7 @@ def test_decode_weight_spreads_one_hot_prefix_that_distinct_blocks_pile_up():
     so without output filling the cache all 64 go there while the other worker idles; a decode
     step reads every sequence's context, and `router_decode_weight` counts it per request. The
     prefix is then paid for once more, and eight prompts stay about as well kept together."""
-    distinct = RouterSettings(router="kv", router_prefill_weight=1, router_decode_weight=0)
-    piled, spread = _shared_prefix_run(Router(distinct), ["a", "b"], systems=1)
+    piled, spread = _shared_prefix_run(Router(DISTINCT), ["a", "b"], systems=1)
     assert (piled, sorted(spread.values())) == (63, [64])
     weighted = RouterSettings(router="kv", router_prefill_weight=1, router_decode_weight=0.5)
     router = Router(weighted)
