@@ -16,7 +16,6 @@ import argparse
 import inspect
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import paritykit as pk
-from benchkit import serve_agg, stop_all
+from benchkit import free_port, serve_agg, stop_all
 from parity_battery import BATTERY, NAME, Case
 
 VENV_BIN = Path(sys.executable).parent
@@ -180,12 +179,6 @@ class Server:
 # ---------------------------------------------------------------- servers
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen(
         cmd,
@@ -215,7 +208,7 @@ def _wait(
 
 def start_servers(model: Path, work: Path) -> tuple[str, str, list[subprocess.Popen]]:
     env = {"HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING", "VLLM_ENABLE_RESPONSES_API_STORE": "1"}
-    vport, dport = _free_port(), _free_port()
+    vport, dport = free_port(), free_port()
     vllm = _start(
         [
             str(VENV_BIN / "vllm"),
